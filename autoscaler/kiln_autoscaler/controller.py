@@ -1,0 +1,155 @@
+"""The control loop: for each LLMDeployment with autoscaling, read signals, decide, scale, report.
+
+One pass (`Controller.tick`) is level-based and idempotent: it reads every deployment afresh, runs
+the pure policy with the history kept in memory, patches `/scale` only when the count changes,
+merge-patches the decision into status, emits an Event on a change, and updates its metrics. A
+new leader starts with a history that holds the current count for the scale-down window, so a
+failover never scales down on an empty memory.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from kiln_autoscaler.data import DEFAULT_TUNING, Decision, History, Signals, Tuning
+from kiln_autoscaler.kube import Kube, Scaled, decision_status
+from kiln_autoscaler.metrics import AutoscalerMetrics
+from kiln_autoscaler.policy import decide
+
+log = logging.getLogger(__name__)
+
+
+class SignalSource(Protocol):
+    """Prometheus or direct pod scraping (kiln_autoscaler.sources)."""
+
+    def read(self, namespace: str, deployment: str, pods: Sequence[str] = ()) -> Signals | None: ...
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What one pass did for one deployment."""
+
+    namespace: str
+    name: str
+    current: int
+    decision: Decision
+    signals: Signals | None
+
+
+def event_reason(current: int, desired: int) -> str:
+    """The Event reason for a change of replicas."""
+    if desired == 0:
+        return "ScaledToZero"
+    if current == 0:
+        return "ScaledFromZero"
+    return "ScaledUp" if desired > current else "ScaledDown"
+
+
+class Controller:
+    """Runs the policy over every autoscaled LLMDeployment once per `tick`."""
+
+    def __init__(
+        self,
+        kube: Kube,
+        source: SignalSource,
+        metrics: AutoscalerMetrics | None = None,
+        tuning: Tuning = DEFAULT_TUNING,
+        namespaces: Sequence[str] = (),
+        pod_port: int | str = "http",
+        scrape_pods: bool = True,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.kube = kube
+        self.source = source
+        self.metrics = metrics or AutoscalerMetrics()
+        self.tuning = tuning
+        self.namespaces = list(namespaces)
+        self.pod_port = pod_port
+        self.scrape_pods = scrape_pods
+        self.clock = clock
+        self.histories: dict[tuple[str, str], History] = {}
+        self.last_pass: float | None = None
+
+    def tick(self) -> list[Outcome]:
+        """One pass over all deployments; errors on one deployment do not stop the others."""
+        started = self.clock()
+        try:
+            deployments = self.kube.list_scaled(self.namespaces)
+        except Exception as error:
+            self.metrics.errors.labels("list").inc()
+            log.warning("listing LLMDeployments failed: %s", error)
+            return []
+        outcomes: list[Outcome] = []
+        seen = set()
+        for scaled in deployments:
+            seen.add((scaled.namespace, scaled.name))
+            try:
+                outcomes.append(self.reconcile(scaled, self.clock()))
+            except Exception as error:
+                self.metrics.errors.labels("reconcile").inc()
+                log.warning("autoscaling %s/%s failed: %s", scaled.namespace, scaled.name, error)
+        for key in set(self.histories) - seen:
+            del self.histories[key]
+            self.metrics.forget(*key)
+        self.last_pass = self.clock()
+        self.metrics.loop_seconds.observe(self.last_pass - started)
+        return outcomes
+
+    def reconcile(self, scaled: Scaled, now: float) -> Outcome:
+        """Decide and act for one deployment."""
+        key = (scaled.namespace, scaled.name)
+        current = scaled.replicas.current
+        history = self.histories.get(key)
+        if history is None:
+            history = History(recommendations=((now, current),), last_active=now)
+        capacity = self.kube.capacity(scaled.namespace, scaled.engine)
+        pods: list[str] = []
+        if self.scrape_pods:
+            pods = self.kube.pod_metrics_urls(scaled.namespace, scaled.selector, self.pod_port)
+        try:
+            signals = self.source.read(scaled.namespace, scaled.name, pods)
+        except Exception as error:
+            self.metrics.errors.labels("signals").inc()
+            log.warning("reading signals of %s/%s failed: %s", scaled.namespace, scaled.name, error)
+            signals = None
+        decision = decide(scaled.targets, signals, scaled.replicas, capacity, history, now, self.tuning)
+        self.histories[key] = history.record(now, decision, signals, current)
+
+        stamp = dt.datetime.fromtimestamp(now, dt.UTC)
+        if decision.desired != current:
+            self.kube.scale(scaled.namespace, scaled.name, decision.desired)
+            message = f"{current} -> {decision.desired}: {decision.reason}"
+            log.info("%s/%s %s", scaled.namespace, scaled.name, message)
+            try:
+                self.kube.event(scaled, event_reason(current, decision.desired), message, stamp)
+            except Exception as error:  # an event is best effort; the scale already happened
+                self.metrics.errors.labels("event").inc()
+                log.warning("event for %s/%s failed: %s", scaled.namespace, scaled.name, error)
+        try:
+            self.kube.write_status(
+                scaled.namespace, scaled.name, decision_status(decision, current, signals, stamp)
+            )
+        except Exception as error:
+            self.metrics.errors.labels("status").inc()
+            log.warning("status of %s/%s failed: %s", scaled.namespace, scaled.name, error)
+
+        labels = (scaled.namespace, scaled.name)
+        direction = (
+            "none" if decision.desired == current else ("up" if decision.desired > current else "down")
+        )
+        self.metrics.decisions.labels(*labels, direction).inc()
+        self.metrics.desired.labels(*labels).set(decision.desired)
+        self.metrics.signal_age.labels(*labels).set(
+            math.inf if signals is None else now - signals.observed_at
+        )
+        if signals is not None:
+            for quantile, value in (("0.5", signals.ttft_p50_s), ("0.9", signals.ttft_p90_s)):
+                if value is not None:
+                    self.metrics.observed_ttft.labels(*labels, quantile).set(value)
+        return Outcome(scaled.namespace, scaled.name, current, decision, signals)

@@ -1,0 +1,355 @@
+"""`kiln-engine`: the command line of the engine image (serve, build, verify), for both backends."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import click
+
+from kiln_engine import __version__
+from kiln_engine.backends import BACKENDS
+
+QUANTIZATIONS = ("none", "bf16", "fp16", "fp8", "int8-weight", "int4-awq", "int4-gptq")
+KV_CACHE_DTYPES = ("auto", "bf16", "fp16", "fp8")
+
+
+def _fail(message: str, code: int = 2) -> None:
+    click.echo(f"kiln-engine: error: {message}", err=True)
+    sys.exit(code)
+
+
+def read_api_key(api_key_file: str | None) -> str | None:
+    """The bearer token clients must send: from --api-key-file, else $KILN_API_KEY, else none."""
+    if api_key_file:
+        try:
+            key = Path(api_key_file).read_text().strip()
+        except OSError as exc:
+            raise click.UsageError(f"cannot read --api-key-file {api_key_file}: {exc}") from exc
+        if not key:
+            raise click.UsageError(f"--api-key-file {api_key_file} is empty")
+        return key
+    return os.environ.get("KILN_API_KEY") or None
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@click.version_option(__version__, prog_name="kiln-engine")
+def main() -> None:
+    """Kiln's engine runtime: build an artifact from a checkpoint, serve it over an OpenAI-compatible API."""
+
+
+@main.command()
+@click.option("--artifact", help="Built artifact: a directory, pvc://claim/path or s3://bucket/prefix.")
+@click.option("--model", "model_dir", help="A Hugging Face checkpoint directory to serve as is.")
+@click.option("--served-model-name", help="Name clients use in `model` (default: the directory name).")
+@click.option("--host", default="0.0.0.0", show_default=True)
+@click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535))
+@click.option(
+    "--api-key-file", type=click.Path(dir_okay=False), help="File with the bearer token (or $KILN_API_KEY)."
+)
+@click.option("--drain-timeout", default=30.0, show_default=True, type=click.FloatRange(0), help="Seconds.")
+@click.option("--backend", type=click.Choice(BACKENDS), default="torch", show_default=True)
+@click.option("--device", default=None, help="cpu or cuda[:N] (default: cuda when available).")
+@click.option("--dtype", default="auto", show_default=True, help="auto, float32, bfloat16 or float16.")
+@click.option("--max-num-seqs", "--max-batch-size", default=64, show_default=True, type=click.IntRange(1))
+@click.option("--max-model-len", "--max-seq-len", default=None, type=click.IntRange(16))
+@click.option("--max-num-tokens", default=2048, show_default=True, type=click.IntRange(16), help="Per step.")
+@click.option("--block-size", default=16, show_default=True, type=click.IntRange(1))
+@click.option("--num-kv-blocks", default=None, type=click.IntRange(1), help="Fix the KV cache size.")
+@click.option("--gpu-memory-utilization", default=0.9, show_default=True, type=click.FloatRange(0.05, 1.0))
+@click.option("--cpu-kv-cache-mb", default=256, show_default=True, type=click.IntRange(1))
+@click.option("--prefix-caching/--no-prefix-caching", default=True, show_default=True)
+@click.option("--chunked-prefill/--no-chunked-prefill", default=True, show_default=True)
+@click.option("--kv-cache-dtype", type=click.Choice(KV_CACHE_DTYPES), default="auto", show_default=True)
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option(
+    "--tp",
+    "tp",
+    default=None,
+    type=click.IntRange(1, 64),
+    help="Tensor parallel ranks (default: the artifact's; rank 0 serves, the others follow).",
+)
+@click.option("--verify/--no-verify", default=True, show_default=True, help="Check artifact checksums first.")
+@click.option("--log-level", default="info", show_default=True)
+def serve(
+    artifact: str | None,
+    model_dir: str | None,
+    served_model_name: str | None,
+    host: str,
+    port: int,
+    api_key_file: str | None,
+    drain_timeout: float,
+    backend: str,
+    device: str | None,
+    dtype: str,
+    max_num_seqs: int,
+    max_model_len: int | None,
+    max_num_tokens: int,
+    block_size: int,
+    num_kv_blocks: int | None,
+    gpu_memory_utilization: float,
+    cpu_kv_cache_mb: int,
+    prefix_caching: bool,
+    chunked_prefill: bool,
+    kv_cache_dtype: str,
+    seed: int,
+    tp: int | None,
+    verify: bool,
+    log_level: str,
+) -> None:
+    """Serve a model over the OpenAI API (/v1/completions, /v1/chat/completions, /v1/models)."""
+    if bool(artifact) == bool(model_dir):
+        raise click.UsageError("give exactly one of --artifact or --model")
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    api_key = read_api_key(api_key_file)
+    if backend == "tensorrt-llm":
+        _serve_tensorrt_llm(artifact, model_dir, served_model_name, host, port, max_num_seqs, max_model_len,
+                            max_num_tokens, prefix_caching, chunked_prefill, kv_cache_dtype,
+                            gpu_memory_utilization, api_key, drain_timeout)  # fmt: skip
+        return
+    if kv_cache_dtype not in ("auto", "bf16", "fp16"):
+        _fail(
+            "the torch backend keeps its KV cache in the model dtype; "
+            "fp8 KV cache needs --backend tensorrt-llm"
+        )
+
+    from kiln_engine.backends import torch as torch_backend
+    from kiln_engine.build.source import SourceError
+    from kiln_engine.config import EngineConfig
+    from kiln_engine.server import lockstep
+    from kiln_engine.server.app import ServerSettings, serve_model
+
+    follower = os.environ.get(lockstep.FOLLOWER_ENV) == "1"
+    try:
+        path = (
+            torch_backend.resolve_artifact(artifact, verify and not follower)
+            if artifact
+            else Path(str(model_dir))
+        )
+    except (SourceError, OSError, RuntimeError) as exc:
+        _fail(str(exc), 1)
+    if not path.is_dir():
+        _fail(f"{path} is not a directory", 1)
+    if tp is None:
+        tp = torch_backend.artifact_tp(path) if artifact else 1
+    world = int(os.environ.get("WORLD_SIZE", "0") or 0)
+    followers = []
+    if tp > 1 and world == 0:  # not started by torchrun: start ranks 1.. ourselves
+        followers = lockstep.spawn_followers(tp, sys.argv[1:])
+    elif tp > 1 and world != tp:
+        _fail(f"WORLD_SIZE is {world} but tensor parallelism is {tp}")
+    rank = int(os.environ.get("RANK", "0") or 0) if tp > 1 else 0
+    name = served_model_name or path.resolve().name
+    config = EngineConfig(
+        max_num_seqs=max_num_seqs,
+        max_model_len=max_model_len,
+        max_tokens_per_step=max_num_tokens,
+        block_size=block_size,
+        num_kv_blocks=num_kv_blocks,
+        gpu_memory_utilization=gpu_memory_utilization,
+        cpu_kv_cache_bytes=cpu_kv_cache_mb * 1024 * 1024,
+        prefix_caching=prefix_caching,
+        chunked_prefill=chunked_prefill,
+        dtype=dtype,
+        device=device or torch_backend.default_device(),
+        seed=seed,
+        tensor_parallel_size=tp,
+        tensor_parallel_rank=rank,
+    )
+    if rank > 0:
+        lockstep.ignore_termination_signals()
+    try:
+        engine = torch_backend.load_engine(path, config)
+    except (ValueError, FileNotFoundError) as exc:
+        _fail(f"cannot load {path}: {exc}", 1)
+    if tp > 1:
+        group = lockstep.control_group()
+        if rank > 0:
+            lockstep.follow(engine, group)
+            return
+        engine = lockstep.LockstepEngine(engine, group)  # type: ignore[assignment]
+    model = torch_backend.served_model_for(engine, path, name)
+    settings = ServerSettings(api_key=api_key, drain_timeout_s=drain_timeout)
+    try:
+        serve_model(model, settings, host=host, port=port, log_level=log_level.lower())
+    finally:
+        for proc in followers:
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
+def _serve_tensorrt_llm(
+    artifact: str | None,
+    model_dir: str | None,
+    served_model_name: str | None,
+    host: str,
+    port: int,
+    max_num_seqs: int,
+    max_model_len: int | None,
+    max_num_tokens: int,
+    prefix_caching: bool,
+    chunked_prefill: bool,
+    kv_cache_dtype: str,
+    gpu_memory_utilization: float,
+    api_key: str | None,
+    drain_timeout: float,
+) -> None:
+    from kiln_engine.backends import tensorrt_llm as trt
+
+    if not trt.available():
+        _fail(trt.IMAGE_HINT, 3)
+    target = Path(artifact or str(model_dir))
+    opts = trt.TrtOptions(
+        max_batch_size=max_num_seqs,
+        max_seq_len=max_model_len,
+        max_num_tokens=max_num_tokens,
+        kv_cache_dtype=kv_cache_dtype,
+        prefix_caching=prefix_caching,
+        chunked_prefill=chunked_prefill,
+        kv_cache_free_gpu_memory_fraction=gpu_memory_utilization,
+    )
+    name = served_model_name or target.resolve().name
+    if artifact:  # a TensorRT engine built by `build --backend tensorrt-llm`
+        manifest = json.loads((target / "manifest.json").read_text())
+        opts = dataclasses.replace(
+            opts,
+            tensor_parallel_size=int(manifest.get("tensor_parallel_size", 1)),
+            pipeline_parallel_size=int(manifest.get("pipeline_parallel_size", 1)),
+        )
+        model, tokenizer, engine_backend = str(target / "engine"), str(target), "tensorrt"
+    else:  # a Hugging Face checkpoint, served by TensorRT-LLM's PyTorch path
+        model, tokenizer, engine_backend = str(target), None, "pytorch"
+    trt.serve(
+        model, opts, served_model_name=name, host=host, port=port, tokenizer=tokenizer,
+        engine_backend=engine_backend, api_key=api_key, drain_timeout_s=drain_timeout,
+    )  # fmt: skip
+
+
+@main.command()
+@click.option(
+    "--model", required=True, help="Checkpoint: a directory, pvc://claim/path, hf://org/name@rev, s3://…"
+)
+@click.option("--output", required=True, help="Artifact destination: a directory, pvc://claim/path or s3://…")
+@click.option("--backend", type=click.Choice(BACKENDS), default="torch", show_default=True)
+@click.option("--quantization", type=click.Choice(QUANTIZATIONS), default="none", show_default=True)
+@click.option(
+    "--tp", "tp", default=1, show_default=True, type=click.IntRange(1, 64), help="Tensor parallel size."
+)
+@click.option(
+    "--pp", "pp", default=1, show_default=True, type=click.IntRange(1, 64), help="Pipeline parallel size."
+)
+@click.option("--kv-cache-dtype", type=click.Choice(KV_CACHE_DTYPES), default="auto", show_default=True)
+@click.option("--max-batch-size", default=64, show_default=True, type=click.IntRange(1))
+@click.option("--max-seq-len", default=None, type=click.IntRange(16))
+@click.option("--max-num-tokens", default=2048, show_default=True, type=click.IntRange(16))
+@click.option("--gpu-arch", default=None, help="e.g. sm90; default: the local GPU's, or cpu.")
+@click.option("--measure-capacity/--no-measure-capacity", default=True, show_default=True)
+@click.option("--ttft-target-ms", default=500.0, show_default=True, type=click.FloatRange(min=1))
+@click.option("--device", default=None, help="Device to measure capacity on (default: cuda when available).")
+@click.option(
+    "--progress-bar/--no-progress-bar", default=None, help="Human progress bar (default: on a TTY)."
+)
+def build(
+    model: str,
+    output: str,
+    backend: str,
+    quantization: str,
+    tp: int,
+    pp: int,
+    kv_cache_dtype: str,
+    max_batch_size: int,
+    max_seq_len: int | None,
+    max_num_tokens: int,
+    gpu_arch: str | None,
+    measure_capacity: bool,
+    ttft_target_ms: float,
+    device: str | None,
+    progress_bar: bool | None,
+) -> None:
+    """Build an artifact: fetch, quantize, shard, measure capacity, publish with a manifest (written last)."""
+    from kiln_engine.build.pipeline import BuildError, BuildOptions, run_build
+    from kiln_engine.build.progress import Progress
+
+    if backend == "torch" and kv_cache_dtype == "fp8":
+        _fail(
+            "the torch backend keeps its KV cache in the model dtype; "
+            "fp8 KV cache needs --backend tensorrt-llm"
+        )
+    opts = BuildOptions(
+        model=model,
+        output=output,
+        backend=backend,
+        quantization=quantization,
+        tensor_parallel_size=tp,
+        pipeline_parallel_size=pp,
+        kv_cache_dtype=kv_cache_dtype,
+        max_batch_size=max_batch_size,
+        max_seq_len=max_seq_len,
+        max_num_tokens=max_num_tokens,
+        gpu_arch=gpu_arch,
+        measure_capacity=measure_capacity,
+        ttft_target_ms=ttft_target_ms,
+        device=device,
+    )
+    progress = Progress(bar=progress_bar)
+    if backend == "tensorrt-llm":
+        from kiln_engine.build.trt import run_trt_build
+
+        runner = run_trt_build
+    else:
+        runner = run_build
+    try:
+        published = runner(opts, progress)
+    except BuildError as exc:
+        progress.failed("build", str(exc))
+        _fail(str(exc), 1)
+    except Exception as exc:
+        progress.failed("build", f"{type(exc).__name__}: {exc}")
+        raise
+    click.echo(f"artifact: {published}")
+
+
+@main.command()
+@click.argument("artifact")
+@click.option("--json", "as_json", is_flag=True, help="Print the manifest summary as JSON.")
+def verify(artifact: str, as_json: bool) -> None:
+    """Check an artifact's files against its manifest's checksums (exit 1 if anything is off)."""
+    from kiln_engine.build import source as src
+    from kiln_engine.build.manifest import MANIFEST_NAME, VerificationError, sha256_file, verify_artifact
+
+    try:
+        path = src.local_path(src.parse_uri(artifact))
+        manifest = verify_artifact(path)
+    except (VerificationError, src.SourceError) as exc:
+        _fail(str(exc), 1)
+    summary = {
+        "artifact": str(path),
+        "ok": True,
+        "manifest_sha256": sha256_file(path / MANIFEST_NAME),
+        "files": len(manifest.files),
+        "size_bytes": sum(f.size for f in manifest.files),
+        "backend": manifest.backend,
+        "gpu_arch": manifest.gpu_arch,
+        "quantization": manifest.quantization,
+        "tensor_parallel_size": manifest.tensor_parallel_size,
+        "pipeline_parallel_size": manifest.pipeline_parallel_size,
+        "capacity": manifest.capacity.model_dump() if manifest.capacity else None,
+    }
+    if as_json:
+        click.echo(json.dumps(summary, indent=2))
+    else:
+        click.echo(
+            f"ok: {summary['files']} files, {summary['size_bytes']} bytes, "
+            f"manifest {summary['manifest_sha256']}"
+        )
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

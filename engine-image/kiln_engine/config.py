@@ -1,0 +1,232 @@
+"""Engine and model configuration: `EngineConfig` (how to serve) and `ModelConfig` (what config.json says).
+
+Plain Python, no torch: the scheduler and block manager read `EngineConfig` in unit tests without tensors.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+SUPPORTED_ARCHITECTURES: tuple[str, ...] = (
+    "LlamaForCausalLM",
+    "MistralForCausalLM",
+    "Qwen2ForCausalLM",
+    "Qwen3ForCausalLM",
+)
+
+QUANTIZATION_METHODS: tuple[str, ...] = ("none", "fp8", "int8", "awq", "gptq")
+
+
+class UnsupportedModelError(ValueError):
+    """The checkpoint's architecture or options are not something this runtime can serve."""
+
+
+@dataclass
+class EngineConfig:
+    """How the serving core batches, caches and where it runs.
+
+    `num_kv_blocks` fixes the KV cache size; when it is None the model runner sizes the cache from
+    `gpu_memory_utilization` on CUDA, or from `cpu_kv_cache_bytes` on CPU.
+    """
+
+    max_num_seqs: int = 64
+    max_model_len: int | None = None  # None: the model's max_position_embeddings
+    max_tokens_per_step: int = 2048
+    block_size: int = 16
+    num_kv_blocks: int | None = None
+    gpu_memory_utilization: float = 0.9
+    cpu_kv_cache_bytes: int = 256 * 1024 * 1024
+    prefix_caching: bool = True
+    chunked_prefill: bool = True
+    dtype: str = "auto"  # "auto" (float32 on CPU, bfloat16 on CUDA) | "float32" | "bfloat16" | "float16"
+    device: str = "cpu"
+    seed: int = 0
+    tensor_parallel_size: int = 1
+    tensor_parallel_rank: int = 0
+    attention_backend: str = "auto"  # "auto" | "torch" (reference) | "triton"
+    load_format: str = "auto"  # "auto": safetensors weights | "dummy": random weights (benchmarks)
+    cuda_graphs: bool = False  # decode steps padded to fixed sizes; captured as CUDA graphs on GPU
+
+    def validate(self) -> None:
+        """Reject configurations the scheduler could never serve."""
+        if self.block_size <= 0 or self.max_num_seqs <= 0 or self.max_tokens_per_step <= 0:
+            raise ValueError("block_size, max_num_seqs and max_tokens_per_step must be positive")
+        if self.max_model_len is not None and self.max_model_len <= 0:
+            raise ValueError("max_model_len must be positive")
+        if (
+            not self.chunked_prefill
+            and self.max_model_len is not None
+            and self.max_tokens_per_step < self.max_model_len
+        ):
+            raise ValueError(
+                "without chunked prefill, max_tokens_per_step must be at least max_model_len "
+                f"({self.max_tokens_per_step} < {self.max_model_len})"
+            )
+        if self.num_kv_blocks is not None and self.num_kv_blocks <= 0:
+            raise ValueError("num_kv_blocks must be positive")
+        if self.load_format not in ("auto", "dummy"):
+            raise ValueError(f"load_format must be auto or dummy, not {self.load_format!r}")
+
+
+@dataclass(frozen=True)
+class RopeConfig:
+    """Rotary embedding parameters, normalized from `rope_theta`/`rope_scaling` or `rope_parameters`."""
+
+    theta: float = 10000.0
+    rope_type: str = "default"  # default | linear | dynamic | llama3
+    factor: float = 1.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int | None = None
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """How Linear weights are stored: none, fp8, int8 (weight-only), awq or gptq (int4)."""
+
+    method: str = "none"
+    bits: int = 16
+    group_size: int = -1
+    zero_point: bool = True  # awq
+    desc_act: bool = False  # gptq
+    sym: bool = True  # gptq
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The subset of a Hugging Face config.json the runtime needs, with defaults applied."""
+
+    architecture: str
+    model_type: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    max_position_embeddings: int
+    rms_norm_eps: float
+    rope: RopeConfig
+    tie_word_embeddings: bool
+    attention_bias: bool
+    mlp_bias: bool
+    qk_norm: bool
+    sliding_window: int | None
+    max_window_layers: int
+    torch_dtype: str
+    bos_token_id: int | None
+    eos_token_ids: tuple[int, ...]
+    quant: QuantConfig = field(default_factory=QuantConfig)
+
+    def layer_sliding_window(self, layer: int) -> int | None:
+        """The attention window of one layer (Qwen applies it only from `max_window_layers` on)."""
+        if self.sliding_window is None:
+            return None
+        if self.model_type in ("qwen2", "qwen3") and layer < self.max_window_layers:
+            return None
+        return self.sliding_window
+
+    @classmethod
+    def from_dict(cls, cfg: dict[str, Any]) -> ModelConfig:
+        archs = cfg.get("architectures") or []
+        arch = archs[0] if archs else ""
+        if arch not in SUPPORTED_ARCHITECTURES:
+            raise UnsupportedModelError(
+                f"unsupported architecture {arch or '(none in config.json)'!r}; "
+                f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
+            )
+        model_type = cfg.get("model_type", arch.removesuffix("ForCausalLM").lower())
+        heads = int(cfg["num_attention_heads"])
+        hidden = int(cfg["hidden_size"])
+        head_dim = cfg.get("head_dim") or hidden // heads
+        is_qwen2 = arch == "Qwen2ForCausalLM"
+        is_qwen3 = arch == "Qwen3ForCausalLM"
+        if is_qwen2 or is_qwen3:
+            sliding = cfg.get("sliding_window") if cfg.get("use_sliding_window", False) else None
+        else:
+            sliding = cfg.get("sliding_window")
+        eos = cfg.get("eos_token_id")
+        eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (int(eos),))
+        return cls(
+            architecture=arch,
+            model_type=model_type,
+            vocab_size=int(cfg["vocab_size"]),
+            hidden_size=hidden,
+            intermediate_size=int(cfg["intermediate_size"]),
+            num_hidden_layers=int(cfg["num_hidden_layers"]),
+            num_attention_heads=heads,
+            num_key_value_heads=int(cfg.get("num_key_value_heads") or heads),
+            head_dim=int(head_dim),
+            max_position_embeddings=int(cfg.get("max_position_embeddings", 4096)),
+            rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+            rope=parse_rope(cfg),
+            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+            # Qwen2 always has q/k/v biases; Llama/Mistral/Qwen3 say so with attention_bias.
+            attention_bias=True if is_qwen2 else bool(cfg.get("attention_bias", False)),
+            mlp_bias=bool(cfg.get("mlp_bias", False)),
+            qk_norm=is_qwen3,
+            sliding_window=int(sliding) if sliding else None,
+            max_window_layers=int(cfg.get("max_window_layers", 0) or 0),
+            torch_dtype=str(cfg.get("torch_dtype") or cfg.get("dtype") or "float32"),
+            bos_token_id=cfg.get("bos_token_id"),
+            eos_token_ids=eos_ids,
+            quant=parse_quant(cfg.get("quantization_config")),
+        )
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> ModelConfig:
+        return cls.from_dict(json.loads(Path(path).read_text()))
+
+
+def parse_rope(cfg: dict[str, Any]) -> RopeConfig:
+    """Normalize both the classic (`rope_theta` + `rope_scaling`) and the newer `rope_parameters` form."""
+    params = dict(cfg.get("rope_parameters") or {})
+    scaling = dict(cfg.get("rope_scaling") or {})
+    merged = {**scaling, **params}
+    theta = float(merged.get("rope_theta", cfg.get("rope_theta", 10000.0)))
+    rope_type = str(merged.get("rope_type", merged.get("type", "default")))
+    if rope_type not in ("default", "linear", "dynamic", "llama3"):
+        raise UnsupportedModelError(
+            f"unsupported rope scaling type {rope_type!r}; supported: default, linear, dynamic, llama3"
+        )
+    orig = merged.get("original_max_position_embeddings")
+    return RopeConfig(
+        theta=theta,
+        rope_type=rope_type,
+        factor=float(merged.get("factor", 1.0)),
+        low_freq_factor=float(merged.get("low_freq_factor", 1.0)),
+        high_freq_factor=float(merged.get("high_freq_factor", 4.0)),
+        original_max_position_embeddings=int(orig) if orig is not None else None,
+    )
+
+
+def parse_quant(qcfg: dict[str, Any] | None) -> QuantConfig:
+    """Read an HF `quantization_config` (awq, gptq, fp8) or our own {"quant_method": "int8"}."""
+    if not qcfg:
+        return QuantConfig()
+    method = str(qcfg.get("quant_method", "none")).lower()
+    if method in ("none", ""):
+        return QuantConfig()
+    if method not in QUANTIZATION_METHODS:
+        raise UnsupportedModelError(
+            f"unsupported quantization {method!r}; supported: {', '.join(QUANTIZATION_METHODS)}"
+        )
+    if method == "fp8" and qcfg.get("weight_block_size"):
+        raise UnsupportedModelError(
+            "block-wise fp8 (weight_block_size) is not supported; use per-channel fp8"
+        )
+    bits = int(qcfg.get("bits", qcfg.get("w_bit", {"fp8": 8, "int8": 8}.get(method, 4))))
+    if method in ("awq", "gptq") and bits != 4:
+        raise UnsupportedModelError(f"{method} with {bits} bits is not supported (only 4-bit)")
+    return QuantConfig(
+        method=method,
+        bits=bits,
+        group_size=int(qcfg.get("group_size", qcfg.get("q_group_size", -1))),
+        zero_point=bool(qcfg.get("zero_point", True)),
+        desc_act=bool(qcfg.get("desc_act", False)),
+        sym=bool(qcfg.get("sym", True)),
+    )

@@ -1,0 +1,236 @@
+"""The serving core: `LLMEngine` ties scheduler, block manager and model runner into the `Engine` protocol.
+
+Callers add requests and call `step()` in a loop. Each step schedules a batch, runs it, appends
+sampled tokens, applies stop conditions (eos / stop token ids, stop strings on incrementally
+detokenized text, max tokens, context length) and returns what each request produced.
+
+    engine = LLMEngine("path/to/checkpoint-or-artifact", EngineConfig(device="cpu"))
+    ids = engine.tokenizer.encode("Hello")
+    engine.add_request("r1", ids, SamplingParams(max_tokens=8, temperature=0))
+    while engine.has_unfinished():
+        for out in engine.step():
+            print(out.request_id, out.new_token_ids, repr(out.text), out.finish_reason)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from kiln_engine.block_manager import BlockManager
+from kiln_engine.config import EngineConfig, ModelConfig
+from kiln_engine.interface import EngineStats, RequestOutput, SamplingParams
+from kiln_engine.model_runner import ModelRunner
+from kiln_engine.scheduler import Scheduler
+from kiln_engine.sequence import Sequence
+from kiln_engine.tokenizer import IncrementalDetokenizer, Tokenizer
+
+
+@dataclass
+class _TextState:
+    """A request's decoded output text and how much of it has been returned."""
+
+    detok: IncrementalDetokenizer
+    text: str = ""
+    emitted: int = 0
+    prev_len: int = 0  # length of `text` before this step's token
+
+
+def validate_params(params: SamplingParams) -> None:
+    """Reject sampling parameters that have no meaning (the server turns these into HTTP 400)."""
+    if params.max_tokens < 1:
+        raise ValueError(f"max_tokens must be at least 1, got {params.max_tokens}")
+    if params.temperature < 0:
+        raise ValueError(f"temperature must be non-negative, got {params.temperature}")
+    if not 0.0 < params.top_p <= 1.0:
+        raise ValueError(f"top_p must be in (0, 1], got {params.top_p}")
+    if params.top_k < 0:
+        raise ValueError(f"top_k must be non-negative (0 disables it), got {params.top_k}")
+    if params.logprobs is not None and not 0 <= params.logprobs <= 20:
+        raise ValueError(f"logprobs must be between 0 and 20, got {params.logprobs}")
+    if any(not s for s in params.stop):
+        raise ValueError("stop strings must be non-empty")
+
+
+def stop_holdback(text: str, stops: tuple[str, ...]) -> int:
+    """How many trailing characters of `text` could still grow into a stop string."""
+    longest = 0
+    for s in stops:
+        for k in range(min(len(s) - 1, len(text)), longest, -1):
+            if text.endswith(s[:k]):
+                longest = k
+                break
+    return longest
+
+
+class LLMEngine:
+    """Continuous batching over a paged KV cache, for one model on one device (one TP rank)."""
+
+    def __init__(self, model_path: str | Path, config: EngineConfig | None = None) -> None:
+        self.config = config or EngineConfig()
+        self.config.validate()
+        self.runner = ModelRunner(model_path, self.config)
+        self.model_config: ModelConfig = self.runner.model_config
+        self.block_manager = BlockManager(
+            self.runner.num_blocks, self.config.block_size, self.config.prefix_caching
+        )
+        self.scheduler = Scheduler(self.config, self.block_manager)
+        # A sequence never outgrows the whole cache, so one running alone always fits; without chunked
+        # prefill it must also fit one step's budget, or it could never be (re)computed.
+        limits = [self.runner.max_model_len, self.runner.num_blocks * self.config.block_size]
+        if not self.config.chunked_prefill:
+            limits.append(self.config.max_tokens_per_step)
+        self._max_model_len = min(limits)
+        self.tokenizer: Tokenizer | None = None
+        if (Path(model_path) / "tokenizer.json").exists():
+            self.tokenizer = Tokenizer.from_dir(model_path, self.model_config.eos_token_ids)
+        eos = self.tokenizer.eos_token_ids if self.tokenizer else self.model_config.eos_token_ids
+        self.eos_token_ids: frozenset[int] = frozenset(eos)
+        self.seqs: dict[str, Sequence] = {}
+        self.texts: dict[str, _TextState] = {}
+        self.pending: list[RequestOutput] = []  # aborts to report on the next step
+
+    # -- Engine protocol ---------------------------------------------------------------------------
+    @property
+    def max_model_len(self) -> int:
+        return self._max_model_len
+
+    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        if request_id in self.seqs:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        validate_params(params)
+        if not prompt_token_ids:
+            raise ValueError("the prompt is empty")
+        if len(prompt_token_ids) >= self.max_model_len:
+            raise ValueError(
+                f"the prompt has {len(prompt_token_ids)} tokens but this model's context is "
+                f"{self.max_model_len} tokens (including at least one generated token)"
+            )
+        vocab = self.model_config.vocab_size
+        if any(not 0 <= t < vocab for t in prompt_token_ids):
+            raise ValueError(f"prompt token ids must be in [0, {vocab})")
+        seq = Sequence(request_id, list(prompt_token_ids), params)
+        self.seqs[request_id] = seq
+        if self.tokenizer is not None:
+            self.texts[request_id] = _TextState(IncrementalDetokenizer(self.tokenizer, prompt_token_ids))
+        self.scheduler.add(seq)
+
+    def abort_request(self, request_id: str) -> None:
+        seq = self.seqs.get(request_id)
+        if seq is None or seq.is_finished:
+            return
+        self.scheduler.finish(seq, "abort")
+        self.pending.append(self._output(seq, []))
+        self._forget(seq)
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished() or bool(self.pending)
+
+    def stats(self) -> EngineStats:
+        bm = self.block_manager
+        return EngineStats(
+            waiting=len(self.scheduler.waiting),
+            running=len(self.scheduler.running),
+            kv_blocks_total=bm.num_blocks,
+            kv_blocks_used=bm.num_used_blocks,
+            preemptions_total=self.scheduler.preemptions_total,
+            prefix_cache_hit_tokens_total=self.scheduler.prefix_hit_tokens_total,
+        )
+
+    def step(self) -> list[RequestOutput]:
+        outputs, self.pending = self.pending, []
+        sched = self.scheduler.schedule()
+        if sched.is_empty:
+            return outputs
+        tokens, logprobs = self.runner.execute(sched.chunks)
+        self.scheduler.complete_step(sched)
+        sampling = [c.seq for c in sched.chunks if c.samples]
+        for seq, token, lp in zip(sampling, tokens, logprobs, strict=True):
+            seq.append_token(token)
+            if lp is not None:
+                seq.pending_logprobs.append(lp)
+        self._detokenize(sampling, tokens)
+        for seq, token in zip(sampling, tokens, strict=True):
+            reason = self._check_stop(seq, token)
+            if reason is not None:
+                self.scheduler.finish(seq, reason)
+            outputs.append(self._output(seq, [token]))
+            if seq.is_finished:
+                self._forget(seq)
+        return outputs
+
+    # -- helpers -----------------------------------------------------------------------------------
+    def _detokenize(self, seqs: list[Sequence], tokens: list[int]) -> None:
+        """Extend each sequence's text by its new token, in one batched decode."""
+        states = [
+            (self.texts[s.request_id], t)
+            for s, t in zip(seqs, tokens, strict=True)
+            if s.request_id in self.texts
+        ]
+        deltas = IncrementalDetokenizer.add_batch([st.detok for st, _ in states], [t for _, t in states])
+        for (state, _), delta in zip(states, deltas, strict=True):
+            state.prev_len = len(state.text)
+            state.text += delta
+
+    def _check_stop(self, seq: Sequence, token: int) -> str | None:
+        p = seq.params
+        state = self.texts.get(seq.request_id)
+        prev_len = state.prev_len if state is not None else 0
+        if not p.ignore_eos and token in self.eos_token_ids:
+            return "stop"
+        if token in p.stop_token_ids:
+            return "stop"
+        if p.stop and state is not None:
+            for s in p.stop:
+                idx = state.text.find(s, max(0, prev_len - len(s) + 1))
+                if idx >= 0:
+                    state.text = state.text[:idx]
+                    return "stop"
+        if seq.num_output_tokens >= p.max_tokens or seq.num_tokens >= self.max_model_len:
+            return "length"
+        return None
+
+    def _output(self, seq: Sequence, new_tokens: list[int]) -> RequestOutput:
+        text = ""
+        state = self.texts.get(seq.request_id)
+        if state is not None:
+            end = len(state.text)
+            if not seq.is_finished and seq.params.stop:
+                end -= stop_holdback(state.text, seq.params.stop)
+            end = max(end, state.emitted)
+            text = state.text[state.emitted : end]
+            state.emitted = end
+        lps = seq.pending_logprobs if seq.params.logprobs is not None else None
+        seq.pending_logprobs = []
+        return RequestOutput(
+            request_id=seq.request_id,
+            new_token_ids=new_tokens,
+            finished=seq.is_finished,
+            finish_reason=seq.finish_reason,
+            logprobs=lps,
+            prompt_tokens=seq.num_prompt_tokens,
+            completion_tokens=seq.num_output_tokens,
+            cached_prompt_tokens=seq.num_cached_tokens,
+            text=text,
+        )
+
+    def _forget(self, seq: Sequence) -> None:
+        self.seqs.pop(seq.request_id, None)
+        self.texts.pop(seq.request_id, None)
+        self.runner.release(seq.request_id)
+
+    # -- offline convenience -----------------------------------------------------------------------
+    def generate(
+        self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams]
+    ) -> list[list[int]]:
+        """Run prompts to completion (all admitted at once); returns each one's generated token ids."""
+        plist = params if isinstance(params, list) else [params] * len(prompts)
+        ids = [f"gen-{id(self)}-{i}" for i in range(len(prompts))]
+        for rid, prompt, p in zip(ids, prompts, plist, strict=True):
+            self.add_request(rid, prompt, p)
+        result: dict[str, list[int]] = {rid: [] for rid in ids}
+        while self.has_unfinished():
+            for out in self.step():
+                if out.request_id in result:
+                    result[out.request_id].extend(out.new_token_ids)
+        return [result[rid] for rid in ids]

@@ -1,0 +1,1 @@
+"""Building blocks of the models: parallel Linear layers, norms, rotary embeddings, paged attention."""

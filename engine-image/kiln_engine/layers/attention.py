@@ -1,0 +1,176 @@
+"""Paged attention: the per-step batch metadata, the backend interface, and the reference torch backend.
+
+A step's tokens are one flattened varlen batch: sequence b contributes `query_lens[b]` new tokens
+whose positions end at `seq_lens[b]` (cached prefix + new tokens). Every layer first writes the new
+K/V into its cache `[num_blocks, block_size, num_kv_heads, head_dim]` at `slot_mapping`, then attends
+over each sequence's blocks (`block_tables`). Decode, prefill chunks over a cached prefix and mixed
+batches all take this one path.
+
+`TorchAttentionBackend` is the correct-everywhere reference: it gathers each sequence's K/V from
+its blocks into a padded batch and calls `scaled_dot_product_attention` with a causal (and
+optionally sliding-window) mask. A GPU backend (Triton / FlashInfer paged kernels) implements the
+same two methods and is chosen by `EngineConfig.attention_backend`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class AttentionMetadata:
+    """Tensors (on the model's device) describing one step's batch; built once, read by every layer."""
+
+    slot_mapping: torch.Tensor  # [T] int64: cache slot of each new token
+    query_start_loc: torch.Tensor  # [B+1] int32: offsets of each sequence's tokens in the batch
+    seq_lens: torch.Tensor  # [B] int32: context length after this step
+    query_lens: torch.Tensor  # [B] int32
+    block_tables: torch.Tensor  # [B, max_blocks] int32, padded with 0
+    max_query_len: int
+    max_seq_len: int
+    block_size: int
+    backend_state: dict[str, Any] = field(default_factory=dict)  # what a backend derives, per step
+
+
+class AttentionBackend(Protocol):
+    """Computes paged attention for one layer; `prepare` runs once per step before the layers."""
+
+    name: str
+
+    def prepare(self, meta: AttentionMetadata) -> None: ...
+
+    def forward(
+        self,
+        q: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        meta: AttentionMetadata,
+        scale: float,
+        sliding_window: int | None,
+    ) -> torch.Tensor: ...
+
+
+def write_kv(
+    k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor
+) -> None:
+    """Scatter new keys/values [T, Hkv, D] into the paged cache."""
+    kv_heads, head_dim = k_cache.shape[-2], k_cache.shape[-1]
+    k_cache.view(-1, kv_heads, head_dim).index_copy_(0, slot_mapping, k.to(k_cache.dtype))
+    v_cache.view(-1, kv_heads, head_dim).index_copy_(0, slot_mapping, v.to(v_cache.dtype))
+
+
+class TorchAttentionBackend:
+    """Reference paged attention with torch ops only: runs on CPU and GPU, with no host syncs."""
+
+    name = "torch"
+
+    def prepare(self, meta: AttentionMetadata) -> None:
+        device = meta.seq_lens.device
+        num_seqs = meta.seq_lens.shape[0]
+        max_q, max_kv, bs = meta.max_query_len, meta.max_seq_len, meta.block_size
+        seq_lens = meta.seq_lens.long()
+        query_lens = meta.query_lens.long()
+        # Slots of every key position of every sequence: [B, max_kv].
+        kpos = torch.arange(max_kv, device=device)
+        blocks = meta.block_tables.long().gather(
+            1, (kpos // bs).clamp(max=meta.block_tables.shape[1] - 1).expand(num_seqs, -1)
+        )
+        key_slots = blocks * bs + kpos % bs
+        # Absolute position of each padded query row; padding rows repeat the last real position.
+        qidx = torch.arange(max_q, device=device)
+        qpos = (seq_lens - query_lens)[:, None] + torch.minimum(qidx[None, :], (query_lens - 1)[:, None])
+        visible = (kpos[None, None, :] <= qpos[:, :, None]) & (kpos[None, None, :] < seq_lens[:, None, None])
+        # Where each flattened token sits in the padded [B * max_q] layout.
+        starts = meta.query_start_loc[:-1].long()
+        seq_of_token = torch.repeat_interleave(
+            torch.arange(num_seqs, device=device), query_lens, output_size=int(meta.slot_mapping.shape[0])
+        )
+        pad_index = seq_of_token * max_q + (
+            torch.arange(seq_of_token.shape[0], device=device) - starts[seq_of_token]
+        )
+        meta.backend_state.clear()  # metadata objects may be reused across steps (decode graphs)
+        meta.backend_state.update(
+            key_slots=key_slots, qpos=qpos, kpos=kpos, visible=visible, pad_index=pad_index
+        )
+
+    def _mask(self, meta: AttentionMetadata, sliding_window: int | None) -> torch.Tensor:
+        st = meta.backend_state
+        if sliding_window is None:
+            return st["visible"].unsqueeze(1)
+        key = f"visible_sw{sliding_window}"
+        if key not in st:
+            st[key] = st["visible"] & (st["kpos"][None, None, :] > st["qpos"][:, :, None] - sliding_window)
+        return st[key].unsqueeze(1)
+
+    def forward(
+        self,
+        q: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        meta: AttentionMetadata,
+        scale: float,
+        sliding_window: int | None,
+    ) -> torch.Tensor:
+        st = meta.backend_state
+        num_seqs, max_q = meta.seq_lens.shape[0], meta.max_query_len
+        _, num_heads, head_dim = q.shape
+        kv_heads = k_cache.shape[-2]
+        q_pad = q.new_zeros(num_seqs * max_q, num_heads, head_dim)
+        q_pad.index_copy_(0, st["pad_index"], q)
+        q_pad = q_pad.view(num_seqs, max_q, num_heads, head_dim).transpose(1, 2)
+        k = k_cache.view(-1, kv_heads, head_dim)[st["key_slots"]].transpose(1, 2).to(q.dtype)
+        v = v_cache.view(-1, kv_heads, head_dim)[st["key_slots"]].transpose(1, 2).to(q.dtype)
+        out = F.scaled_dot_product_attention(
+            q_pad,
+            k,
+            v,
+            attn_mask=self._mask(meta, sliding_window),
+            scale=scale,
+            enable_gqa=num_heads != kv_heads,
+        )
+        out = out.transpose(1, 2).reshape(num_seqs * max_q, num_heads, head_dim)
+        return out.index_select(0, st["pad_index"])
+
+
+def make_backend(name: str, device: torch.device) -> AttentionBackend:
+    """The backend for `EngineConfig.attention_backend`.
+
+    "auto" is the torch reference until the Triton kernel has been validated on GPUs (issue 6);
+    "triton" selects `TritonAttentionBackend` (CUDA, or CPU under TRITON_INTERPRET=1).
+    """
+    if name in ("auto", "torch"):
+        return TorchAttentionBackend()
+    if name == "triton":
+        from kiln_engine.layers.triton_attention import TritonAttentionBackend
+
+        return TritonAttentionBackend()
+    raise ValueError(f"unknown attention backend {name!r}; available: torch, triton")
+
+
+class Attention(nn.Module):
+    """One layer's paged attention: stores new K/V in this layer's cache, then attends."""
+
+    def __init__(
+        self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float, sliding_window: int | None
+    ) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.num_kv_heads = num_kv_heads
+        self.head_dim = head_dim
+        self.scale = scale
+        self.sliding_window = sliding_window
+        self.k_cache = torch.empty(0)
+        self.v_cache = torch.empty(0)
+        self.backend: AttentionBackend = TorchAttentionBackend()
+
+    def forward(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata
+    ) -> torch.Tensor:
+        """q [T, Hq, D], k/v [T, Hkv, D] -> [T, Hq, D]."""
+        write_kv(k, v, self.k_cache, self.v_cache, meta.slot_mapping)
+        return self.backend.forward(q, self.k_cache, self.v_cache, meta, self.scale, self.sliding_window)

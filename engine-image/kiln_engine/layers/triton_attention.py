@@ -1,0 +1,230 @@
+"""Paged flash attention in Triton: one kernel for decode, prefill chunks over a cached prefix, and mixes.
+
+Each program handles one (sequence, KV head, tile of BLOCK_M rows), a row being one query token
+under one of the query heads sharing that KV head (GQA), so K/V are read once per group. It walks
+the sequence's keys in tiles of BLOCK_N positions, gathering each position's cache slot through
+the block table (so any KV block size works), applies the causal / sliding-window mask by
+absolute position, and keeps an online softmax in float32 (q·k and p·v run in the cache dtype on
+tensor cores with fp32 accumulators). Only the visible key range is read: keys after the tile's
+last query and before its window are skipped.
+
+It runs on CUDA (the GPU path of issue 6) and, with TRITON_INTERPRET=1, on CPU, which is how the
+unit tests check it against `TorchAttentionBackend`. Decode fills GROUP of the BLOCK_M rows; when
+a decode batch has too few (sequence, KV head) programs to fill the GPU and long contexts, the key
+range is split across programs (split-K) and the partial softmax states are merged afterwards.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from kiln_engine.layers.attention import AttentionMetadata
+
+
+@triton.jit
+def _paged_attention_kernel(  # type: ignore[no-untyped-def]  # Triton reads annotations
+    q_ptr,
+    k_cache_ptr,
+    v_cache_ptr,
+    out_ptr,
+    part_m_ptr,
+    part_l_ptr,
+    part_acc_ptr,
+    block_tables_ptr,
+    query_start_ptr,
+    seq_lens_ptr,
+    scale,
+    stride_qt,
+    stride_qh,
+    stride_ot,
+    stride_oh,
+    stride_cb,
+    stride_cs,
+    stride_ch,
+    stride_bt,
+    window,
+    num_q_heads,
+    GROUP: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    KV_BLOCK: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    USE_WINDOW: tl.constexpr,
+    PRECISION: tl.constexpr,
+    SPLITS: tl.constexpr,
+):
+    seq = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    tile = tl.program_id(2) // SPLITS
+    split = tl.program_id(2) % SPLITS
+    q_start = tl.load(query_start_ptr + seq)
+    q_len = tl.load(query_start_ptr + seq + 1) - q_start
+    if tile * BLOCK_M >= q_len * GROUP:
+        return
+    seq_len = tl.load(seq_lens_ptr + seq)
+    ctx = seq_len - q_len  # position of the first query token
+
+    # Row r of the tile is query token r // GROUP under query head r % GROUP of this KV head, so a
+    # KV tile is loaded once for all the query heads that share it (decode fills GROUP rows).
+    rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
+    tok = rows // GROUP
+    head = kv_head * GROUP + rows % GROUP
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_m = tok < q_len
+    mask_d = offs_d < HEAD_DIM
+    q_pos = ctx + tok
+    q = tl.load(
+        q_ptr + (q_start + tok)[:, None] * stride_qt + head[:, None] * stride_qh + offs_d[None, :],
+        mask=mask_m[:, None] & mask_d[None, :],
+        other=0.0,
+    )
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+
+    hi = ctx + tl.minimum(((tile + 1) * BLOCK_M - 1) // GROUP + 1, q_len)  # past the tile's last query
+    lo = 0
+    if USE_WINDOW:
+        lo = tl.maximum(0, ctx + (tile * BLOCK_M) // GROUP - window + 1)
+        lo = (lo // BLOCK_N) * BLOCK_N
+    if SPLITS > 1:  # split-K: this program takes one contiguous share of the key range
+        share = tl.cdiv(tl.cdiv(hi - lo, SPLITS), BLOCK_N) * BLOCK_N
+        lo = lo + split * share
+        hi = tl.minimum(hi, lo + share)
+    for start in range(lo, hi, BLOCK_N):
+        offs_n = start + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < hi
+        block = tl.load(block_tables_ptr + seq * stride_bt + offs_n // KV_BLOCK, mask=mask_n, other=0)
+        slot = block.to(tl.int64) * stride_cb + (offs_n % KV_BLOCK) * stride_cs + kv_head * stride_ch
+        kv_mask = mask_n[:, None] & mask_d[None, :]
+        k = tl.load(k_cache_ptr + slot[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(v_cache_ptr + slot[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
+        visible = (offs_n[None, :] <= q_pos[:, None]) & mask_n[None, :]
+        if USE_WINDOW:
+            visible = visible & (offs_n[None, :] > q_pos[:, None] - window)
+        s = tl.where(visible, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp(s - m_safe[:, None])
+        alpha = tl.exp(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        m_i = m_new
+
+    if SPLITS == 1:
+        out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+        tl.store(
+            out_ptr + (q_start + tok)[:, None] * stride_ot + head[:, None] * stride_oh + offs_d[None, :],
+            out.to(out_ptr.dtype.element_ty),
+            mask=mask_m[:, None] & mask_d[None, :],
+        )
+    else:  # partial results [token, head, split], merged by `_merge_splits`
+        part = ((q_start + tok) * num_q_heads + head) * SPLITS + split
+        tl.store(part_m_ptr + part, m_i, mask=mask_m)
+        tl.store(part_l_ptr + part, l_i, mask=mask_m)
+        tl.store(
+            part_acc_ptr + part[:, None] * BLOCK_D + offs_d[None, :],
+            acc,
+            mask=mask_m[:, None] & mask_d[None, :],
+        )
+
+
+def _merge_splits(m: torch.Tensor, denom: torch.Tensor, acc: torch.Tensor) -> torch.Tensor:
+    """Combine split-K partials: running max m and softmax denominator [T, H, S], unnormalized
+    acc [T, H, S, D] -> [T, H, D] (float32)."""
+    top = m.amax(dim=-1, keepdim=True)
+    w = torch.exp(m - torch.where(torch.isinf(top), torch.zeros_like(top), top))  # empty splits: m=-inf -> 0
+    total = (w * denom).sum(dim=-1, keepdim=True).clamp(min=1e-30)
+    return (w.unsqueeze(-1) * acc).sum(dim=-2) / total
+
+
+class TritonAttentionBackend:
+    """`AttentionBackend` running `_paged_attention_kernel`; no per-step preparation is needed."""
+
+    name = "triton"
+
+    def __init__(
+        self, block_m: int = 16, block_n: int = 32, max_splits: int = 8, split_min_keys: int = 512
+    ) -> None:
+        self.block_m = block_m
+        self.block_n = block_n
+        self.max_splits = max_splits
+        self.split_min_keys = split_min_keys
+
+    def num_splits(self, meta: AttentionMetadata, kv_heads: int) -> int:
+        """Split-K only for decode batches too small to fill the GPU with (sequence, KV head) programs."""
+        if meta.max_query_len != 1 or meta.seq_lens.shape[0] * kv_heads >= 256:
+            return 1
+        return max(1, min(self.max_splits, meta.max_seq_len // self.split_min_keys))
+
+    def prepare(self, meta: AttentionMetadata) -> None:
+        return None
+
+    def forward(
+        self,
+        q: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        meta: AttentionMetadata,
+        scale: float,
+        sliding_window: int | None,
+    ) -> torch.Tensor:
+        _, num_heads, head_dim = q.shape
+        kv_heads = k_cache.shape[2]
+        assert q.stride(2) == 1 and k_cache.stride(3) == 1 and v_cache.stride() == k_cache.stride()
+        out = torch.empty_like(q)
+        num_seqs = meta.seq_lens.shape[0]
+        group = num_heads // kv_heads
+        splits = self.num_splits(meta, kv_heads)
+        block_d = triton.next_power_of_2(head_dim)
+        tiles = triton.cdiv(meta.max_query_len * group, self.block_m)
+        if splits > 1:
+            num_tokens = q.shape[0]
+            part_m = torch.empty(num_tokens, num_heads, splits, dtype=torch.float32, device=q.device)
+            part_l = torch.empty_like(part_m)
+            part_acc = torch.empty(
+                num_tokens, num_heads, splits, block_d, dtype=torch.float32, device=q.device
+            )
+        else:
+            part_m = part_l = part_acc = out  # unused
+        _paged_attention_kernel[(num_seqs, kv_heads, tiles * splits)](
+            q,
+            k_cache,
+            v_cache,
+            out,
+            part_m,
+            part_l,
+            part_acc,
+            meta.block_tables,
+            meta.query_start_loc,
+            meta.seq_lens,
+            scale,
+            q.stride(0),
+            q.stride(1),
+            out.stride(0),
+            out.stride(1),
+            k_cache.stride(0),
+            k_cache.stride(1),
+            k_cache.stride(2),
+            meta.block_tables.stride(0),
+            sliding_window or 0,
+            num_heads,
+            GROUP=group,
+            HEAD_DIM=head_dim,
+            BLOCK_D=block_d,
+            KV_BLOCK=meta.block_size,
+            BLOCK_M=self.block_m,
+            BLOCK_N=self.block_n,
+            USE_WINDOW=sliding_window is not None,
+            # bf16/fp16 run on tensor cores with fp32 accumulation; fp32 stays exact (no tf32).
+            PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+            SPLITS=splits,
+        )
+        if splits > 1:
+            out = _merge_splits(part_m, part_l, part_acc)[..., :head_dim].to(q.dtype)
+        return out

@@ -1,0 +1,208 @@
+"""Loading a model to serve, from a Hugging Face checkpoint directory or a Kiln artifact directory.
+
+Kiln artifact layout (written by `kiln-engine build`, read here; the names below are the contract):
+
+    <artifact>/manifest.json                 MANIFEST_FILE, written last: its presence marks a
+                                             complete artifact
+    <artifact>/config.json                   the model's HF config.json; for fp8/int8 built by Kiln
+                                             it carries "quantization_config": {"quant_method": "fp8"
+                                             | "int8"}; AWQ/GPTQ configs stay as published
+    <artifact>/tokenizer.json, tokenizer_config.json, generation_config.json, chat_template.jinja
+                                             copied as found (TOKENIZER_FILES)
+    <artifact>/rank-<r>/model.safetensors    RANK_DIR / RANK_WEIGHTS_FILE: tensor-parallel shard r,
+                                             tensors under their HF names, sliced by
+                                             `layers.sharding.shard_tensor`
+
+manifest.json keys the loader reads (others are the build's business):
+    "tensor_parallel_size": int (default 1)    MANIFEST_TP
+    "pipeline_parallel_size": int (default 1)  MANIFEST_PP (the runtime serves pp = 1 for now)
+    "quantization": "none"|"fp8"|"int8"|"int8-weight"|... (config.json's quantization_config wins)
+                                               MANIFEST_QUANT
+    "dtype": "bfloat16"|"float16"|"float32"    MANIFEST_DTYPE (activation/weight dtype)
+
+Quantized tensors per Linear `X` are described in `kiln_engine.quantization`.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+
+from kiln_engine.config import EngineConfig, ModelConfig, QuantConfig
+from kiln_engine.layers.parallel import init_tensor_parallel
+from kiln_engine.layers.sharding import shard_tensor
+from kiln_engine.models import model_class
+from kiln_engine.models.llama import LlamaForCausalLM
+from kiln_engine.tokenizer import TOKENIZER_FILES, Tokenizer
+
+MANIFEST_FILE = "manifest.json"
+CONFIG_FILE = "config.json"
+RANK_DIR = "rank-{rank}"
+RANK_WEIGHTS_FILE = "model.safetensors"
+HF_INDEX_FILE = "model.safetensors.index.json"
+MANIFEST_TP = "tensor_parallel_size"
+MANIFEST_PP = "pipeline_parallel_size"
+MANIFEST_QUANT = "quantization"
+MANIFEST_DTYPE = "dtype"
+__all__ = [
+    "CONFIG_FILE",
+    "MANIFEST_FILE",
+    "RANK_DIR",
+    "RANK_WEIGHTS_FILE",
+    "TOKENIZER_FILES",
+    "is_artifact",
+    "load_model",
+    "load_model_config",
+    "load_tokenizer",
+    "rank_weights_path",
+]
+
+_DTYPES = {
+    "float32": torch.float32,
+    "float": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+    "half": torch.float16,
+}
+
+
+def is_artifact(path: str | Path) -> bool:
+    return (Path(path) / MANIFEST_FILE).exists()
+
+
+def read_manifest(path: str | Path) -> dict[str, Any]:
+    data: dict[str, Any] = json.loads((Path(path) / MANIFEST_FILE).read_text())
+    return data
+
+
+def rank_weights_path(path: str | Path, rank: int) -> Path:
+    return Path(path) / RANK_DIR.format(rank=rank) / RANK_WEIGHTS_FILE
+
+
+def load_model_config(path: str | Path) -> ModelConfig:
+    """config.json of a checkpoint or artifact; an artifact's manifest may name the quantization."""
+    d = Path(path)
+    if not (d / CONFIG_FILE).exists():
+        raise FileNotFoundError(f"{d} has no {CONFIG_FILE}: not a Hugging Face checkpoint or Kiln artifact")
+    cfg = ModelConfig.from_file(d / CONFIG_FILE)
+    if is_artifact(d):
+        method = str(read_manifest(d).get(MANIFEST_QUANT) or "none")
+        method = {"int8-weight": "int8"}.get(method, method)
+        if method in ("fp8", "int8") and cfg.quant.method == "none":
+            cfg = replace(cfg, quant=QuantConfig(method=method, bits=8))
+    return cfg
+
+
+def load_tokenizer(path: str | Path, model_config: ModelConfig | None = None) -> Tokenizer:
+    extra = model_config.eos_token_ids if model_config else ()
+    return Tokenizer.from_dir(path, extra_eos_token_ids=extra)
+
+
+def resolve_dtype(name: str, device: torch.device, model_config: ModelConfig) -> torch.dtype:
+    """ "auto" serves float32 on CPU and the checkpoint's half type (bfloat16 by default) on GPU."""
+    if name == "auto":
+        if device.type == "cpu":
+            return torch.float32
+        ckpt = _DTYPES.get(model_config.torch_dtype, torch.bfloat16)
+        return torch.bfloat16 if ckpt == torch.float32 else ckpt
+    try:
+        return _DTYPES[name]
+    except KeyError:
+        raise ValueError(f"unknown dtype {name!r}; choose from auto, {', '.join(_DTYPES)}") from None
+
+
+def weight_files(path: str | Path, rank: int = 0) -> list[Path]:
+    """The safetensors files holding rank `rank`'s weights."""
+    d = Path(path)
+    if is_artifact(d):
+        f = rank_weights_path(d, rank)
+        if not f.exists():
+            raise FileNotFoundError(f"artifact {d} has no weights for rank {rank} ({f})")
+        return [f]
+    if (d / HF_INDEX_FILE).exists():
+        index = json.loads((d / HF_INDEX_FILE).read_text())
+        return [d / name for name in sorted(set(index["weight_map"].values()))]
+    files = sorted(d.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"{d} has no *.safetensors weights")
+    return files
+
+
+def iter_weights(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
+    for f in files:
+        with safe_open(str(f), framework="pt") as st:
+            for name in st.keys():  # noqa: SIM118 (safe_open is not a dict)
+                yield name, st.get_tensor(name)
+
+
+def load_model(
+    path: str | Path, engine_config: EngineConfig, max_positions: int, device: torch.device | None = None
+) -> tuple[LlamaForCausalLM, ModelConfig, torch.dtype]:
+    """Build the model for `path` on `device` and load its weights (this rank's shard)."""
+    d = Path(path)
+    device = device or torch.device(engine_config.device)
+    cfg = load_model_config(d)
+    tp = init_tensor_parallel(engine_config.tensor_parallel_rank, engine_config.tensor_parallel_size, device)
+    presharded = False
+    if is_artifact(d):
+        manifest = read_manifest(d)
+        built_tp = int(manifest.get(MANIFEST_TP, 1))
+        if int(manifest.get(MANIFEST_PP, 1)) != 1:
+            raise ValueError("this runtime serves pipeline_parallel_size 1 only")
+        if built_tp != tp.size:
+            raise ValueError(f"artifact was built for tensor_parallel_size {built_tp}, engine runs {tp.size}")
+        presharded = True
+    name = engine_config.dtype
+    if (
+        name == "auto"
+        and is_artifact(d)
+        and MANIFEST_DTYPE in (manifest := read_manifest(d))
+        and device.type != "cpu"
+    ):
+        name = str(manifest[MANIFEST_DTYPE])
+    dtype = resolve_dtype(name, device, cfg)
+    with torch.device(device):
+        model = model_class(cfg)(cfg, max_positions, dtype, tp)
+    if engine_config.load_format == "dummy":
+        init_dummy_weights(model, seed=engine_config.seed)
+        model.eval()
+        return model, cfg, dtype
+    weights = iter_weights(weight_files(d, tp.rank if presharded else 0))
+    if not presharded and tp.size > 1:
+        weights = ((n, shard_tensor(n, t, tp.rank, tp.size, cfg.num_key_value_heads)) for n, t in weights)
+    with torch.no_grad():
+        model.load_weights((n, t.to(device)) for n, t in weights)
+    model.eval()
+    return model, cfg, dtype
+
+
+@torch.no_grad()
+def init_dummy_weights(model: torch.nn.Module, seed: int = 0, std: float = 0.02) -> None:
+    """Random weights in place, on the model's device: for speed benchmarks, where values do not matter.
+
+    Float weights ~ N(0, std), norms 1; fp8/int8 weights random with unit-scale-ish scales; int4
+    packed words random. Only config.json is needed, so an 8B-shaped model needs no 16 GB download.
+    """
+    g = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
+    for name, p in model.named_parameters():
+        if name.endswith("norm.weight"):
+            p.fill_(1.0)
+        elif p.dtype.is_floating_point and p.element_size() >= 2:
+            p.normal_(0.0, std, generator=g)
+        elif p.dtype == torch.float8_e4m3fn:
+            p.copy_(torch.empty(p.shape, device=p.device).normal_(0.0, 1.0, generator=g).to(p.dtype))
+        elif name.endswith("g_idx"):
+            continue
+        else:  # int8 weights, int4 packed words
+            lo, hi = (-127, 128) if p.dtype == torch.int8 else (-(2**31), 2**31 - 1)
+            p.copy_(
+                torch.randint(lo, hi, p.shape, generator=g, device=p.device, dtype=torch.int64).to(p.dtype)
+            )
+        if name.endswith("weight_scale"):
+            p.fill_(std / 4)

@@ -1,0 +1,290 @@
+"""Owns torch and the device: the model, the paged KV cache tensors, per-step batch tensors, sampling.
+
+Given the scheduler's chunks it builds one flattened varlen batch (token ids, positions, slot
+mapping, block tables), runs the model once, computes logits only for rows that sample, and samples.
+It never decides policy. The KV cache is one tensor `[2, layers, num_blocks, block_size, kv_heads,
+head_dim]`; each attention layer holds views of its K and V planes.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from kiln_engine.config import EngineConfig
+from kiln_engine.interface import TokenLogprob
+from kiln_engine.layers.attention import AttentionMetadata, make_backend
+from kiln_engine.loader import load_model, load_model_config
+from kiln_engine.sampler import Sampler, SampleRequest
+from kiln_engine.scheduler import ScheduledChunk
+
+
+def runner_device(config: EngineConfig) -> torch.device:
+    """The device of this rank: a bare "cuda" under tensor parallelism means one GPU per rank."""
+    device = torch.device(config.device)
+    if device.type == "cuda" and device.index is None and config.tensor_parallel_size > 1:
+        device = torch.device("cuda", config.tensor_parallel_rank % torch.cuda.device_count())
+    return device
+
+
+def attention_backend_name(config: EngineConfig, device: torch.device) -> str:
+    """Decode graphs on GPU need the Triton kernel: the torch reference pads every sequence to
+    max_model_len under a graph, which would not fit in memory at serving sizes."""
+    name = config.attention_backend
+    if config.cuda_graphs and device.type == "cuda":
+        if name == "auto":
+            return "triton"
+        if name != "triton":
+            raise ValueError(f"cuda_graphs on GPU needs attention_backend 'triton' (or 'auto'), not {name!r}")
+    return name
+
+
+class ModelRunner:
+    """Runs the model for the scheduler's chunks on one device (one tensor-parallel rank)."""
+
+    def __init__(self, model_path: str | Path, config: EngineConfig) -> None:
+        self.config = config
+        self.device = runner_device(config)
+        model_config = load_model_config(model_path)
+        self.max_model_len = config.max_model_len or model_config.max_position_embeddings
+        self.model, self.model_config, self.dtype = load_model(
+            model_path, config, self.max_model_len, self.device
+        )
+        self.block_size = config.block_size
+        self.backend = make_backend(attention_backend_name(config, self.device), self.device)
+        layers = self.model.attention_layers()
+        for layer in layers:
+            layer.backend = self.backend
+        self.num_blocks = config.num_kv_blocks or self._auto_num_blocks()
+        first = layers[0]
+        # With decode graphs, one extra block past the managed ones absorbs the padding rows' writes.
+        self.kv_cache = torch.zeros(
+            2,
+            len(layers),
+            self.num_blocks + (1 if config.cuda_graphs else 0),
+            self.block_size,
+            first.num_kv_heads,
+            first.head_dim,
+            dtype=self.dtype,
+            device=self.device,
+        )
+        for i, layer in enumerate(layers):
+            layer.k_cache = self.kv_cache[0, i]
+            layer.v_cache = self.kv_cache[1, i]
+        self.sampler = Sampler(self.device, config.seed)
+        self.decode_graphs: DecodeGraphs | None = None
+        if config.cuda_graphs:
+            self.decode_graphs = DecodeGraphs(self, capture_sizes(config.max_num_seqs))
+
+    def kv_block_bytes(self) -> int:
+        layers = self.model.attention_layers()
+        a = layers[0]
+        elem = torch.empty((), dtype=self.dtype).element_size()
+        return 2 * len(layers) * self.block_size * a.num_kv_heads * a.head_dim * elem
+
+    def _auto_num_blocks(self) -> int:
+        per_block = self.kv_block_bytes()
+        if self.device.type == "cuda":
+            free, total = torch.cuda.mem_get_info(self.device)
+            used = total - free
+            budget = int(total * self.config.gpu_memory_utilization) - used - self._activation_reserve()
+        else:
+            budget = self.config.cpu_kv_cache_bytes
+        max_useful = self.config.max_num_seqs * -(-self.max_model_len // self.block_size)
+        blocks = min(budget // per_block, max_useful)
+        if blocks < 1:
+            raise RuntimeError(
+                f"no memory left for the KV cache (one block is {per_block} bytes); "
+                "lower max_model_len or give the engine more memory"
+            )
+        return int(blocks)
+
+    def _activation_reserve(self) -> int:
+        """Rough peak activation memory of one step (logits and MLP intermediates dominate)."""
+        cfg = self.model_config
+        tokens = self.config.max_tokens_per_step
+        elem = torch.empty((), dtype=self.dtype).element_size()
+        return (
+            tokens * (4 * cfg.hidden_size + 3 * cfg.intermediate_size) * elem
+            + self.config.max_num_seqs * cfg.vocab_size * 4 * 3
+            + (512 << 20)
+        )
+
+    def _prepare(
+        self, chunks: list[ScheduledChunk]
+    ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, list[int], list[SampleRequest]]:
+        bs = self.block_size
+        input_ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        query_start = [0]
+        seq_lens: list[int] = []
+        sample_rows: list[int] = []
+        sample_reqs: list[SampleRequest] = []
+        tables: list[list[int]] = []
+        for c in chunks:
+            seq, start, n = c.seq, c.start, c.num_tokens
+            end = start + n
+            input_ids.extend(seq.token_ids[start:end])
+            positions.extend(range(start, end))
+            table = seq.block_table
+            pos = start
+            while pos < end:  # one slice per block, not one op per token
+                block_end = min(end, (pos // bs + 1) * bs)
+                base = table[pos // bs] * bs - (pos // bs) * bs
+                slots.extend(range(base + pos, base + block_end))
+                pos = block_end
+            query_start.append(query_start[-1] + n)
+            seq_lens.append(end)
+            tables.append(table)
+            if c.samples:
+                sample_rows.append(query_start[-1] - 1)
+                sample_reqs.append(SampleRequest(seq.request_id, seq.params))
+        width = max(len(t) for t in tables)
+        padded = [t + [0] * (width - len(t)) for t in tables]
+
+        tensor = self._to_device
+
+        query_lens = [query_start[i + 1] - query_start[i] for i in range(len(chunks))]
+        meta = AttentionMetadata(
+            slot_mapping=tensor(slots, torch.int64),
+            query_start_loc=tensor(query_start, torch.int32),
+            seq_lens=tensor(seq_lens, torch.int32),
+            query_lens=tensor(query_lens, torch.int32),
+            block_tables=tensor(padded, torch.int32),
+            max_query_len=max(query_lens),
+            max_seq_len=max(seq_lens),
+            block_size=bs,
+        )
+        return tensor(input_ids, torch.int64), tensor(positions, torch.int64), meta, sample_rows, sample_reqs
+
+    def _to_device(self, data: list[int] | list[list[int]], dtype: torch.dtype) -> torch.Tensor:
+        """Host list -> device tensor through pinned memory, without waiting for the device."""
+        t = torch.tensor(data, dtype=dtype)
+        return t.pin_memory().to(self.device, non_blocking=True) if self.device.type == "cuda" else t
+
+    @torch.inference_mode()
+    def execute(self, chunks: list[ScheduledChunk]) -> tuple[list[int], list[TokenLogprob | None]]:
+        """Run one step; return the sampled token (and logprobs) of each chunk that samples, in order."""
+        graphs = self.decode_graphs
+        if graphs is not None and graphs.can_run(chunks):
+            reqs = [SampleRequest(c.seq.request_id, c.seq.params) for c in chunks]
+            sampling = self.sampler.prepare(reqs, self.model_config.vocab_size)
+            return self.sampler.sample(graphs.run(chunks), sampling)
+        input_ids, positions, meta, sample_rows, sample_reqs = self._prepare(chunks)
+        sampling = self.sampler.prepare(sample_reqs, self.model_config.vocab_size)
+        rows = self._to_device(sample_rows, torch.int64)
+        self.backend.prepare(meta)
+        hidden = self.model(input_ids, positions, meta)
+        if not sample_rows:
+            return [], []
+        logits = self.model.compute_logits(hidden.index_select(0, rows))
+        return self.sampler.sample(logits, sampling)
+
+    def release(self, request_id: str) -> None:
+        self.sampler.release(request_id)
+
+
+def capture_sizes(max_num_seqs: int) -> list[int]:
+    """Padded decode batch sizes: 1, 2, 4, then every multiple of 8 up to `max_num_seqs`."""
+    sizes = [b for b in (1, 2, 4) if b < max_num_seqs] + list(range(8, max_num_seqs, 8))
+    return [*sizes, max_num_seqs]
+
+
+class DecodeGraphs:
+    """Decode-only steps at fixed, padded batch sizes: replayed CUDA graphs on GPU, eager elsewhere.
+
+    A step where every sequence decodes one token is padded up to the next captured size. Inputs go
+    into static buffers (only the block-table columns in use are refreshed; stale columns beyond a
+    sequence's length are masked by its seq_len). Padding rows decode token 0 at position 0 with a
+    context of one token held in a scratch block the block manager never hands out, so they write
+    and read nothing real. The graph covers embedding to logits; sampling runs after it. On CPU
+    the same buffers and padding run eagerly, which is how the tests check the padding logic.
+    Capturing needs a graph-safe attention backend (static shapes, no host reads): use "triton".
+    """
+
+    def __init__(self, runner: ModelRunner, sizes: list[int]) -> None:
+        self.runner = runner
+        self.sizes = sorted(set(sizes))
+        dev, max_bs = runner.device, self.sizes[-1]
+        self.block_size = runner.block_size
+        self.max_blocks = -(-runner.max_model_len // runner.block_size)
+        self.scratch_block = runner.num_blocks
+        i64, i32 = torch.int64, torch.int32
+        self.input_ids = torch.zeros(max_bs, dtype=i64, device=dev)
+        self.positions = torch.zeros(max_bs, dtype=i64, device=dev)
+        self.slot_mapping = torch.full((max_bs,), self.scratch_block * self.block_size, dtype=i64, device=dev)
+        self.seq_lens = torch.ones(max_bs, dtype=i32, device=dev)
+        self.block_tables = torch.full((max_bs, self.max_blocks), self.scratch_block, dtype=i32, device=dev)
+        self.query_start_loc = torch.arange(max_bs + 1, dtype=i32, device=dev)
+        self.query_lens = torch.ones(max_bs, dtype=i32, device=dev)
+        self.metas = {
+            bs: AttentionMetadata(
+                slot_mapping=self.slot_mapping[:bs],
+                query_start_loc=self.query_start_loc[: bs + 1],
+                seq_lens=self.seq_lens[:bs],
+                query_lens=self.query_lens[:bs],
+                block_tables=self.block_tables[:bs],
+                max_query_len=1,
+                max_seq_len=self.max_blocks * self.block_size,
+                block_size=self.block_size,
+            )
+            for bs in self.sizes
+        }
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.outputs: dict[int, torch.Tensor] = {}
+        if dev.type == "cuda":
+            self._capture()
+
+    def _forward(self, bs: int) -> torch.Tensor:
+        meta = self.metas[bs]
+        self.runner.backend.prepare(meta)
+        model = self.runner.model
+        return model.compute_logits(model(self.input_ids[:bs], self.positions[:bs], meta))
+
+    @torch.inference_mode()
+    def _capture(self) -> None:
+        pool = None
+        for bs in reversed(self.sizes):  # largest first, so smaller graphs reuse its memory pool
+            self._forward(bs)  # warm-up: kernel compilation, library workspaces
+            torch.cuda.synchronize(self.runner.device)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                self.outputs[bs] = self._forward(bs)
+            pool = graph.pool()
+            self.graphs[bs] = graph
+
+    def can_run(self, chunks: list[ScheduledChunk]) -> bool:
+        return len(chunks) <= self.sizes[-1] and all(c.num_tokens == 1 and c.samples for c in chunks)
+
+    def run(self, chunks: list[ScheduledChunk]) -> torch.Tensor:
+        """Logits [len(chunks), vocab] of one decode step."""
+        n = len(chunks)
+        bs = next(b for b in self.sizes if b >= n)
+        bsz, pad = self.block_size, bs - n
+        scratch_slot = self.scratch_block * bsz
+        ids, pos, slots, lens = [], [], [], []
+        for c in chunks:
+            p = c.start
+            ids.append(c.seq.token_ids[p])
+            pos.append(p)
+            slots.append(c.seq.block_table[p // bsz] * bsz + p % bsz)
+            lens.append(p + 1)
+        width = max(len(c.seq.block_table) for c in chunks)
+        tables = [c.seq.block_table + [self.scratch_block] * (width - len(c.seq.block_table)) for c in chunks]
+        tables += [[self.scratch_block] * width] * pad
+        runner = self.runner
+        dev_host = runner._to_device(
+            [ids + [0] * pad, pos + [0] * pad, slots + [scratch_slot] * pad, lens + [1] * pad], torch.int64
+        )
+        self.input_ids[:bs].copy_(dev_host[0])
+        self.positions[:bs].copy_(dev_host[1])
+        self.slot_mapping[:bs].copy_(dev_host[2])
+        self.seq_lens[:bs].copy_(dev_host[3])
+        self.block_tables[:bs, :width].copy_(runner._to_device(tables, torch.int32))
+        graph = self.graphs.get(bs)
+        if graph is None:
+            return self._forward(bs)[:n]
+        graph.replay()
+        return self.outputs[bs][:n]

@@ -1,0 +1,23 @@
+"""Model architectures the runtime serves, keyed by the `architectures` entry of config.json."""
+
+from __future__ import annotations
+
+from kiln_engine.config import SUPPORTED_ARCHITECTURES, ModelConfig, UnsupportedModelError
+from kiln_engine.models.llama import LlamaForCausalLM
+
+MODEL_REGISTRY: dict[str, type[LlamaForCausalLM]] = {
+    "LlamaForCausalLM": LlamaForCausalLM,
+    "MistralForCausalLM": LlamaForCausalLM,
+    "Qwen2ForCausalLM": LlamaForCausalLM,
+    "Qwen3ForCausalLM": LlamaForCausalLM,
+}
+assert set(MODEL_REGISTRY) == set(SUPPORTED_ARCHITECTURES)
+
+
+def model_class(config: ModelConfig) -> type[LlamaForCausalLM]:
+    try:
+        return MODEL_REGISTRY[config.architecture]
+    except KeyError:
+        raise UnsupportedModelError(
+            f"unsupported architecture {config.architecture!r}; supported: {', '.join(MODEL_REGISTRY)}"
+        ) from None

@@ -1,0 +1,201 @@
+"""The Llama family as one module tree: Llama 2/3/3.1, Mistral, Qwen2 (q/k/v bias), Qwen3 (q/k RMSNorm).
+
+Parameter names mirror Hugging Face's, except that q/k/v and gate/up are fused (`qkv_proj`,
+`gate_up_proj`); `load_weights` maps checkpoint names onto them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+from kiln_engine.config import ModelConfig
+from kiln_engine.layers.activation import SiluAndMul
+from kiln_engine.layers.attention import Attention, AttentionMetadata
+from kiln_engine.layers.embedding import ParallelLMHead, VocabParallelEmbedding
+from kiln_engine.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
+from kiln_engine.layers.norm import RMSNorm
+from kiln_engine.layers.parallel import TPGroup
+from kiln_engine.layers.rotary import RotaryEmbedding
+
+PACKED_MODULES: dict[str, tuple[str, str | int]] = {
+    "q_proj": ("qkv_proj", "q"),
+    "k_proj": ("qkv_proj", "k"),
+    "v_proj": ("qkv_proj", "v"),
+    "gate_proj": ("gate_up_proj", 0),
+    "up_proj": ("gate_up_proj", 1),
+}
+
+
+class LlamaAttention(nn.Module):
+    def __init__(
+        self, cfg: ModelConfig, layer: int, rotary: RotaryEmbedding, dtype: torch.dtype, tp: TPGroup
+    ) -> None:
+        super().__init__()
+        self.qkv_proj = QKVParallelLinear(
+            cfg.hidden_size,
+            cfg.head_dim,
+            cfg.num_attention_heads,
+            cfg.num_key_value_heads,
+            cfg.attention_bias,
+            cfg.quant,
+            dtype,
+            tp,
+        )
+        self.num_heads = self.qkv_proj.num_heads
+        self.num_kv_heads = self.qkv_proj.num_kv_heads
+        self.head_dim = cfg.head_dim
+        self.q_size = self.num_heads * cfg.head_dim
+        self.kv_size = self.num_kv_heads * cfg.head_dim
+        self.o_proj = RowParallelLinear(
+            cfg.num_attention_heads * cfg.head_dim,
+            cfg.hidden_size,
+            cfg.attention_bias and cfg.model_type not in ("qwen2",),
+            cfg.quant,
+            dtype,
+            tp,
+        )
+        self.qk_norm = cfg.qk_norm
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, dtype)
+            self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, dtype)
+        self.rotary_emb = rotary
+        self.attn = Attention(
+            self.num_heads,
+            self.num_kv_heads,
+            cfg.head_dim,
+            cfg.head_dim**-0.5,
+            cfg.layer_sliding_window(layer),
+        )
+
+    def forward(self, positions: torch.Tensor, x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        qkv = self.qkv_proj(x)
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = q.view(-1, self.num_heads, self.head_dim)
+        k = k.view(-1, self.num_kv_heads, self.head_dim)
+        v = v.view(-1, self.num_kv_heads, self.head_dim)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = self.rotary_emb(positions, q, k)
+        out = self.attn(q, k, v, meta)
+        return self.o_proj(out.reshape(-1, self.q_size))
+
+
+class LlamaMLP(nn.Module):
+    def __init__(self, cfg: ModelConfig, dtype: torch.dtype, tp: TPGroup) -> None:
+        super().__init__()
+        i = cfg.intermediate_size
+        self.gate_up_proj = MergedColumnParallelLinear(
+            cfg.hidden_size, [i, i], cfg.mlp_bias, cfg.quant, dtype, tp
+        )
+        self.down_proj = RowParallelLinear(i, cfg.hidden_size, cfg.mlp_bias, cfg.quant, dtype, tp)
+        self.act = SiluAndMul()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act(self.gate_up_proj(x)))
+
+
+class LlamaDecoderLayer(nn.Module):
+    def __init__(
+        self, cfg: ModelConfig, layer: int, rotary: RotaryEmbedding, dtype: torch.dtype, tp: TPGroup
+    ) -> None:
+        super().__init__()
+        self.self_attn = LlamaAttention(cfg, layer, rotary, dtype, tp)
+        self.mlp = LlamaMLP(cfg, dtype, tp)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
+
+    def forward(
+        self, positions: torch.Tensor, x: torch.Tensor, residual: torch.Tensor | None, meta: AttentionMetadata
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if residual is None:
+            residual = x
+            x = self.input_layernorm(x)
+        else:
+            x, residual = self.input_layernorm.add_forward(x, residual)
+        x = self.self_attn(positions, x, meta)
+        x, residual = self.post_attention_layernorm.add_forward(x, residual)
+        return self.mlp(x), residual
+
+
+class LlamaModel(nn.Module):
+    def __init__(self, cfg: ModelConfig, max_positions: int, dtype: torch.dtype, tp: TPGroup) -> None:
+        super().__init__()
+        self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, dtype, tp)
+        rotary = RotaryEmbedding(cfg.rope, cfg.head_dim, cfg.max_position_embeddings, max_positions)
+        self.layers = nn.ModuleList(
+            LlamaDecoderLayer(cfg, i, rotary, dtype, tp) for i in range(cfg.num_hidden_layers)
+        )
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
+
+    def forward(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata
+    ) -> torch.Tensor:
+        x = self.embed_tokens(input_ids)
+        residual: torch.Tensor | None = None
+        for layer in self.layers:
+            x, residual = layer(positions, x, residual, meta)
+        assert residual is not None
+        x, _ = self.norm.add_forward(x, residual)
+        return x
+
+
+class LlamaForCausalLM(nn.Module):
+    def __init__(
+        self, cfg: ModelConfig, max_positions: int, dtype: torch.dtype, tp: TPGroup | None = None
+    ) -> None:
+        super().__init__()
+        tp = tp or TPGroup()
+        self.config = cfg
+        self.model = LlamaModel(cfg, max_positions, dtype, tp)
+        self.lm_head = ParallelLMHead(cfg.vocab_size, cfg.hidden_size, dtype, tp)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def forward(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata
+    ) -> torch.Tensor:
+        return self.model(input_ids, positions, meta)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden).float()
+
+    def attention_layers(self) -> list[Attention]:
+        return [m for m in self.modules() if isinstance(m, Attention)]
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Load checkpoint tensors by their Hugging Face names; fail on unknown or missing ones."""
+        expected = {n for n, _ in self.named_parameters()}
+        loaded: set[str] = set()
+        for name, tensor in weights:
+            if "rotary_emb." in name:
+                continue
+            if name == "lm_head.weight" and self.config.tie_word_embeddings:
+                continue
+            if name.endswith(".input_scale") and self.config.quant.method == "fp8":
+                continue  # static activation scales: activations are quantized dynamically per token
+            module_path, param = name.rsplit(".", 1)
+            parent, _, leaf = module_path.rpartition(".")
+            shard: str | int | None = None
+            if leaf in PACKED_MODULES:
+                fused, shard = PACKED_MODULES[leaf]
+                module_path = f"{parent}.{fused}"
+            try:
+                module = self.get_submodule(module_path)
+            except AttributeError:
+                raise ValueError(
+                    f"checkpoint tensor {name!r} does not belong to {self.config.architecture}"
+                ) from None
+            loader = getattr(module, "load", None)
+            if loader is not None:
+                loader(param, tensor, shard)
+            else:
+                getattr(module, param).data.copy_(tensor)
+            loaded.add(f"{module_path}.{param}")
+        if self.config.tie_word_embeddings:
+            loaded.add("lm_head.weight")
+        missing = sorted(n for n in expected - loaded if not n.endswith("g_idx"))
+        if missing:
+            raise ValueError(f"checkpoint is missing {len(missing)} tensors, e.g. {missing[:5]}")

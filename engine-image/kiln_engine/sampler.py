@@ -1,0 +1,146 @@
+"""Picks each sequence's next token from its logits: greedy, temperature, top-k, top-p, seeds, logprobs.
+
+Batched over rows with per-row parameters as tensors; sampling uses the exponential-race trick
+(argmax of p / Exp(1) noise), which needs no host sync. A request with a seed draws its noise from
+its own generator, so its tokens do not depend on what else is in the batch. The only host transfer
+is the final `.tolist()` of chosen tokens (and logprobs when asked for).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from kiln_engine.interface import SamplingParams, TokenLogprob
+
+
+@dataclass
+class SampleRequest:
+    """One row of the batch to sample: whose it is and how to sample it."""
+
+    request_id: str
+    params: SamplingParams
+
+
+@dataclass
+class SamplingBatch:
+    """One step's sampling parameters, prepared before the forward pass."""
+
+    num_rows: int
+    all_greedy: bool
+    needs_filter: bool
+    logprobs: list[int | None]
+    max_logprobs: int
+    seeded: list[tuple[int, torch.Generator]] = field(default_factory=list)
+    temperatures: torch.Tensor | None = None
+    greedy_mask: torch.Tensor | None = None
+    top_ks: torch.Tensor | None = None
+    top_ps: torch.Tensor | None = None
+
+
+class Sampler:
+    def __init__(self, device: torch.device, seed: int = 0) -> None:
+        self.device = device
+        self.generator = torch.Generator(device=device).manual_seed(seed)
+        self.seeded: dict[str, torch.Generator] = {}
+
+    def release(self, request_id: str) -> None:
+        self.seeded.pop(request_id, None)
+
+    def _generator(self, req: SampleRequest) -> torch.Generator:
+        g = self.seeded.get(req.request_id)
+        if g is None:
+            assert req.params.seed is not None
+            g = torch.Generator(device=self.device).manual_seed(req.params.seed)
+            self.seeded[req.request_id] = g
+        return g
+
+    def prepare(self, requests: list[SampleRequest], vocab_size: int) -> SamplingBatch:
+        """Per-row parameters as device tensors, built before the forward pass (async copies)."""
+        params = [r.params for r in requests]
+        greedy = [p.temperature <= 0.0 for p in params]
+        top_ks = [p.top_k if 0 < p.top_k < vocab_size else vocab_size for p in params]
+        top_ps = [p.top_p for p in params]
+        want = [p.logprobs for p in params]
+        batch = SamplingBatch(
+            num_rows=len(requests),
+            all_greedy=all(greedy),
+            needs_filter=any(k < vocab_size for k in top_ks) or any(p < 1.0 for p in top_ps),
+            logprobs=want,
+            max_logprobs=max(0, *(w or 0 for w in want)) if want else 0,
+            seeded=[(i, self._generator(r)) for i, r in enumerate(requests) if r.params.seed is not None],
+        )
+        if not batch.all_greedy:
+            batch.temperatures = self._to_device(
+                [p.temperature if p.temperature > 0 else 1.0 for p in params], torch.float32
+            )
+            batch.greedy_mask = self._to_device(greedy, torch.bool)
+            if batch.needs_filter:
+                batch.top_ks = self._to_device(top_ks, torch.int64)
+                batch.top_ps = self._to_device(top_ps, torch.float32)
+        return batch
+
+    def _to_device(self, values: list[float] | list[int] | list[bool], dtype: torch.dtype) -> torch.Tensor:
+        t = torch.tensor(values, dtype=dtype)
+        if self.device.type == "cuda":
+            return t.pin_memory().to(self.device, non_blocking=True)
+        return t
+
+    @torch.no_grad()
+    def sample(
+        self, logits: torch.Tensor, batch: SamplingBatch
+    ) -> tuple[list[int], list[TokenLogprob | None]]:
+        """logits [N, V] float32 -> (token per row, logprob info per row or None). One host transfer."""
+        tokens = logits.argmax(dim=-1)
+        if not batch.all_greedy:
+            tokens = self._sample(logits, batch, tokens)
+        want = batch.logprobs
+        if not any(w is not None for w in want):
+            return tokens.tolist(), [None] * batch.num_rows
+        logprobs = torch.log_softmax(logits, dim=-1)
+        k = batch.max_logprobs
+        chosen = logprobs.gather(1, tokens[:, None]).squeeze(1)
+        top_vals, top_ids = logprobs.topk(k, dim=-1) if k else (logprobs[:, :0], tokens[:, None][:, :0])
+        host = torch.cat(
+            [tokens[:, None].double(), chosen[:, None].double(), top_vals.double(), top_ids.double()], dim=1
+        ).tolist()
+        token_list: list[int] = []
+        infos: list[TokenLogprob | None] = []
+        for row, w in zip(host, want, strict=True):
+            tok = int(row[0])
+            token_list.append(tok)
+            if w is None:
+                infos.append(None)
+                continue
+            vals, ids = row[2 : 2 + k], row[2 + k : 2 + 2 * k]
+            infos.append(
+                TokenLogprob(tok, row[1], {int(i): v for i, v in zip(ids[:w], vals[:w], strict=True)})
+            )
+        return token_list, infos
+
+    def __call__(
+        self, logits: torch.Tensor, requests: list[SampleRequest]
+    ) -> tuple[list[int], list[TokenLogprob | None]]:
+        return self.sample(logits, self.prepare(requests, logits.shape[1]))
+
+    def _sample(self, logits: torch.Tensor, batch: SamplingBatch, greedy: torch.Tensor) -> torch.Tensor:
+        assert batch.temperatures is not None and batch.greedy_mask is not None
+        vocab = logits.shape[1]
+        scaled = logits / batch.temperatures[:, None]
+        if batch.needs_filter:
+            assert batch.top_ks is not None and batch.top_ps is not None
+            sorted_logits, sorted_idx = scaled.sort(dim=-1, descending=True)
+            ranks = torch.arange(vocab, device=logits.device)[None, :]
+            remove = ranks >= batch.top_ks[:, None]
+            probs = sorted_logits.softmax(dim=-1)
+            cum = probs.cumsum(dim=-1) - probs  # mass strictly before each token; the top token always stays
+            remove |= cum >= batch.top_ps[:, None]
+            sorted_logits = sorted_logits.masked_fill(remove, float("-inf"))
+            scaled = torch.empty_like(scaled).scatter_(1, sorted_idx, sorted_logits)
+        probs = scaled.softmax(dim=-1)
+        noise = torch.empty_like(probs).exponential_(generator=self.generator)
+        for row, g in batch.seeded:  # its own stream, independent of the batch
+            noise[row].exponential_(generator=g)
+        sampled = (probs / noise).argmax(dim=-1)
+        return torch.where(batch.greedy_mask, greedy, sampled)

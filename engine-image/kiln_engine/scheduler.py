@@ -1,0 +1,149 @@
+"""Continuous batching policy: which sequences run this step, with how many tokens, and who is preempted.
+
+Plain Python, no torch. Each step has a token budget (`max_tokens_per_step`). Running sequences are
+served first, oldest first: a decoding sequence needs one token, one still in prefill gets the
+rest of its prompt or as much as the budget allows (chunked prefill). When the KV cache cannot
+grow, the newest running sequence is preempted (its blocks freed, to be recomputed later, mostly
+from the prefix cache) and goes back to the front of the queue. Waiting sequences are admitted in
+arrival order while budget, sequence slots and blocks remain.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections import deque
+from dataclasses import dataclass, field
+
+from kiln_engine.block_manager import BlockManager
+from kiln_engine.config import EngineConfig
+from kiln_engine.sequence import Sequence, SequenceStatus
+
+
+@dataclass
+class ScheduledChunk:
+    """`num_tokens` tokens of `seq`, starting at position `start`, go through the model this step."""
+
+    seq: Sequence
+    start: int
+    num_tokens: int
+
+    @property
+    def samples(self) -> bool:
+        """True when this chunk reaches the sequence's last token, so its logits pick the next one."""
+        return self.start + self.num_tokens == self.seq.num_tokens
+
+
+@dataclass
+class SchedulerOutput:
+    chunks: list[ScheduledChunk] = field(default_factory=list)
+    preempted: list[Sequence] = field(default_factory=list)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(c.num_tokens for c in self.chunks)
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.chunks
+
+
+class Scheduler:
+    """Owns the waiting queue and the running list; drives the block manager."""
+
+    def __init__(self, config: EngineConfig, block_manager: BlockManager) -> None:
+        self.config = config
+        self.block_manager = block_manager
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.preemptions_total = 0
+        self.prefix_hit_tokens_total = 0  # tokens admitted sequences took from the prefix cache
+        # Keep a few blocks spare at admission so new arrivals do not immediately force preemptions.
+        self.watermark_blocks = max(0, int(0.01 * block_manager.num_blocks))
+
+    def add(self, seq: Sequence) -> None:
+        seq.status = SequenceStatus.WAITING
+        self.waiting.append(seq)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput()
+        budget = self.config.max_tokens_per_step
+        bm = self.block_manager
+
+        # 1. Running sequences, oldest first; preempt from the newest end when blocks run out.
+        #    A sequence whose prompt is only partly computed got the last of a step's budget when
+        #    admitted, so it is always the newest: decodes come before it and are never stalled.
+        i = 0
+        while i < len(self.running) and budget > 0:
+            seq = self.running[i]
+            n = min(seq.num_uncomputed_tokens, budget)
+            if n < seq.num_uncomputed_tokens and not self.config.chunked_prefill:
+                i += 1
+                continue
+            scheduled = True
+            while not bm.allocate_slots(seq, n):
+                victim = self.running.pop()
+                self._preempt(victim)
+                out.preempted.append(victim)
+                if victim is seq:
+                    scheduled = False
+                    break
+            if not scheduled:
+                break
+            out.chunks.append(ScheduledChunk(seq, seq.num_computed_tokens, n))
+            budget -= n
+            i += 1
+
+        # 2. Admit waiting sequences (preempted ones are at the front), unless we just preempted.
+        while (
+            self.waiting and not out.preempted and budget > 0 and len(self.running) < self.config.max_num_seqs
+        ):
+            seq = self.waiting[0]
+            hit = bm.acquire_prefix(seq)
+            n = seq.num_uncomputed_tokens
+            if n > budget:
+                if not self.config.chunked_prefill:
+                    bm.free(seq)
+                    break
+                n = budget
+            watermark = self.watermark_blocks if self.running else 0
+            if bm.blocks_needed(seq, n) + watermark > bm.num_free_blocks or not bm.allocate_slots(seq, n):
+                bm.free(seq)
+                break
+            self.waiting.popleft()
+            self.prefix_hit_tokens_total += hit
+            if seq.num_preemptions == 0:
+                seq.num_cached_tokens = hit
+            seq.status = SequenceStatus.RUNNING
+            self.running.append(seq)
+            out.chunks.append(ScheduledChunk(seq, seq.num_computed_tokens, n))
+            budget -= n
+        return out
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.block_manager.free(seq)
+        seq.status = SequenceStatus.WAITING
+        seq.num_preemptions += 1
+        self.preemptions_total += 1
+        self.waiting.appendleft(seq)
+
+    def complete_step(self, out: SchedulerOutput) -> None:
+        """Record that the scheduled chunks' K/V is now written; publish full blocks for reuse."""
+        for chunk in out.chunks:
+            chunk.seq.num_computed_tokens = chunk.start + chunk.num_tokens
+            self.block_manager.register_computed_blocks(chunk.seq)
+
+    def finish(self, seq: Sequence, reason: str) -> None:
+        """Take `seq` out of the queues and release its blocks."""
+        if seq.status == SequenceStatus.FINISHED:
+            return
+        if seq.status == SequenceStatus.RUNNING:
+            self.running.remove(seq)
+        else:
+            with contextlib.suppress(ValueError):
+                self.waiting.remove(seq)
+        self.block_manager.free(seq)
+        seq.status = SequenceStatus.FINISHED
+        seq.finish_reason = reason

@@ -1,0 +1,518 @@
+"""The OpenAI-compatible HTTP app: routes, admission (auth, validation, drain) and response assembly.
+
+`create_app` wires a served model (engine + tokenizer) to FastAPI; `serve` runs it under uvicorn
+with graceful drain. The engine itself is only ever touched by the EngineRunner's thread.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hmac
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import uvicorn
+from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from kiln_engine.interface import Engine, TokenLogprob
+from kiln_engine.server import protocol as p
+from kiln_engine.server.drain import DrainingServer, DrainState
+from kiln_engine.server.errors import OpenAIError, install_error_handlers
+from kiln_engine.server.metrics import CONTENT_TYPE, ServerMetrics
+from kiln_engine.server.runner import EngineFailure, EngineRunner
+from kiln_engine.server.streaming import SSE_DONE, Delta, DisconnectWatch, deltas, next_or_disconnect, sse
+
+log = logging.getLogger(__name__)
+
+
+class ChatTokenizer(Protocol):
+    """What the server needs from the model's tokenizer."""
+
+    def encode(self, text: str) -> list[int]: ...
+
+    def decode(self, token_ids: list[int]) -> str: ...
+
+    def apply_chat_template(
+        self, messages: list[dict[str, str]], add_generation_prompt: bool = True
+    ) -> str: ...
+
+
+@dataclass
+class ServedModel:
+    """One model behind the API: its public name, engine and tokenizer."""
+
+    name: str
+    engine: Engine
+    tokenizer: ChatTokenizer
+    eos_token_ids: frozenset[int] = frozenset()
+    vocab_size: int | None = None
+    # Text the chat template already starts with a BOS token for: encode without adding another.
+    chat_encode: Callable[[str], list[int]] | None = None
+    aliases: tuple[str, ...] = field(default_factory=tuple)
+    # The engine fills RequestOutput.text (detokenized, stop strings applied); else the server decodes.
+    engine_detokenizes: bool = False
+
+
+@dataclass
+class ServerSettings:
+    """Server knobs that are not about the model."""
+
+    api_key: str | None = None
+    drain_timeout_s: float = 30.0
+    default_completion_max_tokens: int = 16
+
+
+@dataclass
+class _Prepared:
+    request_id: str
+    prompt_ids: list[int]
+    max_tokens: int
+
+
+def create_app(model: ServedModel, settings: ServerSettings | None = None) -> FastAPI:
+    """Build the FastAPI app; the engine thread starts with the app's lifespan and stops with it."""
+    settings = settings or ServerSettings()
+    metrics = ServerMetrics(model.name)
+    runner = EngineRunner(model.engine, metrics)
+    drain = DrainState(runner, settings.drain_timeout_s)
+    closed: list[bool] = []
+
+    def close() -> None:
+        """Stop the engine thread, then the engine (e.g. tell tensor-parallel followers to exit); once."""
+        if closed:
+            return
+        closed.append(True)
+        runner.stop()
+        shutdown = getattr(model.engine, "shutdown", None)
+        if callable(shutdown):
+            shutdown()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        runner.start()
+        try:
+            yield
+        finally:
+            close()
+
+    app = FastAPI(title="Kiln engine", version="1", lifespan=lifespan)
+    app.state.metrics = metrics
+    app.state.runner = runner
+    app.state.drain = drain
+    app.state.close = close
+    app.state.model = model
+    install_error_handlers(app)
+    names = {model.name, *model.aliases}
+
+    # ------------------------------------------------------------------ admission
+
+    async def require_auth(request: Request) -> None:
+        if settings.api_key is None:
+            return
+        header = request.headers.get("authorization", "")
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(
+            token.strip().encode(), settings.api_key.encode()
+        ):
+            raise OpenAIError(
+                "missing or invalid API key (send 'Authorization: Bearer <key>')",
+                401,
+                code="invalid_api_key",
+            )
+
+    def admit(req: p.CompletionRequest | p.ChatCompletionRequest) -> None:
+        if drain.draining:
+            raise OpenAIError("server is draining and accepts no new requests", 503, code="draining")
+        if req.model not in names:
+            raise OpenAIError(
+                f"model '{req.model}' does not exist; this server serves '{model.name}'",
+                param="model",
+                code="model_not_found",
+            )
+
+    def prepare(prompt_ids: list[int], requested: int | None, default: int | None, param: str) -> _Prepared:
+        limit = model.engine.max_model_len
+        n = len(prompt_ids)
+        if n == 0:
+            raise OpenAIError("the prompt is empty", param=param, code="empty_prompt")
+        if model.vocab_size is not None and any(t < 0 or t >= model.vocab_size for t in prompt_ids):
+            raise OpenAIError(
+                f"prompt token ids must be in [0, {model.vocab_size})", param=param, code="invalid_token_id"
+            )
+        if n >= limit:
+            raise OpenAIError(
+                f"the prompt is {n} tokens; this model's context is {limit} tokens, which leaves no room "
+                "to generate",
+                param=param,
+                code="context_length_exceeded",
+            )
+        max_tokens = requested if requested is not None else (default if default is not None else limit - n)
+        max_tokens = min(max_tokens, limit - n) if requested is None else max_tokens
+        if n + max_tokens > limit:
+            raise OpenAIError(
+                f"the prompt ({n} tokens) plus max_tokens ({max_tokens}) exceeds this model's context of "
+                f"{limit} tokens",
+                param="max_tokens",
+                code="context_length_exceeded",
+            )
+        return _Prepared(uuid.uuid4().hex, prompt_ids, max_tokens)
+
+    # ------------------------------------------------------------------ routes without auth
+
+    @app.get("/health", include_in_schema=True)
+    async def health() -> JSONResponse:
+        if not runner.alive:
+            raise OpenAIError("engine thread is not running", 503, code="engine_dead")
+        return JSONResponse({"status": "ok"})
+
+    @app.get("/ready")
+    async def ready() -> JSONResponse:
+        if drain.draining:
+            raise OpenAIError("server is draining", 503, code="draining")
+        if not runner.alive:
+            raise OpenAIError("engine thread is not running", 503, code="engine_dead")
+        return JSONResponse({"status": "ready", "model": model.name})
+
+    @app.get("/metrics")
+    async def metrics_endpoint() -> Response:
+        return Response(metrics.render(), media_type=CONTENT_TYPE)
+
+    # ------------------------------------------------------------------ the OpenAI API
+
+    error_responses: dict[int | str, dict[str, Any]] = {
+        code: {"model": p.ErrorResponse, "description": what}
+        for code, what in ((400, "Invalid request"), (401, "Missing or invalid API key"), (503, "Draining"))
+    }
+    api = APIRouter(prefix="/v1", dependencies=[Depends(require_auth)], responses=error_responses)
+
+    @api.get("/models", response_model=p.ModelList)
+    async def list_models() -> p.ModelList:
+        return p.ModelList(data=[p.ModelCard(id=model.name, max_model_len=model.engine.max_model_len)])
+
+    @api.post("/completions", response_model=p.CompletionResponse)
+    async def completions(req: p.CompletionRequest, request: Request) -> Response:
+        admit(req)
+
+        def _prep() -> _Prepared:
+            prompt = req.prompt
+            if isinstance(prompt, list) and prompt and isinstance(prompt[0], str):
+                if len(prompt) != 1:
+                    raise OpenAIError("only one prompt per request is supported", param="prompt")
+                prompt = prompt[0]
+            ids = model.tokenizer.encode(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
+            return prepare(ids, req.max_tokens, settings.default_completion_max_tokens, "prompt")
+
+        prep = _prep()
+        params = p.to_sampling_params(req, prep.max_tokens, req.logprobs)
+        rid = f"cmpl-{prep.request_id}"
+        request.state.submitted = True
+        handle = runner.submit(rid, prep.prompt_ids, params)
+        stream = deltas(
+            handle,
+            model.tokenizer,
+            params.stop,
+            lambda: runner.abort(rid, "ok"),
+            model.eos_token_ids,
+            prep.prompt_ids,
+            model.engine_detokenizes,
+        )
+        if req.stream:
+            include_usage = bool(req.stream_options and req.stream_options.include_usage)
+            return _sse_response(
+                _completion_chunks(rid, model.name, stream, include_usage, req.logprobs is not None),
+                lambda: runner.abort(rid),
+                request,
+            )
+        return await _collect(
+            stream, request, lambda: runner.abort(rid),
+            lambda ds: _completion_response(rid, model.name, ds, req.logprobs is not None),
+        )  # fmt: skip
+
+    @api.post("/chat/completions", response_model=p.ChatCompletionResponse)
+    async def chat_completions(req: p.ChatCompletionRequest, request: Request) -> Response:
+        admit(req)
+
+        def _prep() -> _Prepared:
+            messages = [{"role": m.role, "content": m.text()} for m in req.messages]
+            try:
+                text = model.tokenizer.apply_chat_template(
+                    messages, add_generation_prompt=req.add_generation_prompt
+                )
+            except Exception as exc:
+                raise OpenAIError(f"cannot apply the chat template: {exc}", param="messages") from exc
+            encode = model.chat_encode or model.tokenizer.encode
+            requested = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+            return prepare(encode(text), requested, None, "messages")
+
+        prep = _prep()
+        num_logprobs = (req.top_logprobs or 0) if req.logprobs else None
+        params = p.to_sampling_params(req, prep.max_tokens, num_logprobs)
+        rid = f"chatcmpl-{prep.request_id}"
+        request.state.submitted = True
+        handle = runner.submit(rid, prep.prompt_ids, params)
+        stream = deltas(
+            handle,
+            model.tokenizer,
+            params.stop,
+            lambda: runner.abort(rid, "ok"),
+            model.eos_token_ids,
+            prep.prompt_ids,
+            model.engine_detokenizes,
+        )
+        if req.stream:
+            include_usage = bool(req.stream_options and req.stream_options.include_usage)
+            return _sse_response(
+                _chat_chunks(rid, model.name, stream, include_usage, req.logprobs, model.tokenizer),
+                lambda: runner.abort(rid),
+                request,
+            )
+        return await _collect(
+            stream, request, lambda: runner.abort(rid),
+            lambda ds: _chat_response(rid, model.name, ds, req.logprobs, model.tokenizer),
+        )  # fmt: skip
+
+    def _completion_response(rid: str, name: str, ds: list[Delta], want_logprobs: bool) -> dict[str, Any]:
+        usage = _usage(ds)
+        lp = _completion_logprobs(ds, model.tokenizer) if want_logprobs else None
+        choice = p.CompletionChoice(text="".join(d.text for d in ds), logprobs=lp, finish_reason=_reason(ds))
+        return p.dump(p.CompletionResponse(id=rid, model=name, choices=[choice], usage=usage))
+
+    async def _completion_chunks(
+        rid: str, name: str, stream: AsyncIterator[Delta], include_usage: bool, want_logprobs: bool
+    ) -> AsyncIterator[tuple[Delta, bytes]]:
+        created = int(time.time())
+        async for d in stream:
+            lp = _completion_logprobs([d], model.tokenizer) if want_logprobs else None
+            choice = p.CompletionChoice(text=d.text, logprobs=lp, finish_reason=d.finish_reason)
+            chunk = p.CompletionResponse(id=rid, created=created, model=name, choices=[choice])
+            yield d, sse(p.dump(chunk))
+            if d.finish_reason is not None and include_usage:
+                usage = _usage([d])
+                yield (
+                    d,
+                    sse(
+                        p.dump(
+                            p.CompletionResponse(id=rid, created=created, model=name, choices=[], usage=usage)
+                        )
+                    ),
+                )
+
+    async def _chat_chunks(
+        rid: str,
+        name: str,
+        stream: AsyncIterator[Delta],
+        include_usage: bool,
+        want_logprobs: bool,
+        tok: ChatTokenizer,
+    ) -> AsyncIterator[tuple[Delta, bytes]]:
+        created = int(time.time())
+        first = True
+        async for d in stream:
+            delta = p.ChatDelta(role="assistant" if first else None, content=d.text)
+            first = False
+            lp = p.ChatLogprobs(content=_chat_logprobs(d.logprobs, tok)) if want_logprobs else None
+            choice = p.ChatChunkChoice(delta=delta, logprobs=lp, finish_reason=d.finish_reason)
+            yield d, sse(p.dump(p.ChatCompletionChunk(id=rid, created=created, model=name, choices=[choice])))
+            if d.finish_reason is not None and include_usage:
+                usage = _usage([d])
+                chunk = p.ChatCompletionChunk(id=rid, created=created, model=name, choices=[], usage=usage)
+                yield d, sse(p.dump(chunk))
+
+    def _chat_response(
+        rid: str, name: str, ds: list[Delta], want_logprobs: bool, tok: ChatTokenizer
+    ) -> dict[str, Any]:
+        lp = None
+        if want_logprobs:
+            lp = p.ChatLogprobs(content=[e for d in ds for e in _chat_logprobs(d.logprobs, tok)])
+        choice = p.ChatChoice(
+            message=p.ChatResponseMessage(content="".join(d.text for d in ds)),
+            logprobs=lp,
+            finish_reason=_reason(ds),
+        )
+        return p.dump(p.ChatCompletionResponse(id=rid, model=name, choices=[choice], usage=_usage(ds)))
+
+    app.include_router(api)
+    app.add_middleware(RejectedRequestCounter, metrics=metrics, paths=GENERATION_PATHS)
+    return app
+
+
+# ---------------------------------------------------------------------- rejected-request counting
+
+GENERATION_PATHS = frozenset({"/v1/completions", "/v1/chat/completions"})
+
+
+class RejectedRequestCounter:
+    """Counts generation requests answered with an error before reaching the engine as `error`
+    (requests that reached it are counted by the EngineRunner). Pure ASGI, so streaming and
+    disconnect detection pass through untouched.
+    """
+
+    def __init__(self, app: ASGIApp, metrics: ServerMetrics, paths: frozenset[str]) -> None:
+        self.app = app
+        self.metrics = metrics
+        self.paths = paths
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope.get("path") not in self.paths:
+            await self.app(scope, receive, send)
+            return
+        state = scope.setdefault("state", {})
+
+        async def watch(message: Message) -> None:
+            if (
+                message["type"] == "http.response.start"
+                and message["status"] >= 400
+                and not state.get("submitted")
+            ):
+                self.metrics.request_finished("error")
+            await send(message)
+
+        await self.app(scope, receive, watch)
+
+
+# ---------------------------------------------------------------------- response helpers
+
+
+def _reason(ds: list[Delta]) -> str | None:
+    return ds[-1].finish_reason if ds else None
+
+
+def _usage(ds: list[Delta]) -> p.UsageInfo:
+    last = ds[-1] if ds else Delta("")
+    return p.UsageInfo(
+        prompt_tokens=last.prompt_tokens,
+        completion_tokens=last.completion_tokens,
+        total_tokens=last.prompt_tokens + last.completion_tokens,
+    )
+
+
+def _token_text(tok: ChatTokenizer, token_id: int) -> str:
+    return tok.decode([token_id])
+
+
+def _completion_logprobs(ds: list[Delta], tok: ChatTokenizer) -> p.CompletionLogprobs:
+    out = p.CompletionLogprobs()
+    offset = 0
+    for d in ds:
+        for entry in d.logprobs:
+            text = _token_text(tok, entry.token_id)
+            out.tokens.append(text)
+            out.token_logprobs.append(entry.logprob)
+            out.top_logprobs.append({_token_text(tok, t): lp for t, lp in entry.top.items()})
+            out.text_offset.append(offset)
+            offset += len(text)
+    return out
+
+
+def _chat_logprobs(entries: list[TokenLogprob], tok: ChatTokenizer) -> list[p.ChatTokenLogprob]:
+    out = []
+    for entry in entries:
+        text = _token_text(tok, entry.token_id)
+        top = [
+            p.TopLogprob(token=_token_text(tok, t), logprob=lp, bytes=list(_token_text(tok, t).encode()))
+            for t, lp in sorted(entry.top.items(), key=lambda kv: -kv[1])
+        ]
+        out.append(
+            p.ChatTokenLogprob(token=text, logprob=entry.logprob, bytes=list(text.encode()), top_logprobs=top)
+        )
+    return out
+
+
+def _failure_error(exc: EngineFailure) -> OpenAIError:
+    if exc.client_error:
+        return OpenAIError(str(exc), 400, code="rejected_by_engine")
+    return OpenAIError(f"the engine failed this request: {exc}", 500, type="server_error")
+
+
+async def _collect(
+    stream: AsyncIterator[Delta],
+    request: Request,
+    abort: Callable[[], None],
+    build: Callable[[list[Delta]], dict[str, Any]],
+) -> Response:
+    """Gather a whole response; abort the request if the client leaves or the engine fails it."""
+    ds: list[Delta] = []
+    watch = DisconnectWatch(request.is_disconnected)
+    try:
+        while True:
+            d = await next_or_disconnect(stream, watch)
+            if d is None:
+                abort()
+                return Response(status_code=499)
+            ds.append(d)
+            if d.finish_reason is not None:
+                break
+    except EngineFailure as exc:
+        raise _failure_error(exc) from exc
+    except BaseException:
+        abort()
+        raise
+    if ds[-1].finish_reason == "abort":
+        raise OpenAIError("the request was aborted: the server is shutting down", 503, code="aborted")
+    return JSONResponse(build(ds))
+
+
+def _sse_response(
+    chunks: AsyncIterator[tuple[Delta, bytes]], abort: Callable[[], None], request: Request
+) -> StreamingResponse:
+    """Stream SSE chunks, then `data: [DONE]`; abort the request if the client goes away mid-stream."""
+
+    async def body() -> AsyncIterator[bytes]:
+        finished = False
+        watch = DisconnectWatch(request.is_disconnected)
+        try:
+            while True:
+                item = await next_or_disconnect(chunks, watch)
+                if item is None:
+                    return
+                d, data = item
+                yield data
+                if d.finish_reason is not None:
+                    finished = True
+                    # drain the optional usage chunk that follows the final delta
+                    async for _, extra in chunks:
+                        yield extra
+                    break
+            yield SSE_DONE
+        except EngineFailure as exc:
+            finished = True
+            yield sse(_failure_error(exc).body())
+            yield SSE_DONE
+        finally:
+            if not finished:
+                abort()
+
+    return StreamingResponse(body(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+
+# ---------------------------------------------------------------------- running it
+
+
+def serve_model(
+    model: ServedModel,
+    settings: ServerSettings,
+    host: str = "0.0.0.0",
+    port: int = 8000,
+    log_level: str = "info",
+) -> None:
+    """Run the app until SIGTERM/SIGINT has drained it; returns normally (exit status 0)."""
+    app = create_app(model, settings)
+    config = uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        log_level=log_level,
+        timeout_graceful_shutdown=max(1, int(settings.drain_timeout_s)),
+        timeout_keep_alive=5,
+    )
+    server = DrainingServer(config, app.state.drain)
+    try:
+        server.run()
+    finally:
+        app.state.close()  # when a forced exit skipped the lifespan's shutdown

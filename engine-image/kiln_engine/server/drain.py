@@ -1,0 +1,103 @@
+"""Graceful drain: on SIGTERM stop admitting (new requests and /ready get 503), let in-flight requests
+finish within the drain timeout, abort what is left, then let uvicorn exit with status 0.
+
+uvicorn's own SIGTERM handling closes the listening socket at once and re-raises the signal after
+shutdown (exit status -15); we replace it so the pod keeps answering 503 while it drains.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import socket
+import time
+from collections.abc import Callable
+from types import FrameType
+from typing import Protocol
+
+import uvicorn
+
+
+class InFlight(Protocol):
+    """What a drain needs from whatever carries the requests (the engine runner, or the proxy)."""
+
+    on_idle: Callable[[], None] | None
+
+    @property
+    def active(self) -> int: ...
+
+    def abort_all(self) -> None: ...
+
+
+log = logging.getLogger(__name__)
+
+
+class DrainState:
+    """Whether the server admits new work, and the wait for in-flight work to finish."""
+
+    def __init__(self, runner: InFlight, timeout_s: float) -> None:
+        self.runner = runner
+        self.timeout_s = timeout_s
+        self.draining = False
+        self._idle = asyncio.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def bind(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Remember the server's loop so the engine thread can wake the drain when it goes idle."""
+        self._loop = loop
+        self.runner.on_idle = self._notify_idle
+
+    def _notify_idle(self) -> None:
+        if self._loop is not None and not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(self._idle.set)
+
+    async def drain(self) -> bool:
+        """Stop admission and wait for in-flight requests; True if all finished in time."""
+        self.draining = True
+        deadline = time.monotonic() + self.timeout_s
+        log.info("draining: %d request(s) in flight, timeout %.1fs", self.runner.active, self.timeout_s)
+        while self.runner.active > 0:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                log.warning("drain timeout: aborting %d request(s)", self.runner.active)
+                self.runner.abort_all()
+                await asyncio.sleep(0.2)  # let the aborts reach their streams
+                return False
+            self._idle.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._idle.wait(), timeout=min(left, 0.5))
+        log.info("drained")
+        return True
+
+
+class DrainingServer(uvicorn.Server):
+    """A uvicorn server whose first SIGTERM/SIGINT drains before exiting; a second one forces exit."""
+
+    def __init__(self, config: uvicorn.Config, drain: DrainState) -> None:
+        super().__init__(config)
+        self.drain_state = drain
+        self._drain_task: asyncio.Task[None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    async def serve(self, sockets: list[socket.socket] | None = None) -> None:
+        self._loop = asyncio.get_running_loop()
+        self.drain_state.bind(self._loop)
+        await super().serve(sockets)
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if self._drain_task is not None or self._loop is None:
+            self.force_exit = True
+            self.should_exit = True
+            return
+        log.info("received %s: draining", signal.Signals(sig).name)
+        self._loop.call_soon_threadsafe(self._start_drain)
+
+    def _start_drain(self) -> None:
+        if self._drain_task is None:
+            self._drain_task = asyncio.ensure_future(self._drain_then_exit())
+
+    async def _drain_then_exit(self) -> None:
+        await self.drain_state.drain()
+        self.should_exit = True

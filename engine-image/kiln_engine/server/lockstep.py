@@ -1,0 +1,119 @@
+"""Tensor-parallel serving: rank 0 runs the HTTP server and mirrors every add/abort/step to the other
+ranks, which run the same engine in lockstep (same scheduler decisions, their own weight shards).
+
+Control messages travel over a gloo group with a long timeout (an idle server sends nothing for as
+long as it is idle); the tensors themselves use the engine's own process group (NCCL on GPUs).
+Followers ignore SIGTERM: rank 0 drains, then tells them to stop; if rank 0 dies, they exit.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+from datetime import timedelta
+from typing import Any
+
+import torch.distributed as dist
+
+from kiln_engine.interface import Engine, EngineStats, RequestOutput, SamplingParams
+
+log = logging.getLogger(__name__)
+
+CONTROL_TIMEOUT = timedelta(days=365)
+FOLLOWER_ENV = "KILN_TP_FOLLOWER"
+
+Command = tuple[Any, ...]  # ("add", request_id, prompt_ids, params) | ("abort", request_id)
+
+
+def control_group() -> Any:
+    """A gloo group over all ranks for control messages (every rank must call this, in order)."""
+    return dist.new_group(backend="gloo", timeout=CONTROL_TIMEOUT)
+
+
+class LockstepEngine:
+    """The Engine protocol on rank 0: each step first ships the adds/aborts since the last step."""
+
+    def __init__(self, engine: Engine, group: Any) -> None:
+        self.engine = engine
+        self.group = group
+        self._pending: list[Command] = []
+
+    def __getattr__(self, name: str) -> Any:  # tokenizer, eos ids, model_config … of the local engine
+        return getattr(self.engine, name)
+
+    @property
+    def max_model_len(self) -> int:
+        return self.engine.max_model_len
+
+    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        self.engine.add_request(request_id, prompt_token_ids, params)  # raises before anything is mirrored
+        self._pending.append(("add", request_id, list(prompt_token_ids), params))
+
+    def abort_request(self, request_id: str) -> None:
+        self.engine.abort_request(request_id)
+        self._pending.append(("abort", request_id))
+
+    def has_unfinished(self) -> bool:
+        return self.engine.has_unfinished()
+
+    def stats(self) -> EngineStats:
+        return self.engine.stats()
+
+    def step(self) -> list[RequestOutput]:
+        self._send(("step", self._pending))
+        self._pending = []
+        return self.engine.step()
+
+    def shutdown(self) -> None:
+        """Tell the followers to exit (after the runner stopped stepping)."""
+        self._send(("stop", self._pending))
+        self._pending = []
+
+    def _send(self, message: tuple[str, list[Command]]) -> None:
+        dist.broadcast_object_list([message], src=0, group=self.group)
+
+
+def follow(engine: Engine, group: Any) -> None:
+    """A follower rank's loop: apply rank 0's commands, step when it steps, stop when it says so."""
+    while True:
+        box: list[Any] = [None]
+        dist.broadcast_object_list(box, src=0, group=group)
+        kind, commands = box[0]
+        for cmd in commands:
+            if cmd[0] == "add":
+                engine.add_request(cmd[1], cmd[2], cmd[3])
+            elif cmd[0] == "abort":
+                engine.abort_request(cmd[1])
+        if kind == "stop":
+            return
+        engine.step()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def spawn_followers(world_size: int, argv: list[str]) -> list[subprocess.Popen[bytes]]:
+    """Start ranks 1..world_size-1 as copies of this command; this process becomes rank 0."""
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", str(free_port()))
+    os.environ["WORLD_SIZE"] = str(world_size)
+    os.environ["RANK"] = "0"
+    os.environ.setdefault("LOCAL_RANK", "0")
+    procs = []
+    for rank in range(1, world_size):
+        env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), FOLLOWER_ENV: "1"}
+        procs.append(subprocess.Popen([sys.executable, "-m", "kiln_engine.cli", *argv], env=env))
+    return procs
+
+
+def ignore_termination_signals() -> None:
+    """Followers outlive a SIGTERM sent to the whole process group; rank 0 stops them after draining."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)

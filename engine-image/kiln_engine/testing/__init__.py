@@ -1,0 +1,16 @@
+"""Test and demo helpers: tiny random checkpoints with a real tokenizer (`make_tiny_checkpoint`)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = ["make_tiny_artifact", "make_tiny_checkpoint"]
+
+
+def __getattr__(name: str) -> Any:
+    # Lazy, so `python -m kiln_engine.testing.tiny` does not import the module twice.
+    if name in __all__:
+        from kiln_engine.testing import tiny
+
+        return getattr(tiny, name)
+    raise AttributeError(name)

@@ -1,0 +1,280 @@
+"""Tiny random checkpoints in Hugging Face format, with a real BPE tokenizer trained in-process.
+
+`make_tiny_checkpoint(path, arch)` writes config.json, safetensors weights (optionally sharded with
+an index), generation_config.json, tokenizer.json and tokenizer_config.json (chat template
+included) for Llama, Mistral, Qwen2 or Qwen3. transformers can load the result, so tests compare
+our engine token for token against `AutoModelForCausalLM`; the local demo serves it.
+"""
+
+from __future__ import annotations
+
+import json
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+BOS = "<|begin_of_text|>"
+EOS = "<|end_of_text|>"
+IM_START = "<|im_start|>"
+IM_END = "<|im_end|>"
+PAD = "<|pad|>"
+SPECIAL_TOKENS = [BOS, EOS, IM_START, IM_END, PAD]
+
+CHAT_TEMPLATE = (
+    "{% if add_bos %}{{ bos_token }}{% endif %}"
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+_CORPUS = """
+Kiln compiles an engine for the target GPU once, caches it, and places serving pods where their
+tensor-parallel group shares an NVLink domain. The quick brown fox jumps over the lazy dog.
+A paged key-value cache stores attention keys and values in fixed-size blocks; prefix caching
+shares the blocks of a common prompt between requests. Continuous batching admits new requests
+while others are still decoding, and chunked prefill splits a long prompt across several steps.
+Hello, world! How are you today? I am fine, thank you. What is the capital of France? Paris.
+Numbers: 0 1 2 3 4 5 6 7 8 9 10 42 100 1024 2048. Symbols: + - * / = ( ) [ ] { } < > : ; , .
+Once upon a time there was a little kernel that wanted to run fast on every accelerator it met.
+Café, naïve, über, 東京, 😀 — unicode text must round-trip through the byte-level tokenizer.
+"""
+
+ARCHS: dict[str, dict[str, Any]] = {
+    "llama": {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "add_bos": True},
+    "mistral": {"architectures": ["MistralForCausalLM"], "model_type": "mistral", "add_bos": True},
+    "qwen2": {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "add_bos": False},
+    "qwen3": {"architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "add_bos": False},
+}
+
+
+@lru_cache(maxsize=4)
+def build_tokenizer_json(vocab_size: int = 384, add_bos: bool = True) -> str:
+    """Train a byte-level BPE on a small corpus; returns tokenizer.json contents."""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator([_CORPUS] * 4, trainer=trainer)
+    if add_bos:
+        bos_id = tok.token_to_id(BOS)
+        tok.post_processor = processors.TemplateProcessing(
+            single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B", special_tokens=[(BOS, bos_id)]
+        )
+    else:
+        tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    return str(tok.to_str())
+
+
+def _id(tok: Tokenizer, token: str) -> int:
+    i = tok.token_to_id(token)
+    assert i is not None, token
+    return int(i)
+
+
+def _config(arch: str, vocab: int, bos: int, eos: int, **overrides: Any) -> dict[str, Any]:
+    base = {k: v for k, v in ARCHS[arch].items() if k != "add_bos"}
+    cfg: dict[str, Any] = {
+        **base,
+        "vocab_size": vocab,
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "head_dim": 16,
+        "hidden_act": "silu",
+        "max_position_embeddings": 512,
+        "rms_norm_eps": 1e-6,
+        "rope_theta": 10000.0,
+        "tie_word_embeddings": False,
+        "bos_token_id": bos,
+        "eos_token_id": eos,
+        "torch_dtype": "float32",
+        "attention_dropout": 0.0,
+        "initializer_range": 0.02,
+        "use_cache": True,
+    }
+    if arch == "mistral":
+        cfg["sliding_window"] = None
+    if arch in ("qwen2", "qwen3"):
+        cfg.update(use_sliding_window=False, sliding_window=None, max_window_layers=cfg["num_hidden_layers"])
+    if arch == "qwen3":
+        cfg["attention_bias"] = False
+    cfg.update(overrides)
+    return cfg
+
+
+def random_weights(cfg: dict[str, Any], seed: int = 0, std: float = 0.1) -> dict[str, torch.Tensor]:
+    """Random tensors under Hugging Face names for a Llama-family config."""
+    g = torch.Generator().manual_seed(seed)
+    h, v, inter = cfg["hidden_size"], cfg["vocab_size"], cfg["intermediate_size"]
+    heads, kv, d = cfg["num_attention_heads"], cfg["num_key_value_heads"], cfg["head_dim"]
+    arch = cfg["architectures"][0]
+    qkv_bias = arch == "Qwen2ForCausalLM" or cfg.get("attention_bias", False)
+
+    def rnd(*shape: int, scale: float = std) -> torch.Tensor:
+        return torch.randn(*shape, generator=g) * scale
+
+    def norm(n: int) -> torch.Tensor:
+        return 1.0 + rnd(n, scale=0.1)
+
+    w: dict[str, torch.Tensor] = {"model.embed_tokens.weight": rnd(v, h, scale=1.0)}
+    for i in range(cfg["num_hidden_layers"]):
+        p = f"model.layers.{i}."
+        w[p + "self_attn.q_proj.weight"] = rnd(heads * d, h)
+        w[p + "self_attn.k_proj.weight"] = rnd(kv * d, h)
+        w[p + "self_attn.v_proj.weight"] = rnd(kv * d, h)
+        w[p + "self_attn.o_proj.weight"] = rnd(h, heads * d)
+        if qkv_bias:
+            w[p + "self_attn.q_proj.bias"] = rnd(heads * d)
+            w[p + "self_attn.k_proj.bias"] = rnd(kv * d)
+            w[p + "self_attn.v_proj.bias"] = rnd(kv * d)
+        if arch == "Qwen3ForCausalLM":
+            w[p + "self_attn.q_norm.weight"] = norm(d)
+            w[p + "self_attn.k_norm.weight"] = norm(d)
+        w[p + "mlp.gate_proj.weight"] = rnd(inter, h)
+        w[p + "mlp.up_proj.weight"] = rnd(inter, h)
+        w[p + "mlp.down_proj.weight"] = rnd(h, inter)
+        w[p + "input_layernorm.weight"] = norm(h)
+        w[p + "post_attention_layernorm.weight"] = norm(h)
+    w["model.norm.weight"] = norm(h)
+    if not cfg.get("tie_word_embeddings", False):
+        w["lm_head.weight"] = rnd(v, h)
+    return w
+
+
+def make_tiny_checkpoint(
+    path: str | Path,
+    arch: str = "llama",
+    *,
+    seed: int = 0,
+    shards: int = 1,
+    **config_overrides: Any,
+) -> Path:
+    """Write a tiny random `arch` checkpoint with tokenizer to `path`; returns `path`.
+
+    `config_overrides` replace config.json entries, e.g. `rope_scaling={...}`,
+    `tie_word_embeddings=True`, `num_hidden_layers=3`.
+    """
+    if arch not in ARCHS:
+        raise ValueError(f"unknown tiny arch {arch!r}; choose from {', '.join(ARCHS)}")
+    out = Path(path)
+    out.mkdir(parents=True, exist_ok=True)
+    add_bos = bool(ARCHS[arch]["add_bos"])
+    tok_json = build_tokenizer_json(add_bos=add_bos)
+    tok = Tokenizer.from_str(tok_json)
+    bos, eos, im_end = (_id(tok, t) for t in (BOS, EOS, IM_END))
+    cfg = _config(arch, tok.get_vocab_size(), bos, eos, **config_overrides)
+    (out / "config.json").write_text(json.dumps(cfg, indent=2))
+    (out / "generation_config.json").write_text(
+        json.dumps({"bos_token_id": bos, "eos_token_id": [eos, im_end]}, indent=2)
+    )
+    (out / "tokenizer.json").write_text(tok_json)
+    (out / "tokenizer_config.json").write_text(
+        json.dumps(
+            {
+                "tokenizer_class": "PreTrainedTokenizerFast",
+                "bos_token": BOS,
+                "eos_token": IM_END if arch.startswith("qwen") else EOS,
+                "pad_token": PAD,
+                "add_bos_token": add_bos,
+                "model_max_length": cfg["max_position_embeddings"],
+                "chat_template": CHAT_TEMPLATE.replace("add_bos", "true" if add_bos else "false"),
+            },
+            indent=2,
+        )
+    )
+    weights = random_weights(cfg, seed=seed)
+    for old in out.glob("*.safetensors"):
+        old.unlink()
+    if shards <= 1:
+        save_file(weights, str(out / "model.safetensors"), metadata={"format": "pt"})
+    else:
+        names = list(weights)
+        index: dict[str, str] = {}
+        for s in range(shards):
+            fname = f"model-{s + 1:05d}-of-{shards:05d}.safetensors"
+            part = {n: weights[n].contiguous() for n in names[s::shards]}
+            save_file(part, str(out / fname), metadata={"format": "pt"})
+            index.update(dict.fromkeys(part, fname))
+        total = sum(t.numel() * t.element_size() for t in weights.values())
+        (out / "model.safetensors.index.json").write_text(
+            json.dumps({"metadata": {"total_size": total}, "weight_map": index}, indent=2)
+        )
+    return out
+
+
+def make_tiny_artifact(
+    checkpoint: str | Path,
+    out: str | Path,
+    *,
+    quantization: str = "none",
+    per_channel: bool = True,
+    tensor_parallel_size: int = 1,
+) -> Path:
+    """Write a Kiln artifact (manifest, config, tokenizer, rank-<r>/model.safetensors) from a checkpoint.
+
+    A test double of `kiln-engine build`'s conversion step, using the same pure functions
+    (`quantize_state_dict`, `shard_tensor`) and the layout constants of `kiln_engine.loader`.
+    """
+    import shutil
+
+    from kiln_engine.layers.sharding import shard_tensor
+    from kiln_engine.loader import (
+        CONFIG_FILE,
+        MANIFEST_FILE,
+        MANIFEST_QUANT,
+        MANIFEST_TP,
+        TOKENIZER_FILES,
+        iter_weights,
+        rank_weights_path,
+        weight_files,
+    )
+    from kiln_engine.quantization import quantize_state_dict
+
+    src, dst = Path(checkpoint), Path(out)
+    dst.mkdir(parents=True, exist_ok=True)
+    cfg = json.loads((src / CONFIG_FILE).read_text())
+    for name in (CONFIG_FILE, *TOKENIZER_FILES):
+        if (src / name).exists():
+            shutil.copy(src / name, dst / name)
+    weights = dict(iter_weights(weight_files(src)))
+    if quantization in ("fp8", "int8"):
+        weights = quantize_state_dict(weights, quantization, per_channel)
+    for rank in range(tensor_parallel_size):
+        part = {
+            n: shard_tensor(n, t, rank, tensor_parallel_size, cfg["num_key_value_heads"]).contiguous()
+            for n, t in weights.items()
+        }
+        path = rank_weights_path(dst, rank)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_file(part, str(path), metadata={"format": "pt"})
+    manifest = {MANIFEST_TP: tensor_parallel_size, MANIFEST_QUANT: quantization, "dtype": "float32"}
+    (dst / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2))
+    return dst
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python -m kiln_engine.testing.tiny OUT_DIR [--arch llama|mistral|qwen2|qwen3] [--seed N]`."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Write a tiny random checkpoint with a real tokenizer.")
+    parser.add_argument("out")
+    parser.add_argument("--arch", default="llama", choices=sorted(ARCHS))
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    print(make_tiny_checkpoint(args.out, args.arch, seed=args.seed))
+
+
+if __name__ == "__main__":
+    main()

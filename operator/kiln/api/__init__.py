@@ -1,0 +1,1 @@
+"""Kiln's Kubernetes API (kiln.dev): models, CRD generation and the engine key."""

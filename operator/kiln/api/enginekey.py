@@ -1,0 +1,117 @@
+"""The engine key: which LLMDeployments can share one built engine.
+
+Two deployments share an engine exactly when everything that changes the built artifact is
+equal: model and revision, tokenizer, backend, quantization, KV-cache dtype, parallelism, GPU
+architecture, runtime version, and (for TensorRT-LLM, whose engines bake them in) the build
+limits. Replicas, autoscaling and serving options never change the key.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+
+from kiln.api.v1alpha1 import EngineModel, LLMDeploymentSpec, LLMEngineSpec
+
+KEY_LENGTH = 20  # hex characters (80 bits): collisions are not a practical concern
+
+# GPU Feature Discovery product label → CUDA architecture. First match wins.
+_GPU_ARCHITECTURES: tuple[tuple[str, str], ...] = (
+    (r"GB200|B200|B100", "sm100"),
+    (r"H100|H200|H800|H20\b|GH200", "sm90"),
+    (r"L40|L4\b|L20|RTX-?\d*-?ADA|RTX-4\d{3}|6000-Ada", "sm89"),
+    (r"A10G?\b|A40|A16|A2\b|RTX-A\d+|RTX-3\d{3}", "sm86"),
+    (r"A100|A30|A800", "sm80"),
+    (r"T4\b|RTX-2\d{3}", "sm75"),
+    (r"V100", "sm70"),
+)
+
+
+def gpu_arch(product: str | None) -> str:
+    """The CUDA architecture of a GPU product label; `cpu` without a GPU.
+
+    Unknown products map to their own sanitised name, so they still get a distinct, stable key.
+    """
+    if not product:
+        return "cpu"
+    for pattern, arch in _GPU_ARCHITECTURES:
+        if re.search(pattern, product, flags=re.IGNORECASE):
+            return arch
+    return "gpu-" + re.sub(r"[^a-z0-9]+", "-", product.lower()).strip("-")
+
+
+def artifact_inputs(spec: LLMDeploymentSpec, runtime_version: str) -> dict[str, object]:
+    """Everything that changes the built artifact, as a plain JSON-able dict."""
+    engine = spec.engine
+    inputs: dict[str, object] = {
+        "model": spec.model.source,
+        "tokenizer": spec.model.tokenizer,
+        "backend": engine.backend,
+        "quantization": engine.quantization,
+        "kvCacheDtype": engine.kv_cache_dtype,
+        "tensor": spec.parallelism.tensor,
+        "pipeline": spec.parallelism.pipeline,
+        "gpuArch": gpu_arch(spec.gpu.product if spec.gpu else None),
+        "runtimeVersion": runtime_version,
+        "image": engine.image,
+    }
+    if engine.backend == "tensorrt-llm":
+        inputs["maxBatchSize"] = engine.max_batch_size
+        inputs["maxSequenceLength"] = engine.max_sequence_length
+        inputs["maxTokensPerStep"] = engine.max_tokens_per_step
+    return inputs
+
+
+def engine_key(spec: LLMDeploymentSpec, runtime_version: str) -> str:
+    """A stable hex digest of `artifact_inputs`: the same inputs give the same key on any machine."""
+    canonical = json.dumps(artifact_inputs(spec, runtime_version), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()[:KEY_LENGTH]
+
+
+def engine_name(spec: LLMDeploymentSpec, key: str) -> str:
+    """A readable LLMEngine name, e.g. `meta-llama-3-8b-instruct-fp8-tp1-sm90-<key>`.
+
+    The model part is shortened first, so quantization, layout and architecture stay visible.
+    """
+    model = spec.model.source.split("://", 1)[1].split("@", 1)[0].rsplit("/", 1)[-1]
+    parallel = f"tp{spec.parallelism.tensor}" + (
+        f"pp{spec.parallelism.pipeline}" if spec.parallelism.pipeline > 1 else ""
+    )
+    arch = gpu_arch(spec.gpu.product if spec.gpu else None)
+    suffix = _slug("-".join((spec.engine.quantization, parallel, arch, key)))
+    model_room = max(0, 63 - len(suffix) - 1)
+    model_slug = _slug(model)[:model_room].strip("-")
+    return f"{model_slug}-{suffix}" if model_slug else suffix
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"-+", "-", re.sub(r"[^a-z0-9-]+", "-", text.lower())).strip("-")
+
+
+def engine_spec(spec: LLMDeploymentSpec, runtime_version: str) -> LLMEngineSpec:
+    """The LLMEngine spec a deployment needs."""
+    return LLMEngineSpec(
+        key=engine_key(spec, runtime_version),
+        model=EngineModel(
+            source=spec.model.source,
+            tokenizer=spec.model.tokenizer,
+            credentials_secret=spec.model.credentials_secret,
+        ),
+        backend=spec.engine.backend,
+        quantization=spec.engine.quantization,
+        kv_cache_dtype=spec.engine.kv_cache_dtype,
+        parallelism=spec.parallelism,
+        gpu_product=spec.gpu.product if spec.gpu else None,
+        gpu_arch=gpu_arch(spec.gpu.product if spec.gpu else None),
+        runtime_version=runtime_version,
+        max_batch_size=spec.engine.max_batch_size,
+        max_sequence_length=spec.engine.max_sequence_length,
+        max_tokens_per_step=spec.engine.max_tokens_per_step,
+        image=spec.engine.image,
+        cache=spec.build.cache,
+        node_selector=spec.build.node_selector,
+        tolerations=spec.build.tolerations,
+        timeout_seconds=spec.build.timeout_seconds,
+        retries=spec.build.retries,
+    )

@@ -1,0 +1,677 @@
+"""The Kiln API, kiln.dev/v1alpha1: LLMDeployment and LLMEngine as pydantic models.
+
+These models are the single source of truth: `kiln crds generate` turns them into the CRD
+YAML in `crds/` (schema, defaults, enums, CEL rules, printer columns, subresources), and the
+operator and autoscaler parse cluster objects with them.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+from pydantic.alias_generators import to_camel
+from pydantic.json_schema import JsonDict
+
+GROUP = "kiln.dev"
+VERSION = "v1alpha1"
+API_VERSION = f"{GROUP}/{VERSION}"
+
+Backend = Literal["torch", "tensorrt-llm"]
+Quantization = Literal["none", "bf16", "fp16", "fp8", "int8-weight", "int4-awq", "int4-gptq"]
+KVCacheDtype = Literal["auto", "bf16", "fp16", "fp8"]
+NVLinkPolicy = Literal["Required", "Preferred", "Ignore"]
+DeploymentPhase = Literal["Pending", "Building", "Deploying", "Ready", "Degraded", "Failed", "ScaledToZero"]
+EnginePhase = Literal["Pending", "Building", "Ready", "Failed"]
+
+# Model sources Kiln can fetch: Hugging Face (optionally pinned to a revision), S3-compatible
+# object stores, or a path inside a PersistentVolumeClaim.
+SOURCE_PATTERN = r"^(hf://[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*(@[A-Za-z0-9._/-]+)?|s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/.*)?|pvc://[a-z0-9]([-a-z0-9]*[a-z0-9])?(/.*)?)$"
+CACHE_PATTERN = r"^(s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/.*)?|pvc://[a-z0-9]([-a-z0-9]*[a-z0-9])?(/.*)?)$"
+DNS_LABEL_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
+
+# What each backend can build. The CEL rules on EngineOptions are generated from these tables.
+BACKEND_QUANTIZATIONS: dict[str, tuple[str, ...]] = {
+    "torch": ("none", "bf16", "fp16", "fp8", "int8-weight", "int4-awq", "int4-gptq"),
+    "tensorrt-llm": ("none", "bf16", "fp16", "fp8", "int8-weight", "int4-awq", "int4-gptq"),
+}
+# Kiln's torch runtime keeps its KV cache in the activation dtype; fp8 KV needs TensorRT-LLM.
+BACKEND_KV_CACHE_DTYPES: dict[str, tuple[str, ...]] = {
+    "torch": ("auto", "bf16", "fp16"),
+    "tensorrt-llm": ("auto", "bf16", "fp16", "fp8"),
+}
+
+
+def _backend_table_rule(field: str, table: dict[str, tuple[str, ...]]) -> str:
+    return " || ".join(
+        f"(self.backend == '{backend}' && self.{field} in {list(allowed)})"
+        for backend, allowed in table.items()
+    )
+
+
+def _cel(rule: str, message: str, field_path: str | None = None, reason: str | None = None) -> JsonDict:
+    validation: JsonDict = {"rule": rule, "message": message}
+    if field_path:
+        validation["fieldPath"] = field_path
+    if reason:
+        validation["reason"] = reason
+    return validation
+
+
+class KubeModel(BaseModel):
+    """Base for API models: camelCase on the wire, snake_case in Python, unknown fields rejected."""
+
+    model_config = ConfigDict(
+        alias_generator=to_camel, populate_by_name=True, extra="forbid", validate_default=True
+    )
+
+    def to_wire(self) -> dict[str, Any]:
+        """The object as Kubernetes stores it (camelCase, no nulls)."""
+        return self.model_dump(by_alias=True, exclude_none=True, mode="json")
+
+
+class OpenModel(KubeModel):
+    """A model that keeps fields it does not know (Kubernetes objects Kiln passes through)."""
+
+    model_config = ConfigDict(extra="allow")
+
+
+# ---------------------------------------------------------------- shared pieces
+
+
+class SecretKeyRef(KubeModel):
+    """A reference to one key of a Secret in the same namespace."""
+
+    name: Annotated[str, Field(min_length=1, max_length=253, description="Name of the Secret.")]
+    key: Annotated[
+        str | None,
+        Field(
+            default=None,
+            description="Key inside the Secret. Omit to expose every key as an environment variable "
+            "(for example HF_TOKEN, AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY).",
+        ),
+    ]
+
+
+class ModelSource(KubeModel):
+    """Where the checkpoint comes from."""
+
+    source: Annotated[
+        str,
+        Field(
+            pattern=SOURCE_PATTERN,
+            max_length=1024,
+            description="Checkpoint location: hf://org/name[@revision], s3://bucket/prefix, or "
+            "pvc://claim/path. Pin a revision for reproducible builds; an unpinned hf:// source is "
+            "resolved to a commit when the engine is built.",
+            examples=["hf://meta-llama/Meta-Llama-3-8B-Instruct@5f0b02c"],
+        ),
+    ]
+    tokenizer: Annotated[
+        str | None,
+        Field(
+            default=None,
+            pattern=SOURCE_PATTERN,
+            max_length=1024,
+            description="Tokenizer location when it differs from the checkpoint (same URI forms).",
+        ),
+    ]
+    credentials_secret: Annotated[
+        SecretKeyRef | None,
+        Field(
+            default=None,
+            description="Secret holding credentials for the source (HF_TOKEN, or S3 keys). Its values "
+            "are passed to the build Job as environment variables and never logged or written to status.",
+        ),
+    ]
+    served_name: Annotated[
+        str | None,
+        Field(
+            default=None,
+            max_length=256,
+            description="Model name clients send in OpenAI requests and see in /v1/models. "
+            "Defaults to the LLMDeployment's name.",
+        ),
+    ]
+
+
+class Parallelism(KubeModel):
+    """How one replica is split across GPUs."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                _cel(
+                    "self.tensor in [1, 2, 4, 8, 16, 32, 64]",
+                    "tensor parallelism must be a power of two (1, 2, 4, 8, ...)",
+                    ".tensor",
+                ),
+                _cel(
+                    "self.tensor * self.pipeline <= 256",
+                    "tensor x pipeline must be at most 256 GPUs per replica",
+                    ".pipeline",
+                ),
+            ]
+        }
+    )
+
+    tensor: Annotated[
+        int,
+        Field(
+            default=1,
+            ge=1,
+            le=64,
+            description="Tensor-parallel degree: GPUs that share every layer. A power of two; the "
+            "group is placed inside one NVLink island.",
+        ),
+    ]
+    pipeline: Annotated[
+        int,
+        Field(
+            default=1,
+            ge=1,
+            le=16,
+            description="Pipeline-parallel degree: stages of consecutive layers. A replica uses "
+            "tensor x pipeline GPUs; when that exceeds one node it spans nodes inside one NVLink clique.",
+        ),
+    ]
+
+
+class EngineOptions(KubeModel):
+    """How the engine is built and run."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                _cel(
+                    _backend_table_rule("quantization", BACKEND_QUANTIZATIONS),
+                    "quantization is not supported by this backend",
+                    ".quantization",
+                ),
+                _cel(
+                    _backend_table_rule("kvCacheDtype", BACKEND_KV_CACHE_DTYPES),
+                    "kvCacheDtype is not supported by this backend (fp8 KV cache needs tensorrt-llm)",
+                    ".kvCacheDtype",
+                ),
+                _cel(
+                    "self.maxTokensPerStep >= self.maxBatchSize",
+                    "maxTokensPerStep must be at least maxBatchSize (every running request decodes "
+                    "one token per step)",
+                    ".maxTokensPerStep",
+                ),
+                _cel(
+                    "!has(self.maxSequenceLength) || self.chunkedPrefill || "
+                    "self.maxTokensPerStep >= self.maxSequenceLength",
+                    "without chunkedPrefill, maxTokensPerStep must hold a whole prompt "
+                    "(>= maxSequenceLength)",
+                    ".maxTokensPerStep",
+                ),
+            ]
+        }
+    )
+
+    backend: Annotated[
+        Backend,
+        Field(
+            default="torch",
+            description="Runtime: `torch` (Kiln's own PyTorch runtime) or `tensorrt-llm` "
+            "(NVIDIA TensorRT-LLM, production NVIDIA images).",
+        ),
+    ]
+    quantization: Annotated[
+        Quantization,
+        Field(
+            default="none",
+            description="Weight format of the built engine. `none` keeps the checkpoint's dtype; "
+            "`fp8` needs Ada or Hopper GPUs; `int4-awq`/`int4-gptq` load pre-quantized checkpoints.",
+        ),
+    ]
+    kv_cache_dtype: Annotated[
+        KVCacheDtype,
+        Field(default="auto", description="KV-cache element type; `auto` follows the activation dtype."),
+    ]
+    max_batch_size: Annotated[
+        int,
+        Field(default=256, ge=1, le=4096, description="Most requests decoded together in one step."),
+    ]
+    max_sequence_length: Annotated[
+        int | None,
+        Field(
+            default=None,
+            ge=16,
+            le=1048576,
+            description="Longest prompt plus completion, in tokens. Defaults to the model's context.",
+        ),
+    ]
+    max_tokens_per_step: Annotated[
+        int,
+        Field(
+            default=8192,
+            ge=1,
+            le=1048576,
+            description="Token budget of one engine step (prefill chunks plus decodes).",
+        ),
+    ]
+    prefix_caching: Annotated[
+        bool, Field(default=True, description="Reuse KV blocks of shared prompt prefixes across requests.")
+    ]
+    chunked_prefill: Annotated[
+        bool,
+        Field(default=True, description="Split long prompts across steps so decoding never stalls."),
+    ]
+    image: Annotated[
+        str | None,
+        Field(
+            default=None,
+            max_length=512,
+            description="Engine image override. Defaults to the operator's image for the backend.",
+        ),
+    ]
+
+
+class GPURequirements(KubeModel):
+    """Which GPUs a replica runs on."""
+
+    product: Annotated[
+        str,
+        Field(
+            min_length=1,
+            max_length=128,
+            pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$",
+            description="GPU product as GPU Feature Discovery labels it (nvidia.com/gpu.product), "
+            "for example NVIDIA-H100-80GB-HBM3. Builds run on the same product.",
+            examples=["NVIDIA-H100-80GB-HBM3"],
+        ),
+    ]
+    memory_mib: Annotated[
+        int | None,
+        Field(default=None, ge=1, description="Minimum memory per GPU in MiB (nvidia.com/gpu.memory)."),
+    ]
+    nvlink: Annotated[
+        NVLinkPolicy,
+        Field(
+            default="Required",
+            description="Required: a tensor-parallel group only runs where its GPUs share one NVLink "
+            "island. Preferred: prefer such nodes. Ignore: place anywhere.",
+        ),
+    ]
+
+
+class AutoscalingSpec(KubeModel):
+    """Scaling on time to first token and queue depth."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                _cel(
+                    "self.minReplicas <= self.maxReplicas",
+                    "minReplicas must be <= maxReplicas",
+                    ".minReplicas",
+                ),
+                _cel(
+                    "!has(self.ttftP90TargetMs) || self.ttftP90TargetMs >= self.ttftP50TargetMs",
+                    "ttftP90TargetMs must be >= ttftP50TargetMs",
+                    ".ttftP90TargetMs",
+                ),
+                _cel(
+                    "!self.scaleToZero || self.minReplicas == 0",
+                    "scaleToZero requires minReplicas: 0",
+                    ".scaleToZero",
+                ),
+            ]
+        }
+    )
+
+    enabled: Annotated[bool, Field(default=False, description="Let the Kiln autoscaler own spec.replicas.")]
+    min_replicas: Annotated[int, Field(default=1, ge=0, le=10000, description="Fewest replicas.")]
+    max_replicas: Annotated[int, Field(default=4, ge=1, le=10000, description="Most replicas.")]
+    ttft_p50_target_ms: Annotated[
+        int, Field(default=500, ge=1, le=600000, description="Target median time to first token, ms.")
+    ]
+    ttft_p90_target_ms: Annotated[
+        int | None,
+        Field(default=None, ge=1, le=600000, description="Optional target for the 90th percentile, ms."),
+    ]
+    queue_depth_target: Annotated[
+        int | None,
+        Field(default=None, ge=1, le=100000, description="Optional target of waiting requests per replica."),
+    ]
+    scale_up_window_seconds: Annotated[
+        int,
+        Field(default=0, ge=0, le=3600, description="Stabilization window before scaling up."),
+    ]
+    scale_down_window_seconds: Annotated[
+        int,
+        Field(default=300, ge=0, le=86400, description="Stabilization window before scaling down."),
+    ]
+    scale_to_zero: Annotated[
+        bool, Field(default=False, description="Scale to zero after idleSecondsBeforeZero without requests.")
+    ]
+    idle_seconds_before_zero: Annotated[
+        int, Field(default=900, ge=30, le=604800, description="Idle time before scaling to zero.")
+    ]
+
+
+class ServingSpec(KubeModel):
+    """How serving pods run."""
+
+    port: Annotated[int, Field(default=8000, ge=1, le=65535, description="OpenAI-compatible HTTP port.")]
+    resources: Annotated[
+        dict[str, Any] | None,
+        Field(
+            default=None,
+            description="Container resources (requests/limits) in addition to the GPUs Kiln requests.",
+            json_schema_extra={"x-kubernetes-preserve-unknown-fields": True},
+        ),
+    ]
+    env: Annotated[
+        list[dict[str, Any]] | None,
+        Field(
+            default=None,
+            description="Extra environment variables for the engine container (Kubernetes EnvVar).",
+        ),
+    ]
+    node_selector: Annotated[
+        dict[str, str] | None, Field(default=None, description="Extra node selector for serving pods.")
+    ]
+    tolerations: Annotated[
+        list[dict[str, Any]] | None, Field(default=None, description="Tolerations for serving pods.")
+    ]
+    pod_template: Annotated[
+        dict[str, Any] | None,
+        Field(
+            default=None,
+            description="Pod template overrides ({metadata, spec}), merged over what Kiln renders.",
+            json_schema_extra={"x-kubernetes-preserve-unknown-fields": True},
+        ),
+    ]
+    termination_grace_period_seconds: Annotated[
+        int,
+        Field(
+            default=120,
+            ge=5,
+            le=3600,
+            description="Time a stopping pod gets to finish in-flight requests (drain).",
+        ),
+    ]
+    api_key_secret: Annotated[
+        SecretKeyRef | None,
+        Field(default=None, description="When set, clients must send this bearer token."),
+    ]
+
+
+class BuildSpec(KubeModel):
+    """How and where the engine is built."""
+
+    cache: Annotated[
+        str,
+        Field(
+            default="pvc://kiln-engine-cache",
+            pattern=CACHE_PATTERN,
+            max_length=1024,
+            description="Where built engines are stored: pvc://claim[/path] or s3://bucket[/prefix].",
+        ),
+    ]
+    node_selector: Annotated[
+        dict[str, str] | None, Field(default=None, description="Extra node selector for the build Job.")
+    ]
+    tolerations: Annotated[
+        list[dict[str, Any]] | None, Field(default=None, description="Tolerations for the build Job.")
+    ]
+    timeout_seconds: Annotated[
+        int, Field(default=7200, ge=60, le=172800, description="Deadline of one build attempt.")
+    ]
+    retries: Annotated[
+        int, Field(default=2, ge=0, le=10, description="Build attempts after the first one fails.")
+    ]
+
+
+# ---------------------------------------------------------------- status pieces
+
+
+class Condition(KubeModel):
+    """A metav1.Condition."""
+
+    type: Annotated[str, Field(max_length=316, description="Condition type, e.g. Ready.")]
+    status: Annotated[Literal["True", "False", "Unknown"], Field(description="True, False or Unknown.")]
+    reason: Annotated[str, Field(max_length=1024, description="CamelCase reason for the last transition.")]
+    message: Annotated[str, Field(default="", max_length=32768, description="Human-readable details.")]
+    observed_generation: Annotated[
+        int | None, Field(default=None, ge=0, description="Generation the condition was set for.")
+    ]
+    last_transition_time: Annotated[datetime, Field(description="When the status last changed.")]
+
+
+class EngineRef(KubeModel):
+    """The LLMEngine a deployment uses."""
+
+    name: Annotated[str, Field(description="LLMEngine name.")]
+    key: Annotated[str, Field(description="Engine key (hash of everything that changes the artifact).")]
+
+
+class ScaleDecision(KubeModel):
+    """The autoscaler's last decision."""
+
+    time: Annotated[datetime, Field(description="When it was taken.")]
+    from_replicas: Annotated[int, Field(description="Replicas before.")]
+    to_replicas: Annotated[int, Field(description="Replicas after.")]
+    reason: Annotated[str, Field(description="Why, with the signals that drove it.")]
+
+
+class Capacity(KubeModel):
+    """What one replica of the engine sustains, measured at build time."""
+
+    output_tokens_per_second: Annotated[float | None, Field(default=None, description="Decode throughput.")]
+    prefill_tokens_per_second: Annotated[float | None, Field(default=None, description="Prefill throughput.")]
+    max_concurrency_at_ttft_target: Annotated[
+        int | None, Field(default=None, description="Concurrent requests within the TTFT target.")
+    ]
+    ttft_target_ms: Annotated[int | None, Field(default=None, description="TTFT target used to measure.")]
+
+
+class Artifact(KubeModel):
+    """Where a built engine lives and how to verify it."""
+
+    uri: Annotated[str, Field(description="Artifact location (pvc://... or s3://...).")]
+    manifest_sha256: Annotated[str, Field(description="SHA-256 of manifest.json, which lists every file's.")]
+    size_bytes: Annotated[int | None, Field(default=None, description="Total artifact size.")]
+
+
+class LLMDeploymentStatus(KubeModel):
+    """Observed state of an LLMDeployment."""
+
+    model_config = ConfigDict(extra="allow")
+
+    phase: Annotated[DeploymentPhase | None, Field(default=None, description="Lifecycle phase.")]
+    observed_generation: Annotated[int | None, Field(default=None, description="Last reconciled generation.")]
+    conditions: Annotated[
+        list[Condition] | None,
+        Field(
+            default=None,
+            description="Ready, Progressing, Degraded, EngineReady, Unschedulable.",
+            json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["type"]},
+        ),
+    ]
+    replicas: Annotated[int | None, Field(default=None, description="Serving replicas that exist.")]
+    ready_replicas: Annotated[int | None, Field(default=None, description="Replicas ready to serve.")]
+    selector: Annotated[str | None, Field(default=None, description="Label selector of serving pods.")]
+    layout: Annotated[str | None, Field(default=None, description="TP x PP, for display (e.g. 4x2).")]
+    engine: Annotated[EngineRef | None, Field(default=None, description="Engine in use.")]
+    pending_engine: Annotated[
+        EngineRef | None, Field(default=None, description="Engine being built to replace the one in use.")
+    ]
+    endpoint: Annotated[str | None, Field(default=None, description="In-cluster URL of the OpenAI API.")]
+    ttft_p50_ms: Annotated[float | None, Field(default=None, description="Last observed TTFT p50, ms.")]
+    ttft_p90_ms: Annotated[float | None, Field(default=None, description="Last observed TTFT p90, ms.")]
+    last_scale_decision: Annotated[ScaleDecision | None, Field(default=None, description="Autoscaler.")]
+
+
+class LLMEngineStatus(KubeModel):
+    """Observed state of an LLMEngine."""
+
+    model_config = ConfigDict(extra="allow")
+
+    phase: Annotated[EnginePhase | None, Field(default=None, description="Lifecycle phase.")]
+    observed_generation: Annotated[int | None, Field(default=None, description="Last reconciled generation.")]
+    conditions: Annotated[
+        list[Condition] | None,
+        Field(
+            default=None,
+            description="Ready, Building, Failed.",
+            json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["type"]},
+        ),
+    ]
+    progress: Annotated[int | None, Field(default=None, ge=0, le=100, description="Build progress, %.")]
+    step: Annotated[str | None, Field(default=None, description="Current build step.")]
+    attempts: Annotated[int | None, Field(default=None, description="Build attempts so far.")]
+    job: Annotated[str | None, Field(default=None, description="Current or last build Job.")]
+    artifact: Annotated[Artifact | None, Field(default=None, description="Built artifact (when Ready).")]
+    capacity: Annotated[Capacity | None, Field(default=None, description="Measured per-replica capacity.")]
+    gpu_arch: Annotated[str | None, Field(default=None, description="GPU architecture built for.")]
+    log_tail: Annotated[str | None, Field(default=None, description="Last lines of a failed build's log.")]
+    users: Annotated[int | None, Field(default=None, description="LLMDeployments using this engine.")]
+    last_used_time: Annotated[
+        datetime | None, Field(default=None, description="When the last user stopped using it.")
+    ]
+    started_time: Annotated[datetime | None, Field(default=None, description="Build start.")]
+    completed_time: Annotated[datetime | None, Field(default=None, description="Build end.")]
+
+
+# ---------------------------------------------------------------- kinds
+
+
+class LLMDeploymentSpec(KubeModel):
+    """Desired state of an LLMDeployment."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                _cel(
+                    "has(self.gpu) || (self.parallelism.tensor == 1 && self.parallelism.pipeline == 1)",
+                    "tensor or pipeline parallelism needs spec.gpu",
+                    ".parallelism",
+                ),
+                _cel(
+                    "has(self.gpu) || !(self.engine.quantization in ['fp8', 'int4-awq', 'int4-gptq'])",
+                    "fp8 and int4 quantization need spec.gpu",
+                    ".engine.quantization",
+                ),
+                _cel(
+                    "has(self.gpu) || self.engine.backend == 'torch'",
+                    "the tensorrt-llm backend needs spec.gpu",
+                    ".engine.backend",
+                ),
+                _cel(
+                    "!self.autoscaling.enabled || (self.replicas >= self.autoscaling.minReplicas "
+                    "&& self.replicas <= self.autoscaling.maxReplicas)",
+                    "with autoscaling enabled, replicas must lie within [minReplicas, maxReplicas]",
+                    ".replicas",
+                ),
+            ]
+        }
+    )
+
+    model: Annotated[ModelSource, Field(description="What to serve.")]
+    engine: Annotated[
+        EngineOptions, Field(default_factory=EngineOptions, description="How the engine is built and run.")
+    ]
+    parallelism: Annotated[
+        Parallelism, Field(default_factory=Parallelism, description="How one replica is split across GPUs.")
+    ]
+    gpu: Annotated[
+        GPURequirements | None,
+        Field(default=None, description="GPUs to run on. Omit to run on CPU (tiny models, local demo)."),
+    ]
+    replicas: Annotated[
+        int,
+        Field(
+            default=1,
+            ge=0,
+            le=10000,
+            description="Serving replicas (scale subresource; owned by the autoscaler when enabled).",
+        ),
+    ]
+    autoscaling: Annotated[
+        AutoscalingSpec, Field(default_factory=AutoscalingSpec, description="Scaling on TTFT.")
+    ]
+    serving: Annotated[ServingSpec, Field(default_factory=ServingSpec, description="Serving pods.")]
+    build: Annotated[BuildSpec, Field(default_factory=BuildSpec, description="Engine build.")]
+
+
+class ObjectMeta(OpenModel):
+    """The parts of metav1.ObjectMeta Kiln reads."""
+
+    name: str | None = None
+    namespace: str | None = None
+    uid: str | None = None
+    generation: int | None = None
+    labels: dict[str, str] | None = None
+    annotations: dict[str, str] | None = None
+
+
+class LLMDeployment(KubeModel):
+    """An LLM served by Kiln: model, engine, parallelism, GPUs, replicas and latency targets."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    api_version: Literal["kiln.dev/v1alpha1"] = "kiln.dev/v1alpha1"
+    kind: Literal["LLMDeployment"] = "LLMDeployment"
+    metadata: ObjectMeta = Field(default_factory=ObjectMeta)
+    spec: LLMDeploymentSpec
+    status: LLMDeploymentStatus | None = None
+
+
+class EngineModel(KubeModel):
+    """The checkpoint an engine is built from, pinned."""
+
+    source: Annotated[str, Field(pattern=SOURCE_PATTERN, max_length=1024, description="Checkpoint URI.")]
+    tokenizer: Annotated[str | None, Field(default=None, max_length=1024, description="Tokenizer URI.")]
+    credentials_secret: Annotated[
+        SecretKeyRef | None, Field(default=None, description="Credentials for the source.")
+    ]
+
+
+class LLMEngineSpec(KubeModel):
+    """Everything that changes a built engine. Created by the operator; immutable once created."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                _cel("self == oldSelf", "LLMEngine spec is immutable; a different engine gets a new key")
+            ]
+        }
+    )
+
+    key: Annotated[str, Field(pattern=r"^[a-f0-9]{16,64}$", description="Engine key (content hash).")]
+    model: Annotated[EngineModel, Field(description="Checkpoint.")]
+    backend: Annotated[Backend, Field(default="torch", description="Runtime.")]
+    quantization: Annotated[Quantization, Field(default="none", description="Weight format.")]
+    kv_cache_dtype: Annotated[KVCacheDtype, Field(default="auto", description="KV-cache element type.")]
+    parallelism: Annotated[Parallelism, Field(default_factory=Parallelism, description="TP and PP.")]
+    gpu_product: Annotated[
+        str | None, Field(default=None, description="GPU product to build on; none for CPU engines.")
+    ]
+    gpu_arch: Annotated[str, Field(description="GPU architecture (e.g. sm90) or cpu.")]
+    runtime_version: Annotated[str, Field(description="Engine runtime version.")]
+    max_batch_size: Annotated[int, Field(default=256, ge=1, description="Build-time batch limit.")]
+    max_sequence_length: Annotated[int | None, Field(default=None, ge=16, description="Context limit.")]
+    max_tokens_per_step: Annotated[int, Field(default=8192, ge=1, description="Step token budget.")]
+    image: Annotated[str | None, Field(default=None, description="Builder image override.")]
+    cache: Annotated[str, Field(pattern=CACHE_PATTERN, description="Where the artifact is written.")]
+    node_selector: Annotated[dict[str, str] | None, Field(default=None, description="Build node selector.")]
+    tolerations: Annotated[list[dict[str, Any]] | None, Field(default=None, description="Build tolerations.")]
+    timeout_seconds: Annotated[int, Field(default=7200, ge=60, description="Build deadline.")]
+    retries: Annotated[int, Field(default=2, ge=0, le=10, description="Build retries.")]
+
+
+class LLMEngine(KubeModel):
+    """One compiled engine, shared by every LLMDeployment with the same key."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    api_version: Literal["kiln.dev/v1alpha1"] = "kiln.dev/v1alpha1"
+    kind: Literal["LLMEngine"] = "LLMEngine"
+    metadata: ObjectMeta = Field(default_factory=ObjectMeta)
+    spec: LLMEngineSpec
+    status: LLMEngineStatus | None = None

@@ -1,0 +1,1 @@
+"""A real local Kubernetes control plane (etcd, kube-apiserver, ...) with KWOK-simulated GPU nodes."""

@@ -1,0 +1,118 @@
+"""`kiln local`: build, start, inspect and stop the local control plane."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import click
+
+from kiln.local import build as build_module
+from kiln.local import cluster, topology
+
+DIR_OPTION = click.option(
+    "--dir",
+    "directory",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Cluster folder (state, kubeconfig, logs); default: .kiln/local in the checkout.",
+)
+
+
+def _echo(line: str) -> None:
+    click.echo(line)
+
+
+def _binaries() -> None:
+    """Build whatever binary is missing (a no-op when the cache is warm)."""
+    directory = build_module.bin_dir()
+    if build_module.missing(directory):
+        try:
+            build_module.build(progress=_echo)
+        except build_module.BuildError as error:
+            raise click.ClickException(str(error)) from error
+
+
+@click.group()
+def local() -> None:
+    """A local control plane (etcd, kube-apiserver, controller-manager, scheduler, KWOK)."""
+
+
+@local.command()
+def build() -> None:
+    """Build (or reuse) the control-plane binaries from the pinned Go module."""
+    try:
+        directory = build_module.build(progress=_echo)
+    except build_module.BuildError as error:
+        raise click.ClickException(str(error)) from error
+    click.echo(f"export PATH={directory}:$PATH   # to run helm, etcd, kwok, ... directly")
+
+
+@local.command()
+@click.option(
+    "--topology",
+    "topology_name",
+    default="mixed",
+    show_default=True,
+    help=f"Shipped topology ({', '.join(topology.topology_names())}) or a topology YAML file.",
+)
+@DIR_OPTION
+@click.option(
+    "--crds",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Folder of CRD YAML files to install; default: Kiln's generated crds/.",
+)
+@click.option("--timeout", default=90.0, show_default=True, help="Seconds to wait for each component.")
+def up(topology_name: str, directory: Path | None, crds: Path | None, timeout: float) -> None:
+    """Start the control plane and create the topology's simulated nodes."""
+    started = time.monotonic()
+    try:
+        topology.read_topology(topology_name)
+    except (FileNotFoundError, ValueError) as error:
+        raise click.ClickException(str(error)) from error
+    _binaries()
+    local_cluster = cluster.Cluster(directory, topology_name, crds)
+    try:
+        state = local_cluster.start(progress=_echo, timeout=timeout)
+    except (cluster.StartError, build_module.BuildError) as error:
+        raise click.ClickException(str(error)) from error
+    click.echo(
+        f"\nlocal cluster up in {time.monotonic() - started:.1f} s; logs in {Path(state.directory) / 'logs'}"
+    )
+    click.echo(f"  export KUBECONFIG={state.kubeconfig}")
+    click.echo("  kubectl get nodes -L nvidia.com/gpu.product,nvidia.com/gpu.count")
+    click.echo(f"  kiln local down{'' if directory is None else f' --dir {directory}'}")
+
+
+@local.command()
+@DIR_OPTION
+def down(directory: Path | None) -> None:
+    """Stop every component of the local cluster."""
+    local_cluster = cluster.Cluster(directory)
+    state = cluster.read_state(local_cluster.directory)
+    if state is None:
+        click.echo(f"no local cluster recorded in {local_cluster.directory}")
+        return
+    stopped = [name for name, is_alive in cluster.alive(state).items() if is_alive]
+    local_cluster.stop()
+    click.echo(f"stopped {', '.join(stopped) if stopped else 'nothing (already stopped)'}")
+
+
+@local.command()
+@DIR_OPTION
+def status(directory: Path | None) -> None:
+    """Show each component's process, port and log, and the kubeconfig."""
+    folder = (directory or cluster.default_dir()).resolve()
+    state = cluster.read_state(folder)
+    if state is None:
+        click.echo(f"no local cluster in {folder}")
+        raise SystemExit(1)
+    running = cluster.alive(state)
+    for name in cluster.COMPONENTS:
+        pid = state.pids.get(name)
+        word = "running" if running.get(name) else "stopped"
+        click.echo(f"{name:24} {word:8} pid {pid}  port {state.ports.get(name)}  log {state.log(name)}")
+    click.echo(f"topology {state.topology}; export KUBECONFIG={state.kubeconfig}")
+    if not all(running.get(name) for name in cluster.COMPONENTS):
+        raise SystemExit(1)

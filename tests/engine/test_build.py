@@ -1,0 +1,273 @@
+"""`kiln-engine build` on tiny checkpoints: quantization, tp/pp shards, manifest and checksums,
+interrupted builds, capacity, and serving the artifact token-for-token like the checkpoint.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.engine
+
+torch = pytest.importorskip("torch")
+from click.testing import CliRunner  # noqa: E402
+from safetensors import safe_open  # noqa: E402
+from safetensors.torch import load_file  # noqa: E402
+
+from kiln_engine.build.manifest import VerificationError, read_manifest, verify_artifact  # noqa: E402
+from kiln_engine.build.pipeline import BuildError, BuildOptions, run_build  # noqa: E402
+from kiln_engine.build.progress import Progress, parse_line  # noqa: E402
+from kiln_engine.cli import main  # noqa: E402
+from kiln_engine.config import EngineConfig  # noqa: E402
+from kiln_engine.engine import LLMEngine  # noqa: E402
+from kiln_engine.interface import SamplingParams  # noqa: E402
+from kiln_engine.layers.sharding import tp_shard_dim  # noqa: E402
+from kiln_engine.testing.tiny import make_tiny_checkpoint  # noqa: E402
+
+PROMPTS = [[5, 17, 42, 99, 3], [200, 11, 7], list(range(20, 60))]
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny", "llama", seed=11, shards=2)
+
+
+def build(checkpoint: Path | str, out: Path | str, **kw: object) -> tuple[Path, list[dict]]:
+    buf = io.StringIO()
+    opts = BuildOptions(model=str(checkpoint), output=str(out), device="cpu", **kw)  # type: ignore[arg-type]
+    published = run_build(opts, Progress(out=buf, bar=False, min_interval_s=0))
+    lines = [p for p in (parse_line(line) for line in buf.getvalue().splitlines()) if p is not None]
+    return Path(published), lines
+
+
+def greedy(path: Path, n: int = 16) -> list[list[int]]:
+    engine = LLMEngine(path, EngineConfig(device="cpu", max_model_len=256))
+    return engine.generate(PROMPTS, SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True))
+
+
+def test_none_build_serves_the_same_greedy_tokens(checkpoint: Path, tmp_path: Path) -> None:
+    art, progress = build(checkpoint, tmp_path / "art", measure_capacity=True, max_batch_size=4)
+    manifest = verify_artifact(art)
+    assert manifest.quantization == "none" and manifest.tensor_parallel_size == 1
+    assert manifest.gpu_arch == "cpu" and manifest.runtime.version
+    assert manifest.weight_files == {"0": ["rank-0/model.safetensors"]}
+    assert {"config.json", "tokenizer.json", "tokenizer_config.json", "rank-0/model.safetensors"} <= {
+        f.path for f in manifest.files
+    }
+    cap = manifest.capacity
+    assert cap is not None and cap.output_tokens_per_second > 0 and cap.prefill_tokens_per_second > 0
+    assert 1 <= cap.max_concurrency_at_ttft_target <= 4 and cap.ttft_target_ms == 500.0
+    steps = [p["step"] for p in progress]
+    assert steps[0] == "fetch" and steps[-1] == "done" and "capacity" in steps and "convert" in steps
+    percents = [p["percent"] for p in progress]
+    assert percents == sorted(percents) and percents[-1] == 100.0
+    assert greedy(art) == greedy(checkpoint)
+
+
+def test_serving_the_artifact_over_http_matches_the_checkpoint(checkpoint: Path, tmp_path: Path) -> None:
+    import httpx
+
+    from kiln_engine.server.app import ServerSettings
+    from tests.engine.test_server import ThreadServer
+
+    art, _ = build(checkpoint, tmp_path / "art", measure_capacity=False)
+    body = {"model": "tiny-llama", "prompt": "The quick brown fox", "max_tokens": 12, "temperature": 0,
+            "ignore_eos": True}  # fmt: skip
+    texts = []
+    for path in (checkpoint, art):
+        with ThreadServer(path, ServerSettings(), max_model_len=256) as s:
+            texts.append(
+                httpx.post(s.url + "/v1/completions", json=body, timeout=60).json()["choices"][0]["text"]
+            )
+    assert texts[0] == texts[1]
+
+
+@pytest.mark.parametrize("quantization", ["bf16", "fp16"])
+def test_half_precision_builds(checkpoint: Path, tmp_path: Path, quantization: str) -> None:
+    art, _ = build(checkpoint, tmp_path / quantization, quantization=quantization, measure_capacity=False)
+    manifest = verify_artifact(art)
+    want = {"bf16": torch.bfloat16, "fp16": torch.float16}[quantization]
+    tensors = load_file(str(art / "rank-0/model.safetensors"))
+    assert all(t.dtype == want for t in tensors.values())
+    assert manifest.dtype == {"bf16": "bfloat16", "fp16": "float16"}[quantization]
+    assert json.loads((art / "config.json").read_text())["torch_dtype"] == manifest.dtype
+    out = greedy(art, 8)
+    assert all(len(o) == 8 for o in out)
+
+
+@pytest.mark.parametrize(("quantization", "dtype", "method"), [
+    ("fp8", torch.float8_e4m3fn, "fp8"), ("int8-weight", torch.int8, "int8"),
+])  # fmt: skip
+def test_quantized_builds(
+    checkpoint: Path, tmp_path: Path, quantization: str, dtype: torch.dtype, method: str
+) -> None:
+    art, _ = build(checkpoint, tmp_path / quantization, quantization=quantization, measure_capacity=False)
+    verify_artifact(art)
+    config = json.loads((art / "config.json").read_text())
+    assert config["quantization_config"]["quant_method"] == method
+    tensors = load_file(str(art / "rank-0/model.safetensors"))
+    q = tensors["model.layers.0.self_attn.q_proj.weight"]
+    scale = tensors["model.layers.0.self_attn.q_proj.weight_scale"]
+    assert q.dtype == dtype and scale.shape == (q.shape[0],)
+    assert tensors["model.embed_tokens.weight"].dtype == torch.float32  # not quantized
+    assert tensors["model.layers.0.input_layernorm.weight"].dtype == torch.float32
+    # the dequantized weight is close to the original
+    original = load_checkpoint_tensor(checkpoint, "model.layers.0.self_attn.q_proj.weight")
+    rel = ((q.float() * scale[:, None]) - original).abs().max() / original.abs().max()
+    assert rel < 0.07
+    # and the engine serves it
+    out = greedy(art, 8)
+    assert all(len(o) == 8 for o in out)
+
+
+def load_checkpoint_tensor(checkpoint: Path, name: str) -> torch.Tensor:
+    for f in sorted(checkpoint.glob("*.safetensors")):
+        with safe_open(str(f), framework="pt") as st:
+            if name in st.keys():  # noqa: SIM118
+                return st.get_tensor(name)
+    raise KeyError(name)
+
+
+def test_tp2_shards_reassemble_to_the_checkpoint(checkpoint: Path, tmp_path: Path) -> None:
+    art, _ = build(checkpoint, tmp_path / "tp2", tensor_parallel_size=2, measure_capacity=False)
+    manifest = verify_artifact(art)
+    assert manifest.tensor_parallel_size == 2 and manifest.capacity is None
+    assert manifest.weight_files == {"0": ["rank-0/model.safetensors"], "1": ["rank-1/model.safetensors"]}
+    r0 = load_file(str(art / "rank-0/model.safetensors"))
+    r1 = load_file(str(art / "rank-1/model.safetensors"))
+    assert r0.keys() == r1.keys()
+    split = 0
+    for name in r0:
+        original = load_checkpoint_tensor(checkpoint, name)
+        dim = tp_shard_dim(name)
+        if dim is None:
+            assert torch.equal(r0[name], original) and torch.equal(r1[name], original)
+            continue
+        split += 1
+        assert r0[name].shape[dim] < original.shape[dim]
+        assert torch.equal(torch.cat([r0[name], r1[name]], dim=dim), original), name
+    assert split >= 7 * 2  # q/k/v/o/gate/up/down of both layers at least
+
+
+def test_pp2_records_stages_and_splits_layers(checkpoint: Path, tmp_path: Path) -> None:
+    art, _ = build(checkpoint, tmp_path / "pp2", pipeline_parallel_size=2, measure_capacity=False)
+    manifest = verify_artifact(art)
+    stages = [(s.stage, s.first_layer, s.end_layer, s.ranks) for s in manifest.pipeline_stages]
+    assert stages == [(0, 0, 1, [0]), (1, 1, 2, [1])]
+    r0 = load_file(str(art / "rank-0/model.safetensors"))
+    r1 = load_file(str(art / "rank-1/model.safetensors"))
+    assert "model.embed_tokens.weight" in r0 and "model.embed_tokens.weight" not in r1
+    assert "lm_head.weight" in r1 and "model.norm.weight" in r1 and "lm_head.weight" not in r0
+    assert all(".layers.1." not in n for n in r0) and all(".layers.0." not in n for n in r1)
+
+
+def test_corrupted_or_missing_files_fail_verification(checkpoint: Path, tmp_path: Path) -> None:
+    art, _ = build(checkpoint, tmp_path / "art", measure_capacity=False)
+    verify_artifact(art)
+    runner = CliRunner()
+    ok = runner.invoke(main, ["verify", str(art), "--json"])
+    assert ok.exit_code == 0 and json.loads(ok.output)["ok"] is True
+    weights = art / "rank-0/model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-10] ^= 0xFF  # flip bits, same size
+    weights.write_bytes(bytes(data))
+    with pytest.raises(VerificationError, match="sha256"):
+        verify_artifact(art)
+    bad = runner.invoke(main, ["verify", str(art)])
+    assert bad.exit_code == 1 and "rank-0/model.safetensors" in bad.output
+    (art / "tokenizer.json").unlink()
+    with pytest.raises(VerificationError, match=r"tokenizer\.json: missing"):
+        verify_artifact(art)
+    (art / "extra.bin").write_bytes(b"x")
+    with pytest.raises(VerificationError, match=r"extra\.bin: not in the manifest"):
+        verify_artifact(art)
+
+
+def test_interrupted_build_leaves_no_artifact(checkpoint: Path, tmp_path: Path) -> None:
+    out = tmp_path / "artifact"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, "-m", "kiln_engine.cli", "build", "--model", str(checkpoint), "--output", str(out),
+           "--device", "cpu", "--no-progress-bar", "--max-batch-size", "64"]  # fmt: skip
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    assert proc.stdout is not None
+    seen = []
+    for line in proc.stdout:
+        payload = parse_line(line)
+        if payload is not None:
+            seen.append(payload["step"])
+            if payload["step"] == "capacity":  # weights written, manifest not yet
+                proc.send_signal(signal.SIGKILL)
+                break
+    proc.wait(30)
+    assert "capacity" in seen and proc.returncode == -signal.SIGKILL
+    assert not out.exists(), "a killed build must not leave an artifact at the output path"
+    partial = list(tmp_path.glob(".artifact.partial-*"))
+    assert partial and not (partial[0] / "manifest.json").exists()
+    # serving refuses it; the next build cleans up and publishes
+    from kiln_engine.backends.torch import resolve_artifact
+    from kiln_engine.build.source import SourceError
+
+    with pytest.raises(SourceError, match="not a finished Kiln artifact"):
+        resolve_artifact(str(partial[0]))
+    args = [
+        "build",
+        "--model",
+        str(checkpoint),
+        "--output",
+        str(out),
+        "--device",
+        "cpu",
+        "--no-measure-capacity",
+    ]
+    result = CliRunner().invoke(main, [*args, "--no-progress-bar"])
+    assert result.exit_code == 0, result.output
+    verify_artifact(out)
+    assert not list(tmp_path.glob(".artifact.partial-*"))
+
+
+def test_rebuild_of_an_identical_artifact_is_a_no_op(checkpoint: Path, tmp_path: Path) -> None:
+    art, _ = build(checkpoint, tmp_path / "art", measure_capacity=False)
+    before = read_manifest(art).created_at
+    mtime = (art / "manifest.json").stat().st_mtime_ns
+    time.sleep(0.01)
+    _, progress = build(checkpoint, tmp_path / "art", measure_capacity=False)
+    assert (art / "manifest.json").stat().st_mtime_ns == mtime and read_manifest(art).created_at == before
+    assert progress[-1]["step"] == "done" and "already present" in progress[-1]["message"]
+
+
+def test_pvc_uris_map_under_the_mount_root(
+    checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    root = tmp_path / "pvc"
+    (root / "models").mkdir(parents=True)
+    (root / "models" / "tiny").symlink_to(checkpoint, target_is_directory=True)
+    monkeypatch.setenv("KILN_PVC_ROOT", str(root))
+    published, _ = build("pvc://models/tiny", "pvc://engines/abc123", measure_capacity=False)
+    assert published == root / "engines" / "abc123"
+    verify_artifact(published)
+
+
+def test_build_errors_are_clear(checkpoint: Path, tmp_path: Path) -> None:
+    with pytest.raises(BuildError, match="int4-awq loads checkpoints published in AWQ"):
+        build(checkpoint, tmp_path / "a", quantization="int4-awq", measure_capacity=False)
+    with pytest.raises(BuildError, match="does not exist"):
+        build(tmp_path / "nope", tmp_path / "b", measure_capacity=False)
+    with pytest.raises(BuildError, match=r"not divisible|does not split"):
+        build(checkpoint, tmp_path / "c", tensor_parallel_size=3, measure_capacity=False)
+    weird = make_tiny_checkpoint(tmp_path / "weird", "llama")
+    cfg = json.loads((weird / "config.json").read_text())
+    cfg["architectures"] = ["GPT2LMHeadModel"]
+    (weird / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(BuildError, match="supported: LlamaForCausalLM"):
+        build(weird, tmp_path / "d", measure_capacity=False)
+    assert not (tmp_path / "a").exists() and not (tmp_path / "c").exists()
+    result = CliRunner().invoke(main, ["build", "--model", str(weird), "--output", str(tmp_path / "e")])
+    assert result.exit_code == 1 and "KILN_PROGRESS" in result.output and '"step":"failed"' in result.output

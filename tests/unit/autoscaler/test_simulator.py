@@ -1,0 +1,84 @@
+"""The serving simulator: costs follow the replica profile, requests are conserved, policies act."""
+
+from __future__ import annotations
+
+import pytest
+
+from kiln_autoscaler.baselines import HpaConcurrencyPolicy, KilnPolicy, StaticPolicy
+from kiln_autoscaler.data import Targets
+from kiln_autoscaler.sim.simulator import ReplicaProfile, SimConfig, simulate
+from kiln_autoscaler.sim.traces import Request, Trace, steady, step
+
+PROFILE = ReplicaProfile(max_batch=4, prefill_tokens_per_second=1000.0, itl_min_s=0.01, itl_max_s=0.04,
+                         prefill_chunk_tokens=100, start_delay_s=30.0)  # fmt: skip
+TARGETS = Targets(min_replicas=1, max_replicas=10, ttft_p50_target_s=0.5)
+SERVING = ReplicaProfile(start_delay_s=30.0)  # the bench's replica, for traffic from the trace generators
+
+
+def test_one_request_costs_its_prefill_then_decodes_at_batch_one() -> None:
+    trace = Trace("one", (Request(1.0, 500, 11),), 60.0)
+    result = simulate(trace, StaticPolicy(1), SimConfig(TARGETS, PROFILE, initial_replicas=1))
+    assert result.ttfts == [pytest.approx(0.5)]  # 500 tokens at 1000 tokens/s
+    assert result.replica_hours == pytest.approx(60 / 3600)
+
+
+def test_a_full_batch_queues_the_next_request_until_a_slot_frees() -> None:
+    requests = tuple(Request(0.0, 10, 100) for _ in range(5))
+    result = simulate(
+        Trace("five", requests, 60.0), StaticPolicy(1), SimConfig(TARGETS, PROFILE, initial_replicas=1)
+    )
+    first_four = sorted(result.ttfts[:4])
+    assert first_four[-1] < 0.1  # admitted together: tiny prefills back to back
+    assert result.ttfts[4] > 1.0  # waited for a decode of ~99 steps to finish
+
+
+def test_prefill_slows_decoding_on_the_shared_gpu() -> None:
+    # a long prompt arriving while another request decodes delays that request's finish
+    alone = Trace("alone", (Request(0.0, 10, 200),), 60.0)
+    shared = Trace("shared", (Request(0.0, 10, 200), Request(0.5, 3000, 2)), 60.0)
+    config = SimConfig(TARGETS, PROFILE, initial_replicas=1)
+    base = simulate(alone, StaticPolicy(1), config)
+    both = simulate(shared, StaticPolicy(1), config)
+    assert both.ttfts[0] == pytest.approx(base.ttfts[0])
+    # second request's prefill ran in chunks beside decode steps: slower than 3 s alone
+    assert both.ttfts[1] > 3.0
+
+
+def test_every_request_finishes_and_more_replicas_mean_better_ttft() -> None:
+    trace = steady(rate=3.0, duration_s=300.0, seed=5)
+    small = simulate(trace, StaticPolicy(1), SimConfig(TARGETS, SERVING, initial_replicas=1))
+    large = simulate(trace, StaticPolicy(6), SimConfig(TARGETS, SERVING, initial_replicas=6))
+    assert len(small.ttfts) == len(large.ttfts) == len(trace.requests)
+    assert all(t >= 0 for t in large.ttfts)
+    assert large.minute_attainment() > small.minute_attainment()
+    assert large.replica_hours == pytest.approx(6 * 300 / 3600)
+
+
+def test_policies_scale_up_under_a_step_and_drain_without_losing_requests() -> None:
+    trace = step(low=1.0, high=8.0, duration_s=1800.0, seed=2)
+    for policy in (KilnPolicy(), HpaConcurrencyPolicy(target_in_flight_per_replica=11.0)):
+        result = simulate(trace, policy, SimConfig(TARGETS, SERVING, initial_replicas=1))
+        desired = [entry[1] for entry in result.timeline]
+        assert max(desired) > 2, policy.name
+        assert desired[-1] < max(desired), policy.name  # scaled back down after the step
+        assert len(result.ttfts) == len(trace.requests)
+
+
+def test_scale_from_zero_serves_requests_that_waited_at_the_gateway() -> None:
+    targets = Targets(min_replicas=0, max_replicas=4, ttft_p50_target_s=0.5, scale_to_zero=True,
+                      idle_seconds_before_zero=60.0)  # fmt: skip
+    requests = (Request(100.0, 10, 5), Request(101.0, 10, 5))
+    result = simulate(
+        Trace("wake", requests, 400.0), KilnPolicy(), SimConfig(targets, PROFILE, initial_replicas=0)
+    )
+    # the first control pass after the arrival starts a replica, which takes 30 s
+    assert 30.0 < result.ttfts[0] < 30.0 + 15.0 + 1.0
+    assert [entry[1] for entry in result.timeline][-1] == 0  # idle again: back to zero
+
+
+def test_summary_reports_attainment_and_cost() -> None:
+    trace = steady(rate=1.0, duration_s=180.0, seed=1)
+    row = simulate(trace, StaticPolicy(2), SimConfig(TARGETS, SERVING, initial_replicas=2)).summary()
+    assert row["requests"] == len(trace.requests)
+    assert row["slo_minutes_pct"] == 100.0
+    assert row["replica_hours"] == pytest.approx(0.1)
