@@ -1,0 +1,256 @@
+"""The main job as a story, driven through kubectl and HTTP on one shared cluster.
+
+Apply the tiny CPU example, wait for Ready, ask it through its Service; change the quantization
+(a new engine is built and rolled over while a client keeps asking, and no request fails); scale by
+hand; autoscale under load; delete (nothing is left: pods, Deployments, Services, Jobs, engines,
+processes). The tests run in this order and share the deployment.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+from collections.abc import Iterator
+
+import httpx
+import pytest
+
+from kiln.demo import manifests
+from kiln.demo.kube import Kubectl, wait_for
+from kiln.demo.stack import Stack, processes_mentioning, repo_root
+from kiln.demo.steps import DemoError, Progress
+from kiln.demo.story import Story, ask, autoscale
+
+pytestmark = [pytest.mark.cluster, pytest.mark.slow, pytest.mark.engine]
+
+EXAMPLE = repo_root() / "examples" / "tiny-cpu.yaml"
+NAME = "tiny-chat"
+# A weight format the CPU torch backend builds and serves (fp8/int4 need a GPU: CRD rule).
+NEW_QUANTIZATION = os.environ.get("KILN_E2E_QUANTIZATION", "int8-weight")
+PRINTER_COLUMNS = ("NAME", "MODEL", "QUANT", "READY", "PHASE")
+
+
+def quiet() -> Progress:
+    lines: list[str] = []
+    return Progress(total=1, echo=lines.append)
+
+
+@pytest.fixture(scope="module")
+def story(kiln_stack: Stack, kubectl: Kubectl) -> Iterator[Story]:
+    kubectl("apply", "-f", str(EXAMPLE))
+    yield Story(kiln_stack, EXAMPLE)
+
+
+def wait_ready(kubectl: Kubectl, timeout: float = 600.0) -> None:
+    result = kubectl.run(
+        "wait",
+        "--for=condition=Ready",
+        f"llmdeployment/{NAME}",
+        f"--timeout={timeout:.0f}s",
+        check=False,
+        timeout=timeout + 30,
+    )
+    if result.returncode != 0:
+        status = kubectl.json("get", "llmdeployment", NAME).get("status")
+        engines = kubectl("get", "llmengines", "-o", "yaml")
+        pytest.fail(f"{NAME} not Ready: {result.stderr}\nstatus: {json.dumps(status, indent=1)}\n{engines}")
+
+
+def serving_engines(story: Story) -> set[str]:
+    """The engine label of every serving pod that is not terminating."""
+    return {
+        pod["metadata"].get("labels", {}).get("kiln.dev/engine", "?")
+        for pod in story.pods()
+        if not pod["metadata"].get("deletionTimestamp")
+    }
+
+
+class RequestLoop(threading.Thread):
+    """Asks the model through the Service back to back until stopped; counts answers and failures."""
+
+    def __init__(self, story: Story) -> None:
+        super().__init__(daemon=True)
+        self.story = story
+        self.ok = 0
+        self.failures: list[str] = []
+        self.halt = threading.Event()
+
+    def run(self) -> None:
+        body = manifests.completion_request(self.story.served_name, "What is Kiln?", max_tokens=16)
+        verify = self.story.stack.api.ssl_context
+        with httpx.Client(timeout=60.0, verify=verify) as client:
+            turn = 0
+            while not self.halt.is_set():
+                urls = self.story.completion_urls()
+                turn += 1
+                url = urls[turn % len(urls)]
+                try:
+                    response = client.post(url, json=body)
+                    if response.status_code == 200 and response.json()["choices"][0]["text"]:
+                        self.ok += 1
+                    else:
+                        self.failures.append(f"{url}: HTTP {response.status_code} {response.text[:200]}")
+                except httpx.HTTPError as error:
+                    self.failures.append(f"{url}: {type(error).__name__}: {error}")
+                if self.story.route == "endpoints" and turn % 10 == 0:
+                    self.story.endpoints = self.story.ready_pod_endpoints() or self.story.endpoints
+
+
+def test_apply_wait_ready_and_answer_through_the_service(story: Story, kubectl: Kubectl) -> None:
+    wait_ready(kubectl)
+    deployment = story.deployment()
+    engine = kubectl.json("get", "llmengine", deployment["status"]["engine"]["name"])
+    assert engine["status"]["phase"] == "Ready"
+    assert engine["status"]["artifact"]["uri"].startswith("pvc://kiln-engine-cache")
+    story.endpoints = story.ready_pod_endpoints()
+    assert len(story.endpoints) == 1
+    answer = ask(story, quiet())
+    # tiny-chat was trained on this question: a greedy answer mentions Kiln.
+    assert "Kiln" in answer, answer
+    table = kubectl("get", "llmdeployments")
+    header = table.splitlines()[0].split()
+    assert all(column in header for column in PRINTER_COLUMNS), table
+    assert NAME in table
+
+
+def test_quantization_change_builds_a_new_engine_and_rolls_over_without_a_failed_request(
+    story: Story, kubectl: Kubectl
+) -> None:
+    wait_ready(kubectl)
+    old_engine = story.deployment()["status"]["engine"]["name"]
+    loop = RequestLoop(story)
+    loop.start()
+    try:
+        wait_for(lambda: loop.ok >= 3, 60, "the request loop to get answers")
+        kubectl(
+            "patch",
+            "llmdeployment",
+            NAME,
+            "--type=merge",
+            "-p",
+            json.dumps({"spec": {"engine": {"quantization": NEW_QUANTIZATION}}}),
+        )
+        generation = story.deployment()["metadata"]["generation"]
+
+        def rolled_over() -> bool:
+            deployment = story.deployment()
+            status = deployment.get("status") or {}
+            engine = (status.get("engine") or {}).get("name")
+            return bool(
+                engine
+                and engine != old_engine
+                and not status.get("pendingEngine")
+                and (status.get("observedGeneration") or 0) >= generation
+                and serving_engines(story) == {engine}
+                and (status.get("readyReplicas") or 0) >= 1
+            )
+
+        wait_for(rolled_over, 600, f"{NAME} to roll over to a {NEW_QUANTIZATION} engine", interval=1.0)
+        wait_ready(kubectl)
+        settled = loop.ok
+        wait_for(lambda: loop.ok >= settled + 3, 60, "answers from the new engine")
+    finally:
+        loop.halt.set()
+        loop.join(timeout=90)
+    new_engine = kubectl.json("get", "llmengine", story.deployment()["status"]["engine"]["name"])
+    assert new_engine["spec"]["quantization"] == NEW_QUANTIZATION
+    assert new_engine["status"]["phase"] == "Ready"
+    assert loop.failures == [], (
+        f"{len(loop.failures)} failed of {loop.ok + len(loop.failures)}: {loop.failures[:5]}"
+    )
+    assert loop.ok >= 6
+
+
+def test_scale_by_hand_runs_two_engine_processes(story: Story, kubectl: Kubectl) -> None:
+    wait_ready(kubectl)
+    # Manual scaling: the autoscaler must not undo it, so hand the replica count to the user.
+    kubectl(
+        "patch", "llmdeployment", NAME, "--type=merge", "-p", '{"spec":{"autoscaling":{"enabled":false}}}'
+    )
+    try:
+        kubectl("scale", f"llmdeployment/{NAME}", "--replicas=2")
+
+        def two_ready() -> list[str] | None:
+            found = story.ready_pod_endpoints()
+            return found if len(found) == 2 else None
+
+        endpoints = wait_for(two_ready, 300, "two ready serving pods", interval=1.0)
+        assert len(set(endpoints)) == 2
+        body = manifests.completion_request(story.served_name, "Say hello.", max_tokens=16)
+        with httpx.Client(timeout=60.0) as client:
+            answers = [client.post(f"{endpoint}/v1/completions", json=body) for endpoint in endpoints]
+        assert [a.status_code for a in answers] == [200, 200]
+        texts = {a.json()["choices"][0]["text"] for a in answers}
+        assert len(texts) == 1 and texts != {""}, texts  # the same engine: the same greedy answer
+        assert len(story.engine_processes()) == 2
+        assert story.deployment()["status"].get("readyReplicas") == 2
+    finally:
+        kubectl("scale", f"llmdeployment/{NAME}", "--replicas=1")
+        kubectl(
+            "patch", "llmdeployment", NAME, "--type=merge", "-p", '{"spec":{"autoscaling":{"enabled":true}}}'
+        )
+    wait_for(
+        lambda: len(story.ready_pod_endpoints()) == 1 and len(story.engine_processes()) == 1,
+        120,
+        "back to one replica and one engine process",
+        interval=1.0,
+    )
+
+
+def test_autoscaler_adds_a_replica_under_load_and_ttft_falls_back(story: Story, kubectl: Kubectl) -> None:
+    wait_ready(kubectl)
+    story.endpoints = story.ready_pod_endpoints()
+    assert len(story.endpoints) == 1
+    if not story.route:
+        ask(story, quiet())
+    result = autoscale(
+        story,
+        quiet(),
+        concurrency=int(os.environ.get("KILN_E2E_CONCURRENCY", "32")),
+        before_s=5.0,
+        after_s=15.0,
+        timeout=240.0,
+    )
+    target = story.ttft_target_ms
+    assert result.replicas_after == 2
+    assert len(result.engine_pids) == 2
+    assert result.ttft_during_ms is not None and result.ttft_during_ms > target, result
+    assert result.ttft_after_ms is not None and result.ttft_after_ms < target, result
+    assert result.stats.failed == 0, result.stats.errors
+    decision = story.deployment()["status"].get("lastScaleDecision") or {}
+    assert decision.get("toReplicas") == 2, decision
+
+
+def test_delete_leaves_nothing_behind(story: Story, kubectl: Kubectl, kiln_stack: Stack) -> None:
+    engines = [e["metadata"]["name"] for e in kubectl.items("llmengines")]
+    assert engines
+    kubectl("delete", "llmdeployment", NAME, "--wait=true", "--timeout=120s")
+    selector = f"kiln.dev/deployment={NAME}"
+
+    def left() -> dict[str, list[str]]:
+        found = {
+            kind: [item["metadata"]["name"] for item in kubectl.items(kind, "-A", "-l", selector)]
+            for kind in ("pods", "deployments", "services", "jobs")
+        }
+        found["llmengines"] = [e["metadata"]["name"] for e in kubectl.items("llmengines")]
+        found["build and engine pods"] = [
+            p["metadata"]["name"] for p in kubectl.items("pods", "-n", "default")
+        ]
+        serving = set(processes_mentioning("kiln-engine"))
+        found["processes"] = [
+            str(pid) for pid in processes_mentioning(str(kiln_stack.cache_dir)) if pid in serving
+        ]
+        return {kind: names for kind, names in found.items() if names}
+
+    remaining: dict[str, list[str]] = {}
+
+    def nothing_left() -> bool:
+        remaining.clear()
+        remaining.update(left())
+        return not remaining
+
+    try:
+        wait_for(nothing_left, 180, "every child, engine and process to go", interval=2.0)
+    except DemoError as error:
+        pytest.fail(f"{error}; left behind: {remaining}")

@@ -1,0 +1,101 @@
+"""What the demo creates besides Kiln itself, as pure functions: volumes, Helm values, requests."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from kiln import labels
+
+MODELS_CLAIM = "kiln-models"  # examples/tiny-cpu.yaml reads pvc://kiln-models/tiny-chat
+CACHE_CLAIM = "kiln-engine-cache"  # ... and writes its engine to pvc://kiln-engine-cache
+STORAGE_CLASS = "kiln-local"  # no provisioner: the demo's PVs are pre-bound by name
+
+
+def host_volume(
+    name: str, claim: str, namespace: str, path: Path, *, read_only: bool, size: str = "1Gi"
+) -> list[dict[str, Any]]:
+    """A hostPath PersistentVolume and the claim pre-bound to it (both ways, so nothing else binds)."""
+    mode = "ReadOnlyMany" if read_only else "ReadWriteMany"
+    volume: dict[str, Any] = {
+        "apiVersion": "v1",
+        "kind": "PersistentVolume",
+        "metadata": {"name": name, "labels": {"app.kubernetes.io/part-of": "kiln-demo"}},
+        "spec": {
+            "capacity": {"storage": size},
+            "accessModes": [mode],
+            "persistentVolumeReclaimPolicy": "Retain",
+            "storageClassName": STORAGE_CLASS,
+            "hostPath": {"path": str(path), "type": "Directory"},
+            "claimRef": {"namespace": namespace, "name": claim},
+        },
+    }
+    claim_object: dict[str, Any] = {
+        "apiVersion": "v1",
+        "kind": "PersistentVolumeClaim",
+        "metadata": {"name": claim, "namespace": namespace},
+        "spec": {
+            "accessModes": [mode],
+            "storageClassName": STORAGE_CLASS,
+            "volumeName": name,
+            "resources": {"requests": {"storage": size}},
+        },
+    }
+    return [volume, claim_object]
+
+
+def demo_volumes(namespace: str, examples: Path, cache: Path) -> list[dict[str, Any]]:
+    """The model claim (the checkout's examples/ folder) and the engine cache claim."""
+    suffix = "" if namespace == "default" else f"-{namespace}"
+    return [
+        *host_volume(f"kiln-demo-models{suffix}", MODELS_CLAIM, namespace, examples, read_only=True),
+        *host_volume(f"kiln-demo-cache{suffix}", CACHE_CLAIM, namespace, cache, read_only=False),
+    ]
+
+
+def fallback_values(autoscaler_interval: float) -> dict[str, Any]:
+    """Helm values for the local cluster, used when the chart ships no local values file.
+
+    One operator and autoscaler on the process node (no GPU there, hence no topology agent), no
+    NetworkPolicies (nothing enforces them locally) and no Prometheus Operator objects.
+    """
+    on_process_node = {labels.PROCESS_NODE_LABEL: "true"}
+    return {
+        "logFormat": "plain",
+        "operator": {
+            "replicas": 1,
+            "leaderElection": {"enabled": False},
+            "podDisruptionBudget": {"enabled": False},
+            "nodeSelector": on_process_node,
+        },
+        "autoscaler": {
+            "replicas": 1,
+            "leaderElection": {"enabled": False},
+            "interval": int(autoscaler_interval) or 1,
+            "nodeSelector": on_process_node,
+        },
+        "topologyAgent": {"enabled": False},
+        "networkPolicy": {"enabled": False},
+        "monitoring": {"prometheusOperator": "disabled"},
+    }
+
+
+def chat_prompt(question: str) -> str:
+    """tiny-chat's chat template applied to one user turn (see examples/tiny-chat/train.py)."""
+    return f"<|bos|><|user|>\n{question}<|end|>\n<|assistant|>\n"
+
+
+def completion_request(model: str, question: str, max_tokens: int = 48) -> dict[str, Any]:
+    """An OpenAI /v1/completions body that asks tiny-chat one question, greedily."""
+    return {
+        "model": model,
+        "prompt": chat_prompt(question),
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "stop": ["<|end|>"],
+    }
+
+
+def service_proxy_path(namespace: str, service: str, port: int | str, path: str) -> str:
+    """The API server's proxy path to a Service port (`path` starts with /)."""
+    return f"/api/v1/namespaces/{namespace}/services/{service}:{port}/proxy{path}"

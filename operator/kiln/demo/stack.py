@@ -1,0 +1,406 @@
+"""The demo's environment: local cluster, process node, volumes and Kiln, started and stopped as one.
+
+`kiln demo` and the e2e fixture (`e2e/conftest.py`) both use `Stack`, so the tests run on exactly
+what the demo shows. Everything lives in one folder (the cluster's):
+
+    <dir>/                    the local cluster (state.json, kubeconfig, logs/, ...)
+    <dir>/logs/<name>.log     also the process node's and, in fallback mode, the controllers' logs
+    <dir>/engine-cache/       hostPath behind the `kiln-engine-cache` claim (built engines)
+    <dir>/demo.json           pids of the processes the demo started (read by `kiln demo --down`)
+
+Kiln is installed with its Helm chart. Its operator and autoscaler then run as pods on the process
+node; when they cannot become available there (`controllers="auto"`), the chart's Deployments are
+scaled to zero and the same commands run as local subprocesses instead, which the caller reports.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Literal
+
+import yaml
+
+from kiln import labels, paths
+from kiln.demo import manifests
+from kiln.demo.kube import Api, Helm, Kubectl, wait_for
+from kiln.demo.steps import DemoError
+from kiln.local import build, cluster
+
+Controllers = Literal["auto", "chart", "local"]
+
+RELEASE = "kiln"
+RELEASE_NAMESPACE = "kiln-system"
+PROCESS_NODE = "kiln-process-node"
+# Where the chart's values for the local cluster may live (the first that exists is used).
+LOCAL_VALUES_CANDIDATES = (
+    "values-local.yaml",
+    "values.local.yaml",
+    "ci/local-values.yaml",
+    "local-values.yaml",
+)
+PR_SET_PDEATHSIG = 1
+
+
+def repo_root() -> Path:
+    root = paths.repo_root()
+    if root is None:
+        raise DemoError("kiln demo runs from a source checkout (it needs charts/ and examples/)")
+    return root
+
+
+def kiln_executable() -> str:
+    """The `kiln` script of the running environment (the venv's, not whatever is on PATH)."""
+    beside = Path(sys.executable).parent / "kiln"
+    return str(beside) if beside.exists() else (shutil.which("kiln") or "kiln")
+
+
+def local_values_file(chart: Path) -> Path | None:
+    for candidate in LOCAL_VALUES_CANDIDATES:
+        if (chart / candidate).is_file():
+            return chart / candidate
+    return None
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def _die_with_parent() -> None:
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+
+
+def processes_mentioning(text: str) -> list[int]:
+    """Pids of live processes whose command line contains `text` (to prove nothing was left)."""
+    found = []
+    needle = text.encode()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            if needle in (entry / "cmdline").read_bytes():
+                stat = (entry / "stat").read_text()
+                if stat.rsplit(")", 1)[1].split()[0] != "Z":
+                    found.append(int(entry.name))
+        except (FileNotFoundError, ProcessLookupError, PermissionError):
+            continue
+    return found
+
+
+class Stack:
+    """Local cluster + process node + demo volumes + Kiln, in `directory`."""
+
+    def __init__(
+        self,
+        directory: Path,
+        progress: Callable[[str], None] = print,
+        *,
+        topology: str = "cpu",
+        die_with_parent: bool = False,
+        autoscaler_interval: float = 5.0,
+    ) -> None:
+        self.directory = directory.resolve()
+        self.progress = progress
+        self.topology = topology
+        self.die_with_parent = die_with_parent
+        self.autoscaler_interval = autoscaler_interval
+        self.cluster = cluster.Cluster(self.directory, topology, die_with_parent=die_with_parent)
+        self.state: cluster.State | None = None
+        self.processes: dict[str, subprocess.Popen[bytes]] = {}
+        self.controllers_mode: str | None = None  # "chart" or "local" once installed
+        self._kubectl: Kubectl | None = None
+        self._api: Api | None = None
+
+    # ------------------------------------------------------------------ accessors
+
+    @property
+    def kubeconfig(self) -> Path:
+        return self.cluster.kubeconfig
+
+    @property
+    def kubectl(self) -> Kubectl:
+        if self._kubectl is None:
+            self._kubectl = Kubectl(self.kubeconfig)
+        return self._kubectl
+
+    @property
+    def api(self) -> Api:
+        if self._api is None:
+            if self.state is None:
+                raise DemoError("the cluster is not running")
+            self._api = Api(self.directory, self.state.server)
+        return self._api
+
+    @property
+    def cache_dir(self) -> Path:
+        return self.directory / "engine-cache"
+
+    def log(self, name: str) -> Path:
+        return cluster.log_path(self.directory, name)
+
+    def env(self) -> dict[str, str]:
+        """Environment of the processes the demo starts: this venv first on PATH, our kubeconfig."""
+        bin_dir = str(Path(sys.executable).parent)
+        return {
+            **os.environ,
+            "KUBECONFIG": str(self.kubeconfig),
+            "PATH": f"{bin_dir}:{build.bin_dir()}:{os.environ.get('PATH', '')}",
+            "PYTHONUNBUFFERED": "1",
+        }
+
+    # ------------------------------------------------------------------ steps
+
+    def build_binaries(self) -> Path:
+        if build.missing(build.bin_dir()):
+            return build.build(progress=self.progress)
+        return build.bin_dir()
+
+    def start_cluster(self) -> cluster.State:
+        self.stop_recorded()
+        try:
+            self.state = self.cluster.start(progress=self.progress)
+        except cluster.StartError as error:
+            raise DemoError(str(error)) from error
+        return self.state
+
+    def start_process_node(self, timeout: float = 60.0) -> str:
+        """Start `kiln process-node` and wait until its Node is Ready; return the node's name."""
+        import importlib.util
+
+        if importlib.util.find_spec("kiln.processnode") is None:
+            raise DemoError(
+                "this checkout has no process node yet (operator/kiln/processnode/): "
+                "nothing could run the engine's pods"
+            )
+        state_dir = self.directory / "process-node"
+        self.launch(
+            "process-node",
+            [
+                kiln_executable(),
+                "process-node",
+                "--kubeconfig",
+                str(self.kubeconfig),
+                "--name",
+                PROCESS_NODE,
+                "--state-dir",
+                str(state_dir),
+            ],
+        )
+
+        def ready() -> bool:
+            self.check_processes()
+            result = self.kubectl.run("get", "node", PROCESS_NODE, "-o", "json", check=False)
+            if result.returncode != 0:
+                return False
+            node = json.loads(result.stdout)
+            conditions = node.get("status", {}).get("conditions") or []
+            return any(c["type"] == "Ready" and c["status"] == "True" for c in conditions)
+
+        wait_for(ready, timeout, f"node {PROCESS_NODE} to become Ready")
+        return PROCESS_NODE
+
+    def create_volumes(self, namespace: str = "default", timeout: float = 60.0) -> None:
+        """The model claim (examples/) and the engine cache claim, bound to hostPath volumes."""
+        self.cache_dir.mkdir(parents=True, exist_ok=True)
+        documents = manifests.demo_volumes(namespace, repo_root() / "examples", self.cache_dir)
+        self.kubectl.apply(documents)
+
+        def bound() -> bool:
+            claims = self.kubectl.items("pvc", "-n", namespace)
+            phases = {c["metadata"]["name"]: c.get("status", {}).get("phase") for c in claims}
+            return all(
+                phases.get(name) == "Bound" for name in (manifests.MODELS_CLAIM, manifests.CACHE_CLAIM)
+            )
+
+        wait_for(bound, timeout, f"claims {manifests.MODELS_CLAIM} and {manifests.CACHE_CLAIM} to bind")
+
+    def install_kiln(self, controllers: Controllers = "auto", timeout: float = 90.0) -> str:
+        """Install the chart; make sure an operator and an autoscaler run. Returns "chart" or "local"."""
+        chart = repo_root() / "charts" / "kiln"
+        helm = Helm(self.kubeconfig, self.directory / "helm")
+        values = local_values_file(chart)
+        generated = self.directory / "demo-values.yaml"
+        generated.write_text(yaml.safe_dump(manifests.fallback_values(self.autoscaler_interval)))
+        value_args = ["-f", str(values)] if values else ["-f", str(generated)]
+        self.progress(
+            f"helm upgrade --install {RELEASE} charts/kiln -n {RELEASE_NAMESPACE} {' '.join(value_args)}"
+        )
+        helm(
+            "upgrade",
+            "--install",
+            RELEASE,
+            str(chart),
+            "--namespace",
+            RELEASE_NAMESPACE,
+            "--create-namespace",
+            *value_args,
+            "--wait=false",
+        )
+        deployments = self.kubectl.items("deployments", "-n", RELEASE_NAMESPACE)
+        names = [d["metadata"]["name"] for d in deployments]
+        self.progress(f"chart installed: deployments {', '.join(names) or '(none)'} in {RELEASE_NAMESPACE}")
+        if controllers != "local":
+            try:
+                self.wait_chart_controllers(names, timeout if controllers == "auto" else timeout * 2)
+                self.controllers_mode = "chart"
+                return "chart"
+            except DemoError as error:
+                if controllers == "chart":
+                    raise
+                self.progress(f"the chart's operator/autoscaler did not become available: {error}")
+        self.progress(
+            "FALLBACK: running `kiln operator run` and `kiln autoscaler run` as local "
+            "subprocesses (the chart's Deployments are scaled to 0)"
+        )
+        if names:
+            self.kubectl("scale", "deployment", "-n", RELEASE_NAMESPACE, "--replicas=0", *names)
+        self.start_local_controllers()
+        self.controllers_mode = "local"
+        return "local"
+
+    def wait_chart_controllers(self, names: list[str], timeout: float) -> None:
+        if not names:
+            raise DemoError("the chart rendered no Deployments")
+
+        def available() -> bool:
+            deployments = self.kubectl.items("deployments", "-n", RELEASE_NAMESPACE)
+            return bool(deployments) and all(
+                (d.get("status", {}).get("availableReplicas") or 0) >= 1
+                for d in deployments
+                if (d.get("spec", {}).get("replicas") or 0) > 0
+            )
+
+        wait_for(available, timeout, f"Deployments {', '.join(names)} to become available", interval=1.0)
+
+    def start_local_controllers(self) -> None:
+        kiln = kiln_executable()
+        self.launch(
+            "operator",
+            [
+                kiln,
+                "operator",
+                "run",
+                "--all-namespaces",
+                f"--metrics-port={free_port()}",
+                f"--health-port={free_port()}",
+            ],
+        )
+        self.launch(
+            "autoscaler",
+            [
+                kiln,
+                "autoscaler",
+                "run",
+                f"--interval={self.autoscaler_interval}",
+                f"--kubeconfig={self.kubeconfig}",
+                f"--metrics-port={free_port()}",
+                f"--health-port={free_port()}",
+            ],
+        )
+        time.sleep(2.0)
+        self.check_processes()
+
+    # ------------------------------------------------------------------ processes
+
+    def launch(self, name: str, command: list[str]) -> subprocess.Popen[bytes]:
+        """Start one long-running process in its own process group, logging to logs/<name>.log."""
+        self.log(name).parent.mkdir(parents=True, exist_ok=True)
+        with self.log(name).open("wb") as log:
+            process = subprocess.Popen(
+                command,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                cwd=self.directory,
+                env=self.env(),
+                start_new_session=True,
+                preexec_fn=_die_with_parent if self.die_with_parent else None,
+            )
+        self.processes[name] = process
+        self._record()
+        return process
+
+    def check_processes(self) -> None:
+        """Raise DemoError (with the log tail) if a process the demo started has exited."""
+        for name, process in self.processes.items():
+            if process.poll() is not None:
+                raise DemoError(
+                    f"{name} exited with code {process.returncode}; last lines of {self.log(name)}:\n"
+                    f"{cluster.log_tail(self.log(name), 25)}"
+                )
+
+    def _record(self) -> None:
+        record = {name: {"pid": p.pid, "argv0": p.args[0]} for name, p in self.processes.items()}  # type: ignore[index]
+        (self.directory / "demo.json").write_text(json.dumps(record, indent=2))
+
+    def stop_recorded(self) -> list[str]:
+        """Stop the processes a previous demo recorded in demo.json and its cluster."""
+        record_file = self.directory / "demo.json"
+        stopped: list[str] = []
+        with contextlib.suppress(FileNotFoundError, ValueError):
+            record = json.loads(record_file.read_text())
+            for name, item in record.items():
+                if cluster._is_ours(int(item["pid"]), str(item["argv0"])):
+                    cluster.stop_groups([int(item["pid"])], grace_seconds=30.0)
+                    stopped.append(name)
+        record_file.unlink(missing_ok=True)
+        previous = cluster.read_state(self.directory)
+        if previous is not None:
+            stopped += cluster.stop_state(previous)
+            cluster.state_file(self.directory).unlink(missing_ok=True)
+        return stopped
+
+    def stop(self) -> list[int]:
+        """Stop everything (controllers, process node and its pods, the cluster).
+
+        Returns the pids of processes still mentioning the folder afterwards (killed, but a sign
+        that something did not honour SIGTERM).
+        """
+        if self._api is not None:
+            self._api.close()
+            self._api = None
+        # Controllers first (they would react to pods vanishing), then the node (it stops its pods).
+        for name in ("autoscaler", "operator", "process-node"):
+            process = self.processes.get(name)
+            if process is not None and process.poll() is None:
+                cluster.stop_groups([process.pid], grace_seconds=40.0)
+            if process is not None:
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    process.wait(timeout=5)
+        self.processes.clear()
+        (self.directory / "demo.json").unlink(missing_ok=True)
+        self.cluster.stop()
+        leftovers = processes_mentioning(str(self.directory))
+        for pid in leftovers:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGKILL)
+        return leftovers
+
+    def log_tails(
+        self, names: tuple[str, ...] = ("process-node", "operator", "autoscaler"), lines: int = 20
+    ) -> str:
+        """The tails of the logs that usually explain a failure."""
+        parts = []
+        for name in names:
+            path = self.log(name)
+            if path.exists():
+                parts.append(f"--- {path} (last {lines} lines)\n{cluster.log_tail(path, lines)}")
+        return "\n".join(parts)
+
+
+def process_node_label_selector() -> str:
+    return f"{labels.PROCESS_NODE_LABEL}=true"
