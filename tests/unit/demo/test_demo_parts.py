@@ -1,0 +1,182 @@
+"""The demo's pure parts: step progress, volume manifests, Helm values, TTFT windows, and the load."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+from kiln.demo import manifests
+from kiln.demo.load import Load, ttft_window
+from kiln.demo.steps import DemoError, Progress, StepFailed, clock
+
+ROOT = Path(__file__).resolve().parents[3]
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_clock_formats_minutes_and_hours() -> None:
+    assert clock(0) == "0:00"
+    assert clock(75.9) == "1:15"
+    assert clock(3725) == "1:02:05"
+
+
+def test_progress_numbers_steps_and_times_them() -> None:
+    lines: list[str] = []
+    now = FakeClock()
+    progress = Progress(total=2, echo=lines.append, now=now)
+    with progress.step("first"):
+        now.now += 61.5
+        progress.info("detail\nsecond line")
+    assert lines == [
+        "[   0:00] 1/2 first ...",
+        "           detail",
+        "           second line",
+        "[   1:01] 1/2 first: done in 61.5 s",
+    ]
+    assert progress.current is None
+
+
+def test_a_failing_step_names_itself_and_keeps_the_message() -> None:
+    lines: list[str] = []
+    progress = Progress(total=3, echo=lines.append, now=FakeClock())
+    with progress.step("ok"):
+        pass
+    with pytest.raises(StepFailed) as failure, progress.step("install"):
+        raise DemoError("helm failed: boom")
+    assert (failure.value.number, failure.value.step, failure.value.detail) == (
+        2,
+        "install",
+        "helm failed: boom",
+    )
+    assert lines[-1] == "[   0:00] 2/3 install: FAILED after 0.0 s"
+    with pytest.raises(StepFailed) as unexpected, progress.step("third"):
+        raise KeyError("x")
+    assert unexpected.value.detail == "KeyError: 'x'"  # unexpected errors carry their type
+
+
+def test_ctrl_c_inside_a_step_is_a_failure_of_that_step() -> None:
+    progress = Progress(total=1, echo=lambda line: None, now=FakeClock())
+    with pytest.raises(StepFailed) as failure, progress.step("build"):
+        raise KeyboardInterrupt
+    assert failure.value.detail == "interrupted (Ctrl-C)"
+
+
+def test_volumes_are_prebound_both_ways(tmp_path: Path) -> None:
+    documents = manifests.demo_volumes("default", tmp_path / "examples", tmp_path / "cache")
+    volumes = {d["metadata"]["name"]: d for d in documents if d["kind"] == "PersistentVolume"}
+    claims = {d["metadata"]["name"]: d for d in documents if d["kind"] == "PersistentVolumeClaim"}
+    assert set(claims) == {"kiln-models", "kiln-engine-cache"}
+    for name, volume in volumes.items():
+        claim = claims[volume["spec"]["claimRef"]["name"]]
+        assert claim["spec"]["volumeName"] == name
+        assert claim["spec"]["storageClassName"] == volume["spec"]["storageClassName"]
+        assert claim["spec"]["accessModes"] == volume["spec"]["accessModes"]
+    assert volumes["kiln-demo-models"]["spec"]["hostPath"]["path"] == str(tmp_path / "examples")
+    assert volumes["kiln-demo-models"]["spec"]["accessModes"] == ["ReadOnlyMany"]
+    assert volumes["kiln-demo-cache"]["spec"]["hostPath"]["path"] == str(tmp_path / "cache")
+    other = manifests.demo_volumes("team-a", tmp_path, tmp_path)
+    assert {d["metadata"]["name"] for d in other if d["kind"] == "PersistentVolume"} == {
+        "kiln-demo-models-team-a",
+        "kiln-demo-cache-team-a",
+    }
+
+
+def _schema_keys(schema: dict, values: dict, path: str = "") -> list[str]:
+    """Keys of `values` that the chart's schema does not declare (the schema forbids extras)."""
+    unknown = []
+    properties = schema.get("properties", {})
+    for key, value in values.items():
+        if key not in properties:
+            unknown.append(f"{path}{key}")
+        elif isinstance(value, dict) and "properties" in properties[key]:
+            unknown += _schema_keys(properties[key], value, f"{path}{key}.")
+    return unknown
+
+
+def test_fallback_values_only_use_keys_the_chart_declares() -> None:
+    schema = json.loads((ROOT / "charts" / "kiln" / "values.schema.json").read_text())
+    values = manifests.fallback_values(autoscaler_interval=2.5)
+    assert _schema_keys(schema, values) == []
+    assert values["autoscaler"]["interval"] == 2
+    assert values["operator"]["nodeSelector"] == {"kiln.dev/process-node": "true"}
+
+
+def test_completion_request_applies_the_chat_template() -> None:
+    body = manifests.completion_request("tiny-chat", "What is Kiln?")
+    assert body["prompt"] == "<|bos|><|user|>\nWhat is Kiln?<|end|>\n<|assistant|>\n"
+    assert body["temperature"] == 0 and body["stop"] == ["<|end|>"]
+    path = manifests.service_proxy_path("default", "tiny-chat", 8000, "/v1/completions")
+    assert path == "/api/v1/namespaces/default/services/tiny-chat:8000/proxy/v1/completions"
+
+
+INF = math.inf
+
+
+def test_ttft_window_sums_pods_and_counts_new_ones_from_zero() -> None:
+    before = {"a": {0.1: 10.0, 0.5: 10.0, INF: 10.0}}
+    after = {
+        "a": {0.1: 10.0, 0.5: 14.0, INF: 14.0},  # 4 new requests in (0.1, 0.5]
+        "b": {0.1: 0.0, 0.5: 0.0, INF: 4.0},  # a new pod: 4 requests above 0.5 s
+    }
+    p50, count = ttft_window(after, before)
+    assert count == 8
+    assert p50 == pytest.approx(500.0)  # rank 4 of 8 falls at the top of the (0.1, 0.5] bucket
+
+
+def test_ttft_window_leaves_out_restarted_pods_and_empty_windows() -> None:
+    before = {"a": {0.1: 5.0, INF: 9.0}}
+    assert ttft_window({"a": {0.1: 1.0, INF: 1.0}}, before) == (None, 0)
+    assert ttft_window(before, before) == (None, 0)
+    p50, count = ttft_window({"a": {0.1: 7.0, INF: 11.0}}, before)
+    assert count == 2 and p50 == pytest.approx(50.0)  # both in [0, 0.1]: interpolated to the middle
+
+
+@pytest.fixture
+def server() -> Iterator[str]:
+    """A real HTTP server: 200 on /ok, 503 on /busy."""
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            self.rfile.read(int(self.headers.get("Content-Length", 0)))
+            self.send_response(200 if self.path == "/ok" else 503)
+            self.end_headers()
+            self.wfile.write(b"{}")
+
+        def log_message(self, format: str, *args: object) -> None:
+            return
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    httpd.shutdown()
+    httpd.server_close()
+
+
+def test_load_counts_answers_and_failures_across_targets(server: str) -> None:
+    async def run() -> Load:
+        load = Load(lambda: [f"{server}/ok", f"{server}/busy"], {"prompt": "x"}, concurrency=4)
+        task = asyncio.create_task(load.run())
+        await asyncio.sleep(0.5)
+        load.stop()
+        await task
+        return load
+
+    load = asyncio.run(run())
+    assert load.stats.ok > 5 and load.stats.failed > 5
+    assert abs(load.stats.ok - load.stats.failed) <= 4  # round-robin over the two targets
+    assert load.stats.errors[0].startswith("HTTP 503")
+    assert len(load.stats.errors) == 5  # only the first few are kept
