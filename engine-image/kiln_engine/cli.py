@@ -6,8 +6,10 @@ import dataclasses
 import json
 import logging
 import os
+import signal
 import subprocess
 import sys
+import traceback
 from pathlib import Path
 
 import click
@@ -254,7 +256,20 @@ def _serve_tensorrt_llm(
 @click.option("--ttft-target-ms", default=500.0, show_default=True, type=click.FloatRange(min=1))
 @click.option("--device", default=None, help="Device to measure capacity on (default: cuda when available).")
 @click.option(
+    "--fp8-scales",
+    type=click.Choice(("channel", "tensor")),
+    default="channel",
+    show_default=True,
+    help="fp8 weight scales: one per output channel, or one per tensor.",
+)
+@click.option(
     "--progress-bar/--no-progress-bar", default=None, help="Human progress bar (default: on a TTY)."
+)
+@click.option(
+    "--result-file",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="Write the outcome as one JSON object (< 4 KiB) here, e.g. /dev/termination-log.",
 )
 def build(
     model: str,
@@ -271,17 +286,30 @@ def build(
     measure_capacity: bool,
     ttft_target_ms: float,
     device: str | None,
+    fp8_scales: str,
     progress_bar: bool | None,
+    result_file: str | None,
 ) -> None:
     """Build an artifact: fetch, quantize, shard, measure capacity, publish with a manifest (written last)."""
-    from kiln_engine.build.pipeline import BuildError, BuildOptions, run_build
+    from kiln_engine.build import result
+    from kiln_engine.build.pipeline import BuildError, BuildOptions, build_artifact
     from kiln_engine.build.progress import Progress
 
+    def finish_failed(reason: str, message: str) -> None:
+        progress.failed(message, reason=reason)
+        if result_file:
+            result.write(result_file, result.failure(reason, message))
+        _fail(message, 1)
+
     if backend == "torch" and kv_cache_dtype == "fp8":
-        _fail(
+        message = (
             "the torch backend keeps its KV cache in the model dtype; "
             "fp8 KV cache needs --backend tensorrt-llm"
         )
+        if result_file:
+            result.write(result_file, result.failure("InvalidOptions", message))
+        _fail(message)
+    progress = Progress(bar=progress_bar)
     opts = BuildOptions(
         model=model,
         output=output,
@@ -297,23 +325,40 @@ def build(
         measure_capacity=measure_capacity,
         ttft_target_ms=ttft_target_ms,
         device=device,
+        fp8_scales=fp8_scales,
     )
-    progress = Progress(bar=progress_bar)
     if backend == "tensorrt-llm":
-        from kiln_engine.build.trt import run_trt_build
+        from kiln_engine.build.trt import build_trt_artifact
 
-        runner = run_trt_build
+        runner = build_trt_artifact
     else:
-        runner = run_build
+        runner = build_artifact
+    previous = signal.signal(signal.SIGTERM, _raise_interrupted)
     try:
-        published = runner(opts, progress)
+        outcome = runner(opts, progress)
     except BuildError as exc:
-        progress.failed("build", str(exc))
-        _fail(str(exc), 1)
-    except Exception as exc:
-        progress.failed("build", f"{type(exc).__name__}: {exc}")
-        raise
-    click.echo(f"artifact: {published}")
+        finish_failed(exc.reason, str(exc))
+        return
+    except Exception as exc:  # a bug or an unforeseen failure: keep the traceback in the log
+        traceback.print_exc()
+        finish_failed("BuildFailed", f"{type(exc).__name__}: {exc}")
+        return
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    if result_file:
+        m = outcome.manifest
+        result.write(
+            result_file,
+            result.success(outcome.uri, outcome.manifest_sha256, m.runtime.version, m.gpu_arch, m.capacity),
+        )
+    click.echo(f"artifact: {outcome.uri if output.startswith('s3://') else outcome.path}")
+
+
+def _raise_interrupted(signum: int, frame: object) -> None:
+    from kiln_engine.build.pipeline import BuildError
+
+    # Raised where the build is, so the partial directory is removed and the result file written.
+    raise BuildError(f"interrupted by signal {signal.Signals(signum).name}", "Interrupted")
 
 
 @main.command()
