@@ -17,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -29,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import debian_prometheus
 import httpx
 import pytest
 from kubernetes import client
@@ -41,47 +41,6 @@ pytestmark = [pytest.mark.cluster, pytest.mark.engine, pytest.mark.slow]
 GROUP, VERSION, PLURAL = "kiln.dev", "v1alpha1", "llmdeployments"
 NAME = "tiny"
 BIN = Path(sys.executable).parent
-# Debian's prometheus, unpacked (not installed) under the toolchain cache when it is not on PATH.
-PROMETHEUS_CACHE = Path.home() / ".cache" / "kiln" / "prometheus"
-
-
-def find_or_fetch_prometheus() -> Path:
-    """The `prometheus` binary: on PATH, else Debian's package unpacked into PROMETHEUS_CACHE.
-
-    CI runs on a fresh Debian machine without it. `apt-get download` + `dpkg-deb -x` takes the
-    package's files without running its maintainer scripts, so no system service is started and no
-    user is created (what `apt-get install` would do). Fails, never skips: CI must run this test.
-    """
-    found = shutil.which("prometheus")
-    if found:
-        return Path(found)
-    binary = PROMETHEUS_CACHE / "usr" / "bin" / "prometheus"
-    if binary.is_file():
-        return binary
-    if shutil.which("apt-get") is None or shutil.which("dpkg-deb") is None:
-        pytest.fail("prometheus is not on PATH and this is not a Debian machine: install Prometheus")
-    download = PROMETHEUS_CACHE.with_name("prometheus-download")
-    shutil.rmtree(download, ignore_errors=True)
-    download.mkdir(parents=True)
-
-    def fetch() -> subprocess.CompletedProcess[str]:
-        return subprocess.run(["apt-get", "download", "prometheus"], cwd=download, capture_output=True,
-                              text=True, timeout=600, check=False)  # fmt: skip
-
-    done = fetch()
-    if done.returncode != 0 and os.geteuid() == 0:  # a fresh machine has no package lists yet
-        subprocess.run(["apt-get", "update"], capture_output=True, timeout=600, check=False)
-        done = fetch()
-    debs = sorted(download.glob("prometheus_*.deb"))
-    if done.returncode != 0 or not debs:
-        pytest.fail(f"apt-get download prometheus failed:\n{done.stdout}\n{done.stderr}")
-    unpacked = PROMETHEUS_CACHE.with_name("prometheus-unpacking")
-    shutil.rmtree(unpacked, ignore_errors=True)
-    subprocess.run(["dpkg-deb", "-x", str(debs[0]), str(unpacked)], check=True, timeout=300)
-    shutil.rmtree(PROMETHEUS_CACHE, ignore_errors=True)  # a tree left without its binary
-    unpacked.replace(PROMETHEUS_CACHE)  # atomic: a half-unpacked tree is never used
-    shutil.rmtree(download, ignore_errors=True)
-    return binary
 
 
 def free_port() -> int:
@@ -262,7 +221,10 @@ class Load:
 
 @pytest.fixture
 def prometheus(tmp_path: Path) -> Iterator[tuple[str, Path]]:
-    binary = find_or_fetch_prometheus()
+    try:  # fetched when absent, and a failure, never a skip: CI must run this test
+        binary = debian_prometheus.find_or_fetch("prometheus")
+    except RuntimeError as error:
+        pytest.fail(str(error))
     targets = tmp_path / "targets.json"
     targets.write_text("[]")
     config = tmp_path / "prometheus.yml"

@@ -5,11 +5,11 @@ failed engine build fires KilnEngineBuildsFailing."""
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 from pathlib import Path
 from typing import Any
 
+import debian_prometheus
 import pytest
 import yaml
 from kiln_chart import Helm, as_prometheus_sees_it, dashboard_exprs, one
@@ -20,10 +20,14 @@ DEPLOYMENT = 'namespace="serving", llmdeployment="llama", pod="llama-0", model="
 
 @pytest.fixture(scope="module")
 def promtool() -> str:
-    path = os.environ.get("KILN_PROMTOOL") or shutil.which("promtool")
-    if not path:
-        pytest.skip("promtool not found (set KILN_PROMTOOL or put it on PATH)")
-    return path
+    """$KILN_PROMTOOL, else promtool from PATH or Debian's prometheus package (fetched when absent)."""
+    override = os.environ.get("KILN_PROMTOOL")
+    if override:
+        return override
+    try:
+        return str(debian_prometheus.find_or_fetch("promtool"))
+    except RuntimeError as error:
+        pytest.fail(str(error))
 
 
 def rule_file(helm: Helm, directory: Path) -> Path:
