@@ -62,6 +62,7 @@ class LoadStats:
 
     ok: int = 0
     failed: int = 0
+    retried: int = 0  # answered 503 (a replica draining) and then answered by another replica
     errors: list[str] = field(default_factory=list)
 
     def record_error(self, message: str) -> None:
@@ -103,9 +104,15 @@ class Load:
                 await asyncio.sleep(0.2)
                 continue
             self._turn += 1
-            url = urls[self._turn % len(urls)]
+            turn = self._turn  # other clients move self._turn while this one awaits
+            url = urls[turn % len(urls)]
             try:
                 response = await client.post(url, json=self.body)
+                if response.status_code == 503 and len(urls) > 1:
+                    # A draining replica refuses new work with 503 before admitting it, so the
+                    # request is safe to send again, as a load balancer would, to the next one.
+                    self.stats.retried += 1
+                    response = await client.post(urls[(turn + 1) % len(urls)], json=self.body)
                 if response.status_code == 200:
                     self.stats.ok += 1
                 else:

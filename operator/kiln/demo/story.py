@@ -14,6 +14,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 import httpx
 
@@ -57,17 +58,33 @@ class Story:
 
     # -------------------------------------------------------------- reading the cluster
 
-    def deployment(self) -> dict[str, Any]:
-        result: dict[str, Any] = self.stack.kubectl.json(
-            "get", "llmdeployment", self.name, "-n", self.namespace
-        )
+    def get(self, path: str) -> dict[str, Any]:
+        """One object from the API server (faster than a kubectl process; used in tight loops)."""
+        response = self.stack.api.get(path)
+        if not response.is_success:
+            raise DemoError(f"GET {path}: HTTP {response.status_code} {response.text[:300]}")
+        result: dict[str, Any] = response.json()
         return result
 
+    def deployment(self) -> dict[str, Any]:
+        return self.get(f"/apis/kiln.dev/v1alpha1/namespaces/{self.namespace}/llmdeployments/{self.name}")
+
+    def find_service(self) -> None:
+        """Learn the Service's name and port from the deployment's status.endpoint, if it says."""
+        endpoint = (self.deployment().get("status") or {}).get("endpoint")
+        if endpoint:
+            self.service, self.port = service_from_endpoint(endpoint, self.port)
+
     def pods(self) -> list[dict[str, Any]]:
-        selector = (self.deployment().get("status") or {}).get("selector")
+        """The pods the Service selects (what its endpoints would be)."""
+        service = self.get(f"/api/v1/namespaces/{self.namespace}/services/{self.service}")
+        selector = ",".join(f"{k}={v}" for k, v in (service.get("spec", {}).get("selector") or {}).items())
         if not selector:
-            return []
-        return self.stack.kubectl.items("pods", "-n", self.namespace, "-l", selector)
+            raise DemoError(f"service {self.service} has no selector")
+        response = self.stack.api.get(f"/api/v1/namespaces/{self.namespace}/pods?labelSelector={selector}")
+        response.raise_for_status()
+        items: list[dict[str, Any]] = response.json().get("items", [])
+        return items
 
     def ready_pod_endpoints(self) -> list[str]:
         return ready_endpoints(self.pods(), self.port)
@@ -84,6 +101,12 @@ class Story:
         """Pids of `kiln-engine serve` processes serving from this stack's engine cache."""
         serving = set(processes_mentioning("serve"))
         return sorted(pid for pid in processes_mentioning(str(self.stack.cache_dir)) if pid in serving)
+
+
+def service_from_endpoint(endpoint: str, default_port: int) -> tuple[str, int]:
+    """(Service name, port) of an in-cluster URL like http://tiny-chat.default.svc:8000/v1."""
+    parsed = urlparse(endpoint)
+    return (parsed.hostname or "").split(".")[0], parsed.port or default_port
 
 
 def manifest_spec(path: Path) -> dict[str, Any]:
@@ -181,6 +204,7 @@ def wait_serving(story: Story, p: Progress, timeout: float = 300.0) -> None:
             f"llmdeployment/{story.name} not Ready: {result.stderr.strip()}; "
             f"conditions: {json.dumps(status.get('conditions'))}"
         )
+    story.find_service()
     selector = (story.deployment().get("status") or {}).get("selector") or ""
     p.info(story.stack.kubectl("get", "pods", "-n", story.namespace, "-l", selector, "-o", "wide").rstrip())
     story.endpoints = story.ready_pod_endpoints()

@@ -166,17 +166,23 @@ def server() -> Iterator[str]:
     httpd.server_close()
 
 
-def test_load_counts_answers_and_failures_across_targets(server: str) -> None:
-    async def run() -> Load:
-        load = Load(lambda: [f"{server}/ok", f"{server}/busy"], {"prompt": "x"}, concurrency=4)
-        task = asyncio.create_task(load.run())
-        await asyncio.sleep(0.5)
-        load.stop()
-        await task
-        return load
+async def _run_load(urls: list[str], seconds: float = 0.5) -> Load:
+    load = Load(lambda: urls, {"prompt": "x"}, concurrency=4)
+    task = asyncio.create_task(load.run())
+    await asyncio.sleep(seconds)
+    load.stop()
+    await task
+    return load
 
-    load = asyncio.run(run())
-    assert load.stats.ok > 5 and load.stats.failed > 5
-    assert abs(load.stats.ok - load.stats.failed) <= 4  # round-robin over the two targets
+
+def test_load_sends_a_request_a_draining_replica_refused_to_the_next_one(server: str) -> None:
+    load = asyncio.run(_run_load([f"{server}/ok", f"{server}/busy"]))
+    assert load.stats.ok > 5 and load.stats.failed == 0
+    assert load.stats.retried > 2  # every request that went to /busy first
+
+
+def test_load_counts_failures_when_no_other_replica_answers(server: str) -> None:
+    load = asyncio.run(_run_load([f"{server}/busy"]))
+    assert load.stats.ok == 0 and load.stats.failed > 5 and load.stats.retried == 0
     assert load.stats.errors[0].startswith("HTTP 503")
     assert len(load.stats.errors) == 5  # only the first few are kept
