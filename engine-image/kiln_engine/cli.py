@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import traceback
 from pathlib import Path
 
@@ -333,7 +334,9 @@ def build(
         runner = build_trt_artifact
     else:
         runner = build_artifact
-    previous = signal.signal(signal.SIGTERM, _raise_interrupted)
+    # SIGTERM (Job deleted, deadline passed) unwinds the build: partial output removed, result written.
+    in_main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _raise_interrupted) if in_main else None
     try:
         outcome = runner(opts, progress)
     except BuildError as exc:
@@ -344,7 +347,8 @@ def build(
         finish_failed("BuildFailed", f"{type(exc).__name__}: {exc}")
         return
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        if in_main:
+            signal.signal(signal.SIGTERM, previous)
     if result_file:
         m = outcome.manifest
         result.write(
@@ -357,7 +361,6 @@ def build(
 def _raise_interrupted(signum: int, frame: object) -> None:
     from kiln_engine.build.pipeline import BuildError
 
-    # Raised where the build is, so the partial directory is removed and the result file written.
     raise BuildError(f"interrupted by signal {signal.Signals(signum).name}", "Interrupted")
 
 

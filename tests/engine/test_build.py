@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -271,3 +272,136 @@ def test_build_errors_are_clear(checkpoint: Path, tmp_path: Path) -> None:
     assert not (tmp_path / "a").exists() and not (tmp_path / "c").exists()
     result = CliRunner().invoke(main, ["build", "--model", str(weird), "--output", str(tmp_path / "e")])
     assert result.exit_code == 1 and "KILN_PROGRESS" in result.output and '"step":"failed"' in result.output
+
+
+def test_result_file_on_success_matches_the_manifest(checkpoint: Path, tmp_path: Path) -> None:
+    from kiln_engine.build.manifest import sha256_file
+
+    out, res = tmp_path / "art", tmp_path / "termination-log"
+    args = ["build", "--model", str(checkpoint), "--output", str(out), "--device", "cpu",
+            "--max-batch-size", "2", "--ttft-target-ms", "250", "--result-file", str(res),
+            "--no-progress-bar"]  # fmt: skip
+    run = CliRunner().invoke(main, args)
+    assert run.exit_code == 0, run.output
+    raw = res.read_bytes()
+    assert len(raw) < 4096
+    result = json.loads(raw)
+    manifest = verify_artifact(out)
+    assert result["ok"] is True and result["artifact"] == str(out)
+    assert result["manifestSha256"] == sha256_file(out / "manifest.json")
+    assert result["runtimeVersion"] == manifest.runtime.version and result["gpuArch"] == "cpu"
+    cap = manifest.capacity
+    assert cap is not None and result["capacity"] == {
+        "tokensPerSecond": cap.output_tokens_per_second,
+        "maxConcurrency": cap.max_concurrency_at_ttft_target,
+        "ttftTargetMs": 250.0,
+    }
+    # a rebuild that finds the same artifact reports it just the same
+    res.unlink()
+    again = CliRunner().invoke(main, args)
+    assert again.exit_code == 0 and "already present" in again.output
+    assert json.loads(res.read_text()) == result
+
+
+@pytest.mark.parametrize(
+    ("make", "reason", "message"),
+    [
+        (lambda tmp: tmp / "missing", "CheckpointNotFound", "does not exist"),
+        (lambda tmp: make_tiny_checkpoint(tmp / "gpt2", "llama", architectures=["GPT2LMHeadModel"]),
+         "UnsupportedArchitecture", "supported: LlamaForCausalLM"),
+        (lambda tmp: _without_weights(make_tiny_checkpoint(tmp / "noweights", "llama")), "InvalidCheckpoint",
+         "no \\*.safetensors"),
+    ],
+)  # fmt: skip
+def test_result_file_on_failure_names_the_reason(
+    tmp_path: Path, make: object, reason: str, message: str
+) -> None:
+    src = make(tmp_path)  # type: ignore[operator]
+    res = tmp_path / "termination-log"
+    run = CliRunner().invoke(
+        main, ["build", "--model", str(src), "--output", str(tmp_path / "o"), "--result-file", str(res)]
+    )
+    assert run.exit_code == 1
+    result = json.loads(res.read_text())
+    assert result["ok"] is False and result["reason"] == reason
+    assert re.search(message, result["message"]), result["message"]
+    failed = [p for p in map(parse_line, run.output.splitlines()) if p and p["step"] == "failed"]
+    assert failed and failed[0]["reason"] == reason and failed[0]["failed_step"] in ("fetch", "load")
+    assert not (tmp_path / "o").exists()
+
+
+def _without_weights(path: Path) -> Path:
+    for f in path.glob("*.safetensors"):
+        f.unlink()
+    return path
+
+
+def test_tensorrt_llm_build_without_it_fails_early_with_a_reason(checkpoint: Path, tmp_path: Path) -> None:
+    from kiln_engine.backends import tensorrt_llm as trt
+
+    if trt.available():
+        pytest.skip("TensorRT-LLM is installed here")
+    res = tmp_path / "result.json"
+    run = CliRunner().invoke(main, ["build", "--backend", "tensorrt-llm", "--model", str(checkpoint),
+                                    "--output", str(tmp_path / "o"), "--result-file", str(res)])  # fmt: skip
+    assert run.exit_code == 1
+    result = json.loads(res.read_text())
+    assert result["reason"] == "BackendUnavailable" and "not installed" in result["message"]
+    assert "Dockerfile.tensorrt-llm" in result["message"]
+    steps = [p["step"] for p in map(parse_line, run.output.splitlines()) if p]
+    assert steps == ["failed"], "nothing is fetched before the backend is known to be there"
+
+
+def test_fp8_per_tensor_scales(checkpoint: Path, tmp_path: Path) -> None:
+    art, _ = build(
+        checkpoint, tmp_path / "fp8t", quantization="fp8", fp8_scales="tensor", measure_capacity=False
+    )
+    config = json.loads((art / "config.json").read_text())
+    assert config["quantization_config"]["weight_scheme"] == "tensor"
+    tensors = load_file(str(art / "rank-0/model.safetensors"))
+    q = tensors["model.layers.0.mlp.down_proj.weight"]
+    scale = tensors["model.layers.0.mlp.down_proj.weight_scale"]
+    assert q.dtype == torch.float8_e4m3fn and scale.numel() == 1
+    original = load_checkpoint_tensor(checkpoint, "model.layers.0.mlp.down_proj.weight")
+    assert ((q.float() * scale) - original).abs().max() / original.abs().max() < 0.07
+    assert all(len(o) == 8 for o in greedy(art, 8))
+
+
+def test_fp8_tp2_scales_match_the_unsharded_build(checkpoint: Path, tmp_path: Path) -> None:
+    whole, _ = build(checkpoint, tmp_path / "w", quantization="fp8", measure_capacity=False)
+    split, _ = build(
+        checkpoint, tmp_path / "s", quantization="fp8", tensor_parallel_size=2, measure_capacity=False
+    )
+    w = load_file(str(whole / "rank-0/model.safetensors"))
+    r = [load_file(str(split / f"rank-{i}/model.safetensors")) for i in range(2)]
+    for name in ("model.layers.1.self_attn.o_proj", "model.layers.1.mlp.gate_proj"):
+        dim = tp_shard_dim(name + ".weight")
+        assert dim is not None
+        joined = torch.cat([r[0][name + ".weight"].float(), r[1][name + ".weight"].float()], dim=dim)
+        assert torch.equal(joined, w[name + ".weight"].float()), name
+        scale_dim = tp_shard_dim(name + ".weight_scale")
+        scales = [r[0][name + ".weight_scale"], r[1][name + ".weight_scale"]]
+        joined_scale = scales[0] if scale_dim is None else torch.cat(scales, dim=scale_dim)
+        assert torch.equal(joined_scale, w[name + ".weight_scale"]), name
+
+
+def test_sigterm_stops_the_build_cleanly(checkpoint: Path, tmp_path: Path) -> None:
+    out, res = tmp_path / "artifact", tmp_path / "result.json"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, "-m", "kiln_engine.cli", "build", "--model", str(checkpoint), "--output", str(out),
+           "--device", "cpu", "--no-progress-bar", "--max-batch-size", "64",
+           "--result-file", str(res)]  # fmt: skip
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        payload = parse_line(line)
+        if payload is not None and payload["step"] == "capacity":
+            proc.send_signal(signal.SIGTERM)
+            break
+    rest = proc.stdout.read()
+    assert proc.wait(60) == 1, rest
+    result = json.loads(res.read_text())
+    assert result == {"ok": False, "reason": "Interrupted", "message": "interrupted by signal SIGTERM"}
+    assert not out.exists() and not list(tmp_path.glob(".artifact.*")), (
+        "partial and capacity dirs are removed"
+    )
