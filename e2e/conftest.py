@@ -17,6 +17,8 @@ from kiln.demo.stack import Stack
 
 # Where the operator and autoscaler run: auto (the chart's pods, else local subprocesses), chart, local.
 CONTROLLERS_ENV = "KILN_E2E_CONTROLLERS"
+# Unused LLMEngines are deleted this soon, so the delete scenario can see them go.
+ENGINE_RETENTION_SECONDS = 5.0
 
 
 @pytest.fixture(scope="session")
@@ -28,7 +30,11 @@ def kiln_stack(tmp_path_factory: pytest.TempPathFactory, pytestconfig: pytest.Co
             reporter.write_line(f"[kiln e2e] {line}")
 
     stack = Stack(
-        tmp_path_factory.mktemp("kiln-e2e"), lambda line: None, die_with_parent=True, autoscaler_interval=3.0
+        tmp_path_factory.mktemp("kiln-e2e"),
+        lambda line: None,
+        die_with_parent=True,
+        autoscaler_interval=3.0,
+        engine_retention=ENGINE_RETENTION_SECONDS,
     )
     started = time.monotonic()
     try:

@@ -80,6 +80,11 @@ def fallback_values(autoscaler_interval: float) -> dict[str, Any]:
     }
 
 
+def retention_values(seconds: float) -> dict[str, Any]:
+    """Helm values that make the operator delete unused LLMEngines after `seconds` (tests)."""
+    return {"operator": {"extraEnv": [{"name": "KILN_ENGINE_RETENTION_SECONDS", "value": str(seconds)}]}}
+
+
 def chat_prompt(question: str) -> str:
     """tiny-chat's chat template applied to one user turn (see examples/tiny-chat/train.py)."""
     return f"<|bos|><|user|>\n{question}<|end|>\n<|assistant|>\n"

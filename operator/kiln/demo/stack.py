@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import importlib.util
+import inspect
 import json
 import os
 import shutil
@@ -27,7 +29,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import yaml
 
@@ -112,13 +114,19 @@ class Stack:
         topology: str = "cpu",
         die_with_parent: bool = False,
         autoscaler_interval: float = 5.0,
+        engine_retention: float | None = None,
     ) -> None:
         self.directory = directory.resolve()
         self.progress = progress
         self.topology = topology
         self.die_with_parent = die_with_parent
         self.autoscaler_interval = autoscaler_interval
-        self.cluster = cluster.Cluster(self.directory, topology, die_with_parent=die_with_parent)
+        self.engine_retention = engine_retention  # seconds an unused LLMEngine is kept (operator)
+        # The local cluster starts the process node itself where it can (`kiln local down` then
+        # stops it too); older checkouts' clusters cannot, and the stack starts it.
+        self.node_in_cluster = "process_node" in inspect.signature(cluster.Cluster).parameters
+        extra: dict[str, Any] = {"process_node": True} if self.node_in_cluster else {}
+        self.cluster = cluster.Cluster(self.directory, topology, die_with_parent=die_with_parent, **extra)
         self.state: cluster.State | None = None
         self.processes: dict[str, subprocess.Popen[bytes]] = {}
         self.controllers_mode: str | None = None  # "chart" or "local" once installed
@@ -179,8 +187,9 @@ class Stack:
 
     def start_process_node(self, timeout: float = 60.0) -> str:
         """Start `kiln process-node` and wait until its Node is Ready; return the node's name."""
-        import importlib.util
-
+        if self.node_in_cluster:
+            wait_for(lambda: self.node_ready(), timeout, f"node {PROCESS_NODE} to become Ready")
+            return PROCESS_NODE
         if importlib.util.find_spec("kiln.processnode") is None:
             raise DemoError(
                 "this checkout has no process node yet (operator/kiln/processnode/): "
@@ -203,15 +212,17 @@ class Stack:
 
         def ready() -> bool:
             self.check_processes()
-            result = self.kubectl.run("get", "node", PROCESS_NODE, "-o", "json", check=False)
-            if result.returncode != 0:
-                return False
-            node = json.loads(result.stdout)
-            conditions = node.get("status", {}).get("conditions") or []
-            return any(c["type"] == "Ready" and c["status"] == "True" for c in conditions)
+            return self.node_ready()
 
         wait_for(ready, timeout, f"node {PROCESS_NODE} to become Ready")
         return PROCESS_NODE
+
+    def node_ready(self) -> bool:
+        result = self.kubectl.run("get", "node", PROCESS_NODE, "-o", "json", check=False)
+        if result.returncode != 0:
+            return False
+        conditions = json.loads(result.stdout).get("status", {}).get("conditions") or []
+        return any(c["type"] == "Ready" and c["status"] == "True" for c in conditions)
 
     def create_volumes(self, namespace: str = "default", timeout: float = 60.0) -> None:
         """The model claim (examples/) and the engine cache claim, bound to hostPath volumes."""
@@ -236,6 +247,10 @@ class Stack:
         generated = self.directory / "demo-values.yaml"
         generated.write_text(yaml.safe_dump(manifests.fallback_values(self.autoscaler_interval)))
         value_args = ["-f", str(values)] if values else ["-f", str(generated)]
+        if self.engine_retention is not None:
+            overrides = self.directory / "demo-overrides.yaml"
+            overrides.write_text(yaml.safe_dump(manifests.retention_values(self.engine_retention)))
+            value_args += ["-f", str(overrides)]
         self.progress(
             f"helm upgrade --install {RELEASE} charts/kiln -n {RELEASE_NAMESPACE} {' '.join(value_args)}"
         )
