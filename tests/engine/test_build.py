@@ -405,3 +405,36 @@ def test_sigterm_stops_the_build_cleanly(checkpoint: Path, tmp_path: Path) -> No
     assert not out.exists() and not list(tmp_path.glob(".artifact.*")), (
         "partial and capacity dirs are removed"
     )
+
+
+def test_hf_source_from_the_hub_cache(checkpoint: Path, tmp_path: Path) -> None:
+    """hf://org/name@rev goes through huggingface_hub.snapshot_download (offline here: its cache layout)."""
+    import shutil
+
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "work" / "hf" / "models--kiln--tiny"
+    snapshot = repo / "snapshots" / commit
+    shutil.copytree(checkpoint, snapshot)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    out, res = tmp_path / "art", tmp_path / "result.json"
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "KILN_WORK_DIR": str(tmp_path / "work"),
+        "OMP_NUM_THREADS": "1",
+    }
+    cmd = [sys.executable, "-m", "kiln_engine.cli", "build", "--model", "hf://kiln/tiny@main",
+           "--output", str(out), "--no-measure-capacity", "--no-progress-bar",
+           "--result-file", str(res)]  # fmt: skip
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    manifest = verify_artifact(out)
+    assert manifest.source == "hf://kiln/tiny@main" and json.loads(res.read_text())["ok"] is True
+    assert greedy(out, 4) == greedy(checkpoint, 4)
+    cmd[cmd.index("hf://kiln/tiny@main")] = "hf://kiln/absent"
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1 and json.loads(res.read_text())["reason"] in (
+        "CheckpointNotFound",
+        "FetchFailed",
+    )
