@@ -18,7 +18,7 @@ import pytest
 
 from kiln.demo import manifests
 from kiln.demo.kube import Kubectl, wait_for
-from kiln.demo.stack import Stack, processes_mentioning, repo_root
+from kiln.demo.stack import Stack, repo_root
 from kiln.demo.steps import DemoError, Progress
 from kiln.demo.story import Story, ask, autoscale
 
@@ -241,21 +241,18 @@ def test_delete_leaves_nothing_behind(story: Story, kubectl: Kubectl, kiln_stack
     engines = [e["metadata"]["name"] for e in kubectl.items("llmengines")]
     assert engines
     kubectl("delete", "llmdeployment", NAME, "--wait=true", "--timeout=120s")
-    selector = f"kiln.dev/deployment={NAME}"
 
+    # The story's namespace holds nothing else: whatever is left there was left by Kiln.
     def left() -> dict[str, list[str]]:
         found = {
-            kind: [item["metadata"]["name"] for item in kubectl.items(kind, "-A", "-l", selector)]
-            for kind in ("pods", "deployments", "services", "jobs")
+            kind: [
+                item["metadata"]["name"]
+                for item in kubectl.items(kind, "-n", story.namespace)
+                if (kind, item["metadata"]["name"]) != ("services", "kubernetes")
+            ]
+            for kind in ("pods", "deployments", "services", "jobs", "llmengines")
         }
-        found["llmengines"] = [e["metadata"]["name"] for e in kubectl.items("llmengines")]
-        found["build and engine pods"] = [
-            p["metadata"]["name"] for p in kubectl.items("pods", "-n", "default")
-        ]
-        serving = set(processes_mentioning("kiln-engine"))
-        found["processes"] = [
-            str(pid) for pid in processes_mentioning(str(kiln_stack.cache_dir)) if pid in serving
-        ]
+        found["engine processes"] = [str(pid) for pid in kiln_stack.engine_processes()]
         return {kind: names for kind, names in found.items() if names}
 
     remaining: dict[str, list[str]] = {}

@@ -43,7 +43,8 @@ Controllers = Literal["auto", "chart", "local"]
 
 RELEASE = "kiln"
 RELEASE_NAMESPACE = "kiln-system"
-PROCESS_NODE = "kiln-process-node"
+PROCESS_NODE = "kiln-process-node"  # the Node
+PROCESS_NODE_KEY = "process-node"  # its process in state.json and its log (logs/process-node.log)
 # Where the chart's values for the local cluster may live (the first that exists is used).
 LOCAL_VALUES_CANDIDATES = (
     "values-local.yaml",
@@ -84,6 +85,50 @@ def free_port() -> int:
 def _die_with_parent() -> None:
     libc = ctypes.CDLL(None, use_errno=True)
     libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+
+
+def _stat_fields(pid: int) -> list[str] | None:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (FileNotFoundError, ProcessLookupError, PermissionError):
+        return None
+
+
+def cmdline(pid: int) -> str:
+    """The command line of `pid` (arguments joined by spaces), or "" if it is gone."""
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except (FileNotFoundError, ProcessLookupError, PermissionError):
+        return ""
+
+
+def descendants(root: int) -> list[int]:
+    """Live (non-zombie) descendants of `root`."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            fields = _stat_fields(int(entry.name))
+            if fields is not None and fields[0] != "Z":
+                children.setdefault(int(fields[1]), []).append(int(entry.name))
+    found: list[int] = []
+    todo = [root]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def is_engine_server(argv: list[str]) -> bool:
+    """Whether a command line runs `kiln-engine serve` (directly, or through its interpreter)."""
+    return any(
+        Path(argv[i]).name == "kiln-engine" and argv[i + 1] == "serve" for i in range(min(2, len(argv) - 1))
+    )
+
+
+def engine_processes(root: int) -> list[int]:
+    """`kiln-engine serve` processes among the descendants of `root` (the process node)."""
+    return sorted(pid for pid in descendants(root) if is_engine_server(cmdline(pid).split(" ")))
 
 
 def processes_mentioning(text: str) -> list[int]:
@@ -388,6 +433,8 @@ class Stack:
         if self._api is not None:
             self._api.close()
             self._api = None
+        node = self.process_node_pid()
+        pods = {pid: cmdline(pid) for pid in (descendants(node) if node else [])}
         # Controllers first (they would react to pods vanishing), then the node (it stops its pods).
         for name in ("autoscaler", "operator", "process-node"):
             process = self.processes.get(name)
@@ -400,10 +447,29 @@ class Stack:
         (self.directory / "demo.json").unlink(missing_ok=True)
         self.cluster.stop()
         leftovers = processes_mentioning(str(self.directory))
+        leftovers += [
+            pid for pid, line in pods.items() if line and cmdline(pid) == line and pid not in leftovers
+        ]
         for pid in leftovers:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.kill(pid, signal.SIGKILL)
         return leftovers
+
+    def process_node_pid(self) -> int | None:
+        """Pid of the running process node (started by the cluster or by the stack)."""
+        process = self.processes.get("process-node")
+        if process is not None:
+            return process.pid if process.poll() is None else None
+        state = self.state or cluster.read_state(self.directory)
+        if state is None or PROCESS_NODE_KEY not in state.pids:
+            return None
+        pid = state.pids[PROCESS_NODE_KEY]
+        return pid if cluster.alive(state).get(PROCESS_NODE_KEY) else None
+
+    def engine_processes(self) -> list[int]:
+        """Pids of the engine servers running on the process node now."""
+        node = self.process_node_pid()
+        return engine_processes(node) if node else []
 
     def log_tails(
         self, names: tuple[str, ...] = ("process-node", "operator", "autoscaler"), lines: int = 20

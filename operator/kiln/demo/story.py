@@ -21,7 +21,7 @@ import httpx
 from kiln.demo import manifests
 from kiln.demo.kube import ready_endpoints
 from kiln.demo.load import Load, LoadStats, scrape_ttft, ttft_window
-from kiln.demo.stack import Stack, processes_mentioning, repo_root
+from kiln.demo.stack import Stack, repo_root
 from kiln.demo.steps import DemoError, Progress
 
 QUESTION = "What is Kiln?"
@@ -98,9 +98,8 @@ class Story:
         return [f"{endpoint}/v1/completions" for endpoint in self.endpoints]
 
     def engine_processes(self) -> list[int]:
-        """Pids of `kiln-engine serve` processes serving from this stack's engine cache."""
-        serving = set(processes_mentioning("serve"))
-        return sorted(pid for pid in processes_mentioning(str(self.stack.cache_dir)) if pid in serving)
+        """Pids of the `kiln-engine serve` processes the process node runs."""
+        return self.stack.engine_processes()
 
 
 def service_from_endpoint(endpoint: str, default_port: int) -> tuple[str, int]:

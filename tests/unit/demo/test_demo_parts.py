@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import os
+import subprocess
 import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -13,7 +15,9 @@ from pathlib import Path
 import pytest
 
 from kiln.demo import manifests
+from kiln.demo.kube import wait_for
 from kiln.demo.load import Load, ttft_window
+from kiln.demo.stack import cmdline, descendants, engine_processes, is_engine_server
 from kiln.demo.steps import DemoError, Progress, StepFailed, clock
 
 ROOT = Path(__file__).resolve().parents[3]
@@ -186,3 +190,27 @@ def test_load_counts_failures_when_no_other_replica_answers(server: str) -> None
     assert load.stats.ok == 0 and load.stats.failed > 5 and load.stats.retried == 0
     assert load.stats.errors[0].startswith("HTTP 503")
     assert len(load.stats.errors) == 5  # only the first few are kept
+
+
+def test_engine_servers_are_recognised_by_their_command_line() -> None:
+    assert is_engine_server(["/venv/bin/kiln-engine", "serve", "--artifact", "x"])
+    assert is_engine_server(["/venv/bin/python3", "/venv/bin/kiln-engine", "serve"])
+    assert not is_engine_server(["/venv/bin/kiln-engine", "build", "--model", "serve"])
+    assert not is_engine_server(["sh", "-c", "kiln-engine serve"])
+
+
+def test_engine_processes_are_found_among_the_node_s_descendants(tmp_path: Path) -> None:
+    engine = tmp_path / "kiln-engine"
+    engine.write_text("#!/bin/sh\nsleep 30\n")
+    engine.chmod(0o755)
+    pod = subprocess.Popen(["sh", "-c", f"{engine} serve --port 1; true"])  # the pod's shell
+    try:
+        found = wait_for(lambda: engine_processes(os.getpid()), 10, "the engine-like child")
+        assert len(found) == 1 and found[0] in descendants(pod.pid)
+        assert f"{engine} serve" in cmdline(found[0])
+    finally:
+        for pid in descendants(pod.pid):
+            os.kill(pid, 9)
+        pod.kill()
+        pod.wait()
+    assert wait_for(lambda: engine_processes(os.getpid()) == [], 10, "the engine to go")
