@@ -98,8 +98,8 @@ def demo(
             mode = stack.install_kiln(controllers)
             where = "as pods of the chart" if mode == "chart" else "as local subprocesses (fallback)"
             progress.info(f"operator and autoscaler running {where}")
-        story = Story(stack, manifest)
         with progress.step(f"Apply {manifest.name}"):
+            story = Story(stack, manifest)
             apply_example(story, progress)
         with progress.step("Build the engine (LLMEngine → build Job on the process node)"):
             watch_engine_build(story, progress)
@@ -127,16 +127,20 @@ def demo(
     elif story is not None:
         _summary(story, result, folder, keep)
 
+    teardown = teardown_command(stack, directory)
     if keep:
-        click.echo(
-            f"\n--keep: the cluster is still up. Tear down with: kiln demo --down"
-            f"{'' if directory is None else f' --dir {folder}'}"
-        )
+        click.echo(f"\n--keep: everything is still running. Tear down with:\n  {teardown}")
     else:
-        with progress.step("Tear down"):
-            leftovers = stack.stop()
-            if leftovers:
-                progress.info(f"killed {len(leftovers)} processes that outlived SIGTERM: {leftovers}")
+        try:
+            with progress.step("Tear down"):
+                leftovers = stack.stop()
+                if leftovers:
+                    progress.info(f"killed {len(leftovers)} processes that outlived SIGTERM: {leftovers}")
+        except StepFailed as error:
+            click.echo(f"tear down failed: {error.detail}; try: {teardown}", err=True)
+            failed = failed or error
+        if failed is None:
+            click.echo(f"\n(after `bash e2e/demo.sh --keep`, tear down with: {teardown})")
     click.echo(f"\ntotal wall time {clock(progress.elapsed())} ({progress.elapsed():.0f} s)")
     if failed is not None:
         sys.exit(1)
@@ -165,24 +169,36 @@ def _summary(story: Story, result: object, folder: Path, keep: bool) -> None:
                 "note: TTFT p50 stayed above target after scale-up (this machine is busy; "
                 "try --concurrency lower)"
             )
-    if keep:
-        kubeconfig = folder / "kubeconfig"
-        path = (
-            f"/api/v1/namespaces/{story.namespace}/services/{story.service}:{story.port}/proxy/v1/completions"
-        )
-        click.echo("\nTalk to the model:")
-        click.echo(f"  export KUBECONFIG={kubeconfig}")
-        click.echo(f"  export PATH={bin_dir()}:$PATH   # kubectl, helm")
-        click.echo("  kubectl proxy --port=8001 &")
-        click.echo(
-            f"  curl -s http://127.0.0.1:8001{path} -H 'Content-Type: application/json' -d "
-            f'\'{{"model": "{story.served_name}", "prompt": "<|bos|><|user|>\\nWhat is Kiln?<|end|>\\n'
-            f'<|assistant|>\\n", "max_tokens": 48, "stop": ["<|end|>"]}}\''
-        )
-        if story.endpoints:
-            click.echo(f"  (or straight to a pod: {story.endpoints[0]}/v1/completions)")
-    else:
-        click.echo(
-            "\nRun `bash e2e/demo.sh --keep` to leave the model up and talk to it "
-            "(`kiln demo --down` tears it down)."
-        )
+    click.echo(
+        "\nTalk to the model" + ("" if keep else " (run `bash e2e/demo.sh --keep` to leave it up)") + ":"
+    )
+    for line in talk_lines(story, folder):
+        click.echo(f"  {line}")
+
+
+def talk_lines(story: Story, folder: Path) -> list[str]:
+    """Shell lines that ask the model what the demo asked, the way the demo reached it."""
+    body = (
+        f'{{"model": "{story.served_name}", "prompt": "<|bos|><|user|>\\nWhat is Kiln?<|end|>\\n'
+        f'<|assistant|>\\n", "max_tokens": 48, "stop": ["<|end|>"]}}'
+    )
+    pod = story.endpoints[0] if story.endpoints else None
+    if story.route != "service-proxy" and pod:
+        return [f"curl -s {pod}/v1/completions -H 'Content-Type: application/json' -d '{body}'"]
+    path = f"/api/v1/namespaces/{story.namespace}/services/{story.service}:{story.port}/proxy/v1/completions"
+    lines = [
+        f"export KUBECONFIG={folder / 'kubeconfig'} PATH={bin_dir()}:$PATH",
+        "kubectl proxy --port=8001 &",
+        f"curl -s http://127.0.0.1:8001{path} -H 'Content-Type: application/json' -d '{body}'",
+    ]
+    if pod:
+        lines.append(f"# or straight to a serving pod: {pod}/v1/completions")
+    return lines
+
+
+def teardown_command(stack: Stack, directory: Path | None) -> str:
+    """`kiln local down` when it stops everything, else `kiln demo --down` (it also stops the
+    processes the demo started itself)."""
+    where = "" if directory is None else f" --dir {stack.directory}"
+    own = stack.controllers_mode == "local" or not stack.node_in_cluster
+    return f"kiln demo --down{where}" if own else f"kiln local down{where}"
