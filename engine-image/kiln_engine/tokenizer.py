@@ -133,7 +133,9 @@ class Tokenizer:
         return bool(self.templates)
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        return list(self.tk.encode(text, add_special_tokens=add_special_tokens).ids)
+        # encode_batch releases the GIL (encode holds it): a megabyte prompt tokenized in a server
+        # thread would otherwise stall the event loop, /health included, for seconds.
+        return list(self.tk.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids)
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         return str(self.tk.decode(list(ids), skip_special_tokens=skip_special_tokens))

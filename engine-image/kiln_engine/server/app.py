@@ -17,7 +17,8 @@ from typing import Any, Protocol
 
 import uvicorn
 from fastapi import APIRouter, Depends, FastAPI, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from starlette.concurrency import run_in_threadpool
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from kiln_engine.interface import Engine, TokenLogprob
@@ -179,7 +180,7 @@ def create_app(model: ServedModel, settings: ServerSettings | None = None) -> Fa
             raise OpenAIError("engine thread is not running", 503, code="engine_dead")
         return JSONResponse({"status": "ready", "model": model.name})
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=PlainTextResponse)
     async def metrics_endpoint() -> Response:
         return Response(metrics.render(), media_type=CONTENT_TYPE)
 
@@ -190,12 +191,26 @@ def create_app(model: ServedModel, settings: ServerSettings | None = None) -> Fa
         for code, what in ((400, "Invalid request"), (401, "Missing or invalid API key"), (503, "Draining"))
     }
     api = APIRouter(prefix="/v1", dependencies=[Depends(require_auth)], responses=error_responses)
+    # With "stream": true the answer is server-sent events, one JSON chunk per `data:` line.
+    streamed: dict[int | str, dict[str, Any]] = {
+        200: {
+            "content": {
+                "text/event-stream": {
+                    "schema": {
+                        "type": "object",
+                        "properties": {"data": {"type": "string"}},
+                        "required": ["data"],
+                    }
+                }
+            }
+        }
+    }
 
     @api.get("/models", response_model=p.ModelList)
     async def list_models() -> p.ModelList:
         return p.ModelList(data=[p.ModelCard(id=model.name, max_model_len=model.engine.max_model_len)])
 
-    @api.post("/completions", response_model=p.CompletionResponse)
+    @api.post("/completions", response_model=p.CompletionResponse, responses=streamed)
     async def completions(req: p.CompletionRequest, request: Request) -> Response:
         admit(req)
 
@@ -205,10 +220,14 @@ def create_app(model: ServedModel, settings: ServerSettings | None = None) -> Fa
                 if len(prompt) != 1:
                     raise OpenAIError("only one prompt per request is supported", param="prompt")
                 prompt = prompt[0]
-            ids = model.tokenizer.encode(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
+            ids = (
+                encode_bounded(model.tokenizer.encode, prompt, model.engine.max_model_len, "prompt")
+                if isinstance(prompt, str)
+                else [int(t) for t in prompt]
+            )
             return prepare(ids, req.max_tokens, settings.default_completion_max_tokens, "prompt")
 
-        prep = _prep()
+        prep = await run_in_threadpool(_prep)  # tokenizing a long prompt must not stall the loop
         params = p.to_sampling_params(req, prep.max_tokens, req.logprobs)
         rid = f"cmpl-{prep.request_id}"
         request.state.submitted = True
@@ -234,7 +253,7 @@ def create_app(model: ServedModel, settings: ServerSettings | None = None) -> Fa
             lambda ds: _completion_response(rid, model.name, ds, req.logprobs is not None),
         )  # fmt: skip
 
-    @api.post("/chat/completions", response_model=p.ChatCompletionResponse)
+    @api.post("/chat/completions", response_model=p.ChatCompletionResponse, responses=streamed)
     async def chat_completions(req: p.ChatCompletionRequest, request: Request) -> Response:
         admit(req)
 
@@ -248,9 +267,10 @@ def create_app(model: ServedModel, settings: ServerSettings | None = None) -> Fa
                 raise OpenAIError(f"cannot apply the chat template: {exc}", param="messages") from exc
             encode = model.chat_encode or model.tokenizer.encode
             requested = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
-            return prepare(encode(text), requested, None, "messages")
+            ids = encode_bounded(encode, text, model.engine.max_model_len, "messages")
+            return prepare(ids, requested, None, "messages")
 
-        prep = _prep()
+        prep = await run_in_threadpool(_prep)  # templating and tokenizing must not stall the loop
         num_logprobs = (req.top_logprobs or 0) if req.logprobs else None
         params = p.to_sampling_params(req, prep.max_tokens, num_logprobs)
         rid = f"chatcmpl-{prep.request_id}"
@@ -374,6 +394,38 @@ class RejectedRequestCounter:
             await send(message)
 
         await self.app(scope, receive, watch)
+
+
+# ---------------------------------------------------------------------- prompt tokenizing
+
+# A prefix of this many characters per context token is tokenized first when the prompt is longer.
+PROBE_CHARS_PER_TOKEN = 64
+
+
+def encode_bounded(encode: Callable[[str], list[int]], text: str, limit: int, param: str) -> list[int]:
+    """Token ids of `text`, refusing a prompt early when a prefix of it already overflows `limit`.
+
+    Tokenizing costs about a second per megabyte of CPU. A tokenizer splits text into words before
+    merging, so a prefix cut at a space has no more tokens than the whole text: when it already
+    has more than `limit`, the prompt cannot fit and the rest is never tokenized.
+    """
+    try:
+        probe = limit * PROBE_CHARS_PER_TOKEN
+        if len(text) > probe:
+            cut = text.rfind(" ", probe // 2, probe)
+            head = encode(text[: cut if cut > 0 else probe])
+            if len(head) > limit:
+                raise OpenAIError(
+                    f"the prompt is at least {len(head)} tokens (its first {probe} characters alone); "
+                    f"this model's context is {limit} tokens",
+                    param=param,
+                    code="context_length_exceeded",
+                )
+        return encode(text)
+    except (TypeError, UnicodeError) as exc:  # lone surrogates ("\ud800") decode from JSON but are not text
+        raise OpenAIError(
+            f"the prompt is not valid Unicode text: {exc}", param=param, code="invalid_text"
+        ) from exc
 
 
 # ---------------------------------------------------------------------- response helpers

@@ -41,7 +41,8 @@ class _SamplingFields(BaseModel):
     stream: StrictBool = False
     stream_options: StreamOptions | None = None
     stop: StrictStr | list[StrictStr] | None = None
-    seed: StrictInt | None = None
+    # torch generators take a 64-bit seed: anything wider is a client error, not an engine failure.
+    seed: StrictInt | None = Field(default=None, ge=-(2**63), le=2**64 - 1)
     presence_penalty: Annotated[Number, Field(ge=0.0, le=0.0)] | None = Field(
         default=None, description="Not supported: only 0 is accepted."
     )
