@@ -144,19 +144,33 @@ class LLMEngine:
             return outputs
         tokens, logprobs = self.runner.execute(sched.chunks)
         self.scheduler.complete_step(sched)
-        sampling = [c.seq for c in sched.chunks if c.samples]
+        # Per-sequence work below runs for every decoding sequence every step (a thousand at a
+        # time), so it stays lean: no text state without a tokenizer, one loop, few lookups.
+        sampling = [c.seq for c in sched.chunks if c.start + c.num_tokens == len(c.seq.token_ids)]
         for seq, token, lp in zip(sampling, tokens, logprobs, strict=True):
-            seq.append_token(token)
+            seq.token_ids.append(token)
             if lp is not None:
                 seq.pending_logprobs.append(lp)
-        self._detokenize(sampling, tokens)
+        if self.texts:
+            self._detokenize(sampling, tokens)
         for seq, token in zip(sampling, tokens, strict=True):
             reason = self._check_stop(seq, token)
             if reason is not None:
                 self.scheduler.finish(seq, reason)
-            outputs.append(self._output(seq, [token]))
-            if seq.is_finished:
+                outputs.append(self._output(seq, [token]))
                 self._forget(seq)
+            elif not self.texts and not seq.pending_logprobs:
+                outputs.append(
+                    RequestOutput(
+                        request_id=seq.request_id,
+                        new_token_ids=[token],
+                        prompt_tokens=seq.num_prompt_tokens,
+                        completion_tokens=len(seq.token_ids) - seq.num_prompt_tokens,
+                        cached_prompt_tokens=seq.num_cached_tokens,
+                    )
+                )
+            else:
+                outputs.append(self._output(seq, [token]))
         return outputs
 
     # -- helpers -----------------------------------------------------------------------------------
@@ -174,13 +188,13 @@ class LLMEngine:
 
     def _check_stop(self, seq: Sequence, token: int) -> str | None:
         p = seq.params
-        state = self.texts.get(seq.request_id)
-        prev_len = state.prev_len if state is not None else 0
         if not p.ignore_eos and token in self.eos_token_ids:
             return "stop"
-        if token in p.stop_token_ids:
+        if p.stop_token_ids and token in p.stop_token_ids:
             return "stop"
-        if p.stop and state is not None:
+        state = self.texts.get(seq.request_id) if p.stop else None
+        if state is not None:
+            prev_len = state.prev_len
             for s in p.stop:
                 idx = state.text.find(s, max(0, prev_len - len(s) + 1))
                 if idx >= 0:

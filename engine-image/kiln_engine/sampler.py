@@ -30,7 +30,7 @@ class SamplingBatch:
     num_rows: int
     all_greedy: bool
     needs_filter: bool
-    logprobs: list[int | None]
+    logprobs: list[int | None]  # per row; empty when no row wants logprobs
     max_logprobs: int
     seeded: list[tuple[int, torch.Generator]] = field(default_factory=list)
     temperatures: torch.Tensor | None = None
@@ -59,6 +59,13 @@ class Sampler:
     def prepare(self, requests: list[SampleRequest], vocab_size: int) -> SamplingBatch:
         """Per-row parameters as device tensors, built before the forward pass (async copies)."""
         params = [r.params for r in requests]
+        # The common case (every row greedy, no logprobs, no seed) costs one pass over the
+        # distinct parameter objects, not five passes over the rows.
+        distinct = {id(p): p for p in params}.values()
+        if all(p.temperature <= 0.0 and p.logprobs is None and p.seed is None for p in distinct):
+            return SamplingBatch(
+                num_rows=len(requests), all_greedy=True, needs_filter=False, logprobs=[], max_logprobs=0
+            )
         greedy = [p.temperature <= 0.0 for p in params]
         top_ks = [p.top_k if 0 < p.top_k < vocab_size else vocab_size for p in params]
         top_ps = [p.top_p for p in params]
@@ -95,7 +102,7 @@ class Sampler:
         tokens = logits.argmax(dim=-1)
         if not batch.all_greedy:
             tokens = self._sample(logits, batch, tokens)
-        want = batch.logprobs
+        want = batch.logprobs  # empty: nobody asked for logprobs
         if not any(w is not None for w in want):
             return tokens.tolist(), [None] * batch.num_rows
         logprobs = torch.log_softmax(logits, dim=-1)

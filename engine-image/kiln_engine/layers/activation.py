@@ -8,6 +8,14 @@ from torch import nn
 
 
 class SiluAndMul(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fused = False  # set by the model runner: one Triton pass instead of three
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fused:
+            from kiln_engine.layers.fused import silu_and_mul
+
+            return silu_and_mul(x)
         gate, up = x.chunk(2, dim=-1)
         return F.silu(gate) * up

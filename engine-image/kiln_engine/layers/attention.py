@@ -140,10 +140,13 @@ class TorchAttentionBackend:
 def make_backend(name: str, device: torch.device) -> AttentionBackend:
     """The backend for `EngineConfig.attention_backend`.
 
-    "auto" is the torch reference until the Triton kernel has been validated on GPUs (issue 6);
-    "triton" selects `TritonAttentionBackend` (CUDA, or CPU under TRITON_INTERPRET=1).
+    "auto" is the Triton kernels on CUDA (checked against the reference on the GPU by
+    `bench/engine_throughput.py --check`) and the torch reference elsewhere; "triton" selects
+    `TritonAttentionBackend` anywhere (CUDA, or CPU under TRITON_INTERPRET=1).
     """
-    if name in ("auto", "torch"):
+    if name == "auto":
+        name = "triton" if device.type == "cuda" else "torch"
+    if name == "torch":
         return TorchAttentionBackend()
     if name == "triton":
         from kiln_engine.layers.triton_attention import TritonAttentionBackend
@@ -173,4 +176,8 @@ class Attention(nn.Module):
     ) -> torch.Tensor:
         """q [T, Hq, D], k/v [T, Hkv, D] -> [T, Hq, D]."""
         write_kv(k, v, self.k_cache, self.v_cache, meta.slot_mapping)
+        return self.attend(q, meta)
+
+    def attend(self, q: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        """Attention over the cache alone, for callers that already stored this step's K/V."""
         return self.backend.forward(q, self.k_cache, self.v_cache, meta, self.scale, self.sliding_window)

@@ -1,4 +1,4 @@
-"""RMSNorm, optionally fused with the residual add that precedes it."""
+"""RMSNorm, optionally fused with the residual add that precedes it (one Triton kernel when `fused`)."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(size, dtype=dtype), requires_grad=False)
+        self.fused = False  # set by the model runner: Triton kernel instead of the torch reference
 
     def _norm(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
@@ -19,9 +20,19 @@ class RMSNorm(nn.Module):
         return self.weight * x.to(dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fused:
+            from kiln_engine.layers.fused import rms_norm
+
+            return rms_norm(x, self.weight, self.eps)[0]
         return self._norm(x)
 
     def add_forward(self, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Return (norm(x + residual), x + residual): the next sublayer's input and residual."""
+        if self.fused:
+            from kiln_engine.layers.fused import rms_norm
+
+            out, res = rms_norm(x, self.weight, self.eps, residual)
+            assert res is not None
+            return out, res
         residual = x + residual
         return self._norm(residual), residual

@@ -149,12 +149,21 @@ class TritonAttentionBackend:
     name = "triton"
 
     def __init__(
-        self, block_m: int = 16, block_n: int = 32, max_splits: int = 8, split_min_keys: int = 512
+        self,
+        block_m: int = 16,
+        block_n: int = 64,
+        max_splits: int = 8,
+        split_min_keys: int = 512,
+        prefill_block_m: int | None = 64,
+        prefill_block_n: int | None = 64,
     ) -> None:
-        self.block_m = block_m
+        self.block_m = block_m  # decode: GROUP rows of a tile are used, so keep it small
         self.block_n = block_n
         self.max_splits = max_splits
         self.split_min_keys = split_min_keys
+        # Prefill tiles hold BLOCK_M / GROUP query tokens: larger tiles keep the tensor cores fed.
+        self.prefill_block_m = prefill_block_m or block_m
+        self.prefill_block_n = prefill_block_n or block_n
 
     def num_splits(self, meta: AttentionMetadata, kv_heads: int) -> int:
         """Split-K only for decode batches too small to fill the GPU with (sequence, KV head) programs."""
@@ -182,7 +191,10 @@ class TritonAttentionBackend:
         group = num_heads // kv_heads
         splits = self.num_splits(meta, kv_heads)
         block_d = triton.next_power_of_2(head_dim)
-        tiles = triton.cdiv(meta.max_query_len * group, self.block_m)
+        decode = meta.max_query_len == 1
+        block_m = self.block_m if decode else max(self.prefill_block_m, triton.next_power_of_2(group))
+        block_n = self.block_n if decode else self.prefill_block_n
+        tiles = triton.cdiv(meta.max_query_len * group, block_m)
         if splits > 1:
             num_tokens = q.shape[0]
             part_m = torch.empty(num_tokens, num_heads, splits, dtype=torch.float32, device=q.device)
@@ -218,12 +230,13 @@ class TritonAttentionBackend:
             HEAD_DIM=head_dim,
             BLOCK_D=block_d,
             KV_BLOCK=meta.block_size,
-            BLOCK_M=self.block_m,
-            BLOCK_N=self.block_n,
+            BLOCK_M=block_m,
+            BLOCK_N=block_n,
             USE_WINDOW=sliding_window is not None,
             # bf16/fp16 run on tensor cores with fp32 accumulation; fp32 stays exact (no tf32).
             PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
             SPLITS=splits,
+            num_warps=8 if block_m >= 128 else 4,
         )
         if splits > 1:
             out = _merge_splits(part_m, part_l, part_acc)[..., :head_dim].to(q.dtype)

@@ -62,6 +62,7 @@ class LlamaAttention(nn.Module):
             self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, dtype)
             self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, dtype)
         self.rotary_emb = rotary
+        self.fused = False  # set by the model runner: RoPE and the K/V store in one Triton kernel
         self.attn = Attention(
             self.num_heads,
             self.num_kv_heads,
@@ -78,8 +79,17 @@ class LlamaAttention(nn.Module):
         v = v.view(-1, self.num_kv_heads, self.head_dim)
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = self.rotary_emb(positions, q, k)
-        out = self.attn(q, k, v, meta)
+        if self.fused:
+            from kiln_engine.layers.fused import rope_and_store_kv
+
+            attn = self.attn
+            q = rope_and_store_kv(
+                positions, q, k, v, self.rotary_emb.cos_sin, attn.k_cache, attn.v_cache, meta.slot_mapping
+            )
+            out = attn.attend(q, meta)
+        else:
+            q, k = self.rotary_emb(positions, q, k)
+            out = self.attn(q, k, v, meta)
         return self.o_proj(out.reshape(-1, self.q_size))
 
 
