@@ -63,25 +63,24 @@ def node_status(facts: NodeFacts, ready: bool, now: str, since: str, reason: str
         {
             "type": kind,
             "status": "False",
-            "reason": f"KubeletHas{label}",
-            "message": f"process node has {label.lower()}",
+            "reason": reason,
+            "message": message,
             "lastHeartbeatTime": now,
             "lastTransitionTime": since,
         }
-        for kind, label in (
-            ("MemoryPressure", "SufficientMemory"),
-            ("DiskPressure", "NoDiskPressure"),
-            ("PIDPressure", "SufficientPID"),
+        for kind, reason, message in (
+            ("MemoryPressure", "KubeletHasSufficientMemory", "process node has sufficient memory available"),
+            ("DiskPressure", "KubeletHasNoDiskPressure", "process node has no disk pressure"),
+            ("PIDPressure", "KubeletHasSufficientPID", "process node has sufficient PID available"),
         )
     ]
     status: dict[str, Any] = {
         "capacity": capacity,
         "allocatable": dict(capacity),
         "conditions": [*pressure, ready_condition(ready, now, since, reason)],
-        "addresses": [
-            {"type": "InternalIP", "address": HOST_IP},
-            {"type": "Hostname", "address": facts.name},
-        ],
+        # No Hostname address: the API server dials the first of Hostname, InternalDNS, InternalIP
+        # for logs, and the node's name resolves nowhere.
+        "addresses": [{"type": "InternalIP", "address": HOST_IP}],
         "nodeInfo": {
             "architecture": facts.arch,
             "operatingSystem": "linux",

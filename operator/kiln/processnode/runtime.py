@@ -52,9 +52,13 @@ PASSED_ENV = (
 )
 
 
+# Looked up once here: between fork and exec (with other threads about) the child must not dlopen.
+_PRCTL = ctypes.CDLL(None, use_errno=True).prctl
+
+
 def _die_with_parent() -> None:
     """In the forked child: SIGKILL it if the agent dies without stopping it."""
-    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    _PRCTL(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
 
 
 def signal_group(pgid: int, signum: int) -> None:
@@ -119,8 +123,9 @@ class ContainerRunner:
             self.spec, facts, worker.config_map_text, worker.secret_text, worker.ctx.node_allocatable
         )
         container_mounts = mounts.container_mounts(self.spec, worker.volume_paths, self.termination_file)
-        argv = mounts.rewrite_argv(envvars.container_argv(self.spec, env), container_mounts)
+        # Env values are rewritten first, so `$(DIR)/x` inside a shell script still names the host path.
         env = mounts.rewrite_env(env, container_mounts)
+        argv = mounts.rewrite_argv(envvars.container_argv(self.spec, env), container_mounts)
         full_env = base_env(worker.ctx.path_prefix, worker.ctx.agent_env)
         full_env["HOSTNAME"] = worker.name
         full_env.update(env)
