@@ -20,9 +20,10 @@ prompt set of the trained tiny checkpoint in `examples/tiny-chat` in bf16, and t
 (relative error) on the 8B-shaped model.
 
     PYTHONPATH=engine-image python bench/engine_throughput.py --out bench/results/h200.json
-    PYTHONPATH=engine-image python bench/engine_throughput.py --modes fp8 --workloads 128/128 --num-requests 256
+    PYTHONPATH=engine-image python bench/engine_throughput.py --modes fp8 --workloads 128/128 \
+        --num-requests 256
     PYTHONPATH=engine-image python bench/engine_throughput.py --check
-    PYTHONPATH=engine-image python bench/engine_throughput.py --tiny --device cpu   # the same code paths, small
+    PYTHONPATH=engine-image python bench/engine_throughput.py --tiny --device cpu   # same paths, small
 """
 
 from __future__ import annotations
@@ -323,8 +324,8 @@ def bench_mode(
         r["max_num_seqs"] = engine.config.max_num_seqs
         result["workloads"][w.name] = r
         log(
-            f"{mode} {w.name}: {r['output_tokens_per_s']:.0f} output tok/s ({r['seconds']:.1f}s, {r['steps']} steps, "
-            f"batch <= {r['max_running']}, {r['preemptions']} preemptions)"
+            f"{mode} {w.name}: {r['output_tokens_per_s']:.0f} output tok/s ({r['seconds']:.1f}s, "
+            f"{r['steps']} steps, batch <= {r['max_running']}, {r['preemptions']} preemptions)"
         )
         if args.partial is not None:
             args.partial[mode] = result
@@ -338,7 +339,8 @@ def bench_mode(
     itl["ratio_to_floor"] = itl["itl_ms_median"] / floor_ms
     result["itl_batch1"] = itl
     log(
-        f"{mode} ITL batch 1: {itl['itl_ms_median']:.2f} ms (floor {floor_ms:.2f} ms, {itl['ratio_to_floor']:.2f}x)"
+        f"{mode} ITL batch 1: {itl['itl_ms_median']:.2f} ms "
+        f"(floor {floor_ms:.2f} ms, {itl['ratio_to_floor']:.2f}x)"
     )
     if args.profile:
         result["profile"] = profile_steps(engine, vocab, args)
@@ -576,9 +578,11 @@ def table(results: dict[str, Any]) -> str:
     base1 = base.get("batch1", {}).get("output_tokens_per_s")
     dev = results["device"]
     lines = [
-        f"device: {dev['name']} | copy bandwidth {dev['copy_bandwidth_gb_s']:.0f} GB/s | bf16 mm {dev['bf16_tflops']:.0f} TFLOP/s"
-        f" | torch {dev['torch']} | requests/workload {results['num_requests']}",
-        f"{'mode':5} {'workload':9} {'out tok/s':>10} {'vs HF b' + str(results['baseline_batch']):>10} {'target':>8} {'vs target':>9} {'batch':>6} {'preempt':>7}",
+        f"device: {dev['name']} | copy bandwidth {dev['copy_bandwidth_gb_s']:.0f} GB/s | "
+        f"bf16 mm {dev['bf16_tflops']:.0f} TFLOP/s | torch {dev['torch']} | "
+        f"requests/workload {results['num_requests']}",
+        f"{'mode':5} {'workload':9} {'out tok/s':>10} {'vs HF b' + str(results['baseline_batch']):>10} "
+        f"{'target':>8} {'vs target':>9} {'batch':>6} {'preempt':>7}",
     ]
     for mode, r in results.get("modes", {}).items():
         for wname, w in r["workloads"].items():
@@ -593,9 +597,8 @@ def table(results: dict[str, Any]) -> str:
             )
     for mode, r in results.get("modes", {}).items():
         if "ttft" in r:
-            lines.append(
-                f"{mode:5} TTFT {r['ttft']['prompt_tokens']}-token prompt: {r['ttft']['ttft_ms_median']:.1f} ms"
-            )
+            t = r["ttft"]
+            lines.append(f"{mode:5} TTFT {t['prompt_tokens']}-token prompt: {t['ttft_ms_median']:.1f} ms")
         if "itl_batch1" in r:
             i = r["itl_batch1"]
             lines.append(

@@ -45,7 +45,7 @@ def use_fused_kernels(model: torch.nn.Module, fused: bool) -> None:
     """Switch every layer with a Triton fast path (norms, SwiGLU, RoPE + KV store) on or off."""
     for module in model.modules():
         if hasattr(module, "fused"):
-            module.fused = fused
+            setattr(module, "fused", fused)  # noqa: B010 (nn.Module types attributes as tensors)
 
 
 class ModelRunner:

@@ -1,4 +1,4 @@
-"""Fused Triton kernels for the per-token work between the GEMMs: (add +) RMSNorm, SwiGLU, RoPE + KV store, fp8 quant.
+"""Fused Triton kernels for the work between GEMMs: (add +) RMSNorm, SwiGLU, RoPE + KV store, fp8 quant.
 
 Each replaces a chain of small torch ops with one pass over the data, which matters twice: in
 prefill the chain moves the activations through memory several times, and in a decode step (a
