@@ -419,6 +419,10 @@ class BuildSpec(KubeModel):
     tolerations: Annotated[
         list[dict[str, Any]] | None, Field(default=None, description="Tolerations for the build Job.")
     ]
+    pod_annotations: Annotated[
+        dict[str, str] | None,
+        Field(default=None, description="Extra annotations on build pods (e.g. for a service mesh)."),
+    ]
     timeout_seconds: Annotated[
         int, Field(default=7200, ge=60, le=172800, description="Deadline of one build attempt.")
     ]
@@ -661,6 +665,9 @@ class LLMEngineSpec(KubeModel):
     cache: Annotated[str, Field(pattern=CACHE_PATTERN, description="Where the artifact is written.")]
     node_selector: Annotated[dict[str, str] | None, Field(default=None, description="Build node selector.")]
     tolerations: Annotated[list[dict[str, Any]] | None, Field(default=None, description="Build tolerations.")]
+    pod_annotations: Annotated[
+        dict[str, str] | None, Field(default=None, description="Build pod annotations.")
+    ]
     timeout_seconds: Annotated[int, Field(default=7200, ge=60, description="Build deadline.")]
     retries: Annotated[int, Field(default=2, ge=0, le=10, description="Build retries.")]
 
