@@ -97,7 +97,7 @@ class Progress:
             from tqdm import tqdm
 
             self._bar = tqdm(
-                total=100.0, unit="%", file=sys.stderr, bar_format="{l_bar}{bar}| {n:.0f}% {desc}"
+                total=100.0, file=sys.stderr, bar_format="{percentage:5.1f}% |{bar:30}| {elapsed} {desc}"
             )
 
     def update(self, step: str, fraction: float, message: str = "") -> None:
