@@ -64,7 +64,14 @@ def build() -> None:
     help="Folder of CRD YAML files to install; default: Kiln's generated crds/.",
 )
 @click.option("--timeout", default=90.0, show_default=True, help="Seconds to wait for each component.")
-def up(topology_name: str, directory: Path | None, crds: Path | None, timeout: float) -> None:
+@click.option(
+    "--process-node",
+    is_flag=True,
+    help="Also start `kiln process-node`: a real node whose pods run as local processes.",
+)
+def up(
+    topology_name: str, directory: Path | None, crds: Path | None, timeout: float, process_node: bool
+) -> None:
     """Start the control plane and create the topology's simulated nodes."""
     started = time.monotonic()
     try:
@@ -72,7 +79,7 @@ def up(topology_name: str, directory: Path | None, crds: Path | None, timeout: f
     except (FileNotFoundError, ValueError) as error:
         raise click.ClickException(str(error)) from error
     _binaries()
-    local_cluster = cluster.Cluster(directory, topology_name, crds)
+    local_cluster = cluster.Cluster(directory, topology_name, crds, process_node=process_node)
     try:
         state = local_cluster.start(progress=_echo, timeout=timeout)
     except (cluster.StartError, build_module.BuildError) as error:
@@ -109,7 +116,10 @@ def status(directory: Path | None) -> None:
         click.echo(f"no local cluster in {folder}")
         raise SystemExit(1)
     running = cluster.alive(state)
-    for name in cluster.COMPONENTS:
+    for name in [
+        *cluster.COMPONENTS,
+        *([cluster.PROCESS_NODE] if cluster.PROCESS_NODE in state.pids else []),
+    ]:
         pid = state.pids.get(name)
         word = "running" if running.get(name) else "stopped"
         click.echo(f"{name:24} {word:8} pid {pid}  port {state.ports.get(name)}  log {state.log(name)}")

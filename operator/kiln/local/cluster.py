@@ -24,6 +24,7 @@ import signal
 import socket
 import ssl
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -46,6 +47,9 @@ PR_SET_PDEATHSIG = 1  # prctl(2) option
 
 # Start order (see STOP_TIERS for the stop order).
 COMPONENTS = ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "kwok")
+# Optional: `kiln process-node`, a real node whose pods run as local processes (`up --process-node`).
+PROCESS_NODE = "process-node"
+PROCESS_NODE_NAME = "kiln-process-node"
 
 
 class StartError(RuntimeError):
@@ -330,13 +334,16 @@ class Cluster:
         crds: Path | None = None,
         *,
         die_with_parent: bool = False,
+        process_node: bool = False,
     ) -> None:
         """`die_with_parent`: components get SIGKILL if this process dies without stopping them
-        (tests use it, so a killed test run leaves nothing behind; `kiln local up` does not)."""
+        (tests use it, so a killed test run leaves nothing behind; `kiln local up` does not).
+        `process_node`: also start `kiln process-node` (node `kiln-process-node`)."""
         self.directory = (directory or default_dir()).resolve()
         self.topology_name = topology_name
         self.crds = crds if crds is not None else paths.crds_dir()
         self.die_with_parent = die_with_parent
+        self.process_node = process_node
         self.state: State | None = None
         self._processes: dict[str, subprocess.Popen[bytes]] = {}
 
@@ -412,6 +419,16 @@ class Cluster:
                     timeout,
                     "the default service account",
                 )
+                if self.process_node:
+                    self.state.commands[PROCESS_NODE] = process_node_command(self.directory)
+                    self._launch(PROCESS_NODE, self.state.commands[PROCESS_NODE])
+                    self._wait_until(
+                        PROCESS_NODE,
+                        lambda: node_ready(client, server, PROCESS_NODE_NAME),
+                        timeout,
+                        f"node {PROCESS_NODE_NAME} to become Ready",
+                    )
+                    progress(f"process node {PROCESS_NODE_NAME} Ready; log {self.state.log(PROCESS_NODE)}")
         except BaseException:
             self.stop()
             raise
@@ -473,7 +490,11 @@ class Cluster:
 
 # Stop order: clients of the API server first, then the API server, then its storage (an API
 # server whose etcd is gone does not finish its graceful shutdown).
-STOP_TIERS = (("kwok", "kube-scheduler", "kube-controller-manager"), ("kube-apiserver",), ("etcd",))
+STOP_TIERS = (
+    ("kwok", "kube-scheduler", "kube-controller-manager", PROCESS_NODE),
+    ("kube-apiserver",),
+    ("etcd",),
+)
 
 
 def stop_state(state: State, grace_seconds: float = 10.0) -> list[str]:
@@ -528,6 +549,27 @@ def create_nodes(client: httpx.Client, server: str, nodes: list[dict[str, Any]])
         response = client.post(f"{server}/api/v1/nodes", json=node)
         if response.status_code != 409 and not response.is_success:
             raise StartError(f"creating node {node['metadata']['name']} failed: {api_error(response)}")
+
+
+def process_node_command(directory: Path) -> list[str]:
+    """`kiln process-node` for the cluster in `directory` (argv[0] is the interpreter, for `alive`)."""
+    return [
+        sys.executable,
+        "-m",
+        "kiln.processnode",
+        f"--kubeconfig={directory / 'kubeconfig'}",
+        f"--name={PROCESS_NODE_NAME}",
+        f"--state-dir={directory / PROCESS_NODE}",
+    ]
+
+
+def node_ready(client: httpx.Client, server: str, name: str) -> bool:
+    """Whether node `name` exists and reports Ready."""
+    response = client.get(f"{server}/api/v1/nodes/{name}")
+    if not response.is_success:
+        return False
+    conditions = response.json().get("status", {}).get("conditions", [])
+    return any(c["type"] == "Ready" and c["status"] == "True" for c in conditions)
 
 
 def ready_nodes(client: httpx.Client, server: str) -> int:
