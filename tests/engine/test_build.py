@@ -438,3 +438,73 @@ def test_hf_source_from_the_hub_cache(checkpoint: Path, tmp_path: Path) -> None:
         "CheckpointNotFound",
         "FetchFailed",
     )
+
+
+def make_int4_checkpoint(base: Path, out: Path, method: str, group: int) -> Path:
+    """`base` with every decoder Linear as random int4 weights, packed as AutoAWQ or GPTQ publish them."""
+    import numpy as np
+    from safetensors.torch import save_file
+
+    from kiln_engine.quantization import is_quantizable
+    from tests.engine.test_quantization import pack_awq_cols, pack_gptq_cols, pack_gptq_rows, random_int4
+
+    out.mkdir(parents=True)
+    tensors: dict[str, torch.Tensor] = {}
+    for i, name in enumerate(sorted(load_file(str(base / "model.safetensors")))):
+        w = load_checkpoint_tensor(base, name)
+        if not is_quantizable(name):
+            tensors[name] = w
+            continue
+        out_f, in_f = w.shape
+        q, z, s = random_int4(in_f, out_f, group, seed=i)
+        prefix = name.removesuffix("weight")
+        tensors[prefix + "scales"] = s
+        if method == "awq":
+            tensors[prefix + "qweight"], tensors[prefix + "qzeros"] = pack_awq_cols(q), pack_awq_cols(z)
+        else:
+            tensors[prefix + "qweight"], tensors[prefix + "qzeros"] = pack_gptq_rows(q), pack_gptq_cols(z - 1)
+            tensors[prefix + "g_idx"] = torch.from_numpy(np.arange(in_f) // group).int()
+    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    cfg = json.loads((base / "config.json").read_text())
+    cfg["quantization_config"] = {"quant_method": method, "bits": 4, "group_size": group}
+    (out / "config.json").write_text(json.dumps(cfg))
+    for f in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+        (out / f).write_bytes((base / f).read_bytes())
+    return out
+
+
+@pytest.mark.parametrize("method", ["awq", "gptq"])
+def test_int4_checkpoints_are_loaded_as_published(tmp_path: Path, method: str) -> None:
+    base = make_tiny_checkpoint(tmp_path / "base", "llama", seed=5)
+    ckpt = make_int4_checkpoint(base, tmp_path / method, method, group=16)
+    quantization = f"int4-{method}"
+    art, _ = build(ckpt, tmp_path / "tp1", quantization=quantization, measure_capacity=False)
+    assert verify_artifact(art).quantization == quantization
+    assert json.loads((art / "config.json").read_text())["quantization_config"]["quant_method"] == method
+    assert greedy(art, 8) == greedy(ckpt, 8)
+    tp2, _ = build(
+        ckpt, tmp_path / "tp2", quantization=quantization, tensor_parallel_size=2, measure_capacity=False
+    )
+    r0 = load_file(str(tp2 / "rank-0/model.safetensors"))
+    r1 = load_file(str(tp2 / "rank-1/model.safetensors"))
+    split = 0
+    for name in r0:
+        original = load_checkpoint_tensor(ckpt, name)
+        dim = tp_shard_dim(name)
+        if dim is None:
+            assert torch.equal(r0[name], original) and torch.equal(r1[name], original), name
+            continue
+        split += 1
+        assert torch.equal(torch.cat([r0[name], r1[name]], dim=dim), original), name
+    assert split >= 7 * 2 * 3  # qweight, qzeros and scales of q/k/v/o/gate/up/down in both layers
+    # one input group for o_proj (64 inputs, group 64) cannot be split over two ranks: said up front
+    coarse = make_int4_checkpoint(base, tmp_path / f"{method}-g64", method, group=64)
+    with pytest.raises(BuildError, match="o_proj has 1 input groups, not divisible by 2") as e:
+        build(
+            coarse,
+            tmp_path / "bad",
+            quantization=quantization,
+            tensor_parallel_size=2,
+            measure_capacity=False,
+        )
+    assert e.value.reason == "InvalidOptions" and not (tmp_path / "bad").exists()

@@ -171,6 +171,8 @@ def check_parallelism(cfg: ModelConfig, tp: int, pp: int) -> None:
         problems.append(f"num_key_value_heads {kv} is not divisible by {tp} (nor {tp} by it)")
     if cfg.intermediate_size % tp:
         problems.append(f"intermediate_size {cfg.intermediate_size} is not divisible by {tp}")
+    if not problems:
+        problems = int4_split_problems(cfg, tp)
     if problems:
         raise BuildError(
             f"tensor-parallel size {tp} does not fit the model: " + "; ".join(problems), INVALID_OPTIONS
@@ -180,6 +182,30 @@ def check_parallelism(cfg: ModelConfig, tp: int, pp: int) -> None:
             f"pipeline-parallel size {pp} exceeds the model's {cfg.num_hidden_layers} decoder layers",
             INVALID_OPTIONS,
         )
+
+
+def int4_split_problems(cfg: ModelConfig, tp: int) -> list[str]:
+    """Why AWQ/GPTQ tensors (8 values per int32, scales per input group) do not split over `tp` ranks."""
+    quant = cfg.quant
+    if quant.method not in ("awq", "gptq") or tp == 1:
+        return []
+    attn = cfg.num_attention_heads * cfg.head_dim
+    kv = cfg.num_key_value_heads
+    kv_out = kv * cfg.head_dim // tp if kv >= tp else cfg.head_dim
+    problems = []
+    columns = (("q_proj", attn // tp), ("k/v_proj", kv_out), ("gate/up_proj", cfg.intermediate_size // tp))
+    for what, outputs in columns:
+        if outputs % 8:
+            problems.append(
+                f"{quant.method} packs 8 output channels per int32, {what} has {outputs} per rank"
+            )
+    for what, inputs in (("o_proj", attn), ("down_proj", cfg.intermediate_size)):
+        groups = inputs // quant.group_size if quant.group_size > 0 else 1
+        if groups % tp:
+            problems.append(f"{quant.method} {what} has {groups} input groups, not divisible by {tp}")
+        if quant.method == "gptq" and (inputs // tp) % 8:
+            problems.append(f"gptq packs 8 input rows per int32, {what} has {inputs // tp} per rank")
+    return problems
 
 
 def output_config(config: dict[str, Any], mode: str, fp8_scales: str = "channel") -> dict[str, Any]:
