@@ -373,7 +373,11 @@ def verify(artifact: str, as_json: bool) -> None:
     from kiln_engine.build.manifest import MANIFEST_NAME, VerificationError, sha256_file, verify_artifact
 
     try:
-        path = src.local_path(src.parse_uri(artifact))
+        loc = src.parse_uri(artifact)
+        if loc.scheme == "s3":  # downloaded to the work dir, then checked like a local one
+            path = src.fetch(artifact, src.work_dir())
+        else:
+            path = src.local_path(loc)
         manifest = verify_artifact(path)
     except (VerificationError, src.SourceError) as exc:
         _fail(str(exc), 1)
