@@ -15,18 +15,20 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 import yaml
 from kubernetes import client
 from kubernetes.client.rest import ApiException
 
-from kiln.local.testing import LocalCluster, wait_for
+from kiln.local.testing import LocalCluster, ProcessNode, running_process_node, wait_for
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "unit" / "chart"))
 from kiln_chart import (
     AUTOSCALER_VERBS,
     CHART,
     FULL_VALUES,
+    LOCAL_VALUES,
     OPERATOR_VERBS,
     TOPOLOGY_AGENT_VERBS,
     Helm,
@@ -61,8 +63,8 @@ def kubectl(local_cluster: LocalCluster) -> str:
     """The local toolchain's kubectl (same version as the API server), else the one on PATH."""
     from kiln.local import build
 
-    built = build.binary_paths().get("kubectl")
-    if built is not None and built.is_file():
+    built = build.bin_dir() / "kubectl"
+    if built.is_file():
         return str(built)
     path = shutil.which("kubectl")
     if path is None:
@@ -184,8 +186,10 @@ def test_install_brings_up_kiln(
 ) -> None:
     namespace = namespaces["release"]
     release = f"kiln-{namespace.rsplit('-', 1)[1]}"
+    # KWOK fakes these pods; on a process node (another test's) they would really run.
+    on_kwok = ["--set", "operator.nodeSelector.type=kwok", "--set", "autoscaler.nodeSelector.type=kwok"]
     installed = helm.run(
-        "install", release, str(CHART), "--namespace", namespace, "--wait", "--timeout", "180s"
+        "install", release, str(CHART), "--namespace", namespace, *on_kwok, "--wait", "--timeout", "180s"
     )
     try:
         notes = installed.stdout  # NOTES.txt: what to apply next, and that monitoring was found
@@ -343,3 +347,71 @@ def test_invalid_values_are_rejected_before_anything_is_applied(
     ).items
     listed = helm.run("list", "--namespace", namespace, "--all", "--short").stdout
     assert "kiln-bad" not in listed
+
+
+@pytest.fixture(scope="module")
+def chart_process_node(
+    local_cluster: LocalCluster, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[ProcessNode]:
+    """A process node of this module's own, stopped (and its Node deleted) after it."""
+    directory = tmp_path_factory.mktemp("chart-process-node")
+    with running_process_node(local_cluster, directory, name="chart-process-node") as node:
+        yield node
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def pod_log_tail(node: ProcessNode, pod: Any) -> str:
+    path = node.pod_log(pod.metadata.namespace, pod.metadata.name, pod.spec.containers[0].name)
+    return path.read_text()[-2000:] if path.is_file() else "(no log)"
+
+
+def metric(text: str, name: str) -> float | None:
+    """The value of an unlabelled sample `name` in a Prometheus text exposition."""
+    found = re.search(rf"^{re.escape(name)} (\S+)$", text, flags=re.MULTILINE)
+    return float(found.group(1)) if found else None
+
+
+def test_local_values_run_the_operator_and_autoscaler_on_the_process_node(
+    helm: Helm,
+    core_v1: client.CoreV1Api,
+    apps_v1: client.AppsV1Api,
+    chart_process_node: ProcessNode,
+    namespaces: dict[str, str],
+) -> None:
+    """ci/local-values.yaml: both controllers become available as real processes on the process
+    node, running as their ServiceAccounts, and serve health and metrics on their pod IPs."""
+    namespace = namespaces["release"]
+    release = f"kiln-{namespace.rsplit('-', 1)[1]}"
+    # Free ports, so a `kiln demo` running on the same machine (same values) cannot collide.
+    ports = {key: free_port() for key in ("operator.metricsPort", "operator.healthPort",
+                                          "autoscaler.metricsPort", "autoscaler.healthPort")}  # fmt: skip
+    settings = [arg for key, port in ports.items() for arg in ("--set", f"{key}={port}")]
+    try:
+        done = helm.run(
+            "install", release, str(CHART), "--namespace", namespace, "--values", str(LOCAL_VALUES),
+            *settings, "--wait", "--timeout", "180s", check=False,
+        )  # fmt: skip
+        pods = core_v1.list_namespaced_pod(namespace).items
+        tails = {p.metadata.name: pod_log_tail(chart_process_node, p) for p in pods}
+        assert done.returncode == 0, f"{done.stderr}\n{tails}"
+        for component in ("operator", "autoscaler"):
+            deployment = apps_v1.read_namespaced_deployment(f"{release}-{component}", namespace)
+            assert deployment.status.available_replicas == 1, component
+        assert {p.spec.node_name for p in pods} == {chart_process_node.name}, tails
+        by_component = {p.metadata.labels["app.kubernetes.io/component"]: p for p in pods}
+        for component, leader_metric in (("operator", "kiln_operator_leader"),
+                                         ("autoscaler", "kiln_autoscaler_leader")):  # fmt: skip
+            ip = by_component[component].status.pod_ip
+            health = httpx.get(f"http://{ip}:{ports[f'{component}.healthPort']}/healthz", timeout=5)
+            assert health.status_code == 200, (component, health.text)
+            exposition = httpx.get(f"http://{ip}:{ports[f'{component}.metricsPort']}/metrics", timeout=5).text
+            assert metric(exposition, leader_metric) == 1, (component, exposition[:2000])
+    finally:
+        helm.run("uninstall", release, "--namespace", namespace, "--wait", "--timeout", "120s", check=False)

@@ -87,6 +87,11 @@ seccompProfile:
 
 {{/* The downward-API environment every component reads (identity for leases and events). */}}
 {{- define "kiln.podEnv" -}}
+# POD_IP: where a component binds when pods share the host's network (the local process node).
+- name: POD_IP
+  valueFrom:
+    fieldRef:
+      fieldPath: status.podIP
 - name: POD_NAME
   valueFrom:
     fieldRef:
@@ -180,7 +185,8 @@ subjects:
 {{- end }}
 {{- end -}}
 
-{{/* Role + RoleBinding for leader election (Leases) in the release namespace. */}}
+{{/* Role + RoleBinding for leader election (Leases) in the release namespace; "verbs" defaults
+to what a client-go or kopf-style elector uses. */}}
 {{- define "kiln.leaderElectionRole" -}}
 {{- $ctx := .ctx -}}
 ---
@@ -194,7 +200,7 @@ metadata:
 rules:
   - apiGroups: ["coordination.k8s.io"]
     resources: ["leases"]
-    verbs: ["get", "create", "update", "patch"]
+    verbs: {{ toJson (.verbs | default (list "get" "create" "update" "patch")) }}
 ---
 apiVersion: rbac.authorization.k8s.io/v1
 kind: RoleBinding

@@ -15,37 +15,41 @@ import yaml
 ROOT = Path(__file__).resolve().parents[3]
 CHART = ROOT / "charts" / "kiln"
 FULL_VALUES = CHART / "ci" / "full-values.yaml"
+LOCAL_VALUES = CHART / "ci" / "local-values.yaml"  # the local cluster: controllers on the process node
 
 # Every permission each component's ServiceAccount gets: (apiGroup, resource, verb). Growing this
 # list is a security review: the integration test checks it against `kubectl auth can-i --list`.
 OPERATOR_VERBS = {
+    # its CRDs (kopf keeps progress and finalizers on them), their status and finalizers
     ("kiln.dev", "llmdeployments"): {"get", "list", "watch", "patch", "update"},
     ("kiln.dev", "llmengines"): {"get", "list", "watch", "create", "patch", "update", "delete"},
     ("kiln.dev", "llmdeployments/status"): {"get", "patch", "update"},
     ("kiln.dev", "llmengines/status"): {"get", "patch", "update"},
     ("kiln.dev", "llmdeployments/finalizers"): {"update"},
     ("kiln.dev", "llmengines/finalizers"): {"update"},
+    # the children it applies (server-side apply is a patch) and owns
     ("batch", "jobs"): {"get", "list", "watch", "create", "patch", "delete"},
     ("apps", "deployments"): {"get", "list", "watch", "create", "patch", "delete"},
     ("leaderworkerset.x-k8s.io", "leaderworkersets"): {"get", "list", "watch", "create", "patch", "delete"},
     ("", "services"): {"get", "list", "watch", "create", "patch", "delete"},
-    ("monitoring.coreos.com", "podmonitors"): {"get", "list", "watch", "create", "patch", "delete"},
+    # build pods: read their state and termination message, tail their logs on failure
     ("", "pods"): {"get", "list", "watch"},
     ("", "pods/log"): {"get"},
     ("", "events"): {"create"},
+    # placement reads nodes; kopf discovers resources and the operator detects LeaderWorkerSet
     ("", "nodes"): {"get", "list", "watch"},
-    ("", "namespaces"): {"list", "watch"},
-    ("apiextensions.k8s.io", "customresourcedefinitions"): {"list", "watch"},
+    ("apiextensions.k8s.io", "customresourcedefinitions"): {"get", "list", "watch"},
     ("coordination.k8s.io", "leases"): {"get", "create", "update", "patch"},
 }
+# Exactly the calls kiln_autoscaler.kube and kiln_autoscaler.leader make.
 AUTOSCALER_VERBS = {
-    ("kiln.dev", "llmdeployments"): {"get", "list", "watch"},
-    ("kiln.dev", "llmengines"): {"get", "list", "watch"},
-    ("kiln.dev", "llmdeployments/scale"): {"get", "patch", "update"},
-    ("kiln.dev", "llmdeployments/status"): {"get", "patch"},
-    ("", "pods"): {"get", "list", "watch"},
+    ("kiln.dev", "llmdeployments"): {"list"},
+    ("kiln.dev", "llmengines"): {"get"},
+    ("kiln.dev", "llmdeployments/scale"): {"patch"},
+    ("kiln.dev", "llmdeployments/status"): {"patch"},
+    ("", "pods"): {"list"},
     ("", "events"): {"create"},
-    ("coordination.k8s.io", "leases"): {"get", "create", "update", "patch"},
+    ("coordination.k8s.io", "leases"): {"get", "create", "update"},
 }
 TOPOLOGY_AGENT_VERBS = {("", "nodes"): {"get", "patch"}}
 
@@ -60,7 +64,7 @@ def find_helm() -> tuple[Path | None, str]:
         from kiln.local import build
     except ImportError as error:
         return None, f"kiln.local is unavailable ({error}); it builds helm"
-    helm = build.binary_paths()["helm"]
+    helm = build.bin_dir() / "helm"  # binary_paths() would refuse while other binaries are missing
     if not os.access(helm, os.X_OK):
         return None, f"helm is not built at {helm}: run `kiln local build`"
     return helm, ""

@@ -123,11 +123,11 @@ def test_a_failed_build_fires_the_build_alert(helm: Helm, promtool: str, tmp_pat
             "interval": "1m",
             "input_series": [
                 {
-                    "series": 'kiln_operator_builds_total{namespace="serving", result="failed"}',
+                    "series": 'kiln_operator_builds_failed_total{namespace="serving"}',
                     "values": "0 0 0 1 1 1 1",
                 },
                 {
-                    "series": 'kiln_operator_builds_total{namespace="serving", result="succeeded"}',
+                    "series": 'kiln_operator_builds_succeeded_total{namespace="serving"}',
                     "values": "0+1x6",
                 },
             ],

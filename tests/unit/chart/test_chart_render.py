@@ -12,6 +12,7 @@ from kiln_chart import (
     AUTOSCALER_VERBS,
     CHART,
     FULL_VALUES,
+    LOCAL_VALUES,
     OPERATOR_VERBS,
     ROOT,
     TOPOLOGY_AGENT_VERBS,
@@ -21,6 +22,8 @@ from kiln_chart import (
 )
 
 VALUE_SETS = {"default": [], "full": [FULL_VALUES]}
+# the local cluster's values switch components off, so only the checks that hold for any values
+LINT_SETS = {**VALUE_SETS, "local": [LOCAL_VALUES]}
 WORKLOAD_KINDS = ("Deployment", "DaemonSet")
 MONITORING_API = "monitoring.coreos.com/v1"
 MONITORING_KINDS = {"PodMonitor", "ServiceMonitor", "PrometheusRule"}
@@ -58,7 +61,7 @@ def granted(objects: list[dict[str, Any]], service_account: str) -> dict[tuple[s
     return result
 
 
-@pytest.mark.parametrize("values", VALUE_SETS.values(), ids=VALUE_SETS.keys())
+@pytest.mark.parametrize("values", LINT_SETS.values(), ids=LINT_SETS.keys())
 def test_lint_passes_strict(helm: Helm, values: list[Path]) -> None:
     args = ["lint", str(CHART), "--strict"]
     for path in values:
@@ -66,7 +69,7 @@ def test_lint_passes_strict(helm: Helm, values: list[Path]) -> None:
     helm.run(*args)
 
 
-@pytest.mark.parametrize("values", VALUE_SETS.values(), ids=VALUE_SETS.keys())
+@pytest.mark.parametrize("values", LINT_SETS.values(), ids=LINT_SETS.keys())
 def test_every_object_is_labelled_and_namespaced(helm: Helm, values: list[Path]) -> None:
     cluster_scoped = {
         "ClusterRole",
@@ -98,6 +101,10 @@ def test_default_install_has_every_component(helm: Helm) -> None:
     assert "--leader-election-lease=kiln-operator" in container["args"]
     assert "--all-namespaces" in container["args"]
     assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "health"}
+    assert container["readinessProbe"]["httpGet"] == {"path": "/healthz", "port": "health"}
+    env = {e["name"]: e for e in container["env"]}
+    assert env["POD_IP"]["valueFrom"]["fieldRef"]["fieldPath"] == "status.podIP"
+    assert not any(arg.startswith("--engine-image") for arg in container["args"])
     assert {p["name"]: p["containerPort"] for p in container["ports"]} == {"metrics": 8080, "health": 8081}
     pdb = one(objects, "PodDisruptionBudget", "kiln-operator")
     assert pdb["spec"]["minAvailable"] == 1
@@ -257,12 +264,24 @@ def test_full_values_reach_the_manifests(helm: Helm) -> None:
     assert operator["spec"]["replicas"] == 3
     container = operator["spec"]["template"]["spec"]["containers"][0]
     assert container["image"] == f"registry.example.com/kiln/kiln@{full['operator']['image']['digest']}"
-    assert "--verbose" in container["args"]
+    assert "--resync-seconds=30" in container["args"]
+    assert f"--engine-image={full['operator']['engineImage']}" in container["args"]
     autoscaler = one(objects, "Deployment", "kiln-autoscaler")["spec"]["template"]["spec"]["containers"][0]
     assert autoscaler["image"] == "registry.example.com/kiln/kiln:0.1.0-rc.1"
     assert "--prometheus-url=http://prometheus-operated.monitoring.svc:9090" in autoscaler["args"]
     agent = one(objects, "DaemonSet", "kiln-topology-agent")["spec"]["template"]["spec"]
     assert agent["nodeSelector"] == {"feature.node.kubernetes.io/pci-10de.present": "true"}
+    # placement values reach each component's pods
+    for component in ("operator", "autoscaler", "topologyAgent"):
+        name = "kiln-topology-agent" if component == "topologyAgent" else f"kiln-{component}"
+        kind = "DaemonSet" if component == "topologyAgent" else "Deployment"
+        spec = one(objects, kind, name)["spec"]["template"]["spec"]
+        for key in ("nodeSelector", "tolerations", "affinity"):
+            if key in full[component]:
+                expected = full[component][key]
+                if key == "nodeSelector":
+                    expected = {k: v for k, v in expected.items() if v is not None}
+                assert spec[key] == expected, (component, key)
     assert one(objects, "ConfigMap", "kiln-dashboard")["metadata"]["namespace"] == "monitoring"
     for kind in MONITORING_KINDS:
         assert by_kind(objects, kind)[0]["metadata"]["labels"]["release"] == "kube-prometheus-stack"
@@ -270,6 +289,35 @@ def test_full_values_reach_the_manifests(helm: Helm) -> None:
         "matchNames": ["team-a"]
     }
     assert all(obj["metadata"]["labels"]["cost-center"] == "ml-platform" for obj in objects)
+
+
+def test_local_values_run_the_controllers_on_the_process_node(helm: Helm) -> None:
+    from kiln import labels
+
+    objects = helm.render(values=[LOCAL_VALUES])
+    deployments = {d["metadata"]["name"]: d for d in by_kind(objects, "Deployment")}
+    assert set(deployments) == {"kiln-operator", "kiln-autoscaler"}
+    assert not by_kind(objects, "DaemonSet") and not by_kind(objects, "NetworkPolicy")
+    assert not {obj["kind"] for obj in objects} & MONITORING_KINDS
+    ports: list[int] = []
+    for name, deployment in deployments.items():
+        assert deployment["spec"]["replicas"] == 1, name
+        spec = deployment["spec"]["template"]["spec"]
+        assert spec["nodeSelector"] == {labels.PROCESS_NODE_LABEL: "true"}, name
+        container = spec["containers"][0]
+        # the process node runs the args with the entrypoint named by the image: `kiln`
+        assert "kiln" in container["image"] and "kiln-engine" not in container["image"], name
+        assert not any(arg.startswith("--leader-election") for arg in container["args"]), name
+        ports += [port["containerPort"] for port in container["ports"]]
+    # pods on the process node share the host's ports
+    assert len(ports) == len(set(ports)), ports
+    operator = deployments["kiln-operator"]["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert "--all-namespaces" in operator
+    engine_image = [arg.split("=", 1)[1] for arg in operator if arg.startswith("--engine-image=")]
+    assert len(engine_image) == 1 and "kiln-engine" in engine_image[0]
+    autoscaler = deployments["kiln-autoscaler"]["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert "--metrics-source=pods" in autoscaler
+    assert not any(arg.startswith("--prometheus-url") for arg in autoscaler)
 
 
 INVALID_VALUES = [
@@ -290,6 +338,9 @@ INVALID_VALUES = [
     ("autoscaler.metricsSource=prometheus", "autoscaler.prometheus.url"),
     ("operator.leaderElection.renewDeadline=20", "operator.leaderElection.leaseDuration"),
     ("operator.serviceAccount.create=false", "operator.serviceAccount.name"),
+    ("operator.engineImage=Not An Image", "operator.engineImage"),
+    ("autoscaler.nodeSelector.zone=1", "autoscaler.nodeSelector"),
+    ("autoscaler.tolerations=oops", "autoscaler.tolerations"),
 ]
 
 
