@@ -374,10 +374,8 @@ def verify(artifact: str, as_json: bool) -> None:
 
     try:
         loc = src.parse_uri(artifact)
-        if loc.scheme == "s3":  # downloaded to the work dir, then checked like a local one
-            path = src.fetch(artifact, src.work_dir())
-        else:
-            path = src.local_path(loc)
+        # s3:// is downloaded to the work dir, then checked like a local directory
+        path = src.fetch(artifact, src.work_dir()) if loc.scheme == "s3" else src.local_path(loc)
         manifest = verify_artifact(path)
     except (VerificationError, src.SourceError) as exc:
         _fail(str(exc), 1)
