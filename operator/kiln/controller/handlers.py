@@ -1,0 +1,83 @@
+"""kopf wiring: watch events on Kiln's kinds and their children, routed to the level-based reconcilers.
+
+Only `kopf.on.event` handlers: they keep no state on the objects (no finalizers, no progress
+annotations), which suits reconcilers that read the world afresh each time. Children carry labels
+naming their parent, so a Job or Deployment event wakes the object that owns it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import kopf
+
+from kiln import labels
+from kiln.api.v1alpha1 import GROUP, VERSION
+from kiln.controller.reconcile import Reconciler
+from kiln.render.common import BUILD_COMPONENT, SERVING_COMPONENT
+
+MANAGED = {labels.MANAGED_BY: labels.MANAGED_BY_VALUE}
+
+
+def _ns(namespace: str | None) -> str:
+    return namespace or ""
+
+
+def _reconciler(memo: Any) -> Reconciler:
+    reconciler: Reconciler = memo.reconciler
+    return reconciler
+
+
+@kopf.on.startup()
+def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
+    """kopf settings: no Events posted from handler logs (the reconcilers record their own), and
+    watches that reconnect before a load balancer would cut them."""
+    settings.posting.enabled = False
+    settings.watching.server_timeout = 270
+    settings.watching.client_timeout = 300
+    settings.execution.max_workers = 16
+
+
+@kopf.on.event(GROUP, VERSION, "llmdeployments")
+def llmdeployment_event(event: kopf.RawEvent, name: str, namespace: str | None, memo: Any, **_: Any) -> None:
+    if event.get("type") == "DELETED":
+        _reconciler(memo).forget_deployment(_ns(namespace), name)
+    else:
+        _reconciler(memo).deployment(_ns(namespace), name)
+
+
+@kopf.on.event(GROUP, VERSION, "llmengines")
+def llmengine_event(event: kopf.RawEvent, name: str, namespace: str | None, memo: Any, **_: Any) -> None:
+    if event.get("type") != "DELETED":
+        _reconciler(memo).engine(_ns(namespace), name)
+
+
+@kopf.on.event("batch", "v1", "jobs", labels={**MANAGED, labels.COMPONENT_LABEL: BUILD_COMPONENT})
+def build_job_event(body: kopf.Body, namespace: str | None, memo: Any, **_: Any) -> None:
+    engine = body.metadata.labels.get(labels.ENGINE_LABEL)
+    if engine:
+        _reconciler(memo).engine(_ns(namespace), engine)
+
+
+@kopf.on.event("apps", "v1", "deployments", labels={**MANAGED, labels.COMPONENT_LABEL: SERVING_COMPONENT})
+def serving_deployment_event(body: kopf.Body, namespace: str | None, memo: Any, **_: Any) -> None:
+    owner = body.metadata.labels.get(labels.DEPLOYMENT_LABEL)
+    if owner:
+        _reconciler(memo).deployment(_ns(namespace), owner)
+
+
+@kopf.on.event(
+    "leaderworkerset.x-k8s.io",
+    "v1",
+    "leaderworkersets",
+    labels={**MANAGED, labels.COMPONENT_LABEL: SERVING_COMPONENT},
+)
+def serving_lws_event(body: kopf.Body, namespace: str | None, memo: Any, **_: Any) -> None:
+    owner = body.metadata.labels.get(labels.DEPLOYMENT_LABEL)
+    if owner:
+        _reconciler(memo).deployment(_ns(namespace), owner)
+
+
+@kopf.on.event("", "v1", "nodes")
+def node_event(event: kopf.RawEvent, body: kopf.Body, memo: Any, **_: Any) -> None:
+    _reconciler(memo).node_changed(event.get("type"), dict(body))

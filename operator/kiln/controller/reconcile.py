@@ -1,0 +1,594 @@
+"""The reconcilers: read the world, render the children, apply them, write status. Level-based.
+
+`Reconciler.deployment` takes an LLMDeployment to its engine, workload, Service and status;
+`Reconciler.engine` takes an LLMEngine to its one build Job and follows it. Both are idempotent and
+start from what the cluster holds (never from what a previous run remembered), so a restarted
+operator resumes where the last one stopped: a build Job has a fixed name and is found, not
+recreated; the engine a workload runs is read from the workload itself.
+
+Runs of one object never overlap (`Coalescer`): a trigger that arrives while the object is being
+reconciled makes one more run afterwards instead of a concurrent one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from kubernetes import client
+from pydantic import ValidationError
+
+from kiln import labels
+from kiln.api.v1alpha1 import LLMDeployment, LLMEngine
+from kiln.controller.kube import (
+    DEPLOYMENTS,
+    JOBS,
+    LEADERWORKERSETS,
+    LLMDEPLOYMENTS,
+    LLMENGINES,
+    LWS_CRD,
+    NODES,
+    PODS,
+    Kube,
+)
+from kiln.controller.metrics import Metrics
+from kiln.placement import NodeTopology, Placement, ReplicaShape, plan
+from kiln.render import build_job as render_build
+from kiln.render import engine as render_engine
+from kiln.render import service as render_service
+from kiln.render import serving as render_serving
+from kiln.render import status as render_status
+from kiln.render.common import BUILD_CONTAINER, Settings
+
+log = logging.getLogger(__name__)
+
+Key = tuple[str, str]  # (namespace, name)
+BUILDING_POLL_SECONDS = 10.0
+ERROR_RETRY_SECONDS = 5.0
+APPLIED_ANNOTATION = "kiln.dev/applied-hash"  # digest of the rendering last applied to a child
+
+
+@dataclass(frozen=True)
+class Options:
+    """How the operator runs (from `kiln operator run`)."""
+
+    namespaces: tuple[str, ...] = ()  # empty: all namespaces
+    engine_retention_seconds: float = 24 * 3600.0
+    resync_seconds: float = 60.0
+
+
+class Coalescer:
+    """Runs `fn(key)` so runs for one key never overlap; triggers during a run make one more run."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._running: set[Any] = set()
+        self._again: set[Any] = set()
+
+    def run(self, key: Any, fn: Callable[[], None]) -> None:
+        with self._lock:
+            if key in self._running:
+                self._again.add(key)
+                return
+            self._running.add(key)
+        try:
+            while True:
+                fn()
+                with self._lock:
+                    if key in self._again:
+                        self._again.discard(key)
+                        continue
+                    self._running.discard(key)
+                    return
+        except BaseException:
+            with self._lock:
+                self._running.discard(key)
+                self._again.discard(key)
+            raise
+
+
+@dataclass
+class _Index:
+    """Which deployments use which engines, as last reconciled (rebuilt from a full list on resync)."""
+
+    uses: dict[Key, set[str]] = field(default_factory=dict)  # deployment -> engine names it uses
+    synced: bool = False  # a full list of deployments has been indexed since start
+
+    def set(self, deployment: Key, engines: Iterable[str]) -> set[Key]:
+        """Record `deployment`'s engines; returns the engines whose user count changed."""
+        namespace = deployment[0]
+        before = self.uses.get(deployment, set())
+        after = set(engines)
+        if after:
+            self.uses[deployment] = after
+        else:
+            self.uses.pop(deployment, None)
+        return {(namespace, name) for name in before ^ after}
+
+    def users(self, engine: Key) -> list[str]:
+        namespace, name = engine
+        return sorted(dep for (ns, dep), used in self.uses.items() if ns == namespace and name in used)
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+def _parse_time(text: Any) -> datetime | None:
+    if not text:
+        return None
+    try:
+        return datetime.fromisoformat(str(text).replace("Z", "+00:00"))
+    except ValueError:
+        return None
+
+
+def _phase(engine: LLMEngine | None) -> str | None:
+    return engine.status.phase if engine is not None and engine.status is not None else None
+
+
+def _digest(manifest: Mapping[str, Any]) -> str:
+    """A short hash of a rendering, so an unchanged one is not applied again."""
+    text = json.dumps(manifest, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _engine_of(workload: Mapping[str, Any] | None) -> str | None:
+    """The LLMEngine a workload's pods run (its pod template's engine label)."""
+    if workload is None:
+        return None
+    spec = workload.get("spec") or {}
+    template = spec.get("template") or (spec.get("leaderWorkerTemplate") or {}).get("leaderTemplate") or {}
+    return ((template.get("metadata") or {}).get("labels") or {}).get(labels.ENGINE_LABEL)
+
+
+class Reconciler:
+    """LLMDeployment and LLMEngine reconcilers sharing one API edge, node cache and engine index."""
+
+    def __init__(
+        self,
+        kube: Kube,
+        settings: Settings | None = None,
+        options: Options | None = None,
+        metrics: Metrics | None = None,
+        clock: Callable[[], datetime] = _now,
+    ) -> None:
+        self.kube = kube
+        self.settings = settings or Settings()
+        self.options = options or Options()
+        self.metrics = metrics or kube.metrics
+        self.clock = clock
+        self._coalescer = Coalescer()
+        self._lock = threading.Lock()
+        self._nodes: dict[str, NodeTopology] | None = None
+        self._index = _Index()
+        self._retry_at: dict[tuple[str, str, str], float] = {}
+        self._no_logs: set[str] = set()  # pods whose node served no log (simulated nodes)
+        self._lws_checked = 0.0
+        self._applied: dict[tuple[str, str, str], str] = {}  # (kind, ns, name) -> digest applied
+
+    # ------------------------------------------------------------ entry points
+
+    def deployment(self, namespace: str, name: str) -> None:
+        """Reconcile one LLMDeployment (and, when their users changed, the engines it touched)."""
+        self._run("LLMDeployment", namespace, name, lambda: self._deployment(namespace, name))
+
+    def engine(self, namespace: str, name: str) -> None:
+        """Reconcile one LLMEngine."""
+        self._run("LLMEngine", namespace, name, lambda: self._engine(namespace, name))
+
+    def node_changed(self, event_type: str | None, node: Mapping[str, Any]) -> None:
+        """Keep the node cache current from the Node watch."""
+        name = str((node.get("metadata") or {}).get("name") or "")
+        with self._lock:
+            if self._nodes is None:
+                return  # loaded in full on first use
+            if event_type == "DELETED":
+                self._nodes.pop(name, None)
+            else:
+                self._nodes[name] = NodeTopology.from_node(node)
+
+    def forget_deployment(self, namespace: str, name: str) -> None:
+        """A deleted LLMDeployment: its children go with it (owner references); its engines lose a user."""
+        with self._lock:
+            changed = self._index.set((namespace, name), ())
+        for engine_key in changed:
+            self.engine(*engine_key)
+
+    def resync(self) -> None:
+        """The level-based safety net: index every deployment, reconcile every engine and deployment."""
+        deployments = self._list(LLMDEPLOYMENTS)
+        with self._lock:
+            self._applied.clear()  # re-apply children without a live copy (e.g. a deleted Service)
+            self._index.uses.clear()
+            for obj in deployments:
+                meta = obj.get("metadata") or {}
+                self._index.set((meta["namespace"], meta["name"]), self._engines_named_by(obj))
+            self._index.synced = True
+        for obj in self._list(LLMENGINES):
+            meta = obj["metadata"]
+            self.engine(meta["namespace"], meta["name"])
+        for obj in deployments:
+            meta = obj["metadata"]
+            self.deployment(meta["namespace"], meta["name"])
+
+    def poll(self) -> None:
+        """Frequent, cheap work: follow building engines' progress and retry failed reconciles."""
+        now = time.monotonic()
+        with self._lock:
+            due = [key for key, when in self._retry_at.items() if when <= now]
+            for key in due:
+                del self._retry_at[key]
+        for kind, namespace, name in due:
+            (self.deployment if kind == "LLMDeployment" else self.engine)(namespace, name)
+
+    def poll_building(self) -> None:
+        for obj in self._list(LLMENGINES):
+            if ((obj.get("status") or {}).get("phase")) in (None, "Pending", "Building"):
+                meta = obj["metadata"]
+                self.engine(meta["namespace"], meta["name"])
+
+    # ------------------------------------------------------------ plumbing
+
+    def _run(self, kind: str, namespace: str, name: str, body: Callable[[], None]) -> None:
+        def timed() -> None:
+            started = time.monotonic()
+            try:
+                body()
+            except Exception as error:
+                reason = type(error).__name__
+                if isinstance(error, client.ApiException):
+                    reason = f"Api{error.status}"
+                self.metrics.reconcile_errors.labels(kind, reason).inc()
+                log.warning(
+                    "reconcile of %s %s/%s failed (retrying in %.0f s): %s",
+                    kind,
+                    namespace,
+                    name,
+                    ERROR_RETRY_SECONDS,
+                    error,
+                    exc_info=not isinstance(error, client.ApiException),
+                )
+                with self._lock:
+                    self._retry_at[(kind, namespace, name)] = time.monotonic() + ERROR_RETRY_SECONDS
+            finally:
+                self.metrics.reconcile_duration.labels(kind).observe(time.monotonic() - started)
+
+        self._coalescer.run((kind, namespace, name), timed)
+
+    def _list(self, kind: Any) -> list[dict[str, Any]]:
+        if not self.options.namespaces:
+            return self.kube.list(kind)
+        return [item for namespace in self.options.namespaces for item in self.kube.list(kind, namespace)]
+
+    def _node_topologies(self) -> list[NodeTopology]:
+        with self._lock:
+            if self._nodes is not None:
+                return list(self._nodes.values())
+        loaded = {node["metadata"]["name"]: NodeTopology.from_node(node) for node in self.kube.list(NODES)}
+        with self._lock:
+            if self._nodes is None:
+                self._nodes = loaded
+            return list(self._nodes.values())
+
+    def _lws_installed(self) -> bool:
+        if not self.settings.lws_installed and time.monotonic() - self._lws_checked > 30:
+            self._lws_checked = time.monotonic()
+            if self.kube.crd_installed(LWS_CRD):
+                self.settings = Settings(**{**self.settings.__dict__, "lws_installed": True})
+        return self.settings.lws_installed
+
+    def _engines_named_by(self, obj: Mapping[str, Any]) -> set[str]:
+        """Engines a deployment object uses: the one its spec needs, and those its status names."""
+        names: set[str] = set()
+        status = obj.get("status") or {}
+        for ref in ("engine", "pendingEngine"):
+            if (status.get(ref) or {}).get("name"):
+                names.add(str(status[ref]["name"]))
+        try:
+            parsed = LLMDeployment.model_validate(obj)
+            names.add(render_engine.engine_identity(parsed, self.settings.runtime_version).name)
+        except ValidationError:
+            pass
+        return names
+
+    # ------------------------------------------------------------ LLMDeployment
+
+    def _deployment(self, namespace: str, name: str) -> None:
+        obj = self.kube.get(LLMDEPLOYMENTS, namespace, name)
+        if obj is None or (obj.get("metadata") or {}).get("deletionTimestamp"):
+            self.forget_deployment(namespace, name)
+            return
+        try:
+            deployment = LLMDeployment.model_validate(obj)
+        except ValidationError as error:
+            invalid = ("InvalidSpec", f"the spec does not parse: {error.errors()[0].get('msg')}")
+            self._write_deployment_status(
+                obj, None, render_status.DeploymentObservation(None, problem=invalid)
+            )
+            return
+        identity = render_engine.engine_identity(deployment, self.settings.runtime_version)
+        desired = self._desired_engine(obj, deployment, identity)
+
+        current = self.kube.get(DEPLOYMENTS, namespace, name)
+        if current is None and self._lws_installed():
+            current = self.kube.get(LEADERWORKERSETS, namespace, name)
+        running_name = _engine_of(current)
+        running: LLMEngine | None = desired if running_name == identity.name else None
+        if running_name and running is None:
+            running_obj = self.kube.get(LLMENGINES, namespace, running_name)
+            running = LLMEngine.model_validate(running_obj) if running_obj is not None else None
+        # The engine to run: the desired one once built; until then the one running now (it keeps
+        # serving while its replacement builds), if it is still a Ready engine.
+        if _phase(desired) == "Ready":
+            serve: LLMEngine | None = desired
+        else:
+            serve = running if _phase(running) == "Ready" else None
+        placement = self._placement(deployment, serve or desired)
+        problem: tuple[str, str] | None = None
+        workload, serving = current, running if current is not None else None
+        if serve is not None and (placement is None or placement.feasible):
+            try:
+                workload = self._apply_serving(obj, deployment, serve, placement, current)
+                serving = serve
+            except render_serving.WorkloadUnavailable as unavailable:
+                problem = (unavailable.reason, unavailable.message)
+
+        seen = render_status.DeploymentObservation(
+            desired=identity,
+            desired_engine=desired,
+            serving=serving if workload is not None else None,
+            workload=workload,
+            placement=placement,
+            problem=problem,
+        )
+        self._write_deployment_status(obj, deployment, seen)
+        used = {identity.name}
+        if seen.serving is not None:
+            used.add(str(seen.serving.metadata.name))
+        with self._lock:
+            changed = self._index.set((namespace, name), used)
+        for engine_key in changed:
+            self.engine(*engine_key)
+
+    def _desired_engine(
+        self, obj: Mapping[str, Any], deployment: LLMDeployment, identity: render_engine.EngineIdentity
+    ) -> LLMEngine:
+        """The LLMEngine the spec needs: found (shared with other deployments) or created."""
+        namespace = str(deployment.metadata.namespace)
+        found = self.kube.get(LLMENGINES, namespace, identity.name)
+        if found is None:
+            found, created = self.kube.create(render_engine.engine(deployment, self.settings.runtime_version))
+            if created:
+                self.kube.event(
+                    obj, "EngineCreated", f"Created LLMEngine {identity.name} (key {identity.key})"
+                )
+        engine = LLMEngine.model_validate(found)
+        in_status = ((obj.get("status") or {}).get("engine") or {}).get("name")
+        pending = ((obj.get("status") or {}).get("pendingEngine") or {}).get("name")
+        if _phase(engine) == "Ready" and identity.name not in (in_status, pending):
+            self.kube.event(obj, "EngineReused", f"Using LLMEngine {identity.name}, already built")
+        return engine
+
+    def _apply_serving(
+        self,
+        obj: Mapping[str, Any],
+        deployment: LLMDeployment,
+        engine: LLMEngine,
+        placement: Placement | None,
+        current: Mapping[str, Any] | None,
+    ) -> dict[str, Any]:
+        """Apply the workload running `engine` and its Service; returns the workload as applied."""
+        namespace, name = str(deployment.metadata.namespace), str(deployment.metadata.name)
+        multi_node = placement is not None and placement.multi_node
+        if multi_node:
+            self._lws_installed()
+        inputs = render_serving.ServingInputs(deployment, engine, placement, self.settings)
+        manifest = render_serving.workload(inputs)
+        running_name = _engine_of(current)
+        workload = self._apply_if_changed(manifest, current)
+        self._apply_if_changed(render_service.service(deployment, multi_node), None)
+        if current is None or current.get("kind") != manifest["kind"]:
+            self.kube.event(
+                obj, "WorkloadCreated", f"Created {manifest['kind']} {name} running {engine.metadata.name}"
+            )
+        elif running_name != engine.metadata.name:
+            self.kube.event(
+                obj,
+                "RollingOver",
+                f"Rolling {name} over from engine {running_name} to {engine.metadata.name}",
+            )
+        if (
+            current is not None
+            and current.get("kind") != manifest["kind"]
+            and render_status.rolled_out(workload)
+        ):
+            # The replica shape changed kind (single node <-> multi-node): the old workload served
+            # until the new one was ready.
+            old_kind = LEADERWORKERSETS if current.get("kind") == "LeaderWorkerSet" else DEPLOYMENTS
+            self.kube.delete(old_kind, namespace, name)
+        return workload
+
+    def _apply_if_changed(self, manifest: dict[str, Any], live: Mapping[str, Any] | None) -> dict[str, Any]:
+        """Server-side apply, skipped when the live object (or, without one, the last apply this
+        process made) already carries this exact rendering."""
+        digest = _digest(manifest)
+        manifest["metadata"].setdefault("annotations", {})[APPLIED_ANNOTATION] = digest
+        meta = manifest["metadata"]
+        key = (manifest["kind"], str(meta.get("namespace")), str(meta["name"]))
+        if live is not None:
+            same = ((live.get("metadata") or {}).get("annotations") or {}).get(APPLIED_ANNOTATION) == digest
+            # Someone scaling the child directly is drift the next apply undoes.
+            if same and (live.get("spec") or {}).get("replicas") == manifest["spec"].get("replicas"):
+                return dict(live)
+        else:
+            with self._lock:
+                if self._applied.get(key) == digest:
+                    return manifest
+        applied = self.kube.apply(manifest)
+        with self._lock:
+            self._applied[key] = digest
+        return applied
+
+    def _placement(self, deployment: LLMDeployment, engine: LLMEngine) -> Placement | None:
+        gpu = deployment.spec.gpu
+        if gpu is None:
+            return None
+        shape = ReplicaShape(
+            tensor=engine.spec.parallelism.tensor,
+            pipeline=engine.spec.parallelism.pipeline,
+            product=gpu.product,
+            memory_mib=gpu.memory_mib,
+        )
+        return plan(shape, self._node_topologies(), gpu.nvlink)
+
+    def _write_deployment_status(
+        self,
+        obj: Mapping[str, Any],
+        deployment: LLMDeployment | None,
+        seen: render_status.DeploymentObservation,
+    ) -> None:
+        meta = obj["metadata"]
+        previous = dict(obj.get("status") or {})
+        if deployment is None:
+            generation = meta.get("generation")
+            wanted: dict[str, Any] = {
+                "phase": "Failed",
+                "observedGeneration": generation,
+                "conditions": [
+                    render_status.condition(
+                        "Ready",
+                        False,
+                        *(seen.problem or ("InvalidSpec", "")),
+                        generation,
+                        self.clock(),
+                        previous.get("conditions"),
+                    ),
+                ],
+            }
+        else:
+            wanted = render_status.deployment_status(deployment, seen, self.clock())
+        patch = render_status.status_patch(previous, wanted)
+        if patch is None:
+            return
+        self.kube.patch_status(LLMDEPLOYMENTS, meta["namespace"], meta["name"], patch)
+        self._deployment_events(obj, previous, wanted)
+
+    def _deployment_events(
+        self, obj: Mapping[str, Any], previous: Mapping[str, Any], wanted: Mapping[str, Any]
+    ) -> None:
+        before, after = previous.get("phase"), wanted.get("phase")
+        if before == after:
+            return
+        ready = render_status.find_condition(wanted.get("conditions"), "Ready") or {}
+        degraded = render_status.find_condition(wanted.get("conditions"), "Degraded") or {}
+        if after == "Ready":
+            self.kube.event(obj, "Ready", str(ready.get("message") or "Serving"))
+        elif after in ("Failed", "Degraded"):
+            detail = degraded.get("message") if after == "Degraded" else ready.get("message")
+            self.kube.event(obj, str(ready.get("reason") or after), str(detail or after), "Warning")
+        else:
+            self.kube.event(obj, str(after), str(ready.get("message") or after))
+
+    # ------------------------------------------------------------ LLMEngine
+
+    def _engine(self, namespace: str, name: str) -> None:
+        obj = self.kube.get(LLMENGINES, namespace, name)
+        if obj is None or (obj.get("metadata") or {}).get("deletionTimestamp"):
+            return
+        engine = LLMEngine.model_validate(obj)
+        previous = dict(obj.get("status") or {})
+        phase = previous.get("phase")
+        if phase in ("Ready", "Failed"):
+            wanted: dict[str, Any] = dict(previous)
+        else:
+            wanted = self._follow_build(obj, engine)
+        with self._lock:
+            users = self._index.users((namespace, name)) if self._index.synced else None
+        if users is not None:
+            wanted["users"] = len(users)
+            if users:
+                wanted["lastUsedTime"] = None
+            elif not wanted.get("lastUsedTime"):
+                wanted["lastUsedTime"] = render_status.timestamp(self.clock())
+        patch = render_status.status_patch(previous, wanted)
+        if patch is not None:
+            self.kube.patch_status(LLMENGINES, namespace, name, patch)
+            self._engine_transition(obj, phase, wanted)
+        if users is not None and not users:
+            self._collect_if_unused(obj, wanted)
+
+    def _follow_build(self, obj: Mapping[str, Any], engine: LLMEngine) -> dict[str, Any]:
+        namespace, name = str(engine.metadata.namespace), str(engine.metadata.name)
+        job_name = render_build.job_name(name)
+        job = self.kube.get(JOBS, namespace, job_name)
+        if job is None:
+            gpus = render_build.build_gpus(engine, self._node_topologies() if engine.spec.gpu_product else ())
+            job, created = self.kube.create(render_build.build_job(engine, self.settings, gpus))
+            if created:
+                self.metrics.builds_started.inc()
+                self.kube.event(obj, "BuildStarted", f"Created build Job {job_name}")
+        pods = self.kube.list(PODS, namespace, f"job-name={job_name}")
+        latest = max(pods, key=lambda p: str(p["metadata"].get("creationTimestamp") or ""), default=None)
+        log_text = None
+        if latest is not None and self._wants_log(job, latest):
+            pod_name = latest["metadata"]["name"]
+            log_text = self.kube.pod_log(namespace, pod_name, BUILD_CONTAINER)
+            if log_text is None:
+                self._no_logs.add(pod_name)
+        seen = render_status.BuildObservation(job=job, pods=pods, log=log_text)
+        return render_status.engine_status(engine, seen, self.clock())
+
+    def _wants_log(self, job: Mapping[str, Any], pod: Mapping[str, Any]) -> bool:
+        """Read the build log for progress while running, and for the tail when the build failed
+        without saying why; never from a node that served none before."""
+        if pod["metadata"]["name"] in self._no_logs:
+            return False
+        phase = (pod.get("status") or {}).get("phase")
+        if phase == "Running":
+            return True
+        if phase == "Failed":
+            result, _ = render_status.build_result(pod)
+            return result is None
+        return False
+
+    def _engine_transition(self, obj: Mapping[str, Any], before: Any, wanted: Mapping[str, Any]) -> None:
+        after = wanted.get("phase")
+        if before == after:
+            return
+        if after == "Ready":
+            self.metrics.builds_succeeded.inc()
+            artifact = (wanted.get("artifact") or {}).get("uri")
+            self.kube.event(obj, "BuildSucceeded", f"Engine built: {artifact}")
+        elif after == "Failed":
+            self.metrics.builds_failed.inc()
+            failed = render_status.find_condition(wanted.get("conditions"), "Failed") or {}
+            self.kube.event(obj, "BuildFailed", f"{failed.get('reason')}: {failed.get('message')}", "Warning")
+        # Deployments waiting on this engine move on now rather than at the next resync.
+        meta = obj["metadata"]
+        with self._lock:
+            users = self._index.users((meta["namespace"], meta["name"]))
+        for user in users:
+            self.deployment(meta["namespace"], user)
+
+    def _collect_if_unused(self, obj: Mapping[str, Any], status: Mapping[str, Any]) -> None:
+        """Delete an engine nobody has used for the retention time (its Job goes with it)."""
+        since = _parse_time(status.get("lastUsedTime"))
+        if since is None or self.clock() - since < timedelta(seconds=self.options.engine_retention_seconds):
+            return
+        meta = obj["metadata"]
+        namespace, name = meta["namespace"], meta["name"]
+        # The index may lag a deployment created a moment ago: ask the API before deleting.
+        for other in self.kube.list(LLMDEPLOYMENTS, namespace):
+            if name in self._engines_named_by(other):
+                return
+        if self.kube.delete(LLMENGINES, namespace, name, uid=meta.get("uid")):
+            self.metrics.engines_collected.inc()
+            log.info("deleted LLMEngine %s/%s: unused since %s", namespace, name, status.get("lastUsedTime"))
