@@ -265,6 +265,7 @@ def test_env_config_map_secret_and_volumes_reach_the_process(
                 "token": read(os.path.join(secret, "token")),
                 "input": read(os.path.join(data, "input.txt")),
                 "data_env": os.environ["DATA_DIR"],
+                "via_pvc_root": read(os.path.join(os.environ["KILN_PVC_ROOT"], "data", "input.txt")),
             },
             open(result, "w"),
         )
@@ -294,6 +295,7 @@ def test_env_config_map_secret_and_volumes_reach_the_process(
             {"name": "settings", "mountPath": "/etc/settings"},
             {"name": "creds", "mountPath": "/etc/creds"},
             {"name": "data", "mountPath": "/data"},
+            {"name": "data", "mountPath": "/mnt/pvc/data"},  # where pvc://data/... resolves in the engine
         ],
     }
     manifest = pod_manifest(
@@ -327,9 +329,30 @@ def test_env_config_map_secret_and_volumes_reach_the_process(
         assert result["greeting"] == "hello" and result["token"] == "s3cret"
         assert result["input"] == "from the volume"
         assert result["data_env"] == str(data)  # env values under a mountPath are rewritten too
+        assert result["via_pvc_root"] == "from the volume"
         assert (data / "output.txt").read_text() == "written by the pod"
     finally:
         core_v1.delete_persistent_volume(pv_name)
+
+
+def test_pods_get_their_service_account_credentials(
+    process_node: ProcessNode, core_v1: client.CoreV1Api, namespace: str
+) -> None:
+    """In-cluster clients (kopf, kubernetes) find the pod's own token through KUBECONFIG."""
+    script = """
+        import sys
+        from kubernetes import client, config
+        config.load_kube_config()
+        api = client.AuthenticationV1Api()
+        review = api.create_self_subject_review({"apiVersion": "authentication.k8s.io/v1"})
+        open(sys.argv[1], "w").write(review.status.user_info.username)
+    """
+    container = {"name": "who", "image": "python:3.11", **python(script, "/dev/termination-log")}
+    core_v1.create_namespaced_pod(namespace, pod_manifest("who", [container], restartPolicy="Never"))
+    pod = wait_pod(core_v1, namespace, "who", lambda p: p.status.phase in ("Succeeded", "Failed"), "finished")
+    state = terminated(pod)
+    assert state.exit_code == 0, process_node.pod_log(namespace, "who", "who").read_text()
+    assert state.message == f"system:serviceaccount:{namespace}:default"
 
 
 def test_deleting_a_pod_delivers_sigterm_and_honours_the_grace_period(

@@ -18,7 +18,11 @@ from typing import Any
 from kiln.processnode.envvars import EnvError, PodFacts, field_value
 
 DEFAULT_TERMINATION_PATH = "/dev/termination-log"
-DEFAULT_MODE = 0o644
+# Kiln's engine finds `pvc://claim/path` at `$KILN_PVC_ROOT/claim` (default /mnt/pvc), a path it
+# builds itself, so no argument names it: the process node points KILN_PVC_ROOT at the container's
+# link tree when claims are mounted there.
+PVC_ROOT_ENV = "KILN_PVC_ROOT"
+DEFAULT_PVC_ROOT = "/mnt/pvc"
 
 
 @dataclass(frozen=True)
@@ -151,10 +155,12 @@ def container_mounts(
     return mounts
 
 
-def rewrite_path(value: str, mounts: Sequence[Mount]) -> str:
+def rewrite_path(value: str, mounts: Sequence[Mount], rootfs: Path | None = None) -> str:
     """`value` with a leading container path replaced by its host path (longest mountPath wins).
 
-    Handles a bare path (`/models/x`) and an option's value (`--model=/models/x`).
+    Handles a bare path (`/models/x`) and an option's value (`--model=/models/x`). A folder that
+    only holds mounts (`/mnt/pvc` for a mount at `/mnt/pvc/cache`) maps into `rootfs`, the
+    container's tree of links to its mounts (see `rootfs_links`), when one is given.
     """
     prefix = ""
     path = value
@@ -170,12 +176,44 @@ def rewrite_path(value: str, mounts: Sequence[Mount]) -> str:
             return prefix + str(mount.host_path)
         if path.startswith(root.rstrip("/") + "/"):
             return prefix + str(mount.host_path / path[len(root.rstrip("/")) + 1 :])
+    if rootfs is not None and path != "/":
+        folder = path.rstrip("/") + "/"
+        if any(mount.container_path.startswith(folder) for mount in mounts):
+            return prefix + str(rootfs / path.strip("/"))
     return value
 
 
-def rewrite_argv(argv: Sequence[str], mounts: Sequence[Mount]) -> list[str]:
-    return [rewrite_path(arg, mounts) for arg in argv]
+def rootfs_links(mounts: Sequence[Mount], rootfs: Path) -> dict[Path, Path]:
+    """The links that make `rootfs` look like the container's file system: link -> host path.
+
+    A mount inside another mount gets no link (it would land inside the outer mount's host folder).
+    """
+    links = {}
+    for mount in mounts:
+        inner = any(
+            other.container_path != mount.container_path
+            and mount.container_path.startswith(other.container_path.rstrip("/") + "/")
+            for other in mounts
+        )
+        if not inner:
+            links[rootfs / mount.container_path.strip("/")] = mount.host_path
+    return links
 
 
-def rewrite_env(env: Mapping[str, str], mounts: Sequence[Mount]) -> dict[str, str]:
-    return {name: rewrite_path(value, mounts) for name, value in env.items()}
+def pvc_root_env(env: Mapping[str, str], mounts: Sequence[Mount]) -> dict[str, str]:
+    """KILN_PVC_ROOT for a container that mounts claims under the default root and does not set it."""
+    if PVC_ROOT_ENV in env:
+        return {}
+    if any(m.container_path.startswith(DEFAULT_PVC_ROOT + "/") for m in mounts):
+        return {PVC_ROOT_ENV: DEFAULT_PVC_ROOT}
+    return {}
+
+
+def rewrite_argv(argv: Sequence[str], mounts: Sequence[Mount], rootfs: Path | None = None) -> list[str]:
+    return [rewrite_path(arg, mounts, rootfs) for arg in argv]
+
+
+def rewrite_env(
+    env: Mapping[str, str], mounts: Sequence[Mount], rootfs: Path | None = None
+) -> dict[str, str]:
+    return {name: rewrite_path(value, mounts, rootfs) for name, value in env.items()}

@@ -110,6 +110,7 @@ class ContainerRunner:
         self.process: asyncio.subprocess.Process | None = None
         self.log_path = worker.pod_dir / f"{spec['name']}.log"
         self.termination_file = worker.pod_dir / "termination" / spec["name"]
+        self.rootfs = worker.pod_dir / "rootfs" / spec["name"]
         self.killed_by_probe = False
         self.probe_specs = probes.probes_of(spec)
 
@@ -123,9 +124,11 @@ class ContainerRunner:
             self.spec, facts, worker.config_map_text, worker.secret_text, worker.ctx.node_allocatable
         )
         container_mounts = mounts.container_mounts(self.spec, worker.volume_paths, self.termination_file)
+        self._link_rootfs(container_mounts)
+        env = {**mounts.pvc_root_env(env, container_mounts), **env}
         # Env values are rewritten first, so `$(DIR)/x` inside a shell script still names the host path.
-        env = mounts.rewrite_env(env, container_mounts)
-        argv = mounts.rewrite_argv(envvars.container_argv(self.spec, env), container_mounts)
+        env = mounts.rewrite_env(env, container_mounts, self.rootfs)
+        argv = mounts.rewrite_argv(envvars.container_argv(self.spec, env), container_mounts, self.rootfs)
         full_env = base_env(worker.ctx.path_prefix, worker.ctx.agent_env)
         full_env["HOSTNAME"] = worker.name
         full_env.update(env)
@@ -134,7 +137,11 @@ class ContainerRunner:
         if worker.pod_kubeconfig is not None and "KUBECONFIG" not in env:
             full_env["KUBECONFIG"] = str(worker.pod_kubeconfig)
         working_dir = self.spec.get("workingDir")
-        cwd = Path(mounts.rewrite_path(working_dir, container_mounts)) if working_dir else worker.pod_dir
+        cwd = (
+            Path(mounts.rewrite_path(working_dir, container_mounts, self.rootfs))
+            if working_dir
+            else worker.pod_dir
+        )
         executable = argv[0]
         if "/" not in executable:
             found = shutil.which(executable, path=full_env["PATH"])
@@ -142,6 +149,16 @@ class ContainerRunner:
                 raise FileNotFoundError(f'exec: "{executable}": executable file not found in $PATH')
             argv[0] = found
         return argv, full_env, cwd
+
+    def _link_rootfs(self, container_mounts: list[mounts.Mount]) -> None:
+        """Links to the container's mounts at their mountPaths under `self.rootfs`."""
+        for link, target in mounts.rootfs_links(container_mounts, self.rootfs).items():
+            if link.is_symlink() and Path(os.readlink(link)) == target:
+                continue
+            link.parent.mkdir(parents=True, exist_ok=True)
+            if link.is_symlink():
+                link.unlink()
+            link.symlink_to(target)
 
     # --- one run ---------------------------------------------------------------------------------
 
@@ -313,7 +330,7 @@ class ContainerRunner:
         except (envvars.EnvError, FileNotFoundError, ValueError):
             return False
         container_mounts = mounts.container_mounts(self.spec, self.worker.volume_paths, self.termination_file)
-        argv = mounts.rewrite_argv(list(spec.command), container_mounts)
+        argv = mounts.rewrite_argv(list(spec.command), container_mounts, self.rootfs)
         if not argv:
             return False
         process = await asyncio.create_subprocess_exec(

@@ -155,3 +155,33 @@ def test_decode_data_base64_for_secrets_only() -> None:
     }
     assert mounts.decode_data(secret) == {"k": b"v"}
     assert mounts.decode_data(config_map) == {"k": b"v", "b": b"\x00"}
+
+
+def test_folders_that_hold_mounts_map_into_the_container_rootfs() -> None:
+    claims = [
+        Mount("/mnt/pvc/cache", Path("/state/pvcs/ns/cache")),
+        Mount("/mnt/pvc/models", Path("/repo/examples")),
+    ]
+    rootfs = Path("/state/pods/ns_p/rootfs/c")
+    assert mounts.rewrite_path("/mnt/pvc", claims, rootfs) == "/state/pods/ns_p/rootfs/c/mnt/pvc"
+    assert mounts.rewrite_path("/mnt/pvc/", claims, rootfs) == "/state/pods/ns_p/rootfs/c/mnt/pvc"
+    assert mounts.rewrite_path("/mnt/pvc/models/x", claims, rootfs) == "/repo/examples/x"
+    assert mounts.rewrite_path("/mnt/other", claims, rootfs) == "/mnt/other"
+    assert mounts.rewrite_path("/", claims, rootfs) == "/"
+    assert mounts.rewrite_path("/mnt/pvc", claims) == "/mnt/pvc"  # no rootfs, no rewrite
+
+
+def test_rootfs_links_skip_mounts_nested_in_mounts() -> None:
+    rootfs = Path("/r")
+    links = mounts.rootfs_links(MOUNTS, rootfs)
+    assert links == {
+        Path("/r/models"): Path("/repo/examples"),
+        Path("/r/dev/termination-log"): Path("/state/term/c"),
+    }
+
+
+def test_kiln_pvc_root_points_at_the_rootfs_when_claims_are_mounted_under_it() -> None:
+    claims = [Mount("/mnt/pvc/cache", Path("/c"))]
+    assert mounts.pvc_root_env({}, claims) == {"KILN_PVC_ROOT": "/mnt/pvc"}
+    assert mounts.pvc_root_env({"KILN_PVC_ROOT": "/data"}, claims) == {}
+    assert mounts.pvc_root_env({}, [Mount("/models", Path("/m"))]) == {}
