@@ -189,6 +189,8 @@ def make_engine(path: Path, args: argparse.Namespace, max_model_len: int, **over
         "attention_backend": "auto",
         "prefix_caching": False,  # random prompts share nothing; keep the numbers about compute
         "seed": 0,
+        "tensor_parallel_size": args.tp,
+        "tensor_parallel_rank": getattr(args, "tensor_parallel_rank", 0),
     }
     kwargs.update(overrides)
     return LLMEngine(path, EngineConfig(**kwargs))
@@ -571,6 +573,60 @@ def run_check(args: argparse.Namespace, root: Path) -> dict[str, Any]:
     return result
 
 
+# -- tensor parallelism ------------------------------------------------------------------------------------
+def _tp_rank(
+    rank: int, args: argparse.Namespace, cfg: dict[str, Any], workloads: list[Workload], port: int
+) -> None:
+    os.environ.update(
+        RANK=str(rank),
+        WORLD_SIZE=str(args.tp),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        LOCAL_RANK=str(rank),
+    )
+    dev = torch.device("cpu")
+    if args.device != "cpu":
+        torch.cuda.set_device(rank)
+        dev = torch.device("cuda", rank)
+    bw = copy_bandwidth(dev)
+    with tempfile.TemporaryDirectory(prefix=f"kiln-bench-tp{rank}-") as tmp:
+        modes = {}
+        for mode in args.modes:
+            args.tensor_parallel_rank = rank
+            modes[mode] = bench_mode(mode, cfg, Path(tmp), args, workloads, bw)
+            free()
+    if rank == 0:
+        results = json.loads(args.tp_results.read_text())
+        results["modes"] = modes
+        results["device"]["copy_bandwidth_gb_s"] = bw / 1e9
+        results["device"]["bf16_tflops"] = float("nan")
+        args.tp_results.write_text(json.dumps(results, indent=1, default=str))
+    torch.distributed.destroy_process_group()
+
+
+def run_tensor_parallel(
+    args: argparse.Namespace, cfg: dict[str, Any], workloads: list[Workload], results: dict[str, Any]
+) -> int:
+    """Spawn one process per GPU; rank 0 writes the results. No transformers baseline here."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    results["tensor_parallel_size"] = args.tp
+    out = args.out or Path(tempfile.mkdtemp()) / "tp.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=1, default=str))
+    args.tp_results = out
+    args.save = None  # closures do not cross the spawn; rank 0 writes the file itself
+    args.partial = None
+    mp.spawn(_tp_rank, args=(args, cfg, workloads, port), nprocs=args.tp, join=True)
+    print(table(json.loads(out.read_text())))
+    return 0
+
+
 # -- report ------------------------------------------------------------------------------------------------
 def table(results: dict[str, Any]) -> str:
     base = results.get("baseline", {})
@@ -643,6 +699,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--tiny", action="store_true", help="a tiny model of the same code paths (CPU debugging)")
     ap.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
+    ap.add_argument(
+        "--tp",
+        type=int,
+        default=1,
+        help="tensor parallelism: one process per GPU over NCCL, every rank runs the same steps",
+    )
     args = ap.parse_args(argv)
     args.modes = [m for m in args.modes.split(",") if m]
     for m in args.modes:
@@ -678,6 +740,8 @@ def main(argv: list[str] | None = None) -> int:
 
     args.save = save
     args.partial = None
+    if args.tp > 1:
+        return run_tensor_parallel(args, cfg, workloads, results)
     with tempfile.TemporaryDirectory(prefix="kiln-bench-") as tmp:
         root = Path(tmp)
         if args.check:

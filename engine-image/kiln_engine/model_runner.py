@@ -104,6 +104,11 @@ class ModelRunner:
             budget = self.config.cpu_kv_cache_bytes
         max_useful = self.config.max_num_seqs * -(-self.max_model_len // self.block_size)
         blocks = min(budget // per_block, max_useful)
+        if self.config.tensor_parallel_size > 1 and torch.distributed.is_initialized():
+            # Every rank runs the same scheduler, so every rank must see the same number of blocks.
+            t = torch.tensor([blocks], dtype=torch.int64, device=self.device)
+            torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MIN)
+            blocks = int(t.item())
         if blocks < 1:
             raise RuntimeError(
                 f"no memory left for the KV cache (one block is {per_block} bytes); "
