@@ -44,20 +44,24 @@ def free_port() -> int:
 class Operator:
     """`kiln operator run --all-namespaces` as a child process, with its log kept for failures."""
 
-    def __init__(self, kubeconfig: Path, log_path: Path) -> None:
+    def __init__(
+        self, kubeconfig: Path, log_path: Path, args: tuple[str, ...] = (), env: dict[str, str] | None = None
+    ) -> None:
         self.kubeconfig = kubeconfig
         self.log_path = log_path
+        self.args = args
+        self.env = env or {}
         self.process: subprocess.Popen[bytes] | None = None
         self.health_port = 0
         self.metrics_port = 0
 
     def start(self) -> None:
         self.health_port, self.metrics_port = free_port(), free_port()
-        env = {**os.environ, "KUBECONFIG": str(self.kubeconfig)}
+        env = {**os.environ, "KUBECONFIG": str(self.kubeconfig), **self.env}
         command = [
             str(Path(sys.executable).parent / "kiln"), "operator", "run", "--all-namespaces",
             f"--health-port={self.health_port}", f"--metrics-port={self.metrics_port}",
-            "--engine-retention=3", "--resync-seconds=5", "--log-format=plain",
+            "--engine-retention=3", "--resync-seconds=5", "--log-format=plain", *self.args,
         ]  # fmt: skip
         with self.log_path.open("ab") as log:
             self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
@@ -76,6 +80,9 @@ class Operator:
     def metrics(self) -> str:
         with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=2) as response:
             return response.read().decode()
+
+    def leading(self) -> bool:
+        return "kiln_operator_leader 1.0" in self.metrics()
 
     def kill(self) -> None:
         """SIGKILL: no cleanup, as when a node dies under the operator."""
@@ -426,3 +433,54 @@ def test_deletion_leaves_nothing_behind(
         return found
 
     wait_for(lambda: not leftovers(), 60, "every child to be gone")
+
+
+def test_two_replicas_one_leads_and_the_standby_takes_over(
+    local_cluster: LocalCluster,
+    tmp_path: Path,
+    custom: client.CustomObjectsApi,
+    core_v1: client.CoreV1Api,
+    namespace: str,
+) -> None:
+    election = (
+        "--leader-election",
+        f"--leader-election-namespace={namespace}",
+        "--leader-election-lease=kiln-operator",
+    )
+    fast = {
+        "KILN_LEADER_ELECTION_LEASE_DURATION": "4",
+        "KILN_LEADER_ELECTION_RENEW_DEADLINE": "3",
+        "KILN_LEADER_ELECTION_RETRY_PERIOD": "1",
+    }
+    first = Operator(local_cluster.kubeconfig, tmp_path / "first.log", election, fast)
+    second = Operator(local_cluster.kubeconfig, tmp_path / "second.log", election, fast)
+    try:
+        first.start()
+        wait_for(first.leading, 20, "the first replica to lead")
+        second.start()
+        time.sleep(3)
+        assert not second.leading(), "two replicas lead at once"
+        with_secret(core_v1, namespace)
+        body = example("llama-3-70b-fp8-tp4.yaml")
+        name = body["metadata"]["name"]
+        create(custom, namespace, body)
+        wait_for(lambda: phase_is(custom, namespace, "llmdeployments", name, "Ready"), 90, "Ready")
+
+        first.kill()  # no Lease release: the standby waits for it to expire
+        wait_for(second.leading, 30, "the standby to take over")
+        lease = client.CoordinationV1Api(local_cluster.api_client).read_namespaced_lease(
+            "kiln-operator", namespace
+        )
+        assert lease.spec.holder_identity.endswith(str(second.process.pid))  # type: ignore[union-attr]
+        custom.patch_namespaced_custom_object(
+            GROUP, VERSION, namespace, "llmdeployments", name, {"spec": {"replicas": 2}}
+        )
+        wait_for(
+            lambda: get(custom, namespace, "llmdeployments", name)["status"].get("readyReplicas") == 2,
+            60,
+            "the new leader to scale to 2",
+        )
+    finally:
+        for replica in (first, second):
+            replica.stop()
+            print(f"--- {replica.log_path.name} (tail) ---\n{replica.log()}")

@@ -57,6 +57,9 @@ def configure_logging(log_format: str, level: str) -> None:
     root.setLevel(level.upper())
     for noisy in ("urllib3", "kubernetes", "aiohttp.access"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    # kopf reports every handled watch event at INFO ("Handler ... succeeded"); the reconcilers log
+    # and record (as Events) each step themselves.
+    logging.getLogger("kopf.objects").setLevel(max(logging.WARNING, root.level))
 
 
 class Health:

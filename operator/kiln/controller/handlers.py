@@ -48,7 +48,10 @@ def llmdeployment_event(event: kopf.RawEvent, name: str, namespace: str | None, 
 
 @kopf.on.event(GROUP, VERSION, "llmengines")
 def llmengine_event(event: kopf.RawEvent, name: str, namespace: str | None, memo: Any, **_: Any) -> None:
-    if event.get("type") != "DELETED":
+    if event.get("type") == "DELETED":
+        # Deleting an engine is how a user retries a failed build: its users ask for a new one now.
+        _reconciler(memo).engine_deleted(_ns(namespace), name)
+    else:
         _reconciler(memo).engine(_ns(namespace), name)
 
 

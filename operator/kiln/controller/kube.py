@@ -251,6 +251,19 @@ class Kube:
     def event(self, obj: Mapping[str, Any], reason: str, message: str, type_: str = "Normal") -> None:
         """Record a core/v1 Event on `obj` (what `kubectl describe` shows); failures are only logged."""
         metadata = obj.get("metadata") or {}
+        log.log(
+            logging.WARNING if type_ == "Warning" else logging.INFO,
+            "%s %s/%s: %s: %s",
+            obj.get("kind"),
+            metadata.get("namespace"),
+            metadata.get("name"),
+            reason,
+            message,
+            extra={
+                "object": f"{obj.get('kind')}/{metadata.get('namespace')}/{metadata.get('name')}",
+                "reason": reason,
+            },
+        )
         now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
         namespace = metadata.get("namespace") or "default"
         body = {

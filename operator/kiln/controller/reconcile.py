@@ -202,6 +202,13 @@ class Reconciler:
         for engine_key in changed:
             self.engine(*engine_key)
 
+    def engine_deleted(self, namespace: str, name: str) -> None:
+        """An LLMEngine is gone: deployments that used it reconcile (and ask for a new one)."""
+        with self._lock:
+            users = self._index.users((namespace, name))
+        for user in users:
+            self.deployment(namespace, user)
+
     def resync(self) -> None:
         """The level-based safety net: index every deployment, reconcile every engine and deployment."""
         deployments = self._list(LLMDEPLOYMENTS)
