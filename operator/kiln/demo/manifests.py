@@ -80,9 +80,15 @@ def fallback_values(autoscaler_interval: float) -> dict[str, Any]:
     }
 
 
+def retention_args(seconds: float) -> list[str]:
+    """`kiln operator run` flags that delete unused LLMEngines after `seconds` (tests): the
+    operator collects engines when it reconciles them, so it also resyncs that often."""
+    return [f"--engine-retention={seconds:g}", f"--resync-seconds={max(1.0, seconds):g}"]
+
+
 def retention_values(seconds: float) -> dict[str, Any]:
-    """Helm values that make the operator delete unused LLMEngines after `seconds` (tests)."""
-    return {"operator": {"extraEnv": [{"name": "KILN_ENGINE_RETENTION_SECONDS", "value": str(seconds)}]}}
+    """The same as Helm values for the chart's operator."""
+    return {"operator": {"extraArgs": retention_args(seconds)}}
 
 
 def chat_prompt(question: str) -> str:

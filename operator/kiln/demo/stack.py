@@ -131,23 +131,6 @@ def engine_processes(root: int) -> list[int]:
     return sorted(pid for pid in descendants(root) if is_engine_server(cmdline(pid).split(" ")))
 
 
-def processes_mentioning(text: str) -> list[int]:
-    """Pids of live processes whose command line contains `text` (to prove nothing was left)."""
-    found = []
-    needle = text.encode()
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
-            continue
-        try:
-            if needle in (entry / "cmdline").read_bytes():
-                stat = (entry / "stat").read_text()
-                if stat.rsplit(")", 1)[1].split()[0] != "Z":
-                    found.append(int(entry.name))
-        except (FileNotFoundError, ProcessLookupError, PermissionError):
-            continue
-    return found
-
-
 class Stack:
     """Local cluster + process node + demo volumes + Kiln, in `directory`."""
 
@@ -357,6 +340,12 @@ class Stack:
                 "--all-namespaces",
                 f"--metrics-port={free_port()}",
                 f"--health-port={free_port()}",
+                "--log-format=plain",
+                *(
+                    manifests.retention_args(self.engine_retention)
+                    if self.engine_retention is not None
+                    else []
+                ),
             ],
         )
         self.launch(
@@ -427,16 +416,17 @@ class Stack:
     def stop(self) -> list[int]:
         """Stop everything (controllers, process node and its pods, the cluster).
 
-        Returns the pids of processes still mentioning the folder afterwards (killed, but a sign
-        that something did not honour SIGTERM).
+        Returns the pids of the node's pods that were still running once the node had stopped
+        (they are killed, but it is a sign that something did not honour SIGTERM).
         """
         if self._api is not None:
             self._api.close()
             self._api = None
-        node = self.process_node_pid()
-        pods = {pid: cmdline(pid) for pid in (descendants(node) if node else [])}
+        # What runs on the process node now, to make sure none of it outlives the node.
+        roots = [pid for pid in (self.process_node_pid(), *(p.pid for p in self.processes.values())) if pid]
+        pods = {pid: cmdline(pid) for root in roots for pid in descendants(root)}
         # Controllers first (they would react to pods vanishing), then the node (it stops its pods).
-        for name in ("autoscaler", "operator", "process-node"):
+        for name in ("autoscaler", "operator", PROCESS_NODE_KEY):
             process = self.processes.get(name)
             if process is not None and process.poll() is None:
                 cluster.stop_groups([process.pid], grace_seconds=40.0)
@@ -446,10 +436,8 @@ class Stack:
         self.processes.clear()
         (self.directory / "demo.json").unlink(missing_ok=True)
         self.cluster.stop()
-        leftovers = processes_mentioning(str(self.directory))
-        leftovers += [
-            pid for pid, line in pods.items() if line and cmdline(pid) == line and pid not in leftovers
-        ]
+        # Same pid and same command line: still the process the node started, not a reused pid.
+        leftovers = [pid for pid, line in pods.items() if line and cmdline(pid) == line]
         for pid in leftovers:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.kill(pid, signal.SIGKILL)

@@ -40,6 +40,7 @@ class Story:
     port: int = 8000
     ttft_target_ms: float = 0.0
     max_replicas: int = 1
+    max_batch_size: int = 0
     service: str = ""
     route: str = ""  # "service-proxy" or "endpoints", once the first request was answered
     answer: str = ""
@@ -54,6 +55,7 @@ class Story:
         autoscaling = spec["spec"].get("autoscaling", {})
         self.ttft_target_ms = float(autoscaling.get("ttftP50TargetMs", 0) or 0)
         self.max_replicas = int(autoscaling.get("maxReplicas", 1) or 1)
+        self.max_batch_size = int(spec["spec"].get("engine", {}).get("maxBatchSize", 0) or 0)
         self.service = self.name
 
     # -------------------------------------------------------------- reading the cluster
@@ -151,6 +153,8 @@ def watch_engine_build(story: Story, p: Progress, timeout: float = 900.0) -> dic
     while True:
         story.stack.check_processes()
         status = story.deployment().get("status") or {}
+        if status.get("phase") == "Failed":
+            raise DemoError(f"llmdeployment/{story.name} Failed: {json.dumps(status.get('conditions'))}")
         ref = status.get("pendingEngine") or status.get("engine") or {}
         engine_name = ref.get("name") or engine_name
         if engine_name:
@@ -231,7 +235,8 @@ def ask(story: Story, p: Progress, question: str = QUESTION) -> str:
         if not story.endpoints:
             raise DemoError("no ready endpoint behind the Service")
         url = f"{story.endpoints[0]}/v1/completions"
-        p.info(f"falling back to the Service's endpoint: POST {url}")
+        p.info("so asking a pod the Service selects directly (the address its endpoint would hold):")
+        p.info(f"POST {url}")
         with httpx.Client(timeout=60.0) as client:
             response = client.post(url, json=body)
         if response.status_code != 200:
@@ -294,14 +299,18 @@ async def _autoscale(
         "ignore_eos": True,
     }
     body.pop("stop", None)
-    verify = story.stack.api.ssl_context if story.route == "service-proxy" else True
-    urls: list[str] = story.completion_urls()
+    # The load goes to the Service's ready endpoints, round-robin, the way kube-proxy spreads a
+    # Service's traffic: through the API server's proxy, the API server (on the same few cores)
+    # would be the bottleneck, and the engines would never see the burst.
+    verify = True
+    story.endpoints = story.ready_pod_endpoints()
+    urls: list[str] = [f"{endpoint}/v1/completions" for endpoint in story.endpoints]
 
     async def refresh() -> None:
         while True:
             with contextlib.suppress(Exception):
                 story.endpoints = await asyncio.to_thread(story.ready_pod_endpoints)
-                urls[:] = story.completion_urls()
+                urls[:] = [f"{endpoint}/v1/completions" for endpoint in story.endpoints]
             await asyncio.sleep(1.0)
 
     async def scrape() -> dict[str, dict[float, float]]:
@@ -322,7 +331,10 @@ async def _autoscale(
         p.info(f"quiet: TTFT p50 {fmt_ms(before)} over {count} requests, replicas {replicas_before}")
 
         # Burst: many clients until the autoscaler's new replica is ready.
-        p.info(f"burst: {concurrency} concurrent clients until the autoscaler adds a replica")
+        p.info(
+            f"burst: {concurrency} concurrent clients (maxBatchSize {story.max_batch_size} per replica), "
+            "spread over the Service's ready endpoints, until the autoscaler adds a replica"
+        )
         burst = Load(lambda: urls, body, concurrency, verify)
         task = asyncio.create_task(burst.run())
         began = time.monotonic()
