@@ -365,6 +365,9 @@ class Stack:
 
     # ------------------------------------------------------------------ processes
 
+    def retention_args(self) -> list[str]:
+        return [] if self.engine_retention is None else manifests.retention_args(self.engine_retention)
+
     def launch(self, name: str, command: list[str]) -> subprocess.Popen[bytes]:
         """Start one long-running process in its own process group, logging to logs/<name>.log."""
         self.log(name).parent.mkdir(parents=True, exist_ok=True)
