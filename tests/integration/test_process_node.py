@@ -7,6 +7,8 @@ later tests' pods never land on it.
 from __future__ import annotations
 
 import json
+import os
+import signal
 import textwrap
 import time
 import uuid
@@ -519,3 +521,46 @@ def test_the_real_engine_serves_completions_through_the_service(
         assert body["usage"]["completion_tokens"] > 0
     finally:
         core_v1.delete_persistent_volume(pv_name)
+
+
+def test_log_follow_streams_until_the_container_exits(
+    process_node: ProcessNode, core_v1: client.CoreV1Api, namespace: str
+) -> None:
+    script = "import time; print('first', flush=True); time.sleep(2); print('second')"
+    container = {"name": "talk", "image": "python:3.11", **python(script)}
+    core_v1.create_namespaced_pod(namespace, pod_manifest("talk", [container], restartPolicy="Never"))
+    wait_pod(core_v1, namespace, "talk", lambda p: p.status.phase != "Pending", "started")
+    started = time.monotonic()
+    text = core_v1.read_namespaced_pod_log("talk", namespace, follow=True, _request_timeout=30)
+    assert text.split() == ["first", "second"]
+    assert time.monotonic() - started < 20
+
+
+def test_stopping_the_agent_stops_its_pods_processes(
+    local_cluster: LocalCluster, core_v1: client.CoreV1Api, namespace: str, tmp_path: Path
+) -> None:
+    """SIGTERM to the agent: every pod process ends (even one ignoring SIGTERM), the node turns NotReady."""
+    name = "process-node-stop-test"
+    with running_process_node(local_cluster, tmp_path, name=name, extra_args=("--shutdown-grace=2",)) as node:
+        stubborn = {
+            "name": "c",
+            "image": "python:3.11",
+            "command": ["sh", "-c", "trap '' TERM; sleep 1000 & sleep 1000"],
+        }
+        manifest = pod_manifest("victim", [stubborn])
+        manifest["spec"]["nodeSelector"] = {"kubernetes.io/hostname": name}
+        core_v1.create_namespaced_pod(namespace, manifest)
+        pod = wait_pod(core_v1, namespace, "victim", is_ready, "Running and Ready")
+        pid = int(pod.status.container_statuses[0].container_id.removeprefix("process://"))
+        assert Path(f"/proc/{pid}").exists()
+        started = time.monotonic()
+        os.kill(node.pid, signal.SIGTERM)
+        wait_for(lambda: not Path(f"/proc/{pid}").exists(), 20, "the pod's process to end")
+        assert time.monotonic() - started < 10
+
+        def stopped() -> bool:
+            ready = next(c for c in core_v1.read_node(name).status.conditions if c.type == "Ready")
+            return (ready.status, ready.reason) == ("False", "ProcessNodeStopped")
+
+        wait_for(stopped, 15, "the node to report Ready=False (ProcessNodeStopped)")
+    # running_process_node's teardown checked the exit code (0) and that no pod process survived.

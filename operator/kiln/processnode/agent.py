@@ -94,7 +94,7 @@ class Agent:
             )
         server: logserver.LogServer | None = None
         if config.kubelet_port >= 0:
-            server = logserver.LogServer(config.state_dir, config.kubelet_port)
+            server = logserver.LogServer(config.state_dir, config.kubelet_port, self._container_running)
             await server.start()
         self.facts = nodeobj.NodeFacts(
             name=config.node_name,
@@ -248,6 +248,16 @@ class Agent:
         log.info("pod %s bound to this node", worker.key)
         worker.start()
 
+    def _container_running(self, namespace: str, pod: str, container: str) -> bool:
+        """Whether a `kubectl logs -f` on this container should keep following."""
+        for worker in self.workers.values():
+            if worker.namespace == namespace and worker.name == pod and not worker.stopping:
+                return any(
+                    s.name == container and s.state != "terminated"
+                    for s in [*worker.init_states, *worker.states]
+                )
+        return False
+
     def _forget(self, worker: PodWorker) -> None:
         if self.workers.get(worker.uid) is worker:
             del self.workers[worker.uid]
@@ -259,4 +269,11 @@ async def run_agent(config: AgentConfig) -> None:
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, agent.request_stop)
-    await agent.run()
+    try:
+        await agent.run()
+    finally:
+        # Everything is stopped: a late second SIGTERM must not turn the clean exit into a kill
+        # (closing the loop would otherwise restore the default handler).
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(signum)
+            signal.signal(signum, signal.SIG_IGN)
