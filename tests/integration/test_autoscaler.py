@@ -311,7 +311,12 @@ def test_scales_up_on_ttft_and_down_after_the_window_without_losing_requests(
             return int(obj["spec"]["replicas"]) > 1
 
         wait_for(scaled_up, timeout=120, what="the autoscaler to scale up")
-        obj: Any = custom.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, NAME)
+
+        def recorded() -> Any:  # the status write follows the /scale patch
+            obj: Any = custom.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, NAME)
+            return obj if (obj.get("status") or {}).get("lastScaleDecision") else None
+
+        obj = wait_for(recorded, timeout=10, what="the scale decision in status")
         decision = obj["status"]["lastScaleDecision"]
         assert decision["fromReplicas"] == 1 and decision["toReplicas"] > 1, decision
         assert "ttft" in decision["reason"], decision
