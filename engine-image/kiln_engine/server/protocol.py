@@ -9,7 +9,16 @@ from __future__ import annotations
 import time
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictFloat,
+    StrictInt,
+    StrictStr,
+    field_validator,
+)
 
 from kiln_engine.interface import SamplingParams
 
@@ -51,6 +60,14 @@ class _SamplingFields(BaseModel):
     )
     ignore_eos: StrictBool = False
     user: StrictStr | None = None
+
+    @field_validator("stop")
+    @classmethod
+    def _few_stop_sequences(cls, stop: str | list[str] | None) -> str | list[str] | None:
+        # each stop string is matched against every generated token: the count must be bounded
+        if isinstance(stop, list) and len(stop) > MAX_STOP_SEQUENCES:
+            raise ValueError(f"at most {MAX_STOP_SEQUENCES} stop sequences are allowed, got {len(stop)}")
+        return stop
 
     def stop_strings(self) -> tuple[str, ...]:
         if self.stop is None:
