@@ -30,6 +30,7 @@ from kiln_chart import (
     FULL_VALUES,
     LOCAL_VALUES,
     OPERATOR_VERBS,
+    ROOT,
     TOPOLOGY_AGENT_VERBS,
     Helm,
     find_helm,
@@ -378,15 +379,19 @@ def metric(text: str, name: str) -> float | None:
     return float(found.group(1)) if found else None
 
 
-def test_local_values_run_the_operator_and_autoscaler_on_the_process_node(
+def test_local_values_run_kiln_on_the_process_node_and_an_example_goes_ready(
     helm: Helm,
+    kubectl: str,
     core_v1: client.CoreV1Api,
     apps_v1: client.AppsV1Api,
+    local_cluster: LocalCluster,
     chart_process_node: ProcessNode,
     namespaces: dict[str, str],
 ) -> None:
     """ci/local-values.yaml: both controllers become available as real processes on the process
-    node, running as their ServiceAccounts, and serve health and metrics on their pod IPs."""
+    node, running as their ServiceAccounts (the process node hands pods a kubeconfig with their
+    token), serve health and metrics on their pod IPs, and the operator, with only the chart's
+    permissions, takes an example LLMDeployment to Ready (build Job and GPU pods on KWOK nodes)."""
     namespace = namespaces["release"]
     release = f"kiln-{namespace.rsplit('-', 1)[1]}"
     # Free ports, so a `kiln demo` running on the same machine (same values) cannot collide.
@@ -413,5 +418,34 @@ def test_local_values_run_the_operator_and_autoscaler_on_the_process_node(
             assert health.status_code == 200, (component, health.text)
             exposition = httpx.get(f"http://{ip}:{ports[f'{component}.metricsPort']}/metrics", timeout=5).text
             assert metric(exposition, leader_metric) == 1, (component, exposition[:2000])
+
+        serving = namespaces["team-a"]
+        core_v1.create_namespaced_secret(  # the example reads its credentials from hf-token
+            serving,
+            client.V1Secret(metadata=client.V1ObjectMeta(name="hf-token"), string_data={"HF_TOKEN": "x"}),
+        )
+        example = yaml.safe_load((ROOT / "examples" / "llama-3-70b-fp8-tp4.yaml").read_text())
+        custom = client.CustomObjectsApi(local_cluster.api_client)
+        custom.create_namespaced_custom_object("kiln.dev", "v1alpha1", serving, "llmdeployments", example)
+        name = example["metadata"]["name"]
+        waited = run(
+            [
+                kubectl,
+                "wait",
+                "-n",
+                serving,
+                f"llmdeployment/{name}",
+                "--for=condition=Ready",
+                "--timeout=150s",
+            ],
+            check=False,
+        )
+        operator_log = pod_log_tail(chart_process_node, by_component["operator"])
+        assert waited.returncode == 0, f"{waited.stderr}\noperator log:\n{operator_log}"
+        status = custom.get_namespaced_custom_object("kiln.dev", "v1alpha1", serving, "llmdeployments", name)
+        assert status["status"]["phase"] == "Ready" and status["status"]["readyReplicas"] >= 1, status[
+            "status"
+        ]
+        assert "Forbidden" not in operator_log and "forbidden" not in operator_log, operator_log
     finally:
         helm.run("uninstall", release, "--namespace", namespace, "--wait", "--timeout", "120s", check=False)
