@@ -286,7 +286,13 @@ class GPURequirements(KubeModel):
     ]
     memory_mib: Annotated[
         int | None,
-        Field(default=None, ge=1, description="Minimum memory per GPU in MiB (nvidia.com/gpu.memory)."),
+        # bounded: Kubernetes stores int64, and an unbounded model accepted values the server rejects
+        Field(
+            default=None,
+            ge=1,
+            le=16777216,
+            description="Minimum memory per GPU in MiB (nvidia.com/gpu.memory), at most 16 TiB.",
+        ),
     ]
     nvlink: Annotated[
         NVLinkPolicy,
