@@ -215,6 +215,12 @@ def test_restart_policy_on_failure_restarts_until_success(
     )
     assert pod.status.container_statuses[0].restart_count == 2
     assert (tmp_path / "runs").read_text() == "3"
+    reasons = [
+        e.reason
+        for e in core_v1.list_namespaced_event(namespace).items
+        if e.involved_object.name == "flaky" and e.source.component == "kiln-process-node"
+    ]
+    assert reasons.count("Started") == 3 and "BackOff" in reasons
 
 
 def test_env_config_map_secret_and_volumes_reach_the_process(

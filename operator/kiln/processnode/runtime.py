@@ -26,7 +26,7 @@ from typing import Any
 import httpx
 import yaml
 
-from kiln.processnode import envvars, mounts, podstatus, probes, restarts
+from kiln.processnode import envvars, events, mounts, podstatus, probes, restarts
 from kiln.processnode.ips import IpPool
 from kiln.processnode.kube import KubeClient, KubeError
 from kiln.processnode.podstatus import ContainerState, timestamp
@@ -207,6 +207,7 @@ class ContainerRunner:
         state.started_at, state.container_id = started, f"process://{process.pid}"
         state.exit_code = state.signal = None
         state.started = "startup" not in self.probe_specs
+        self.worker.event(events.STARTED, f"Started container {self.spec['name']}", self.spec["name"])
         state.ready = state.started and "readiness" not in self.probe_specs and not self.init
         self.worker.changed()
         probe_tasks = [
@@ -246,6 +247,7 @@ class ContainerRunner:
         self.state.exit_code, self.state.started_at, self.state.finished_at = exit_code, now, now
         self.state.ready = False
         log.warning("%s/%s: %s: %s", self.worker.key, self.spec["name"], reason, message)
+        self.worker.event(events.FAILED, f"Error: {reason}: {message}", self.spec["name"], warning=True)
         self.worker.changed()
         return exit_code
 
@@ -266,6 +268,12 @@ class ContainerRunner:
             state.restart_count += 1
             if delay > 0:
                 state.state, state.reason = "waiting", "CrashLoopBackOff"
+                self.worker.event(
+                    events.BACK_OFF,
+                    f"Back-off restarting failed container {state.name}",
+                    state.name,
+                    warning=True,
+                )
                 state.message = (
                     f"back-off {delay:g}s restarting failed container={state.name} pod={self.worker.name}"
                 )
@@ -284,6 +292,10 @@ class ContainerRunner:
                 continue
             ok = await self._probe(spec)
             verdict = probes.observe(verdict, ok, spec)
+            if not ok and verdict.failures in (1, spec.failure_threshold):
+                self.worker.event(
+                    events.UNHEALTHY, f"{role.capitalize()} probe failed", self.spec["name"], warning=True
+                )
             if role == "readiness" and verdict.passed != self.state.ready:
                 self.state.ready = verdict.passed
                 self.worker.changed()
@@ -298,6 +310,11 @@ class ContainerRunner:
                 and verdict.failures >= spec.failure_threshold
             ):
                 log.info("%s/%s: %s probe failed; restarting", self.worker.key, self.spec["name"], role)
+                self.worker.event(
+                    events.KILLING,
+                    f"Container {self.spec['name']} failed {role} probe, will be restarted",
+                    self.spec["name"],
+                )
                 self.killed_by_probe = True
                 grace = spec.termination_grace if spec.termination_grace is not None else self.worker.grace()
                 await self.stop(grace)
@@ -405,6 +422,7 @@ class PodWorker:
         self._stop_event = asyncio.Event()
         self._dirty = asyncio.Event()
         self._version = 0
+        self._event_tasks: set[asyncio.Task[None]] = set()
         self._published_version = 0
         self._on_done = on_done
         self.task: asyncio.Task[None] | None = None
@@ -426,6 +444,21 @@ class PodWorker:
         """The pod was removed from the API (force-deleted, or by us): stop without grace."""
         self.gone = True
         self._deleting.set()
+
+    def event(self, reason: str, message: str, container: str | None = None, warning: bool = False) -> None:
+        """Report an Event about the pod (best effort, in the background)."""
+        body = events.event_manifest(
+            self.pod, reason, message, self.ctx.node_name, timestamp(), container, warning
+        )
+        task = asyncio.create_task(self._post_event(body))
+        self._event_tasks.add(task)
+        task.add_done_callback(self._event_tasks.discard)
+
+    async def _post_event(self, body: dict[str, Any]) -> None:
+        try:
+            await self.ctx.kube.create(f"/api/v1/namespaces/{self.namespace}/events", body)
+        except (KubeError, httpx.HTTPError) as error:
+            log.debug("%s: event not recorded: %s", self.key, error)
 
     def changed(self) -> None:
         self._version += 1
@@ -476,6 +509,12 @@ class PodWorker:
             self._begin_stop()
             grace = self.grace()
             log.info("%s: deleting; stopping processes (grace %.0f s)", self.key, grace)
+            if not self.gone:
+                for runner in self.runners:
+                    if runner.process is not None:
+                        self.event(
+                            events.KILLING, f"Stopping container {runner.spec['name']}", runner.spec["name"]
+                        )
             await self._stop_processes(grace)
             life.cancel()
             await asyncio.gather(life, return_exceptions=True)

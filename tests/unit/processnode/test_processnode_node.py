@@ -72,3 +72,25 @@ def test_parse_log_path() -> None:
     assert logserver.parse_log_path("/containerLogs/ns/pod/c") == ("ns", "pod", "c")
     assert logserver.parse_log_path("/containerLogs/ns/pod") is None
     assert logserver.parse_log_path("/stats/summary") is None
+
+
+def test_event_manifest_points_at_the_pod_and_container() -> None:
+    from kiln.processnode import events
+
+    pod = {"metadata": {"name": "web", "namespace": "ns", "uid": "u"}}
+    event = events.event_manifest(
+        pod, events.UNHEALTHY, "Readiness probe failed", "pn", NOW, "srv", warning=True
+    )
+    assert event["involvedObject"] == {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "namespace": "ns",
+        "name": "web",
+        "uid": "u",
+        "fieldPath": "spec.containers{srv}",
+    }
+    assert event["type"] == "Warning" and event["metadata"]["namespace"] == "ns"
+    assert event["metadata"]["name"].startswith("web.") and event["source"] == {
+        "component": "kiln-process-node",
+        "host": "pn",
+    }
