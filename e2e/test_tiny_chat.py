@@ -177,6 +177,22 @@ def test_quantization_change_builds_a_new_engine_and_rolls_over_without_a_failed
     print(f"rollover: {loop.ok} answered, {loop.retried} retried after a draining 503, 0 failed")
 
 
+def autoscaling(kubectl: Kubectl, enabled: bool) -> None:
+    patch = {"spec": {"autoscaling": {"enabled": enabled}}}
+    kubectl("patch", "llmdeployment", NAME, "--type=merge", "-p", json.dumps(patch))
+
+
+def settle(story: Story, replicas: int, timeout: float = 300.0) -> list[str]:
+    """Wait until exactly `replicas` pods are ready and as many engine processes run; return
+    the pods' endpoints."""
+
+    def settled() -> list[str] | None:
+        found = story.ready_pod_endpoints()
+        return found if len(found) == replicas and len(story.engine_processes()) == replicas else None
+
+    return wait_for(settled, timeout, f"{replicas} ready pods and {replicas} engine processes", interval=1.0)
+
+
 def test_scale_by_hand_runs_two_engine_processes(story: Story, kubectl: Kubectl) -> None:
     wait_ready(kubectl)
     # Manual scaling: the autoscaler must not undo it, so hand the replica count to the user.
@@ -184,33 +200,23 @@ def test_scale_by_hand_runs_two_engine_processes(story: Story, kubectl: Kubectl)
         "patch", "llmdeployment", NAME, "--type=merge", "-p", '{"spec":{"autoscaling":{"enabled":false}}}'
     )
     try:
+        kubectl("scale", f"llmdeployment/{NAME}", "--replicas=1")
+        settle(story, 1)
         kubectl("scale", f"llmdeployment/{NAME}", "--replicas=2")
-
-        def two_ready() -> list[str] | None:
-            found = story.ready_pod_endpoints()
-            return found if len(found) == 2 else None
-
-        endpoints = wait_for(two_ready, 300, "two ready serving pods", interval=1.0)
-        assert len(set(endpoints)) == 2
+        endpoints = settle(story, 2)
         body = manifests.completion_request(story.served_name, "Say hello.", max_tokens=16)
         with httpx.Client(timeout=60.0) as client:
             answers = [client.post(f"{endpoint}/v1/completions", json=body) for endpoint in endpoints]
         assert [a.status_code for a in answers] == [200, 200]
         texts = {a.json()["choices"][0]["text"] for a in answers}
         assert len(texts) == 1 and texts != {""}, texts  # the same engine: the same greedy answer
-        assert len(story.engine_processes()) == 2
-        assert story.deployment()["status"].get("readyReplicas") == 2
+        wait_for(lambda: story.deployment()["status"].get("readyReplicas") == 2, 60, "readyReplicas 2")
     finally:
         kubectl("scale", f"llmdeployment/{NAME}", "--replicas=1")
         kubectl(
             "patch", "llmdeployment", NAME, "--type=merge", "-p", '{"spec":{"autoscaling":{"enabled":true}}}'
         )
-    wait_for(
-        lambda: len(story.ready_pod_endpoints()) == 1 and len(story.engine_processes()) == 1,
-        120,
-        "back to one replica and one engine process",
-        interval=1.0,
-    )
+    settle(story, 1)
 
 
 def test_autoscaler_adds_a_replica_under_load_and_ttft_falls_back(story: Story, kubectl: Kubectl) -> None:

@@ -23,6 +23,7 @@ from kiln.demo.kube import ready_endpoints
 from kiln.demo.load import Load, LoadStats, scrape_ttft, ttft_window
 from kiln.demo.stack import Stack, repo_root
 from kiln.demo.steps import DemoError, Progress
+from kiln_engine.build.progress import parse_line
 
 QUESTION = "What is Kiln?"
 LOAD_QUESTION = "How does Kiln scale?"
@@ -149,6 +150,8 @@ def watch_engine_build(story: Story, p: Progress, timeout: float = 900.0) -> dic
     """Follow the LLMEngine the deployment asks for until it is Ready; return it."""
     deadline = time.monotonic() + timeout
     last = ""
+    last_log = ""
+    next_log = 0.0
     engine_name = ""
     while True:
         story.stack.check_processes()
@@ -165,6 +168,14 @@ def watch_engine_build(story: Story, p: Progress, timeout: float = 900.0) -> dic
                 if line != last:
                     p.info(f"LLMEngine {line}")
                     last = line
+                status = engine.get("status") or {}
+                if status.get("phase") == "Building" and status.get("job") and time.monotonic() >= next_log:
+                    # The build's own progress lines, between the operator's status updates.
+                    next_log = time.monotonic() + 3.0
+                    seen = build_log_progress(story, status["job"])
+                    if seen and seen != last_log:
+                        p.info(f"  build log: {seen}")
+                        last_log = seen
                 phase = (engine.get("status") or {}).get("phase")
                 if phase == "Ready":
                     artifact = (engine.get("status") or {}).get("artifact") or {}
@@ -187,6 +198,20 @@ def watch_engine_build(story: Story, p: Progress, timeout: float = 900.0) -> dic
                 f"the engine was not Ready after {timeout:.0f} s (last: {last or 'no LLMEngine'})"
             )
         time.sleep(1.0)
+
+
+def build_log_progress(story: Story, job: str) -> str | None:
+    """The last progress line of a build Job's log, as `42% quantize: message`, if any."""
+    result = story.stack.kubectl.run(
+        "logs", f"job/{job}", "-n", story.namespace, "--tail=20", check=False, timeout=15
+    )
+    found = None
+    for line in result.stdout.splitlines() if result.returncode == 0 else []:
+        found = parse_line(line) or found
+    if not found:
+        return None
+    message = f": {found['message']}" if found.get("message") else ""
+    return f"{float(found.get('percent', 0)):.0f}% {found.get('step', '?')}{message}"
 
 
 def wait_serving(story: Story, p: Progress, timeout: float = 300.0) -> None:
