@@ -446,6 +446,8 @@ def test_local_values_run_kiln_on_the_process_node_and_an_example_goes_ready(
         assert status["status"]["phase"] == "Ready" and status["status"]["readyReplicas"] >= 1, status[
             "status"
         ]
-        assert "Forbidden" not in operator_log and "forbidden" not in operator_log, operator_log
+        assert "forbidden" not in operator_log.lower(), operator_log
+        autoscaler_log = pod_log_tail(chart_process_node, by_component["autoscaler"])
+        assert "forbidden" not in autoscaler_log.lower() and "failed" not in autoscaler_log, autoscaler_log
     finally:
         helm.run("uninstall", release, "--namespace", namespace, "--wait", "--timeout", "120s", check=False)
