@@ -370,6 +370,10 @@ def output_target(uri: str) -> Target:
     if loc.scheme == "hf":
         raise BuildError(f"--output {uri}: artifacts go to a directory, pvc:// or s3://", INVALID_OPTIONS)
     if loc.scheme == "s3":
+        try:
+            src.require_s3(loc)
+        except src.SourceError as exc:
+            raise BuildError(f"--output {exc}", INVALID_OPTIONS) from exc
         digest = hashlib.sha256(uri.encode()).hexdigest()[:16]
         return Target(src.work_dir() / "staging" / digest / "artifact", uri, remote=True)
     return Target(src.local_path(loc), uri, remote=False)

@@ -147,14 +147,21 @@ def _fetch_hf(loc: Location, cache: Path, report: Callable[[float, str], None]) 
     return Path(path)
 
 
-def _s3_client(loc: Location) -> Any:
-    try:
-        import boto3
-    except ImportError:
+def require_s3(loc: Location) -> None:
+    """Fail early (before a long build) where s3:// cannot be used."""
+    import importlib.util
+
+    if importlib.util.find_spec("boto3") is None:
         raise SourceError(
             f"{loc}: s3:// locations need boto3 (included in Kiln's engine images; `pip install boto3`)",
             "BuildFailed",
-        ) from None
+        )
+
+
+def _s3_client(loc: Location) -> Any:
+    require_s3(loc)
+    import boto3
+
     return boto3.client("s3")
 
 
