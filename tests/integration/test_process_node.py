@@ -570,3 +570,39 @@ def test_stopping_the_agent_stops_its_pods_processes(
 
         wait_for(stopped, 15, "the node to report Ready=False (ProcessNodeStopped)")
     # running_process_node's teardown checked the exit code (0) and that no pod process survived.
+
+
+def test_a_restarted_agent_resumes_its_pods(
+    local_cluster: LocalCluster, core_v1: client.CoreV1Api, namespace: str, tmp_path: Path
+) -> None:
+    """Like a kubelet after a restart: Always pods run again (one restart more), Never pods that lost
+    their process fail with ContainerStatusUnknown, finished pods keep their result."""
+    name = "process-node-restart-test"
+    sleeper = {"name": "c", "image": "python:3.11", "command": ["sleep", "1000"]}
+    quick = {"name": "c", "image": "python:3.11", **python("print('done')")}
+    manifests = {
+        "always": pod_manifest("always", [sleeper]),
+        "never": pod_manifest("never", [sleeper], restartPolicy="Never"),
+        "finished": pod_manifest("finished", [quick], restartPolicy="OnFailure"),
+    }
+    for manifest in manifests.values():
+        manifest["spec"]["nodeSelector"] = {"kubernetes.io/hostname": name}
+    with running_process_node(local_cluster, tmp_path, name=name, delete_node=False):
+        for manifest in manifests.values():
+            core_v1.create_namespaced_pod(namespace, manifest)
+        wait_pod(core_v1, namespace, "always", is_ready, "Running and Ready")
+        wait_pod(core_v1, namespace, "never", is_ready, "Running and Ready")
+        wait_pod(core_v1, namespace, "finished", lambda p: p.status.phase == "Succeeded", "Succeeded")
+    with running_process_node(local_cluster, tmp_path, name=name):
+        pod = wait_pod(
+            core_v1,
+            namespace,
+            "always",
+            lambda p: is_ready(p) and p.status.container_statuses[0].restart_count == 1,
+            "running again after one restart",
+        )
+        assert pod.status.container_statuses[0].last_state.terminated.reason == "ContainerStatusUnknown"
+        pod = wait_pod(core_v1, namespace, "never", lambda p: p.status.phase == "Failed", "Failed")
+        assert terminated(pod).reason == "ContainerStatusUnknown"
+        pod = core_v1.read_namespaced_pod("finished", namespace)
+        assert pod.status.phase == "Succeeded" and pod.status.container_statuses[0].restart_count == 0

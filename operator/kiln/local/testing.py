@@ -126,9 +126,14 @@ def _processes_under(folder: Path) -> list[int]:
 
 @contextlib.contextmanager
 def running_process_node(
-    local: LocalCluster, directory: Path, name: str = "kiln-process-node", extra_args: tuple[str, ...] = ()
+    local: LocalCluster,
+    directory: Path,
+    name: str = "kiln-process-node",
+    extra_args: tuple[str, ...] = (),
+    delete_node: bool = True,
 ) -> Iterator[ProcessNode]:
-    """Start `kiln process-node` against `local` for a `with` block; stop it and delete its Node after.
+    """Start `kiln process-node` against `local` for a `with` block; stop it and delete its Node after
+    (unless `delete_node` is False: a later agent of the same name and folder resumes its pods).
 
     Teardown fails if the agent does not exit cleanly on SIGTERM or leaves a process behind.
     """
@@ -178,8 +183,9 @@ def running_process_node(
         except subprocess.TimeoutExpired:
             os.killpg(process.pid, signal.SIGKILL)
             code = process.wait()
-        with contextlib.suppress(kube_client.ApiException):
-            core.delete_node(name)
+        if delete_node:
+            with contextlib.suppress(kube_client.ApiException):
+                core.delete_node(name)
         survivors = _processes_under(state_dir)
         for pid in survivors:
             with contextlib.suppress(ProcessLookupError):

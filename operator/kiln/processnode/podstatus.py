@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from kiln.processnode.restarts import ALWAYS, NEVER
+from kiln.processnode.restarts import ALWAYS, NEVER, should_restart
 
 MAX_MESSAGE_BYTES = 4096  # the kubelet's cap on a termination message
 FALLBACK_LOG_LINES = 80  # FallbackToLogsOnError: the last lines of the log...
@@ -85,6 +85,74 @@ class ContainerState:
         if self.container_id:
             out["containerID"] = self.container_id
         return out
+
+
+LOST_REASON = "ContainerStatusUnknown"
+LOST_MESSAGE = "The container could not be located when the process node restarted"
+
+
+def resumed_state(
+    previous: Mapping[str, Any] | None, policy: str, name: str, image: str, now: str
+) -> tuple[ContainerState, bool]:
+    """A container as a previous agent left it in the pod's status, and whether to run it now.
+
+    A finished container stays finished unless its policy restarts it; a container that was
+    running lost its process with the old agent: it counts as a restart, or, under restartPolicy
+    Never, as terminated with ContainerStatusUnknown (as the kubelet reports a vanished container).
+    """
+    if not previous:
+        return ContainerState(name=name, image=image), True
+    state = previous.get("state") or {}
+    count = int(previous.get("restartCount") or 0)
+    last = (previous.get("lastState") or {}).get("terminated")
+    if "terminated" in state:
+        ended = dict(state["terminated"])
+        code = int(ended.get("exitCode") or 0)
+        if not should_restart(policy, code):
+            return (
+                ContainerState(
+                    name=name,
+                    image=image,
+                    state="terminated",
+                    reason=ended.get("reason") or termination_reason(code),
+                    message=ended.get("message") or "",
+                    exit_code=code,
+                    signal=ended.get("signal"),
+                    started_at=ended.get("startedAt"),
+                    finished_at=ended.get("finishedAt"),
+                    restart_count=count,
+                    container_id=ended.get("containerID") or "",
+                    last_terminated=last,
+                ),
+                False,
+            )
+        return ContainerState(name=name, image=image, restart_count=count + 1, last_terminated=ended), True
+    if "running" in state:
+        lost = {
+            "exitCode": 137,
+            "reason": LOST_REASON,
+            "message": LOST_MESSAGE,
+            "startedAt": state["running"].get("startedAt"),
+            "finishedAt": now,
+        }
+        if policy == NEVER:
+            return (
+                ContainerState(
+                    name=name,
+                    image=image,
+                    state="terminated",
+                    reason=LOST_REASON,
+                    message=LOST_MESSAGE,
+                    exit_code=137,
+                    started_at=lost["startedAt"],
+                    finished_at=now,
+                    restart_count=count,
+                    last_terminated=last,
+                ),
+                False,
+            )
+        return ContainerState(name=name, image=image, restart_count=count + 1, last_terminated=lost), True
+    return ContainerState(name=name, image=image, restart_count=count, last_terminated=last), True
 
 
 def termination_reason(exit_code: int, oom: bool = False) -> str:

@@ -325,9 +325,9 @@ class ContainerRunner:
         pod_ip = self.worker.pod_ip or self.worker.ctx.host_ip
         try:
             if spec.kind == "http":
-                headers = dict(spec.headers)
-                async with httpx.AsyncClient(verify=False, timeout=spec.timeout) as client:
-                    response = await client.get(probes.http_url(spec, pod_ip), headers=headers)
+                response = await self.worker.http().get(
+                    probes.http_url(spec, pod_ip), headers=dict(spec.headers), timeout=spec.timeout
+                )
                 return probes.http_ok(response.status_code)
             if spec.kind == "tcp":
                 _, writer = await asyncio.wait_for(
@@ -410,6 +410,10 @@ class PodWorker:
             for c in spec.get("containers") or []
         ]
         self.runners: list[ContainerRunner] = []
+        status = pod.get("status") or {}
+        # What an earlier agent (stopped or crashed) reported: the pod resumes from there.
+        self._previous = {s["name"]: s for s in status.get("containerStatuses") or []}
+        self._previous_init = {s["name"]: s for s in status.get("initContainerStatuses") or []}
         self.pod_ip: str | None = None
         self.start_time = (pod.get("status") or {}).get("startTime") or timestamp()
         self.volume_paths: dict[str, Path] = {}
@@ -423,6 +427,8 @@ class PodWorker:
         self._dirty = asyncio.Event()
         self._version = 0
         self._event_tasks: set[asyncio.Task[None]] = set()
+        self._http: httpx.AsyncClient | None = None
+        self._muted = False  # the agent is exiting: no more writes to the API server
         self._published_version = 0
         self._on_done = on_done
         self.task: asyncio.Task[None] | None = None
@@ -445,8 +451,18 @@ class PodWorker:
         self.gone = True
         self._deleting.set()
 
+    def http(self) -> httpx.AsyncClient:
+        """The client HTTP probes share (a kubelet does not verify probe certificates either)."""
+        if self._http is None:
+            # No keep-alive: a probe must open a connection, as the kubelet's does.
+            limits = httpx.Limits(max_keepalive_connections=0)
+            self._http = httpx.AsyncClient(verify=False, limits=limits, follow_redirects=False)
+        return self._http
+
     def event(self, reason: str, message: str, container: str | None = None, warning: bool = False) -> None:
         """Report an Event about the pod (best effort, in the background)."""
+        if self._muted:
+            return
         body = events.event_manifest(
             self.pod, reason, message, self.ctx.node_name, timestamp(), container, warning
         )
@@ -480,7 +496,12 @@ class PodWorker:
         return self.stopping
 
     async def shutdown(self, max_grace: float) -> None:
-        """The agent is exiting: stop the processes (grace capped), leave the pod object alone."""
+        """The agent is exiting: stop the processes (grace capped), leave the pod object alone.
+
+        The pod's status keeps saying what was true while the agent ran; the next agent resumes
+        from it (see `podstatus.resumed_state`).
+        """
+        self._muted = True
         self._begin_stop()
         await self._stop_processes(min(self.grace(), max_grace))
         if self.task is not None:
@@ -528,6 +549,8 @@ class PodWorker:
             await asyncio.gather(publisher, life, deleting, return_exceptions=True)
             if self.pod_ip and self.pod_ip != self.ctx.host_ip:
                 self.ctx.ips.release(self.pod_ip)
+            if self._http is not None:
+                await self._http.aclose()
             shutil.rmtree(self.pod_dir / "volumes", ignore_errors=True)
 
     async def _live(self) -> None:
@@ -536,7 +559,16 @@ class PodWorker:
         policy = spec.get("restartPolicy") or restarts.ALWAYS
         init_policy = restarts.NEVER if policy == restarts.NEVER else restarts.ON_FAILURE
         sidecars: list[asyncio.Task[int]] = []
-        for container, state in zip(spec.get("initContainers") or [], self.init_states, strict=True):
+        for index, container in enumerate(spec.get("initContainers") or []):
+            previous = self._previous_init.get(container["name"]) or {}
+            done = ((previous.get("state") or {}).get("terminated") or {}).get("exitCode") == 0
+            if done and container.get("restartPolicy") != restarts.ALWAYS:
+                self.init_states[index], _ = podstatus.resumed_state(
+                    previous, restarts.NEVER, container["name"], container.get("image", ""), timestamp()
+                )
+                self.changed()
+                continue
+            state = self.init_states[index]
             runner = ContainerRunner(self, container, state, init=True)
             self.runners.append(runner)
             if container.get("restartPolicy") == restarts.ALWAYS:
@@ -547,12 +579,19 @@ class PodWorker:
             exit_code = await runner.run(init_policy)
             if exit_code != 0 or self.stopping:
                 return
-        for state in self.states:
-            state.reason = "ContainerCreating"
-        regular = [
-            ContainerRunner(self, container, state, init=False)
-            for container, state in zip(spec.get("containers") or [], self.states, strict=True)
-        ]
+        regular = []
+        for index, container in enumerate(spec.get("containers") or []):
+            state, run = podstatus.resumed_state(
+                self._previous.get(container["name"]),
+                policy,
+                container["name"],
+                container.get("image", ""),
+                timestamp(),
+            )
+            self.states[index] = state
+            if run:
+                regular.append(ContainerRunner(self, container, state, init=False))
+        self.changed()
         self.runners.extend(regular)
         await asyncio.gather(*(runner.run(policy) for runner in regular))
         for sidecar in sidecars:
@@ -715,6 +754,8 @@ class PodWorker:
         while True:
             await self._dirty.wait()
             self._dirty.clear()
+            if self._muted:
+                continue
             version = self._version
             try:
                 answer = await self.ctx.kube.patch(

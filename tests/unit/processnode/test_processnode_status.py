@@ -146,3 +146,27 @@ def test_termination_message_caps() -> None:
     message = podstatus.termination_message("", log, "FallbackToLogsOnError", 2)
     assert message.endswith("line 499") and len(message.encode()) <= podstatus.FALLBACK_LOG_BYTES
     assert "line 419" not in message  # only the last 80 lines
+
+
+def test_resume_a_fresh_container() -> None:
+    state, run = podstatus.resumed_state(None, "Always", "c", "img", NOW)
+    assert run and state.restart_count == 0 and state.state == "waiting"
+
+
+def test_resume_a_running_container_counts_a_restart_or_fails_under_never() -> None:
+    previous = {"name": "c", "restartCount": 1, "state": {"running": {"startedAt": "t0"}}}
+    state, run = podstatus.resumed_state(previous, "Always", "c", "img", NOW)
+    assert run and state.restart_count == 2
+    assert state.last_terminated is not None and state.last_terminated["reason"] == "ContainerStatusUnknown"
+    state, run = podstatus.resumed_state(previous, "Never", "c", "img", NOW)
+    assert not run and state.state == "terminated" and state.exit_code == 137
+    assert podstatus.pod_phase({"restartPolicy": "Never"}, [], [state]) == "Failed"
+
+
+def test_resume_a_finished_container_keeps_its_result() -> None:
+    previous = {"name": "c", "restartCount": 0, "state": {"terminated": {"exitCode": 0, "message": "done"}}}
+    state, run = podstatus.resumed_state(previous, "OnFailure", "c", "img", NOW)
+    assert not run and (state.exit_code, state.message) == (0, "done")
+    failed = {"name": "c", "restartCount": 0, "state": {"terminated": {"exitCode": 2}}}
+    state, run = podstatus.resumed_state(failed, "OnFailure", "c", "img", NOW)
+    assert run and state.restart_count == 1 and state.last_terminated == {"exitCode": 2}
