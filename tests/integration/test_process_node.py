@@ -606,3 +606,35 @@ def test_a_restarted_agent_resumes_its_pods(
         assert terminated(pod).reason == "ContainerStatusUnknown"
         pod = core_v1.read_namespaced_pod("finished", namespace)
         assert pod.status.phase == "Succeeded" and pod.status.container_statuses[0].restart_count == 0
+
+
+def test_a_deleted_node_registers_again_with_a_fresh_lease(
+    local_cluster: LocalCluster, core_v1: client.CoreV1Api, tmp_path: Path
+) -> None:
+    name = "process-node-register-test"
+    coordination = client.CoordinationV1Api(local_cluster.api_client)
+    with running_process_node(local_cluster, tmp_path, name=name):
+        first = core_v1.read_node(name)
+        lease = coordination.read_namespaced_lease(name, "kube-node-lease")
+        assert lease.spec.holder_identity == name
+        assert lease.metadata.owner_references[0].uid == first.metadata.uid
+        renewed = lease.spec.renew_time
+        wait_for(
+            lambda: coordination.read_namespaced_lease(name, "kube-node-lease").spec.renew_time > renewed,
+            20,
+            "the lease to be renewed",
+        )
+        core_v1.delete_node(name)
+
+        def registered_again() -> bool:
+            try:
+                node = core_v1.read_node(name)
+            except client.ApiException:
+                return False
+            return node.metadata.uid != first.metadata.uid and is_node_ready(node)
+
+        wait_for(registered_again, 30, "the node to register again")
+
+
+def is_node_ready(node: client.V1Node) -> bool:
+    return any(c.type == "Ready" and c.status == "True" for c in node.status.conditions or [])

@@ -1,6 +1,6 @@
 """The process-node agent: registers the Node, keeps its Lease fresh, and runs the pods bound to it.
 
-One asyncio loop: a heartbeat task (Lease every 10 s, Node status every 30 s), a list+watch of the
+One asyncio loop: a heartbeat task (Lease and Node status every 10 s), a list+watch of the
 pods whose `spec.nodeName` is this node (one `PodWorker` each), and the kubelet log endpoint. On
 SIGTERM/SIGINT it stops every pod's processes, marks the Node not ready and exits.
 """
@@ -28,8 +28,7 @@ from kiln.processnode.runtime import NodeContext, PodWorker
 
 log = logging.getLogger("kiln.processnode")
 
-LEASE_RENEW_SECONDS = 10.0
-NODE_STATUS_SECONDS = 30.0
+HEARTBEAT_SECONDS = 10.0
 
 
 def micro_time(when: datetime | None = None) -> str:
@@ -162,7 +161,8 @@ class Agent:
         await self._set_ready(True)
         await self._renew_lease()
 
-    async def _set_ready(self, ready: bool) -> None:
+    async def _set_ready(self, ready: bool) -> bool:
+        """Report the Node's status; False when the Node no longer exists."""
         assert self.kube is not None and self.facts is not None
         now = timestamp()
         if not ready:
@@ -170,7 +170,9 @@ class Agent:
         status = nodeobj.node_status(
             self.facts, ready, now, self._ready_since, "" if ready else "ProcessNodeStopped"
         )
-        await self.kube.patch(f"/api/v1/nodes/{self.facts.name}/status", {"status": status})
+        return (
+            await self.kube.patch(f"/api/v1/nodes/{self.facts.name}/status", {"status": status}) is not None
+        )
 
     async def _renew_lease(self) -> None:
         assert self.kube is not None and self.facts is not None
@@ -184,15 +186,15 @@ class Agent:
             )
 
     async def _heartbeat(self) -> None:
-        elapsed = 0.0
+        """Lease and Ready condition every 10 s (as the kubelet); a deleted Node is registered again."""
         while True:
-            await asyncio.sleep(LEASE_RENEW_SECONDS)
-            elapsed += LEASE_RENEW_SECONDS
+            await asyncio.sleep(HEARTBEAT_SECONDS)
             try:
-                await self._renew_lease()
-                if elapsed >= NODE_STATUS_SECONDS:
-                    elapsed = 0.0
-                    await self._set_ready(True)
+                if await self._set_ready(True):
+                    await self._renew_lease()
+                else:
+                    log.warning("node %s was deleted; registering it again", self.config.node_name)
+                    await self._register()
             except (KubeError, httpx.HTTPError) as error:
                 log.warning("heartbeat failed: %s", error)
 

@@ -111,7 +111,6 @@ class ContainerRunner:
         self.log_path = worker.pod_dir / f"{spec['name']}.log"
         self.termination_file = worker.pod_dir / "termination" / spec["name"]
         self.rootfs = worker.pod_dir / "rootfs" / spec["name"]
-        self.killed_by_probe = False
         self.probe_specs = probes.probes_of(spec)
 
     # --- building the command ------------------------------------------------------------------
@@ -169,7 +168,6 @@ class ContainerRunner:
             return state.exit_code or 0
         self.termination_file.parent.mkdir(parents=True, exist_ok=True)
         self.termination_file.write_bytes(b"")
-        self.killed_by_probe = False
         try:
             argv, env, cwd = self.command()
         except envvars.EnvError as error:
@@ -315,7 +313,6 @@ class ContainerRunner:
                     f"Container {self.spec['name']} failed {role} probe, will be restarted",
                     self.spec["name"],
                 )
-                self.killed_by_probe = True
                 grace = spec.termination_grace if spec.termination_grace is not None else self.worker.grace()
                 await self.stop(grace)
                 return
