@@ -130,11 +130,18 @@ def main() -> None:
         log = (work / "operator.log").open("wb")
         operator = subprocess.Popen(
             [str(Path(sys.executable).parent / "kiln"), "operator", "run", "--all-namespaces",
-             f"--metrics-port={metrics_port}", "--health-port=0", "--log-format=json", "--log-level=WARNING"],
+             f"--metrics-port={metrics_port}", "--health-port=0", "--log-format=json", "--log-level=INFO"],
             stdout=log, stderr=subprocess.STDOUT, env=env,
         )  # fmt: skip
-        time.sleep(3)
-        baseline = api_requests(metrics_port)
+        deadline = time.monotonic() + 60
+        while True:  # the operator serves /metrics once it has started
+            try:
+                baseline = api_requests(metrics_port)
+                break
+            except OSError:
+                if time.monotonic() > deadline or operator.poll() is not None:
+                    raise
+                time.sleep(0.5)
 
         first = time.monotonic()
         with ThreadPoolExecutor(8) as pool:
@@ -171,6 +178,7 @@ def main() -> None:
             "seconds_to_all_ready": round(elapsed, 1) if ready == args.deployments else None,
             "api_requests_per_deployment": round(requests / args.deployments, 1),
             "operator_peak_rss_mib": round(peak_rss_mib(operator.pid), 1),
+            "operator_log": str(work / "operator.log"),
         }
         print(json.dumps(result, indent=2))
         out = ROOT / "bench" / "results"

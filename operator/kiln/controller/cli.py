@@ -132,6 +132,9 @@ def operator_command() -> None:
 )
 @click.option("--resync-seconds", type=float, default=60.0, show_default=True, help="Full resync period.")
 @click.option(
+    "--workers", type=click.IntRange(1, 64), default=8, show_default=True, help="Reconcile workers."
+)
+@click.option(
     "--log-format",
     type=click.Choice(["json", "plain"]),
     default=lambda: os.environ.get("KILN_LOG_FORMAT", "json"),
@@ -150,6 +153,7 @@ def run(
     engine_image_tensorrt_llm: str | None,
     engine_retention: float,
     resync_seconds: float,
+    workers: int,
     log_format: str,
     log_level: str,
 ) -> None:
@@ -226,7 +230,10 @@ def run(
         engine_image_tensorrt_llm=engine_image_tensorrt_llm,
     )
     options = Options(
-        namespaces=tuple(namespaces), engine_retention_seconds=engine_retention, resync_seconds=resync_seconds
+        namespaces=tuple(namespaces),
+        engine_retention_seconds=engine_retention,
+        resync_seconds=resync_seconds,
+        workers=workers,
     )
     reconciler = Reconciler(kube, settings, options, metrics)
 
@@ -242,7 +249,6 @@ def run(
                     exit_code = 1
                     stop.set()
                     return
-                reconciler.poll()
                 now = time.monotonic()
                 if now >= next_resync:
                     next_resync = now + resync_seconds
@@ -255,6 +261,7 @@ def run(
                 log.warning("background pass failed: %s", error)
             stop.wait(1.0)
 
+    reconciler.start()
     worker = threading.Thread(target=background, name="kiln-resync", daemon=True)
     worker.start()
     log.info(
@@ -273,6 +280,7 @@ def run(
     finally:
         stop.set()
         worker.join(timeout=5)
+        reconciler.stop()
         if elector is not None:
             elector.stop()
         metrics.leader.set(0)

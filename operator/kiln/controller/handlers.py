@@ -38,17 +38,32 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     settings.execution.max_workers = 16
 
 
+def _observe(memo: Any, event: kopf.RawEvent) -> bool:
+    """Cache the event's object; True when it was deleted."""
+    deleted = event.get("type") == "DELETED"
+    _reconciler(memo).observe(event["object"], deleted=deleted)
+    return deleted
+
+
+# The handlers only cache and queue (no API calls), so they are async and never hold up kopf's
+# event loop or thread pool; the reconcilers' workers do the rest.
+
+
 @kopf.on.event(GROUP, VERSION, "llmdeployments")
-def llmdeployment_event(event: kopf.RawEvent, name: str, namespace: str | None, memo: Any, **_: Any) -> None:
-    if event.get("type") == "DELETED":
+async def llmdeployment_event(
+    event: kopf.RawEvent, name: str, namespace: str | None, memo: Any, **_: Any
+) -> None:
+    if _observe(memo, event):
         _reconciler(memo).forget_deployment(_ns(namespace), name)
     else:
         _reconciler(memo).deployment(_ns(namespace), name)
 
 
 @kopf.on.event(GROUP, VERSION, "llmengines")
-def llmengine_event(event: kopf.RawEvent, name: str, namespace: str | None, memo: Any, **_: Any) -> None:
-    if event.get("type") == "DELETED":
+async def llmengine_event(
+    event: kopf.RawEvent, name: str, namespace: str | None, memo: Any, **_: Any
+) -> None:
+    if _observe(memo, event):
         # Deleting an engine is how a user retries a failed build: its users ask for a new one now.
         _reconciler(memo).engine_deleted(_ns(namespace), name)
     else:
@@ -56,14 +71,20 @@ def llmengine_event(event: kopf.RawEvent, name: str, namespace: str | None, memo
 
 
 @kopf.on.event("batch", "v1", "jobs", labels={**MANAGED, labels.COMPONENT_LABEL: BUILD_COMPONENT})
-def build_job_event(body: kopf.Body, namespace: str | None, memo: Any, **_: Any) -> None:
+async def build_job_event(
+    event: kopf.RawEvent, body: kopf.Body, namespace: str | None, memo: Any, **_: Any
+) -> None:
+    _observe(memo, event)
     engine = body.metadata.labels.get(labels.ENGINE_LABEL)
     if engine:
         _reconciler(memo).engine(_ns(namespace), engine)
 
 
 @kopf.on.event("apps", "v1", "deployments", labels={**MANAGED, labels.COMPONENT_LABEL: SERVING_COMPONENT})
-def serving_deployment_event(body: kopf.Body, namespace: str | None, memo: Any, **_: Any) -> None:
+async def serving_deployment_event(
+    event: kopf.RawEvent, body: kopf.Body, namespace: str | None, memo: Any, **_: Any
+) -> None:
+    _observe(memo, event)
     owner = body.metadata.labels.get(labels.DEPLOYMENT_LABEL)
     if owner:
         _reconciler(memo).deployment(_ns(namespace), owner)
@@ -75,12 +96,15 @@ def serving_deployment_event(body: kopf.Body, namespace: str | None, memo: Any, 
     "leaderworkersets",
     labels={**MANAGED, labels.COMPONENT_LABEL: SERVING_COMPONENT},
 )
-def serving_lws_event(body: kopf.Body, namespace: str | None, memo: Any, **_: Any) -> None:
+async def serving_lws_event(
+    event: kopf.RawEvent, body: kopf.Body, namespace: str | None, memo: Any, **_: Any
+) -> None:
+    _observe(memo, event)
     owner = body.metadata.labels.get(labels.DEPLOYMENT_LABEL)
     if owner:
         _reconciler(memo).deployment(_ns(namespace), owner)
 
 
 @kopf.on.event("", "v1", "nodes")
-def node_event(event: kopf.RawEvent, body: kopf.Body, memo: Any, **_: Any) -> None:
-    _reconciler(memo).node_changed(event.get("type"), dict(body))
+async def node_event(event: kopf.RawEvent, memo: Any, **_: Any) -> None:
+    _reconciler(memo).node_changed(event.get("type"), event["object"])

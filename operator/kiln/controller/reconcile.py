@@ -6,8 +6,10 @@ start from what the cluster holds (never from what a previous run remembered), s
 operator resumes where the last one stopped: a build Job has a fixed name and is found, not
 recreated; the engine a workload runs is read from the workload itself.
 
-Runs of one object never overlap (`Coalescer`): a trigger that arrives while the object is being
-reconciled makes one more run afterwards instead of a concurrent one.
+Watch events land in an in-memory cache (`ObjectCache`, the informer of client-go) and queue the
+object's key (`WorkQueue`); workers reconcile keys, reading from the cache and writing through the
+API. One key is never reconciled by two workers at once, and a key queued during its own run is
+run once more afterwards, so the last change is always seen.
 """
 
 from __future__ import annotations
@@ -36,9 +38,11 @@ from kiln.controller.kube import (
     LWS_CRD,
     NODES,
     PODS,
+    Kind,
     Kube,
 )
 from kiln.controller.metrics import Metrics
+from kiln.controller.workqueue import WorkQueue
 from kiln.placement import NodeTopology, Placement, ReplicaShape, plan
 from kiln.render import build_job as render_build
 from kiln.render import engine as render_engine
@@ -62,36 +66,53 @@ class Options:
     namespaces: tuple[str, ...] = ()  # empty: all namespaces
     engine_retention_seconds: float = 24 * 3600.0
     resync_seconds: float = 60.0
+    workers: int = 8
 
 
-class Coalescer:
-    """Runs `fn(key)` so runs for one key never overlap; triggers during a run make one more run."""
+class ObjectCache:
+    """The latest copy of each watched object, by (kind, namespace, name), fed by watch events and
+    by the API's answers to this process's own writes."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._running: set[Any] = set()
-        self._again: set[Any] = set()
+        self._objects: dict[tuple[str, str, str], dict[str, Any]] = {}
 
-    def run(self, key: Any, fn: Callable[[], None]) -> None:
+    @staticmethod
+    def _key(obj: Mapping[str, Any]) -> tuple[str, str, str]:
+        meta = obj.get("metadata") or {}
+        return (str(obj.get("kind")), str(meta.get("namespace") or ""), str(meta.get("name")))
+
+    def put(self, obj: Mapping[str, Any]) -> None:
+        """Keep `obj` unless the cache holds a newer copy (higher resourceVersion)."""
+        key = self._key(obj)
         with self._lock:
-            if key in self._running:
-                self._again.add(key)
+            held = self._objects.get(key)
+            if held is not None and _newer(held, obj):
                 return
-            self._running.add(key)
-        try:
-            while True:
-                fn()
-                with self._lock:
-                    if key in self._again:
-                        self._again.discard(key)
-                        continue
-                    self._running.discard(key)
-                    return
-        except BaseException:
-            with self._lock:
-                self._running.discard(key)
-                self._again.discard(key)
-            raise
+            self._objects[key] = dict(obj)
+
+    def drop(self, kind: str, namespace: str, name: str) -> None:
+        with self._lock:
+            self._objects.pop((kind, namespace, name), None)
+
+    def get(self, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
+        with self._lock:
+            return self._objects.get((kind, namespace, name))
+
+    def items(self, kind: str) -> list[dict[str, Any]]:
+        with self._lock:
+            return [obj for (held, _, _), obj in self._objects.items() if held == kind]
+
+
+def _newer(held: Mapping[str, Any], incoming: Mapping[str, Any]) -> bool:
+    """Whether `held` is a later version than `incoming` (same uid, larger resourceVersion)."""
+    old, new = held.get("metadata") or {}, incoming.get("metadata") or {}
+    if old.get("uid") != new.get("uid"):
+        return False
+    try:
+        return int(old.get("resourceVersion") or 0) > int(new.get("resourceVersion") or 0)
+    except ValueError:
+        return False
 
 
 @dataclass
@@ -165,24 +186,38 @@ class Reconciler:
         self.options = options or Options()
         self.metrics = metrics or kube.metrics
         self.clock = clock
-        self._coalescer = Coalescer()
+        self.cache = ObjectCache()
+        self.queue: WorkQueue[tuple[str, str, str]] = WorkQueue(self._handle, self.options.workers)
         self._lock = threading.Lock()
         self._nodes: dict[str, NodeTopology] | None = None
         self._index = _Index()
-        self._retry_at: dict[tuple[str, str, str], float] = {}
         self._no_logs: set[str] = set()  # pods whose node served no log (simulated nodes)
         self._lws_checked = 0.0
         self._applied: dict[tuple[str, str, str], str] = {}  # (kind, ns, name) -> digest applied
 
     # ------------------------------------------------------------ entry points
 
+    def start(self) -> None:
+        self.queue.start()
+
+    def stop(self) -> None:
+        self.queue.stop()
+
     def deployment(self, namespace: str, name: str) -> None:
-        """Reconcile one LLMDeployment (and, when their users changed, the engines it touched)."""
-        self._run("LLMDeployment", namespace, name, lambda: self._deployment(namespace, name))
+        """Queue an LLMDeployment for reconciling."""
+        self.queue.add(("LLMDeployment", namespace, name))
 
     def engine(self, namespace: str, name: str) -> None:
-        """Reconcile one LLMEngine."""
-        self._run("LLMEngine", namespace, name, lambda: self._engine(namespace, name))
+        """Queue an LLMEngine for reconciling."""
+        self.queue.add(("LLMEngine", namespace, name))
+
+    def observe(self, obj: Mapping[str, Any], deleted: bool = False) -> None:
+        """A watch event's object: keep the cache current."""
+        meta = obj.get("metadata") or {}
+        if deleted:
+            self.cache.drop(str(obj.get("kind")), str(meta.get("namespace") or ""), str(meta.get("name")))
+        else:
+            self.cache.put(obj)
 
     def node_changed(self, event_type: str | None, node: Mapping[str, Any]) -> None:
         """Keep the node cache current from the Node watch."""
@@ -220,55 +255,75 @@ class Reconciler:
                 self._index.set((meta["namespace"], meta["name"]), self._engines_named_by(obj))
             self._index.synced = True
         for obj in self._list(LLMENGINES):
+            self.cache.put(obj)
             meta = obj["metadata"]
             self.engine(meta["namespace"], meta["name"])
         for obj in deployments:
+            self.cache.put(obj)
             meta = obj["metadata"]
             self.deployment(meta["namespace"], meta["name"])
 
-    def poll(self) -> None:
-        """Frequent, cheap work: follow building engines' progress and retry failed reconciles."""
-        now = time.monotonic()
-        with self._lock:
-            due = [key for key, when in self._retry_at.items() if when <= now]
-            for key in due:
-                del self._retry_at[key]
-        for kind, namespace, name in due:
-            (self.deployment if kind == "LLMDeployment" else self.engine)(namespace, name)
-
     def poll_building(self) -> None:
-        for obj in self._list(LLMENGINES):
+        """Follow engines still building (progress, a pod waiting for a node) between events."""
+        for obj in self.cache.items("LLMEngine"):
             if ((obj.get("status") or {}).get("phase")) in (None, "Pending", "Building"):
                 meta = obj["metadata"]
                 self.engine(meta["namespace"], meta["name"])
 
     # ------------------------------------------------------------ plumbing
 
-    def _run(self, kind: str, namespace: str, name: str, body: Callable[[], None]) -> None:
-        def timed() -> None:
-            started = time.monotonic()
-            try:
-                body()
-            except Exception as error:
-                reason = type(error).__name__
-                if isinstance(error, client.ApiException):
-                    reason = f"Api{error.status}"
-                self.metrics.reconcile_errors.labels(kind, reason).inc()
-                log.warning(
-                    "reconcile of %s %s/%s failed (retrying in %.0f s): %s",
-                    kind,
-                    namespace,
-                    name,
-                    ERROR_RETRY_SECONDS,
-                    error,
-                    exc_info=not isinstance(error, client.ApiException),
-                )
-                with self._lock:
-                    self._retry_at[(kind, namespace, name)] = time.monotonic() + ERROR_RETRY_SECONDS
-            finally:
-                self.metrics.reconcile_duration.labels(kind).observe(time.monotonic() - started)
+    def _handle(self, key: tuple[str, str, str]) -> None:
+        kind, namespace, name = key
+        started = time.monotonic()
+        try:
+            if kind == "LLMDeployment":
+                self._deployment(namespace, name)
+            else:
+                self._engine(namespace, name)
+        except client.ApiException as error:
+            if error.status == 404 and self._gone(kind, namespace, name):
+                return  # deleted while reconciling: nothing left to do
+            self._failed(key, f"Api{error.status}", error, trace=False)
+        except Exception as error:
+            self._failed(key, type(error).__name__, error, trace=True)
+        finally:
+            self.metrics.reconcile_duration.labels(kind).observe(time.monotonic() - started)
 
-        self._coalescer.run((kind, namespace, name), timed)
+    def _failed(self, key: tuple[str, str, str], reason: str, error: Exception, trace: bool) -> None:
+        kind, namespace, name = key
+        self.metrics.reconcile_errors.labels(kind, reason).inc()
+        log.warning(
+            "reconcile of %s %s/%s failed (retrying in %.0f s): %s",
+            kind,
+            namespace,
+            name,
+            ERROR_RETRY_SECONDS,
+            error,
+            exc_info=trace,
+        )
+        self.queue.add(key, delay=ERROR_RETRY_SECONDS)
+
+    def _gone(self, kind: str, namespace: str, name: str) -> bool:
+        resource = LLMDEPLOYMENTS if kind == "LLMDeployment" else LLMENGINES
+        if self.kube.get(resource, namespace, name) is None:
+            self.cache.drop(kind, namespace, name)
+            return True
+        return False
+
+    def _get(self, kind: Kind, namespace: str, name: str) -> dict[str, Any] | None:
+        """The object from the watch cache, else from the API."""
+        held = self.cache.get(kind.kind, namespace, name)
+        if held is not None:
+            return held
+        found = self.kube.get(kind, namespace, name)
+        if found is not None:
+            self.cache.put(found)
+        return found
+
+    def _wrote(self, obj: Mapping[str, Any]) -> dict[str, Any]:
+        """Keep what the API answered to a write (fresher than the watch, for a moment)."""
+        self.cache.put(obj)
+        return dict(obj)
 
     def _list(self, kind: Any) -> list[dict[str, Any]]:
         if not self.options.namespaces:
@@ -309,7 +364,7 @@ class Reconciler:
     # ------------------------------------------------------------ LLMDeployment
 
     def _deployment(self, namespace: str, name: str) -> None:
-        obj = self.kube.get(LLMDEPLOYMENTS, namespace, name)
+        obj = self._get(LLMDEPLOYMENTS, namespace, name)
         if obj is None or (obj.get("metadata") or {}).get("deletionTimestamp"):
             self.forget_deployment(namespace, name)
             return
@@ -324,13 +379,13 @@ class Reconciler:
         identity = render_engine.engine_identity(deployment, self.settings.runtime_version)
         desired = self._desired_engine(obj, deployment, identity)
 
-        current = self.kube.get(DEPLOYMENTS, namespace, name)
+        current = self._get(DEPLOYMENTS, namespace, name)
         if current is None and self._lws_installed():
-            current = self.kube.get(LEADERWORKERSETS, namespace, name)
+            current = self._get(LEADERWORKERSETS, namespace, name)
         running_name = _engine_of(current)
         running: LLMEngine | None = desired if running_name == identity.name else None
         if running_name and running is None:
-            running_obj = self.kube.get(LLMENGINES, namespace, running_name)
+            running_obj = self._get(LLMENGINES, namespace, running_name)
             running = LLMEngine.model_validate(running_obj) if running_obj is not None else None
         # The engine to run: the desired one once built; until then the one running now (it keeps
         # serving while its replacement builds), if it is still a Ready engine.
@@ -370,9 +425,10 @@ class Reconciler:
     ) -> LLMEngine:
         """The LLMEngine the spec needs: found (shared with other deployments) or created."""
         namespace = str(deployment.metadata.namespace)
-        found = self.kube.get(LLMENGINES, namespace, identity.name)
+        found = self._get(LLMENGINES, namespace, identity.name)
         if found is None:
             found, created = self.kube.create(render_engine.engine(deployment, self.settings.runtime_version))
+            self._wrote(found)
             if created:
                 self.kube.event(
                     obj, "EngineCreated", f"Created LLMEngine {identity.name} (key {identity.key})"
@@ -439,7 +495,7 @@ class Reconciler:
             with self._lock:
                 if self._applied.get(key) == digest:
                     return manifest
-        applied = self.kube.apply(manifest)
+        applied = self._wrote(self.kube.apply(manifest))
         with self._lock:
             self._applied[key] = digest
         return applied
@@ -485,7 +541,7 @@ class Reconciler:
         patch = render_status.status_patch(previous, wanted)
         if patch is None:
             return
-        self.kube.patch_status(LLMDEPLOYMENTS, meta["namespace"], meta["name"], patch)
+        self._wrote(self.kube.patch_status(LLMDEPLOYMENTS, meta["namespace"], meta["name"], patch))
         self._deployment_events(obj, previous, wanted)
 
     def _deployment_events(
@@ -507,7 +563,7 @@ class Reconciler:
     # ------------------------------------------------------------ LLMEngine
 
     def _engine(self, namespace: str, name: str) -> None:
-        obj = self.kube.get(LLMENGINES, namespace, name)
+        obj = self._get(LLMENGINES, namespace, name)
         if obj is None or (obj.get("metadata") or {}).get("deletionTimestamp"):
             return
         engine = LLMEngine.model_validate(obj)
@@ -527,7 +583,7 @@ class Reconciler:
                 wanted["lastUsedTime"] = render_status.timestamp(self.clock())
         patch = render_status.status_patch(previous, wanted)
         if patch is not None:
-            self.kube.patch_status(LLMENGINES, namespace, name, patch)
+            self._wrote(self.kube.patch_status(LLMENGINES, namespace, name, patch))
             self._engine_transition(obj, phase, wanted)
         if users is not None and not users:
             self._collect_if_unused(obj, wanted)
@@ -535,10 +591,11 @@ class Reconciler:
     def _follow_build(self, obj: Mapping[str, Any], engine: LLMEngine) -> dict[str, Any]:
         namespace, name = str(engine.metadata.namespace), str(engine.metadata.name)
         job_name = render_build.job_name(name)
-        job = self.kube.get(JOBS, namespace, job_name)
+        job = self._get(JOBS, namespace, job_name)
         if job is None:
             gpus = render_build.build_gpus(engine, self._node_topologies() if engine.spec.gpu_product else ())
             job, created = self.kube.create(render_build.build_job(engine, self.settings, gpus))
+            self._wrote(job)
             if created:
                 self.metrics.builds_started.inc()
                 self.kube.event(obj, "BuildStarted", f"Created build Job {job_name}")
