@@ -234,6 +234,10 @@ def test_autoscaler_adds_a_replica_under_load_and_ttft_falls_back(story: Story, 
         timeout=240.0,
     )
     target = story.ttft_target_ms
+    print(
+        f"autoscale: TTFT p50 before {result.ttft_before_ms} ms, during {result.ttft_during_ms} ms, "
+        f"after {result.ttft_after_ms} ms (target {target} ms); scaled after {result.scaled_after_s} s"
+    )
     assert result.replicas_after == 2
     assert len(result.engine_pids) == 2
     assert result.ttft_during_ms is not None and result.ttft_during_ms > target, result
