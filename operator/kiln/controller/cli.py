@@ -78,7 +78,7 @@ class Health:
         idle = time.monotonic() - self.last_beat
         return f"background loop idle for {idle:.0f} s" if idle > self.STALE_SECONDS else None
 
-    def serve(self, port: int) -> ThreadingHTTPServer:
+    def serve(self, port: int, address: str = "0.0.0.0") -> ThreadingHTTPServer:
         health = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -97,7 +97,7 @@ class Health:
             def log_message(self, format: str, *args: Any) -> None:
                 pass
 
-        server = ThreadingHTTPServer(("0.0.0.0", port), Handler)
+        server = ThreadingHTTPServer((address, port), Handler)
         threading.Thread(target=server.serve_forever, name="kiln-health", daemon=True).start()
         return server
 
@@ -114,6 +114,11 @@ def operator_command() -> None:
     "--metrics-port", type=int, default=8080, show_default=True, help="Prometheus /metrics; 0: off."
 )
 @click.option("--health-port", type=int, default=8081, show_default=True, help="/healthz; 0: off.")
+@click.option(
+    "--bind-address",
+    default=lambda: os.environ.get("KILN_BIND_ADDRESS", "0.0.0.0"),
+    help="Address of the metrics and health servers [default: 0.0.0.0, or $KILN_BIND_ADDRESS].",
+)
 @click.option("--leader-election/--no-leader-election", default=False, show_default=True)
 @click.option(
     "--leader-election-namespace",
@@ -146,6 +151,7 @@ def run(
     all_namespaces: bool,
     metrics_port: int,
     health_port: int,
+    bind_address: str,
     leader_election: bool,
     leader_election_namespace: str,
     leader_election_lease: str,
@@ -181,10 +187,10 @@ def run(
 
     metrics = Metrics()
     if metrics_port:
-        metrics.serve(metrics_port)
+        metrics.serve(metrics_port, bind_address)
     health = Health()
     if health_port:
-        health.serve(health_port)
+        health.serve(health_port, bind_address)
 
     stop = threading.Event()
     exit_code = 0
