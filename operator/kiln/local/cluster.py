@@ -505,6 +505,52 @@ def stop_state(state: State, grace_seconds: float = 10.0) -> list[str]:
     return [name for tier in STOP_TIERS for name in tier if name in running]
 
 
+_RESTARTED: list[subprocess.Popen[bytes]] = []
+
+
+def restart_component(
+    state: State,
+    name: str,
+    timeout: float = 60.0,
+    *,
+    down_seconds: float = 0.0,
+    die_with_parent: bool = False,
+) -> float:
+    """Stop one running component (SIGTERM, then SIGKILL), start it again with its recorded command and
+    ports, and wait until it answers healthy; returns the seconds it was away. For fault tests: the
+    other components (and whatever uses the cluster) keep running and must recover on their own."""
+    started = time.monotonic()
+    stop_groups([state.pids[name]])
+    time.sleep(down_seconds)
+    with state.log(name).open("ab") as log:
+        process = subprocess.Popen(
+            state.commands[name],
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=state.directory,
+            start_new_session=True,
+            preexec_fn=_kill_me_with_parent if die_with_parent else None,
+        )
+    _RESTARTED.append(process)  # kept, so it is not collected (and warned about) while it runs
+    state.pids[name] = process.pid
+    write_state(state)
+    url = health_urls(state.ports).get(name)
+    deadline = time.monotonic() + timeout
+    with admin_client(Path(state.directory)) as client, httpx.Client(verify=False, timeout=5.0) as insecure:
+        checker = client if url is None or url.startswith("http://") or name == "kube-apiserver" else insecure
+        while url is not None:
+            if process.poll() is not None:
+                raise StartError(f"{name} exited with code {process.returncode} on restart")
+            with contextlib.suppress(httpx.HTTPError):
+                if checker.get(url).is_success:
+                    break
+            if time.monotonic() > deadline:
+                raise StartError(f"{name} not healthy {timeout:.0f} s after its restart")
+            time.sleep(0.1)
+    return time.monotonic() - started
+
+
 def install_crds(client: httpx.Client, server: str, directory: Path, timeout: float) -> int:
     """Server-side apply every CRD in `directory` (if any) and wait until each is Established."""
     documents = []
