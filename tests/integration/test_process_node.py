@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
+import sys
 import textwrap
 import time
 import uuid
@@ -19,6 +21,7 @@ from typing import Any
 import httpx
 import pytest
 from kubernetes import client
+from kubernetes import config as kube_config
 
 from kiln import paths
 from kiln.local import cluster
@@ -76,7 +79,10 @@ def terminated(pod: client.V1Pod) -> client.V1ContainerStateTerminated:
     return pod.status.container_statuses[0].state.terminated
 
 
-def http_server(name: str, port: int = 8080) -> dict[str, Any]:
+def http_server(name: str, port: int = 8080, probe: str = "httpGet") -> dict[str, Any]:
+    handler = (
+        {"httpGet": {"path": "/", "port": "http"}} if probe == "httpGet" else {"tcpSocket": {"port": port}}
+    )
     return pod_manifest(
         name,
         [
@@ -86,7 +92,7 @@ def http_server(name: str, port: int = 8080) -> dict[str, Any]:
                 "command": ["python", "-m", "http.server", str(port), "--bind", "$(POD_IP)"],
                 "env": [POD_IP_ENV],
                 "ports": [{"name": "http", "containerPort": port}],
-                "readinessProbe": {"httpGet": {"path": "/", "port": "http"}, "periodSeconds": 1},
+                "readinessProbe": {**handler, "periodSeconds": 1},
             }
         ],
     )
@@ -434,7 +440,7 @@ def endpoint_ips(core: client.CoreV1Api, namespace: str, name: str) -> list[str]
 def test_service_endpoints_and_api_server_proxy_reach_the_pod(
     process_node: ProcessNode, local_cluster: LocalCluster, core_v1: client.CoreV1Api, namespace: str
 ) -> None:
-    core_v1.create_namespaced_pod(namespace, http_server("site", 8081))
+    core_v1.create_namespaced_pod(namespace, http_server("site", 8081, probe="tcpSocket"))
     core_v1.create_namespaced_service(namespace, service("site", 80, "http"))
     pod = wait_pod(core_v1, namespace, "site", is_ready, "Running and Ready")
     wait_for(
@@ -552,6 +558,7 @@ def test_stopping_the_agent_stops_its_pods_processes(
             "name": "c",
             "image": "python:3.11",
             "command": ["sh", "-c", "trap '' TERM; sleep 1000 & sleep 1000"],
+            "readinessProbe": {"exec": {"command": ["true"]}, "periodSeconds": 1},
         }
         manifest = pod_manifest("victim", [stubborn])
         manifest["spec"]["nodeSelector"] = {"kubernetes.io/hostname": name}
@@ -638,3 +645,83 @@ def test_a_deleted_node_registers_again_with_a_fresh_lease(
 
 def is_node_ready(node: client.V1Node) -> bool:
     return any(c.type == "Ready" and c.status == "True" for c in node.status.conditions or [])
+
+
+def test_a_failing_liveness_probe_restarts_the_container(
+    process_node: ProcessNode, core_v1: client.CoreV1Api, namespace: str, tmp_path: Path
+) -> None:
+    """Liveness: `test -f healthy` fails once the process removes the file; the container restarts."""
+    script = """
+        import pathlib, sys, time
+        healthy = pathlib.Path(sys.argv[1]) / "healthy"
+        healthy.write_text("yes")
+        time.sleep(2)
+        healthy.unlink()
+        time.sleep(1000)
+    """
+    container = {
+        "name": "app",
+        "image": "python:3.11",
+        **python(script, "/work"),
+        "volumeMounts": [{"name": "work", "mountPath": "/work"}],
+        "livenessProbe": {
+            "exec": {"command": ["test", "-f", "/work/healthy"]},
+            "periodSeconds": 1,
+            "failureThreshold": 2,
+        },
+    }
+    manifest = pod_manifest(
+        "unhealthy",
+        [container],
+        terminationGracePeriodSeconds=2,
+        volumes=[{"name": "work", "hostPath": {"path": str(tmp_path)}}],
+    )
+    core_v1.create_namespaced_pod(namespace, manifest)
+    pod = wait_pod(
+        core_v1,
+        namespace,
+        "unhealthy",
+        lambda p: p.status.container_statuses and p.status.container_statuses[0].restart_count >= 1,
+        "restarted by its liveness probe",
+        timeout=40,
+    )
+    last = pod.status.container_statuses[0].last_state.terminated
+    assert last.exit_code == 143 and last.signal == 15  # SIGTERM; python exits on it
+    reasons = {
+        e.reason
+        for e in core_v1.list_namespaced_event(namespace).items
+        if e.involved_object.name == "unhealthy"
+    }
+    assert {"Unhealthy", "Killing"} <= reasons
+
+
+@pytest.mark.slow
+def test_kiln_local_up_with_process_node_and_down(local_cluster: LocalCluster, tmp_path: Path) -> None:
+    """`kiln local up --process-node` starts the agent as a component; `down` stops it and its pods."""
+    kiln = [str(Path(sys.executable).parent / "kiln"), "local"]
+    directory = tmp_path / "cluster"
+    common = ["--dir", str(directory)]
+    up = subprocess.run(
+        [*kiln, "up", "--topology", "cpu", "--process-node", *common, "--crds", str(local_cluster.crds)],
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    try:
+        assert up.returncode == 0, up.stdout + up.stderr
+        assert "process node kiln-process-node Ready" in up.stdout
+        state = cluster.read_state(directory)
+        assert state is not None and cluster.alive(state)[cluster.PROCESS_NODE]
+        status = subprocess.run([*kiln, "status", *common], capture_output=True, text=True, timeout=60)
+        assert status.returncode == 0 and "process-node             running" in status.stdout
+        api = client.CoreV1Api(kube_config.new_client_from_config(str(state.kubeconfig)))
+        manifest = pod_manifest("sleeper", [{"name": "c", "image": "x", "command": ["sleep", "1000"]}])
+        manifest["spec"]["nodeSelector"] = ON_PROCESS_NODE
+        api.create_namespaced_pod("default", manifest)
+        pod = wait_pod(api, "default", "sleeper", is_ready, "Running and Ready")
+        pid = int(pod.status.container_statuses[0].container_id.removeprefix("process://"))
+    finally:
+        down = subprocess.run([*kiln, "down", *common], capture_output=True, text=True, timeout=120)
+    assert down.returncode == 0 and "process-node" in down.stdout, down.stdout + down.stderr
+    assert not Path(f"/proc/{pid}").exists(), "the pod's process survived `kiln local down`"
+    assert not any(cluster.alive(state).values())
