@@ -484,3 +484,28 @@ def test_two_replicas_one_leads_and_the_standby_takes_over(
         for replica in (first, second):
             replica.stop()
             print(f"--- {replica.log_path.name} (tail) ---\n{replica.log()}")
+
+
+def test_crashing_serving_pods_are_reported_degraded(
+    operator: Operator, custom: client.CustomObjectsApi, core_v1: client.CoreV1Api, namespace: str
+) -> None:
+    with_secret(core_v1, namespace)
+    crash = {"metadata": {"annotations": {"kiln.dev/simulate-fail": "true"}}}
+    body = example("llama-3-70b-fp8-tp4.yaml", serving={"podTemplate": crash})
+    name = body["metadata"]["name"]
+    create(custom, namespace, body)
+    degraded = wait_for(
+        lambda: phase_is(custom, namespace, "llmdeployments", name, "Degraded"), 90, "Degraded"
+    )
+    assert condition(degraded, "Degraded")["reason"] == "CrashLoopBackOff", degraded["status"]
+    assert condition(degraded, "Ready")["status"] == "False"
+    # The fix (dropping the override) rolls out in place, on the same engine, and recovers.
+    engine = degraded["status"]["engine"]["name"]
+    custom.patch_namespaced_custom_object(
+        GROUP, VERSION, namespace, "llmdeployments", name, {"spec": {"serving": {"podTemplate": None}}}
+    )
+    recovered = wait_for(
+        lambda: phase_is(custom, namespace, "llmdeployments", name, "Ready"), 90, "Ready again"
+    )
+    assert recovered["status"]["engine"]["name"] == engine
+    assert condition(recovered, "Degraded")["status"] == "False"

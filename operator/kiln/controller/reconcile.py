@@ -403,7 +403,11 @@ class Reconciler:
             except render_serving.WorkloadUnavailable as unavailable:
                 problem = (unavailable.reason, unavailable.message)
 
+        pods: list[dict[str, Any]] = []
+        if workload is not None and not render_status.rolled_out(workload):
+            pods = self.kube.list(PODS, namespace, render_serving.selector_string(name))
         seen = render_status.DeploymentObservation(
+            pods=pods,
             desired=identity,
             desired_engine=desired,
             serving=serving if workload is not None else None,

@@ -329,6 +329,7 @@ class DeploymentObservation:
     `serving` is the engine the workload runs now (the desired one, or the previous one while the
     desired builds); `workload` the applied Deployment/LeaderWorkerSet as the API returned it.
     `problem` is a (reason, message) that stops the deployment (invalid spec, missing CRD, ...).
+    `pods` are the serving pods, looked at only while some replica is not ready.
     """
 
     desired: EngineIdentity | None
@@ -337,6 +338,47 @@ class DeploymentObservation:
     workload: Mapping[str, Any] | None = None
     placement: Placement | None = None
     problem: tuple[str, str] | None = None
+    pods: Sequence[Mapping[str, Any]] = ()
+
+
+# Container states that will not fix themselves: a serving replica in one is broken, not starting.
+BROKEN_CONTAINER_REASONS = (
+    "CrashLoopBackOff",
+    "ImagePullBackOff",
+    "ErrImagePull",
+    "InvalidImageName",
+    "CreateContainerConfigError",
+    "CreateContainerError",
+    "RunContainerError",
+)
+
+
+def pod_problems(pods: Sequence[Mapping[str, Any]]) -> tuple[str, str] | None:
+    """Why serving pods are broken (a container that cannot start or keeps crashing), as (reason,
+    message) naming how many pods and the first one's detail; None when none is."""
+    broken: dict[str, list[str]] = {}
+    for pod in pods:
+        if (pod.get("metadata") or {}).get("deletionTimestamp"):
+            continue
+        for status in (pod.get("status") or {}).get("containerStatuses") or []:
+            waiting = (status.get("state") or {}).get("waiting") or {}
+            reason = waiting.get("reason")
+            if reason in BROKEN_CONTAINER_REASONS:
+                name = (pod.get("metadata") or {}).get("name")
+                broken.setdefault(str(reason), []).append(f"{name}: {waiting.get('message') or reason}")
+    if not broken:
+        return None
+    reason, details = max(broken.items(), key=lambda item: len(item[1]))
+    return reason, f"{len(details)} serving pod(s) {reason}; {details[0]}"
+
+
+def pods_waiting_for_nodes(pods: Sequence[Mapping[str, Any]]) -> str | None:
+    """The scheduler's message for a serving pod it cannot place right now (e.g. GPUs all in use)."""
+    for pod in pods:
+        found = find_condition((pod.get("status") or {}).get("conditions"), "PodScheduled")
+        if found is not None and found.get("status") == "False" and found.get("reason") == "Unschedulable":
+            return str(found.get("message") or "no node has room")
+    return None
 
 
 def _engine_ref(engine: LLMEngine) -> dict[str, str]:
@@ -444,6 +486,8 @@ def deployment_status(
         )
     elif stalled is not None:
         degraded = ("ProgressDeadlineExceeded", stalled)
+    elif serving is not None and (broken := pod_problems(seen.pods)) is not None:
+        degraded = broken
 
     # Ready, Progressing and the phase, from the most blocking fact down.
     if seen.problem is not None:
@@ -490,6 +534,9 @@ def deployment_status(
         message = (
             f"{counts['ready']}/{spec.replicas} replicas ready, {counts['updated']} on engine {desired_name}"
         )
+        waiting = pods_waiting_for_nodes(seen.pods)
+        if waiting is not None:
+            message += f"; waiting for a node: {waiting}"
         ready = (False, "RollingOut" if counts["ready"] else "ReplicasNotReady", message)
         progressing = (True, "RollingOut", message)
     if degraded is not None and phase in ("Ready", "Deploying"):

@@ -376,3 +376,38 @@ def test_a_written_status_reads_back_as_no_change() -> None:
         render_status.status_patch({**first, "users": 1, "lastUsedTime": "2026-12-02T14:00:00Z"}, second)
         is None
     )
+
+
+def serving_pod(name: str, waiting: str | None = None, unschedulable: str | None = None) -> dict[str, Any]:
+    status: dict[str, Any] = {"conditions": []}
+    if waiting:
+        status["containerStatuses"] = [
+            {"name": "engine", "state": {"waiting": {"reason": waiting, "message": "boom"}}}
+        ]
+    if unschedulable:
+        status["conditions"] = [
+            {"type": "PodScheduled", "status": "False", "reason": "Unschedulable", "message": unschedulable}
+        ]
+    return {"metadata": {"name": name}, "status": status}
+
+
+def test_crashing_serving_pods_make_the_deployment_degraded_with_their_reason() -> None:
+    engine = ready(DEPLOYMENT)
+    pods = [serving_pod("a", "CrashLoopBackOff"), serving_pod("b", "CrashLoopBackOff"), serving_pod("c")]
+    status = deployment_status(
+        desired_engine=engine, serving=engine, workload=workload(2, 0, 2, 2), pods=pods
+    )
+    assert status["phase"] == "Degraded"
+    degraded = cond(status, "Degraded")
+    assert degraded["reason"] == "CrashLoopBackOff" and degraded["message"].startswith("2 serving pod(s)")
+    assert cond(status, "Ready")["status"] == "False"
+
+
+def test_pods_waiting_for_gpus_say_so_without_being_degraded() -> None:
+    engine = ready(DEPLOYMENT)
+    pods = [serving_pod("a", unschedulable="0/26 nodes are available: 2 Insufficient nvidia.com/gpu.")]
+    status = deployment_status(
+        desired_engine=engine, serving=engine, workload=workload(2, 1, 2, 2), pods=pods
+    )
+    assert status["phase"] == "Deploying" and cond(status, "Degraded")["status"] == "False"
+    assert "Insufficient nvidia.com/gpu" in cond(status, "Ready")["message"]
