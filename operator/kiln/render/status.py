@@ -534,9 +534,9 @@ def deployment_status(
         message = (
             f"{counts['ready']}/{spec.replicas} replicas ready, {counts['updated']} on engine {desired_name}"
         )
-        waiting = pods_waiting_for_nodes(seen.pods)
-        if waiting is not None:
-            message += f"; waiting for a node: {waiting}"
+        unplaced = pods_waiting_for_nodes(seen.pods)
+        if unplaced is not None:
+            message += f"; waiting for a node: {unplaced}"
         ready = (False, "RollingOut" if counts["ready"] else "ReplicasNotReady", message)
         progressing = (True, "RollingOut", message)
     if degraded is not None and phase in ("Ready", "Deploying"):
