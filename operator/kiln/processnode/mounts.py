@@ -18,6 +18,7 @@ from typing import Any
 from kiln.processnode.envvars import EnvError, PodFacts, field_value
 
 DEFAULT_TERMINATION_PATH = "/dev/termination-log"
+DEFAULT_MODE = 0o644
 # Kiln's engine finds `pvc://claim/path` at `$KILN_PVC_ROOT/claim` (default /mnt/pvc), a path it
 # builds itself, so no argument names it: the process node points KILN_PVC_ROOT at the container's
 # link tree when claims are mounted there.
@@ -123,6 +124,24 @@ def volume_files(
                     files[path] = tokens[path].encode()
         return files
     return None
+
+
+def file_modes(volume: Mapping[str, Any]) -> tuple[int, dict[str, int]]:
+    """The default mode of a volume's files and the per-path modes its `items` ask for."""
+    default = DEFAULT_MODE
+    modes: dict[str, int] = {}
+    for kind in ("configMap", "secret", "downwardAPI", "projected"):
+        source = volume.get(kind)
+        if not source:
+            continue
+        if source.get("defaultMode") is not None:
+            default = int(source["defaultMode"])
+        parts = [source, *((s.get(k) or {}) for s in source.get("sources") or [] for k in s)]
+        for part in parts:
+            for item in part.get("items") or []:
+                if item.get("mode") is not None:
+                    modes[item["path"]] = int(item["mode"])
+    return default, modes
 
 
 def decode_data(obj: Mapping[str, Any]) -> dict[str, bytes]:

@@ -656,11 +656,18 @@ class PodWorker:
             files = mounts.volume_files(volume, facts, config_map_bytes, secret_bytes, tokens)
             if files is not None:
                 shutil.rmtree(path, ignore_errors=True)
+                default_mode, modes = mounts.file_modes(volume)
                 for relative, content in files.items():
                     target = path / relative
                     target.parent.mkdir(parents=True, exist_ok=True)
                     target.write_bytes(content)
-            if "hostPath" not in volume or volume["hostPath"].get("type") in ("DirectoryOrCreate", None, ""):
+                    target.chmod(modes.get(relative, default_mode))
+            creates = "hostPath" not in volume or volume["hostPath"].get("type") in (
+                "DirectoryOrCreate",
+                None,
+                "",
+            )
+            if creates and not path.exists():
                 path.mkdir(parents=True, exist_ok=True)
             volume_paths[volume["name"]] = path
             if tokens and self.pod_kubeconfig is None:

@@ -185,3 +185,24 @@ def test_kiln_pvc_root_points_at_the_rootfs_when_claims_are_mounted_under_it() -
     assert mounts.pvc_root_env({}, claims) == {"KILN_PVC_ROOT": "/mnt/pvc"}
     assert mounts.pvc_root_env({"KILN_PVC_ROOT": "/data"}, claims) == {}
     assert mounts.pvc_root_env({}, [Mount("/models", Path("/m"))]) == {}
+
+
+def test_file_modes_from_default_mode_and_items() -> None:
+    secret = {
+        "name": "s",
+        "secret": {
+            "secretName": "k",
+            "defaultMode": 0o400,
+            "items": [{"key": "a", "path": "a", "mode": 0o600}],
+        },
+    }
+    assert mounts.file_modes(secret) == (0o400, {"a": 0o600})
+    projected = {
+        "name": "p",
+        "projected": {
+            "defaultMode": 0o440,
+            "sources": [{"configMap": {"name": "c", "items": [{"key": "k", "path": "x", "mode": 0o755}]}}],
+        },
+    }
+    assert mounts.file_modes(projected) == (0o440, {"x": 0o755})
+    assert mounts.file_modes({"name": "e", "emptyDir": {}}) == (0o644, {})
