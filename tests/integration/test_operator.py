@@ -509,3 +509,23 @@ def test_crashing_serving_pods_are_reported_degraded(
     )
     assert recovered["status"]["engine"]["name"] == engine
     assert condition(recovered, "Degraded")["status"] == "False"
+
+
+def test_a_replica_no_node_can_hold_is_unschedulable_with_the_reason(
+    operator: Operator, custom: client.CustomObjectsApi, core_v1: client.CoreV1Api, namespace: str
+) -> None:
+    with_secret(core_v1, namespace)
+    # L40S nodes have no NVLink (islands of one GPU): tensor parallelism 4 cannot be kept on NVLink.
+    body = example("llama-3-70b-fp8-tp4.yaml", gpu={"product": "NVIDIA-L40S"})
+    name = body["metadata"]["name"]
+    create(custom, namespace, body)
+
+    def unschedulable() -> dict[str, Any] | None:
+        obj = get(custom, namespace, "llmdeployments", name)
+        return obj if condition(obj, "Unschedulable").get("status") == "True" else None
+
+    found = wait_for(unschedulable, 30, "the Unschedulable condition")
+    assert condition(found, "Unschedulable")["reason"] == "NoNVLinkIsland"
+    assert "NVLink" in condition(found, "Unschedulable")["message"]
+    assert found["status"]["phase"] == "Pending"
+    assert condition(found, "Ready")["reason"] == "Unschedulable"
