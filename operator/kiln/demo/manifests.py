@@ -80,6 +80,27 @@ def fallback_values(autoscaler_interval: float) -> dict[str, Any]:
     }
 
 
+def port_values(
+    operator_metrics: int, operator_health: int, autoscaler_metrics: int, autoscaler_health: int
+) -> dict[str, Any]:
+    """Helm values that give the operator's and autoscaler's endpoints these ports."""
+    return {
+        "operator": {"metricsPort": operator_metrics, "healthPort": operator_health},
+        "autoscaler": {"metricsPort": autoscaler_metrics, "healthPort": autoscaler_health},
+    }
+
+
+def merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    """`extra` merged into a copy of `base`, maps recursively (as Helm merges values files)."""
+    merged = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
 def retention_args(seconds: float) -> list[str]:
     """`kiln operator run` flags that delete unused LLMEngines after `seconds` (tests): the
     operator collects engines when it reconciles them, so it also resyncs that often."""

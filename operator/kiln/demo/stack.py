@@ -275,10 +275,14 @@ class Stack:
         generated = self.directory / "demo-values.yaml"
         generated.write_text(yaml.safe_dump(manifests.fallback_values(self.autoscaler_interval)))
         value_args = ["-f", str(values)] if values else ["-f", str(generated)]
+        # Pods on the process node share this machine's ports: ports of their own, so that two
+        # local clusters (a demo and a test session) never fight over the chart's fixed ones.
+        overrides = manifests.port_values(*(free_port() for _ in range(4)))
         if self.engine_retention is not None:
-            overrides = self.directory / "demo-overrides.yaml"
-            overrides.write_text(yaml.safe_dump(manifests.retention_values(self.engine_retention)))
-            value_args += ["-f", str(overrides)]
+            overrides = manifests.merge(overrides, manifests.retention_values(self.engine_retention))
+        override_file = self.directory / "demo-overrides.yaml"
+        override_file.write_text(yaml.safe_dump(overrides))
+        value_args += ["-f", str(override_file)]
         self.progress(
             f"helm upgrade --install {RELEASE} charts/kiln -n {RELEASE_NAMESPACE} {' '.join(value_args)}"
         )
@@ -315,19 +319,51 @@ class Stack:
         self.controllers_mode = "local"
         return "local"
 
-    def wait_chart_controllers(self, names: list[str], timeout: float) -> None:
+    def wait_chart_controllers(self, names: list[str], timeout: float, stable: float = 15.0) -> None:
+        """Wait until every chart Deployment is available and its pods have run `stable` seconds
+        without a restart (a pod that crashes at start-up is Ready for a moment first)."""
         if not names:
             raise DemoError("the chart rendered no Deployments")
+        since: float | None = None
 
-        def available() -> bool:
+        def settled() -> bool:
+            nonlocal since
             deployments = self.kubectl.items("deployments", "-n", RELEASE_NAMESPACE)
-            return bool(deployments) and all(
+            available = bool(deployments) and all(
                 (d.get("status", {}).get("availableReplicas") or 0) >= 1
                 for d in deployments
                 if (d.get("spec", {}).get("replicas") or 0) > 0
             )
+            if not available or self.controller_trouble():
+                since = None
+                return False
+            since = since or time.monotonic()
+            return time.monotonic() - since >= stable
 
-        wait_for(available, timeout, f"Deployments {', '.join(names)} to become available", interval=1.0)
+        try:
+            wait_for(settled, timeout, f"Deployments {', '.join(names)} to run {stable:.0f} s", interval=1.0)
+        except DemoError as error:
+            trouble = self.controller_trouble()
+            raise DemoError(f"{error}{f'; {trouble}' if trouble else ''}") from error
+
+    def controller_trouble(self) -> str | None:
+        """What is wrong with the chart's pods (restarts, crash loops), with the last log lines."""
+        if self.controllers_mode == "local":
+            return None
+        for pod in self.kubectl.items("pods", "-n", RELEASE_NAMESPACE):
+            for container in pod.get("status", {}).get("containerStatuses") or []:
+                if (container.get("restartCount") or 0) == 0:
+                    continue
+                name = pod["metadata"]["name"]
+                waiting = (container.get("state") or {}).get("waiting") or {}
+                logs = self.kubectl.run(
+                    "logs", "-n", RELEASE_NAMESPACE, name, "--previous", "--tail=8", check=False
+                ).stdout.strip()
+                return (
+                    f"pod {name} restarted {container['restartCount']} times "
+                    f"({waiting.get('reason', 'running')}); its last log lines:\n{logs}"
+                )
+        return None
 
     def start_local_controllers(self) -> None:
         kiln = kiln_executable()

@@ -148,13 +148,20 @@ def apply_example(story: Story, p: Progress) -> None:
 
 def watch_engine_build(story: Story, p: Progress, timeout: float = 900.0) -> dict[str, Any]:
     """Follow the LLMEngine the deployment asks for until it is Ready; return it."""
-    deadline = time.monotonic() + timeout
+    started = time.monotonic()
+    deadline = started + timeout
     last = ""
     last_log = ""
     next_log = 0.0
     engine_name = ""
+    next_check = time.monotonic() + 10.0
     while True:
         story.stack.check_processes()
+        if time.monotonic() >= next_check:
+            next_check = time.monotonic() + 10.0
+            trouble = story.stack.controller_trouble()
+            if trouble and "CrashLoopBackOff" in trouble:
+                raise DemoError(f"Kiln's controllers are crash-looping: {trouble}")
         status = story.deployment().get("status") or {}
         if status.get("phase") == "Failed":
             raise DemoError(f"llmdeployment/{story.name} Failed: {json.dumps(status.get('conditions'))}")
@@ -190,7 +197,7 @@ def watch_engine_build(story: Story, p: Progress, timeout: float = 900.0) -> dic
                         f"the engine build failed: {json.dumps(status.get('conditions'))}\n"
                         f"log tail:\n{status.get('logTail') or '(none)'}"
                     )
-        elif time.monotonic() > deadline - timeout + 60 and not last:
+        elif time.monotonic() > started + 60 and not last:
             last = "waiting"
             p.info("no LLMEngine yet after 60 s: is the operator running? (see its log below on failure)")
         if time.monotonic() > deadline:

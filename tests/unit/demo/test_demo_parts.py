@@ -170,10 +170,14 @@ def server() -> Iterator[str]:
     httpd.server_close()
 
 
-async def _run_load(urls: list[str], seconds: float = 0.5) -> Load:
+async def _run_load(urls: list[str], enough: int = 12) -> Load:
+    """Run 4 clients until `enough` requests were answered or failed (10 s at most)."""
     load = Load(lambda: urls, {"prompt": "x"}, concurrency=4)
     task = asyncio.create_task(load.run())
-    await asyncio.sleep(seconds)
+    for _ in range(200):
+        if load.stats.ok + load.stats.failed >= enough:
+            break
+        await asyncio.sleep(0.05)
     load.stop()
     await task
     return load
@@ -214,3 +218,15 @@ def test_engine_processes_are_found_among_the_node_s_descendants(tmp_path: Path)
         pod.kill()
         pod.wait()
     assert wait_for(lambda: engine_processes(os.getpid()) == [], 10, "the engine to go")
+
+
+def test_port_and_retention_values_merge_like_helm_values_files() -> None:
+    merged = manifests.merge(manifests.port_values(1, 2, 3, 4), manifests.retention_values(5))
+    assert merged["operator"] == {
+        "metricsPort": 1,
+        "healthPort": 2,
+        "extraArgs": ["--engine-retention=5", "--resync-seconds=5"],
+    }
+    assert merged["autoscaler"] == {"metricsPort": 3, "healthPort": 4}
+    schema = json.loads((ROOT / "charts" / "kiln" / "values.schema.json").read_text())
+    assert _schema_keys(schema, merged) == []
