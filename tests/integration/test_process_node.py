@@ -372,11 +372,13 @@ def test_pods_get_their_service_account_credentials(
 def test_deleting_a_pod_delivers_sigterm_and_honours_the_grace_period(
     process_node: ProcessNode, core_v1: client.CoreV1Api, namespace: str, tmp_path: Path
 ) -> None:
+    """preStop hook, then SIGTERM; a process that ignores SIGTERM gets SIGKILL after the grace period."""
     script = """
         import pathlib, signal, sys, time
         marker = pathlib.Path(sys.argv[1]) / sys.argv[2]
         def stop(signum, frame):
-            marker.write_text("SIGTERM")
+            hooked = (marker.parent / "prestop").exists()
+            marker.write_text("SIGTERM after preStop" if hooked else "SIGTERM")
             sys.exit(0)
         if sys.argv[2] == "polite":
             signal.signal(signal.SIGTERM, stop)
@@ -394,6 +396,9 @@ def test_deleting_a_pod_delivers_sigterm_and_honours_the_grace_period(
             **python(script, "/out", name),
             "volumeMounts": [{"name": "out", "mountPath": "/out"}],
         }
+        if name == "polite":
+            hook = ["python", "-c", "import sys; open(sys.argv[1], 'w').write('hook')", "/out/prestop"]
+            container["lifecycle"] = {"preStop": {"exec": {"command": hook}}}
         manifest = pod_manifest(name, [container], terminationGracePeriodSeconds=grace, volumes=volumes)
         core_v1.create_namespaced_pod(namespace, manifest)
     for name in ("polite", "stubborn"):
@@ -409,7 +414,7 @@ def test_deleting_a_pod_delivers_sigterm_and_honours_the_grace_period(
     assert time.monotonic() - started < 15, (
         "a process that exits on SIGTERM does not wait for its grace period"
     )
-    assert (tmp_path / "polite").read_text() == "SIGTERM"
+    assert (tmp_path / "polite").read_text() == "SIGTERM after preStop"
 
     started = time.monotonic()
     core_v1.delete_namespaced_pod("stubborn", namespace)

@@ -367,17 +367,42 @@ class ContainerRunner:
     # --- stopping ----------------------------------------------------------------------------------
 
     async def stop(self, grace: float) -> None:
-        """SIGTERM the process group, wait up to `grace` seconds, then SIGKILL it."""
+        """Run the preStop hook, SIGTERM the process group, wait out `grace` seconds, then SIGKILL it."""
         process = self.process
         if process is None or process.returncode is not None:
             return
+        deadline = time.monotonic() + grace
+        hook = (self.spec.get("lifecycle") or {}).get("preStop")
+        if hook and grace > 0:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._pre_stop(hook, grace), grace)
         signal_group(process.pid, signal.SIGTERM)
         try:
-            await asyncio.wait_for(asyncio.shield(process.wait()), grace)
+            # Like the kubelet, a hook that used up the grace period still leaves the process 2 s.
+            remaining = max(deadline - time.monotonic(), 2.0 if hook and grace > 0 else 0.0)
+            await asyncio.wait_for(asyncio.shield(process.wait()), remaining)
         except TimeoutError:
             log.info("%s/%s: still running after %.0f s; SIGKILL", self.worker.key, self.spec["name"], grace)
             signal_group(process.pid, signal.SIGKILL)
             await process.wait()
+
+    async def _pre_stop(self, hook: dict[str, Any], grace: float) -> None:
+        """The container's preStop hook (exec, httpGet, tcpSocket or sleep); its failure stops nothing."""
+        if "sleep" in hook:
+            await asyncio.sleep(float(hook["sleep"].get("seconds") or 0))
+            return
+        try:
+            spec = probes.parse_probe({**hook, "timeoutSeconds": max(int(grace), 1)}, self.spec)
+        except ValueError as error:
+            log.warning("%s/%s: preStop hook: %s", self.worker.key, self.spec["name"], error)
+            return
+        if spec is not None and not await self._probe(spec):
+            self.worker.event(
+                "FailedPreStopHook",
+                f"PreStopHook failed for container {self.spec['name']}",
+                self.spec["name"],
+                True,
+            )
 
 
 class PodWorker:
