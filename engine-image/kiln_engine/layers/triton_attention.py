@@ -123,7 +123,7 @@ def _paged_attention_kernel(  # type: ignore[no-untyped-def]  # Triton reads ann
             out.to(out_ptr.dtype.element_ty),
             mask=mask_m[:, None] & mask_d[None, :],
         )
-    else:  # partial results [token, head, split], merged by `_merge_splits`
+    else:  # partial results [token, head, split], merged by `_merge_splits_kernel`
         part = ((q_start + tok) * num_q_heads + head) * SPLITS + split
         tl.store(part_m_ptr + part, m_i, mask=mask_m)
         tl.store(part_l_ptr + part, l_i, mask=mask_m)
@@ -134,13 +134,36 @@ def _paged_attention_kernel(  # type: ignore[no-untyped-def]  # Triton reads ann
         )
 
 
-def _merge_splits(m: torch.Tensor, denom: torch.Tensor, acc: torch.Tensor) -> torch.Tensor:
-    """Combine split-K partials: running max m and softmax denominator [T, H, S], unnormalized
-    acc [T, H, S, D] -> [T, H, D] (float32)."""
-    top = m.amax(dim=-1, keepdim=True)
-    w = torch.exp(m - torch.where(torch.isinf(top), torch.zeros_like(top), top))  # empty splits: m=-inf -> 0
-    total = (w * denom).sum(dim=-1, keepdim=True).clamp(min=1e-30)
-    return (w.unsqueeze(-1) * acc).sum(dim=-2) / total
+@triton.jit
+def _merge_splits_kernel(  # type: ignore[no-untyped-def]
+    part_m_ptr,
+    part_l_ptr,
+    part_acc_ptr,
+    out_ptr,
+    num_heads,
+    stride_ot,
+    stride_oh,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    SPLITS: tl.constexpr,
+):
+    """One (token, head): combine its SPLITS partial softmax states; one launch, not a dozen ops."""
+    row = tl.program_id(0).to(tl.int64)  # token * num_heads + head
+    s = tl.arange(0, SPLITS)
+    d = tl.arange(0, BLOCK_D)
+    m = tl.load(part_m_ptr + row * SPLITS + s)
+    denom = tl.load(part_l_ptr + row * SPLITS + s)
+    acc = tl.load(part_acc_ptr + (row * SPLITS + s)[:, None] * BLOCK_D + d[None, :])
+    top = tl.max(m, axis=0)
+    top = tl.where(top == float("-inf"), 0.0, top)
+    w = tl.exp(m - top)  # empty splits: m = -inf -> weight 0
+    total = tl.maximum(tl.sum(w * denom, axis=0), 1e-30)
+    out = tl.sum(w[:, None] * acc, axis=0) / total
+    tok = row // num_heads
+    head = row % num_heads
+    tl.store(
+        out_ptr + tok * stride_ot + head * stride_oh + d, out.to(out_ptr.dtype.element_ty), mask=d < HEAD_DIM
+    )
 
 
 class TritonAttentionBackend:
@@ -169,7 +192,8 @@ class TritonAttentionBackend:
         """Split-K only for decode batches too small to fill the GPU with (sequence, KV head) programs."""
         if meta.max_query_len != 1 or meta.seq_lens.shape[0] * kv_heads >= 256:
             return 1
-        return max(1, min(self.max_splits, meta.max_seq_len // self.split_min_keys))
+        n = max(1, min(self.max_splits, meta.max_seq_len // self.split_min_keys))
+        return 1 << (n.bit_length() - 1)  # a power of two: the merge kernel loads all splits at once
 
     def prepare(self, meta: AttentionMetadata) -> None:
         return None
@@ -239,5 +263,17 @@ class TritonAttentionBackend:
             num_warps=8 if block_m >= 128 else 4,
         )
         if splits > 1:
-            out = _merge_splits(part_m, part_l, part_acc)[..., :head_dim].to(q.dtype)
+            _merge_splits_kernel[(q.shape[0] * num_heads,)](
+                part_m,
+                part_l,
+                part_acc,
+                out,
+                num_heads,
+                out.stride(0),
+                out.stride(1),
+                HEAD_DIM=head_dim,
+                BLOCK_D=block_d,
+                SPLITS=splits,
+                num_warps=4,
+            )
         return out
