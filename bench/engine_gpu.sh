@@ -1,0 +1,60 @@
+#!/usr/bin/env bash
+# The GPU runs behind docs/engine-speed.md (issue 6) and the topology records (issue 7), as stages.
+#
+#   OUT=results bash bench/engine_gpu.sh check short     # correctness gate; 128/128 + 2048/128 + baseline
+#   OUT=results bash bench/engine_gpu.sh long            # 128/2048, both modes
+#   OUT=results bash bench/engine_gpu.sh topology        # kiln topology-agent --once --dry-run
+#   OUT=results bash bench/engine_gpu.sh tp              # TP=2 tokens vs TP=1, and TP=2 throughput
+#
+# Runs from the repository root with the machine's python3 (torch, triton, transformers). The
+# topology stage needs pydantic and nvidia-ml-py; wheels in .whl/ are installed to /tmp/site first.
+set -uo pipefail
+OUT=${OUT:-bench/results}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 PYTHONPATH=engine-image:operator
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+PY=${PYTHON:-python3}
+B=bench/engine_throughput.py
+
+for stage in "$@"; do
+  case $stage in
+    env)
+      nvidia-smi -L
+      nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,power.limit --format=csv
+      $PY -c 'import torch, triton, transformers; print(torch.__version__, triton.__version__, transformers.__version__)'
+      ;;
+    check)
+      timeout 170 $PY $B --check --out "$OUT/check.json" 2>&1 | grep -v Loading | tee "$OUT/check.log" | tail -30
+      ;;
+    short)
+      timeout 380 $PY $B --modes bf16,fp8 --workloads 128/128,2048/128 --profile --out "$OUT/short.json" 2>&1 \
+        | tee "$OUT/short.log" | grep -v -E '^-{5}|^ *$' | tail -100
+      ;;
+    long)
+      timeout 420 $PY $B --modes bf16,fp8 --workloads 128/2048 --no-baseline --out "$OUT/long.json" 2>&1 \
+        | tee "$OUT/long.log" | tail -30
+      ;;
+    topology)
+      if ls .whl/*.whl >/dev/null 2>&1; then
+        $PY -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
+      fi
+      name=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | tr ' ' '-')
+      n=$(nvidia-smi -L | wc -l)
+      PYTHONPATH=operator:/tmp/site timeout 60 $PY -c \
+        'from kiln.topology.agent import topology_agent; topology_agent(["--once", "--dry-run"])' \
+        >"$OUT/topology-${n}x${name}.json" 2>"$OUT/topology-${n}x${name}.err"
+      echo "topology rc=$?"
+      head -c 3000 "$OUT/topology-${n}x${name}.json"
+      tail -3 "$OUT/topology-${n}x${name}.err"
+      ;;
+    tp)
+      tiny=examples/tiny-chat
+      $PY -m kiln_engine.testing.tp_worker $tiny "$OUT/tp1-tokens.json" cuda
+      timeout 120 torchrun --nproc-per-node 2 -m kiln_engine.testing.tp_worker $tiny "$OUT/tp2-tokens.json" cuda
+      cmp "$OUT/tp1-tokens.json" "$OUT/tp2-tokens.json" && echo "TP=2 tokens == TP=1 tokens"
+      timeout 400 $PY $B --tp 2 --modes bf16,fp8 --workloads 128/128 --out "$OUT/tp2.json" 2>&1 \
+        | tee "$OUT/tp2.log" | tail -20
+      ;;
+    *) echo "unknown stage $stage" >&2; exit 2 ;;
+  esac
+done
