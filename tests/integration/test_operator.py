@@ -269,6 +269,14 @@ def test_example_becomes_ready_through_engine_job_and_deployment(
     assert scale["status"]["replicas"] == 2 and "kiln.dev/deployment=" + name in scale["status"]["selector"]
     assert len(batch_v1.list_namespaced_job(namespace, label_selector=BUILD).items) == 1  # no rebuild
 
+    # Children deleted by hand come back (level-based: the world is compared with the spec).
+    core_v1.delete_namespaced_service(name, namespace)
+    apps_v1.delete_namespaced_deployment(name, namespace)
+    wait_for(lambda: core_v1.list_namespaced_service(namespace).items, 30, "the Service to be recreated")
+    wait_for(
+        lambda: len(ready_serving_pods(core_v1, namespace, name)) == 2, 60, "the Deployment to be recreated"
+    )
+
 
 def test_quantization_change_rolls_over_without_a_moment_without_ready_pods(
     operator: Operator,

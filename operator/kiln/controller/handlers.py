@@ -90,6 +90,17 @@ async def serving_deployment_event(
         _reconciler(memo).deployment(_ns(namespace), owner)
 
 
+@kopf.on.event("", "v1", "services", labels={**MANAGED, labels.COMPONENT_LABEL: SERVING_COMPONENT})
+async def serving_service_event(
+    event: kopf.RawEvent, body: kopf.Body, namespace: str | None, memo: Any, **_: Any
+) -> None:
+    # A Service deleted by hand is created again.
+    _observe(memo, event)
+    owner = body.metadata.labels.get(labels.DEPLOYMENT_LABEL)
+    if owner:
+        _reconciler(memo).deployment(_ns(namespace), owner)
+
+
 @kopf.on.event(
     "leaderworkerset.x-k8s.io",
     "v1",

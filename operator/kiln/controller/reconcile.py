@@ -38,6 +38,7 @@ from kiln.controller.kube import (
     LWS_CRD,
     NODES,
     PODS,
+    SERVICES,
     Kind,
     Kube,
 )
@@ -193,7 +194,6 @@ class Reconciler:
         self._index = _Index()
         self._no_logs: set[str] = set()  # pods whose node served no log (simulated nodes)
         self._lws_checked = 0.0
-        self._applied: dict[tuple[str, str, str], str] = {}  # (kind, ns, name) -> digest applied
 
     # ------------------------------------------------------------ entry points
 
@@ -248,7 +248,6 @@ class Reconciler:
         """The level-based safety net: index every deployment, reconcile every engine and deployment."""
         deployments = self._list(LLMDEPLOYMENTS)
         with self._lock:
-            self._applied.clear()  # re-apply children without a live copy (e.g. a deleted Service)
             self._index.uses.clear()
             for obj in deployments:
                 meta = obj.get("metadata") or {}
@@ -461,7 +460,9 @@ class Reconciler:
         manifest = render_serving.workload(inputs)
         running_name = _engine_of(current)
         workload = self._apply_if_changed(manifest, current)
-        self._apply_if_changed(render_service.service(deployment, multi_node), None)
+        self._apply_if_changed(
+            render_service.service(deployment, multi_node), self._get(SERVICES, namespace, name)
+        )
         if current is None or current.get("kind") != manifest["kind"]:
             self.kube.event(
                 obj, "WorkloadCreated", f"Created {manifest['kind']} {name} running {engine.metadata.name}"
@@ -484,25 +485,15 @@ class Reconciler:
         return workload
 
     def _apply_if_changed(self, manifest: dict[str, Any], live: Mapping[str, Any] | None) -> dict[str, Any]:
-        """Server-side apply, skipped when the live object (or, without one, the last apply this
-        process made) already carries this exact rendering."""
+        """Server-side apply, skipped when the live object already carries this exact rendering."""
         digest = _digest(manifest)
         manifest["metadata"].setdefault("annotations", {})[APPLIED_ANNOTATION] = digest
-        meta = manifest["metadata"]
-        key = (manifest["kind"], str(meta.get("namespace")), str(meta["name"]))
         if live is not None:
             same = ((live.get("metadata") or {}).get("annotations") or {}).get(APPLIED_ANNOTATION) == digest
             # Someone scaling the child directly is drift the next apply undoes.
             if same and (live.get("spec") or {}).get("replicas") == manifest["spec"].get("replicas"):
                 return dict(live)
-        else:
-            with self._lock:
-                if self._applied.get(key) == digest:
-                    return manifest
-        applied = self._wrote(self.kube.apply(manifest))
-        with self._lock:
-            self._applied[key] = digest
-        return applied
+        return self._wrote(self.kube.apply(manifest))
 
     def _placement(self, deployment: LLMDeployment, engine: LLMEngine) -> Placement | None:
         gpu = deployment.spec.gpu
