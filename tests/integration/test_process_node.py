@@ -627,7 +627,14 @@ def test_a_deleted_node_registers_again_with_a_fresh_lease(
     coordination = client.CoordinationV1Api(local_cluster.api_client)
     with running_process_node(local_cluster, tmp_path, name=name):
         first = core_v1.read_node(name)
-        lease = coordination.read_namespaced_lease(name, "kube-node-lease")
+
+        def lease_of_node() -> client.V1Lease | None:
+            try:
+                return coordination.read_namespaced_lease(name, "kube-node-lease")
+            except client.ApiException:
+                return None  # the agent writes its Lease right after its Node
+
+        lease = wait_for(lease_of_node, 15, "the node's lease")
         assert lease.spec.holder_identity == name
         assert lease.metadata.owner_references[0].uid == first.metadata.uid
         renewed = lease.spec.renew_time
