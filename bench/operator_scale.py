@@ -114,13 +114,14 @@ def main() -> None:
     topo.write_text(yaml.safe_dump(topology(args.nodes)))
     cluster = Cluster(work / "cluster", str(topo), die_with_parent=True)
     started = time.monotonic()
-    cluster.start(progress=lambda line: print(f"[cluster] {line}", file=sys.stderr))
-    print(
-        f"[bench] cluster with {args.nodes} GPU nodes up in {time.monotonic() - started:.0f} s",
-        file=sys.stderr,
-    )
     operator: subprocess.Popen[bytes] | None = None
     try:
+        # KWOK marks nodes Ready a few at a time: give a big fleet the time it needs.
+        cluster.start(
+            progress=lambda line: print(f"[cluster] {line}", file=sys.stderr),
+            timeout=max(90.0, args.nodes * 0.5),
+        )
+        print(f"[bench] {args.nodes} GPU nodes up in {time.monotonic() - started:.0f} s", file=sys.stderr)
         api = config.new_client_from_config(config_file=str(cluster.kubeconfig))
         custom = client.CustomObjectsApi(api)
         core = client.CoreV1Api(api)
