@@ -413,6 +413,8 @@ async def _autoscale(
         burst.stop()
         stats = await task
         p.info(f"after: TTFT p50 {fmt_ms(after)} over {count} requests on {len(story.endpoints)} replicas")
+        if stats.failed:
+            p.info(f"{stats.failed} requests failed; the first: {'; '.join(stats.errors)}")
         return AutoscaleResult(
             before, during, after, replicas_before, len(story.endpoints), scaled_at, stats, pids
         )
