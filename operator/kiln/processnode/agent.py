@@ -73,6 +73,7 @@ class Agent:
         self._ready_since = timestamp()
         self.kube: KubeClient | None = None
         self.facts: nodeobj.NodeFacts | None = None
+        self.failed = False  # a task died: the agent exits non-zero
 
     def request_stop(self) -> None:
         self._stop.set()
@@ -117,7 +118,8 @@ class Agent:
         )
         tasks: list[asyncio.Task[None]] = []
         try:
-            await self._register()
+            if not await self._register_when_possible():
+                return
             log.info("node %s registered (kubelet port %s)", config.node_name, self.facts.kubelet_port)
             tasks = [
                 asyncio.create_task(self._heartbeat(), name="heartbeat"),
@@ -127,7 +129,8 @@ class Agent:
             done, _ = await asyncio.wait({stop, *tasks}, return_when=asyncio.FIRST_COMPLETED)
             for task in done:
                 if task is not stop and not task.cancelled() and task.exception() is not None:
-                    log.error("%s failed: %s", task.get_name(), task.exception())
+                    log.error("%s failed: %r", task.get_name(), task.exception())
+                    self.failed = True
             stop.cancel()
         finally:
             log.info("stopping: %d pod(s)", len(self.workers))
@@ -146,6 +149,20 @@ class Agent:
             await self.kube.close()
 
     # --- the Node and its Lease ---------------------------------------------------------------------
+
+    async def _register_when_possible(self) -> bool:
+        """Register the Node, retrying while the API server is unreachable; False if stopped first."""
+        attempt = 0
+        while not self._stop.is_set():
+            try:
+                await self._register()
+                return True
+            except (KubeError, httpx.HTTPError) as error:
+                attempt += 1
+                log.warning("registering node %s failed (%s); retrying", self.config.node_name, error)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._stop.wait(), min(2.0 * attempt, 10.0))
+        return False
 
     async def _register(self) -> None:
         assert self.kube is not None and self.facts is not None
@@ -235,6 +252,9 @@ class Agent:
                 if not (isinstance(error, KubeError) and error.status == 410):
                     log.warning("pod watch failed (%s); listing again", error)
                     await asyncio.sleep(1.0)
+            except (KeyError, TypeError, ValueError) as error:  # a malformed object must not stop the node
+                log.exception("pod watch: unexpected %r; listing again", error)
+                await asyncio.sleep(1.0)
 
     def _on_pod(self, ctx: NodeContext, pod: dict[str, Any]) -> None:
         uid = pod["metadata"]["uid"]
@@ -265,8 +285,8 @@ class Agent:
             del self.workers[worker.uid]
 
 
-async def run_agent(config: AgentConfig) -> None:
-    """Run until SIGTERM or SIGINT."""
+async def run_agent(config: AgentConfig) -> bool:
+    """Run until SIGTERM or SIGINT; False when the agent stopped because something failed."""
     agent = Agent(config)
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -279,3 +299,4 @@ async def run_agent(config: AgentConfig) -> None:
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(signum)
             signal.signal(signum, signal.SIG_IGN)
+    return not agent.failed

@@ -93,4 +93,5 @@ def process_node(
         shutdown_grace=shutdown_grace,
     )
     click.echo(f"process node {node_name} on {socket.gethostname()}; state in {config.state_dir}", err=True)
-    asyncio.run(run_agent(config))
+    if not asyncio.run(run_agent(config)):
+        raise SystemExit(1)
