@@ -20,6 +20,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -57,6 +58,7 @@ log = logging.getLogger(__name__)
 Key = tuple[str, str]  # (namespace, name)
 BUILDING_POLL_SECONDS = 10.0
 ERROR_RETRY_SECONDS = 5.0
+LOG_REFRESH_SECONDS = 5.0  # how often a running build's log is read for progress
 APPLIED_ANNOTATION = "kiln.dev/applied-hash"  # digest of the rendering last applied to a child
 
 
@@ -193,6 +195,9 @@ class Reconciler:
         self._nodes: dict[str, NodeTopology] | None = None
         self._index = _Index()
         self._no_logs: set[str] = set()  # pods whose node served no log (simulated nodes)
+        self._logs: dict[str, tuple[float, str]] = {}  # "ns/pod" -> (fetched at, log tail)
+        self._log_pending: set[str] = set()
+        self._log_pool = ThreadPoolExecutor(2, thread_name_prefix="kiln-build-logs")
         self._lws_checked = 0.0
 
     # ------------------------------------------------------------ entry points
@@ -202,6 +207,7 @@ class Reconciler:
 
     def stop(self) -> None:
         self.queue.stop()
+        self._log_pool.shutdown(wait=False, cancel_futures=True)
 
     def deployment(self, namespace: str, name: str) -> None:
         """Queue an LLMDeployment for reconciling."""
@@ -597,26 +603,42 @@ class Reconciler:
         pods = self.kube.list(PODS, namespace, f"job-name={job_name}")
         latest = max(pods, key=lambda p: str(p["metadata"].get("creationTimestamp") or ""), default=None)
         log_text = None
-        if latest is not None and self._wants_log(job, latest):
-            pod_name = latest["metadata"]["name"]
-            log_text = self.kube.pod_log(namespace, pod_name, BUILD_CONTAINER)
-            if log_text is None:
-                self._no_logs.add(pod_name)
+        if latest is not None:
+            log_text = self._build_log(namespace, name, latest)
         seen = render_status.BuildObservation(job=job, pods=pods, log=log_text)
-        return render_status.engine_status(engine, seen, self.clock())
+        status = render_status.engine_status(engine, seen, self.clock())
+        if status.get("phase") in ("Ready", "Failed"):
+            with self._lock:
+                for pod in pods:
+                    self._logs.pop(f"{namespace}/{pod['metadata']['name']}", None)
+        return status
 
-    def _wants_log(self, job: Mapping[str, Any], pod: Mapping[str, Any]) -> bool:
-        """Read the build log for progress while running, and for the tail when the build failed
-        without saying why; never from a node that served none before."""
-        if pod["metadata"]["name"] in self._no_logs:
-            return False
-        phase = (pod.get("status") or {}).get("phase")
-        if phase == "Running":
-            return True
-        if phase == "Failed":
-            result, _ = render_status.build_result(pod)
-            return result is None
-        return False
+    def _build_log(self, namespace: str, engine: str, pod: Mapping[str, Any]) -> str | None:
+        """The last log fetched from a build pod (for progress and the failure tail), and a refresh
+        of it in the background while the pod runs, so a slow or absent kubelet never holds up a
+        reconcile worker. A fetched log queues the engine again."""
+        key = f"{namespace}/{pod['metadata']['name']}"
+        running = (pod.get("status") or {}).get("phase") == "Running"
+        now = time.monotonic()
+        with self._lock:
+            fetched = self._logs.get(key)
+            due = fetched is None or now - fetched[0] >= LOG_REFRESH_SECONDS
+            fetch = running and due and key not in self._log_pending and key not in self._no_logs
+            if fetch:
+                self._log_pending.add(key)
+        if fetch:
+            self._log_pool.submit(self._fetch_log, key, namespace, engine, str(pod["metadata"]["name"]))
+        return fetched[1] if fetched else None
+
+    def _fetch_log(self, key: str, namespace: str, engine: str, pod: str) -> None:
+        text = self.kube.pod_log(namespace, pod, BUILD_CONTAINER)
+        with self._lock:
+            self._log_pending.discard(key)
+            if text is None:
+                self._no_logs.add(key)  # a node that serves no logs (simulated) is not asked again
+                return
+            self._logs[key] = (time.monotonic(), text)
+        self.engine(namespace, engine)
 
     def _engine_transition(self, obj: Mapping[str, Any], before: Any, wanted: Mapping[str, Any]) -> None:
         after = wanted.get("phase")
