@@ -737,3 +737,36 @@ def test_kiln_local_up_with_process_node_and_down(local_cluster: LocalCluster, t
     assert down.returncode == 0 and "process-node" in down.stdout, down.stdout + down.stderr
     assert not Path(f"/proc/{pid}").exists(), "the pod's process survived `kiln local down`"
     assert not any(cluster.alive(state).values())
+
+
+def test_a_pod_recreated_under_the_same_name_keeps_its_own_volumes(
+    process_node: ProcessNode, core_v1: client.CoreV1Api, namespace: str
+) -> None:
+    """The old pod's cleanup must not remove the files of its successor of the same name."""
+    core_v1.create_namespaced_config_map(namespace, {"metadata": {"name": "flag"}, "data": {"ready": "yes"}})
+    container = {
+        "name": "c",
+        "image": "python:3.11",
+        "command": ["sleep", "1000"],
+        "volumeMounts": [{"name": "flag", "mountPath": "/etc/flag"}],
+        "readinessProbe": {"exec": {"command": ["test", "-f", "/etc/flag/ready"]}, "periodSeconds": 1},
+    }
+    manifest = pod_manifest("again", [container], volumes=[{"name": "flag", "configMap": {"name": "flag"}}])
+    core_v1.create_namespaced_pod(namespace, manifest)
+    first = wait_pod(core_v1, namespace, "again", is_ready, "Running and Ready")
+    core_v1.delete_namespaced_pod("again", namespace)
+
+    def recreated() -> bool:
+        try:
+            core_v1.create_namespaced_pod(namespace, manifest)
+        except client.ApiException as error:
+            if error.status == 409:  # the old one is still terminating
+                return False
+            raise
+        return True
+
+    wait_for(recreated, 30, "the old pod to go, so its name is free")
+    second = wait_pod(core_v1, namespace, "again", is_ready, "Running and Ready (second pod)")
+    assert second.metadata.uid != first.metadata.uid
+    time.sleep(3)  # several readiness periods after the old pod's cleanup
+    assert is_ready(core_v1.read_namespaced_pod("again", namespace))

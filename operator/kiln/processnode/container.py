@@ -88,8 +88,8 @@ class ContainerRunner:
         self.init = init
         self.process: asyncio.subprocess.Process | None = None
         self.log_path = worker.pod_dir / f"{spec['name']}.log"
-        self.termination_file = worker.pod_dir / "termination" / spec["name"]
-        self.rootfs = worker.pod_dir / "rootfs" / spec["name"]
+        self.termination_file = worker.run_dir / "termination" / spec["name"]
+        self.rootfs = worker.run_dir / "rootfs" / spec["name"]
         self.probe_specs = probes.probes_of(spec)
 
     # --- building the command ------------------------------------------------------------------
@@ -118,7 +118,7 @@ class ContainerRunner:
         cwd = (
             Path(mounts.rewrite_path(working_dir, container_mounts, self.rootfs))
             if working_dir
-            else worker.pod_dir
+            else worker.run_dir
         )
         executable = argv[0]
         if "/" not in executable:

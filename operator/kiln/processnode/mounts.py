@@ -36,7 +36,7 @@ class Mount:
 
 def volume_host_path(
     volume: Mapping[str, Any],
-    pod_dir: Path,
+    run_dir: Path,
     state_dir: Path,
     namespace: str,
     claim_paths: Mapping[str, str | None],
@@ -54,7 +54,7 @@ def volume_host_path(
         bound = claim_paths.get(claim)
         return Path(bound) if bound else state_dir / "pvcs" / namespace / claim
     # emptyDir, configMap, secret, downwardAPI, projected, ephemeral, ...: a folder of the pod.
-    return pod_dir / "volumes" / name
+    return run_dir / "volumes" / name
 
 
 def _items(

@@ -60,7 +60,9 @@ class PodWorker:
         self.namespace: str = meta["namespace"]
         self.name: str = meta["name"]
         self.key = f"{self.namespace}/{self.name}"
-        self.pod_dir = ctx.state_dir / "pods" / f"{self.namespace}_{self.name}"
+        self.pod_dir = ctx.state_dir / "pods" / f"{self.namespace}_{self.name}"  # logs
+        # Volumes, termination files, links: by uid, so a new pod of the same name never shares them.
+        self.run_dir = ctx.state_dir / "run" / self.uid
         spec = pod["spec"]
         has_init = bool(spec.get("initContainers"))
         self.init_states = [
@@ -217,7 +219,8 @@ class PodWorker:
                 self.ctx.ips.release(self.pod_ip)
             if self._http is not None:
                 await self._http.aclose()
-            shutil.rmtree(self.pod_dir / "volumes", ignore_errors=True)
+            if not self._muted:  # an agent restart keeps emptyDirs, as a kubelet restart does
+                shutil.rmtree(self.run_dir, ignore_errors=True)
 
     async def _live(self) -> None:
         await self._prepare()
@@ -291,6 +294,7 @@ class PodWorker:
         if self.pod_dir.exists() and (not uid_file.exists() or uid_file.read_text() != self.uid):
             shutil.rmtree(self.pod_dir)  # logs of an earlier pod of the same name
         self.pod_dir.mkdir(parents=True, exist_ok=True)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
         uid_file.write_text(self.uid)
         kube = self.ctx.kube
         config_maps, secrets = envvars.referenced_objects(self.pod)
@@ -319,7 +323,7 @@ class PodWorker:
         volume_paths: dict[str, Path] = {}
         for volume in spec.get("volumes") or []:
             path = mounts.volume_host_path(
-                volume, self.pod_dir, self.ctx.state_dir, self.namespace, claim_paths
+                volume, self.run_dir, self.ctx.state_dir, self.namespace, claim_paths
             )
             tokens = await self._tokens(volume)
             files = mounts.volume_files(volume, facts, config_map_bytes, secret_bytes, tokens)
@@ -366,7 +370,7 @@ class PodWorker:
             ],
             "current-context": "pod",
         }
-        path = self.pod_dir / "kubeconfig"
+        path = self.run_dir / "kubeconfig"
         path.write_text(yaml.safe_dump(config, sort_keys=False))
         path.chmod(0o600)
         return path
