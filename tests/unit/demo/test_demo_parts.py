@@ -230,3 +230,13 @@ def test_port_and_retention_values_merge_like_helm_values_files() -> None:
     assert merged["autoscaler"] == {"metricsPort": 3, "healthPort": 4}
     schema = json.loads((ROOT / "charts" / "kiln" / "values.schema.json").read_text())
     assert _schema_keys(schema, merged) == []
+
+
+def test_demo_down_without_a_demo_says_so(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from kiln.demo import demo
+
+    result = CliRunner().invoke(demo, ["--down", "--dir", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    assert result.output.strip() == f"stopped nothing (no demo running) in {tmp_path.resolve()}"
