@@ -664,7 +664,8 @@ def test_a_failing_liveness_probe_restarts_the_container(
 ) -> None:
     """Liveness: `test -f healthy` fails once the process removes the file; the container restarts."""
     script = """
-        import pathlib, sys, time
+        import os, pathlib, sys, time
+        print("started", os.getpid(), flush=True)
         healthy = pathlib.Path(sys.argv[1]) / "healthy"
         healthy.write_text("yes")
         time.sleep(2)
@@ -705,6 +706,12 @@ def test_a_failing_liveness_probe_restarts_the_container(
         if e.involved_object.name == "unhealthy"
     }
     assert {"Unhealthy", "Killing"} <= reasons
+    # `kubectl logs` shows the current run, `--previous` the one before.
+    previous = core_v1.read_namespaced_pod_log("unhealthy", namespace, previous=True)
+    current = wait_for(
+        lambda: core_v1.read_namespaced_pod_log("unhealthy", namespace), 10, "the new run's log"
+    )
+    assert previous.count("started") == 1 and current.count("started") == 1 and previous != current
 
 
 @pytest.mark.slow

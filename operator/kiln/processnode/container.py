@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import httpx
 
-from kiln.processnode import envvars, events, mounts, podstatus, probes, restarts
+from kiln.processnode import envvars, events, logserver, mounts, podstatus, probes, restarts
 from kiln.processnode.podstatus import ContainerState, timestamp
 
 if TYPE_CHECKING:
@@ -154,6 +154,10 @@ class ContainerRunner:
         except (FileNotFoundError, ValueError) as error:
             return self._failed_to_start("StartError", str(error), 127)
         offset = self.log_path.stat().st_size if self.log_path.exists() else 0
+        # Where each run starts in the (appended) log: `kubectl logs` shows the current run,
+        # `--previous` the one before.
+        with logserver.runs_path(self.log_path).open("a") as runs:
+            runs.write(f"{offset}\n")
         started = timestamp()
         with self.log_path.open("ab") as log_file:
             try:

@@ -70,6 +70,24 @@ def select_log(data: bytes, tail_lines: int | None, limit_bytes: int | None) -> 
     return data
 
 
+def runs_path(log_path: Path) -> Path:
+    """The file listing where each run of a container starts in its log (one byte offset a line)."""
+    return log_path.with_name(log_path.name + ".runs")
+
+
+def run_slice(size: int, starts: list[int], previous: bool) -> tuple[int, int] | None:
+    """(begin, end) of the current run's (or, `previous`, the run before's) part of a log of `size` bytes.
+
+    None when there is no previous run.
+    """
+    starts = [s for s in starts if 0 <= s <= size]
+    if not starts:
+        return None if previous else (0, size)
+    if previous:
+        return (starts[-2], starts[-1]) if len(starts) >= 2 else None
+    return starts[-1], size
+
+
 def parse_log_path(path: str) -> tuple[str, str, str] | None:
     """(namespace, pod, container) of a `/containerLogs/...` path."""
     parts = [unquote(p) for p in path.strip("/").split("/")]
@@ -150,15 +168,29 @@ class LogServer:
         except ValueError:
             await self._reply(writer, 400, b"bad tailLines or limitBytes\n")
             return
-        data = select_log(path.read_bytes(), tail, limit)
-        if query.get("follow") not in ("true", "1"):
+        raw = path.read_bytes()
+        try:
+            starts = [int(line) for line in runs_path(path).read_text().split()]
+        except (OSError, ValueError):
+            starts = []
+        previous = query.get("previous") in ("true", "1")
+        span = run_slice(len(raw), starts, previous)
+        if span is None:
+            await self._reply(
+                writer,
+                400,
+                f'previous terminated container "{container}" in pod "{pod}" not found\n'.encode(),
+            )
+            return
+        data = select_log(raw[span[0] : span[1]], tail, limit)
+        if previous or query.get("follow") not in ("true", "1"):
             await self._reply(writer, 200, data)
             return
         writer.write(
             b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nTransfer-Encoding: chunked\r\n"
             b"Connection: close\r\n\r\n"
         )
-        offset = path.stat().st_size
+        offset = len(raw)
         await self._chunk(writer, data)
         while self.running(namespace, pod, container) and path.exists():
             await asyncio.sleep(FOLLOW_POLL_SECONDS)

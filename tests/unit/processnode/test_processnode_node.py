@@ -94,3 +94,11 @@ def test_event_manifest_points_at_the_pod_and_container() -> None:
         "component": "kiln-process-node",
         "host": "pn",
     }
+
+
+def test_run_slice_current_and_previous_runs() -> None:
+    assert logserver.run_slice(30, [0, 10, 25], previous=False) == (25, 30)
+    assert logserver.run_slice(30, [0, 10, 25], previous=True) == (10, 25)
+    assert logserver.run_slice(30, [0], previous=True) is None
+    assert logserver.run_slice(30, [], previous=False) == (0, 30)  # no record: the whole log
+    assert logserver.run_slice(5, [0, 10], previous=False) == (0, 5)  # a stale offset is ignored
