@@ -9,8 +9,6 @@ from __future__ import annotations
 import copy
 import threading
 import time
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -38,22 +36,6 @@ from tests.reliability.report import Report
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 
 TP2 = {"tensor": 2}  # two GPUs a replica: several deployments fit the two 8-GPU H100 nodes
-
-
-@pytest.fixture
-def operator(local_cluster: LocalCluster, tmp_path: Path) -> Iterator[Operator]:
-    running = Operator(local_cluster.kubeconfig, tmp_path / "operator.log")
-    running.start()
-    try:
-        yield running
-    finally:
-        running.stop()
-        print(f"--- operator log (tail) ---\n{running.log()}")
-
-
-@pytest.fixture
-def custom(local_cluster: LocalCluster) -> client.CustomObjectsApi:
-    return client.CustomObjectsApi(local_cluster.api_client)
 
 
 def deployment(name: str, build_seconds: int = 6, **spec: Any) -> dict[str, Any]:
