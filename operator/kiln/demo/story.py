@@ -386,6 +386,9 @@ async def _autoscale(
                 f"replicas {ready} ready / {spec_replicas} desired  ok {burst.stats.ok} "
                 f"failed {burst.stats.failed}"
             )
+            if ready > replicas_before and len(story.endpoints) <= replicas_before:
+                story.endpoints = await asyncio.to_thread(story.ready_pod_endpoints)
+                urls[:] = [f"{endpoint}/v1/completions" for endpoint in story.endpoints]
             if len(story.endpoints) > replicas_before and ready > replicas_before:
                 scaled_at = time.monotonic() - began
                 during, _ = ttft_window(now, burst_start)
@@ -415,6 +418,11 @@ async def _autoscale(
         p.info(f"after: TTFT p50 {fmt_ms(after)} over {count} requests on {len(story.endpoints)} replicas")
         if stats.failed:
             p.info(f"{stats.failed} requests failed; the first: {'; '.join(stats.errors)}")
+        p.info(f"$ kubectl get llmdeployment {story.name}   # TTFT-P50 as the autoscaler last saw it")
+        table = await asyncio.to_thread(
+            story.stack.kubectl, "get", "llmdeployment", story.name, "-n", story.namespace
+        )
+        p.info(table.rstrip())
         return AutoscaleResult(
             before, during, after, replicas_before, len(story.endpoints), scaled_at, stats, pids
         )
