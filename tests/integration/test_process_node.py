@@ -777,3 +777,22 @@ def test_a_pod_recreated_under_the_same_name_keeps_its_own_volumes(
     assert second.metadata.uid != first.metadata.uid
     time.sleep(3)  # several readiness periods after the old pod's cleanup
     assert is_ready(core_v1.read_namespaced_pod("again", namespace))
+
+
+def test_readiness_gates_hold_the_pod_until_their_condition_is_true(
+    process_node: ProcessNode, core_v1: client.CoreV1Api, namespace: str
+) -> None:
+    container = {"name": "c", "image": "python:3.11", "command": ["sleep", "1000"]}
+    manifest = pod_manifest("gated", [container], readinessGates=[{"conditionType": "example.com/warm"}])
+    core_v1.create_namespaced_pod(namespace, manifest)
+    pod = wait_pod(
+        core_v1,
+        namespace,
+        "gated",
+        lambda p: p.status.container_statuses and p.status.container_statuses[0].ready,
+        "running",
+    )
+    assert not is_ready(pod)
+    warm = {"type": "example.com/warm", "status": "True", "lastTransitionTime": "2026-01-01T00:00:00Z"}
+    core_v1.patch_namespaced_pod_status("gated", namespace, {"status": {"conditions": [warm]}})
+    wait_pod(core_v1, namespace, "gated", is_ready, "Ready once its gate is True")

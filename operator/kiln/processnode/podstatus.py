@@ -244,8 +244,10 @@ def pod_conditions(
     init_states: Sequence[ContainerState],
     states: Sequence[ContainerState],
     sandbox_ready: bool,
+    existing: Sequence[Mapping[str, Any]] = (),
 ) -> list[dict[str, Any]]:
-    """The conditions the process node owns, without timestamps."""
+    """The conditions the process node owns, without timestamps (`existing`: the pod's current ones,
+    for its readiness gates)."""
     initialized = init_done(spec, init_states) or (phase in ("Succeeded", "Failed") and bool(states))
     not_ready = [s.name for s in states if not (s.ready and s.state == "running")]
     if phase == "Succeeded":
@@ -260,6 +262,16 @@ def pod_conditions(
     else:
         containers_ready = _condition("ContainersReady", True)
     ready = dict(containers_ready, type="Ready")
+    gates = [g["conditionType"] for g in spec.get("readinessGates") or []]
+    status_of = {c["type"]: c.get("status") for c in existing}
+    unmet = [gate for gate in gates if status_of.get(gate) != "True"]
+    if containers_ready["status"] == "True" and unmet:
+        ready = _condition(
+            "Ready",
+            False,
+            "ReadinessGatesNotReady",
+            f"corresponding condition of pod readiness gate {unmet[0]!r} does not exist or is not True",
+        )
     if not initialized:
         pending = [
             s["name"]
@@ -311,8 +323,10 @@ def pod_status(
     """The `status` to write for `pod` (a JSON merge patch body's `status`: lists are complete)."""
     spec = pod.get("spec") or {}
     phase = pod_phase(spec, init_states, states)
-    owned = pod_conditions(spec, phase, init_states, states, sandbox_ready=pod_ip is not None)
     existing = (pod.get("status") or {}).get("conditions") or []
+    owned = pod_conditions(
+        spec, phase, init_states, states, sandbox_ready=pod_ip is not None, existing=existing
+    )
     status: dict[str, Any] = {
         "phase": phase,
         "conditions": merge_conditions(existing, owned, now),

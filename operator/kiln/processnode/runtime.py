@@ -97,6 +97,7 @@ class PodWorker:
         self._event_tasks: set[asyncio.Task[None]] = set()
         self._http: httpx.AsyncClient | None = None
         self._muted = False  # the agent is exiting: no more writes to the API server
+        self._gates = self._gate_statuses()
         self._published_version = 0
         self._on_done = on_done
         self.task: asyncio.Task[None] | None = None
@@ -113,6 +114,17 @@ class PodWorker:
         self.pod = pod
         if pod["metadata"].get("deletionTimestamp"):
             self._deleting.set()
+        gates = self._gate_statuses()
+        if gates != self._gates:  # another controller flipped a readiness gate: Ready may change
+            self._gates = gates
+            self.changed()
+
+    def _gate_statuses(self) -> tuple[str | None, ...]:
+        gates = [g["conditionType"] for g in self.pod["spec"].get("readinessGates") or []]
+        status_of = {
+            c["type"]: c.get("status") for c in (self.pod.get("status") or {}).get("conditions") or []
+        }
+        return tuple(status_of.get(gate) for gate in gates)
 
     def mark_gone(self) -> None:
         """The pod was removed from the API (force-deleted, or by us): stop without grace."""

@@ -170,3 +170,23 @@ def test_resume_a_finished_container_keeps_its_result() -> None:
     failed = {"name": "c", "restartCount": 0, "state": {"terminated": {"exitCode": 2}}}
     state, run = podstatus.resumed_state(failed, "OnFailure", "c", "img", NOW)
     assert run and state.restart_count == 1 and state.last_terminated == {"exitCode": 2}
+
+
+def test_readiness_gates_hold_back_ready() -> None:
+    pod = {
+        "spec": {"containers": [{"name": "c"}], "readinessGates": [{"conditionType": "example.com/warm"}]},
+        "status": {
+            "conditions": [{"type": "example.com/warm", "status": "False", "lastTransitionTime": "t"}]
+        },
+    }
+    status = podstatus.pod_status(pod, [], [running()], "10.244.255.10", "127.0.0.1", NOW, NOW)
+    conditions = {c["type"]: c for c in status["conditions"]}
+    assert conditions["ContainersReady"]["status"] == "True"
+    assert (conditions["Ready"]["status"], conditions["Ready"]["reason"]) == (
+        "False",
+        "ReadinessGatesNotReady",
+    )
+    assert conditions["example.com/warm"]["status"] == "False"  # someone else's condition, kept as is
+    pod["status"]["conditions"][0]["status"] = "True"
+    status = podstatus.pod_status(pod, [], [running()], "10.244.255.10", "127.0.0.1", NOW, NOW)
+    assert {c["type"]: c["status"] for c in status["conditions"]}["Ready"] == "True"
