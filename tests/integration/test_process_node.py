@@ -796,3 +796,16 @@ def test_readiness_gates_hold_the_pod_until_their_condition_is_true(
     warm = {"type": "example.com/warm", "status": "True", "lastTransitionTime": "2026-01-01T00:00:00Z"}
     core_v1.patch_namespaced_pod_status("gated", namespace, {"status": {"conditions": [warm]}})
     wait_pod(core_v1, namespace, "gated", is_ready, "Ready once its gate is True")
+
+
+def test_active_deadline_fails_the_pod(
+    process_node: ProcessNode, core_v1: client.CoreV1Api, namespace: str
+) -> None:
+    container = {"name": "c", "image": "python:3.11", "command": ["sleep", "1000"]}
+    manifest = pod_manifest("late", [container], activeDeadlineSeconds=2, terminationGracePeriodSeconds=1)
+    started = time.monotonic()
+    core_v1.create_namespaced_pod(namespace, manifest)
+    pod = wait_pod(core_v1, namespace, "late", lambda p: p.status.phase == "Failed", "Failed", timeout=30)
+    assert pod.status.reason == "DeadlineExceeded"
+    assert 2 <= time.monotonic() - started < 15
+    assert terminated(pod).exit_code == 143  # sleep ends on SIGTERM

@@ -319,10 +319,15 @@ def pod_status(
     now: str,
     reason: str = "",
     message: str = "",
+    failed: bool = False,
 ) -> dict[str, Any]:
-    """The `status` to write for `pod` (a JSON merge patch body's `status`: lists are complete)."""
+    """The `status` to write for `pod` (a JSON merge patch body's `status`: lists are complete).
+
+    `failed`: the node failed the pod as a whole (`reason`, e.g. DeadlineExceeded), whatever its
+    containers did.
+    """
     spec = pod.get("spec") or {}
-    phase = pod_phase(spec, init_states, states)
+    phase = "Failed" if failed else pod_phase(spec, init_states, states)
     existing = (pod.get("status") or {}).get("conditions") or []
     owned = pod_conditions(
         spec, phase, init_states, states, sandbox_ready=pod_ip is not None, existing=existing

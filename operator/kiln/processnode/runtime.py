@@ -98,6 +98,8 @@ class PodWorker:
         self._http: httpx.AsyncClient | None = None
         self._muted = False  # the agent is exiting: no more writes to the API server
         self._gates = self._gate_statuses()
+        self._created = time.monotonic()
+        self.failure: tuple[str, str] | None = None  # (reason, message) when the node failed the pod
         self._published_version = 0
         self._on_done = on_done
         self.task: asyncio.Task[None] | None = None
@@ -199,7 +201,7 @@ class PodWorker:
 
     async def _main(self) -> None:
         publisher = asyncio.create_task(self._publish_loop())
-        life = asyncio.create_task(self._live())
+        life = asyncio.create_task(self._live_until_deadline())
         deleting = asyncio.create_task(self._deleting.wait())
         try:
             await asyncio.wait({life, deleting}, return_when=asyncio.FIRST_COMPLETED)
@@ -233,6 +235,25 @@ class PodWorker:
                 await self._http.aclose()
             if not self._muted:  # an agent restart keeps emptyDirs, as a kubelet restart does
                 shutil.rmtree(self.run_dir, ignore_errors=True)
+
+    async def _live_until_deadline(self) -> None:
+        """`_live`, but a pod with `activeDeadlineSeconds` is stopped and failed when that passes."""
+        seconds = self.pod["spec"].get("activeDeadlineSeconds")
+        if seconds is None:
+            await self._live()
+            return
+        life = asyncio.create_task(self._live())
+        remaining = float(seconds) - (time.monotonic() - self._created)
+        done, _ = await asyncio.wait({life}, timeout=max(remaining, 0.0))
+        if life in done:
+            life.result()
+            return
+        log.info("%s: active for longer than its deadline (%s s); stopping it", self.key, seconds)
+        self.failure = ("DeadlineExceeded", "Pod was active on the node longer than the specified deadline")
+        self._begin_stop()
+        await self._stop_processes(self.grace())
+        await asyncio.gather(life, return_exceptions=True)
+        self.changed()
 
     async def _live(self) -> None:
         await self._prepare()
@@ -437,6 +458,9 @@ class PodWorker:
             self.ctx.host_ip,
             self.start_time,
             timestamp(),
+            reason=self.failure[0] if self.failure else "",
+            message=self.failure[1] if self.failure else "",
+            failed=bool(self.failure),
         )
 
     async def _publish_loop(self) -> None:

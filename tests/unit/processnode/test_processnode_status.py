@@ -190,3 +190,16 @@ def test_readiness_gates_hold_back_ready() -> None:
     pod["status"]["conditions"][0]["status"] = "True"
     status = podstatus.pod_status(pod, [], [running()], "10.244.255.10", "127.0.0.1", NOW, NOW)
     assert {c["type"]: c["status"] for c in status["conditions"]}["Ready"] == "True"
+
+
+def test_a_pod_the_node_failed_is_failed_with_its_reason() -> None:
+    pod = {"spec": {"restartPolicy": "Always"}, "status": {}}
+    killed = ContainerState(name="c", state="terminated", exit_code=143, reason="Error")
+    status = podstatus.pod_status(
+        pod, [], [killed], "10.244.255.10", "127.0.0.1", NOW, NOW, "DeadlineExceeded", "too long", failed=True
+    )
+    assert (status["phase"], status["reason"], status["message"]) == (
+        "Failed",
+        "DeadlineExceeded",
+        "too long",
+    )
