@@ -85,14 +85,20 @@ def peak_rss_mib(pid: int) -> float:
     return int(match.group(1)) / 1024 if match else float("nan")
 
 
-def api_requests(metrics_port: int) -> float:
+def api_request_counts(metrics_port: int) -> dict[str, float]:
+    """The operator's API requests so far, by `verb resource`."""
     with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5) as response:
         text = response.read().decode()
-    return sum(
-        float(line.rsplit(" ", 1)[1])
-        for line in text.splitlines()
-        if line.startswith("kiln_operator_api_requests_total{")
-    )
+    counts: dict[str, float] = {}
+    for line in text.splitlines():
+        match = re.match(r'kiln_operator_api_requests_total\{resource="([^"]*)",verb="([^"]*)"\} (\S+)', line)
+        if match:
+            counts[f"{match.group(2)} {match.group(1)}"] = float(match.group(3))
+    return counts
+
+
+def api_requests(metrics_port: int) -> float:
+    return sum(api_request_counts(metrics_port).values())
 
 
 def main() -> None:
@@ -178,6 +184,10 @@ def main() -> None:
             "seconds_to_create": round(created, 1),
             "seconds_to_all_ready": round(elapsed, 1) if ready == args.deployments else None,
             "api_requests_per_deployment": round(requests / args.deployments, 1),
+            "api_requests_per_deployment_by_kind": {
+                key: round(value / args.deployments, 1)
+                for key, value in sorted(api_request_counts(metrics_port).items())
+            },
             "operator_peak_rss_mib": round(peak_rss_mib(operator.pid), 1),
             "operator_log": str(work / "operator.log"),
         }
