@@ -91,9 +91,10 @@ def api_request_counts(metrics_port: int) -> dict[str, float]:
         text = response.read().decode()
     counts: dict[str, float] = {}
     for line in text.splitlines():
-        match = re.match(r'kiln_operator_api_requests_total\{resource="([^"]*)",verb="([^"]*)"\} (\S+)', line)
-        if match:
-            counts[f"{match.group(2)} {match.group(1)}"] = float(match.group(3))
+        if not line.startswith("kiln_operator_api_requests_total{"):
+            continue
+        labels = dict(re.findall(r'(\w+)="([^"]*)"', line))
+        counts[f"{labels.get('verb')} {labels.get('resource')}"] = float(line.rsplit(" ", 1)[1])
     return counts
 
 
