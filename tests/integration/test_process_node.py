@@ -809,3 +809,43 @@ def test_active_deadline_fails_the_pod(
     assert pod.status.reason == "DeadlineExceeded"
     assert 2 <= time.monotonic() - started < 15
     assert terminated(pod).exit_code == 143  # sleep ends on SIGTERM
+
+
+def poll(check: Any, timeout: float, what: str) -> None:
+    """`wait_for` with a 20 ms period, for timing."""
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.02)
+
+
+@pytest.mark.slow
+def test_pod_start_and_delete_latency(
+    process_node: ProcessNode, core_v1: client.CoreV1Api, namespace: str
+) -> None:
+    """Create -> Ready and delete -> gone for ten `sleep` pods, one after the other (printed with -s)."""
+    starts, deletes = [], []
+    for index in range(10):
+        name = f"quick-{index}"
+        manifest = pod_manifest(name, [{"name": "c", "image": "python:3.11", "command": ["sleep", "1000"]}])
+        began = time.monotonic()
+        core_v1.create_namespaced_pod(namespace, manifest)
+        poll(lambda n=name: is_ready(core_v1.read_namespaced_pod(n, namespace)), 30, f"{name} Ready")
+        starts.append(time.monotonic() - began)
+        began = time.monotonic()
+        core_v1.delete_namespaced_pod(name, namespace)
+        poll(
+            lambda n=name: (
+                not core_v1.list_namespaced_pod(namespace, field_selector=f"metadata.name={n}").items
+            ),
+            30,
+            f"{name} gone",
+        )
+        deletes.append(time.monotonic() - began)
+    starts.sort()
+    deletes.sort()
+    print(
+        f"\ncreate->Ready median {starts[5]:.2f} s, max {starts[-1]:.2f} s; "
+        f"delete->gone median {deletes[5]:.2f} s, max {deletes[-1]:.2f} s"
+    )
+    assert starts[5] < 3 and deletes[5] < 3
