@@ -326,3 +326,27 @@ def test_a_thousand_streams_with_disconnects_release_everything(
     assert served["error"] == 0, served
     # every stream that finished was counted ok; the rest were aborted or never reached the engine
     assert served["ok"] >= outcomes["done"] and served["ok"] + served["aborted"] <= STREAMS + 1
+
+
+def test_a_prompt_is_refused_from_its_prefix_without_tokenizing_the_rest() -> None:
+    from kiln_engine.server.app import PROBE_CHARS_PER_TOKEN, encode_bounded
+    from kiln_engine.server.errors import OpenAIError
+
+    seen: list[int] = []
+
+    def words(text: str) -> list[int]:  # a stand-in tokenizer: one token per word
+        seen.append(len(text))
+        return [len(w) for w in text.split()]
+
+    with pytest.raises(OpenAIError) as refused:
+        encode_bounded(words, "word " * 1_000_000, 100, "prompt")
+    assert refused.value.code == "context_length_exceeded" and refused.value.param == "prompt"
+    assert seen == [seen[0]] and seen[0] <= 100 * PROBE_CHARS_PER_TOKEN  # only the prefix was tokenized
+    assert encode_bounded(words, "a bb ccc", 100, "prompt") == [1, 2, 3]
+
+    def surrogate(text: str) -> list[int]:
+        raise TypeError("TextInputSequence must be str")
+
+    with pytest.raises(OpenAIError) as invalid:
+        encode_bounded(surrogate, "\ud800", 100, "messages")
+    assert invalid.value.status_code == 400 and invalid.value.param == "messages"
