@@ -135,9 +135,15 @@ def operator_command() -> None:
     help="Seconds an unused LLMEngine is kept before it is deleted [default: 86400, or "
     "$KILN_ENGINE_RETENTION_SECONDS].",
 )
-@click.option("--resync-seconds", type=float, default=60.0, show_default=True, help="Full resync period.")
 @click.option(
-    "--workers", type=click.IntRange(1, 64), default=8, show_default=True, help="Reconcile workers."
+    "--resync-seconds",
+    type=float,
+    default=600.0,
+    show_default=True,
+    help="Full resync period (watches keep things current in between).",
+)
+@click.option(
+    "--workers", type=click.IntRange(1, 64), default=16, show_default=True, help="Reconcile workers."
 )
 @click.option(
     "--log-format",

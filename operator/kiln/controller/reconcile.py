@@ -51,7 +51,7 @@ from kiln.render import engine as render_engine
 from kiln.render import service as render_service
 from kiln.render import serving as render_serving
 from kiln.render import status as render_status
-from kiln.render.common import BUILD_CONTAINER, Settings
+from kiln.render.common import BUILD_COMPONENT, BUILD_CONTAINER, SERVING_COMPONENT, Settings
 
 log = logging.getLogger(__name__)
 
@@ -68,8 +68,8 @@ class Options:
 
     namespaces: tuple[str, ...] = ()  # empty: all namespaces
     engine_retention_seconds: float = 24 * 3600.0
-    resync_seconds: float = 60.0
-    workers: int = 8
+    resync_seconds: float = 600.0
+    workers: int = 16
 
 
 class ObjectCache:
@@ -164,6 +164,11 @@ def _digest(manifest: Mapping[str, Any]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+def _job_finished(job: Mapping[str, Any]) -> bool:
+    conditions = (job.get("status") or {}).get("conditions") or []
+    return any(c.get("type") in ("Complete", "Failed") and c.get("status") == "True" for c in conditions)
+
+
 def _engine_of(workload: Mapping[str, Any] | None) -> str | None:
     """The LLMEngine a workload's pods run (its pod template's engine label)."""
     if workload is None:
@@ -199,6 +204,7 @@ class Reconciler:
         self._log_pending: set[str] = set()
         self._log_pool = ThreadPoolExecutor(2, thread_name_prefix="kiln-build-logs")
         self._lws_checked = 0.0
+        self._complete: set[str] = set()  # child kinds fully listed: a cache miss means absent
 
     # ------------------------------------------------------------ entry points
 
@@ -267,12 +273,31 @@ class Reconciler:
             self.cache.put(obj)
             meta = obj["metadata"]
             self.deployment(meta["namespace"], meta["name"])
+        # Once Kiln's children are listed, the watches keep them current: a child missing from the
+        # cache does not exist, and need not be asked for (a false miss costs only a create that
+        # finds the object, or an apply that changes nothing).
+        for kind, component in (
+            (DEPLOYMENTS, SERVING_COMPONENT),
+            (SERVICES, SERVING_COMPONENT),
+            (JOBS, BUILD_COMPONENT),
+        ):
+            if kind.kind in self._complete:
+                continue
+            selector = f"{labels.MANAGED_BY}={labels.MANAGED_BY_VALUE},{labels.COMPONENT_LABEL}={component}"
+            for obj in self._list(kind, selector):
+                self.cache.put(obj)
+            with self._lock:
+                self._complete.add(kind.kind)
 
     def poll_building(self) -> None:
         """Follow engines still building (progress, a pod waiting for a node) between events."""
         for obj in self.cache.items("LLMEngine"):
-            if ((obj.get("status") or {}).get("phase")) in (None, "Pending", "Building"):
-                meta = obj["metadata"]
+            if ((obj.get("status") or {}).get("phase")) not in (None, "Pending", "Building"):
+                continue
+            meta = obj["metadata"]
+            job = self.cache.get("Job", meta["namespace"], render_build.job_name(meta["name"]))
+            # A Job that finished wakes its engine by its own event; only running ones are polled.
+            if job is None or not _job_finished(job):
                 self.engine(meta["namespace"], meta["name"])
 
     # ------------------------------------------------------------ plumbing
@@ -318,7 +343,7 @@ class Reconciler:
     def _get(self, kind: Kind, namespace: str, name: str) -> dict[str, Any] | None:
         """The object from the watch cache, else from the API."""
         held = self.cache.get(kind.kind, namespace, name)
-        if held is not None:
+        if held is not None or kind.kind in self._complete:
             return held
         found = self.kube.get(kind, namespace, name)
         if found is not None:
@@ -330,10 +355,14 @@ class Reconciler:
         self.cache.put(obj)
         return dict(obj)
 
-    def _list(self, kind: Any) -> list[dict[str, Any]]:
+    def _list(self, kind: Kind, selector: str | None = None) -> list[dict[str, Any]]:
         if not self.options.namespaces:
-            return self.kube.list(kind)
-        return [item for namespace in self.options.namespaces for item in self.kube.list(kind, namespace)]
+            return self.kube.list(kind, None, selector)
+        return [
+            item
+            for namespace in self.options.namespaces
+            for item in self.kube.list(kind, namespace, selector)
+        ]
 
     def _node_topologies(self) -> list[NodeTopology]:
         with self._lock:
@@ -553,13 +582,20 @@ class Reconciler:
             return
         ready = render_status.find_condition(wanted.get("conditions"), "Ready") or {}
         degraded = render_status.find_condition(wanted.get("conditions"), "Degraded") or {}
+        # Steps in between (Pending, Building, Deploying) already have their own Events
+        # (EngineCreated, BuildStarted on the engine, WorkloadCreated, RollingOver).
         if after == "Ready":
             self.kube.event(obj, "Ready", str(ready.get("message") or "Serving"))
-        elif after in ("Failed", "Degraded"):
-            detail = degraded.get("message") if after == "Degraded" else ready.get("message")
-            self.kube.event(obj, str(ready.get("reason") or after), str(detail or after), "Warning")
-        else:
-            self.kube.event(obj, str(after), str(ready.get("message") or after))
+        elif after == "ScaledToZero":
+            self.kube.event(obj, "ScaledToZero", str(ready.get("message") or after))
+        elif after == "Degraded":
+            self.kube.event(
+                obj, str(degraded.get("reason") or after), str(degraded.get("message")), "Warning"
+            )
+        elif after == "Failed":
+            self.kube.event(
+                obj, str(ready.get("reason") or after), str(ready.get("message") or after), "Warning"
+            )
 
     # ------------------------------------------------------------ LLMEngine
 
