@@ -1,7 +1,7 @@
 """The control loop: for each LLMDeployment with autoscaling, read signals, decide, scale, report.
 
 One pass (`Controller.tick`) is level-based and idempotent: it reads every deployment afresh, runs
-the pure policy with the history kept in memory, patches `/scale` only when the count changes,
+the pure policy with the history kept in memory, applies `spec.replicas` only when the count changes,
 merge-patches the decision into status, emits an Event on a change, and updates its metrics. A
 new leader starts with a history that holds the current count for the scale-down window, so a
 failover never scales down on an empty memory.
@@ -123,7 +123,7 @@ class Controller:
 
         stamp = dt.datetime.fromtimestamp(now, dt.UTC)
         if decision.desired != current:
-            self.kube.scale(scaled.namespace, scaled.name, decision.desired)
+            self.kube.scale(scaled.namespace, scaled.name, decision.desired, scaled.uid)
             message = f"{current} -> {decision.desired}: {decision.reason}"
             log.info("%s/%s %s", scaled.namespace, scaled.name, message)
             try:

@@ -1,7 +1,10 @@
-"""The autoscaler's Kubernetes edge: list LLMDeployments, read capacity and pods, patch /scale and status.
+"""The autoscaler's Kubernetes edge: list LLMDeployments, read capacity, pods, apply replicas, patch status.
 
 Also emits Events. Thin wrappers over the kubernetes client; every write carries the field manager
 `kiln-autoscaler`, so `--show-managed-fields` (and Argo CD's ignoreDifferences) tell its writes apart.
+Replicas go through server-side apply on the LLMDeployment itself, not the `/scale` subresource:
+kube-apiserver records no owner for a `/scale` write to a field nobody owned yet, so a user's later
+apply naming `replicas` would silently replace the autoscaler's count instead of conflicting.
 """
 
 from __future__ import annotations
@@ -82,6 +85,19 @@ def decision_status(
     return {"status": status}
 
 
+def replicas_apply(namespace: str, name: str, replicas: int, uid: str = "") -> dict[str, Any]:
+    """The apply configuration that names only `.spec.replicas` (and the object, by uid when known)."""
+    metadata: dict[str, Any] = {"name": name, "namespace": namespace}
+    if uid:
+        metadata["uid"] = uid
+    return {
+        "apiVersion": f"{GROUP}/{VERSION}",
+        "kind": "LLMDeployment",
+        "metadata": metadata,
+        "spec": {"replicas": replicas},
+    }
+
+
 class Kube:
     """The API calls the controller makes."""
 
@@ -136,17 +152,25 @@ class Kube:
                 urls.append(f"http://{pod.status.pod_ip}:{number}/metrics")
         return urls
 
-    def scale(self, namespace: str, name: str, replicas: int) -> None:
-        """Set `.spec.replicas` through the scale subresource (merge patch, field manager kiln-autoscaler)."""
-        self.custom.patch_namespaced_custom_object_scale(
+    def scale(self, namespace: str, name: str, replicas: int, uid: str = "") -> None:
+        """Own `.spec.replicas` by server-side apply (field manager kiln-autoscaler, forced).
+
+        Forcing takes the one field back from whoever held it, so a later apply that names
+        `replicas` under another manager gets a 409 naming kiln-autoscaler unless it forces too.
+        `uid`, when given, pins the object that was read: if it was deleted since, the apply is
+        answered 409 (uid mismatch) instead of creating it, and if it was recreated under the same
+        name, 422 (uid is immutable), so the new object keeps its own replicas.
+        """
+        self.custom.patch_namespaced_custom_object(
             GROUP,
             VERSION,
             namespace,
             PLURAL,
             name,
-            {"spec": {"replicas": replicas}},
+            replicas_apply(namespace, name, replicas, uid),
             field_manager=FIELD_MANAGER,
-            _content_type="application/merge-patch+json",
+            force=True,
+            _content_type="application/apply-patch+yaml",
         )
 
     def write_status(self, namespace: str, name: str, patch: dict[str, Any]) -> None:

@@ -5,7 +5,7 @@ it keeps one `kiln-engine serve` process per `.spec.replicas` of an LLMDeploymen
 to Prometheus (Debian's `prometheus`, file service discovery with the `namespace` and
 `llmdeployment` labels the PodMonitor sets), reports ready replicas in status, and on a scale-down
 takes the newest process out of routing and SIGTERMs it, so it drains. `kiln autoscaler run` (a
-subprocess, Prometheus source) does the scaling through the /scale subresource.
+subprocess, Prometheus source) does the scaling by server-side apply of `spec.replicas`.
 
 Story: load raises TTFT past the target -> the autoscaler scales up (event, status, field
 manager) -> the load drops to a trickle -> after the scale-down window it scales down, the drained
@@ -312,7 +312,7 @@ def test_scales_up_on_ttft_and_down_after_the_window_without_losing_requests(
 
         wait_for(scaled_up, timeout=120, what="the autoscaler to scale up")
 
-        def recorded() -> Any:  # the status write follows the /scale patch
+        def recorded() -> Any:  # the status write follows the replicas apply
             obj: Any = custom.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, NAME)
             return obj if (obj.get("status") or {}).get("lastScaleDecision") else None
 
@@ -320,8 +320,12 @@ def test_scales_up_on_ttft_and_down_after_the_window_without_losing_requests(
         decision = obj["status"]["lastScaleDecision"]
         assert decision["fromReplicas"] == 1 and decision["toReplicas"] > 1, decision
         assert "ttft" in decision["reason"], decision
-        managers = {(m["manager"], m.get("subresource")) for m in obj["metadata"]["managedFields"]}
-        assert ("kiln-autoscaler", "scale") in managers, managers
+        # It owns spec.replicas by an Apply on the main resource, so a user's apply naming replicas conflicts.
+        applied = [
+            m for m in obj["metadata"]["managedFields"]
+            if (m["manager"], m["operation"], m.get("subresource")) == ("kiln-autoscaler", "Apply", None)
+        ]  # fmt: skip
+        assert applied and applied[0]["fieldsV1"].get("f:spec") == {"f:replicas": {}}, obj["metadata"]
         events = core_v1.list_namespaced_event(namespace, field_selector=f"involvedObject.name={NAME}").items
         assert any(e.reason == "ScaledUp" and e.reporting_component == "kiln-autoscaler" for e in events)
         scaled_at = time.monotonic()

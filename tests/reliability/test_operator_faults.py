@@ -382,8 +382,8 @@ def test_a_failing_build_retries_within_the_limit_then_fails_with_the_reason(
 def test_a_user_and_the_autoscaler_never_lose_each_others_fields(
     local_cluster: LocalCluster, custom: client.CustomObjectsApi, namespace: str, reliability_report: Report
 ) -> None:
-    """The user applies the spec (server-side apply, manager `kubectl`) while the autoscaler writes
-    replicas through the scale subresource (its own Kube client, manager `kiln-autoscaler`)."""
+    """The user applies the spec (server-side apply, manager `kubectl`) while the autoscaler applies
+    replicas (its own Kube client, manager `kiln-autoscaler`, forced for that one field)."""
     from kiln_autoscaler.kube import Kube
 
     autoscaler = Kube(local_cluster.api_client)
@@ -449,7 +449,7 @@ def test_a_user_and_the_autoscaler_never_lose_each_others_fields(
         if exc.status != 409:
             lost.append(f"stale edit answered {exc.status}")
     reliability_report.record(
-        "two writers: user server-side apply vs autoscaler /scale",
+        "two writers: user server-side apply vs autoscaler replicas apply",
         len(user_values) + len(scaled) + 1,
         len(lost),
         f"{rounds} concurrent rounds each; final ttft {spec['autoscaling']['ttftP50TargetMs']} (user), "
@@ -478,7 +478,7 @@ def test_an_apply_naming_replicas_conflicts_with_the_autoscaler(
         )
     replicas = get(custom, namespace, "llmdeployments", "named")["spec"]["replicas"]
     reliability_report.record(
-        "two writers: apply naming replicas after an autoscaler /scale",
+        "two writers: apply naming replicas after an autoscaler write",
         1,
         int(conflict.value.status != 409 or replicas != 7),
         f"managers {sorted(managers)}; re-apply answered {conflict.value.status}; replicas stay {replicas}",
@@ -488,15 +488,12 @@ def test_an_apply_naming_replicas_conflicts_with_the_autoscaler(
     assert replicas == 7
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="kube-apiserver records no field manager for a /scale write to a custom resource whose "
-    "replicas nobody owned yet, so a later apply that names replicas silently resets the autoscaler's "
-    "value (server-side apply on /scale answers 500); docs/reliability.md",
-)
 def test_a_first_apply_of_replicas_conflicts_with_the_autoscaler(
-    local_cluster: LocalCluster, custom: client.CustomObjectsApi, namespace: str
+    local_cluster: LocalCluster, custom: client.CustomObjectsApi, namespace: str, reliability_report: Report
 ) -> None:
+    """A manifest that first leaves replicas to the autoscaler and names them later gets a 409 naming
+    `kiln-autoscaler` (the autoscaler applies replicas, so it owns them even when nobody did before);
+    forcing the apply, as a user who means it does, takes them back."""
     from kiln_autoscaler.kube import FIELD_MANAGER, Kube
 
     base = deployment("late", autoscaling={"enabled": True, "minReplicas": 1, "maxReplicas": 50})
@@ -509,4 +506,45 @@ def test_a_first_apply_of_replicas_conflicts_with_the_autoscaler(
         custom.patch_namespaced_custom_object(
             GROUP, VERSION, namespace, "llmdeployments", "late", base, **apply
         )
+    kept = get(custom, namespace, "llmdeployments", "late")["spec"]["replicas"]
+    custom.patch_namespaced_custom_object(
+        GROUP, VERSION, namespace, "llmdeployments", "late", base, force=True, **apply
+    )
+    forced = get(custom, namespace, "llmdeployments", "late")["spec"]["replicas"]
+    reliability_report.record(
+        "two writers: first apply naming replicas after an autoscaler write",
+        1,
+        int(conflict.value.status != 409 or kept != 7 or forced != 2),
+        f"apply answered {conflict.value.status}; replicas stay {kept}; a forced apply sets {forced}",
+    )
     assert conflict.value.status == 409 and FIELD_MANAGER in (conflict.value.body or "")
+    assert kept == 7
+    assert forced == 2
+
+
+def test_the_autoscaler_never_scales_a_deployment_recreated_since_it_read_it(
+    local_cluster: LocalCluster, custom: client.CustomObjectsApi, namespace: str
+) -> None:
+    """Its apply names the uid it read: a deployment deleted for good is not brought back (409, uid
+    mismatch); one recreated under the same name keeps its own replicas (422, uid is immutable)."""
+    from kiln_autoscaler.kube import Kube
+
+    autoscaler = Kube(local_cluster.api_client)
+    base = deployment("again", autoscaling={"enabled": True, "minReplicas": 1, "maxReplicas": 50}, replicas=1)
+    old_uid = create(custom, namespace, base)["metadata"]["uid"]
+    custom.delete_namespaced_custom_object(GROUP, VERSION, namespace, "llmdeployments", "again")
+    wait_for(lambda: "again" not in names(custom, namespace), timeout=30, what="the deployment to go")
+    with pytest.raises(ApiException) as gone:
+        autoscaler.scale(namespace, "again", 5, old_uid)
+    assert gone.value.status == 409 and "uid mismatch" in (gone.value.body or ""), gone.value
+    assert "again" not in names(custom, namespace)
+    create(custom, namespace, base)
+    with pytest.raises(ApiException) as stale:
+        autoscaler.scale(namespace, "again", 5, old_uid)
+    assert stale.value.status == 422 and "metadata.uid" in (stale.value.body or ""), stale.value
+    assert get(custom, namespace, "llmdeployments", "again")["spec"]["replicas"] == 1
+
+
+def names(custom: client.CustomObjectsApi, namespace: str) -> list[str]:
+    listed = custom.list_namespaced_custom_object(GROUP, VERSION, namespace, "llmdeployments")
+    return [o["metadata"]["name"] for o in items(listed)]

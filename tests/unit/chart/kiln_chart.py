@@ -43,9 +43,8 @@ OPERATOR_VERBS = {
 }
 # Exactly the calls kiln_autoscaler.kube and kiln_autoscaler.leader make.
 AUTOSCALER_VERBS = {
-    ("kiln.dev", "llmdeployments"): {"list"},
+    ("kiln.dev", "llmdeployments"): {"list", "patch"},  # patch: server-side apply of spec.replicas
     ("kiln.dev", "llmengines"): {"get"},
-    ("kiln.dev", "llmdeployments/scale"): {"patch"},
     ("kiln.dev", "llmdeployments/status"): {"patch"},
     ("", "pods"): {"list"},
     ("", "events"): {"create"},
