@@ -440,6 +440,45 @@ def test_hf_source_from_the_hub_cache(checkpoint: Path, tmp_path: Path) -> None:
     )
 
 
+@pytest.mark.parametrize(
+    ("status", "error_code", "token", "reason", "message"),
+    [
+        (401, "RepoNotFound", True, "Unauthorized", "rejected the credentials"),
+        (403, "GatedRepo", True, "Unauthorized", "rejected the credentials"),
+        (401, "RepoNotFound", False, "Unauthorized", "without credentials"),
+        (404, "RepoNotFound", True, "CheckpointNotFound", "repository not found"),
+    ],
+)  # fmt: skip
+def test_a_hub_that_refuses_the_credentials_is_unauthorized(
+    tmp_path: Path, status: int, error_code: str, token: bool, reason: str, message: str
+) -> None:
+    """401/403 from the hub (a loopback stand-in) is `Unauthorized`, never `CheckpointNotFound`, and
+    neither the result file nor the output carries the token, which did reach the hub."""
+    from tests.reliability.fake_hub import FakeHub, serving
+
+    secret = "hf_" + os.urandom(16).hex()
+    env = {k: v for k, v in os.environ.items() if k != "HF_TOKEN"}
+    env |= {"HF_HOME": str(tmp_path / "hf"), "HF_HUB_DISABLE_TELEMETRY": "1", "OMP_NUM_THREADS": "1",
+            "KILN_WORK_DIR": str(tmp_path / "work")}  # fmt: skip
+    if token:
+        env["HF_TOKEN"] = secret
+    res = tmp_path / "result.json"
+    with serving(FakeHub(status, error_code)) as hub:
+        env["HF_ENDPOINT"] = hub.url
+        cmd = [sys.executable, "-m", "kiln_engine.cli", "build", "--model", "hf://acme/private-model",
+               "--output", str(tmp_path / "never"), "--no-measure-capacity", "--no-progress-bar",
+               "--result-file", str(res)]  # fmt: skip
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    result = json.loads(res.read_text())
+    assert result["ok"] is False and result["reason"] == reason, result
+    assert message in result["message"], result
+    assert hub.authorizations, "the build never asked the hub, so this test proves nothing"
+    assert any(secret in a for a in hub.authorizations) == token, hub.authorizations
+    assert secret not in res.read_text() + proc.stdout + proc.stderr
+    assert not (tmp_path / "never").exists()
+
+
 def make_int4_checkpoint(base: Path, out: Path, method: str, group: int) -> Path:
     """`base` with every decoder Linear as random int4 weights, packed as AutoAWQ or GPTQ publish them."""
     import numpy as np

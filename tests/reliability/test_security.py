@@ -5,10 +5,8 @@ Real `kiln-engine` processes; a loopback stand-in for the Hugging Face Hub recor
 
 from __future__ import annotations
 
-import http.server
 import json
 import secrets
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,6 +18,7 @@ pytestmark = [pytest.mark.engine, pytest.mark.slow]
 pytest.importorskip("torch")
 
 from tests.reliability.engine_process import TINY_CHAT, EngineProcess, run_cli  # noqa: E402
+from tests.reliability.fake_hub import FakeHub, serving  # noqa: E402
 from tests.reliability.report import Report  # noqa: E402
 
 MODEL = "tiny-chat"
@@ -39,44 +38,10 @@ def files_containing(root: Path, needles: list[str]) -> list[str]:
     return hits
 
 
-class FakeHub(http.server.ThreadingHTTPServer):
-    """A loopback stand-in for the Hugging Face Hub: every repository is private (401); records headers."""
-
-    def __init__(self) -> None:
-        self.authorizations: list[str] = []
-        hub = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def _deny(self) -> None:
-                hub.authorizations.append(self.headers.get("authorization", ""))
-                body = json.dumps({"error": "Repository not found"}).encode()
-                self.send_response(401)
-                self.send_header("content-type", "application/json")
-                self.send_header("x-error-code", "RepoNotFound")
-                self.send_header("content-length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            do_GET = do_HEAD = do_POST = _deny
-
-            def log_message(self, *args: object) -> None:
-                pass
-
-        super().__init__(("127.0.0.1", 0), Handler)
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.server_address[1]}"
-
-
 @pytest.fixture
 def hub() -> Iterator[FakeHub]:
-    server = FakeHub()
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield server
-    server.shutdown()
-    server.server_close()
+    with serving(FakeHub()) as server:
+        yield server
 
 
 def test_build_never_leaks_model_credentials(
@@ -117,7 +82,8 @@ def test_build_never_leaks_model_credentials(
     )  # fmt: skip
     assert failed.returncode != 0
     outcome = json.loads(failed_result.read_text())
-    assert outcome["ok"] is False and outcome["reason"], outcome
+    assert outcome["ok"] is False and outcome["reason"] == "Unauthorized", outcome
+    assert "rejected the credentials" in outcome["message"], outcome
     assert any(secret_env["HF_TOKEN"] in a for a in hub.authorizations), (
         "the token never reached the hub, so this test proves nothing",
         hub.authorizations,

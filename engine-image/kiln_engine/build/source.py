@@ -115,34 +115,69 @@ def fetch(uri: str, dest: Path, progress: Callable[[float, str], None] | None = 
     return _fetch_s3(loc, dest / "s3" / loc.path, report)
 
 
+def hub_failure(loc: Location, exc: BaseException, token_sent: bool) -> SourceError:
+    """The SourceError for a failed hub download, decided by the HTTP status under `exc`.
+
+    401 and 403 are `Unauthorized` whatever huggingface_hub calls them (it turns a 401 into
+    "repository not found", since the hub answers 401 for private and missing repositories alike);
+    the message never carries the exception's text, so nothing of the request can leak into it.
+    """
+    status = http_status(exc)
+    if status in (401, 403):
+        if token_sent:
+            return SourceError(
+                f"{loc}: the Hugging Face Hub rejected the credentials (HF_TOKEN) with HTTP {status}: "
+                "the token is invalid or expired, or has no access to this repository",
+                "Unauthorized",
+            )
+        return SourceError(
+            f"{loc}: the Hugging Face Hub refused access without credentials (HTTP {status}): "
+            "the repository is private, gated or missing; set HF_TOKEN to a token with access",
+            "Unauthorized",
+        )
+    name = type(exc).__name__
+    if name == "RevisionNotFoundError":
+        return SourceError(f"{loc}: revision {loc.revision!r} not found")
+    if name in ("RepositoryNotFoundError", "GatedRepoError") or status == 404:
+        return SourceError(f"{loc}: repository not found (HTTP {status})")
+    return SourceError(
+        f"{loc}: cannot fetch from the Hugging Face Hub: {name} (HTTP {status})", "FetchFailed"
+    )
+
+
+def http_status(exc: BaseException) -> int | None:
+    """The status of the HTTP response an exception (or one it was raised from) carries, if any."""
+    seen: BaseException | None = exc
+    for _ in range(8):  # a cause chain is short; a cycle must not hang the build
+        if seen is None:
+            return None
+        status = getattr(getattr(seen, "response", None), "status_code", None)
+        if isinstance(status, int):
+            return status
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
 def _fetch_hf(loc: Location, cache: Path, report: Callable[[float, str], None]) -> Path:
     try:
         from huggingface_hub import snapshot_download
-        from huggingface_hub.errors import (
-            GatedRepoError,
-            LocalEntryNotFoundError,
-            RepositoryNotFoundError,
-            RevisionNotFoundError,
-        )
+        from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
     except ImportError as exc:  # pragma: no cover - the engine extra installs it
         raise SourceError(f"{loc}: hf:// sources need huggingface_hub ({exc})", "BuildFailed") from exc
     report(0.0, f"downloading {loc}")
+    token = os.environ.get("HF_TOKEN") or None
     try:
         path = snapshot_download(
             loc.path,
             revision=loc.revision,
             cache_dir=str(cache),
             allow_patterns=list(HF_PATTERNS),
-            token=os.environ.get("HF_TOKEN") or None,
+            token=token,
         )
-    except GatedRepoError as exc:
-        raise SourceError(f"{loc}: gated repository; set HF_TOKEN with access ({exc})") from exc
-    except RevisionNotFoundError as exc:
-        raise SourceError(f"{loc}: revision {loc.revision!r} not found") from exc
-    except RepositoryNotFoundError as exc:
-        raise SourceError(f"{loc}: repository not found (or private without HF_TOKEN)") from exc
-    except LocalEntryNotFoundError as exc:
-        raise SourceError(f"{loc}: cannot reach the Hugging Face Hub: {exc}", "FetchFailed") from exc
+    except (HfHubHTTPError, LocalEntryNotFoundError) as exc:
+        if isinstance(exc, LocalEntryNotFoundError) and http_status(exc) is None:
+            raise SourceError(f"{loc}: cannot reach the Hugging Face Hub: {exc}", "FetchFailed") from exc
+        raise hub_failure(loc, exc, token_sent=token is not None) from exc
     report(1.0, f"downloaded {loc}")
     return Path(path)
 
