@@ -20,7 +20,7 @@ def autoscaler() -> None:
     """Scale LLMDeployments on time to first token."""
 
 
-def _serve_health(port: int, healthy: Any) -> HTTPServer:
+def _serve_health(address: str, port: int, healthy: Any) -> HTTPServer:
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self) -> None:
             ok = self.path in ("/healthz", "/readyz") and healthy()
@@ -31,7 +31,7 @@ def _serve_health(port: int, healthy: Any) -> HTTPServer:
         def log_message(self, format: str, *args: Any) -> None:
             return
 
-    server = HTTPServer(("0.0.0.0", port), Handler)
+    server = HTTPServer((address, port), Handler)
     threading.Thread(target=server.serve_forever, name="kiln-autoscaler-health", daemon=True).start()
     return server
 
@@ -50,6 +50,11 @@ def _serve_health(port: int, healthy: Any) -> HTTPServer:
 @click.option("--namespace", "namespaces", multiple=True, help="Watch only these namespaces (repeatable).")
 @click.option("--metrics-port", type=int, default=8080, show_default=True)
 @click.option("--health-port", type=int, default=8081, show_default=True)
+@click.option(
+    "--bind-address",
+    default=lambda: os.environ.get("KILN_BIND_ADDRESS", "0.0.0.0"),
+    help="Address of the metrics and health servers [default: 0.0.0.0, or $KILN_BIND_ADDRESS].",
+)
 @click.option("--leader-election/--no-leader-election", default=False, show_default=True)
 @click.option("--leader-election-namespace", default="kiln-system", show_default=True)
 @click.option("--leader-election-lease", default="kiln-autoscaler", show_default=True)
@@ -67,6 +72,7 @@ def run(
     namespaces: tuple[str, ...],
     metrics_port: int,
     health_port: int,
+    bind_address: str,
     leader_election: bool,
     leader_election_namespace: str,
     leader_election_lease: str,
@@ -133,8 +139,8 @@ def run(
             return True  # a standby is healthy
         return controller.last_pass is None or time.time() - controller.last_pass < 4 * interval + 30
 
-    start_http_server(metrics_port, registry=metrics.registry)
-    _serve_health(health_port, healthy)
+    start_http_server(metrics_port, addr=bind_address, registry=metrics.registry)
+    _serve_health(bind_address, health_port, healthy)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import socket
 import subprocess
 import sys
 import uuid
@@ -361,8 +362,6 @@ def chart_process_node(
 
 
 def free_port() -> int:
-    import socket
-
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
@@ -390,7 +389,7 @@ def test_local_values_run_kiln_on_the_process_node_and_an_example_goes_ready(
 ) -> None:
     """ci/local-values.yaml: both controllers become available as real processes on the process
     node, running as their ServiceAccounts (the process node hands pods a kubeconfig with their
-    token), serve health and metrics on their pod IPs, and the operator, with only the chart's
+    token), serve health and metrics on their pod IPs only, and the operator, with only the chart's
     permissions, takes an example LLMDeployment to Ready (build Job and GPU pods on KWOK nodes)."""
     namespace = namespaces["release"]
     release = f"kiln-{namespace.rsplit('-', 1)[1]}"
@@ -418,6 +417,12 @@ def test_local_values_run_kiln_on_the_process_node_and_an_example_goes_ready(
             assert health.status_code == 200, (component, health.text)
             exposition = httpx.get(f"http://{ip}:{ports[f'{component}.metricsPort']}/metrics", timeout=5).text
             assert metric(exposition, leader_metric) == 1, (component, exposition[:2000])
+            # Bound to the pod IP only (--bind-address=$(POD_IP)), so a second install's pods, each
+            # on an IP of its own, could take the same ports.
+            assert ip != "127.0.0.1"
+            for port in (ports[f"{component}.healthPort"], ports[f"{component}.metricsPort"]):
+                with socket.socket() as sock:
+                    assert sock.connect_ex(("127.0.0.1", port)) != 0, (component, port)
 
         serving = namespaces["team-a"]
         core_v1.create_namespaced_secret(  # the example reads its credentials from hf-token

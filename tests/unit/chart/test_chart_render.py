@@ -111,6 +111,12 @@ def test_default_install_has_every_component(helm: Helm) -> None:
 
     autoscaler = one(objects, "Deployment", "kiln-autoscaler")
     assert autoscaler["spec"]["template"]["spec"]["containers"][0]["args"][:2] == ["autoscaler", "run"]
+    # Both servers bind the pod IP (the kubelet expands $(POD_IP) from the container's env), so
+    # installs whose pods share a host's network never contend for their ports.
+    for controller in (operator, autoscaler):
+        bound = controller["spec"]["template"]["spec"]["containers"][0]
+        assert "--bind-address=$(POD_IP)" in bound["args"], controller["metadata"]["name"]
+        assert "POD_IP" in {e["name"] for e in bound["env"]}
     assert {s["metadata"]["name"] for s in by_kind(objects, "Service")} == {
         "kiln-operator-metrics",
         "kiln-autoscaler-metrics",
