@@ -143,6 +143,13 @@ def operator_command() -> None:
     help="Full resync period (watches keep things current in between).",
 )
 @click.option(
+    "--build-poll-seconds",
+    type=click.FloatRange(1.0),
+    default=5.0,
+    show_default=True,
+    help="While a build Job runs, how often its engine is reconciled and its log tail read for progress.",
+)
+@click.option(
     "--workers", type=click.IntRange(1, 64), default=16, show_default=True, help="Reconcile workers."
 )
 @click.option(
@@ -165,6 +172,7 @@ def run(
     engine_image_tensorrt_llm: str | None,
     engine_retention: float,
     resync_seconds: float,
+    build_poll_seconds: float,
     workers: int,
     log_format: str,
     log_level: str,
@@ -246,6 +254,7 @@ def run(
         engine_retention_seconds=engine_retention,
         resync_seconds=resync_seconds,
         workers=workers,
+        build_poll_seconds=build_poll_seconds,
     )
     reconciler = Reconciler(kube, settings, options, metrics)
 
@@ -253,7 +262,7 @@ def run(
         """Retries, build progress, leadership checks and the periodic full resync."""
         nonlocal exit_code
         next_resync = time.monotonic()
-        next_building = time.monotonic() + 10
+        next_building = time.monotonic() + build_poll_seconds
         while not stop.is_set():
             try:
                 if elector is not None and not elector.is_leader:
@@ -266,7 +275,7 @@ def run(
                     next_resync = now + resync_seconds
                     reconciler.resync()
                 if now >= next_building:
-                    next_building = now + 10
+                    next_building = now + build_poll_seconds
                     reconciler.poll_building()
                 health.beat()
             except Exception as error:  # the API may be briefly unreachable; keep going

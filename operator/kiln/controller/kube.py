@@ -157,13 +157,16 @@ class Kube:
             if not token:
                 return items
 
-    def pod_log(self, namespace: str, name: str, container: str, tail_lines: int = 50) -> str | None:
-        """The last lines of a container's log; None when the node cannot serve logs (quickly)."""
+    def pod_log(
+        self, namespace: str, name: str, container: str, tail_lines: int = 50, limit_bytes: int = 64 * 1024
+    ) -> str | None:
+        """The last lines of a container's log ("" while it has written nothing yet); None when the
+        node cannot serve logs (quickly)."""
         try:
             text = self._call(
                 "GET",
                 PODS.path(namespace, name, "log"),
-                query={"container": container, "tailLines": tail_lines},
+                query={"container": container, "tailLines": tail_lines, "limitBytes": limit_bytes},
                 response_type="str",
                 timeout=LOG_TIMEOUT_SECONDS,
                 resource="pods/log",
@@ -171,7 +174,7 @@ class Kube:
         except Exception as error:  # a simulated or unreachable kubelet: logs are best effort
             log.debug("no log for pod %s/%s: %s", namespace, name, error)
             return None
-        return str(text) if text else None
+        return str(text)
 
     def crd_installed(self, name: str) -> bool:
         return self.get(CRDS, None, name) is not None

@@ -56,9 +56,12 @@ from kiln.render.common import BUILD_COMPONENT, BUILD_CONTAINER, SERVING_COMPONE
 log = logging.getLogger(__name__)
 
 Key = tuple[str, str]  # (namespace, name)
-BUILDING_POLL_SECONDS = 10.0
 ERROR_RETRY_SECONDS = 5.0
-LOG_REFRESH_SECONDS = 5.0  # how often a running build's log is read for progress
+# A node that served no log (simulated, or a log not there yet) is asked again only this much later.
+LOG_RETRY_SECONDS = 15.0
+# Progress needs only the newest KILN_PROGRESS line: a short tail, bounded in bytes too.
+BUILD_LOG_TAIL_LINES = 50
+BUILD_LOG_LIMIT_BYTES = 64 * 1024
 APPLIED_ANNOTATION = "kiln.dev/applied-hash"  # digest of the rendering last applied to a child
 
 
@@ -70,6 +73,8 @@ class Options:
     engine_retention_seconds: float = 24 * 3600.0
     resync_seconds: float = 600.0
     workers: int = 16
+    # While a build Job runs, its engine is reconciled and its pod's log tail read this often.
+    build_poll_seconds: float = 5.0
 
 
 class ObjectCache:
@@ -141,6 +146,14 @@ class _Index:
         return sorted(dep for (ns, dep), used in self.uses.items() if ns == namespace and name in used)
 
 
+def log_fetch_due(now: float, fetched_at: float | None, failed_at: float | None, interval: float) -> bool:
+    """Whether a running build pod's log should be read again: every `interval` seconds, and
+    after a failed read (a simulated node, a log not there yet) only once `LOG_RETRY_SECONDS` passed."""
+    if failed_at is not None and now - failed_at < max(interval, LOG_RETRY_SECONDS):
+        return False
+    return fetched_at is None or now - fetched_at >= interval
+
+
 def _now() -> datetime:
     return datetime.now(UTC)
 
@@ -199,7 +212,7 @@ class Reconciler:
         self._lock = threading.Lock()
         self._nodes: dict[str, NodeTopology] | None = None
         self._index = _Index()
-        self._no_logs: set[str] = set()  # pods whose node served no log (simulated nodes)
+        self._no_logs: dict[str, float] = {}  # "ns/pod" -> when its node last served no log
         self._logs: dict[str, tuple[float, str]] = {}  # "ns/pod" -> (fetched at, log tail)
         self._log_pending: set[str] = set()
         self._log_pool = ThreadPoolExecutor(2, thread_name_prefix="kiln-build-logs")
@@ -622,6 +635,9 @@ class Reconciler:
         if patch is not None:
             self._wrote(self.kube.patch_status(LLMENGINES, namespace, name, patch))
             self._engine_transition(obj, phase, wanted)
+            step = wanted.get("step")
+            if wanted.get("phase") == "Building" and step and step != previous.get("step"):
+                self.kube.event(obj, "BuildProgress", f"Build step {step}: {wanted.get('progress', 0)}%")
         if users is not None and not users:
             self._collect_if_unused(obj, wanted)
 
@@ -647,6 +663,7 @@ class Reconciler:
             with self._lock:
                 for pod in pods:
                     self._logs.pop(f"{namespace}/{pod['metadata']['name']}", None)
+                    self._no_logs.pop(f"{namespace}/{pod['metadata']['name']}", None)
         return status
 
     def _build_log(self, namespace: str, engine: str, pod: Mapping[str, Any]) -> str | None:
@@ -655,11 +672,18 @@ class Reconciler:
         reconcile worker. A fetched log queues the engine again."""
         key = f"{namespace}/{pod['metadata']['name']}"
         running = (pod.get("status") or {}).get("phase") == "Running"
-        now = time.monotonic()
         with self._lock:
             fetched = self._logs.get(key)
-            due = fetched is None or now - fetched[0] >= LOG_REFRESH_SECONDS
-            fetch = running and due and key not in self._log_pending and key not in self._no_logs
+            fetch = (
+                running
+                and key not in self._log_pending
+                and log_fetch_due(
+                    time.monotonic(),
+                    fetched[0] if fetched else None,
+                    self._no_logs.get(key),
+                    self.options.build_poll_seconds,
+                )
+            )
             if fetch:
                 self._log_pending.add(key)
         if fetch:
@@ -667,12 +691,19 @@ class Reconciler:
         return fetched[1] if fetched else None
 
     def _fetch_log(self, key: str, namespace: str, engine: str, pod: str) -> None:
-        text = self.kube.pod_log(namespace, pod, BUILD_CONTAINER)
+        text = self.kube.pod_log(
+            namespace,
+            pod,
+            BUILD_CONTAINER,
+            tail_lines=BUILD_LOG_TAIL_LINES,
+            limit_bytes=BUILD_LOG_LIMIT_BYTES,
+        )
         with self._lock:
             self._log_pending.discard(key)
             if text is None:
-                self._no_logs.add(key)  # a node that serves no logs (simulated) is not asked again
+                self._no_logs[key] = time.monotonic()
                 return
+            self._no_logs.pop(key, None)
             self._logs[key] = (time.monotonic(), text)
         self.engine(namespace, engine)
 
