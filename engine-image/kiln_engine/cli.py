@@ -255,6 +255,14 @@ def _serve_tensorrt_llm(
 @click.option("--gpu-arch", default=None, help="e.g. sm90; default: the local GPU's, or cpu.")
 @click.option("--measure-capacity/--no-measure-capacity", default=True, show_default=True)
 @click.option("--ttft-target-ms", default=500.0, show_default=True, type=click.FloatRange(min=1))
+@click.option(
+    "--capacity-budget-seconds",
+    default=60.0,
+    show_default=True,
+    type=click.FloatRange(min=1),
+    help="Wall-clock bound on the capacity measurement: no new probe starts after it; the answer "
+    "keeps what was measured by then.",
+)
 @click.option("--device", default=None, help="Device to measure capacity on (default: cuda when available).")
 @click.option(
     "--fp8-scales",
@@ -286,6 +294,7 @@ def build(
     gpu_arch: str | None,
     measure_capacity: bool,
     ttft_target_ms: float,
+    capacity_budget_seconds: float,
     device: str | None,
     fp8_scales: str,
     progress_bar: bool | None,
@@ -325,6 +334,7 @@ def build(
         gpu_arch=gpu_arch,
         measure_capacity=measure_capacity,
         ttft_target_ms=ttft_target_ms,
+        capacity_time_budget_s=capacity_budget_seconds,
         device=device,
         fp8_scales=fp8_scales,
     )

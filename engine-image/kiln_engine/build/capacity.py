@@ -48,14 +48,27 @@ def load_shape(max_model_len: int) -> tuple[int, int]:
     return prompt, output
 
 
+def fits_budget(bursts: list[Burst], concurrency: int, left_s: float) -> bool:
+    """Whether a burst of `concurrency` is expected to finish in `left_s`, scaling the largest burst
+    measured so far linearly (batching makes a bigger burst cost at most proportionally more), so
+    the budget is a bound and not just a point after which nothing new starts."""
+    if left_s <= 0:
+        return False
+    if not bursts:
+        return True
+    largest = max(bursts, key=lambda b: b.concurrency)
+    return largest.elapsed_s * concurrency / largest.concurrency <= left_s
+
+
 def search_max_concurrency(
     measure: Callable[[int], Burst], max_concurrency: int, target_s: float, deadline: float | None = None
 ) -> tuple[int, list[Burst]]:
     """The largest concurrency in [1, max_concurrency] whose burst meets `target_s` at p90 (0 if none).
 
     Doubles until a burst misses (or `max_concurrency` passes), then bisects between the last burst
-    that met the target and the first that missed. Stops early, keeping what it knows, at `deadline`
-    (a `time.monotonic()` value). Returns the answer and every burst measured.
+    that met the target and the first that missed. Stops early, keeping what it knows, before a burst
+    that would not finish by `deadline` (a `time.monotonic()` value). Returns the answer and every
+    burst measured.
     """
     bursts: list[Burst] = []
 
@@ -64,8 +77,8 @@ def search_max_concurrency(
         bursts.append(b)
         return b.ttft_p90_s <= target_s
 
-    def out_of_time() -> bool:
-        return deadline is not None and time.monotonic() > deadline
+    def out_of_time(next_c: int) -> bool:
+        return deadline is not None and not fits_budget(bursts, next_c, deadline - time.monotonic())
 
     good, bad = 0, max_concurrency + 1
     c = 1
@@ -75,10 +88,10 @@ def search_max_concurrency(
         else:
             bad = c
             break
-        if c == max_concurrency or out_of_time():
+        if c == max_concurrency or out_of_time(min(c * 2, max_concurrency)):
             return good, bursts
         c = min(c * 2, max_concurrency)
-    while bad - good > 1 and not out_of_time():
+    while bad - good > 1 and not out_of_time((good + bad) // 2):
         mid = (good + bad) // 2
         if ok(mid):
             good = mid
@@ -169,7 +182,7 @@ def measure_capacity(
         measure, max_batch_size, ttft_target_ms / 1000.0, deadline=started + time_budget_s
     )
     full = next((b for b in bursts if b.concurrency == max_batch_size), None)
-    if full is None and time.monotonic() < started + time_budget_s:
+    if full is None and fits_budget(bursts, max_batch_size, started + time_budget_s - time.monotonic()):
         full = driver.burst(max_batch_size)
         bursts.append(full)
     largest = full or max(bursts, key=lambda b: b.concurrency)
