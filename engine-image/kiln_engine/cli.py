@@ -260,8 +260,8 @@ def _serve_tensorrt_llm(
     default=60.0,
     show_default=True,
     type=click.FloatRange(min=1),
-    help="Wall-clock bound on the capacity measurement: no new probe starts after it; the answer "
-    "keeps what was measured by then.",
+    help="Wall-clock bound on the capacity measurement: no probe starts that would overrun it (by "
+    "the largest probe so far); the answer keeps what was measured.",
 )
 @click.option("--device", default=None, help="Device to measure capacity on (default: cuda when available).")
 @click.option(
