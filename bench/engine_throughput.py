@@ -553,16 +553,22 @@ def run_check(args: argparse.Namespace, root: Path) -> dict[str, Any]:
                 logits[name] = seen
                 del e
                 free()
-            # Compare step by step while both runs scheduled the same rows (they do while tokens agree).
+            # Step t's row i is prompt i (all are admitted at once and run in order). Compare a row
+            # only while its tokens so far agree: after a near-tie flips one token, that row's
+            # inputs differ and its logits say nothing about the kernels.
             errs = []
-            for a, b in zip(logits["fast"], logits["reference"], strict=False):
-                if a.shape != b.shape:
+            fast_t, ref_t = tokens["fast"], tokens["reference"]
+            for t, (a, b) in enumerate(zip(logits["fast"], logits["reference"], strict=False)):
+                rows = [i for i in range(len(prompts8)) if fast_t[i][:t] == ref_t[i][:t]]
+                if a.shape != b.shape or not rows:
                     break
-                errs.append(((a - b).norm() / b.norm()).item())
+                errs.append(((a[rows] - b[rows]).norm() / b[rows].norm()).item())
             agree = sum(x == y for x, y in zip(tokens["fast"], tokens["reference"], strict=True))
             first = sum(x[0] == y[0] for x, y in zip(tokens["fast"], tokens["reference"], strict=True))
-            tol = 2e-2 if mode == "bf16" else 3e-2
-            ok = bool(errs) and max(errs[:1]) < tol and statistics.median(errs) < tol
+            # fp8 quantizes activations per token, so a rounding difference upstream can move a
+            # value by a whole fp8 step: a looser bound than bf16's.
+            tol = 2e-2 if mode == "bf16" else 6e-2
+            ok = bool(errs) and max(errs) < tol
             result[f"llama3_8b_shape_{label}_{mode}"] = {
                 "gates": gate,
                 "steps_compared": len(errs),
