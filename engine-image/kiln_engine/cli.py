@@ -69,6 +69,11 @@ def main() -> None:
 @click.option("--prefix-caching/--no-prefix-caching", default=True, show_default=True)
 @click.option("--chunked-prefill/--no-chunked-prefill", default=True, show_default=True)
 @click.option("--kv-cache-dtype", type=click.Choice(KV_CACHE_DTYPES), default="auto", show_default=True)
+@click.option(
+    "--cuda-graphs/--no-cuda-graphs",
+    default=None,
+    help="Replay decode steps as CUDA graphs (default: on when serving on a GPU).",
+)
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option(
     "--tp",
@@ -100,6 +105,7 @@ def serve(
     prefix_caching: bool,
     chunked_prefill: bool,
     kv_cache_dtype: str,
+    cuda_graphs: bool | None,
     seed: int,
     tp: int | None,
     verify: bool,
@@ -148,6 +154,7 @@ def serve(
         _fail(f"WORLD_SIZE is {world} but tensor parallelism is {tp}")
     rank = int(os.environ.get("RANK", "0") or 0) if tp > 1 else 0
     name = served_model_name or path.resolve().name
+    serve_device = device or torch_backend.default_device()
     config = EngineConfig(
         max_num_seqs=max_num_seqs,
         max_model_len=max_model_len,
@@ -159,7 +166,8 @@ def serve(
         prefix_caching=prefix_caching,
         chunked_prefill=chunked_prefill,
         dtype=dtype,
-        device=device or torch_backend.default_device(),
+        device=serve_device,
+        cuda_graphs=serve_device.startswith("cuda") if cuda_graphs is None else cuda_graphs,
         seed=seed,
         tensor_parallel_size=tp,
         tensor_parallel_rank=rank,

@@ -81,10 +81,12 @@ def artifact_tp(path: Path) -> int:
 
 def engine_for_artifact_dir(path: Path, opts: BuildOptions) -> LLMEngine:
     """The engine a build measures capacity with: the artifact as it will be served."""
+    device = opts.device or default_device()
     config = EngineConfig(
         max_num_seqs=opts.max_batch_size,
         max_model_len=opts.max_seq_len,
         max_tokens_per_step=opts.max_num_tokens,
-        device=opts.device or default_device(),
+        device=device,
+        cuda_graphs=device.startswith("cuda"),  # measure capacity the way `serve` runs on a GPU
     )
     return LLMEngine(path, config)
