@@ -126,3 +126,10 @@ def status(directory: Path | None) -> None:
     click.echo(f"topology {state.topology}; export KUBECONFIG={state.kubeconfig}")
     if not all(running.get(name) for name in cluster.COMPONENTS):
         raise SystemExit(1)
+    with cluster.admin_client(folder) as client:
+        response = client.get(f"{state.server}/api/v1/nodes")
+    if response.is_success:
+        for line in topology.node_summary(response.json()["items"]):
+            click.echo(line)
+    else:
+        click.echo(f"cannot list nodes: {cluster.api_error(response)}")

@@ -255,3 +255,30 @@ def read_topology(name_or_path: str | Path) -> Topology:
 def load_topology(name_or_path: str | Path) -> list[dict[str, Any]]:
     """The Node manifests of a shipped topology name or a topology file path."""
     return node_manifests(read_topology(name_or_path))
+
+
+def node_summary(nodes: list[dict[str, Any]]) -> list[str]:
+    """One line per kind of node (GPU product, or CPU), with how many there are and how many are Ready.
+
+    What `kiln local status` prints, from the Node objects the API server lists.
+    """
+    groups: dict[str, list[bool]] = {}
+    for node in nodes:
+        node_labels = node.get("metadata", {}).get("labels", {})
+        product = node_labels.get(labels.GPU_PRODUCT)
+        count = node_labels.get(labels.GPU_COUNT)
+        if product:
+            kind = f"{product} x{count}" if count else product
+        elif node_labels.get(labels.PROCESS_NODE_LABEL) == "true":
+            kind = "process node (CPU, pods run as local processes)"
+        else:
+            kind = "CPU"
+        ready = any(
+            c.get("type") == "Ready" and c.get("status") == "True"
+            for c in node.get("status", {}).get("conditions", [])
+        )
+        groups.setdefault(kind, []).append(ready)
+    lines = [f"{len(flags):5} nodes  {sum(flags):5} Ready  {kind}" for kind, flags in sorted(groups.items())]
+    total = sum(len(flags) for flags in groups.values())
+    total_ready = sum(sum(flags) for flags in groups.values())
+    return [*lines, f"{total:5} nodes  {total_ready:5} Ready  in all"]

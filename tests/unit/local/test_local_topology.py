@@ -15,6 +15,7 @@ from kiln.local.topology import (
     GPU_MODELS,
     load_topology,
     node_manifests,
+    node_summary,
     parse_topology,
     topology_names,
 )
@@ -179,3 +180,25 @@ def test_duplicate_pools_are_rejected() -> None:
 def test_unknown_topology_names_the_shipped_ones() -> None:
     with pytest.raises(FileNotFoundError, match="mixed"):
         load_topology("nonexistent")
+
+
+def test_node_summary_counts_nodes_by_gpu_product_and_readiness() -> None:
+    nodes = load_topology("mixed")
+    ready = {"status": {"conditions": [{"type": "Ready", "status": "True"}]}}
+    gpu_index = next(i for i, n in enumerate(nodes) if labels.GPU_PRODUCT in n["metadata"]["labels"])
+    nodes[gpu_index] = gpu_node = {**nodes[gpu_index], **ready}
+    process_node = {"metadata": {"labels": {labels.PROCESS_NODE_LABEL: "true"}}, **ready}
+    lines = node_summary([*nodes, process_node])
+
+    assert lines[-1].split() == [str(len(nodes) + 1), "nodes", "2", "Ready", "in", "all"]
+    first_product = gpu_node["metadata"]["labels"][labels.GPU_PRODUCT]
+    first_count = gpu_node["metadata"]["labels"][labels.GPU_COUNT]
+    same_kind = [
+        n
+        for n in nodes
+        if n["metadata"]["labels"].get(labels.GPU_PRODUCT) == first_product
+        and n["metadata"]["labels"].get(labels.GPU_COUNT) == first_count
+    ]
+    row = next(line for line in lines if line.endswith(f"{first_product} x{first_count}"))
+    assert row.split()[:4] == [str(len(same_kind)), "nodes", "1", "Ready"]
+    assert any(line.split()[:4] == ["1", "nodes", "1", "Ready"] and "process node" in line for line in lines)
