@@ -18,7 +18,7 @@ import os
 import shutil
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -505,15 +505,22 @@ def translate_errors(exc: BaseException) -> BuildError | None:
 
 
 # -- the torch build ----------------------------------------------------------------------------------
-def build_artifact(opts: BuildOptions, progress: Progress) -> BuildOutcome:
-    """Build and publish the artifact `opts` describes (torch backend)."""
+def with_build_errors(
+    build: Callable[[BuildOptions, Progress], BuildOutcome], opts: BuildOptions, progress: Progress
+) -> BuildOutcome:
+    """Run `build`, turning the failures `translate_errors` knows into a BuildError with its reason."""
     try:
-        return _build(opts, progress)
+        return build(opts, progress)
     except BaseException as exc:
         mapped = translate_errors(exc)
         if mapped is None or mapped is exc:
             raise
         raise mapped from exc
+
+
+def build_artifact(opts: BuildOptions, progress: Progress) -> BuildOutcome:
+    """Build and publish the artifact `opts` describes (torch backend)."""
+    return with_build_errors(_build, opts, progress)
 
 
 def run_build(opts: BuildOptions, progress: Progress) -> Path:

@@ -35,6 +35,7 @@ from kiln_engine.build.pipeline import (
     staging,
     translate_errors,
     validate_options,
+    with_build_errors,
     write_json_durably,
 )
 from kiln_engine.build.progress import Progress
@@ -64,13 +65,7 @@ def run_trt_build(opts: BuildOptions, progress: Progress) -> Path:
 
 def build_trt_artifact(opts: BuildOptions, progress: Progress) -> BuildOutcome:
     """Build, save and publish a TensorRT-LLM engine for `opts` (gpu arch required: the engine bakes it)."""
-    try:
-        return _build(opts, progress)
-    except BaseException as exc:
-        mapped = translate_errors(exc)
-        if mapped is None or mapped is exc:
-            raise
-        raise mapped from exc
+    return with_build_errors(_build, opts, progress)
 
 
 def _build(opts: BuildOptions, progress: Progress) -> BuildOutcome:
