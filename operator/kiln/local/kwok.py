@@ -8,6 +8,8 @@ and keeps their leases fresh. Pods on those nodes:
   (a Go duration such as "5s"; default 1s);
 * a pod annotated `kiln.dev/simulate-fail: "true"` fails with exit code 1 after the same delay:
   phase Failed when its restartPolicy is Never, else CrashLoopBackOff (Running, not Ready);
+* a Running pod marked not Ready while its node's lease lapsed is made Ready again, as a
+  kubelet would once the node is back;
 * a deleted pod disappears at once (there is no kubelet to wait for).
 """
 
@@ -245,6 +247,11 @@ def stages() -> list[dict[str, Any]]:
         "values": ["True"],
     }
     pod_ready = {**node_ready, "operator": "In"}
+    containers_ready = {
+        "key": '.status.conditions.[] | select( .type == "ContainersReady" ) | .status',
+        "operator": "In",
+        "values": ["True"],
+    }
     return [
         _stage(
             "node-initialize",
@@ -267,6 +274,16 @@ def stages() -> list[dict[str, Any]]:
                 {"key": ".status.phase", "operator": "In", "values": ["Pending"]},
                 {**pod_ready, "operator": "NotIn"},
             ],
+            {"statusTemplate": _POD_READY},
+            delay={"durationMilliseconds": 500},
+        ),
+        _stage(
+            # A kubelet marks its pods Ready again once their node is back; KWOK has no kubelet,
+            # so a pod the node lifecycle controller marked not Ready (its node's lease lapsed)
+            # would stay so. ContainersReady (untouched by that controller) tells it from a crash.
+            "pod-ready-again",
+            "Pod",
+            [_NOT_DELETED, _RUNNING, {**pod_ready, "operator": "NotIn"}, containers_ready],
             {"statusTemplate": _POD_READY},
             delay={"durationMilliseconds": 500},
         ),
