@@ -147,6 +147,25 @@ startTime: {{ $now | Quote }}
 """.replace("POD_IP_ARGS", _POD_IP_ARGS)
 
 
+# Only the conditions: the pod keeps its IP and container statuses (a second IP is invalid).
+_POD_READY_AGAIN = """
+{{ $now := Now }}
+conditions:
+- lastTransitionTime: {{ $now | Quote }}
+  status: "True"
+  type: PodScheduled
+- lastTransitionTime: {{ $now | Quote }}
+  status: "True"
+  type: Initialized
+- lastTransitionTime: {{ $now | Quote }}
+  status: "True"
+  type: Ready
+- lastTransitionTime: {{ $now | Quote }}
+  status: "True"
+  type: ContainersReady
+"""
+
+
 def _pod_terminated(exit_code: int, reason: str, phase: str) -> str:
     """Status of a pod whose containers all exited with `exit_code`."""
     return f"""
@@ -284,7 +303,7 @@ def stages() -> list[dict[str, Any]]:
             "pod-ready-again",
             "Pod",
             [_NOT_DELETED, _RUNNING, {**pod_ready, "operator": "NotIn"}, containers_ready],
-            {"statusTemplate": _POD_READY},
+            {"statusTemplate": _POD_READY_AGAIN},
             delay={"durationMilliseconds": 500},
         ),
         _stage(
