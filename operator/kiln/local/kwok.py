@@ -88,7 +88,8 @@ _POD_IP_ARGS = (
     '( or .metadata.name "" ) ( or .metadata.namespace "" )'
 )
 
-_POD_READY = """
+# The conditions of a Ready pod; also, alone, what makes a pod Ready again.
+_POD_READY_CONDITIONS = """
 {{ $now := Now }}
 conditions:
 - lastTransitionTime: {{ $now | Quote }}
@@ -108,7 +109,11 @@ conditions:
   status: "True"
   type: {{ .conditionType | Quote }}
 {{ end }}
-containerStatuses:
+"""
+
+_POD_READY = (
+    _POD_READY_CONDITIONS
+    + """containerStatuses:
 {{ range .spec.containers }}
 - image: {{ .image | Quote }}
   name: {{ .name | Quote }}
@@ -145,25 +150,11 @@ podIPs:
 phase: Running
 startTime: {{ $now | Quote }}
 """.replace("POD_IP_ARGS", _POD_IP_ARGS)
+)
 
 
 # Only the conditions: the pod keeps its IP and container statuses (a second IP is invalid).
-_POD_READY_AGAIN = """
-{{ $now := Now }}
-conditions:
-- lastTransitionTime: {{ $now | Quote }}
-  status: "True"
-  type: PodScheduled
-- lastTransitionTime: {{ $now | Quote }}
-  status: "True"
-  type: Initialized
-- lastTransitionTime: {{ $now | Quote }}
-  status: "True"
-  type: Ready
-- lastTransitionTime: {{ $now | Quote }}
-  status: "True"
-  type: ContainersReady
-"""
+_POD_READY_AGAIN = _POD_READY_CONDITIONS
 
 
 def _pod_terminated(exit_code: int, reason: str, phase: str) -> str:
