@@ -158,6 +158,12 @@ class LinearMethod:
     def param_specs(self) -> dict[str, ParamSpec]:
         return {"weight": ParamSpec(output_dim=0, input_dim=1)}
 
+    def streamed_weight(self, layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+        """(weight [out, in], per-output-channel scale or None) for `small_m_linear`, or None where
+        this method's product must go through `apply` (packed layouts). An unquantized weight
+        streams only where `gemv.streams_dense` measured it faster than the library."""
+        return (_get(layer, "weight"), None) if type(self) is LinearMethod else None
+
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         return F.linear(x, _get(layer, "weight"), bias)
 
@@ -185,6 +191,9 @@ class Fp8LinearMethod(LinearMethod):
 
     def param_specs(self) -> dict[str, ParamSpec]:
         return {"weight": ParamSpec(0, 1), "weight_scale": ParamSpec(0, None)}
+
+    def streamed_weight(self, layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+        return _get(layer, "weight"), _get(layer, "weight_scale")
 
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         if x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and _supports_fp8_mm(x.device.index):
@@ -234,6 +243,9 @@ class Int8LinearMethod(LinearMethod):
 
     def param_specs(self) -> dict[str, ParamSpec]:
         return {"weight": ParamSpec(0, 1), "weight_scale": ParamSpec(0, None)}
+
+    def streamed_weight(self, layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+        return _get(layer, "weight"), _get(layer, "weight_scale")
 
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         out = F.linear(x, _get(layer, "weight").to(x.dtype)) * _get(layer, "weight_scale").to(x.dtype)

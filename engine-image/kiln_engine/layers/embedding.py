@@ -46,9 +46,17 @@ class ParallelLMHead(VocabParallelEmbedding):
 
     def __init__(self, vocab_size: int, hidden_size: int, dtype: torch.dtype, tp: TPGroup) -> None:
         super().__init__(vocab_size, hidden_size, dtype, tp)
+        self.fused = False  # set by the model runner: small batches through `small_m_linear`
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        logits = F.linear(hidden, self.weight)
+        logits: torch.Tensor | None = None
+        if self.fused:
+            from kiln_engine.layers import gemv  # Triton: imported only where the fast path runs
+
+            if gemv.streams_dense(hidden.numel() // hidden.shape[-1], self.weight):
+                logits = gemv.small_m_linear(hidden, self.weight)
+        if logits is None:
+            logits = F.linear(hidden, self.weight)
         if self.tp.size > 1:
             logits = self.tp.all_gather_last_dim(logits)[..., : self.vocab_size]
         return logits

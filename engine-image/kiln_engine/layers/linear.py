@@ -52,9 +52,20 @@ class LinearBase(nn.Module):
         self.bias: nn.Parameter | None = (
             nn.Parameter(torch.zeros(out_features, dtype=dtype), requires_grad=False) if bias else None
         )
+        self.fused = False  # set by the model runner: small batches through `small_m_linear`
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.method.apply(self, x, self.bias)
+        return self.matmul(x, self.bias)
+
+    def matmul(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        if self.fused:
+            from kiln_engine.layers import gemv  # Triton: imported only where the fast path runs
+
+            rows = x.numel() // x.shape[-1]
+            streamed = self.method.streamed_weight(self) if rows <= gemv.MAX_ROWS else None
+            if streamed is not None and (streamed[1] is not None or gemv.streams_dense(rows, streamed[0])):
+                return gemv.small_m_linear(x, streamed[0], streamed[1], bias)
+        return self.method.apply(self, x, bias)
 
 
 class ColumnParallelLinear(LinearBase):
@@ -169,4 +180,4 @@ class RowParallelLinear(LinearBase):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = self.bias if self.tp.rank == 0 else None
-        return self.tp.all_reduce(self.method.apply(self, x, bias))
+        return self.tp.all_reduce(self.matmul(x, bias))

@@ -1,0 +1,190 @@
+"""Small-batch linear layers: a weight-streaming Triton kernel for decode steps of a few rows.
+
+At batch 1 a decode step is a race to read every weight once, and `torch._scaled_mm` at a handful
+of rows is far from that (it is built for tiles of 64+ rows, and each call also needs a kernel to
+quantize the activations). This kernel reads the weight (fp8 e4m3 with per-output-channel scales,
+or bf16/fp16) exactly once, converts it in registers, multiplies by the unquantized activations and
+applies the scale to the fp32 sums: a weight-only fp8 GEMV, more accurate than the fp8 x fp8 path.
+
+Two paths: a single-row multiply-accumulate (one reduction at the end), and `tl.dot` on a 16-row
+tile, which serves 2..16 rows and competes for one row too. On CUDA the path and tile shape are
+autotuned per (N, K, one row or more) on first use, which the model runner's warm-up does before
+the decode graphs are captured; elsewhere (CPU tests, under TRITON_INTERPRET=1) a fixed shape runs.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+from triton.testing import do_bench
+
+MAX_ROWS = 16  # above this the GEMM libraries' tiles are full enough to win
+# Unquantized weights: "auto" times this kernel against cuBLAS once per shape and keeps the faster;
+# "library" and "stream" force one (bench/decode_breakdown.py compares them).
+DENSE_POLICY = "auto"
+_dense_choice: dict[tuple[int, int, int, torch.dtype], bool] = {}
+
+
+@triton.jit
+def _small_m_linear_kernel(  # type: ignore[no-untyped-def]
+    x_ptr,
+    w_ptr,
+    scale_ptr,
+    bias_ptr,
+    out_ptr,
+    M,
+    N,
+    K,
+    M_BUCKET,  # 1 or MAX_ROWS: only the autotuner's key and pruning read it
+    stride_xm,
+    stride_wn,
+    stride_om,
+    HAS_SCALE: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    ROWS: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < N
+    w_rows = w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn
+    if ROWS == 1:
+        # One row: multiply-accumulate elementwise and reduce once at the end, so the loop is
+        # nothing but loads, converts and FMAs.
+        acc2 = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            k_mask = offs_k < K
+            w = tl.load(w_rows + offs_k[None, :], mask=n_mask[:, None] & k_mask[None, :], other=0.0)
+            x = tl.load(x_ptr + offs_k, mask=k_mask, other=0.0)
+            acc2 += w.to(tl.float32) * x.to(tl.float32)[None, :]
+        acc = tl.sum(acc2, axis=1)
+        if HAS_SCALE:
+            acc = acc * tl.load(scale_ptr + offs_n, mask=n_mask, other=0.0)
+        if HAS_BIAS:
+            acc = acc + tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+        tl.store(out_ptr + offs_n, acc.to(out_ptr.dtype.element_ty), mask=n_mask)
+    else:
+        # Up to ROWS rows on the tensor cores: the weight tile is converted to the activations'
+        # dtype in registers (exact for fp8 and int8 into bf16/fp16/fp32).
+        offs_m = tl.arange(0, ROWS)
+        m_mask = offs_m < M
+        acc = tl.zeros((ROWS, BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            k_mask = offs_k < K
+            w = tl.load(w_rows + offs_k[None, :], mask=n_mask[:, None] & k_mask[None, :], other=0.0)
+            x = tl.load(
+                x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
+                mask=m_mask[:, None] & k_mask[None, :],
+                other=0.0,
+            )
+            acc = tl.dot(x, tl.trans(w.to(x.dtype)), acc)
+        if HAS_SCALE:
+            acc = acc * tl.load(scale_ptr + offs_n, mask=n_mask, other=0.0)[None, :]
+        if HAS_BIAS:
+            acc = acc + tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+        out = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :]
+        tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
+
+
+def _config(rows: int, block_n: int, block_k: int, warps: int, stages: int) -> triton.Config:
+    return triton.Config(
+        {"ROWS": rows, "BLOCK_N": block_n, "BLOCK_K": block_k}, num_warps=warps, num_stages=stages
+    )
+
+
+_CONFIGS = [
+    *(
+        _config(1, *c)
+        for c in [
+            (4, 1024, 4, 3),
+            (8, 512, 4, 3),
+            (8, 1024, 8, 3),
+            (16, 256, 4, 4),
+            (16, 512, 8, 3),
+            (32, 256, 8, 3),
+            (2, 2048, 4, 3),
+        ]
+    ),
+    *(
+        _config(MAX_ROWS, *c)
+        for c in [
+            (16, 256, 4, 4),
+            (16, 512, 4, 3),
+            (32, 256, 4, 4),
+            (32, 512, 8, 3),
+            (64, 128, 4, 4),
+            (64, 256, 8, 3),
+        ]
+    ),
+]
+
+
+def _prune(configs: list[triton.Config], named_args: dict[str, object], **_: object) -> list[triton.Config]:
+    """The single-row path computes one row only; the tile path serves every row count."""
+    many = int(named_args["M"]) > 1  # type: ignore[call-overload]
+    return [c for c in configs if not many or c.kwargs["ROWS"] > 1]
+
+
+_tuned_kernel = triton.autotune(
+    configs=_CONFIGS, key=["N", "K", "M_BUCKET"], prune_configs_by={"early_config_prune": _prune}
+)(_small_m_linear_kernel)
+
+
+def small_m_linear(
+    x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None = None, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """x [..., K] (at most MAX_ROWS rows) times weight [N, K]^T (times scale [N]) plus bias -> [..., N]."""
+    shape = x.shape
+    k = shape[-1]
+    x2 = x.reshape(-1, k)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    m, n = x2.shape[0], weight.shape[0]
+    if m > MAX_ROWS:
+        raise ValueError(f"small_m_linear takes at most {MAX_ROWS} rows, got {m}")
+    if weight.stride(-1) != 1:
+        raise ValueError("small_m_linear needs a row-major weight")
+    out = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    if m == 0:
+        return out.reshape(*shape[:-1], n)
+    common = {"HAS_SCALE": scale is not None, "HAS_BIAS": bias is not None}
+    args = (x2, weight, scale if scale is not None else weight, bias if bias is not None else weight, out)
+    dims = (m, n, k, 1 if m == 1 else MAX_ROWS, x2.stride(0), weight.stride(0), out.stride(0))
+    if x.is_cuda:
+        _tuned_kernel[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)](*args, *dims, **common)
+    else:
+        rows = 1 if m == 1 else MAX_ROWS
+        _small_m_linear_kernel[(triton.cdiv(n, 16),)](
+            *args, *dims, **common, ROWS=rows, BLOCK_N=16, BLOCK_K=64
+        )
+    return out.reshape(*shape[:-1], n)
+
+
+def streams_dense(rows: int, weight: torch.Tensor) -> bool:
+    """Whether `small_m_linear` should compute `rows` rows times this unquantized weight.
+
+    The answer is measured: both kernels are timed once per (shape, one row or more, dtype), outside
+    any CUDA-graph capture (the model runner's warm-up comes first); a capture that meets an
+    unmeasured shape keeps the library kernel.
+    """
+    if rows > MAX_ROWS or not weight.is_cuda or DENSE_POLICY == "library":
+        return False
+    if DENSE_POLICY == "stream":
+        return True
+    bucket = 1 if rows == 1 else MAX_ROWS
+    key = (weight.shape[0], weight.shape[1], bucket, weight.dtype)
+    choice = _dense_choice.get(key)
+    if choice is None:
+        if torch.cuda.is_current_stream_capturing():
+            return False
+        x = torch.randn(bucket, weight.shape[1], dtype=weight.dtype, device=weight.device)
+        small_m_linear(x, weight)  # autotune first, so the timing below is of the chosen tile
+        library_ms = do_bench(lambda: F.linear(x, weight))
+        stream_ms = do_bench(lambda: small_m_linear(x, weight))
+        choice = _dense_choice[key] = stream_ms < library_ms
+    return choice
