@@ -178,6 +178,13 @@ def serve(
         engine = torch_backend.load_engine(path, config)
     except (ValueError, FileNotFoundError) as exc:
         _fail(f"cannot load {path}: {exc}", 1)
+    runner = engine.runner
+    graphs = sorted(runner.decode_graphs.graphs) if runner.decode_graphs else []
+    click.echo(
+        f"kiln-engine: rank {rank} loaded {path} on {runner.device}: {runner.num_blocks} KV blocks of "
+        f"{runner.block_size} tokens, CUDA-graph decode batch sizes {graphs or 'none (eager)'}",
+        err=True,
+    )
     if tp > 1:
         group = lockstep.control_group()
         if rank > 0:
