@@ -5,9 +5,12 @@
 #   OUT=results bash bench/engine_gpu.sh long            # 128/2048, both modes
 #   OUT=results bash bench/engine_gpu.sh topology        # kiln topology-agent --once --dry-run
 #   OUT=results bash bench/engine_gpu.sh tp              # TP=2 tokens vs TP=1, and TP=2 throughput
+#   OUT=results bash bench/engine_gpu.sh breakdown       # batch-1 decode: GEMVs, graph, host
+#   OUT=results bash bench/engine_gpu.sh serve           # kiln-engine build + serve on the GPU, over HTTP
 #
 # Runs from the repository root with the machine's python3 (torch, triton, transformers). The
-# topology stage needs pydantic and nvidia-ml-py; wheels in .whl/ are installed to /tmp/site first.
+# topology and serve stages need packages the machine lacks (pydantic, nvidia-ml-py, fastapi,
+# uvicorn): wheels in .whl/ are installed to /tmp/site first.
 set -uo pipefail
 OUT=${OUT:-bench/results}
 mkdir -p "$OUT"
@@ -15,6 +18,12 @@ export PYTHONUNBUFFERED=1 PYTHONPATH=engine-image:operator
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 PY=${PYTHON:-python3}
 B=bench/engine_throughput.py
+
+install_wheels() {
+  if ls .whl/*.whl >/dev/null 2>&1; then
+    $PY -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
+  fi
+}
 
 for stage in "$@"; do
   case $stage in
@@ -34,10 +43,35 @@ for stage in "$@"; do
       timeout 420 $PY $B --modes bf16,fp8 --workloads 128/2048 --no-baseline --out "$OUT/long.json" 2>&1 \
         | tee "$OUT/long.log" | tail -30
       ;;
+    breakdown)
+      timeout 330 $PY bench/decode_breakdown.py --out "$OUT/breakdown.json" 2>&1 | tee "$OUT/breakdown.log" \
+        | grep -v -E '^-{5}|^ *$' | tail -150
+      ;;
+    serve)
+      install_wheels
+      art=/tmp/kiln-tiny-fp8
+      rm -rf "$art"
+      PYTHONPATH=engine-image:/tmp/site timeout 150 $PY -m kiln_engine.cli build --model examples/tiny-chat \
+        --output "$art" --quantization fp8 --capacity-budget-seconds 20 --no-progress-bar \
+        --result-file "$OUT/serve-build-result.json" 2>&1 | tail -5
+      cat "$OUT/serve-build-result.json"; echo
+      PYTHONPATH=engine-image:/tmp/site $PY -m kiln_engine.cli serve --artifact "$art" --host 127.0.0.1 \
+        --port 8011 >"$OUT/serve.log" 2>&1 &
+      pid=$!
+      for _ in $(seq 120); do curl -sf localhost:8011/health >/dev/null && break; sleep 1; done
+      body='{"model":"kiln-tiny-fp8","messages":[{"role":"user","content":"What is Kiln?"}],"max_tokens":32,"temperature":0}'
+      curl -s localhost:8011/v1/chat/completions -H 'content-type: application/json' -d "$body"; echo
+      for i in $(seq 32); do
+        curl -s -o /dev/null -w '%{http_code}\n' localhost:8011/v1/chat/completions \
+          -H 'content-type: application/json' -d "$body" &
+      done | sort | uniq -c
+      curl -s localhost:8011/metrics \
+        | grep -E '^kiln_engine_(requests_total|generation_tokens_total|(time_to_first_token|inter_token_latency)_seconds_(sum|count))'
+      kill -TERM $pid; wait $pid; echo "serve exited $?"
+      grep -i -E 'kiln-engine:|error|traceback' "$OUT/serve.log" | head -20
+      ;;
     topology)
-      if ls .whl/*.whl >/dev/null 2>&1; then
-        $PY -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
-      fi
+      install_wheels
       name=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | tr ' ' '-')
       n=$(nvidia-smi -L | wc -l)
       PYTHONPATH=operator:/tmp/site timeout 60 $PY -c \

@@ -663,11 +663,11 @@ def table(results: dict[str, Any]) -> str:
         for wname, w in r["workloads"].items():
             tgt = TARGETS.get(mode) if wname == "128/128" else None
             rate = w["output_tokens_per_s"]
-            vs_base = rate / base_rate if base_rate else float("nan")
+            vs_base = f"{rate / base_rate:.2f}x" if base_rate else "-"
             tgt_s = f"{tgt:.0f}" if tgt else "-"
             vs_tgt = f"{rate / tgt:.2f}x" if tgt else "-"
             lines.append(
-                f"{mode:5} {wname:9} {rate:10.0f} {vs_base:9.2f}x {tgt_s:>8} {vs_tgt:>9} "
+                f"{mode:5} {wname:9} {rate:10.0f} {vs_base:>10} {tgt_s:>8} {vs_tgt:>9} "
                 f"{w['max_running']:6d} {w['preemptions']:7d}"
             )
     for mode, r in results.get("modes", {}).items():
@@ -676,9 +676,10 @@ def table(results: dict[str, Any]) -> str:
             lines.append(f"{mode:5} TTFT {t['prompt_tokens']}-token prompt: {t['ttft_ms_median']:.1f} ms")
         if "itl_batch1" in r:
             i = r["itl_batch1"]
+            vs_hf1 = f" (vs HF batch 1 {i['tokens_per_s'] / base1:.1f}x)" if base1 else ""
             lines.append(
-                f"{mode:5} ITL batch 1: {i['itl_ms_median']:.2f} ms = {i['tokens_per_s']:.0f} tok/s "
-                f"(vs HF batch 1 {(i['tokens_per_s'] / base1) if base1 else float('nan'):.1f}x); floor "
+                f"{mode:5} ITL batch 1: {i['itl_ms_median']:.2f} ms = {i['tokens_per_s']:.0f} tok/s"
+                f"{vs_hf1}; floor "
                 f"{i['floor_ms']:.2f} ms ({r['weight_bytes_per_step'] / 1e9:.2f} GB weights), "
                 f"{i['ratio_to_floor']:.2f}x floor (target <= {ITL_FLOOR_FACTOR}x)"
             )
