@@ -49,6 +49,9 @@ class EngineConfig:
     attention_backend: str = "auto"  # "auto" | "torch" (reference) | "triton"
     load_format: str = "auto"  # "auto": safetensors weights | "dummy": random weights (benchmarks)
     cuda_graphs: bool = False  # decode steps padded to fixed sizes; captured as CUDA graphs on GPU
+    # With decode graphs and one rank: enqueue the next decode step before reading this one's
+    # tokens, so the host's bookkeeping overlaps the device's work (LLMEngine.step).
+    lookahead_decode: bool = True
 
     def validate(self) -> None:
         """Reject configurations the scheduler could never serve."""

@@ -19,9 +19,10 @@ from pathlib import Path
 
 from kiln_engine.block_manager import BlockManager
 from kiln_engine.config import EngineConfig, ModelConfig
-from kiln_engine.interface import EngineStats, RequestOutput, SamplingParams
+from kiln_engine.interface import EngineStats, RequestOutput, SamplingParams, TokenLogprob
 from kiln_engine.model_runner import ModelRunner
-from kiln_engine.scheduler import Scheduler
+from kiln_engine.sampler import SampledTokens
+from kiln_engine.scheduler import Scheduler, SchedulerOutput
 from kiln_engine.sequence import Sequence
 from kiln_engine.tokenizer import IncrementalDetokenizer, Tokenizer
 
@@ -34,6 +35,19 @@ class _TextState:
     text: str = ""
     emitted: int = 0
     prev_len: int = 0  # length of `text` before this step's token
+
+
+_PENDING_TOKEN = -1  # stands for a token the device has sampled and the host has not read yet
+
+
+@dataclass
+class _Flight:
+    """A step enqueued on the device whose tokens the host has not read yet."""
+
+    sched: SchedulerOutput
+    sampling: list[Sequence]  # the sequences whose next token it samples, in row order
+    sampled: SampledTokens
+    follows: bool = False  # a lookahead step: its input tokens were the step before's, unread
 
 
 def validate_params(params: SamplingParams) -> None:
@@ -89,6 +103,7 @@ class LLMEngine:
         self.seqs: dict[str, Sequence] = {}
         self.texts: dict[str, _TextState] = {}
         self.pending: list[RequestOutput] = []  # aborts to report on the next step
+        self.in_flight: _Flight | None = None  # a lookahead step enqueued by the last step()
 
     # -- Engine protocol ---------------------------------------------------------------------------
     @property
@@ -138,22 +153,86 @@ class LLMEngine:
         )
 
     def step(self) -> list[RequestOutput]:
+        """Resolve one step: its sampled tokens, stop checks and outputs.
+
+        Usually that step is enqueued here first. In steady decoding (see `_lookahead`) the step
+        after it is enqueued before its tokens are read, so the device runs that one while the host
+        does this one's bookkeeping; the next call then starts from it.
+        """
         outputs, self.pending = self.pending, []
-        sched = self.scheduler.schedule()
-        if sched.is_empty:
-            return outputs
-        tokens, logprobs = self.runner.execute(sched.chunks)
-        self.scheduler.complete_step(sched)
+        flight = self.in_flight
+        if flight is not None and all(seq.is_finished for seq in flight.sampling):
+            flight = None  # everyone it ran for stopped meanwhile: its tokens are not wanted
+        if flight is None:
+            sched = self.scheduler.schedule()
+            if sched.is_empty:
+                self.in_flight = None
+                return outputs
+            flight = _Flight(sched, self._sampling_seqs(sched), self.runner.execute_async(sched.chunks))
+        # The flight's input tokens are all known now (a lookahead's were resolved by the call that
+        # launched it), so its blocks can be published to the prefix cache.
+        self.scheduler.complete_step(flight.sched)
+        self.in_flight = self._lookahead(flight)
+        tokens, logprobs = flight.sampled.resolve()
+        outputs.extend(self._apply(flight, tokens, logprobs))
+        return outputs
+
+    def _sampling_seqs(self, sched: SchedulerOutput) -> list[Sequence]:
+        return [c.seq for c in sched.chunks if c.samples]
+
+    def _lookahead(self, flight: _Flight) -> _Flight | None:
+        """Enqueue the decode step after `flight` before its tokens are known, when that step is
+        certain to be every running sequence decoding one more token: nothing waits for admission,
+        no sequence can finish by length, blocks cannot run out (no preemption), and the flight was
+        itself such a decode step. A sequence that stops on a token value (EOS, stop string) wastes
+        its row of the lookahead step. Tensor-parallel ranks never look ahead."""
+        sched = self.scheduler
+        running = sched.running
+        if (
+            not self.config.lookahead_decode
+            or self.runner.decode_graphs is None
+            or self.config.tensor_parallel_size > 1
+            or sched.waiting
+            or len(flight.sampling) != len(running)
+            or len(flight.sched.chunks) != len(running)
+            or self.block_manager.num_free_blocks < len(running)
+            or not self.runner.decode_graphs.can_run(flight.sched.chunks)
+        ):
+            return None
+        for seq in running:
+            after = seq.num_tokens + 1  # with the flight's token
+            if after + 1 > self.max_model_len or after - seq.num_prompt_tokens >= seq.params.max_tokens:
+                return None
+        for seq in flight.sampling:
+            seq.token_ids.append(_PENDING_TOKEN)
+        nxt = sched.schedule()
+        if [c.seq for c in nxt.chunks] != flight.sampling or nxt.preempted:
+            raise RuntimeError("lookahead decode step does not match the step it follows")
+        sampled = self.runner.execute_async(nxt.chunks, inputs_from=flight.sampled)
+        return _Flight(nxt, list(flight.sampling), sampled, follows=True)
+
+    def _apply(
+        self, flight: _Flight, tokens: list[int], logprobs: list[TokenLogprob | None]
+    ) -> list[RequestOutput]:
+        outputs: list[RequestOutput] = []
         # Per-sequence work below runs for every decoding sequence every step (a thousand at a
         # time), so it stays lean: no text state without a tokenizer, one loop, few lookups.
-        sampling = [c.seq for c in sched.chunks if c.start + c.num_tokens == len(c.seq.token_ids)]
-        for seq, token, lp in zip(sampling, tokens, logprobs, strict=True):
-            seq.token_ids.append(token)
+        live = [
+            (seq, token, lp)
+            for seq, token, lp in zip(flight.sampling, tokens, logprobs, strict=True)
+            if not seq.is_finished  # aborted while the step ran
+        ]
+        followed = self.in_flight is not None  # a lookahead step already holds a placeholder
+        for seq, token, lp in live:
+            if followed:
+                seq.token_ids[-1] = token
+            else:
+                seq.token_ids.append(token)
             if lp is not None:
                 seq.pending_logprobs.append(lp)
         if self.texts:
-            self._detokenize(sampling, tokens)
-        for seq, token in zip(sampling, tokens, strict=True):
+            self._detokenize([s for s, _, _ in live], [t for _, t, _ in live])
+        for seq, token, _ in live:
             reason = self._check_stop(seq, token)
             if reason is not None:
                 self.scheduler.finish(seq, reason)
@@ -165,7 +244,7 @@ class LLMEngine:
                         request_id=seq.request_id,
                         new_token_ids=[token],
                         prompt_tokens=seq.num_prompt_tokens,
-                        completion_tokens=len(seq.token_ids) - seq.num_prompt_tokens,
+                        completion_tokens=seq.num_output_tokens,
                         cached_prompt_tokens=seq.num_cached_tokens,
                     )
                 )

@@ -16,7 +16,7 @@ from kiln_engine.config import EngineConfig
 from kiln_engine.interface import TokenLogprob
 from kiln_engine.layers.attention import AttentionMetadata, make_backend
 from kiln_engine.loader import load_model, load_model_config
-from kiln_engine.sampler import Sampler, SampleRequest
+from kiln_engine.sampler import SampledTokens, Sampler, SampleRequest
 from kiln_engine.scheduler import ScheduledChunk
 
 
@@ -183,20 +183,34 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, chunks: list[ScheduledChunk]) -> tuple[list[int], list[TokenLogprob | None]]:
         """Run one step; return the sampled token (and logprobs) of each chunk that samples, in order."""
+        return self.execute_async(chunks).resolve()
+
+    @torch.inference_mode()
+    def execute_async(
+        self, chunks: list[ScheduledChunk], inputs_from: SampledTokens | None = None
+    ) -> SampledTokens:
+        """Enqueue one step and its sampling without waiting for the device.
+
+        `inputs_from`: the still unread tokens of the step before, one per chunk in the same order,
+        which are this decode step's input tokens (their places in `token_ids` hold placeholders).
+        """
         graphs = self.decode_graphs
         if graphs is not None and graphs.can_run(chunks):
             reqs = [SampleRequest(c.seq.request_id, c.seq.params) for c in chunks]
             sampling = self.sampler.prepare(reqs, self.model_config.vocab_size)
-            return self.sampler.sample(graphs.run(chunks), sampling)
+            logits = graphs.run(chunks, None if inputs_from is None else inputs_from.tokens)
+            return self.sampler.sample_async(logits, sampling)
+        if inputs_from is not None:
+            raise ValueError("only a decode step that replays a graph can take device-resident inputs")
         input_ids, positions, meta, sample_rows, sample_reqs = self._prepare(chunks)
         sampling = self.sampler.prepare(sample_reqs, self.model_config.vocab_size)
         rows = self._to_device(sample_rows, torch.int64)
         self.backend.prepare(meta)
         hidden = self.model(input_ids, positions, meta)
         if not sample_rows:
-            return [], []
+            return SampledTokens(torch.empty(0, dtype=torch.int64), None, sampling)
         logits = self.model.compute_logits(hidden.index_select(0, rows))
-        return self.sampler.sample(logits, sampling)
+        return self.sampler.sample_async(logits, sampling)
 
     def release(self, request_id: str) -> None:
         self.sampler.release(request_id)
@@ -318,8 +332,9 @@ class DecodeGraphs:
         if row is not None:
             self.free_rows.append(row)
 
-    def run(self, chunks: list[ScheduledChunk]) -> torch.Tensor:
-        """Logits [len(chunks), vocab] of one decode step."""
+    def run(self, chunks: list[ScheduledChunk], input_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits [len(chunks), vocab] of one decode step; `input_ids` [len(chunks)] on the device
+        replaces the chunks' input tokens (the step before's tokens, not yet read by the host)."""
         n = len(chunks)
         bs = next(b for b in self.sizes if b >= n)
         bsz, pad = self.block_size, bs - n
@@ -360,6 +375,8 @@ class DecodeGraphs:
         flat += up_rows + up_cols + up_vals
         dev = self._stage(flat)
         self.input_ids[:bs].copy_(dev[0:bs])
+        if input_ids is not None:
+            self.input_ids[:n].copy_(input_ids)
         self.positions[:bs].copy_(dev[bs : 2 * bs])
         self.slot_mapping[:bs].copy_(dev[2 * bs : 3 * bs])
         self.seq_lens[:bs].copy_(dev[3 * bs : 4 * bs])

@@ -3,7 +3,8 @@
 Batched over rows with per-row parameters as tensors; sampling uses the exponential-race trick
 (argmax of p / Exp(1) noise), which needs no host sync. A request with a seed draws its noise from
 its own generator, so its tokens do not depend on what else is in the batch. The only host transfer
-is the final `.tolist()` of chosen tokens (and logprobs when asked for).
+is the final `.tolist()` of chosen tokens (and logprobs when asked for), which `sample_async` leaves
+to the caller, so the next step can be enqueued before this one's tokens are read.
 """
 
 from __future__ import annotations
@@ -37,6 +38,34 @@ class SamplingBatch:
     greedy_mask: torch.Tensor | None = None
     top_ks: torch.Tensor | None = None
     top_ps: torch.Tensor | None = None
+
+
+@dataclass
+class SampledTokens:
+    """One step's sampled tokens, still on the device (`tokens` [rows] int64) until `resolve()`."""
+
+    tokens: torch.Tensor
+    packed: torch.Tensor | None  # token, its logprob, top values, top ids per row, when logprobs are wanted
+    batch: SamplingBatch
+
+    def resolve(self) -> tuple[list[int], list[TokenLogprob | None]]:
+        """Wait for the device and return (token per row, logprob info per row or None)."""
+        if self.packed is None:
+            return self.tokens.tolist(), [None] * self.batch.num_rows
+        k = self.batch.max_logprobs
+        token_list: list[int] = []
+        infos: list[TokenLogprob | None] = []
+        for row, w in zip(self.packed.tolist(), self.batch.logprobs, strict=True):
+            tok = int(row[0])
+            token_list.append(tok)
+            if w is None:
+                infos.append(None)
+                continue
+            vals, ids = row[2 : 2 + k], row[2 + k : 2 + 2 * k]
+            infos.append(
+                TokenLogprob(tok, row[1], {int(i): v for i, v in zip(ids[:w], vals[:w], strict=True)})
+            )
+        return token_list, infos
 
 
 class Sampler:
@@ -99,32 +128,28 @@ class Sampler:
         self, logits: torch.Tensor, batch: SamplingBatch
     ) -> tuple[list[int], list[TokenLogprob | None]]:
         """logits [N, V] float32 -> (token per row, logprob info per row or None). One host transfer."""
+        return self.sample_async(logits, batch).resolve()
+
+    @torch.no_grad()
+    def sample_async(self, logits: torch.Tensor, batch: SamplingBatch) -> SampledTokens:
+        """Enqueue the sampling of every row; nothing waits for the device until `resolve()`.
+
+        Everything that reads `logits` is enqueued here, so the caller may reuse their memory (a
+        decode graph's output buffer) for the next step right away.
+        """
         tokens = logits.argmax(dim=-1)
         if not batch.all_greedy:
             tokens = self._sample(logits, batch, tokens)
-        want = batch.logprobs  # empty: nobody asked for logprobs
-        if not any(w is not None for w in want):
-            return tokens.tolist(), [None] * batch.num_rows
+        if not any(w is not None for w in batch.logprobs):
+            return SampledTokens(tokens, None, batch)
         logprobs = torch.log_softmax(logits, dim=-1)
         k = batch.max_logprobs
         chosen = logprobs.gather(1, tokens[:, None]).squeeze(1)
         top_vals, top_ids = logprobs.topk(k, dim=-1) if k else (logprobs[:, :0], tokens[:, None][:, :0])
-        host = torch.cat(
+        packed = torch.cat(
             [tokens[:, None].double(), chosen[:, None].double(), top_vals.double(), top_ids.double()], dim=1
-        ).tolist()
-        token_list: list[int] = []
-        infos: list[TokenLogprob | None] = []
-        for row, w in zip(host, want, strict=True):
-            tok = int(row[0])
-            token_list.append(tok)
-            if w is None:
-                infos.append(None)
-                continue
-            vals, ids = row[2 : 2 + k], row[2 + k : 2 + 2 * k]
-            infos.append(
-                TokenLogprob(tok, row[1], {int(i): v for i, v in zip(ids[:w], vals[:w], strict=True)})
-            )
-        return token_list, infos
+        )
+        return SampledTokens(tokens, packed, batch)
 
     def __call__(
         self, logits: torch.Tensor, requests: list[SampleRequest]

@@ -132,6 +132,8 @@ class Scheduler:
     def complete_step(self, out: SchedulerOutput) -> None:
         """Record that the scheduled chunks' K/V is now written; publish full blocks for reuse."""
         for chunk in out.chunks:
+            if chunk.seq.is_finished:  # aborted, or stopped while a lookahead step ran for it
+                continue
             chunk.seq.num_computed_tokens = chunk.start + chunk.num_tokens
             self.block_manager.register_computed_blocks(chunk.seq)
 

@@ -20,9 +20,19 @@ def ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_tiny_checkpoint(tmp_path_factory.mktemp("tiny"), "qwen3")
 
 
+# Every behaviour holds both for plain steps and for decode steps padded to graph sizes with the
+# next step enqueued before this one's tokens are read (lookahead; on CPU the "graphs" run eagerly).
+STEP_MODES = {"plain": {}, "lookahead": {"cuda_graphs": True, "lookahead_decode": True}}
+
+
+@pytest.fixture(params=list(STEP_MODES))
+def mode(request: pytest.FixtureRequest) -> dict[str, bool]:
+    return STEP_MODES[request.param]
+
+
 @pytest.fixture
-def engine(ckpt: Path) -> LLMEngine:
-    return LLMEngine(ckpt, EngineConfig(num_kv_blocks=64, block_size=4))
+def engine(ckpt: Path, mode: dict[str, bool]) -> LLMEngine:
+    return LLMEngine(ckpt, EngineConfig(num_kv_blocks=64, block_size=4, **mode))
 
 
 def run(engine: LLMEngine) -> dict[str, list[RequestOutput]]:
@@ -183,8 +193,8 @@ def test_invalid_requests_are_rejected(engine: LLMEngine) -> None:
     assert [s.request_id for s in engine.scheduler.waiting] == ["dup"]  # nothing rejected was queued
 
 
-def test_context_limit_finishes_with_length(ckpt: Path) -> None:
-    engine = LLMEngine(ckpt, EngineConfig(num_kv_blocks=64, block_size=4, max_model_len=20))
+def test_context_limit_finishes_with_length(ckpt: Path, mode: dict[str, bool]) -> None:
+    engine = LLMEngine(ckpt, EngineConfig(num_kv_blocks=64, block_size=4, max_model_len=20, **mode))
     p = prompt(engine)
     engine.add_request("c", p, SamplingParams(max_tokens=100, temperature=0, ignore_eos=True))
     outs = run(engine)["c"]
@@ -220,7 +230,7 @@ def test_without_chunked_prefill_context_is_capped_by_the_step_budget(ckpt: Path
     assert len(p) + len(tokens(outs)) == 24
 
 
-def test_random_load_keeps_invariants_and_seeded_outputs(ckpt: Path) -> None:
+def test_random_load_keeps_invariants_and_seeded_outputs(ckpt: Path, mode: dict[str, bool]) -> None:
     """Random arrivals, aborts and sampling settings under KV pressure, chunking and prefix caching.
 
     Every request finishes, every block comes back, and each seeded request produces exactly the
@@ -230,7 +240,7 @@ def test_random_load_keeps_invariants_and_seeded_outputs(ckpt: Path) -> None:
 
     rng = random.Random(7)
     engine = LLMEngine(
-        ckpt, EngineConfig(num_kv_blocks=16, block_size=4, max_tokens_per_step=10, max_num_seqs=5)
+        ckpt, EngineConfig(num_kv_blocks=16, block_size=4, max_tokens_per_step=10, max_num_seqs=5, **mode)
     )
     base = prompt(engine, "A paged key-value cache stores attention keys and values")
     requests: dict[str, tuple[list[int], SamplingParams]] = {}
@@ -283,3 +293,37 @@ def test_decode_graphs_on_gpu_choose_the_triton_kernel() -> None:
     assert attention_backend_name(EngineConfig(), gpu) == "auto"
     with pytest.raises(ValueError, match="triton"):
         attention_backend_name(EngineConfig(cuda_graphs=True, attention_backend="torch"), gpu)
+
+
+def test_lookahead_enqueues_the_next_decode_step_and_keeps_the_tokens(ckpt: Path) -> None:
+    """In steady decoding the step after is enqueued before this one's tokens are read; greedy and
+    seeded outputs, stop strings and EOS-free lengths are those of plain steps."""
+    params = [
+        SamplingParams(max_tokens=24, temperature=0, ignore_eos=True),
+        SamplingParams(max_tokens=17, temperature=0.9, seed=5, ignore_eos=True),
+        SamplingParams(max_tokens=30, temperature=0, stop=("o",)),
+        SamplingParams(max_tokens=9, temperature=0, logprobs=2, ignore_eos=True),
+    ]
+    texts = ["Hello, world! How are you", "The quick brown fox", "Once upon a time", "A"]
+    results = {}
+    for name, cfg in STEP_MODES.items():
+        engine = LLMEngine(ckpt, EngineConfig(num_kv_blocks=64, block_size=4, **cfg))
+        for i, (t, sp) in enumerate(zip(texts, params, strict=True)):
+            engine.add_request(f"r{i}", prompt(engine, t), sp)
+        outs: dict[str, list[RequestOutput]] = {}
+        looked_ahead = 0
+        while engine.has_unfinished():
+            for o in engine.step():
+                outs.setdefault(o.request_id, []).append(o)
+            looked_ahead += engine.in_flight is not None
+        results[name] = (
+            {rid: (tokens(o), "".join(x.text for x in o), o[-1].finish_reason) for rid, o in outs.items()},
+            [lp for o in outs["r3"] for lp in (o.logprobs or [])],
+        )
+        assert (looked_ahead > 5) == (name == "lookahead"), (name, looked_ahead)
+        assert engine.stats().kv_blocks_used == 0
+    assert results["plain"][0] == results["lookahead"][0]
+    plain_lp, ahead_lp = results["plain"][1], results["lookahead"][1]
+    assert [lp.token_id for lp in plain_lp] == [lp.token_id for lp in ahead_lp]
+    for a, b in zip(plain_lp, ahead_lp, strict=True):
+        assert a.logprob == pytest.approx(b.logprob, abs=1e-4)

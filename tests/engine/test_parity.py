@@ -74,6 +74,11 @@ def model(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFacto
     return path, {"prompts": prompts, "refs": refs}
 
 
+# Plain steps, and decode steps padded to graph sizes with the next one enqueued before this one's
+# tokens are read (lookahead; eager on CPU).
+STEP_MODES: dict[str, dict[str, bool]] = {"plain": {}, "lookahead": {"cuda_graphs": True}}
+
+
 def hf_greedy(hf: object, prompt: list[int], n: int = MAX_NEW) -> list[int]:
     with torch.no_grad():
         ids = torch.tensor([prompt])
@@ -112,9 +117,10 @@ def test_preemption_under_kv_pressure(model: tuple[Path, dict]) -> None:
     assert engine.block_manager.num_used_blocks == 0
 
 
-def test_prefix_cache_hits(model: tuple[Path, dict]) -> None:
+@pytest.mark.parametrize("steps", list(STEP_MODES))
+def test_prefix_cache_hits(model: tuple[Path, dict], steps: str) -> None:
     path, data = model
-    engine = LLMEngine(path, EngineConfig(num_kv_blocks=128, block_size=4))
+    engine = LLMEngine(path, EngineConfig(num_kv_blocks=128, block_size=4, **STEP_MODES[steps]))
     long_prompt, sharing = data["prompts"][3], data["prompts"][-1]
     check(engine, data, [long_prompt])
     engine.add_request("again", long_prompt, GREEDY)
@@ -138,17 +144,21 @@ def test_chunked_prefill(model: tuple[Path, dict]) -> None:
     check(engine, data)
 
 
-def test_preemption_with_prefix_cache_and_chunking(model: tuple[Path, dict]) -> None:
+@pytest.mark.parametrize("steps", list(STEP_MODES))
+def test_preemption_with_prefix_cache_and_chunking(model: tuple[Path, dict], steps: str) -> None:
     path, data = model
-    engine = LLMEngine(path, EngineConfig(num_kv_blocks=24, block_size=4, max_tokens_per_step=9))
+    cfg = EngineConfig(num_kv_blocks=24, block_size=4, max_tokens_per_step=9, **STEP_MODES[steps])
+    engine = LLMEngine(path, cfg)
     check(engine, data)
     assert engine.stats().preemptions_total > 0
 
 
-def test_staggered_arrivals_and_aborts(model: tuple[Path, dict]) -> None:
+@pytest.mark.parametrize("steps", list(STEP_MODES))
+def test_staggered_arrivals_and_aborts(model: tuple[Path, dict], steps: str) -> None:
     """Requests join while others decode (continuous batching); an aborted one leaves no trace."""
     path, data = model
-    engine = LLMEngine(path, EngineConfig(num_kv_blocks=28, block_size=4, max_tokens_per_step=12))
+    cfg = EngineConfig(num_kv_blocks=28, block_size=4, max_tokens_per_step=12, **STEP_MODES[steps])
+    engine = LLMEngine(path, cfg)
     prompts = data["prompts"]
     pending = [(f"r{i}", p) for i, p in enumerate(prompts)]
     got: dict[str, list[int]] = {}
@@ -183,7 +193,7 @@ def test_padded_decode_steps(model: tuple[Path, dict]) -> None:
     assert graphs is not None and graphs.sizes == [1, 2, 4, 6]
     used: list[int] = []
     run = graphs.run
-    graphs.run = lambda chunks: used.append(len(chunks)) or run(chunks)  # type: ignore[method-assign]
+    graphs.run = lambda chunks, ids=None: used.append(len(chunks)) or run(chunks, ids)  # type: ignore[method-assign]
     check(engine, data)
     assert used and {3, 5} & set(used)  # batches that needed padding went through it
     assert engine.runner.kv_cache.shape[2] == 29  # one scratch block past the managed ones
