@@ -186,6 +186,7 @@ def make_engine(path: Path, args: argparse.Namespace, max_model_len: int, **over
         "block_size": 16,
         "gpu_memory_utilization": args.gpu_memory_utilization,
         "cuda_graphs": True,
+        "lookahead_decode": getattr(args, "lookahead_decode", False),
         "attention_backend": "auto",
         "prefix_caching": False,  # random prompts share nothing; keep the numbers about compute
         "seed": 0,
@@ -452,13 +453,13 @@ def capture_logits(engine: LLMEngine) -> list[torch.Tensor]:
     """Record the logits each step samples from (float32, on the host), in batch order."""
     seen: list[torch.Tensor] = []
     sampler = engine.runner.sampler
-    original: Callable[..., Any] = sampler.sample
+    original: Callable[..., Any] = sampler.sample_async
 
-    def sample(logits: torch.Tensor, batch: Any) -> Any:
+    def sample_async(logits: torch.Tensor, batch: Any) -> Any:
         seen.append(logits.detach().float().cpu())
         return original(logits, batch)
 
-    sampler.sample = sample  # type: ignore[method-assign]
+    sampler.sample_async = sample_async  # type: ignore[method-assign]
     return seen
 
 
@@ -718,6 +719,9 @@ def main(argv: list[str] | None = None) -> int:
         "--profile", action="store_true", help="print kernel-time tables of a decode and a prefill step"
     )
     ap.add_argument("--tiny", action="store_true", help="a tiny model of the same code paths (CPU debugging)")
+    ap.add_argument(
+        "--lookahead-decode", action="store_true", help="enqueue each decode step before reading the last"
+    )
     ap.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     ap.add_argument(
         "--tp",

@@ -208,6 +208,7 @@ class LLMEngine:
         nxt = sched.schedule()
         if [c.seq for c in nxt.chunks] != flight.sampling or nxt.preempted:
             raise RuntimeError("lookahead decode step does not match the step it follows")
+        flight.sampled.copy_to_host()  # before the next step is enqueued, so reading waits for this one only
         sampled = self.runner.execute_async(nxt.chunks, inputs_from=flight.sampled)
         return _Flight(nxt, list(flight.sampling), sampled, follows=True)
 

@@ -47,15 +47,38 @@ class SampledTokens:
     tokens: torch.Tensor
     packed: torch.Tensor | None  # token, its logprob, top values, top ids per row, when logprobs are wanted
     batch: SamplingBatch
+    host: tuple[torch.Tensor, torch.Tensor | None, torch.cuda.Event] | None = None
+
+    def copy_to_host(self) -> None:
+        """Enqueue the copies to the host now, right behind the sampling kernels.
+
+        `resolve()` then waits for these copies only. Without them it reads with `.tolist()`, which
+        waits for everything enqueued on the stream so far, including a step enqueued after this one.
+        """
+        if self.host is not None or not self.tokens.is_cuda:
+            return
+        tokens = torch.empty(self.tokens.shape, dtype=self.tokens.dtype, pin_memory=True)
+        tokens.copy_(self.tokens, non_blocking=True)
+        packed = None
+        if self.packed is not None:
+            packed = torch.empty(self.packed.shape, dtype=self.packed.dtype, pin_memory=True)
+            packed.copy_(self.packed, non_blocking=True)
+        done = torch.cuda.Event()
+        done.record()
+        self.host = (tokens, packed, done)
 
     def resolve(self) -> tuple[list[int], list[TokenLogprob | None]]:
         """Wait for the device and return (token per row, logprob info per row or None)."""
-        if self.packed is None:
-            return self.tokens.tolist(), [None] * self.batch.num_rows
+        tokens, packed = self.tokens, self.packed
+        if self.host is not None:
+            tokens, packed, done = self.host
+            done.synchronize()
+        if packed is None:
+            return tokens.tolist(), [None] * self.batch.num_rows
         k = self.batch.max_logprobs
         token_list: list[int] = []
         infos: list[TokenLogprob | None] = []
-        for row, w in zip(self.packed.tolist(), self.batch.logprobs, strict=True):
+        for row, w in zip(packed.tolist(), self.batch.logprobs, strict=True):
             tok = int(row[0])
             token_list.append(tok)
             if w is None:

@@ -76,7 +76,10 @@ def model(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFacto
 
 # Plain steps, and decode steps padded to graph sizes with the next one enqueued before this one's
 # tokens are read (lookahead; eager on CPU).
-STEP_MODES: dict[str, dict[str, bool]] = {"plain": {}, "lookahead": {"cuda_graphs": True}}
+STEP_MODES: dict[str, dict[str, bool]] = {
+    "plain": {},
+    "lookahead": {"cuda_graphs": True, "lookahead_decode": True},
+}
 
 
 def hf_greedy(hf: object, prompt: list[int], n: int = MAX_NEW) -> list[int]:
