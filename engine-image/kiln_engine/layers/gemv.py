@@ -50,6 +50,8 @@ def _small_m_linear_kernel(  # type: ignore[no-untyped-def]
     pid = tl.program_id(0)
     offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < N
+    offs_m = tl.arange(0, ROWS)
+    m_mask = offs_m < M
     w_rows = w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn
     if ROWS == 1:
         # One row: multiply-accumulate elementwise and reduce once at the end, so the loop is
@@ -61,17 +63,10 @@ def _small_m_linear_kernel(  # type: ignore[no-untyped-def]
             w = tl.load(w_rows + offs_k[None, :], mask=n_mask[:, None] & k_mask[None, :], other=0.0)
             x = tl.load(x_ptr + offs_k, mask=k_mask, other=0.0)
             acc2 += w.to(tl.float32) * x.to(tl.float32)[None, :]
-        acc = tl.sum(acc2, axis=1)
-        if HAS_SCALE:
-            acc = acc * tl.load(scale_ptr + offs_n, mask=n_mask, other=0.0)
-        if HAS_BIAS:
-            acc = acc + tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
-        tl.store(out_ptr + offs_n, acc.to(out_ptr.dtype.element_ty), mask=n_mask)
+        acc = tl.sum(acc2, axis=1)[None, :]  # [1, BLOCK_N], the tile path's shape with one row
     else:
         # Up to ROWS rows on the tensor cores: the weight tile is converted to the activations'
         # dtype in registers (exact for fp8 and int8 into bf16/fp16/fp32).
-        offs_m = tl.arange(0, ROWS)
-        m_mask = offs_m < M
         acc = tl.zeros((ROWS, BLOCK_N), dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
             offs_k = k0 + tl.arange(0, BLOCK_K)
@@ -83,12 +78,12 @@ def _small_m_linear_kernel(  # type: ignore[no-untyped-def]
                 other=0.0,
             )
             acc = tl.dot(x, tl.trans(w.to(x.dtype)), acc)
-        if HAS_SCALE:
-            acc = acc * tl.load(scale_ptr + offs_n, mask=n_mask, other=0.0)[None, :]
-        if HAS_BIAS:
-            acc = acc + tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-        out = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :]
-        tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
+    if HAS_SCALE:
+        acc = acc * tl.load(scale_ptr + offs_n, mask=n_mask, other=0.0)[None, :]
+    if HAS_BIAS:
+        acc = acc + tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+    out = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :]
+    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
 
 
 def _config(rows: int, block_n: int, block_k: int, warps: int, stages: int) -> triton.Config:
