@@ -47,7 +47,6 @@ class _Flight:
     sched: SchedulerOutput
     sampling: list[Sequence]  # the sequences whose next token it samples, in row order
     sampled: SampledTokens
-    follows: bool = False  # a lookahead step: its input tokens were the step before's, unread
 
 
 def validate_params(params: SamplingParams) -> None:
@@ -210,7 +209,7 @@ class LLMEngine:
             raise RuntimeError("lookahead decode step does not match the step it follows")
         flight.sampled.copy_to_host()  # before the next step is enqueued, so reading waits for this one only
         sampled = self.runner.execute_async(nxt.chunks, inputs_from=flight.sampled)
-        return _Flight(nxt, list(flight.sampling), sampled, follows=True)
+        return _Flight(nxt, list(flight.sampling), sampled)
 
     def _apply(
         self, flight: _Flight, tokens: list[int], logprobs: list[TokenLogprob | None]
