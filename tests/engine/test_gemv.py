@@ -21,9 +21,12 @@ torch.set_num_threads(1)
 from kiln_engine.layers.gemv import MAX_ROWS, small_m_linear
 from kiln_engine.quantization import dequantize_fp8, quantize_fp8, quantize_int8
 
+import kiln_engine.layers.gemv as gemv
+
 g = torch.Generator().manual_seed(0)
 checked = 0
-for rows in (1, 3, MAX_ROWS):
+for prefetch, rows in ((p, r) for p in (False, True) for r in (1, 3, MAX_ROWS)):
+    gemv.PREFETCH_FIRST_TILE = prefetch  # the first weight tile read before the loop, or in it
     for n, k in ((24, 64), (40, 200)):  # 40 x 200: neither a multiple of the 16 x 64 tile
         x = torch.randn(rows, k, generator=g)
         w = torch.randn(n, k, generator=g)
@@ -97,7 +100,7 @@ def run_interpreted(script: str, *args: str) -> subprocess.CompletedProcess[str]
 
 def test_small_m_linear_matches_reference_product() -> None:
     r = run_interpreted(KERNEL_SCRIPT)
-    assert r.returncode == 0 and r.stdout.strip() == "ok 6", r.stdout[-2000:] + r.stderr[-4000:]
+    assert r.returncode == 0 and r.stdout.strip() == "ok 12", r.stdout[-2000:] + r.stderr[-4000:]
 
 
 @pytest.mark.slow

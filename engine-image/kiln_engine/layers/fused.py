@@ -16,6 +16,9 @@ import torch
 import triton
 import triton.language as tl
 
+from kiln_engine.layers import pdl
+from kiln_engine.layers.pdl import wait_then_release
+
 FP8_MAX = 448.0  # torch.finfo(torch.float8_e4m3fn).max
 
 
@@ -34,10 +37,13 @@ def _rmsnorm_kernel(  # type: ignore[no-untyped-def]
     eps,
     HAS_RES: tl.constexpr,
     BLOCK: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK)
     mask = offs < n
+    w = tl.load(w_ptr + offs, mask=mask, other=0.0)
+    wait_then_release(USE_PDL)
     x = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0)
     dtype = x.dtype
     if HAS_RES:
@@ -47,7 +53,6 @@ def _rmsnorm_kernel(  # type: ignore[no-untyped-def]
     xf = x.to(tl.float32)
     var = tl.sum(xf * xf, axis=0) / n
     y = (xf * tl.rsqrt(var + eps)).to(dtype)
-    w = tl.load(w_ptr + offs, mask=mask, other=0.0)
     tl.store(out_ptr + row * stride_o + offs, (w.to(tl.float32) * y.to(tl.float32)).to(dtype), mask=mask)
 
 
@@ -78,12 +83,14 @@ def rms_norm(
             HAS_RES=residual is not None,
             BLOCK=block,
             num_warps=min(16, max(1, block // 256)),
+            **pdl.launch_args(x2),
         )
     return out.view(shape), (res_out.view(shape) if residual is not None else None)
 
 
 @triton.jit
-def _silu_mul_kernel(x_ptr, out_ptr, stride_x, stride_o, n, BLOCK: tl.constexpr):  # type: ignore[no-untyped-def]
+def _silu_mul_kernel(x_ptr, out_ptr, stride_x, stride_o, n, BLOCK: tl.constexpr, USE_PDL: tl.constexpr):  # type: ignore[no-untyped-def]
+    wait_then_release(USE_PDL)
     row = tl.program_id(0).to(tl.int64)
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
@@ -104,7 +111,7 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     block = 1024
     if x2.shape[0]:
         _silu_mul_kernel[(x2.shape[0], triton.cdiv(n, block))](
-            x2, out, x2.stride(0), out.stride(0), n, BLOCK=block, num_warps=4
+            x2, out, x2.stride(0), out.stride(0), n, BLOCK=block, num_warps=4, **pdl.launch_args(x2)
         )
     return out.view(*x.shape[:-1], n)
 
@@ -133,7 +140,9 @@ def _rope_store_kernel(  # type: ignore[no-untyped-def]
     BLOCK_HQ: tl.constexpr,
     BLOCK_HK: tl.constexpr,
     HALF: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
+    wait_then_release(USE_PDL)
     t = tl.program_id(0).to(tl.int64)
     pos = tl.load(pos_ptr + t).to(tl.int64)
     d = tl.arange(0, HALF)
@@ -217,6 +226,7 @@ def rope_and_store_kv(
             BLOCK_HK=triton.next_power_of_2(hk),
             HALF=head_dim // 2,
             num_warps=4,
+            **pdl.launch_args(q),
         )
     return q
 

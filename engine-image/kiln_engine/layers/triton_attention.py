@@ -20,7 +20,9 @@ import torch
 import triton
 import triton.language as tl
 
+from kiln_engine.layers import pdl
 from kiln_engine.layers.attention import AttentionMetadata
+from kiln_engine.layers.pdl import wait_then_release
 
 
 @triton.jit
@@ -55,7 +57,9 @@ def _paged_attention_kernel(  # type: ignore[no-untyped-def]  # Triton reads ann
     USE_WINDOW: tl.constexpr,
     PRECISION: tl.constexpr,
     SPLITS: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
+    wait_then_release(USE_PDL)
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     tile = tl.program_id(2) // SPLITS
@@ -146,8 +150,10 @@ def _merge_splits_kernel(  # type: ignore[no-untyped-def]
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
     SPLITS: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
     """One (token, head): combine its SPLITS partial softmax states; one launch, not a dozen ops."""
+    wait_then_release(USE_PDL)
     row = tl.program_id(0).to(tl.int64)  # token * num_heads + head
     s = tl.arange(0, SPLITS)
     d = tl.arange(0, BLOCK_D)
@@ -261,6 +267,7 @@ class TritonAttentionBackend:
             PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
             SPLITS=splits,
             num_warps=8 if block_m >= 128 else 4,
+            **pdl.launch_args(q),
         )
         if splits > 1:
             _merge_splits_kernel[(q.shape[0] * num_heads,)](
@@ -275,5 +282,6 @@ class TritonAttentionBackend:
                 BLOCK_D=block_d,
                 SPLITS=splits,
                 num_warps=4,
+                **pdl.launch_args(q),
             )
         return out
