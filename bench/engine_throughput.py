@@ -186,7 +186,7 @@ def make_engine(path: Path, args: argparse.Namespace, max_model_len: int, **over
         "block_size": 16,
         "gpu_memory_utilization": args.gpu_memory_utilization,
         "cuda_graphs": True,
-        "lookahead_decode": getattr(args, "lookahead_decode", False),
+        "lookahead_decode": not getattr(args, "no_lookahead_decode", False),
         "attention_backend": "auto",
         "prefix_caching": False,  # random prompts share nothing; keep the numbers about compute
         "seed": 0,
@@ -720,7 +720,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--tiny", action="store_true", help="a tiny model of the same code paths (CPU debugging)")
     ap.add_argument(
-        "--lookahead-decode", action="store_true", help="enqueue each decode step before reading the last"
+        "--no-lookahead-decode",
+        action="store_true",
+        help="read each decode step's tokens before enqueueing the next (the engine looks ahead by default)",
     )
     ap.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     ap.add_argument(
