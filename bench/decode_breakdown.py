@@ -5,10 +5,12 @@ In one process on one GPU, on the Llama-3-8B shape with random weights, it measu
 1. ceilings: device copy bandwidth (bytes read + written) and read bandwidth (a sum over 4 GiB);
 2. each linear shape of a layer (and the LM head) at 1-16 rows through cuBLAS (bf16),
    `torch._scaled_mm` (fp8 x fp8, with its activation-quantization kernel) and `small_m_linear`
-   (weight streaming, bf16 and fp8 weights): 32 distinct weights per shape replayed in one CUDA
-   graph, so neither launch cost nor the L2 cache flatters any of them; microseconds and GB/s;
-3. per engine variant (bf16 with cuBLAS, streamed, or per-shape measured choice of the two for
-   dense weights; fp8 streamed): the batch-1
+   (weight streaming, bf16 and fp8 weights; fp8 with and without PDL and prefetch): 32
+   distinct weights per shape replayed in one CUDA graph, so neither
+   launch cost nor the L2 cache flatters any of them; microseconds and GB/s;
+3. per engine variant (programmatic dependent launch off/on, the GEMVs' first weight tile read
+   before waiting for the previous kernel or not, lookahead decode off/on; unquantized weights
+   stream where `gemv.streams_dense` measured it faster than cuBLAS): the batch-1
    decode graph's GPU time (events around back-to-back replays), the engine's step wall time
    (what the ITL measures) and the difference, which is the host's share;
 4. the kernel table of batch-1 steps (torch profiler), the kernel count of one step.
@@ -45,7 +47,7 @@ from engine_throughput import (
 )
 
 from kiln_engine.interface import SamplingParams
-from kiln_engine.layers import gemv
+from kiln_engine.layers import gemv, pdl
 from kiln_engine.model_runner import DecodeGraphs, capture_sizes
 from kiln_engine.quantization import _fp8_scaled_mm, quantize_fp8
 
@@ -56,7 +58,6 @@ SHAPES = {  # name: (out, in) of one layer's projections on Llama-3-8B
     "down": (4096, 14336),
     "lm_head": (128256, 4096),
 }
-ROWS = (1, 2, 4, 8, 16)
 
 
 def read_bandwidth(device: torch.device, nbytes: int = 4 << 30, reps: int = 20) -> float:
@@ -105,22 +106,32 @@ def each(items: list[tuple[Any, ...]], op: Callable[..., torch.Tensor]) -> Calla
     return run
 
 
-def bench_linears(device: torch.device) -> list[dict[str, Any]]:
+def bench_linears(device: torch.device, row_counts: tuple[int, ...]) -> list[dict[str, Any]]:
     rows_out: list[dict[str, Any]] = []
     for name, (n, k) in SHAPES.items():
         copies = 2 if name == "lm_head" else 32
         dense = [torch.randn(n, k, device=device, dtype=torch.bfloat16) * 0.02 for _ in range(copies)]
         quant = [quantize_fp8(w) for w in dense]
         weights = [(w,) for w in dense]
-        for m in ROWS:
+        for m in row_counts:
             x = torch.randn(m, k, device=device, dtype=torch.bfloat16)
-            methods: dict[str, tuple[Callable[[], None], int]] = {
-                "cublas bf16": (each(weights, partial(torch.nn.functional.linear, x)), 2),
-                "stream bf16": (each(weights, partial(gemv.small_m_linear, x)), 2),
-                "scaled_mm fp8": (each([(q, s, None) for q, s in quant], partial(_fp8_scaled_mm, x)), 1),
-                "stream fp8": (each(quant, partial(gemv.small_m_linear, x)), 1),
+            stream = partial(gemv.small_m_linear, x)
+            # name: (the replayed launches, weight bytes per element, PDL, first tile prefetched)
+            methods: dict[str, tuple[Callable[[], None], int, bool, bool]] = {
+                "cublas bf16": (each(weights, partial(torch.nn.functional.linear, x)), 2, False, False),
+                "stream bf16": (each(weights, stream), 2, True, True),
+                "scaled_mm fp8": (
+                    each([(q, s, None) for q, s in quant], partial(_fp8_scaled_mm, x)),
+                    1,
+                    False,
+                    False,
+                ),
+                "stream fp8, no PDL": (each(quant, stream), 1, False, False),
+                "stream fp8, PDL": (each(quant, stream), 1, True, False),
+                "stream fp8, PDL + prefetch": (each(quant, stream), 1, True, True),
             }
-            for method, (fn, elem) in methods.items():
+            for method, (fn, elem, use_pdl, prefetch) in methods.items():
+                pdl.ENABLED, gemv.PREFETCH_FIRST_TILE = use_pdl, prefetch
                 secs = graph_seconds(fn) / copies
                 nbytes = n * k * elem
                 rows_out.append(
@@ -132,6 +143,7 @@ def bench_linears(device: torch.device) -> list[dict[str, Any]]:
                         "gb_per_s": nbytes / secs / 1e9,
                     }
                 )
+            pdl.ENABLED, gemv.PREFETCH_FIRST_TILE = True, True
         del dense, quant, weights
         torch.cuda.empty_cache()
     return rows_out
@@ -143,11 +155,14 @@ def print_linears(rows: list[dict[str, Any]], read_bw: float) -> None:
     print("| shape | rows | " + " | ".join(methods) + " |")
     print("|---|---:|" + "---:|" * len(methods))
     for shape in SHAPES:
-        for m in ROWS:
+        for m in dict.fromkeys(r["rows"] for r in rows):
             cells = []
             for method in methods:
-                r = next(x for x in rows if x["shape"] == shape and x["rows"] == m and x["method"] == method)
-                cells.append(f"{r['us']:.1f} ({r['gb_per_s']:.0f})")
+                r = next(
+                    (x for x in rows if x["shape"] == shape and x["rows"] == m and x["method"] == method),
+                    None,
+                )
+                cells.append(f"{r['us']:.1f} ({r['gb_per_s']:.0f})" if r else "–")
             print(f"| {shape} | {m} | " + " | ".join(cells) + " |")
 
 
@@ -202,6 +217,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=None)
     p.add_argument("--no-linears", action="store_true")
     p.add_argument("--no-profile", action="store_true")
+    p.add_argument("--rows", default="1,2,4,8,16", help="row counts of the linear-layer table")
     args = p.parse_args(argv)
     device = torch.device("cuda")
     result: dict[str, Any] = {"device": torch.cuda.get_device_name(device), "torch": torch.__version__}
@@ -210,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
     result.update(copy_bandwidth_gb_s=copy_bw / 1e9, read_bandwidth_gb_s=read_bw / 1e9)
     log(f"{result['device']}: copy {copy_bw / 1e9:.0f} GB/s, read {read_bw / 1e9:.0f} GB/s")
     if not args.no_linears:
-        result["linears"] = bench_linears(device)
+        result["linears"] = bench_linears(device, tuple(int(r) for r in args.rows.split(",")))
         print_linears(result["linears"], read_bw)
         result["autotuned"] = {str(k): str(v) for k, v in gemv._tuned_kernel.cache.items()}
         for key, config in result["autotuned"].items():
@@ -223,12 +239,15 @@ def main(argv: list[str] | None = None) -> int:
         for mode in ("bf16", "fp8"):
             engine = make_engine(write_model_dir(Path(tmp), LLAMA3_8B, mode), engine_args, 1024)
             weight_bytes = weight_bytes_per_decode_step(engine)
-            policies = ("library", "stream", "auto") if mode == "bf16" else ("auto",)
-            for policy in policies:
-                gemv.DENSE_POLICY = policy
+            # (programmatic dependent launch, first weight tile prefetched, lookahead decode)
+            settings = [(False, False, False), (True, False, False), (True, True, False), (True, True, True)]
+            for use_pdl, prefetch, lookahead in settings:
+                pdl.ENABLED, gemv.PREFETCH_FIRST_TILE = use_pdl, prefetch
+                engine.config.lookahead_decode = lookahead
                 recapture(engine)
-                name = f"{mode}, dense linears: {policy}" if mode == "bf16" else f"{mode}, streamed linears"
-                r = step_breakdown(engine, LLAMA3_8B["vocab_size"], not args.no_profile)
+                name = mode + (", PDL" if use_pdl else ", no PDL") + (" + prefetch" if prefetch else "")
+                name += ", lookahead" if lookahead else ""
+                r = step_breakdown(engine, LLAMA3_8B["vocab_size"], not args.no_profile and not lookahead)
                 r.update(
                     variant=name,
                     weight_bytes=weight_bytes,
@@ -240,7 +259,8 @@ def main(argv: list[str] | None = None) -> int:
                 if "kernel_table" in r:
                     count = r["kernels_per_step"]
                     print(f"\n== {name}: {count:.0f} kernels per step ==\n{r['kernel_table']}")
-            gemv.DENSE_POLICY = "auto"
+            engine.config.lookahead_decode = False
+            pdl.ENABLED, gemv.PREFETCH_FIRST_TILE = True, True
             del engine
             free()
     result["variants"] = variants

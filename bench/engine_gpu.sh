@@ -6,6 +6,7 @@
 #   OUT=results bash bench/engine_gpu.sh topology        # kiln topology-agent --once --dry-run
 #   OUT=results bash bench/engine_gpu.sh tp              # TP=2 tokens vs TP=1, and TP=2 throughput
 #   OUT=results bash bench/engine_gpu.sh breakdown       # batch-1 decode: GEMVs, graph, host
+#                                 (BREAKDOWN_ARGS=--no-linears skips the per-shape GEMV table)
 #   OUT=results bash bench/engine_gpu.sh serve           # kiln-engine build + serve on the GPU, over HTTP
 #
 # Runs from the repository root with the machine's python3 (torch, triton, transformers). The
@@ -44,7 +45,7 @@ for stage in "$@"; do
         | tee "$OUT/long.log" | tail -30
       ;;
     breakdown)
-      timeout 330 $PY bench/decode_breakdown.py --out "$OUT/breakdown.json" 2>&1 | tee "$OUT/breakdown.log" \
+      timeout "${BREAKDOWN_TIMEOUT:-330}" $PY bench/decode_breakdown.py ${BREAKDOWN_ARGS:-} --out "$OUT/breakdown.json" 2>&1 | tee "$OUT/breakdown.log" \
         | grep -v -E '^-{5}|^ *$' | tail -150
       ;;
     serve)
