@@ -179,6 +179,55 @@ def with_secret(core_v1: client.CoreV1Api, namespace: str) -> None:
     )
 
 
+def requantize(
+    custom: client.CustomObjectsApi, namespace: str, name: str, quantization: str
+) -> dict[str, Any]:
+    """Change a Ready deployment's quantization; returns its status.pendingEngine once set."""
+    custom.patch_namespaced_custom_object(
+        GROUP,
+        VERSION,
+        namespace,
+        "llmdeployments",
+        name,
+        {"spec": {"engine": {"quantization": quantization}}},
+    )
+    pending: dict[str, Any] = wait_for(
+        lambda: get(custom, namespace, "llmdeployments", name)["status"].get("pendingEngine"),
+        30,
+        "status.pendingEngine",
+    )
+    return pending
+
+
+def ready_on(custom: client.CustomObjectsApi, namespace: str, name: str, engine: str, timeout: float) -> Any:
+    """Wait until the deployment is Ready and serves from `engine`; returns it."""
+    return wait_for(
+        lambda: (
+            (obj := phase_is(custom, namespace, "llmdeployments", name, "Ready"))
+            and obj["status"]["engine"]["name"] == engine
+            and obj
+        ),
+        timeout,
+        "Ready on the new engine",
+    )
+
+
+def leftover_children(
+    custom: client.CustomObjectsApi,
+    core_v1: client.CoreV1Api,
+    apps_v1: client.AppsV1Api,
+    batch_v1: client.BatchV1Api,
+    namespace: str,
+) -> list[str]:
+    """Every object Kiln creates that still stands in the namespace, as Kind/name."""
+    found = [f"Deployment/{d.metadata.name}" for d in apps_v1.list_namespaced_deployment(namespace).items]
+    found += [f"Service/{s.metadata.name}" for s in core_v1.list_namespaced_service(namespace).items]
+    found += [f"Job/{j.metadata.name}" for j in batch_v1.list_namespaced_job(namespace).items]
+    found += [f"Pod/{p.metadata.name}" for p in core_v1.list_namespaced_pod(namespace).items]
+    engines = custom.list_namespaced_custom_object(GROUP, VERSION, namespace, "llmengines")["items"]
+    return found + [f"LLMEngine/{e['metadata']['name']}" for e in engines]
+
+
 def ready_serving_pods(core_v1: client.CoreV1Api, namespace: str, name: str) -> list[Any]:
     pods = core_v1.list_namespaced_pod(
         namespace, label_selector=f"{SERVING},kiln.dev/deployment={name}"
@@ -308,33 +357,12 @@ def test_quantization_change_rolls_over_without_a_moment_without_ready_pods(
     watcher = threading.Thread(target=watch_ready, daemon=True)
     watcher.start()
     try:
-        custom.patch_namespaced_custom_object(
-            GROUP,
-            VERSION,
-            namespace,
-            "llmdeployments",
-            name,
-            {"spec": {"engine": {"quantization": "int8-weight"}}},
-        )
-        pending = wait_for(
-            lambda: get(custom, namespace, "llmdeployments", name)["status"].get("pendingEngine"),
-            30,
-            "status.pendingEngine",
-        )
-        new_engine = pending["name"]
+        new_engine = requantize(custom, namespace, name, "int8-weight")["name"]
         assert new_engine != old_engine and "int8-weight" in new_engine
         building = get(custom, namespace, "llmdeployments", name)
         assert building["status"]["engine"]["name"] == old_engine  # the old engine still serves
         assert condition(building, "Ready")["reason"] == "EngineBuilding"
-        done = wait_for(
-            lambda: (
-                (obj := phase_is(custom, namespace, "llmdeployments", name, "Ready"))
-                and obj["status"]["engine"]["name"] == new_engine
-                and obj
-            ),
-            120,
-            "Ready on the new engine",
-        )
+        done = ready_on(custom, namespace, name, new_engine, 120)
         assert done["status"].get("pendingEngine") is None
         pods = ready_serving_pods(core_v1, namespace, name)
         wait_for(
@@ -428,19 +456,11 @@ def test_deletion_leaves_nothing_behind(
     create(custom, namespace, body)
     wait_for(lambda: phase_is(custom, namespace, "llmdeployments", name, "Ready"), 90, "Ready")
     custom.delete_namespaced_custom_object(GROUP, VERSION, namespace, "llmdeployments", name)
-
-    def leftovers() -> list[str]:
-        found = [f"Deployment/{d.metadata.name}" for d in apps_v1.list_namespaced_deployment(namespace).items]
-        found += [f"Service/{s.metadata.name}" for s in core_v1.list_namespaced_service(namespace).items]
-        found += [f"Job/{j.metadata.name}" for j in batch_v1.list_namespaced_job(namespace).items]
-        found += [f"Pod/{p.metadata.name}" for p in core_v1.list_namespaced_pod(namespace).items]
-        found += [
-            f"LLMEngine/{e['metadata']['name']}"
-            for e in custom.list_namespaced_custom_object(GROUP, VERSION, namespace, "llmengines")["items"]
-        ]
-        return found
-
-    wait_for(lambda: not leftovers(), 60, "every child to be gone")
+    wait_for(
+        lambda: not leftover_children(custom, core_v1, apps_v1, batch_v1, namespace),
+        60,
+        "every child to be gone",
+    )
 
 
 def test_two_replicas_one_leads_and_the_standby_takes_over(

@@ -27,8 +27,11 @@ from tests.integration.test_operator import (
     create,
     example,
     get,
+    leftover_children,
     phase_is,
+    ready_on,
     ready_serving_pods,
+    requantize,
     with_secret,
 )
 from tests.reliability.report import Report
@@ -183,19 +186,7 @@ def test_operator_killed_during_rollout(
     create(custom, namespace, body)
     first = wait_for(lambda: phase_is(custom, namespace, "llmdeployments", "roll", "Ready"), 120, "Ready")
     old_engine = first["status"]["engine"]["name"]
-    custom.patch_namespaced_custom_object(
-        GROUP,
-        VERSION,
-        namespace,
-        "llmdeployments",
-        "roll",
-        {"spec": {"engine": {"quantization": "int8-weight"}}},
-    )
-    pending = wait_for(
-        lambda: get(custom, namespace, "llmdeployments", "roll")["status"].get("pendingEngine"),
-        30,
-        "pendingEngine",
-    )
+    pending = requantize(custom, namespace, "roll", "int8-weight")
     operator.kill()  # while the new engine builds
     time.sleep(1)
     operator.start()
@@ -208,15 +199,7 @@ def test_operator_killed_during_rollout(
     operator.kill()  # while the workload rolls over
     time.sleep(1)
     operator.start()
-    done = wait_for(
-        lambda: (
-            (obj := phase_is(custom, namespace, "llmdeployments", "roll", "Ready"))
-            and obj["status"]["engine"]["name"] == pending["name"]
-            and obj
-        ),
-        120,
-        "Ready on the new engine",
-    )
+    done = ready_on(custom, namespace, "roll", pending["name"], 120)
     problems = wait_clean(lambda: audit(custom, core_v1, apps_v1, batch_v1, namespace))
     if done["status"].get("pendingEngine"):
         problems.append(f"pendingEngine left behind: {done['status']['pendingEngine']}")
@@ -254,19 +237,7 @@ def test_operator_killed_during_deletion(
         time.sleep(delay)
         operator.kill()
         operator.start()
-
-    def leftovers() -> list[str]:
-        found = [f"Deployment/{d.metadata.name}" for d in apps_v1.list_namespaced_deployment(namespace).items]
-        found += [f"Service/{s.metadata.name}" for s in core_v1.list_namespaced_service(namespace).items]
-        found += [f"Job/{j.metadata.name}" for j in batch_v1.list_namespaced_job(namespace).items]
-        found += [f"Pod/{p.metadata.name}" for p in core_v1.list_namespaced_pod(namespace).items]
-        found += [
-            f"LLMEngine/{e['metadata']['name']}"
-            for e in items(custom.list_namespaced_custom_object(GROUP, VERSION, namespace, "llmengines"))
-        ]
-        return found
-
-    left = wait_clean(leftovers, timeout=90)
+    left = wait_clean(lambda: leftover_children(custom, core_v1, apps_v1, batch_v1, namespace), timeout=90)
     reliability_report.record(
         "operator SIGKILLed during deletion (at 0 s and 1 s)",
         2,
