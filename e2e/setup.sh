@@ -4,6 +4,10 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
+# buildah, runc, mmdebstrap, ... from Debian (the real node and the image builds).
+# shellcheck source=/dev/null
+source e2e/system-packages.sh
+
 if [ ! -x .venv/bin/python ]; then
   python3 -m venv .venv
 fi
