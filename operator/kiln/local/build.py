@@ -1,7 +1,7 @@
 """Build the local control plane's binaries from the pinned Go module and cache them per version.
 
 The Go module in `gotools/` pins etcd, kube-apiserver, kube-controller-manager, kube-scheduler,
-KWOK and helm. Each binary is built with `go build -trimpath -ldflags=-s -w`, one at a time, into
+KWOK, helm, and the real node's kubelet and kube-proxy. Each binary is built with `go build -trimpath -ldflags=-s -w`, one at a time, into
 `~/.cache/kiln/bin/<version>-<hash>/`, where the hash covers go.mod, go.sum and the build flags:
 a second build with the same pins finds everything there and builds nothing.
 """
@@ -39,6 +39,9 @@ BINARIES: tuple[Binary, ...] = (
     Binary("kwok", "sigs.k8s.io/kwok/cmd/kwok"),
     Binary("kubectl", "k8s.io/kubernetes/cmd/kubectl"),
     Binary("helm", "helm.sh/helm/v3/cmd/helm"),
+    # The real node's kubelet and kube-proxy (`kiln local up --real-node`), same pins as the API server.
+    Binary("kubelet", "k8s.io/kubernetes/cmd/kubelet"),
+    Binary("kube-proxy", "k8s.io/kubernetes/cmd/kube-proxy"),
 )
 
 # Parallel compile jobs: the build machine may have two cores and other work to do.
