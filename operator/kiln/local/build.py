@@ -1,9 +1,10 @@
 """Build the local control plane's binaries from the pinned Go module and cache them per version.
 
 The Go module in `gotools/` pins etcd, kube-apiserver, kube-controller-manager, kube-scheduler,
-KWOK, helm, and the real node's kubelet and kube-proxy. Each binary is built with `go build -trimpath -ldflags=-s -w`, one at a time, into
-`~/.cache/kiln/bin/<version>-<hash>/`, where the hash covers go.mod, go.sum and the build flags:
-a second build with the same pins finds everything there and builds nothing.
+KWOK, helm, and the real node's kubelet and kube-proxy. Each binary is built with
+`go build -trimpath -ldflags=-s -w`, one at a time, into `~/.cache/kiln/bin/<version>-<hash>/`,
+where the hash covers go.mod, go.sum and the build flags: a second build with the same pins finds
+everything there and builds nothing.
 """
 
 from __future__ import annotations
