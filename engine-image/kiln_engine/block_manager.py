@@ -1,22 +1,34 @@
 """The paged KV cache's bookkeeping: which physical blocks each sequence owns, and the prefix cache.
 
 Plain Python, no torch. A block holds `block_size` token positions of K/V in every layer. Full blocks
-whose K/V is computed are registered under a hash chained over all tokens up to and including them,
-so a later request with the same prefix reuses them (ref-counted). A block whose ref count drops to
-zero keeps its hash and K/V and sits in an LRU pool; it is evicted (its hash forgotten) only when a
-fresh block is needed and no never-cached block is left.
+whose K/V is computed are registered under a SHA-256 key chained over all tokens up to and including
+them, so a later request with the same prefix reuses them (ref-counted). A hit also compares the
+stored parent key and tokens, so even a key collision never hands out another prefix's K/V. A block
+whose ref count drops to zero keeps its key and K/V and sits in an LRU pool; it is evicted (its key
+forgotten) only when a fresh block is needed and no never-cached block is left.
 """
 
 from __future__ import annotations
 
+import hashlib
+from array import array
 from collections import OrderedDict, deque
 
 from kiln_engine.sequence import Sequence
 
+BlockKey = bytes
+# What a cached block was computed from: the key of the block before it and its own tokens.
+BlockOrigin = tuple[BlockKey | None, tuple[int, ...]]
 
-def chain_hash(parent: int | None, tokens: tuple[int, ...]) -> int:
-    """The prefix-cache key of a full block: its tokens plus the key of the block before it."""
-    return hash((parent, tokens))
+
+def chain_hash(parent: BlockKey | None, tokens: tuple[int, ...]) -> BlockKey:
+    """The prefix-cache key of a full block: SHA-256 of the previous block's key and its tokens.
+
+    Cryptographic (as in vLLM) rather than Python's `hash()`, whose collisions are easy to find.
+    """
+    digest = hashlib.sha256(b"root" if parent is None else b"next" + parent)
+    digest.update(array("q", tokens).tobytes())
+    return digest.digest()
 
 
 class BlockManager:
@@ -29,11 +41,11 @@ class BlockManager:
         self.block_size = block_size
         self.enable_prefix_caching = enable_prefix_caching
         self.ref_counts = [0] * num_blocks
-        self.block_hash: list[int | None] = [None] * num_blocks
-        self.block_tokens: list[tuple[int, ...] | None] = [None] * num_blocks
+        self.block_hash: list[BlockKey | None] = [None] * num_blocks
+        self.block_origin: list[BlockOrigin | None] = [None] * num_blocks
         self.free_blocks: deque[int] = deque(range(num_blocks))  # never cached (or forgotten)
         self.evictable: OrderedDict[int, None] = OrderedDict()  # ref 0, cached: LRU first
-        self.cached: dict[int, int] = {}  # hash -> block id
+        self.cached: dict[BlockKey, int] = {}  # key -> block id
 
     # -- capacity ----------------------------------------------------------------------------------
     @property
@@ -60,15 +72,15 @@ class BlockManager:
             return 0
         bs = self.block_size
         max_blocks = (seq.num_tokens - 1) // bs
-        parent: int | None = None
+        parent: BlockKey | None = None
         hits: list[int] = []
-        hashes: list[int] = []
+        hashes: list[BlockKey] = []
         for i in range(max_blocks):
             tokens = tuple(seq.token_ids[i * bs : (i + 1) * bs])
             h = chain_hash(parent, tokens)
             block = self.cached.get(h)
-            if block is None or self.block_tokens[block] != tokens:
-                break
+            if block is None or self.block_origin[block] != (parent, tokens):
+                break  # a miss, or a key collision with another prefix
             hits.append(block)
             hashes.append(h)
             parent = h
@@ -96,7 +108,7 @@ class BlockManager:
             if h not in self.cached:  # a duplicate computed concurrently stays private
                 self.cached[h] = block
                 self.block_hash[block] = h
-                self.block_tokens[block] = tokens
+                self.block_origin[block] = (parent, tokens)
 
     # -- allocation --------------------------------------------------------------------------------
     def allocate_slots(self, seq: Sequence, num_new_tokens: int) -> bool:
@@ -121,7 +133,7 @@ class BlockManager:
         if h is not None and self.cached.get(h) == block:
             del self.cached[h]
         self.block_hash[block] = None
-        self.block_tokens[block] = None
+        self.block_origin[block] = None
         return block
 
     def free(self, seq: Sequence) -> None:
@@ -146,7 +158,7 @@ class BlockManager:
         """Forget every cached block that no sequence holds."""
         for block in list(self.evictable):
             self.block_hash[block] = None
-            self.block_tokens[block] = None
+            self.block_origin[block] = None
             self.free_blocks.append(block)
         self.evictable.clear()
         self.cached = {h: b for h, b in self.cached.items() if self.ref_counts[b] > 0}

@@ -24,7 +24,7 @@ class Sequence:
 
     Invariant: the first `num_computed_tokens` tokens have their K/V written in the blocks of
     `block_table`; the rest (the prompt's unprocessed part, or the last sampled token) still need a
-    forward pass. `block_hashes[i]` is the prefix-cache hash of full block i once it is registered.
+    forward pass. `block_hashes[i]` is the prefix-cache key of full block i once it is registered.
     """
 
     request_id: str
@@ -35,7 +35,7 @@ class Sequence:
     num_computed_tokens: int = 0
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache at (first) admission
     block_table: list[int] = field(default_factory=list)
-    block_hashes: list[int] = field(default_factory=list)
+    block_hashes: list[bytes] = field(default_factory=list)
     num_preemptions: int = 0
     finish_reason: str | None = None
     pending_logprobs: list[TokenLogprob] = field(default_factory=list)  # not yet returned by step()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from kiln_engine import block_manager
 from kiln_engine.block_manager import BlockManager
 from kiln_engine.interface import SamplingParams
 from kiln_engine.sequence import Sequence
@@ -128,3 +129,37 @@ def test_reset_prefix_cache_keeps_blocks_in_use() -> None:
     assert not bm.evictable
     assert bm.acquire_prefix(seq([6, 7, 0], "x")) == 0
     assert bm.acquire_prefix(seq([1, 2, 3, 4, 0], "y")) == 4
+
+
+def _key_of_tokens_only(parent: bytes | None, tokens: tuple[int, ...]) -> bytes:
+    """A deliberately weak key that collides whenever two blocks hold the same tokens."""
+    return repr(tokens).encode()
+
+
+def test_colliding_key_with_another_prefix_is_a_miss(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(block_manager, "chain_hash", _key_of_tokens_only)
+    bm = BlockManager(num_blocks=16, block_size=2)
+    compute_all(bm, seq([1, 1, 5, 5, 0], "a"))  # [5, 5] computed after [1, 1]
+    compute_all(bm, seq([2, 2, 6, 6, 0], "c"))  # [2, 2] cached
+    b = seq([2, 2, 5, 5, 0], "b")  # its key for [5, 5] collides with a's block, parent differs
+    assert bm.acquire_prefix(b) == 2  # [2, 2] is a real hit; a's [5, 5] must not be reused
+
+
+def test_colliding_key_with_other_tokens_is_a_miss(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(block_manager, "chain_hash", lambda parent, tokens: b"same")
+    bm = BlockManager(num_blocks=16, block_size=2)
+    a = seq([1, 2, 3], "a")
+    compute_all(bm, a)
+    b = seq([7, 8, 9], "b")
+    assert bm.acquire_prefix(b) == 0
+    assert not set(b.block_table) & set(a.block_table)
+    assert bm.acquire_prefix(seq([1, 2, 0], "a2")) == 2  # the real prefix is still reused
+
+
+def test_prefix_key_is_a_digest_stable_across_processes() -> None:
+    """Keys are cryptographic digests of parent key + token ids, not Python's salted hash()."""
+    first = block_manager.chain_hash(None, (1, 2))
+    assert first == block_manager.chain_hash(None, (1, 2))
+    assert len(first) >= 32
+    assert block_manager.chain_hash(first, (3, 4)) != block_manager.chain_hash(None, (3, 4))
+    assert block_manager.chain_hash(None, (1, 2)) != block_manager.chain_hash(None, (2, 1))
