@@ -1,11 +1,13 @@
 """OpenAI-style errors: one exception type, and handlers that give every failure the same body shape.
 
 FastAPI's default 422 for validation errors becomes a 400 `invalid_request_error` naming the
-offending parameter; malformed JSON, unknown routes and unexpected exceptions get the same shape.
+offending parameter (an unknown or unsupported one included); malformed JSON, unknown routes and
+unexpected exceptions get the same shape.
 """
 
 from __future__ import annotations
 
+import difflib
 import logging
 from typing import Any
 
@@ -14,7 +16,13 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from kiln_engine.server.protocol import ErrorInfo, ErrorResponse
+from kiln_engine.server.protocol import (
+    UNSUPPORTED_PARAMETERS,
+    ChatCompletionRequest,
+    CompletionRequest,
+    ErrorInfo,
+    ErrorResponse,
+)
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +84,27 @@ def validation_error(exc: RequestValidationError) -> OpenAIError:
     msg = str(first.get("msg", "invalid value"))
     if kind == "missing":
         return OpenAIError(f"missing required parameter '{param}'", param=param, code="missing_parameter")
+    if kind == "extra_forbidden":
+        return _extra_parameter(param or "", loc[-1] if loc else "")
     return OpenAIError(f"invalid value for '{param}': {msg}", param=param, code="invalid_parameter")
+
+
+# Top-level request fields, for a "did you mean" on a misspelt one.
+_KNOWN_FIELDS = sorted({*CompletionRequest.model_fields, *ChatCompletionRequest.model_fields})
+
+
+def _extra_parameter(param: str, name: str) -> OpenAIError:
+    """A 400 for a parameter the request models do not have: unsupported (known to OpenAI) or unknown."""
+    why = UNSUPPORTED_PARAMETERS.get(name)
+    if why is not None:
+        return OpenAIError(
+            f"unsupported parameter '{param}': {why} by this server",
+            param=param,
+            code="unsupported_parameter",
+        )
+    close = difflib.get_close_matches(name, _KNOWN_FIELDS, n=1) if param == name else []
+    hint = f" (did you mean '{close[0]}'?)" if close else ""
+    return OpenAIError(f"unknown parameter '{param}'{hint}", param=param, code="unknown_parameter")
 
 
 def _is_type_tag(part: str) -> bool:

@@ -1,7 +1,8 @@
 """OpenAI-compatible request and response bodies (pydantic), and their mapping to SamplingParams.
 
 Requests are validated strictly (a string where a number belongs is an error, not a coercion);
-parameters we do not implement are rejected with a 400 naming them rather than silently ignored.
+parameters we do not implement, and unknown (e.g. misspelt) ones, are rejected with a 400 naming
+them rather than silently ignored. Only the fields in IGNORED_PARAMETERS are accepted without effect.
 """
 
 from __future__ import annotations
@@ -27,19 +28,45 @@ MAX_TOP_LOGPROBS = 20
 
 Number = StrictInt | StrictFloat
 
+# Accepted for compatibility with OpenAI clients and deliberately without effect on the output.
+IGNORED_PARAMETERS = frozenset({"user"})
 
-class StreamOptions(BaseModel):
+# OpenAI parameters this server does not implement (yet): a 400 says so instead of "unknown parameter".
+UNSUPPORTED_PARAMETERS: dict[str, str] = {
+    "response_format": "structured outputs (response_format) are not supported yet",
+    "tools": "tool calling is not supported yet",
+    "tool_choice": "tool calling is not supported yet",
+    "parallel_tool_calls": "tool calling is not supported yet",
+    "functions": "function calling is not supported",
+    "function_call": "function calling is not supported",
+    "tool_calls": "tool calling is not supported yet",
+    "tool_call_id": "tool calling is not supported yet",
+    "audio": "audio is not supported",
+    "modalities": "only text output is supported",
+    "prediction": "predicted outputs are not supported",
+    "reasoning_effort": "reasoning effort is not supported",
+    "web_search_options": "web search is not supported",
+    "store": "stored completions are not supported",
+    "metadata": "stored completions (metadata) are not supported",
+    "service_tier": "service tiers are not supported",
+    "logit_bias": "logit_bias is not supported yet",
+}
+
+
+class _Request(BaseModel):
+    """A part of a request body: unknown fields are errors, never silently dropped."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class StreamOptions(_Request):
     """`stream_options`: whether the last streamed chunk carries usage."""
-
-    model_config = ConfigDict(extra="ignore")
 
     include_usage: StrictBool = False
 
 
-class _SamplingFields(BaseModel):
+class _SamplingFields(_Request):
     """Fields shared by completions and chat completions."""
-
-    model_config = ConfigDict(extra="ignore")
 
     model: StrictStr
     max_tokens: StrictInt | None = Field(default=None, ge=1)
@@ -59,7 +86,7 @@ class _SamplingFields(BaseModel):
         default=None, description="Not supported: only 0 is accepted."
     )
     ignore_eos: StrictBool = False
-    user: StrictStr | None = None
+    user: StrictStr | None = Field(default=None, description="Accepted and ignored.")
 
     @field_validator("stop")
     @classmethod
@@ -85,20 +112,23 @@ class CompletionRequest(_SamplingFields):
     best_of: StrictInt | None = Field(default=None, ge=1, le=1)
     suffix: StrictStr | None = Field(default=None, max_length=0, description="Not supported.")
 
+    @field_validator("echo")
+    @classmethod
+    def _no_echo(cls, echo: bool) -> bool:
+        if echo:
+            raise ValueError("echo is not supported: only false is accepted")
+        return echo
 
-class TextPart(BaseModel):
+
+class TextPart(_Request):
     """One `{"type": "text", "text": ...}` part of a chat message's content."""
-
-    model_config = ConfigDict(extra="ignore")
 
     type: Literal["text"]
     text: StrictStr
 
 
-class ChatMessage(BaseModel):
+class ChatMessage(_Request):
     """One chat message; content is a string or a list of text parts."""
-
-    model_config = ConfigDict(extra="ignore")
 
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: StrictStr | list[TextPart] | None = None
