@@ -1,0 +1,1 @@
+"""Development tooling that builds and checks Kiln's container images with buildah (`kiln images`)."""
