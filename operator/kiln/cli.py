@@ -17,6 +17,7 @@ SUBCOMMANDS: dict[str, str] = {
     "topology-agent": "kiln.topology.agent:topology_agent",
     "autoscaler": "kiln_autoscaler.cli:autoscaler",
     "demo": "kiln.demo:demo",
+    "images": "kiln.images.cli:images",
 }
 
 
