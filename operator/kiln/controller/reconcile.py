@@ -19,6 +19,7 @@ import json
 import logging
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -77,13 +78,39 @@ class Options:
     build_poll_seconds: float = 5.0
 
 
+# How long an answer of the API outranks the watch before the watch is believed again (the stream may
+# re-list past our version and never deliver it).
+CONFIRM_SECONDS = 30.0
+# Versions of an object the watch delivered, remembered so a late answer of the API is seen as old.
+SEEN_VERSIONS = 16
+
+
+@dataclass
+class _Held:
+    obj: dict[str, Any]
+    # The API answered with this copy (a write, get or list) and the watch has not delivered its
+    # version yet: until it does, the stream's events are older than what we hold.
+    awaiting: str | None = None
+    since: float = 0.0
+    seen: deque[str] = field(default_factory=lambda: deque(maxlen=SEEN_VERSIONS))  # by the watch
+
+
 class ObjectCache:
     """The latest copy of each watched object, by (kind, namespace, name), fed by watch events and
-    by the API's answers to this process's own writes."""
+    by the API's answers to this process's own reads and writes.
 
-    def __init__(self) -> None:
+    resourceVersion is opaque (the API forbids ordering or parsing it), so copies are never ranked
+    by it: the watch stream is in order, and an answer of the API is fresher than any event still
+    in flight, until the stream delivers that answer's own version (compared for equality only).
+    """
+
+    def __init__(
+        self, clock: Callable[[], float] = time.monotonic, confirm_seconds: float = CONFIRM_SECONDS
+    ) -> None:
         self._lock = threading.Lock()
-        self._objects: dict[tuple[str, str, str], dict[str, Any]] = {}
+        self._objects: dict[tuple[str, str, str], _Held] = {}
+        self._clock = clock
+        self._confirm_seconds = confirm_seconds
 
     @staticmethod
     def _key(obj: Mapping[str, Any]) -> tuple[str, str, str]:
@@ -91,13 +118,34 @@ class ObjectCache:
         return (str(obj.get("kind")), str(meta.get("namespace") or ""), str(meta.get("name")))
 
     def put(self, obj: Mapping[str, Any]) -> None:
-        """Keep `obj` unless the cache holds a newer copy (higher resourceVersion)."""
+        """An answer of the API (write, get, list): the freshest copy, until the watch catches up."""
+        key, version = self._key(obj), _version(obj)
+        with self._lock:
+            held = self._objects.get(key)
+            if held is None or _uid(held.obj) != _uid(obj):
+                self._objects[key] = _Held(dict(obj), awaiting=version, since=self._clock())
+            elif version in held.seen:
+                return  # the watch gave this version already (a resync), or has moved past it
+            elif version != _version(held.obj):
+                held.obj, held.awaiting, held.since = dict(obj), version, self._clock()
+
+    def observe(self, obj: Mapping[str, Any]) -> None:
+        """A watch event: it replaces the copy, unless that copy is an answer the stream has not reached."""
         key = self._key(obj)
         with self._lock:
             held = self._objects.get(key)
-            if held is not None and _newer(held, obj):
-                return
-            self._objects[key] = dict(obj)
+            if (
+                held is not None
+                and held.awaiting is not None
+                and held.awaiting != _version(obj)
+                and self._clock() - held.since < self._confirm_seconds
+            ):
+                return  # an event from before our answer's version
+            if held is None or _uid(held.obj) != _uid(obj):
+                held = self._objects[key] = _Held(dict(obj))
+            held.obj, held.awaiting = dict(obj), None
+            if (version := _version(obj)) is not None:
+                held.seen.append(version)
 
     def drop(self, kind: str, namespace: str, name: str) -> None:
         with self._lock:
@@ -105,22 +153,22 @@ class ObjectCache:
 
     def get(self, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
         with self._lock:
-            return self._objects.get((kind, namespace, name))
+            held = self._objects.get((kind, namespace, name))
+            return None if held is None else held.obj
 
     def items(self, kind: str) -> list[dict[str, Any]]:
         with self._lock:
-            return [obj for (held, _, _), obj in self._objects.items() if held == kind]
+            return [held.obj for (k, _, _), held in self._objects.items() if k == kind]
 
 
-def _newer(held: Mapping[str, Any], incoming: Mapping[str, Any]) -> bool:
-    """Whether `held` is a later version than `incoming` (same uid, larger resourceVersion)."""
-    old, new = held.get("metadata") or {}, incoming.get("metadata") or {}
-    if old.get("uid") != new.get("uid"):
-        return False
-    try:
-        return int(old.get("resourceVersion") or 0) > int(new.get("resourceVersion") or 0)
-    except ValueError:
-        return False
+def _version(obj: Mapping[str, Any]) -> str | None:
+    version = (obj.get("metadata") or {}).get("resourceVersion")
+    return None if version is None else str(version)
+
+
+def _uid(obj: Mapping[str, Any]) -> str | None:
+    uid = (obj.get("metadata") or {}).get("uid")
+    return None if uid is None else str(uid)
 
 
 @dataclass
@@ -242,7 +290,7 @@ class Reconciler:
         if deleted:
             self.cache.drop(str(obj.get("kind")), str(meta.get("namespace") or ""), str(meta.get("name")))
         else:
-            self.cache.put(obj)
+            self.cache.observe(obj)
 
     def node_changed(self, event_type: str | None, node: Mapping[str, Any]) -> None:
         """Keep the node cache current from the Node watch."""

@@ -1,4 +1,4 @@
-"""The watch cache keeps the newest copy of an object; operator logs are one JSON object a line."""
+"""The watch cache keeps the newest copy (resourceVersions opaque); logs are one JSON object a line."""
 
 from __future__ import annotations
 
@@ -17,13 +17,64 @@ def obj(version: str, uid: str = "u1", phase: str = "") -> dict[str, object]:
     }
 
 
-def test_cache_ignores_an_older_copy_of_the_same_object() -> None:
+def phase(cache: ObjectCache) -> str:
+    return cache.get("LLMEngine", "ns", "e")["status"]["phase"]  # type: ignore[index,no-any-return]
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_a_late_watch_event_never_replaces_our_fresher_write_with_opaque_versions() -> None:
+    """resourceVersions are opaque strings: the cache compares them only for equality."""
     cache = ObjectCache()
-    cache.put(obj("10", phase="Ready"))
-    cache.put(obj("9", phase="Building"))  # a late watch event after our own write's answer
-    assert cache.get("LLMEngine", "ns", "e")["status"] == {"phase": "Ready"}  # type: ignore[index]
-    cache.put(obj("3", uid="u2", phase="Pending"))  # a new incarnation replaces the old one
-    assert cache.get("LLMEngine", "ns", "e")["status"] == {"phase": "Pending"}  # type: ignore[index]
+    cache.observe(obj("zz-first", phase="Pending"))
+    cache.put(obj("aa-ours", phase="Ready"))  # the answer to our write
+    cache.observe(obj("mm-between", phase="Building"))  # a watch event from before our write
+    assert phase(cache) == "Ready"
+    cache.observe(obj("aa-ours", phase="Ready"))  # the stream reaches our write
+    cache.observe(obj("11", phase="Failed"))  # so what follows is newer, whatever its version
+    assert phase(cache) == "Failed"
+
+
+def test_the_watch_wins_again_if_it_never_delivers_our_write() -> None:
+    clock = Clock()
+    cache = ObjectCache(clock=clock, confirm_seconds=30.0)
+    cache.put(obj("ours", phase="Ready"))
+    cache.observe(obj("late", phase="Building"))
+    assert phase(cache) == "Ready"
+    clock.now = 31.0  # e.g. the watch re-listed past our version
+    cache.observe(obj("after-relist", phase="Failed"))
+    assert phase(cache) == "Failed"
+
+
+def test_a_resync_of_an_unchanged_object_does_not_hold_back_the_watch() -> None:
+    cache = ObjectCache()
+    cache.observe(obj("v1", phase="Pending"))
+    cache.put(obj("v1", phase="Pending"))  # a full list returns the copy the watch already gave
+    cache.observe(obj("v2", phase="Ready"))
+    assert phase(cache) == "Ready"
+
+
+def test_an_answer_the_watch_already_passed_is_ignored() -> None:
+    cache = ObjectCache()
+    cache.observe(obj("ours", phase="Ready"))  # the watch delivered our write before its answer came
+    cache.observe(obj("theirs", phase="Failed"))  # and someone else's change after it
+    cache.put(obj("ours", phase="Ready"))
+    assert phase(cache) == "Failed"
+    cache.observe(obj("next", phase="Building"))
+    assert phase(cache) == "Building"
+
+
+def test_a_new_incarnation_replaces_the_old_one_and_drop_forgets() -> None:
+    cache = ObjectCache()
+    cache.observe(obj("10", phase="Ready"))
+    cache.observe(obj("3", uid="u2", phase="Pending"))
+    assert phase(cache) == "Pending"
     cache.drop("LLMEngine", "ns", "e")
     assert cache.get("LLMEngine", "ns", "e") is None and cache.items("LLMEngine") == []
 
