@@ -1,10 +1,15 @@
 """Build the local control plane's binaries from the pinned Go module and cache them per version.
 
 The Go module in `gotools/` pins etcd, kube-apiserver, kube-controller-manager, kube-scheduler,
-KWOK, helm, and the real node's kubelet and kube-proxy. Each binary is built with
-`go build -trimpath -ldflags=-s -w`, one at a time, into `~/.cache/kiln/bin/<version>-<hash>/`,
-where the hash covers go.mod, go.sum and the build flags: a second build with the same pins finds
-everything there and builds nothing.
+KWOK and helm (and the real node's kubelet and kube-proxy, toolset KUBE_NODE). Each binary is
+built with `go build -trimpath -ldflags=-s -w`, one at a time, into
+`~/.cache/kiln/bin/<version>-<hash>/`, where the hash covers go.mod, go.sum and the build flags:
+a second build with the same pins finds everything there and builds nothing.
+
+The real node's other parts come from Go modules of their own (their dependency versions differ
+from Kubernetes' pins), each a `Toolset` cached the same way under `<toolset>-<version>-<hash>/`:
+containerd with its runc shim and ctr (`gotools-containerd/`), the CNI plugins (`gotools-cni/`),
+CoreDNS (`gotools-coredns/`) and crictl (`gotools-critools/`).
 """
 
 from __future__ import annotations
@@ -40,10 +45,68 @@ BINARIES: tuple[Binary, ...] = (
     Binary("kwok", "sigs.k8s.io/kwok/cmd/kwok"),
     Binary("kubectl", "k8s.io/kubernetes/cmd/kubectl"),
     Binary("helm", "helm.sh/helm/v3/cmd/helm"),
-    # The real node's kubelet and kube-proxy (`kiln local up --real-node`), same pins as the API server.
-    Binary("kubelet", "k8s.io/kubernetes/cmd/kubelet"),
-    Binary("kube-proxy", "k8s.io/kubernetes/cmd/kube-proxy"),
 )
+
+
+@dataclass(frozen=True)
+class Toolset:
+    """A Go module and the binaries built from it into one cache folder."""
+
+    name: str
+    directory: Path
+    binaries: tuple[Binary, ...]
+    # The module whose version names the cache folder.
+    main_module: str
+    tags: tuple[str, ...] = ()
+
+
+LOCAL_DIR = GOTOOLS_DIR.parent
+CONTROL_PLANE = Toolset("control-plane", GOTOOLS_DIR, BINARIES, "k8s.io/kubernetes")
+# The real node's kubelet and kube-proxy: same module and pins as the API server, but a folder of
+# their own, so clusters without a real node never wait for them.
+KUBE_NODE = Toolset(
+    "kube-node",
+    GOTOOLS_DIR,
+    (
+        Binary("kubelet", "k8s.io/kubernetes/cmd/kubelet"),
+        Binary("kube-proxy", "k8s.io/kubernetes/cmd/kube-proxy"),
+    ),
+    "k8s.io/kubernetes",
+)
+CONTAINERD = Toolset(
+    "containerd",
+    LOCAL_DIR / "gotools-containerd",
+    (
+        Binary("containerd", "github.com/containerd/containerd/v2/cmd/containerd"),
+        Binary("containerd-shim-runc-v2", "github.com/containerd/containerd/v2/cmd/containerd-shim-runc-v2"),
+        Binary("ctr", "github.com/containerd/containerd/v2/cmd/ctr"),
+    ),
+    "github.com/containerd/containerd/v2",
+    # Snapshotters the node does not use (it uses `native`) and that would need cgo or host libraries.
+    tags=("no_btrfs", "no_devmapper", "no_zfs", "no_aufs"),
+)
+CNI = Toolset(
+    "cni",
+    LOCAL_DIR / "gotools-cni",
+    tuple(
+        Binary(package.rsplit("/", 1)[1], f"github.com/containernetworking/plugins/plugins/{package}")
+        for package in ("main/bridge", "ipam/host-local", "main/loopback", "meta/portmap")
+    ),
+    "github.com/containernetworking/plugins",
+)
+COREDNS = Toolset(
+    "coredns",
+    LOCAL_DIR / "gotools-coredns",
+    (Binary("coredns", "kiln.dev/local/gotools-coredns"),),
+    "github.com/coredns/coredns",
+)
+CRITOOLS = Toolset(
+    "critools",
+    LOCAL_DIR / "gotools-critools",
+    (Binary("crictl", "sigs.k8s.io/cri-tools/cmd/crictl"),),
+    "sigs.k8s.io/cri-tools",
+)
+NODE_TOOLSETS = (KUBE_NODE, CONTAINERD, CNI, COREDNS, CRITOOLS)
 
 # Parallel compile jobs: the build machine may have two cores and other work to do.
 GO_BUILD_JOBS = 2
@@ -56,7 +119,9 @@ class BuildError(RuntimeError):
 def module_versions(go_mod: str) -> dict[str, str]:
     """The `require`d module versions in a go.mod text (module path -> version)."""
     versions: dict[str, str] = {}
-    for match in re.finditer(r"^\s*([\w.\-/]+)\s+(v[\w.\-+]+)(?:\s*//.*)?$", go_mod, re.MULTILINE):
+    for match in re.finditer(
+        r"^\s*(?:require\s+)?([\w.\-/]+)\s+(v[\w.\-+]+)(?:\s*//.*)?$", go_mod, re.MULTILINE
+    ):
         versions.setdefault(match.group(1), match.group(2))
     return versions
 
@@ -77,13 +142,18 @@ def ldflags(versions: dict[str, str], binary: Binary) -> str:
                 f"-X {package}.gitMinor={minor}",
                 f"-X {package}.gitTreeState=clean",
             ]
+    containerd = versions.get("github.com/containerd/containerd/v2")
+    if containerd and binary.package.startswith("github.com/containerd/containerd/v2/"):
+        flags.append(f"-X github.com/containerd/containerd/v2/version.Version={containerd}")
     helm = versions.get("helm.sh/helm/v3")
     if helm and binary.name == "helm":
         flags.append(f"-X helm.sh/helm/v3/internal/version.version={helm}")
     return " ".join(flags)
 
 
-def build_command(versions: dict[str, str], binary: Binary, output: Path) -> list[str]:
+def build_command(
+    versions: dict[str, str], binary: Binary, output: Path, tags: tuple[str, ...] = ()
+) -> list[str]:
     """The `go build` command line for one binary."""
     return [
         "go",
@@ -91,6 +161,7 @@ def build_command(versions: dict[str, str], binary: Binary, output: Path) -> lis
         "-p",
         str(GO_BUILD_JOBS),
         "-trimpath",
+        *([f"-tags={','.join(tags)}"] if tags else []),
         f"-ldflags={ldflags(versions, binary)}",
         "-o",
         str(output),
@@ -98,19 +169,21 @@ def build_command(versions: dict[str, str], binary: Binary, output: Path) -> lis
     ]
 
 
-def build_key(go_mod: str, go_sum: str, target: str) -> str:
-    """The cache key: Kubernetes version plus a hash of the pins, the build flags and the platform."""
+def build_key(go_mod: str, go_sum: str, target: str, toolset: Toolset = CONTROL_PLANE) -> str:
+    """The cache key: the toolset's main version plus a hash of the pins, build flags and platform."""
     versions = module_versions(go_mod)
     digest = hashlib.sha256()
     for part in (
         go_mod,
         go_sum,
         target,
-        *(" ".join(build_command(versions, b, Path(b.name))) for b in BINARIES),
+        *(" ".join(build_command(versions, b, Path(b.name), toolset.tags)) for b in toolset.binaries),
     ):
         digest.update(part.encode())
         digest.update(b"\0")
-    return f"{versions.get('k8s.io/kubernetes', 'unknown')}-{digest.hexdigest()[:12]}"
+    version = f"{versions.get(toolset.main_module, 'unknown')}-{digest.hexdigest()[:12]}"
+    # The control plane's folders keep their historical name (no prefix), so existing caches stay valid.
+    return version if toolset is CONTROL_PLANE else f"{toolset.name}-{version}"
 
 
 def cache_root() -> Path:
@@ -129,26 +202,35 @@ def target_platform() -> str:
     return f"{platform.system().lower()}-{arch}"
 
 
-def bin_dir() -> Path:
+def bin_dir(toolset: Toolset = CONTROL_PLANE) -> Path:
     """The cache folder for the current pins: where `build` puts binaries and `up` runs them from."""
-    go_mod = (GOTOOLS_DIR / "go.mod").read_text()
-    go_sum = (GOTOOLS_DIR / "go.sum").read_text()
-    return cache_root() / build_key(go_mod, go_sum, target_platform())
+    go_mod = (toolset.directory / "go.mod").read_text()
+    go_sum = (toolset.directory / "go.sum").read_text()
+    return cache_root() / build_key(go_mod, go_sum, target_platform(), toolset)
 
 
-def missing(directory: Path) -> list[Binary]:
+def missing(directory: Path, binaries: tuple[Binary, ...] = BINARIES) -> list[Binary]:
     """The binaries not yet built into `directory`."""
-    return [b for b in BINARIES if not os.access(directory / b.name, os.X_OK)]
+    return [b for b in binaries if not os.access(directory / b.name, os.X_OK)]
 
 
-def binary_paths(directory: Path | None = None) -> dict[str, Path]:
+def binary_paths(directory: Path | None = None, toolset: Toolset = CONTROL_PLANE) -> dict[str, Path]:
     """Each binary's path in the cache; raises BuildError if any is missing."""
-    directory = directory or bin_dir()
-    absent = missing(directory)
+    directory = directory or bin_dir(toolset)
+    absent = missing(directory, toolset.binaries)
     if absent:
         names = ", ".join(b.name for b in absent)
-        raise BuildError(f"{names} not built in {directory}; run `kiln local build`")
-    return {b.name: directory / b.name for b in BINARIES}
+        flag = "" if toolset is CONTROL_PLANE else " --real-node"
+        raise BuildError(f"{names} not built in {directory}; run `kiln local build{flag}`")
+    return {b.name: directory / b.name for b in toolset.binaries}
+
+
+def node_binary_paths() -> dict[str, Path]:
+    """The real node's binaries; raises BuildError if any is missing."""
+    found: dict[str, Path] = {}
+    for toolset in NODE_TOOLSETS:
+        found.update(binary_paths(toolset=toolset))
+    return found
 
 
 def go_environment() -> dict[str, str]:
@@ -161,27 +243,27 @@ def go_environment() -> dict[str, str]:
     return env
 
 
-def build(progress: Callable[[str], None] = print) -> Path:
-    """Build every missing binary into the cache folder, one at a time; return the folder.
+def build(progress: Callable[[str], None] = print, toolset: Toolset = CONTROL_PLANE) -> Path:
+    """Build every missing binary of `toolset` into its cache folder, one at a time; return the folder.
 
     Concurrent builds (two test sessions on a fresh machine) take turns on a lock file, and the
     second finds the first one's binaries.
     """
-    directory = bin_dir()
-    if not missing(directory):
-        progress(f"all {len(BINARIES)} binaries cached in {directory}")
+    directory = bin_dir(toolset)
+    if not missing(directory, toolset.binaries):
+        progress(f"all {len(toolset.binaries)} {toolset.name} binaries cached in {directory}")
         return directory
     if shutil.which("go") is None:
         raise BuildError("Go is not installed (https://go.dev/dl/); it builds the control-plane binaries")
     directory.mkdir(parents=True, exist_ok=True)
     with (directory / ".lock").open("w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        _build_missing(directory, progress)
+        _build_missing(directory, progress, toolset)
         # `-mod=mod` lets go complete go.mod/go.sum, which changes the key: file the binaries
         # (built from the completed files) under the new key. Commit the updated files.
-        final = bin_dir()
+        final = bin_dir(toolset)
         if final != directory:
-            progress(f"go.mod/go.sum in {GOTOOLS_DIR} changed while building; commit them")
+            progress(f"go.mod/go.sum in {toolset.directory} changed while building; commit them")
             if not final.exists():
                 directory.rename(final)
                 directory = final
@@ -189,19 +271,25 @@ def build(progress: Callable[[str], None] = print) -> Path:
     return directory
 
 
-def _build_missing(directory: Path, progress: Callable[[str], None]) -> None:
-    todo = missing(directory)
-    versions = module_versions((GOTOOLS_DIR / "go.mod").read_text())
+def build_node(progress: Callable[[str], None] = print) -> list[Path]:
+    """Build the real node's toolsets (after the control plane's, which holds kubelet and kube-proxy)."""
+    return [build(progress, toolset) for toolset in (CONTROL_PLANE, *NODE_TOOLSETS)]
+
+
+def _build_missing(directory: Path, progress: Callable[[str], None], toolset: Toolset) -> None:
+    binaries = toolset.binaries
+    todo = missing(directory, binaries)
+    versions = module_versions((toolset.directory / "go.mod").read_text())
     env = go_environment()
-    for index, binary in enumerate(BINARIES, start=1):
+    for index, binary in enumerate(binaries, start=1):
         if binary not in todo:
-            progress(f"[{index}/{len(BINARIES)}] {binary.name}: cached")
+            progress(f"[{index}/{len(binaries)}] {binary.name}: cached")
             continue
         started = time.monotonic()
         partial = directory / f".{binary.name}.{os.getpid()}.partial"
         result = subprocess.run(
-            build_command(versions, binary, partial),
-            cwd=GOTOOLS_DIR,
+            build_command(versions, binary, partial, toolset.tags),
+            cwd=toolset.directory,
             env=env,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
@@ -215,4 +303,4 @@ def _build_missing(directory: Path, progress: Callable[[str], None]) -> None:
         partial.replace(directory / binary.name)
         size_mib = (directory / binary.name).stat().st_size / 2**20
         seconds = time.monotonic() - started
-        progress(f"[{index}/{len(BINARIES)}] {binary.name}: built in {seconds:.0f} s ({size_mib:.0f} MiB)")
+        progress(f"[{index}/{len(binaries)}] {binary.name}: built in {seconds:.0f} s ({size_mib:.0f} MiB)")
