@@ -63,6 +63,15 @@ def validate_params(params: SamplingParams) -> None:
         raise ValueError(f"logprobs must be between 0 and 20, got {params.logprobs}")
     if any(not s for s in params.stop):
         raise ValueError("stop strings must be non-empty")
+    for name in ("presence_penalty", "frequency_penalty"):
+        if not -2.0 <= getattr(params, name) <= 2.0:
+            raise ValueError(f"{name} must be between -2 and 2, got {getattr(params, name)}")
+    if not 0.0 < params.repetition_penalty <= 2.0:
+        raise ValueError(f"repetition_penalty must be in (0, 2], got {params.repetition_penalty}")
+    if any(not -100.0 <= bias <= 100.0 for _, bias in params.logit_bias):
+        raise ValueError("logit_bias values must be between -100 and 100")
+    if not 0 <= params.min_tokens <= params.max_tokens:
+        raise ValueError(f"min_tokens must be between 0 and max_tokens, got {params.min_tokens}")
 
 
 def stop_holdback(text: str, stops: tuple[str, ...]) -> int:
@@ -99,6 +108,7 @@ class LLMEngine:
             self.tokenizer = Tokenizer.from_dir(model_path, self.model_config.eos_token_ids)
         eos = self.tokenizer.eos_token_ids if self.tokenizer else self.model_config.eos_token_ids
         self.eos_token_ids: frozenset[int] = frozenset(eos)
+        self.runner.sampler.eos_token_ids = self.eos_token_ids  # what min_tokens holds back
         self.seqs: dict[str, Sequence] = {}
         self.texts: dict[str, _TextState] = {}
         self.pending: list[RequestOutput] = []  # aborts to report on the next step
@@ -123,6 +133,8 @@ class LLMEngine:
         vocab = self.model_config.vocab_size
         if any(not 0 <= t < vocab for t in prompt_token_ids):
             raise ValueError(f"prompt token ids must be in [0, {vocab})")
+        if any(not 0 <= t < vocab for t in (*params.stop_token_ids, *(t for t, _ in params.logit_bias))):
+            raise ValueError(f"stop_token_ids and logit_bias token ids must be in [0, {vocab})")
         seq = Sequence(request_id, list(prompt_token_ids), params)
         self.seqs[request_id] = seq
         if self.tokenizer is not None:
@@ -202,6 +214,8 @@ class LLMEngine:
             after = seq.num_tokens + 1  # with the flight's token
             if after + 1 > self.max_model_len or after - seq.num_prompt_tokens >= seq.params.max_tokens:
                 return None
+            if seq.params.uses_history:  # penalties read every generated token; the flight's is not known
+                return None
         for seq in flight.sampling:
             seq.token_ids.append(_PENDING_TOKEN)
         nxt = sched.schedule()
@@ -267,6 +281,8 @@ class LLMEngine:
 
     def _check_stop(self, seq: Sequence, token: int) -> str | None:
         p = seq.params
+        if seq.num_output_tokens < p.min_tokens:  # the sampler kept EOS and stop tokens out meanwhile
+            return "length" if seq.num_tokens >= self.max_model_len else None
         if not p.ignore_eos and token in self.eos_token_ids:
             return "stop"
         if p.stop_token_ids and token in p.stop_token_ids:

@@ -23,6 +23,25 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
     logprobs: int | None = None  # number of top logprobs to return per generated token
+    # Logit adjustments before the token is picked (greedy included); see kiln_engine.logits_adjust.
+    presence_penalty: float = 0.0  # subtracted once from every token already generated
+    frequency_penalty: float = 0.0  # subtracted per occurrence among the generated tokens
+    repetition_penalty: float = 1.0  # divides (or multiplies, if negative) logits of prompt+output tokens
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit)
+    min_tokens: int = 0  # EOS and stop_token_ids are blocked (and stop strings ignored) before this many
+
+    # Derived once here, because the engine's hot loops ask per sequence per step.
+    adjusts_logits: bool = field(init=False, repr=False, compare=False)  # logits change before picking
+    uses_history: bool = field(init=False, repr=False, compare=False)  # the change reads generated tokens
+    plain_greedy: bool = field(init=False, repr=False, compare=False)  # argmax alone: the fast path
+
+    def __post_init__(self) -> None:
+        history = bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0)
+        adjusts = history or bool(self.logit_bias or self.min_tokens)
+        plain = self.temperature <= 0.0 and self.logprobs is None and self.seed is None and not adjusts
+        object.__setattr__(self, "uses_history", history)
+        object.__setattr__(self, "adjusts_logits", adjusts)
+        object.__setattr__(self, "plain_greedy", plain)
 
 
 @dataclass

@@ -83,7 +83,7 @@ class ModelRunner:
         for i, layer in enumerate(layers):
             layer.k_cache = self.kv_cache[0, i]
             layer.v_cache = self.kv_cache[1, i]
-        self.sampler = Sampler(self.device, config.seed)
+        self.sampler = Sampler(self.device, config.seed, frozenset(self.model_config.eos_token_ids))
         self.decode_graphs: DecodeGraphs | None = None
         if config.cuda_graphs:
             self.decode_graphs = DecodeGraphs(self, capture_sizes(config.max_num_seqs))
@@ -156,7 +156,9 @@ class ModelRunner:
             tables.append(table)
             if c.samples:
                 sample_rows.append(query_start[-1] - 1)
-                sample_reqs.append(SampleRequest(seq.request_id, seq.params))
+                sample_reqs.append(
+                    SampleRequest(seq.request_id, seq.params, seq.token_ids, seq.num_prompt_tokens)
+                )
         width = max(len(t) for t in tables)
         padded = [t + [0] * (width - len(t)) for t in tables]
 
@@ -196,7 +198,10 @@ class ModelRunner:
         """
         graphs = self.decode_graphs
         if graphs is not None and graphs.can_run(chunks):
-            reqs = [SampleRequest(c.seq.request_id, c.seq.params) for c in chunks]
+            reqs = [
+                SampleRequest(c.seq.request_id, c.seq.params, c.seq.token_ids, c.seq.num_prompt_tokens)
+                for c in chunks
+            ]
             sampling = self.sampler.prepare(reqs, self.model_config.vocab_size)
             logits = graphs.run(chunks, None if inputs_from is None else inputs_from.tokens)
             return self.sampler.sample_async(logits, sampling)

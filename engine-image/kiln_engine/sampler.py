@@ -1,4 +1,5 @@
-"""Picks each sequence's next token from its logits: greedy, temperature, top-k, top-p, seeds, logprobs.
+"""Picks each sequence's next token from its logits: greedy, temperature, top-k, top-p, seeds, logprobs,
+after the logit adjustments some requests ask for (penalties, logit_bias, min_tokens: logits_adjust).
 
 Batched over rows with per-row parameters as tensors; sampling uses the exponential-race trick
 (argmax of p / Exp(1) noise), which needs no host sync. A request with a seed draws its noise from
@@ -9,11 +10,13 @@ to the caller, so the next step can be enqueued before this one's tokens are rea
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
 
 from kiln_engine.interface import SamplingParams, TokenLogprob
+from kiln_engine.logits_adjust import AdjustRow, LogitsAdjustment, build
 
 
 @dataclass
@@ -22,6 +25,8 @@ class SampleRequest:
 
     request_id: str
     params: SamplingParams
+    token_ids: Sequence[int] = ()  # prompt + generated so far; read only when params adjust logits
+    num_prompt_tokens: int = 0
 
 
 @dataclass
@@ -38,6 +43,7 @@ class SamplingBatch:
     greedy_mask: torch.Tensor | None = None
     top_ks: torch.Tensor | None = None
     top_ps: torch.Tensor | None = None
+    adjustment: LogitsAdjustment | None = None
 
 
 @dataclass
@@ -92,8 +98,11 @@ class SampledTokens:
 
 
 class Sampler:
-    def __init__(self, device: torch.device, seed: int = 0) -> None:
+    def __init__(
+        self, device: torch.device, seed: int = 0, eos_token_ids: frozenset[int] = frozenset()
+    ) -> None:
         self.device = device
+        self.eos_token_ids = eos_token_ids  # what min_tokens blocks (the engine sets the tokenizer's)
         self.generator = torch.Generator(device=device).manual_seed(seed)
         self.seeded: dict[str, torch.Generator] = {}
 
@@ -111,10 +120,10 @@ class Sampler:
     def prepare(self, requests: list[SampleRequest], vocab_size: int) -> SamplingBatch:
         """Per-row parameters as device tensors, built before the forward pass (async copies)."""
         params = [r.params for r in requests]
-        # The common case (every row greedy, no logprobs, no seed) costs one pass over the
-        # distinct parameter objects, not five passes over the rows.
+        # The common case (every row greedy, no logprobs, no seed, no logit adjustment) costs one
+        # pass over the distinct parameter objects, not five passes over the rows.
         distinct = {id(p): p for p in params}.values()
-        if all(p.temperature <= 0.0 and p.logprobs is None and p.seed is None for p in distinct):
+        if all(p.plain_greedy for p in distinct):
             return SamplingBatch(
                 num_rows=len(requests), all_greedy=True, needs_filter=False, logprobs=[], max_logprobs=0
             )
@@ -130,6 +139,13 @@ class Sampler:
             max_logprobs=max(0, *(w or 0 for w in want)) if want else 0,
             seeded=[(i, self._generator(r)) for i, r in enumerate(requests) if r.params.seed is not None],
         )
+        if any(p.adjusts_logits for p in distinct):
+            adjusted = [
+                AdjustRow(i, r.params, r.token_ids, r.num_prompt_tokens)
+                for i, r in enumerate(requests)
+                if r.params.adjusts_logits
+            ]
+            batch.adjustment = build(adjusted, vocab_size, self.eos_token_ids, self._to_device)
         if not batch.all_greedy:
             batch.temperatures = self._to_device(
                 [p.temperature if p.temperature > 0 else 1.0 for p in params], torch.float32
@@ -140,7 +156,9 @@ class Sampler:
                 batch.top_ps = self._to_device(top_ps, torch.float32)
         return batch
 
-    def _to_device(self, values: list[float] | list[int] | list[bool], dtype: torch.dtype) -> torch.Tensor:
+    def _to_device(
+        self, values: list[float] | list[int] | list[bool] | list[list[int]], dtype: torch.dtype
+    ) -> torch.Tensor:
         t = torch.tensor(values, dtype=dtype)
         if self.device.type == "cuda":
             return t.pin_memory().to(self.device, non_blocking=True)
@@ -160,6 +178,8 @@ class Sampler:
         Everything that reads `logits` is enqueued here, so the caller may reuse their memory (a
         decode graph's output buffer) for the next step right away.
         """
+        if batch.adjustment is not None:
+            logits = batch.adjustment.apply(logits)
         tokens = logits.argmax(dim=-1)
         if not batch.all_greedy:
             tokens = self._sample(logits, batch, tokens)

@@ -218,7 +218,7 @@ BAD_REQUESTS = [
     ("/v1/completions", {"model": MODEL, "prompt": "hi", "temperature": "hot"}, "temperature"),
     ("/v1/completions", {"model": MODEL, "prompt": "hi", "top_p": 0}, "top_p"),
     ("/v1/completions", {"model": MODEL, "prompt": "hi", "top_p": 1.5}, "top_p"),
-    ("/v1/completions", {"model": MODEL, "prompt": "hi", "n": 2}, "n"),
+    ("/v1/completions", {"model": MODEL, "prompt": "hi", "n": 17}, "n"),
     ("/v1/completions", {"model": MODEL, "prompt": "hi", "logprobs": 50}, "logprobs"),
     ("/v1/completions", {"model": MODEL, "prompt": [1000000]}, "prompt"),
     ("/v1/completions", {"model": MODEL}, "prompt"),

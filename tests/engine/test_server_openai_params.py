@@ -37,9 +37,10 @@ def client(server: ThreadServer) -> openai.OpenAI:
 
 def create(client: openai.OpenAI, kind: str, **kwargs: Any) -> Any:
     """One completion or chat completion with the official client."""
+    kwargs = {"max_tokens": 4, **kwargs}
     if kind == "chat":
-        return client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=4, **kwargs)
-    return client.completions.create(model=MODEL, prompt="Hello", max_tokens=4, **kwargs)
+        return client.chat.completions.create(model=MODEL, messages=MESSAGES, **kwargs)
+    return client.completions.create(model=MODEL, prompt="Hello", **kwargs)
 
 
 def bad_request(client: openai.OpenAI, kind: str, **kwargs: Any) -> dict[str, Any]:
@@ -127,3 +128,101 @@ def test_nothing_reached_the_engine_for_rejected_requests(
 
 def _requests(url: str, status: str) -> float:
     return metric(metrics(url), mn.REQUESTS, status=status)
+
+
+# ---------------------------------------------------------------------- sampling parameters
+
+
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("kind", ["chat", "completion"])
+def test_n_choices(client: openai.OpenAI, kind: str, stream: bool) -> None:
+    kwargs: dict[str, Any] = {
+        "n": 3, "temperature": 1.0, "seed": 11, "max_tokens": 8, "extra_body": {"ignore_eos": True},
+    }  # fmt: skip
+    single = create(client, kind, **{**kwargs, "n": 1})
+    whole = create(client, kind, **kwargs)
+    assert sorted(c.index for c in whole.choices) == [0, 1, 2]
+    texts = [text(kind, c) for c in sorted(whole.choices, key=lambda c: c.index)]
+    assert len(set(texts)) > 1  # each choice samples on its own
+    assert texts[0] == text(kind, single.choices[0])  # choice 0 draws from the request's own seed
+    assert whole.usage.prompt_tokens == single.usage.prompt_tokens
+    assert whole.usage.completion_tokens == 3 * single.usage.completion_tokens == 3 * 8
+    if not stream:
+        return
+    chunks = list(create(client, kind, stream=True, stream_options={"include_usage": True}, **kwargs))
+    streamed = ["", "", ""]
+    finished = [0, 0, 0]
+    for chunk in chunks:
+        for c in chunk.choices:
+            streamed[c.index] += (c.delta.content or "") if kind == "chat" else c.text
+            finished[c.index] += c.finish_reason is not None
+    assert streamed == texts and finished == [1, 1, 1]
+    assert (
+        chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+    )
+
+
+def text(kind: str, choice: Any) -> str:
+    return str(choice.message.content if kind == "chat" else choice.text)
+
+
+def greedy_completion(client: openai.OpenAI, **kwargs: Any) -> Any:
+    kwargs = {"max_tokens": 24, "extra_body": {}, **kwargs}
+    kwargs["extra_body"] = {"ignore_eos": True, **kwargs["extra_body"]}
+    return client.completions.create(model=MODEL, prompt="Hello", temperature=0, **kwargs).choices[0]
+
+
+def test_logit_bias_and_penalties_change_the_output(client: openai.OpenAI, server: ThreadServer) -> None:
+    tok = server.model.tokenizer
+    forced = 300
+    push = {str(forced): 5}
+    assert greedy_completion(client, logit_bias={str(forced): 100}).text == tok.decode([forced] * 24)
+    assert greedy_completion(client, logit_bias=push).text == tok.decode([forced] * 24)
+    # a one-off presence penalty of 2 does not undo a push of 5; a frequency penalty of 2 per repeat does
+    assert greedy_completion(client, logit_bias=push, presence_penalty=2).text == tok.decode([forced] * 24)
+    by_frequency = greedy_completion(client, logit_bias=push, frequency_penalty=2).text
+    assert by_frequency != tok.decode([forced] * 24)
+    base = greedy_completion(client).text
+    assert greedy_completion(client, extra_body={"repetition_penalty": 2.0}).text != base
+
+
+def test_min_tokens_and_stop_token_ids(client: openai.OpenAI, server: ThreadServer) -> None:
+    eos = min(server.model.eos_token_ids)
+    to_eos = {"logit_bias": {str(eos): 100}, "extra_body": {"ignore_eos": False}}
+    out = client.completions.create(model=MODEL, prompt="Hello", max_tokens=24, temperature=0, **to_eos)
+    assert out.choices[0].finish_reason == "stop" and out.usage.completion_tokens == 1
+    to_eos["extra_body"] = {"min_tokens": 5}
+    out = client.chat.completions.create(
+        model=MODEL, messages=MESSAGES, max_tokens=24, temperature=0, **to_eos
+    )
+    assert out.choices[0].finish_reason == "stop" and out.usage.completion_tokens == 6
+    stop = 300
+    to_stop = {"logit_bias": {str(stop): 100}, "extra_body": {"stop_token_ids": [stop], "ignore_eos": True}}
+    out = client.completions.create(model=MODEL, prompt="Hello", max_tokens=24, temperature=0, **to_stop)
+    assert out.choices[0].finish_reason == "stop" and out.usage.completion_tokens == 1
+
+
+OUT_OF_RANGE: list[tuple[dict[str, Any], str]] = [
+    ({"presence_penalty": 2.5}, "presence_penalty"),
+    ({"frequency_penalty": -3}, "frequency_penalty"),
+    ({"extra_body": {"repetition_penalty": 0}}, "repetition_penalty"),
+    ({"extra_body": {"repetition_penalty": 2.5}}, "repetition_penalty"),
+    ({"logit_bias": {"12": 101}}, "logit_bias.12"),
+    ({"logit_bias": {"hello": 1}}, "logit_bias"),
+    ({"logit_bias": {"100000": 1}}, "logit_bias"),
+    ({"extra_body": {"min_tokens": -1}}, "min_tokens"),
+    ({"extra_body": {"min_tokens": 5}}, "min_tokens"),  # more than max_tokens (4)
+    ({"extra_body": {"stop_token_ids": [-1]}}, "stop_token_ids.0"),
+    ({"extra_body": {"stop_token_ids": [100000]}}, "stop_token_ids"),
+    ({"n": 0}, "n"),
+    ({"n": 17}, "n"),
+]
+
+
+@pytest.mark.parametrize(("kwargs", "param"), OUT_OF_RANGE, ids=[p for _, p in OUT_OF_RANGE])
+@pytest.mark.parametrize("kind", ["chat", "completion"])
+def test_out_of_range_sampling_parameters_are_a_400_naming_them(
+    client: openai.OpenAI, kind: str, kwargs: dict[str, Any], param: str
+) -> None:
+    body = bad_request(client, kind, **kwargs)
+    assert body["param"] == param, body

@@ -7,6 +7,7 @@ with graceful drain. The engine itself is only ever touched by the EngineRunner'
 from __future__ import annotations
 
 import contextlib
+import functools
 import hmac
 import logging
 import time
@@ -27,7 +28,15 @@ from kiln_engine.server.drain import DrainingServer, DrainState
 from kiln_engine.server.errors import OpenAIError, install_error_handlers
 from kiln_engine.server.metrics import CONTENT_TYPE, ServerMetrics
 from kiln_engine.server.runner import EngineFailure, EngineRunner
-from kiln_engine.server.streaming import SSE_DONE, Delta, DisconnectWatch, deltas, next_or_disconnect, sse
+from kiln_engine.server.streaming import (
+    SSE_DONE,
+    Delta,
+    DisconnectWatch,
+    deltas,
+    merge,
+    next_or_disconnect,
+    sse,
+)
 
 log = logging.getLogger(__name__)
 
@@ -228,29 +237,19 @@ def create_app(model: ServedModel, settings: ServerSettings | None = None) -> Fa
             return prepare(ids, req.max_tokens, settings.default_completion_max_tokens, "prompt")
 
         prep = await run_in_threadpool(_prep)  # tokenizing a long prompt must not stall the loop
-        params = p.to_sampling_params(req, prep.max_tokens, req.logprobs)
         rid = f"cmpl-{prep.request_id}"
-        request.state.submitted = True
-        handle = runner.submit(rid, prep.prompt_ids, params)
-        stream = deltas(
-            handle,
-            model.tokenizer,
-            params.stop,
-            lambda: runner.abort(rid, "ok"),
-            model.eos_token_ids,
-            prep.prompt_ids,
-            model.engine_detokenizes,
-        )
+        stream, abort = launch(req, prep, rid, req.logprobs, request)
+        want_logprobs = req.logprobs is not None
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
             return _sse_response(
-                _completion_chunks(rid, model.name, stream, include_usage, req.logprobs is not None),
-                lambda: runner.abort(rid),
+                _completion_chunks(rid, model.name, stream, req.n, include_usage, want_logprobs),
+                abort,
                 request,
             )
         return await _collect(
-            stream, request, lambda: runner.abort(rid),
-            lambda ds: _completion_response(rid, model.name, ds, req.logprobs is not None),
+            stream, req.n, request, abort,
+            lambda choices: _completion_response(rid, model.name, choices, want_logprobs),
         )  # fmt: skip
 
     @api.post("/chat/completions", response_model=p.ChatCompletionResponse, responses=streamed)
@@ -272,90 +271,147 @@ def create_app(model: ServedModel, settings: ServerSettings | None = None) -> Fa
 
         prep = await run_in_threadpool(_prep)  # templating and tokenizing must not stall the loop
         num_logprobs = (req.top_logprobs or 0) if req.logprobs else None
-        params = p.to_sampling_params(req, prep.max_tokens, num_logprobs)
         rid = f"chatcmpl-{prep.request_id}"
-        request.state.submitted = True
-        handle = runner.submit(rid, prep.prompt_ids, params)
-        stream = deltas(
-            handle,
-            model.tokenizer,
-            params.stop,
-            lambda: runner.abort(rid, "ok"),
-            model.eos_token_ids,
-            prep.prompt_ids,
-            model.engine_detokenizes,
-        )
+        stream, abort = launch(req, prep, rid, num_logprobs, request)
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
             return _sse_response(
-                _chat_chunks(rid, model.name, stream, include_usage, req.logprobs, model.tokenizer),
-                lambda: runner.abort(rid),
+                _chat_chunks(rid, model.name, stream, req.n, include_usage, req.logprobs, model.tokenizer),
+                abort,
                 request,
             )
         return await _collect(
-            stream, request, lambda: runner.abort(rid),
-            lambda ds: _chat_response(rid, model.name, ds, req.logprobs, model.tokenizer),
+            stream, req.n, request, abort,
+            lambda choices: _chat_response(rid, model.name, choices, req.logprobs, model.tokenizer),
         )  # fmt: skip
 
-    def _completion_response(rid: str, name: str, ds: list[Delta], want_logprobs: bool) -> dict[str, Any]:
-        usage = _usage(ds)
-        lp = _completion_logprobs(ds, model.tokenizer) if want_logprobs else None
-        choice = p.CompletionChoice(text="".join(d.text for d in ds), logprobs=lp, finish_reason=_reason(ds))
-        return p.dump(p.CompletionResponse(id=rid, model=name, choices=[choice], usage=usage))
+    def check_sampling(req: p.CompletionRequest | p.ChatCompletionRequest, max_tokens: int) -> None:
+        """Sampling parameters that depend on the model or on the resolved max_tokens."""
+        if req.min_tokens > max_tokens:
+            raise OpenAIError(
+                f"min_tokens ({req.min_tokens}) exceeds max_tokens ({max_tokens})", param="min_tokens"
+            )
+        vocab = model.vocab_size
+        if vocab is None:
+            return  # the engine checks token ids itself
+        for param, ids in (
+            ("logit_bias", [int(k) for k in req.logit_bias or {}]),
+            ("stop_token_ids", req.stop_token_ids or []),
+        ):
+            if any(t >= vocab for t in ids):
+                raise OpenAIError(
+                    f"{param} token ids must be in [0, {vocab})", param=param, code="invalid_token_id"
+                )
+
+    def launch(
+        req: p.CompletionRequest | p.ChatCompletionRequest,
+        prep: _Prepared,
+        rid: str,
+        num_logprobs: int | None,
+        request: Request,
+    ) -> tuple[AsyncIterator[tuple[int, Delta]], Callable[[], None]]:
+        """Submit the request's `n` choices to the engine (one sequence each, sharing the prompt's
+        prefix-cache blocks); returns their merged deltas, tagged with the choice index, and an
+        abort for all of them."""
+        check_sampling(req, prep.max_tokens)
+        rids = [rid] if req.n == 1 else [f"{rid}-{i}" for i in range(req.n)]
+        request.state.submitted = True
+        streams = []
+        for i, choice_rid in enumerate(rids):
+            params = p.to_sampling_params(req, prep.max_tokens, num_logprobs, i)
+            handle = runner.submit(choice_rid, prep.prompt_ids, params)
+            streams.append(
+                deltas(
+                    handle,
+                    model.tokenizer,
+                    params.stop,
+                    functools.partial(runner.abort, choice_rid, "ok"),
+                    model.eos_token_ids,
+                    prep.prompt_ids,
+                    model.engine_detokenizes,
+                )
+            )
+
+        def abort() -> None:
+            for choice_rid in rids:
+                runner.abort(choice_rid)
+
+        return merge(streams), abort
+
+    def _completion_response(
+        rid: str, name: str, choices: list[list[Delta]], want_logprobs: bool
+    ) -> dict[str, Any]:
+        out = [
+            p.CompletionChoice(
+                index=i,
+                text="".join(d.text for d in ds),
+                logprobs=_completion_logprobs(ds, model.tokenizer) if want_logprobs else None,
+                finish_reason=_reason(ds),
+            )
+            for i, ds in enumerate(choices)
+        ]
+        return p.dump(p.CompletionResponse(id=rid, model=name, choices=out, usage=_usage(choices)))
 
     async def _completion_chunks(
-        rid: str, name: str, stream: AsyncIterator[Delta], include_usage: bool, want_logprobs: bool
-    ) -> AsyncIterator[tuple[Delta, bytes]]:
+        rid: str,
+        name: str,
+        stream: AsyncIterator[tuple[int, Delta]],
+        n: int,
+        include_usage: bool,
+        want_logprobs: bool,
+    ) -> AsyncIterator[bytes]:
         created = int(time.time())
-        async for d in stream:
+        last: dict[int, Delta] = {}
+        async for i, d in stream:
+            last[i] = d
             lp = _completion_logprobs([d], model.tokenizer) if want_logprobs else None
-            choice = p.CompletionChoice(text=d.text, logprobs=lp, finish_reason=d.finish_reason)
-            chunk = p.CompletionResponse(id=rid, created=created, model=name, choices=[choice])
-            yield d, sse(p.dump(chunk))
-            if d.finish_reason is not None and include_usage:
-                usage = _usage([d])
-                yield (
-                    d,
-                    sse(
-                        p.dump(
-                            p.CompletionResponse(id=rid, created=created, model=name, choices=[], usage=usage)
-                        )
-                    ),
-                )
+            choice = p.CompletionChoice(index=i, text=d.text, logprobs=lp, finish_reason=d.finish_reason)
+            yield sse(p.dump(p.CompletionResponse(id=rid, created=created, model=name, choices=[choice])))
+        if include_usage and len(last) == n:
+            usage = _usage([[last[i]] for i in range(n)])
+            yield sse(
+                p.dump(p.CompletionResponse(id=rid, created=created, model=name, choices=[], usage=usage))
+            )
 
     async def _chat_chunks(
         rid: str,
         name: str,
-        stream: AsyncIterator[Delta],
+        stream: AsyncIterator[tuple[int, Delta]],
+        n: int,
         include_usage: bool,
         want_logprobs: bool,
         tok: ChatTokenizer,
-    ) -> AsyncIterator[tuple[Delta, bytes]]:
+    ) -> AsyncIterator[bytes]:
         created = int(time.time())
-        first = True
-        async for d in stream:
-            delta = p.ChatDelta(role="assistant" if first else None, content=d.text)
-            first = False
+        last: dict[int, Delta] = {}
+        async for i, d in stream:
+            delta = p.ChatDelta(role="assistant" if i not in last else None, content=d.text)
+            last[i] = d
             lp = p.ChatLogprobs(content=_chat_logprobs(d.logprobs, tok)) if want_logprobs else None
-            choice = p.ChatChunkChoice(delta=delta, logprobs=lp, finish_reason=d.finish_reason)
-            yield d, sse(p.dump(p.ChatCompletionChunk(id=rid, created=created, model=name, choices=[choice])))
-            if d.finish_reason is not None and include_usage:
-                usage = _usage([d])
-                chunk = p.ChatCompletionChunk(id=rid, created=created, model=name, choices=[], usage=usage)
-                yield d, sse(p.dump(chunk))
+            choice = p.ChatChunkChoice(index=i, delta=delta, logprobs=lp, finish_reason=d.finish_reason)
+            yield sse(p.dump(p.ChatCompletionChunk(id=rid, created=created, model=name, choices=[choice])))
+        if include_usage and len(last) == n:
+            usage = _usage([[last[i]] for i in range(n)])
+            chunk = p.ChatCompletionChunk(id=rid, created=created, model=name, choices=[], usage=usage)
+            yield sse(p.dump(chunk))
 
     def _chat_response(
-        rid: str, name: str, ds: list[Delta], want_logprobs: bool, tok: ChatTokenizer
+        rid: str, name: str, choices: list[list[Delta]], want_logprobs: bool, tok: ChatTokenizer
     ) -> dict[str, Any]:
-        lp = None
-        if want_logprobs:
-            lp = p.ChatLogprobs(content=[e for d in ds for e in _chat_logprobs(d.logprobs, tok)])
-        choice = p.ChatChoice(
-            message=p.ChatResponseMessage(content="".join(d.text for d in ds)),
-            logprobs=lp,
-            finish_reason=_reason(ds),
-        )
-        return p.dump(p.ChatCompletionResponse(id=rid, model=name, choices=[choice], usage=_usage(ds)))
+        out = [
+            p.ChatChoice(
+                index=i,
+                message=p.ChatResponseMessage(content="".join(d.text for d in ds)),
+                logprobs=(
+                    p.ChatLogprobs(content=[e for d in ds for e in _chat_logprobs(d.logprobs, tok)])
+                    if want_logprobs
+                    else None
+                ),
+                finish_reason=_reason(ds),
+            )
+            for i, ds in enumerate(choices)
+        ]
+        return p.dump(p.ChatCompletionResponse(id=rid, model=name, choices=out, usage=_usage(choices)))
 
     app.include_router(api)
     app.add_middleware(RejectedRequestCounter, metrics=metrics, paths=GENERATION_PATHS)
@@ -435,13 +491,12 @@ def _reason(ds: list[Delta]) -> str | None:
     return ds[-1].finish_reason if ds else None
 
 
-def _usage(ds: list[Delta]) -> p.UsageInfo:
-    last = ds[-1] if ds else Delta("")
-    return p.UsageInfo(
-        prompt_tokens=last.prompt_tokens,
-        completion_tokens=last.completion_tokens,
-        total_tokens=last.prompt_tokens + last.completion_tokens,
-    )
+def _usage(choices: list[list[Delta]]) -> p.UsageInfo:
+    """The prompt counts once; the completion tokens of all choices add up."""
+    lasts = [ds[-1] if ds else Delta("") for ds in choices]
+    prompt = max((d.prompt_tokens for d in lasts), default=0)
+    completion = sum(d.completion_tokens for d in lasts)
+    return p.UsageInfo(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
 
 
 def _token_text(tok: ChatTokenizer, token_id: int) -> str:
@@ -483,35 +538,39 @@ def _failure_error(exc: EngineFailure) -> OpenAIError:
 
 
 async def _collect(
-    stream: AsyncIterator[Delta],
+    stream: AsyncIterator[tuple[int, Delta]],
+    n: int,
     request: Request,
     abort: Callable[[], None],
-    build: Callable[[list[Delta]], dict[str, Any]],
+    build: Callable[[list[list[Delta]]], dict[str, Any]],
 ) -> Response:
-    """Gather a whole response; abort the request if the client leaves or the engine fails it."""
-    ds: list[Delta] = []
+    """Gather all `n` choices; abort the request if the client leaves or the engine fails it."""
+    choices: list[list[Delta]] = [[] for _ in range(n)]
+    unfinished = n
     watch = DisconnectWatch(request.is_disconnected)
     try:
-        while True:
-            d = await next_or_disconnect(stream, watch)
-            if d is None:
+        while unfinished:
+            item = await next_or_disconnect(stream, watch)
+            if item is None:
                 abort()
                 return Response(status_code=499)
-            ds.append(d)
+            i, d = item
+            choices[i].append(d)
             if d.finish_reason is not None:
-                break
+                unfinished -= 1
     except EngineFailure as exc:
+        abort()
         raise _failure_error(exc) from exc
     except BaseException:
         abort()
         raise
-    if ds[-1].finish_reason == "abort":
+    if any(_reason(ds) == "abort" for ds in choices):
         raise OpenAIError("the request was aborted: the server is shutting down", 503, code="aborted")
-    return JSONResponse(build(ds))
+    return JSONResponse(build(choices))
 
 
 def _sse_response(
-    chunks: AsyncIterator[tuple[Delta, bytes]], abort: Callable[[], None], request: Request
+    chunks: AsyncIterator[bytes], abort: Callable[[], None], request: Request
 ) -> StreamingResponse:
     """Stream SSE chunks, then `data: [DONE]`; abort the request if the client goes away mid-stream."""
 
@@ -520,20 +579,18 @@ def _sse_response(
         watch = DisconnectWatch(request.is_disconnected)
         try:
             while True:
-                item = await next_or_disconnect(chunks, watch)
-                if item is None:
-                    return
-                d, data = item
-                yield data
-                if d.finish_reason is not None:
-                    finished = True
-                    # drain the optional usage chunk that follows the final delta
-                    async for _, extra in chunks:
-                        yield extra
+                try:
+                    data = await next_or_disconnect(chunks, watch)
+                except StopAsyncIteration:
                     break
+                if data is None:
+                    return
+                yield data
+            finished = True
             yield SSE_DONE
         except EngineFailure as exc:
             finished = True
+            abort()  # the other choices of the request, if any
             yield sse(_failure_error(exc).body())
             yield SSE_DONE
         finally:

@@ -25,6 +25,9 @@ from kiln_engine.interface import SamplingParams
 
 MAX_STOP_SEQUENCES = 16
 MAX_TOP_LOGPROBS = 20
+MAX_CHOICES = 16  # `n`: each choice is a sequence of its own in the engine
+MAX_LOGIT_BIAS = 1024  # entries of `logit_bias`
+MAX_STOP_TOKEN_IDS = 64
 
 Number = StrictInt | StrictFloat
 
@@ -49,7 +52,6 @@ UNSUPPORTED_PARAMETERS: dict[str, str] = {
     "store": "stored completions are not supported",
     "metadata": "stored completions (metadata) are not supported",
     "service_tier": "service tiers are not supported",
-    "logit_bias": "logit_bias is not supported yet",
 }
 
 
@@ -73,17 +75,25 @@ class _SamplingFields(_Request):
     temperature: Annotated[Number, Field(ge=0.0, le=2.0)] | None = None
     top_p: Annotated[Number, Field(gt=0.0, le=1.0)] | None = None
     top_k: StrictInt | None = Field(default=None, ge=-1, description="Extension: 0 or -1 disables.")
-    n: StrictInt = Field(default=1, ge=1, le=1, description="Only n=1 is supported.")
+    n: StrictInt = Field(default=1, ge=1, le=MAX_CHOICES, description="Number of choices to generate.")
     stream: StrictBool = False
     stream_options: StreamOptions | None = None
     stop: StrictStr | list[StrictStr] | None = None
     # torch generators take a 64-bit seed: anything wider is a client error, not an engine failure.
     seed: StrictInt | None = Field(default=None, ge=-(2**63), le=2**64 - 1)
-    presence_penalty: Annotated[Number, Field(ge=0.0, le=0.0)] | None = Field(
-        default=None, description="Not supported: only 0 is accepted."
+    presence_penalty: Annotated[Number, Field(ge=-2.0, le=2.0)] | None = None
+    frequency_penalty: Annotated[Number, Field(ge=-2.0, le=2.0)] | None = None
+    repetition_penalty: Annotated[Number, Field(gt=0.0, le=2.0)] | None = Field(
+        default=None, description="Extension: >1 discourages tokens of the prompt and the output so far."
     )
-    frequency_penalty: Annotated[Number, Field(ge=0.0, le=0.0)] | None = Field(
-        default=None, description="Not supported: only 0 is accepted."
+    logit_bias: dict[StrictStr, Annotated[Number, Field(ge=-100.0, le=100.0)]] | None = Field(
+        default=None, max_length=MAX_LOGIT_BIAS, description="Token id (as a string) -> added to its logit."
+    )
+    min_tokens: StrictInt = Field(
+        default=0, ge=0, description="Extension: EOS, stop tokens and stop strings end nothing before this."
+    )
+    stop_token_ids: list[Annotated[StrictInt, Field(ge=0)]] | None = Field(
+        default=None, max_length=MAX_STOP_TOKEN_IDS, description="Extension: token ids that end a choice."
     )
     ignore_eos: StrictBool = False
     user: StrictStr | None = Field(default=None, description="Accepted and ignored.")
@@ -95,6 +105,14 @@ class _SamplingFields(_Request):
         if isinstance(stop, list) and len(stop) > MAX_STOP_SEQUENCES:
             raise ValueError(f"at most {MAX_STOP_SEQUENCES} stop sequences are allowed, got {len(stop)}")
         return stop
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _token_id_keys(cls, bias: dict[str, float] | None) -> dict[str, float] | None:
+        for key in bias or {}:
+            if not key.isdecimal():
+                raise ValueError(f"keys must be token ids, got {key!r}")
+        return bias
 
     def stop_strings(self) -> tuple[str, ...]:
         if self.stop is None:
@@ -153,19 +171,30 @@ class ChatCompletionRequest(_SamplingFields):
 
 
 def to_sampling_params(
-    req: CompletionRequest | ChatCompletionRequest, max_tokens: int, num_logprobs: int | None
+    req: CompletionRequest | ChatCompletionRequest, max_tokens: int, num_logprobs: int | None, choice: int = 0
 ) -> SamplingParams:
-    """Map a validated request onto the engine's SamplingParams (top_k -1 and 0 both disable)."""
+    """Map a validated request onto the engine's SamplingParams of one of its `n` choices.
+
+    top_k -1 and 0 both disable. Choice i > 0 of a seeded request draws from seed + i, so the
+    choices differ and each is reproducible.
+    """
     temperature = 1.0 if req.temperature is None else float(req.temperature)
+    seed = req.seed if req.seed is None or choice == 0 else (req.seed + choice) % 2**64
     return SamplingParams(
         max_tokens=max_tokens,
         temperature=temperature,
         top_p=1.0 if req.top_p is None else float(req.top_p),
         top_k=max(req.top_k or 0, 0),
-        seed=req.seed,
+        seed=seed,
         stop=req.stop_strings(),
+        stop_token_ids=tuple(req.stop_token_ids or ()),
         ignore_eos=req.ignore_eos,
         logprobs=num_logprobs,
+        presence_penalty=float(req.presence_penalty or 0.0),
+        frequency_penalty=float(req.frequency_penalty or 0.0),
+        repetition_penalty=1.0 if req.repetition_penalty is None else float(req.repetition_penalty),
+        logit_bias=tuple((int(k), float(v)) for k, v in (req.logit_bias or {}).items()),
+        min_tokens=req.min_tokens,
     )
 
 
@@ -192,7 +221,7 @@ class CompletionLogprobs(BaseModel):
 class CompletionChoice(BaseModel):
     """One choice of a completion (or one streamed delta of it)."""
 
-    index: int = 0
+    index: int
     text: str
     logprobs: CompletionLogprobs | None = None
     finish_reason: str | None = None
@@ -239,7 +268,7 @@ class ChatResponseMessage(BaseModel):
 class ChatChoice(BaseModel):
     """One choice of a chat completion."""
 
-    index: int = 0
+    index: int
     message: ChatResponseMessage
     logprobs: ChatLogprobs | None = None
     finish_reason: str | None = None
@@ -266,7 +295,7 @@ class ChatDelta(BaseModel):
 class ChatChunkChoice(BaseModel):
     """One choice of a streamed chat chunk."""
 
-    index: int = 0
+    index: int
     delta: ChatDelta
     logprobs: ChatLogprobs | None = None
     finish_reason: str | None = None

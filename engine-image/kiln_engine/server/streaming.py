@@ -1,5 +1,6 @@
 """Turning a request's token outputs into text: incremental detokenization, stop strings, and the
-async stream of deltas that both the streaming (SSE) and the one-shot endpoints consume.
+async stream of deltas (merged over a request's `n` choices) that both the streaming (SSE) and the
+one-shot endpoints consume.
 """
 
 from __future__ import annotations
@@ -158,6 +159,32 @@ async def deltas(
         yield Delta(emitted, out.new_token_ids, lps, reason, prompt_tokens, completion_tokens)
         if out.finished:
             return
+
+
+async def merge(streams: list[AsyncIterator[Delta]]) -> AsyncIterator[tuple[int, Delta]]:
+    """The deltas of a request's choices as they come, each with its choice index; ends when all end.
+
+    An EngineFailure of any choice ends the merge with it (the caller aborts the rest).
+    """
+    if len(streams) == 1:  # n=1, the common case: no tasks
+        async for d in streams[0]:
+            yield 0, d
+        return
+    pending = {asyncio.ensure_future(anext(s)): i for i, s in enumerate(streams)}
+    try:
+        while pending:
+            done, _ = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+            for task in sorted(done, key=lambda t: pending[t]):
+                i = pending.pop(task)
+                try:
+                    d = task.result()
+                except StopAsyncIteration:
+                    continue
+                yield i, d
+                pending[asyncio.ensure_future(anext(streams[i]))] = i
+    finally:
+        for task in pending:
+            task.cancel()
 
 
 def sse(payload: dict[str, Any] | str) -> bytes:
