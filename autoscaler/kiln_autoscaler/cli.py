@@ -83,9 +83,9 @@ def run(
     from kubernetes import client, config
     from prometheus_client import start_http_server
 
+    from kiln.common.leader import LeaseElector
     from kiln_autoscaler.controller import Controller, SignalSource
     from kiln_autoscaler.kube import Kube
-    from kiln_autoscaler.leader import LeaseElector
     from kiln_autoscaler.metrics import AutoscalerMetrics
     from kiln_autoscaler.sources import PodScrapeSource, PrometheusSource
 

@@ -12,14 +12,13 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
-from prometheus_client.parser import text_string_to_metric_families
 
+from kiln.common.histogram import bucket_delta, histogram_quantile
+from kiln.common.scrape import COUNTERS, PodSample, parse_metrics
 from kiln_autoscaler.data import Signals, finite_or_none
-from kiln_autoscaler.histogram import bucket_delta, histogram_quantile
 from kiln_engine import metric_names as names
 
 DEFAULT_DEPLOYMENT_LABEL = "llmdeployment"
@@ -120,35 +119,6 @@ class PrometheusSource:
 # ---------------------------------------------------------------------------------- pod scraping
 
 
-@dataclass
-class PodSample:
-    """What one scrape of one pod's /metrics held (only the series the autoscaler reads)."""
-
-    time: float
-    ttft_buckets: dict[float, float] = field(default_factory=dict)
-    counters: dict[str, float] = field(default_factory=dict)  # requests, prompt and generation tokens
-    gauges: dict[str, float] = field(default_factory=dict)  # queue, running, kv
-
-
-_COUNTERS = (names.REQUESTS, names.PROMPT_TOKENS, names.GENERATION_TOKENS)
-_GAUGES = (names.QUEUE_DEPTH, names.RUNNING_REQUESTS, names.KV_CACHE_USAGE)
-
-
-def parse_metrics(text: str, now: float) -> PodSample:
-    """The autoscaler's series from a Prometheus text exposition (summed over label sets)."""
-    sample = PodSample(time=now)
-    for family in text_string_to_metric_families(text):
-        for item in family.samples:
-            if item.name == f"{names.TTFT_SECONDS}_bucket":
-                bound = float(item.labels["le"])
-                sample.ttft_buckets[bound] = sample.ttft_buckets.get(bound, 0.0) + item.value
-            elif item.name in _COUNTERS:
-                sample.counters[item.name] = sample.counters.get(item.name, 0.0) + item.value
-            elif item.name in _GAUGES:
-                sample.gauges[item.name] = sample.gauges.get(item.name, 0.0) + item.value
-    return sample
-
-
 def signals_from_samples(
     current: Mapping[str, PodSample], previous: Mapping[str, PodSample]
 ) -> Signals | None:
@@ -160,7 +130,7 @@ def signals_from_samples(
     if not current:
         return None
     merged: dict[float, float] = {}
-    totals = dict.fromkeys(_COUNTERS, 0.0)
+    totals = dict.fromkeys(COUNTERS, 0.0)
     spans: list[float] = []
     for pod, sample in current.items():
         before = previous.get(pod)
@@ -168,13 +138,13 @@ def signals_from_samples(
             continue
         delta = bucket_delta(sample.ttft_buckets, before.ttft_buckets)
         restarted = delta is None or any(
-            sample.counters.get(name, 0.0) < before.counters.get(name, 0.0) for name in _COUNTERS
+            sample.counters.get(name, 0.0) < before.counters.get(name, 0.0) for name in COUNTERS
         )
         if restarted or delta is None:
             continue
         for bound, count in delta:
             merged[bound] = merged.get(bound, 0.0) + count
-        for name in _COUNTERS:
+        for name in COUNTERS:
             totals[name] += sample.counters.get(name, 0.0) - before.counters.get(name, 0.0)
         spans.append(sample.time - before.time)
     if not spans:

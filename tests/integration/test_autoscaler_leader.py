@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 from kubernetes import client
 
+from kiln.common.leader import LeaseElector
 from kiln.local.testing import LocalCluster
-from kiln_autoscaler.leader import LeaseElector
 
 pytestmark = pytest.mark.cluster
 

@@ -22,9 +22,9 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
+from kiln.common.histogram import cumulative, histogram_quantile
 from kiln_autoscaler.baselines import Policy
 from kiln_autoscaler.data import Capacity, History, Replicas, Signals, Targets
-from kiln_autoscaler.histogram import cumulative, histogram_quantile
 from kiln_autoscaler.sim.traces import Trace
 from kiln_engine.metric_names import LATENCY_BUCKETS
 

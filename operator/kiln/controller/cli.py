@@ -218,7 +218,7 @@ def run(
 
     elector = None
     if leader_election:
-        from kiln_autoscaler.leader import LeaseElector
+        from kiln.common.leader import LeaseElector
 
         identity = f"{os.environ.get('POD_NAME') or socket.gethostname()}-{os.getpid()}"
         elector = LeaseElector(

@@ -17,8 +17,8 @@ from typing import Any
 
 import httpx
 
-from kiln_autoscaler.histogram import bucket_delta, histogram_quantile
-from kiln_autoscaler.sources import parse_metrics
+from kiln.common.histogram import bucket_delta, histogram_quantile
+from kiln.common.scrape import parse_metrics
 
 Buckets = dict[float, float]  # upper bound (s) -> cumulative count
 

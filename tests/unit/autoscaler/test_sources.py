@@ -9,9 +9,9 @@ from http.server import BaseHTTPRequestHandler, HTTPServer
 import pytest
 from prometheus_client import generate_latest
 
+from kiln.common.scrape import parse_metrics
 from kiln_autoscaler.sources import (
     PodScrapeSource,
-    parse_metrics,
     queries,
     scalar_from_vector,
     selector,

@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from kiln_autoscaler.histogram import bucket_delta, cumulative, histogram_quantile
+from kiln.common.histogram import bucket_delta, cumulative, histogram_quantile
 
 
 def test_interpolates_inside_the_bucket_holding_the_rank() -> None:

@@ -1,4 +1,4 @@
-"""Leader election over a coordination.k8s.io/v1 Lease, so several autoscaler replicas can run and one acts.
+"""Leader election over a coordination.k8s.io/v1 Lease: of several operator or autoscaler replicas, one acts.
 
 The same protocol as client-go's leaderelection: the holder renews `renewTime` every retry period;
 another candidate takes the Lease once `renewTime + leaseDurationSeconds` has passed. Writes use the
