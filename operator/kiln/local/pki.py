@@ -32,7 +32,12 @@ class ClientIdentity:
 ADMIN = ClientIdentity("admin", "kiln-admin", ("system:masters",))
 CONTROLLER_MANAGER = ClientIdentity("controller-manager", "system:kube-controller-manager")
 SCHEDULER = ClientIdentity("scheduler", "system:kube-scheduler")
-CLIENTS = (ADMIN, CONTROLLER_MANAGER, SCHEDULER)
+# The real node (`kiln local up --real-node`): its kubelet (Node authorizer), kube-proxy (bound to
+# system:node-proxier by the bootstrap roles) and CoreDNS (bound to a ClusterRole by kiln.local.realnode).
+KUBELET = ClientIdentity("kubelet", "system:node:kiln-real-node", ("system:nodes",))
+KUBE_PROXY = ClientIdentity("kube-proxy", "system:kube-proxy")
+COREDNS = ClientIdentity("coredns", "system:kiln-coredns")
+CLIENTS = (ADMIN, CONTROLLER_MANAGER, SCHEDULER, KUBELET, KUBE_PROXY, COREDNS)
 
 
 @dataclass(frozen=True)
