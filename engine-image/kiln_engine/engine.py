@@ -17,8 +17,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from kiln_engine import grammar
 from kiln_engine.block_manager import BlockManager
 from kiln_engine.config import EngineConfig, ModelConfig
+from kiln_engine.grammar import Grammars
 from kiln_engine.interface import EngineStats, RequestOutput, SamplingParams, TokenLogprob
 from kiln_engine.model_runner import ModelRunner
 from kiln_engine.sampler import SampledTokens
@@ -72,6 +74,9 @@ def validate_params(params: SamplingParams) -> None:
         raise ValueError("logit_bias values must be between -100 and 100")
     if not 0 <= params.min_tokens <= params.max_tokens:
         raise ValueError(f"min_tokens must be between 0 and max_tokens, got {params.min_tokens}")
+    if params.structured is not None and (params.ignore_eos or params.min_tokens):
+        # a grammar ends its output with EOS: holding EOS back could leave no token allowed
+        raise ValueError("a structured output cannot be combined with ignore_eos or min_tokens")
 
 
 def stop_holdback(text: str, stops: tuple[str, ...]) -> int:
@@ -109,6 +114,13 @@ class LLMEngine:
         eos = self.tokenizer.eos_token_ids if self.tokenizer else self.model_config.eos_token_ids
         self.eos_token_ids: frozenset[int] = frozenset(eos)
         self.runner.sampler.eos_token_ids = self.eos_token_ids  # what min_tokens holds back
+        # Structured outputs need the tokenizer's vocabulary and xgrammar.
+        self.grammars: Grammars | None = None
+        if self.tokenizer is not None and grammar.available():
+            self.grammars = Grammars(
+                self.tokenizer.tk, self.model_config.vocab_size, sorted(self.eos_token_ids)
+            )
+        self.runner.sampler.grammars = self.grammars
         self.seqs: dict[str, Sequence] = {}
         self.texts: dict[str, _TextState] = {}
         self.pending: list[RequestOutput] = []  # aborts to report on the next step
@@ -135,6 +147,10 @@ class LLMEngine:
             raise ValueError(f"prompt token ids must be in [0, {vocab})")
         if any(not 0 <= t < vocab for t in (*params.stop_token_ids, *(t for t, _ in params.logit_bias))):
             raise ValueError(f"stop_token_ids and logit_bias token ids must be in [0, {vocab})")
+        if params.structured is not None:
+            if self.grammars is None:
+                raise ValueError("structured outputs need the model's tokenizer and xgrammar")
+            self.grammars.compile(params.structured)  # raises on a bad schema; cached for sampling
         seq = Sequence(request_id, list(prompt_token_ids), params)
         self.seqs[request_id] = seq
         if self.tokenizer is not None:

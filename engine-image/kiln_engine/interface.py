@@ -29,6 +29,8 @@ class SamplingParams:
     repetition_penalty: float = 1.0  # divides (or multiplies, if negative) logits of prompt+output tokens
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit)
     min_tokens: int = 0  # EOS and stop_token_ids are blocked (and stop strings ignored) before this many
+    # Structured output: (kind, JSON schema text), kinds in kiln_engine.grammar; None: free text.
+    structured: tuple[str, str] | None = None
 
     # Derived once here, because the engine's hot loops ask per sequence per step.
     adjusts_logits: bool = field(init=False, repr=False, compare=False)  # logits change before picking
@@ -36,7 +38,12 @@ class SamplingParams:
     plain_greedy: bool = field(init=False, repr=False, compare=False)  # argmax alone: the fast path
 
     def __post_init__(self) -> None:
-        history = bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0)
+        history = bool(
+            self.presence_penalty
+            or self.frequency_penalty
+            or self.repetition_penalty != 1.0
+            or self.structured  # the grammar state advances with each generated token
+        )
         adjusts = history or bool(self.logit_bias or self.min_tokens)
         plain = self.temperature <= 0.0 and self.logprobs is None and self.seed is None and not adjusts
         object.__setattr__(self, "uses_history", history)

@@ -1,11 +1,12 @@
 """Per-request changes to the logits before a token is picked: repetition, presence and frequency
-penalties, logit_bias and min_tokens, as a few batched tensor ops over the rows that ask for them.
+penalties, logit_bias, min_tokens and grammar masks (structured outputs), as a few batched tensor
+ops over the rows that ask for them.
 
 `build` runs on the host before the forward pass and only copies small tensors to the device
 (asynchronously); `apply` enqueues the ops. A step whose rows ask for none of this never builds one,
 so the greedy fast path and plain sampling keep their cost. The order follows the usual semantics:
 penalties act on the model's raw logits, then logit_bias is added, then min_tokens masks the stop
-tokens of rows that have not generated enough yet.
+tokens of rows that have not generated enough yet, then the grammar keeps only the tokens it allows.
 """
 
 from __future__ import annotations
@@ -15,9 +16,13 @@ from dataclasses import dataclass
 
 import torch
 
+from kiln_engine import grammar
+from kiln_engine.grammar import GrammarState
 from kiln_engine.interface import SamplingParams
 
-ToDevice = Callable[[list[float] | list[int] | list[bool] | list[list[int]], torch.dtype], torch.Tensor]
+ToDevice = Callable[
+    [list[float] | list[int] | list[bool] | list[list[int]] | torch.Tensor, torch.dtype], torch.Tensor
+]
 
 
 @dataclass(frozen=True)
@@ -43,6 +48,7 @@ class LogitsAdjustment:
     bias_at: tuple[torch.Tensor, torch.Tensor] | None = None  # (adjusted-row index, token id)
     bias: torch.Tensor | None = None
     blocked_at: tuple[torch.Tensor, torch.Tensor] | None = None  # (adjusted-row index, token id) -> -inf
+    allowed: torch.Tensor | None = None  # [R, ceil(V/32)] int32 grammar bitmask (all ones: no grammar)
 
     def apply(self, logits: torch.Tensor) -> torch.Tensor:
         """New logits with the adjusted rows changed; `logits` itself is left as it was."""
@@ -62,15 +68,22 @@ class LogitsAdjustment:
             x = x.index_put(self.bias_at, self.bias.to(x.dtype), accumulate=True)
         if self.blocked_at is not None:
             x = x.index_put(self.blocked_at, torch.tensor(float("-inf"), dtype=x.dtype, device=x.device))
+        if self.allowed is not None:
+            grammar.apply_bitmask(x, self.allowed)
         return logits.index_copy(0, self.rows, x)
 
 
 def build(
-    rows: list[AdjustRow], vocab_size: int, eos_token_ids: frozenset[int], to_device: ToDevice
+    rows: list[AdjustRow],
+    vocab_size: int,
+    eos_token_ids: frozenset[int],
+    to_device: ToDevice,
+    grammars: dict[int, GrammarState] | None = None,
 ) -> LogitsAdjustment | None:
     """The adjustments of these rows (those whose params adjust logits), or None if none applies now.
 
-    Rows that ask for one adjustment get the neutral value of the others (penalty 1 or 0, no ids).
+    Rows that ask for one adjustment get the neutral value of the others (penalty 1 or 0, no ids,
+    every token allowed). `grammars`: the grammar state of each constrained row, by row.
     """
     blocked = {r.row: ids for r in rows if (ids := _min_tokens_blocked(r, eos_token_ids))}
     chosen = [r for r in rows if r.params.uses_history or r.params.logit_bias or r.row in blocked]
@@ -97,6 +110,13 @@ def build(
         rows_b = to_device([i for i, _, _ in biases], torch.int64)
         out.bias_at = (rows_b, to_device([tok for _, tok, _ in biases], torch.int64))
         out.bias = to_device([bias for _, _, bias in biases], torch.float32)
+    if grammars:
+        bitmask = grammar.allocate_bitmask(len(chosen), vocab_size)
+        for i, r in enumerate(chosen):
+            state = grammars.get(r.row)
+            if state is not None:
+                state.fill_mask(r.token_ids, r.num_prompt_tokens, bitmask, i)
+        out.allowed = to_device(bitmask, torch.int32)
     masked = [(i, tok) for i, r in enumerate(chosen) for tok in sorted(blocked.get(r.row, ()))]
     if masked:
         out.blocked_at = (

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from kiln_engine.grammar import Grammars, GrammarState
 from kiln_engine.interface import SamplingParams, TokenLogprob
 from kiln_engine.logits_adjust import AdjustRow, LogitsAdjustment, build
 
@@ -103,11 +104,22 @@ class Sampler:
     ) -> None:
         self.device = device
         self.eos_token_ids = eos_token_ids  # what min_tokens blocks (the engine sets the tokenizer's)
+        self.grammars: Grammars | None = None  # set by the engine when it serves structured outputs
+        self.grammar_states: dict[str, GrammarState] = {}
         self.generator = torch.Generator(device=device).manual_seed(seed)
         self.seeded: dict[str, torch.Generator] = {}
 
     def release(self, request_id: str) -> None:
         self.seeded.pop(request_id, None)
+        self.grammar_states.pop(request_id, None)
+
+    def _grammar_state(self, req: SampleRequest) -> GrammarState:
+        state = self.grammar_states.get(req.request_id)
+        if state is None:
+            assert self.grammars is not None and req.params.structured is not None
+            state = self.grammars.state(req.params.structured)
+            self.grammar_states[req.request_id] = state
+        return state
 
     def _generator(self, req: SampleRequest) -> torch.Generator:
         g = self.seeded.get(req.request_id)
@@ -145,7 +157,8 @@ class Sampler:
                 for i, r in enumerate(requests)
                 if r.params.adjusts_logits
             ]
-            batch.adjustment = build(adjusted, vocab_size, self.eos_token_ids, self._to_device)
+            states = {a.row: self._grammar_state(requests[a.row]) for a in adjusted if a.params.structured}
+            batch.adjustment = build(adjusted, vocab_size, self.eos_token_ids, self._to_device, states)
         if not batch.all_greedy:
             batch.temperatures = self._to_device(
                 [p.temperature if p.temperature > 0 else 1.0 for p in params], torch.float32
@@ -157,9 +170,11 @@ class Sampler:
         return batch
 
     def _to_device(
-        self, values: list[float] | list[int] | list[bool] | list[list[int]], dtype: torch.dtype
+        self,
+        values: list[float] | list[int] | list[bool] | list[list[int]] | torch.Tensor,
+        dtype: torch.dtype,
     ) -> torch.Tensor:
-        t = torch.tensor(values, dtype=dtype)
+        t = values.to(dtype) if isinstance(values, torch.Tensor) else torch.tensor(values, dtype=dtype)
         if self.device.type == "cuda":
             return t.pin_memory().to(self.device, non_blocking=True)
         return t

@@ -65,15 +65,8 @@ TOOLS = [
 REJECTED: list[tuple[str, dict[str, Any], str, str]] = [
     ("chat", {"tools": TOOLS}, "tools", "unsupported_parameter"),
     ("chat", {"tool_choice": "auto"}, "tool_choice", "unsupported_parameter"),
-    ("chat", {"response_format": {"type": "json_object"}}, "response_format", "unsupported_parameter"),
-    (
-        "chat",
-        {"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {}}}},
-        "response_format",
-        "unsupported_parameter",
-    ),
-    ("completion", {"extra_body": {"response_format": {"type": "json_object"}}}, "response_format",
-     "unsupported_parameter"),
+    ("chat", {"parallel_tool_calls": False}, "parallel_tool_calls", "unsupported_parameter"),
+    ("completion", {"extra_body": {"functions": []}}, "functions", "unsupported_parameter"),
     ("chat", {"extra_body": {"max_tokenz": 5}}, "max_tokenz", "unknown_parameter"),
     ("completion", {"extra_body": {"temprature": 0.5}}, "temprature", "unknown_parameter"),
     ("chat", {"stream_options": {"include_usage": True, "bogus": 1}, "stream": True}, "stream_options.bogus",

@@ -234,6 +234,7 @@ def create_app(model: ServedModel, settings: ServerSettings | None = None) -> Fa
                 if isinstance(prompt, str)
                 else [int(t) for t in prompt]
             )
+            compile_structured(req)
             return prepare(ids, req.max_tokens, settings.default_completion_max_tokens, "prompt")
 
         prep = await run_in_threadpool(_prep)  # tokenizing a long prompt must not stall the loop
@@ -267,6 +268,7 @@ def create_app(model: ServedModel, settings: ServerSettings | None = None) -> Fa
             encode = model.chat_encode or model.tokenizer.encode
             requested = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
             ids = encode_bounded(encode, text, model.engine.max_model_len, "messages")
+            compile_structured(req)
             return prepare(ids, requested, None, "messages")
 
         prep = await run_in_threadpool(_prep)  # templating and tokenizing must not stall the loop
@@ -284,6 +286,32 @@ def create_app(model: ServedModel, settings: ServerSettings | None = None) -> Fa
             stream, req.n, request, abort,
             lambda choices: _chat_response(rid, model.name, choices, req.logprobs, model.tokenizer),
         )  # fmt: skip
+
+    def compile_structured(req: p.CompletionRequest | p.ChatCompletionRequest) -> None:
+        """Compile the request's response_format here, off the event loop and the engine thread (the
+        engine finds it in its compiler's cache); a schema that cannot be used is a 400."""
+        spec = req.response_format.structured() if req.response_format else None
+        if spec is None:
+            return
+        if req.ignore_eos or req.min_tokens:
+            raise OpenAIError(
+                "response_format cannot be combined with ignore_eos or min_tokens: the structured output "
+                "ends with the end-of-sequence token",
+                param="response_format",
+            )
+        grammars = getattr(model.engine, "grammars", None)
+        if grammars is None:
+            raise OpenAIError(
+                "response_format is not supported by this engine: it needs the model's tokenizer and "
+                "the xgrammar package",
+                param="response_format",
+                code="unsupported_parameter",
+            )
+        try:
+            grammars.compile(spec)
+        except ValueError as exc:
+            param = "response_format.json_schema.schema" if spec[0] == "json_schema" else "response_format"
+            raise OpenAIError(str(exc), param=param, code="invalid_schema") from exc
 
     def check_sampling(req: p.CompletionRequest | p.ChatCompletionRequest, max_tokens: int) -> None:
         """Sampling parameters that depend on the model or on the resolved max_tokens."""

@@ -7,6 +7,7 @@ them rather than silently ignored. Only the fields in IGNORED_PARAMETERS are acc
 
 from __future__ import annotations
 
+import json
 import time
 from typing import Annotated, Any, Literal
 
@@ -19,8 +20,10 @@ from pydantic import (
     StrictInt,
     StrictStr,
     field_validator,
+    model_validator,
 )
 
+from kiln_engine import grammar
 from kiln_engine.interface import SamplingParams
 
 MAX_STOP_SEQUENCES = 16
@@ -36,7 +39,6 @@ IGNORED_PARAMETERS = frozenset({"user"})
 
 # OpenAI parameters this server does not implement (yet): a 400 says so instead of "unknown parameter".
 UNSUPPORTED_PARAMETERS: dict[str, str] = {
-    "response_format": "structured outputs (response_format) are not supported yet",
     "tools": "tool calling is not supported yet",
     "tool_choice": "tool calling is not supported yet",
     "parallel_tool_calls": "tool calling is not supported yet",
@@ -67,6 +69,38 @@ class StreamOptions(_Request):
     include_usage: StrictBool = False
 
 
+class JsonSchemaFormat(_Request):
+    """`response_format.json_schema`: the schema the output must validate against."""
+
+    name: StrictStr = Field(min_length=1, max_length=64)
+    description: StrictStr | None = None
+    schema_: dict[str, Any] = Field(alias="schema")
+    strict: StrictBool | None = Field(
+        default=None, description="Accepted either way: the output always follows the schema strictly."
+    )
+
+
+class ResponseFormat(_Request):
+    """`response_format`: free text, any JSON object, or JSON that validates against a schema."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_iff_json_schema(self) -> ResponseFormat:
+        if (self.type == "json_schema") != (self.json_schema is not None):
+            raise ValueError("json_schema is required with type 'json_schema' and only then")
+        return self
+
+    def structured(self) -> tuple[str, str] | None:
+        """The engine's `structured` spec, or None for free text."""
+        if self.type == "json_object":
+            return (grammar.JSON_OBJECT, "")
+        if self.json_schema is not None:
+            return (grammar.JSON_SCHEMA, json.dumps(self.json_schema.schema_))
+        return None
+
+
 class _SamplingFields(_Request):
     """Fields shared by completions and chat completions."""
 
@@ -95,6 +129,7 @@ class _SamplingFields(_Request):
     stop_token_ids: list[Annotated[StrictInt, Field(ge=0)]] | None = Field(
         default=None, max_length=MAX_STOP_TOKEN_IDS, description="Extension: token ids that end a choice."
     )
+    response_format: ResponseFormat | None = None
     ignore_eos: StrictBool = False
     user: StrictStr | None = Field(default=None, description="Accepted and ignored.")
 
@@ -195,6 +230,7 @@ def to_sampling_params(
         repetition_penalty=1.0 if req.repetition_penalty is None else float(req.repetition_penalty),
         logit_bias=tuple((int(k), float(v)) for k, v in (req.logit_bias or {}).items()),
         min_tokens=req.min_tokens,
+        structured=req.response_format.structured() if req.response_format else None,
     )
 
 

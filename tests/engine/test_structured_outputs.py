@@ -1,0 +1,188 @@
+"""Structured outputs (`response_format` json_schema / json_object through xgrammar token masks), with
+the official `openai` client over real HTTP on a tiny random model: whatever the model would say,
+every constrained output parses and validates against its (hypothesis-generated) schema.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+pytestmark = pytest.mark.engine
+
+pytest.importorskip("torch")
+pytest.importorskip("xgrammar")
+openai = pytest.importorskip("openai")
+jsonschema_rs = pytest.importorskip("jsonschema_rs")
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from kiln_engine.config import EngineConfig  # noqa: E402
+from kiln_engine.engine import LLMEngine  # noqa: E402
+from kiln_engine.interface import SamplingParams  # noqa: E402
+from kiln_engine.server.app import ServerSettings  # noqa: E402
+from kiln_engine.testing.tiny import make_tiny_checkpoint  # noqa: E402
+from tests.engine.test_server import MODEL, ThreadServer  # noqa: E402
+
+MESSAGES = [{"role": "user", "content": "Give me JSON"}]
+MAX_TOKENS = 320
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny", "llama", seed=3)
+
+
+@pytest.fixture(scope="module")
+def server(checkpoint: Path) -> Iterator[ThreadServer]:
+    with ThreadServer(checkpoint, ServerSettings(), max_model_len=512) as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def client(server: ThreadServer) -> openai.OpenAI:
+    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+# Schemas whose every valid instance is short, so a random model's output always completes.
+names = st.text(alphabet="abcdefghij_", min_size=1, max_size=6)
+leaves = st.one_of(
+    st.just({"type": "boolean"}),
+    st.just({"type": "null"}),
+    st.integers(-50, 50).flatmap(lambda lo: st.integers(lo, lo + 100).map(
+        lambda hi: {"type": "integer", "minimum": lo, "maximum": hi})),
+    st.integers(0, 5).map(lambda n: {"type": "string", "maxLength": n}),
+    st.lists(st.one_of(names, st.integers(-9, 99)), min_size=1, max_size=3, unique=True).map(
+        lambda values: {"enum": values}),
+)  # fmt: skip
+
+
+def containers(children: st.SearchStrategy[dict[str, Any]]) -> st.SearchStrategy[dict[str, Any]]:
+    objects = st.dictionaries(names, children, min_size=1, max_size=3).map(
+        lambda props: {
+            "type": "object",
+            "properties": props,
+            "required": sorted(props),
+            "additionalProperties": False,
+        }
+    )
+    arrays = st.tuples(children, st.integers(0, 2)).map(
+        lambda t: {"type": "array", "items": t[0], "maxItems": t[1]}
+    )
+    return st.one_of(objects, arrays)
+
+
+schemas = st.recursive(leaves, containers, max_leaves=6).filter(lambda s: "properties" in s or "items" in s)
+
+
+def json_schema_format(schema: dict[str, Any]) -> dict[str, Any]:
+    return {"type": "json_schema", "json_schema": {"name": "answer", "schema": schema, "strict": True}}
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=list(HealthCheck))
+@given(schema=schemas, seed=st.integers(0, 2**32))
+def test_every_constrained_output_validates_against_its_schema(
+    client: openai.OpenAI, schema: dict[str, Any], seed: int
+) -> None:
+    out = client.chat.completions.create(
+        model=MODEL, messages=MESSAGES, max_tokens=MAX_TOKENS, temperature=1.0, seed=seed,
+        response_format=json_schema_format(schema),  # type: ignore[arg-type]
+    )  # fmt: skip
+    choice = out.choices[0]
+    assert choice.finish_reason == "stop", choice.message.content
+    jsonschema_rs.validate(schema, json.loads(choice.message.content or ""))
+
+
+def test_streamed_constrained_output_validates(client: openai.OpenAI) -> None:
+    schema = {
+        "type": "object",
+        "properties": {"city": {"type": "string", "maxLength": 8}, "days": {"type": "integer", "minimum": 1,
+                                                                            "maximum": 7}},
+        "required": ["city", "days"],
+        "additionalProperties": False,
+    }  # fmt: skip
+    kwargs: dict[str, Any] = {
+        "model": MODEL, "messages": MESSAGES, "max_tokens": MAX_TOKENS, "temperature": 1.0, "seed": 4,
+        "response_format": json_schema_format(schema), "n": 2,
+    }  # fmt: skip
+    whole = client.chat.completions.create(**kwargs)
+    texts = ["", ""]
+    for chunk in client.chat.completions.create(stream=True, **kwargs):
+        for c in chunk.choices:
+            texts[c.index] += c.delta.content or ""
+    assert texts == [c.message.content for c in sorted(whole.choices, key=lambda c: c.index)]
+    for text in texts:
+        jsonschema_rs.validate(schema, json.loads(text))
+
+
+def test_json_object_outputs_are_objects(client: openai.OpenAI) -> None:
+    stopped = 0
+    for seed in range(6):
+        out = client.completions.create(
+            model=MODEL, prompt="JSON:", max_tokens=MAX_TOKENS, temperature=1.0, seed=seed,
+            extra_body={"response_format": {"type": "json_object"}},
+        )  # fmt: skip
+        choice = out.choices[0]
+        if choice.finish_reason == "stop":
+            stopped += 1
+            assert isinstance(json.loads(choice.text), dict), choice.text
+        else:  # a random model may write one long string: cut by max_tokens, still a JSON object's start
+            assert choice.finish_reason == "length" and choice.text.startswith("{")
+    assert stopped >= 1
+
+
+BAD_FORMATS: list[tuple[dict[str, Any], dict[str, Any], str]] = [
+    ({"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "frobnicate"}}}, {},
+     "response_format.json_schema.schema"),
+    ({"type": "json_schema"}, {}, "response_format"),
+    ({"type": "json_object", "json_schema": {"name": "x", "schema": {}}}, {}, "response_format"),
+    ({"type": "xml"}, {}, "response_format.type"),
+    ({"type": "json_schema", "json_schema": {"schema": {}}}, {}, "response_format.json_schema.name"),
+    ({"type": "json_object"}, {"ignore_eos": True}, "response_format"),
+    ({"type": "json_object"}, {"min_tokens": 2}, "response_format"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("response_format", "extra", "param"), BAD_FORMATS, ids=[p for *_, p in BAD_FORMATS])
+def test_bad_response_formats_are_a_400_naming_them(
+    client: openai.OpenAI, response_format: dict[str, Any], extra: dict[str, Any], param: str
+) -> None:
+    with pytest.raises(openai.BadRequestError) as info:
+        client.chat.completions.create(
+            model=MODEL, messages=MESSAGES, max_tokens=8,
+            extra_body={"response_format": response_format, **extra},
+        )  # fmt: skip
+    body = info.value.body
+    assert isinstance(body, dict) and body["param"] == param, body
+
+
+def test_text_format_is_free_text(client: openai.OpenAI) -> None:
+    kwargs: dict[str, Any] = {"model": MODEL, "messages": MESSAGES, "max_tokens": 8, "temperature": 0}
+    plain = client.chat.completions.create(**kwargs).choices[0].message.content
+    text = client.chat.completions.create(response_format={"type": "text"}, **kwargs)
+    assert text.choices[0].message.content == plain
+
+
+def test_constrained_and_free_rows_of_a_batch_do_not_affect_each_other(checkpoint: Path) -> None:
+    engine = LLMEngine(checkpoint, EngineConfig(num_kv_blocks=256, block_size=4, max_model_len=512))
+    assert engine.tokenizer is not None
+    prompt = engine.tokenizer.encode("Hello")
+    schema = json.dumps(
+        {"type": "array", "items": {"type": "integer", "minimum": 0, "maximum": 9}, "maxItems": 3}
+    )
+    cases = [
+        SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True),
+        SamplingParams(max_tokens=MAX_TOKENS, temperature=1.0, seed=3, structured=("json_schema", schema)),
+        SamplingParams(max_tokens=24, temperature=1.0, seed=8, presence_penalty=1.0),
+        SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, structured=("json_object", "")),
+    ]
+    alone = [engine.generate([prompt], params)[0] for params in cases]
+    together = engine.generate([prompt] * len(cases), cases)
+    assert together == alone
+    assert engine.tokenizer is not None
+    values = json.loads(engine.tokenizer.decode(together[1]))
+    assert isinstance(values, list) and all(0 <= v <= 9 for v in values)
