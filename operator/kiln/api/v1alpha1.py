@@ -7,6 +7,7 @@ operator and autoscaler parse cluster objects with them.
 
 from __future__ import annotations
 
+import copy
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
@@ -359,6 +360,231 @@ class AutoscalingSpec(KubeModel):
     ]
 
 
+# ---------------------------------------------------------------- serving.podTemplate
+
+# What serving.podTemplate may never set, and why: each would give whoever may create an
+# LLMDeployment pods with more power than Kiln's restricted ones (the node's namespaces, files or
+# devices, or another identity). They are declared in the CRD only so that the API server rejects
+# them by name (CEL) instead of pruning them; the pydantic models reject them as unknown fields.
+# Each denied field is declared with its Kubernetes type, so the CEL rule refusing it compiles.
+_ANY_OBJECT: JsonDict = {"type": "object", "x-kubernetes-preserve-unknown-fields": True}
+_FLAG: JsonDict = {"type": "boolean"}
+_NAME: JsonDict = {"type": "string"}
+_OBJECTS: JsonDict = {"type": "array", "items": _ANY_OBJECT}
+DENIED_POD_FIELDS: dict[str, tuple[JsonDict, str]] = {
+    "hostNetwork": (_FLAG, "serving pods never share the node's network"),
+    "hostPID": (_FLAG, "serving pods never share the node's process namespace"),
+    "hostIPC": (_FLAG, "serving pods never share the node's IPC namespace"),
+    "hostUsers": (_FLAG, "serving pods never share the node's user namespace"),
+    "securityContext": (_ANY_OBJECT, "Kiln sets the pod security context (restricted)"),
+    "serviceAccountName": (_NAME, "serving pods run without a service account token"),
+    "serviceAccount": (_NAME, "serving pods run without a service account token"),
+    "automountServiceAccountToken": (_FLAG, "serving pods run without a service account token"),
+    "nodeName": (_NAME, "Kiln places serving pods; use nodeSelector, affinity or tolerations"),
+    "initContainers": (_OBJECTS, "only the engine container runs in serving pods"),
+    "ephemeralContainers": (_OBJECTS, "only the engine container runs in serving pods"),
+    "shareProcessNamespace": (_FLAG, "the engine's processes stay private"),
+    "runtimeClassName": (_NAME, "Kiln chooses the runtime class"),
+}
+DENIED_CONTAINER_FIELDS: dict[str, tuple[JsonDict, str]] = {
+    "securityContext": (
+        _ANY_OBJECT,
+        "Kiln sets the container security context (restricted: no privileged mode)",
+    ),
+    "image": (_NAME, "the engine image is Kiln's"),
+    "command": ({"type": "array", "items": _NAME}, "the engine's command is Kiln's"),
+}
+DENIED_VOLUME_FIELDS: dict[str, tuple[JsonDict, str]] = {
+    "hostPath": (_ANY_OBJECT, "serving pods never mount the node's files"),
+}
+# The volume sources a podTemplate may add (each harmless to the node and to other tenants).
+ALLOWED_VOLUME_SOURCES = (
+    "emptyDir",
+    "configMap",
+    "secret",
+    "persistentVolumeClaim",
+    "projected",
+    "downwardAPI",
+)
+ALLOWED_PROJECTED_SOURCES = ("configMap", "secret", "downwardAPI")
+
+
+def _deny(fields: dict[str, tuple[JsonDict, str]], where: str, *also: JsonDict) -> Any:
+    """A json_schema_extra that declares `fields` (with their types) and a CEL rule refusing each by
+    name, plus the rules `also`."""
+
+    def extra(schema: JsonDict) -> None:
+        properties = schema.setdefault("properties", {})
+        assert isinstance(properties, dict)
+        rules = schema.setdefault("x-kubernetes-validations", [])
+        assert isinstance(rules, list)
+        rules.extend(also)
+        for name, (schema_type, why) in fields.items():
+            properties[name] = {**copy.deepcopy(schema_type), "description": f"Not allowed: {why}."}
+            rules.append(
+                _cel(
+                    f"!has(self.{name})",
+                    f"{where} may not set {name}: {why}",
+                    f".{name}",
+                    "FieldValueForbidden",
+                )
+            )
+
+    return extra
+
+
+def _one_of(names: tuple[str, ...], what: str) -> JsonDict:
+    present = ", ".join(f"has(self.{name})" for name in names)
+    return _cel(
+        f"[{present}].filter(x, x).size() == 1", f"{what} must set exactly one of: {', '.join(names)}"
+    )
+
+
+def _free(description: str) -> Any:
+    return Field(
+        default=None,
+        description=description,
+        json_schema_extra={"x-kubernetes-preserve-unknown-fields": True},
+    )
+
+
+class PodTemplateMetadata(KubeModel):
+    """Labels and annotations added to serving pods (Kiln's selector labels always win)."""
+
+    labels: Annotated[dict[str, str] | None, Field(default=None, description="Extra pod labels.")]
+    annotations: Annotated[dict[str, str] | None, Field(default=None, description="Extra pod annotations.")]
+
+
+class VolumeMount(KubeModel):
+    """Where a podTemplate volume appears in the engine container."""
+
+    name: Annotated[str, Field(max_length=63, pattern=DNS_LABEL_PATTERN, description="The volume's name.")]
+    mount_path: Annotated[str, Field(min_length=1, max_length=4096, description="Path in the container.")]
+    sub_path: Annotated[
+        str | None, Field(default=None, max_length=4096, description="Path inside the volume.")
+    ]
+    read_only: Annotated[bool | None, Field(default=None, description="Mount read-only.")]
+
+
+class ContainerOverride(KubeModel):
+    """What a podTemplate may change in the engine container (merged by name)."""
+
+    model_config = ConfigDict(
+        json_schema_extra=_deny(DENIED_CONTAINER_FIELDS, "serving.podTemplate containers")
+    )
+
+    name: Annotated[Literal["engine"], Field(description="The container to change: Kiln's engine container.")]
+    env: Annotated[
+        list[dict[str, Any]] | None,
+        Field(default=None, description="Environment variables (Kubernetes EnvVar)."),
+    ]
+    env_from: Annotated[
+        list[dict[str, Any]] | None,
+        Field(default=None, description="Environment from ConfigMaps or Secrets."),
+    ]
+    resources: Annotated[dict[str, Any] | None, _free("Container resources (requests/limits).")]
+    volume_mounts: Annotated[
+        list[VolumeMount] | None, Field(default=None, description="Mounts of podTemplate volumes.")
+    ]
+
+
+class ProjectedSource(KubeModel):
+    """One source of a projected volume: ConfigMap, Secret or downward API (no service account token)."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [_one_of(ALLOWED_PROJECTED_SOURCES, "a projected source")]
+        }
+    )
+
+    config_map: Annotated[dict[str, Any] | None, _free("A ConfigMap projection.")]
+    secret: Annotated[dict[str, Any] | None, _free("A Secret projection.")]
+    downward_api: Annotated[
+        dict[str, Any] | None,
+        Field(
+            default=None,
+            alias="downwardAPI",
+            description="A downward API projection.",
+            json_schema_extra={"x-kubernetes-preserve-unknown-fields": True},
+        ),
+    ]
+
+
+class ProjectedVolume(KubeModel):
+    """A projected volume of ConfigMaps, Secrets and downward API items."""
+
+    sources: Annotated[list[ProjectedSource], Field(max_length=32, description="What the volume holds.")]
+    default_mode: Annotated[int | None, Field(default=None, ge=0, le=511, description="File mode bits.")]
+
+
+class Volume(KubeModel):
+    """A volume a podTemplate adds to serving pods: only sources harmless to the node and to other tenants."""
+
+    model_config = ConfigDict(
+        json_schema_extra=_deny(
+            DENIED_VOLUME_FIELDS,
+            "serving.podTemplate volumes",
+            _one_of(ALLOWED_VOLUME_SOURCES, "a serving.podTemplate volume"),
+        )
+    )
+
+    name: Annotated[str, Field(max_length=63, pattern=DNS_LABEL_PATTERN, description="The volume's name.")]
+    empty_dir: Annotated[dict[str, Any] | None, _free("Scratch space (Kubernetes EmptyDirVolumeSource).")]
+    config_map: Annotated[dict[str, Any] | None, _free("A ConfigMap (Kubernetes ConfigMapVolumeSource).")]
+    secret: Annotated[dict[str, Any] | None, _free("A Secret (Kubernetes SecretVolumeSource).")]
+    persistent_volume_claim: Annotated[
+        dict[str, Any] | None,
+        _free("A claim in the namespace (Kubernetes PersistentVolumeClaimVolumeSource)."),
+    ]
+    projected: Annotated[ProjectedVolume | None, Field(default=None, description="A projected volume.")]
+    downward_api: Annotated[
+        dict[str, Any] | None,
+        Field(
+            default=None,
+            alias="downwardAPI",
+            description="Pod fields as files (Kubernetes DownwardAPIVolumeSource).",
+            json_schema_extra={"x-kubernetes-preserve-unknown-fields": True},
+        ),
+    ]
+
+
+class PodSpecOverride(KubeModel):
+    """The pod spec fields a podTemplate may set: scheduling, priority, pull secrets, safe volumes and
+    the engine container's env, resources and mounts. Nothing that widens what the pod may do."""
+
+    model_config = ConfigDict(json_schema_extra=_deny(DENIED_POD_FIELDS, "serving.podTemplate"))
+
+    tolerations: Annotated[
+        list[dict[str, Any]] | None, Field(default=None, description="Tolerations (Kubernetes Toleration).")
+    ]
+    affinity: Annotated[dict[str, Any] | None, _free("Affinity, merged over Kiln's placement affinity.")]
+    node_selector: Annotated[dict[str, str] | None, Field(default=None, description="Node selector.")]
+    topology_spread_constraints: Annotated[
+        list[dict[str, Any]] | None,
+        Field(default=None, description="Topology spread constraints (Kubernetes TopologySpreadConstraint)."),
+    ]
+    priority_class_name: Annotated[
+        str | None, Field(default=None, max_length=253, description="The serving pods' PriorityClass.")
+    ]
+    image_pull_secrets: Annotated[
+        list[dict[str, Any]] | None, Field(default=None, description="Secrets for pulling the engine image.")
+    ]
+    volumes: Annotated[list[Volume] | None, Field(default=None, max_length=64, description="Extra volumes.")]
+    containers: Annotated[
+        list[ContainerOverride] | None,
+        Field(default=None, max_length=1, description="Changes to the engine container."),
+    ]
+
+
+class PodTemplateOverride(KubeModel):
+    """serving.podTemplate: an allow-list of pod template fields merged over what Kiln renders."""
+
+    metadata: Annotated[
+        PodTemplateMetadata | None, Field(default=None, description="Pod labels, annotations.")
+    ]
+    spec: Annotated[PodSpecOverride | None, Field(default=None, description="Allowed pod spec fields.")]
+
+
 class ServingSpec(KubeModel):
     """How serving pods run."""
 
@@ -385,11 +611,12 @@ class ServingSpec(KubeModel):
         list[dict[str, Any]] | None, Field(default=None, description="Tolerations for serving pods.")
     ]
     pod_template: Annotated[
-        dict[str, Any] | None,
+        PodTemplateOverride | None,
         Field(
             default=None,
-            description="Pod template overrides ({metadata, spec}), merged over what Kiln renders.",
-            json_schema_extra={"x-kubernetes-preserve-unknown-fields": True},
+            description="Pod template overrides ({metadata, spec}) merged over what Kiln renders: "
+            "scheduling, priority, safe volumes, engine env/resources/mounts. Host access, security "
+            "contexts and service accounts are refused.",
         ),
     ]
     termination_grace_period_seconds: Annotated[

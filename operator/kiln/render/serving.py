@@ -212,7 +212,7 @@ def pod_template(inputs: ServingInputs, extra_labels: dict[str, str] | None = No
     }
     override = spec.serving.pod_template
     if override:
-        template = deep_merge(template, override)
+        template = deep_merge(template, override.to_wire())
         # The selector must keep matching whatever the override did to the labels.
         template["metadata"]["labels"].update(selector_labels(name))
     return template

@@ -73,3 +73,34 @@ def test_bad_fields_are_rejected_naming_the_field(overrides: dict[str, object], 
     with pytest.raises(ValidationError) as error:
         LLMDeploymentSpec.model_validate(spec)
     assert field in str(error.value)
+
+
+@pytest.mark.parametrize(
+    "template",
+    [
+        {"spec": {"hostNetwork": True}},
+        {"spec": {"serviceAccountName": "admin"}},
+        {"spec": {"containers": [{"name": "engine", "securityContext": {"privileged": True}}]}},
+        {"spec": {"containers": [{"name": "sidecar", "env": []}]}},
+        {"spec": {"volumes": [{"name": "host", "hostPath": {"path": "/"}}]}},
+        {"spec": {"volumes": [{"name": "p", "projected": {"sources": [{"serviceAccountToken": {}}]}}]}},
+    ],
+)
+def test_pod_template_outside_the_allow_list_is_rejected(template: dict[str, object]) -> None:
+    """The operator refuses what the CRD refuses, e.g. an object stored under an older, free-form CRD."""
+    with pytest.raises(ValidationError):
+        LLMDeploymentSpec.model_validate(minimal(serving={"podTemplate": template}))
+
+
+def test_pod_template_allow_list_round_trips_on_the_wire() -> None:
+    template = {
+        "metadata": {"labels": {"team": "a"}},
+        "spec": {
+            "tolerations": [{"key": "k", "operator": "Exists"}],
+            "affinity": {"nodeAffinity": {}},
+            "volumes": [{"name": "d", "downwardAPI": {"items": []}}],
+            "containers": [{"name": "engine", "envFrom": [{"configMapRef": {"name": "c"}}]}],
+        },
+    }
+    spec = LLMDeploymentSpec.model_validate(minimal(serving={"podTemplate": template}))
+    assert spec.to_wire()["serving"]["podTemplate"] == template

@@ -112,7 +112,8 @@ def test_user_env_resources_selectors_tolerations_and_template_overrides_merge()
                 },
                 "spec": {
                     "priorityClassName": "inference",
-                    "containers": [{"name": "engine", "stdin": False}],
+                    "containers": [{"name": "engine", "volumeMounts": [{"name": "x", "mountPath": "/x"}]}],
+                    "volumes": [{"name": "x", "configMap": {"name": "extra"}}],
                 },
             },
         },
@@ -130,7 +131,9 @@ def test_user_env_resources_selectors_tolerations_and_template_overrides_merge()
     assert template["spec"]["nodeSelector"] == {"zone": "a"}
     assert len(template["spec"]["tolerations"]) == 2
     assert template["spec"]["priorityClassName"] == "inference"
-    assert container["stdin"] is False and container["args"][0] == "serve"  # merged by name
+    assert {"name": "x", "mountPath": "/x"} in container["volumeMounts"]  # merged by name
+    assert container["args"][0] == "serve" and len(container["volumeMounts"]) > 1
+    assert {"name": "x", "configMap": {"name": "extra"}} in template["spec"]["volumes"]
     assert template["metadata"]["labels"]["team"] == "search"
     assert template["metadata"]["annotations"] == {"kiln.dev/simulate-duration": "2s"}
     selector = workload["spec"]["selector"]["matchLabels"]
