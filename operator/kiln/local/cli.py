@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
 import click
 
 from kiln.local import build as build_module
-from kiln.local import cluster, topology
+from kiln.local import cluster, nodeimages, realnode, topology
 
 DIR_OPTION = click.option(
     "--dir",
@@ -23,14 +24,15 @@ def _echo(line: str) -> None:
     click.echo(line)
 
 
-def _binaries() -> None:
+def _binaries(real_node: bool = False) -> None:
     """Build whatever binary is missing (a no-op when the cache is warm)."""
-    directory = build_module.bin_dir()
-    if build_module.missing(directory):
-        try:
-            build_module.build(progress=_echo)
-        except build_module.BuildError as error:
-            raise click.ClickException(str(error)) from error
+    toolsets = (build_module.CONTROL_PLANE, *(build_module.NODE_TOOLSETS if real_node else ()))
+    for toolset in toolsets:
+        if build_module.missing(build_module.bin_dir(toolset), toolset.binaries):
+            try:
+                build_module.build(progress=_echo, toolset=toolset)
+            except build_module.BuildError as error:
+                raise click.ClickException(str(error)) from error
 
 
 @click.group()
@@ -39,10 +41,16 @@ def local() -> None:
 
 
 @local.command()
-def build() -> None:
+@click.option(
+    "--real-node", is_flag=True, help="Also build the real node's containerd, CNI plugins, CoreDNS, crictl."
+)
+def build(real_node: bool) -> None:
     """Build (or reuse) the control-plane binaries from the pinned Go module."""
     try:
         directory = build_module.build(progress=_echo)
+        if real_node:
+            for toolset in build_module.NODE_TOOLSETS:
+                build_module.build(progress=_echo, toolset=toolset)
     except build_module.BuildError as error:
         raise click.ClickException(str(error)) from error
     click.echo(f"export PATH={directory}:$PATH   # to run helm, etcd, kwok, ... directly")
@@ -69,8 +77,18 @@ def build() -> None:
     is_flag=True,
     help="Also start `kiln process-node`: a real node whose pods run as local processes.",
 )
+@click.option(
+    "--real-node",
+    is_flag=True,
+    help="Also start a real node (containerd, kubelet, kube-proxy) and cluster DNS; needs root.",
+)
 def up(
-    topology_name: str, directory: Path | None, crds: Path | None, timeout: float, process_node: bool
+    topology_name: str,
+    directory: Path | None,
+    crds: Path | None,
+    timeout: float,
+    process_node: bool,
+    real_node: bool,
 ) -> None:
     """Start the control plane and create the topology's simulated nodes."""
     started = time.monotonic()
@@ -78,11 +96,20 @@ def up(
         topology.read_topology(topology_name)
     except (FileNotFoundError, ValueError) as error:
         raise click.ClickException(str(error)) from error
-    _binaries()
-    local_cluster = cluster.Cluster(directory, topology_name, crds, process_node=process_node)
+    if real_node and os.geteuid() != 0:
+        raise click.ClickException("--real-node needs root (it runs containerd and creates network links)")
+    _binaries(real_node)
+    local_cluster = cluster.Cluster(
+        directory, topology_name, crds, process_node=process_node, real_node=real_node
+    )
     try:
         state = local_cluster.start(progress=_echo, timeout=timeout)
-    except (cluster.StartError, build_module.BuildError) as error:
+    except (
+        cluster.StartError,
+        build_module.BuildError,
+        realnode.NodeError,
+        nodeimages.ImageError,
+    ) as error:
         raise click.ClickException(str(error)) from error
     click.echo(
         f"\nlocal cluster up in {time.monotonic() - started:.1f} s; logs in {Path(state.directory) / 'logs'}"
@@ -119,6 +146,7 @@ def status(directory: Path | None) -> None:
     for name in [
         *cluster.COMPONENTS,
         *([cluster.PROCESS_NODE] if cluster.PROCESS_NODE in state.pids else []),
+        *(name for name in cluster.REAL_NODE_COMPONENTS if name in state.pids),
     ]:
         pid = state.pids.get(name)
         word = "running" if running.get(name) else "stopped"

@@ -35,7 +35,7 @@ import httpx
 import yaml
 
 from kiln import paths
-from kiln.local import build, kwok, pki, topology
+from kiln.local import build, kwok, pki, realnode, topology
 
 SERVICE_CIDR = "10.96.0.0/16"
 SERVICE_IP = "10.96.0.1"  # first address of SERVICE_CIDR: the `kubernetes` Service
@@ -50,6 +50,8 @@ COMPONENTS = ("etcd", "kube-apiserver", "kube-controller-manager", "kube-schedul
 # Optional: `kiln process-node`, a real node whose pods run as local processes (`up --process-node`).
 PROCESS_NODE = "process-node"
 PROCESS_NODE_NAME = "kiln-process-node"
+# Optional: a real node (containerd, kubelet, kube-proxy, CoreDNS; `up --real-node`), see realnode.py.
+REAL_NODE_COMPONENTS = realnode.COMPONENTS
 
 
 class StartError(RuntimeError):
@@ -174,6 +176,11 @@ def component_commands(bins: dict[str, Path], directory: Path, ports: dict[str, 
             f"--service-account-signing-key-file={p.sa_key}",
             "--service-account-issuer=https://kubernetes.default.svc.cluster.local",
             f"--service-cluster-ip-range={SERVICE_CIDR}",
+            # `kubectl logs/exec` on a real node: the API server dials the kubelet at the node's
+            # InternalIP (its host name resolves nowhere) as the admin.
+            f"--kubelet-client-certificate={p.client_cert(pki.ADMIN)}",
+            f"--kubelet-client-key={p.client_key(pki.ADMIN)}",
+            "--kubelet-preferred-address-types=InternalIP,Hostname",
             "--authorization-mode=Node,RBAC",
             "--enable-admission-plugins=NodeRestriction,ExtendedResourceToleration",
             "--allow-privileged=true",
@@ -335,15 +342,18 @@ class Cluster:
         *,
         die_with_parent: bool = False,
         process_node: bool = False,
+        real_node: bool = False,
     ) -> None:
         """`die_with_parent`: components get SIGKILL if this process dies without stopping them
         (tests use it, so a killed test run leaves nothing behind; `kiln local up` does not).
-        `process_node`: also start `kiln process-node` (node `kiln-process-node`)."""
+        `process_node`: also start `kiln process-node` (node `kiln-process-node`).
+        `real_node`: also start a real node (`kiln-real-node`) and cluster DNS (realnode.py)."""
         self.directory = (directory or default_dir()).resolve()
         self.topology_name = topology_name
         self.crds = crds if crds is not None else paths.crds_dir()
         self.die_with_parent = die_with_parent
         self.process_node = process_node
+        self.real_node = real_node
         self.state: State | None = None
         self._processes: dict[str, subprocess.Popen[bytes]] = {}
 
@@ -429,6 +439,13 @@ class Cluster:
                         f"node {PROCESS_NODE_NAME} to become Ready",
                     )
                     progress(f"process node {PROCESS_NODE_NAME} Ready; log {self.state.log(PROCESS_NODE)}")
+                if self.real_node:
+                    self.state.commands.update(
+                        realnode.start(
+                            self.directory, server, client, self._launch, self._wait_until, progress, timeout
+                        )
+                    )
+                    write_state(self.state)
         except BaseException:
             self.stop()
             raise
@@ -459,6 +476,7 @@ class Cluster:
             )
         self._processes[name] = process
         self.state.pids[name] = process.pid
+        self.state.commands[name] = command
         write_state(self.state)
 
     def _failure(self, name: str, what: str) -> StartError:
@@ -491,7 +509,7 @@ class Cluster:
 # Stop order: clients of the API server first, then the API server, then its storage (an API
 # server whose etcd is gone does not finish its graceful shutdown).
 STOP_TIERS = (
-    ("kwok", "kube-scheduler", "kube-controller-manager", PROCESS_NODE),
+    ("kwok", "kube-scheduler", "kube-controller-manager", PROCESS_NODE, *REAL_NODE_COMPONENTS),
     ("kube-apiserver",),
     ("etcd",),
 )
@@ -500,6 +518,13 @@ STOP_TIERS = (
 def stop_state(state: State, grace_seconds: float = 10.0) -> list[str]:
     """Stop the recorded components that are still ours; return the names that were running."""
     running = [name for name, is_alive in alive(state).items() if is_alive]
+    if realnode.layout(Path(state.directory)).root.exists():
+        # Before the API server goes: the node's pods are stopped through its runtime first.
+        def stop_one(name: str) -> None:
+            if name in running:
+                stop_groups([state.pids[name]], grace_seconds)
+
+        realnode.teardown(Path(state.directory), stop_one)
     for tier in STOP_TIERS:
         stop_groups([state.pids[name] for name in tier if name in running], grace_seconds)
     return [name for tier in STOP_TIERS for name in tier if name in running]

@@ -65,6 +65,10 @@ SYSCTLS = (
     "kernel/keys/root_maxbytes",
 )
 DNS_LABELS = {"k8s-app": "kube-dns"}
+# Folders the kubelet, containerd and CNI create whatever they are told (container log links; shim
+# sockets under s/; CNI results under results/): `teardown` removes them, once empty, if `up` did
+# not find them.
+HOST_FOLDERS = ("/var/log/containers", "/run/containerd", "/var/lib/cni")
 CGROUP_PARENT = "k8s.io"  # where containerd puts pod cgroups when the kubelet names no parent
 
 
@@ -527,7 +531,8 @@ def _record_host(node: Layout) -> None:
     """Remember the sysctls the node changes (unless a previous `up` already did), then set ours."""
     if not node.host_file.exists():
         values = {key: Path("/proc/sys", key).read_text().strip() for key in SYSCTLS}
-        node.host_file.write_text(json.dumps({"sysctls": values}, indent=2))
+        absent = [folder for folder in HOST_FOLDERS if not Path(folder).exists()]
+        node.host_file.write_text(json.dumps({"sysctls": values, "absent_folders": absent}, indent=2))
     Path("/proc/sys/net/ipv4/ip_forward").write_text("1")
 
 
@@ -546,8 +551,8 @@ def _add_node_link() -> None:
 def teardown(cluster_dir: Path, stop: Callable[[str], None]) -> list[str]:
     """Stop the node's pods through the runtime, then its components, and remove what they left:
     processes, mounts, network namespaces, links, iptables chains, host settings. `stop(name)`
-    stops one recorded component. Returns what had to be cleaned up by force (empty when the
-    runtime did its job); safe to run again."""
+    stops one recorded component. Returns what it removed itself, beyond the runtime's own
+    cleanup (for logs); safe to run again."""
     node = layout(cluster_dir)
     owner = _owner()
     if owner is not None and owner != cluster_dir:
@@ -580,15 +585,10 @@ def teardown(cluster_dir: Path, stop: Callable[[str], None]) -> list[str]:
         if _link_exists(link):
             _ip("link", "del", link)
     forced += _delete_chains()
-    _restore_host(node)
     for folder in (node.state, node.kubelet_root, node.cni_ipam_dir):
         _remove_tree(folder)
     _remove_log_links(node)
-    # containerd creates /run/containerd (its shims' sockets under s/) whatever its state folder;
-    # nothing else here runs containerd, so the folder goes once empty.
-    for folder in (Path("/run/containerd/s"), Path("/run/containerd")):
-        with contextlib.suppress(OSError):
-            folder.rmdir()
+    _restore_host(node)
     _remove_cgroups()
     OWNER_FILE.unlink(missing_ok=True)
     return forced
@@ -720,6 +720,10 @@ def _restore_host(node: Layout) -> None:
         for key, value in recorded["sysctls"].items():
             with contextlib.suppress(OSError):
                 Path("/proc/sys", key).write_text(value)
+        for folder in map(Path, recorded["absent_folders"]):
+            for empty in (*(f for f in folder.glob("*") if f.is_dir()), folder):
+                with contextlib.suppress(OSError):
+                    empty.rmdir()
         node.host_file.unlink()
 
 
