@@ -3,8 +3,10 @@ an xgrammar grammar for the model's tokenizer, and keeps each constrained reques
 which yields the bitmask of tokens allowed next.
 
 xgrammar is optional (the `engine` extra installs it); without it an engine serves no constrained
-requests and says so. Compiling is cached by the spec, so the server compiles (and so validates) a
-request's spec in its thread pool and the engine thread only finds it in the cache.
+requests and says so. xgrammar's JSON strings admit raw control characters, which JSON forbids
+(and parsers reject), so tokens holding a byte below 0x20 are masked out of every JSON grammar.
+Compiling is cached by the spec, so the server compiles (and so validates) a request's spec in its
+thread pool and the engine thread only finds it in the cache.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ class Grammars:
         self.vocab_size = vocab_size
         self._stop_token_ids = sorted(stop_token_ids)
         self._compiler: Any = None
+        self._json_safe: torch.Tensor | None = None  # bitmask row: every token without control bytes
         self._lock = threading.Lock()  # the server's threads and the engine thread compile
 
     def _get_compiler(self) -> Any:
@@ -52,6 +55,7 @@ class Grammars:
                 info = xgr.TokenizerInfo.from_huggingface(
                     hf, vocab_size=self.vocab_size, stop_token_ids=self._stop_token_ids
                 )
+                self._json_safe = _without_control_bytes(info.decoded_vocab, self.vocab_size)
                 self._compiler = xgr.GrammarCompiler(info, max_threads=1)
             return self._compiler
 
@@ -74,15 +78,17 @@ class Grammars:
     def state(self, spec: tuple[str, str]) -> GrammarState:
         import xgrammar as xgr
 
-        return GrammarState(xgr.GrammarMatcher(self.compile(spec)), self.vocab_size)
+        compiled = self.compile(spec)
+        assert self._json_safe is not None  # computed with the compiler
+        return GrammarState(xgr.GrammarMatcher(compiled), self._json_safe)
 
 
 class GrammarState:
     """One constrained request's position in its grammar, as far as its tokens have been seen."""
 
-    def __init__(self, matcher: Any, vocab_size: int) -> None:
+    def __init__(self, matcher: Any, allowed: torch.Tensor) -> None:
         self._matcher = matcher
-        self._vocab_size = vocab_size
+        self._allowed = allowed  # tokens the grammar may ever allow (a bitmask row)
         self._accepted = 0  # generated tokens fed to the matcher so far
 
     def fill_mask(
@@ -95,6 +101,19 @@ class GrammarState:
                 raise RuntimeError(f"token {token} breaks the grammar it was sampled under")
             self._accepted += 1
         self._matcher.fill_next_token_bitmask(bitmask, row)
+        bitmask[row] &= self._allowed
+
+
+def _without_control_bytes(decoded_vocab: Sequence[bytes], vocab_size: int) -> torch.Tensor:
+    """A bitmask row (xgrammar's layout: bit t % 32 of int32 word t // 32) of the tokens whose bytes
+    are all >= 0x20; special tokens such as EOS decode to their text and stay allowed."""
+    import torch
+
+    words = [0xFFFFFFFF] * ((vocab_size + 31) // 32)
+    for token, text in enumerate(decoded_vocab[:vocab_size]):
+        if any(byte < 0x20 for byte in text):
+            words[token // 32] &= ~(1 << (token % 32)) & 0xFFFFFFFF
+    return torch.tensor([w - (1 << 32) if w >= 1 << 31 else w for w in words], dtype=torch.int32)
 
 
 def allocate_bitmask(rows: int, vocab_size: int) -> torch.Tensor:

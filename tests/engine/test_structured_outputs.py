@@ -186,3 +186,22 @@ def test_constrained_and_free_rows_of_a_batch_do_not_affect_each_other(checkpoin
     assert engine.tokenizer is not None
     values = json.loads(engine.tokenizer.decode(together[1]))
     assert isinstance(values, list) and all(0 <= v <= 9 for v in values)
+
+
+def test_json_strings_never_get_raw_control_characters(checkpoint: Path) -> None:
+    """xgrammar's bounded JSON strings admit raw control bytes, which JSON forbids: they stay masked."""
+    from kiln_engine.grammar import Grammars, allocate_bitmask
+    from kiln_engine.tokenizer import Tokenizer
+
+    tok = Tokenizer.from_dir(checkpoint)
+    vocab = tok.vocab_size
+    state = Grammars(tok.tk, vocab, [1]).state(
+        ("json_schema", json.dumps({"type": "string", "maxLength": 8}))
+    )
+    bitmask = allocate_bitmask(1, vocab)
+    state.fill_mask(tok.encode('"', add_special_tokens=False), 0, bitmask, 0)  # inside the string now
+    words = bitmask[0].tolist()
+    allowed = {t for t in range(vocab) if (words[t // 32] >> (t % 32)) & 1}
+    control = {t for t in range(vocab) if any(ord(c) < 0x20 for c in tok.decode([t]))}
+    assert control, "precondition: the vocabulary has tokens for control bytes"
+    assert allowed and not allowed & control
