@@ -30,7 +30,7 @@ if os.geteuid() != 0 or not (shutil.which("buildah") and shutil.which("runc")):
 
 NAMESPACE = "real-node-test"
 ON_REAL_NODE = {"kubernetes.io/hostname": realnode.NODE_NAME}
-# Where a kubelet, containerd or CNI write when not told otherwise.
+# Where a kubelet, containerd or CNI write when not told otherwise (searched recursively).
 DEFAULT_PATHS = (
     "/run/containerd",
     "/var/log/containers",
@@ -45,7 +45,6 @@ DEFAULT_PATHS = (
     "/etc/kubernetes",
     "/usr/libexec/kubernetes",
 )
-LOG_FOLDERS = ("/var/log/pods", "/var/log/containers")
 START_AND_SERVE = "echo started $(hostname); exec /bin/httpd -f -p {port} -h /www"
 
 
@@ -81,7 +80,12 @@ def snapshot() -> HostSnapshot:
         sysctls={key: Path("/proc/sys", key).read_text().strip() for key in realnode.SYSCTLS},
         cgroups={str(path) for path in Path("/sys/fs/cgroup").glob(f"*/{realnode.CGROUP_PARENT}")},
         files={path for path in DEFAULT_PATHS if Path(path).exists()}
-        | {str(entry) for folder in LOG_FOLDERS if Path(folder).is_dir() for entry in Path(folder).iterdir()},
+        | {
+            str(entry)
+            for folder in DEFAULT_PATHS
+            if Path(folder).is_dir()
+            for entry in Path(folder).rglob("*")
+        },
     )
 
 

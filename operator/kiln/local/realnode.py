@@ -65,10 +65,10 @@ SYSCTLS = (
     "kernel/keys/root_maxbytes",
 )
 DNS_LABELS = {"k8s-app": "kube-dns"}
-# Folders the kubelet, containerd and CNI create whatever they are told (container log links; shim
-# sockets under s/; CNI results under results/): `teardown` removes them, once empty, if `up` did
-# not find them.
-HOST_FOLDERS = ("/var/log/containers", "/run/containerd", "/var/lib/cni")
+# Folders the kubelet, containerd and CNI create whatever they are told (container log links, the
+# device-plugin socket, shim sockets, CNI results): `teardown` removes them, if `up` did not find
+# them, as far as they hold only folders and sockets.
+HOST_FOLDERS = ("/var/log/containers", "/var/lib/kubelet", "/run/containerd", "/var/lib/cni")
 CGROUP_PARENT = "k8s.io"  # where containerd puts pod cgroups when the kubelet names no parent
 
 
@@ -721,10 +721,20 @@ def _restore_host(node: Layout) -> None:
             with contextlib.suppress(OSError):
                 Path("/proc/sys", key).write_text(value)
         for folder in map(Path, recorded["absent_folders"]):
-            for empty in (*(f for f in folder.glob("*") if f.is_dir()), folder):
-                with contextlib.suppress(OSError):
-                    empty.rmdir()
+            _remove_if_only_sockets(folder)
         node.host_file.unlink()
+
+
+def _remove_if_only_sockets(folder: Path) -> None:
+    """Remove `folder` bottom-up as far as it holds only folders and sockets (no data)."""
+    for parent, dirs, files in os.walk(folder, topdown=False):
+        for name in files:
+            path = Path(parent, name)
+            if path.is_socket():
+                path.unlink()
+        for name in [*dirs, ""]:
+            with contextlib.suppress(OSError):
+                Path(parent, name).rmdir()
 
 
 def _remove_cgroups() -> None:
