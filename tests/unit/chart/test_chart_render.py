@@ -221,19 +221,6 @@ def test_every_pod_is_selected_by_a_default_deny_network_policy(helm: Helm, valu
         assert egress_ports & {443, 6443}, "API server"
 
 
-def test_autoscaler_may_reach_engine_pods_on_their_serving_port(helm: Helm) -> None:
-    policy = one(helm.render(), "NetworkPolicy", "kiln-autoscaler")["spec"]
-    engine_rules = [
-        rule
-        for rule in policy["egress"]
-        if any(
-            peer.get("podSelector", {}).get("matchLabels", {}).get("app.kubernetes.io/component") == "engine"
-            for peer in rule.get("to", [])
-        )
-    ]
-    assert engine_rules and engine_rules[0]["ports"] == [{"port": "http", "protocol": "TCP"}]
-
-
 def test_monitoring_objects_follow_the_prometheus_operator_api(helm: Helm) -> None:
     without = {obj["kind"] for obj in helm.render()}
     assert not without & MONITORING_KINDS, "rendered Prometheus Operator objects on a cluster without them"
@@ -248,19 +235,6 @@ def test_monitoring_objects_follow_the_prometheus_operator_api(helm: Helm) -> No
         )
     }
     assert not disabled & MONITORING_KINDS
-
-
-def test_engine_pod_monitor_selects_engine_pods_and_labels_their_deployment(helm: Helm) -> None:
-    monitor = one(helm.render(api_versions=[MONITORING_API]), "PodMonitor", "kiln-engines")["spec"]
-    assert monitor["namespaceSelector"] == {"any": True}
-    assert monitor["selector"]["matchLabels"] == {
-        "app.kubernetes.io/managed-by": "kiln",
-        "app.kubernetes.io/component": "engine",
-    }
-    endpoint = monitor["podMetricsEndpoints"][0]
-    assert (endpoint["port"], endpoint["path"]) == ("http", "/metrics")
-    relabel = {r["targetLabel"]: r["sourceLabels"] for r in endpoint["relabelings"]}
-    assert relabel["llmdeployment"] == ["__meta_kubernetes_pod_label_kiln_dev_deployment"]
 
 
 def test_full_values_reach_the_manifests(helm: Helm) -> None:
