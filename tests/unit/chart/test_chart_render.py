@@ -360,3 +360,16 @@ def test_chart_ships_the_generated_crds_unchanged() -> None:
     assert shipped.keys() == generated.keys(), "copy crds/*.yaml to charts/kiln/crds/"
     for name, content in generated.items():
         assert shipped[name] == content, f"charts/kiln/crds/{name} differs from crds/{name}: copy it again"
+
+
+def test_clusters_older_than_the_objects_need_are_refused_by_helm(helm: Helm) -> None:
+    """The chart renders admissionregistration.k8s.io/v1 ValidatingAdmissionPolicies (GA in 1.30)."""
+    args = helm.template_args()
+    version = args.index("--kube-version") + 1
+    kinds = {(obj["apiVersion"], obj["kind"]) for obj in helm.render()}
+    assert ("admissionregistration.k8s.io/v1", "ValidatingAdmissionPolicy") in kinds
+    args[version] = "v1.29.9"
+    refused = helm.run(*args, check=False)
+    assert refused.returncode != 0 and "kubeVersion" in refused.stderr, refused.stderr
+    args[version] = "v1.30.0"
+    assert helm.run(*args).returncode == 0
