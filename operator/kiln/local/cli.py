@@ -82,6 +82,13 @@ def build(real_node: bool) -> None:
     is_flag=True,
     help="Also start a real node (containerd, kubelet, kube-proxy) and cluster DNS; needs root.",
 )
+@click.option(
+    "--image",
+    "images",
+    multiple=True,
+    type=click.Path(dir_okay=False, exists=True, path_type=Path),
+    help="An oci-archive to import into the real node's containerd (repeatable; needs --real-node).",
+)
 def up(
     topology_name: str,
     directory: Path | None,
@@ -89,6 +96,7 @@ def up(
     timeout: float,
     process_node: bool,
     real_node: bool,
+    images: tuple[Path, ...],
 ) -> None:
     """Start the control plane and create the topology's simulated nodes."""
     started = time.monotonic()
@@ -96,6 +104,8 @@ def up(
         topology.read_topology(topology_name)
     except (FileNotFoundError, ValueError) as error:
         raise click.ClickException(str(error)) from error
+    if images and not real_node:
+        raise click.ClickException("--image needs --real-node: only the real node runs images")
     if real_node and os.geteuid() != 0:
         raise click.ClickException("--real-node needs root (it runs containerd and creates network links)")
     _binaries(real_node)
@@ -104,6 +114,13 @@ def up(
     )
     try:
         state = local_cluster.start(progress=_echo, timeout=timeout)
+        if images:
+            try:
+                realnode.import_images(local_cluster.directory, list(images))
+            except nodeimages.ImageError:
+                local_cluster.stop()  # an `up` that fails leaves nothing running
+                raise
+            _echo(f"imported {len(images)} image archive(s) into the real node")
     except (
         cluster.StartError,
         build_module.BuildError,
