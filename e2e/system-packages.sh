@@ -12,6 +12,7 @@ KILN_DEBIAN_PACKAGES=(
   mmdebstrap      # the Debian base image of the local builds
   busybox-static  # the sandbox (pause) image and tiny test images
   iptables        # kube-proxy and the CNI bridge's masquerading
+  iproute2        # `ip`: the real node's links and network namespaces (kiln/local/realnode.py)
   redis-server    # Argo CD's cache in the GitOps e2e (e2e/test_gitops.py)
 )
 
