@@ -168,7 +168,13 @@ def policy(local_cluster: LocalCluster) -> Iterator[list[dict[str, Any]]]:
     path, reason = find_helm()
     if path is None:
         pytest.skip(reason)
-    rendered = Helm(path).run("template", "kiln", str(CHART), "--show-only", POLICY_TEMPLATE).stdout
+    # `helm template` assumes an old Kubernetes unless told; the chart requires 1.30 or later.
+    version = client.VersionApi(local_cluster.api_client).get_code().git_version
+    rendered = (
+        Helm(path)
+        .run("template", "kiln", str(CHART), "--kube-version", version, "--show-only", POLICY_TEMPLATE)
+        .stdout
+    )
     kubectl(local_cluster, "apply", "-f", "-", stdin=rendered)
     yield [doc for doc in yaml.safe_load_all(rendered) if doc]
     kubectl(local_cluster, "delete", "--ignore-not-found", "-f", "-", stdin=rendered)
