@@ -721,11 +721,11 @@ def _restore_host(node: Layout) -> None:
             with contextlib.suppress(OSError):
                 Path("/proc/sys", key).write_text(value)
         for folder in map(Path, recorded["absent_folders"]):
-            _remove_if_only_sockets(folder)
+            remove_if_only_sockets(folder)
         node.host_file.unlink()
 
 
-def _remove_if_only_sockets(folder: Path) -> None:
+def remove_if_only_sockets(folder: Path) -> None:
     """Remove `folder` bottom-up as far as it holds only folders and sockets (no data)."""
     for parent, dirs, files in os.walk(folder, topdown=False):
         for name in files:

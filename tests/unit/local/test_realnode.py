@@ -104,3 +104,19 @@ def test_only_our_chains_are_picked_from_an_iptables_dump() -> None:
         ]
     )
     assert realnode.iptables_chains(dump) == ["KUBE-SERVICES", "CNI-HOSTPORT-DNAT"]
+
+
+def test_down_removes_a_created_folder_only_while_it_holds_no_data(tmp_path: Path) -> None:
+    import socket
+
+    sockets = tmp_path / "kubelet" / "device-plugins"
+    sockets.mkdir(parents=True)
+    with socket.socket(socket.AF_UNIX) as server:
+        server.bind(str(sockets / "kubelet.sock"))
+    data = tmp_path / "cni" / "networks"
+    data.mkdir(parents=True)
+    (data / "allocation").write_text("10.244.0.2")
+    realnode.remove_if_only_sockets(tmp_path / "kubelet")
+    realnode.remove_if_only_sockets(tmp_path / "cni")
+    assert not (tmp_path / "kubelet").exists()
+    assert (data / "allocation").read_text() == "10.244.0.2"
