@@ -32,7 +32,7 @@ print("\n".join(p["dependencies"]))' > /requirements.txt
 FROM runtime AS wheel
 # The CA bundle pip trusts; `kiln images build` points it at the host's (TLS-intercepting proxies).
 ARG PIP_CERT=/etc/ssl/certs/ca-certificates.crt
-RUN --mount=type=cache,target=/root/.cache/pip /opt/kiln/bin/pip install "hatchling>=1.25"
+RUN /opt/kiln/bin/pip install --no-cache-dir "hatchling>=1.25"
 COPY pyproject.toml README.md /src/
 COPY crds /src/crds
 COPY autoscaler /src/autoscaler
@@ -44,8 +44,14 @@ RUN /opt/kiln/bin/pip wheel --no-deps --no-build-isolation --wheel-dir /wheels /
 FROM runtime
 ARG PIP_CERT=/etc/ssl/certs/ca-certificates.crt
 COPY --from=requirements /requirements.txt /opt/kiln/requirements.txt
-RUN --mount=type=cache,target=/root/.cache/pip \
-    /opt/kiln/bin/pip install --progress-bar off --requirement /opt/kiln/requirements.txt
+# The wheels are kept in a cache mount that outlives the layer: `pip download` fetches only those
+# missing (pip's own HTTP cache stores nothing behind proxies that send no caching headers), then
+# the layer installs offline from it.
+RUN --mount=type=cache,target=/var/cache/kiln-wheels \
+    /opt/kiln/bin/pip download --progress-bar off --dest /var/cache/kiln-wheels \
+      --requirement /opt/kiln/requirements.txt \
+ && /opt/kiln/bin/pip install --no-index --find-links /var/cache/kiln-wheels \
+      --requirement /opt/kiln/requirements.txt
 COPY --from=wheel /wheels /opt/kiln/wheels
 RUN /opt/kiln/bin/pip install --no-cache-dir --no-deps /opt/kiln/wheels/kiln-*.whl \
  && /opt/kiln/bin/python -c "import kiln.controller.cli, kiln_autoscaler.cli, kiln.topology.agent"

@@ -1,5 +1,5 @@
 """Builds Kiln's images on this machine with buildah (no Docker): the mmdebstrap base once per input
-change, each Dockerfile with cached layers, then an oci-archive per image for containerd nodes."""
+change, each Dockerfile with cached layers, then an image archive per image for containerd nodes."""
 
 from __future__ import annotations
 
@@ -136,7 +136,7 @@ class Built:
 def build_image(
     image: plan.Image, root: Path, base: plan.Base, cache: Path, storage: Path | None, say: Say
 ) -> Built:
-    """Build one image with buildah, then (re)write its oci-archive unless it already holds this image."""
+    """Build one image with buildah, then (re)write its archive unless it already holds this image."""
     if shutil.which("buildah") is None:
         raise ImageError("buildah is not installed: run `bash e2e/system-packages.sh` as root")
     # buildah keeps RUN --mount=type=cache folders (pip's downloads) under $TMPDIR: keep them in the cache.
@@ -154,8 +154,10 @@ def build_image(
         say(f"{image.name}: {archive} is current")
     else:
         say(f"{image.name}: writing {archive}")
-        archive.unlink(missing_ok=True)
-        stream(plan.archive_command(image, archive, storage), say, env)
+        partial = archive.with_suffix(".partial")
+        partial.unlink(missing_ok=True)
+        stream(plan.archive_command(image, partial, storage), say, env)
+        partial.rename(archive)
         stamp.write_text(built_id)
     return Built(image, built_id, archive, build_seconds, time.monotonic() - started)
 

@@ -51,8 +51,13 @@ def find_helm() -> Path:
 
 
 def chart_pod_users(root: Path) -> list[plan.PodUser]:
-    """The chart's workloads as `helm template` renders them with default values."""
-    manifests = capture([str(find_helm()), "template", "kiln", str(root / "charts" / "kiln")])
+    """The chart's workloads as `helm template` renders them with default values, for the
+    Kubernetes version the local cluster runs (the chart declares a kubeVersion range)."""
+    from kiln.local import build
+
+    kubernetes = build.module_versions((build.GOTOOLS_DIR / "go.mod").read_text())["k8s.io/kubernetes"]
+    chart = str(root / "charts" / "kiln")
+    manifests = capture([str(find_helm()), "template", "kiln", chart, f"--kube-version={kubernetes}"])
     return plan.pod_users(yaml.safe_load_all(manifests))
 
 
@@ -109,11 +114,13 @@ def check_all(
     """Check the selected images; raise ImageError naming the first that fails."""
     selected = plan.select(repo_images(root), names)
     chart = chart_pod_users(root)
+    if not chart:
+        raise ImageError("helm template rendered no workloads: nothing to check the images' users against")
     problems = plan.chart_image_problems(chart, repo_images(root))
     if problems:
         raise ImageError("; ".join(problems))
     checked = [check_image(image, storage, chart, say) for image in selected]
-    rows = [["image", "uid", "size", "oci-archive", "checks"]]
+    rows = [["image", "uid", "size", "archive", "checks"]]
     for item in checked:
         archive = cache / item.image.archive_name
         archive_size = plan.human_size(archive.stat().st_size) if archive.is_file() else "-"

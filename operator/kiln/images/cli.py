@@ -48,7 +48,7 @@ def build_command(
     report: Path | None,
 ) -> None:
     """Build the control-plane and engine images, tagged as the chart and operator expect, into
-    containers-storage and as oci-archives under the cache folder (for `ctr images import`)."""
+    containers-storage and as docker-archives under the cache folder (for `ctr images import`)."""
     root, cache = _root(), cache_dir or build.cache_dir()
     started = time.monotonic()
     try:

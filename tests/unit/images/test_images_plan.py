@@ -134,3 +134,9 @@ def test_table_aligns_columns() -> None:
 @pytest.mark.parametrize(("size", "text"), [(512, "512 B"), (1536, "1.50 KiB"), (3 * 2**30, "3.00 GiB")])
 def test_human_size(size: int, text: str) -> None:
     assert plan.human_size(size) == text
+
+
+def test_archive_is_a_docker_archive_named_by_the_tag() -> None:
+    image = plan.Image("kiln", "Dockerfile", "ghcr.io/x/kiln:1")
+    command = plan.archive_command(image, Path("/cache/a.tar"), None)
+    assert command[-2:] == ["ghcr.io/x/kiln:1", "docker-archive:/cache/a.tar:ghcr.io/x/kiln:1"]
