@@ -35,6 +35,7 @@ from kiln_chart import (
     TOPOLOGY_AGENT_VERBS,
     Helm,
     find_helm,
+    kubernetes_version,
 )
 
 pytestmark = pytest.mark.cluster
@@ -144,12 +145,15 @@ def test_rendered_manifests_pass_server_side_dry_run(
     helm: Helm, kubectl: str, monitoring_crds: None, namespaces: dict[str, str], values: str
 ) -> None:
     release_namespace = namespaces["release"]
+    version = ["--kube-version", kubernetes_version()]  # helm template assumes 1.20 unless told
     extra = (
         full_values_args(namespaces)
         if values == "full"
         else ["--set", "monitoring.prometheusOperator=enabled"]
     )
-    rendered = helm.run("template", "kiln", str(CHART), "--namespace", release_namespace, *extra).stdout
+    rendered = helm.run(
+        "template", "kiln", str(CHART), "--namespace", release_namespace, *version, *extra
+    ).stdout
     kinds = {doc["kind"] for doc in yaml.safe_load_all(rendered) if doc}
     assert {"Deployment", "DaemonSet", "PodMonitor", "ServiceMonitor", "PrometheusRule"} <= kinds
     done = run([kubectl, "apply", "--dry-run=server", "-f", "-"], rendered, False)

@@ -41,7 +41,7 @@ OPERATOR_VERBS = {
     ("apiextensions.k8s.io", "customresourcedefinitions"): {"get", "list", "watch"},
     ("coordination.k8s.io", "leases"): {"get", "create", "update", "patch"},
 }
-# Exactly the calls kiln_autoscaler.kube and kiln_autoscaler.leader make.
+# Exactly the calls kiln_autoscaler.kube and kiln.common.leader make.
 AUTOSCALER_VERBS = {
     ("kiln.dev", "llmdeployments"): {"list", "patch"},  # patch: server-side apply of spec.replicas
     ("kiln.dev", "llmengines"): {"get"},
