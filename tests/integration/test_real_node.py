@@ -266,6 +266,25 @@ def test_service_answers_by_cluster_ip_and_by_dns_name(real: RealCluster, web: d
         assert body == expected, host
 
 
+def test_pods_reach_the_api_server_through_the_kubernetes_service(real: RealCluster) -> None:
+    """kubectl in a pod, with the in-cluster config (service account token, CA, `kubernetes` Service)."""
+    image = nodeimages.kubectl_image(real.kubectl)
+    realnode.import_images(real.local.directory, [nodeimages.archive(image)])
+    container = {"name": "kubectl", "image": image.ref, "imagePullPolicy": "Never"}
+    container["args"] = ["get", "--raw", "/version"]
+    pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "api-client", "namespace": NAMESPACE}}
+    pod["spec"] = {"nodeSelector": ON_REAL_NODE, "restartPolicy": "Never", "containers": [container]}
+    real.apply(pod)
+    real.run(
+        "wait", "-n", NAMESPACE, "--for=jsonpath={.status.phase}=Succeeded", "pod/api-client", "--timeout=90s"
+    )
+    version = json.loads(real.run("logs", "-n", NAMESPACE, "api-client"))
+    assert (
+        version["gitVersion"]
+        == build.module_versions((build.GOTOOLS_DIR / "go.mod").read_text())["k8s.io/kubernetes"]
+    )
+
+
 def test_down_leaves_nothing_behind(real: RealCluster) -> None:
     node = realnode.layout(real.local.directory)
     started = time.monotonic()

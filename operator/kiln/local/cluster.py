@@ -140,8 +140,13 @@ def kubeconfig(server: str, ca: Path, cert: Path, key: Path, user: str) -> dict[
     }
 
 
-def component_commands(bins: dict[str, Path], directory: Path, ports: dict[str, int]) -> dict[str, list[str]]:
-    """Command lines of every component (pure: paths and ports in, argv out)."""
+def component_commands(
+    bins: dict[str, Path], directory: Path, ports: dict[str, int], *, real_node: bool = False
+) -> dict[str, list[str]]:
+    """Command lines of every component (pure: paths and ports in, argv out).
+
+    With `real_node`, pods dial the API server through the `kubernetes` Service: it listens on
+    every address (the node's included) and advertises the node's address as its endpoint."""
     p = pki.Pki(directory / "pki")
     etcd_url = f"http://127.0.0.1:{ports['etcd']}"
     peer_url = f"http://127.0.0.1:{ports['etcd-peer']}"
@@ -165,8 +170,8 @@ def component_commands(bins: dict[str, Path], directory: Path, ports: dict[str, 
         "kube-apiserver": [
             str(bins["kube-apiserver"]),
             f"--etcd-servers={etcd_url}",
-            "--bind-address=127.0.0.1",
-            "--advertise-address=127.0.0.1",
+            f"--bind-address={'0.0.0.0' if real_node else '127.0.0.1'}",
+            f"--advertise-address={realnode.NODE_IP if real_node else '127.0.0.1'}",
             f"--secure-port={ports['kube-apiserver']}",
             f"--cert-dir={directory / 'pki'}",
             f"--tls-cert-file={p.serving_cert}",
@@ -186,7 +191,7 @@ def component_commands(bins: dict[str, Path], directory: Path, ports: dict[str, 
             "--allow-privileged=true",
             # Loopback cannot be a Service endpoint; nothing in a simulated cluster dials the
             # `kubernetes` Service, so the API server does not reconcile its endpoints.
-            "--endpoint-reconciler-type=none",
+            f"--endpoint-reconciler-type={'lease' if real_node else 'none'}",
             "--profiling=false",
         ],
         "kube-controller-manager": [
@@ -391,7 +396,7 @@ class Cluster:
             path.chmod(0o600)
         (self.directory / "kwok.yaml").write_text(kwok.config_yaml())
 
-        commands = component_commands(bins, self.directory, ports)
+        commands = component_commands(bins, self.directory, ports, real_node=self.real_node)
         self.state = State(str(self.directory), self.topology_name, ports, commands=commands)
         urls = health_urls(ports)
         try:

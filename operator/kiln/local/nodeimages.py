@@ -60,6 +60,11 @@ def test_http_image() -> ImageSpec:
     )
 
 
+def kubectl_image(kubectl: Path) -> ImageSpec:
+    """kubectl (built by `kiln local build`) on busybox: an in-cluster API client for tests."""
+    return ImageSpec("localhost/kiln/kubectl:local", ("/kubectl",), {"kubectl": kubectl})
+
+
 def archive_key(spec: ImageSpec) -> str:
     """A hash of everything that goes into the image (file contents included)."""
     digest = hashlib.sha256()
