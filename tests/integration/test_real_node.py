@@ -270,7 +270,7 @@ def test_pods_reach_the_api_server_through_the_kubernetes_service(real: RealClus
     """kubectl in a pod, with the in-cluster config (service account token, CA, `kubernetes` Service)."""
     image = nodeimages.kubectl_image(real.kubectl)
     realnode.import_images(real.local.directory, [nodeimages.archive(image)])
-    container = {"name": "kubectl", "image": image.ref, "imagePullPolicy": "Never"}
+    container: dict[str, Any] = {"name": "kubectl", "image": image.ref, "imagePullPolicy": "Never"}
     container["args"] = ["get", "--raw", "/version"]
     pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "api-client", "namespace": NAMESPACE}}
     pod["spec"] = {"nodeSelector": ON_REAL_NODE, "restartPolicy": "Never", "containers": [container]}
