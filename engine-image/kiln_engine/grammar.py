@@ -3,8 +3,9 @@ an xgrammar grammar for the model's tokenizer, and keeps each constrained reques
 which yields the bitmask of tokens allowed next.
 
 xgrammar is optional (the `engine` extra installs it); without it an engine serves no constrained
-requests and says so. xgrammar's JSON strings admit raw control characters, which JSON forbids
-(and parsers reject), so tokens holding a byte below 0x20 are masked out of every JSON grammar.
+requests and says so. xgrammar's bounded JSON strings admit raw control characters, which JSON
+forbids, and byte sequences that are not UTF-8 (surrogates, overlong forms), which decode to U+FFFD:
+`VocabMasks` masks those tokens out of every grammar, by their bytes and by the byte before them.
 Compiling is cached by the spec, so the server compiles (and so validates) a request's spec in its
 thread pool and the engine thread only finds it in the cache.
 """
@@ -15,6 +16,7 @@ import json
 import re
 import threading
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # torch is not needed to name kinds or to validate a spec's shape
@@ -42,7 +44,7 @@ class Grammars:
         self.vocab_size = vocab_size
         self._stop_token_ids = sorted(stop_token_ids)
         self._compiler: Any = None
-        self._json_safe: torch.Tensor | None = None  # bitmask row: every token without control bytes
+        self._masks: VocabMasks | None = None
         self._lock = threading.Lock()  # the server's threads and the engine thread compile
 
     def _get_compiler(self) -> Any:
@@ -55,7 +57,7 @@ class Grammars:
                 info = xgr.TokenizerInfo.from_huggingface(
                     hf, vocab_size=self.vocab_size, stop_token_ids=self._stop_token_ids
                 )
-                self._json_safe = _without_control_bytes(info.decoded_vocab, self.vocab_size)
+                self._masks = VocabMasks.of(info.decoded_vocab, self.vocab_size)
                 self._compiler = xgr.GrammarCompiler(info, max_threads=1)
             return self._compiler
 
@@ -79,17 +81,18 @@ class Grammars:
         import xgrammar as xgr
 
         compiled = self.compile(spec)
-        assert self._json_safe is not None  # computed with the compiler
-        return GrammarState(xgr.GrammarMatcher(compiled), self._json_safe)
+        assert self._masks is not None  # computed with the compiler
+        return GrammarState(xgr.GrammarMatcher(compiled), self._masks)
 
 
 class GrammarState:
     """One constrained request's position in its grammar, as far as its tokens have been seen."""
 
-    def __init__(self, matcher: Any, allowed: torch.Tensor) -> None:
+    def __init__(self, matcher: Any, masks: VocabMasks) -> None:
         self._matcher = matcher
-        self._allowed = allowed  # tokens the grammar may ever allow (a bitmask row)
+        self._masks = masks
         self._accepted = 0  # generated tokens fed to the matcher so far
+        self._last = -1  # the last generated token
 
     def fill_mask(
         self, token_ids: Sequence[int], num_prompt_tokens: int, bitmask: torch.Tensor, row: int
@@ -100,18 +103,65 @@ class GrammarState:
             if not self._matcher.accept_token(token):
                 raise RuntimeError(f"token {token} breaks the grammar it was sampled under")
             self._accepted += 1
+            self._last = token
         self._matcher.fill_next_token_bitmask(bitmask, row)
-        bitmask[row] &= self._allowed
+        bitmask[row] &= self._masks.after(self._last)
 
 
-def _without_control_bytes(decoded_vocab: Sequence[bytes], vocab_size: int) -> torch.Tensor:
-    """A bitmask row (xgrammar's layout: bit t % 32 of int32 word t // 32) of the tokens whose bytes
-    are all >= 0x20; special tokens such as EOS decode to their text and stay allowed."""
+# UTF-8 lead bytes whose first continuation byte has a narrower range than 0x80-0xBF (no overlong
+# forms, no surrogates, nothing past U+10FFFF), and bytes that appear in no valid UTF-8 text.
+_FIRST_CONTINUATION = {0xE0: range(0xA0, 0xC0), 0xED: range(0x80, 0xA0), 0xF0: range(0x90, 0xC0),
+                       0xF4: range(0x80, 0x90)}  # fmt: skip
+_NEVER = frozenset(range(0x20)) | {0xC0, 0xC1} | frozenset(range(0xF5, 0x100))
+
+
+@dataclass
+class VocabMasks:
+    """Bitmask rows (xgrammar's layout: bit t % 32 of int32 word t // 32) of the tokens that may
+    follow a token: none with a control byte or a byte never in UTF-8, none holding an invalid
+    lead/continuation pair, and after a token that ends in a lead byte of `_FIRST_CONTINUATION`, only
+    tokens that continue it validly. Special tokens such as EOS decode to their text and stay."""
+
+    anywhere: torch.Tensor
+    after_lead: dict[int, torch.Tensor]
+    last_byte: list[int]  # per token, -1 for none
+
+    @classmethod
+    def of(cls, decoded_vocab: Sequence[bytes], vocab_size: int) -> VocabMasks:
+        vocab = list(decoded_vocab[:vocab_size])
+        ok = [_valid_bytes(text) for text in vocab]
+        after_lead = {
+            lead: _bitmask_row(
+                [good and (not text or text[0] in valid) for good, text in zip(ok, vocab, strict=True)],
+                vocab_size,
+            )
+            for lead, valid in _FIRST_CONTINUATION.items()
+        }
+        last = [text[-1] if text else -1 for text in vocab] + [-1] * (vocab_size - len(vocab))
+        return cls(_bitmask_row(ok, vocab_size), after_lead, last)
+
+    def after(self, token: int) -> torch.Tensor:
+        """The row of tokens allowed after `token` (-1: at the start)."""
+        lead = self.last_byte[token] if 0 <= token < len(self.last_byte) else -1
+        return self.after_lead.get(lead, self.anywhere)
+
+
+def _valid_bytes(text: bytes) -> bool:
+    if any(byte in _NEVER for byte in text):
+        return False
+    return all(
+        text[i + 1] in _FIRST_CONTINUATION[byte]
+        for i, byte in enumerate(text[:-1])
+        if byte in _FIRST_CONTINUATION
+    )
+
+
+def _bitmask_row(allowed: list[bool], vocab_size: int) -> torch.Tensor:
     import torch
 
-    words = [0xFFFFFFFF] * ((vocab_size + 31) // 32)
-    for token, text in enumerate(decoded_vocab[:vocab_size]):
-        if any(byte < 0x20 for byte in text):
+    words = [0xFFFFFFFF] * ((vocab_size + 31) // 32)  # tokens past the tokenizer's: the grammar decides
+    for token, good in enumerate(allowed):
+        if not good:
             words[token // 32] &= ~(1 << (token % 32)) & 0xFFFFFFFF
     return torch.tensor([w - (1 << 32) if w >= 1 << 31 else w for w in words], dtype=torch.int32)
 

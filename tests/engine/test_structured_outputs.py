@@ -188,8 +188,12 @@ def test_constrained_and_free_rows_of_a_batch_do_not_affect_each_other(checkpoin
     assert isinstance(values, list) and all(0 <= v <= 9 for v in values)
 
 
-def test_json_strings_never_get_raw_control_characters(checkpoint: Path) -> None:
-    """xgrammar's bounded JSON strings admit raw control bytes, which JSON forbids: they stay masked."""
+def test_json_strings_get_no_control_characters_and_no_invalid_utf8(checkpoint: Path) -> None:
+    """xgrammar's bounded JSON strings admit raw control bytes, which JSON forbids, and UTF-8-encoded
+    surrogates, which are not UTF-8: both stay masked."""
+    import xgrammar
+    from transformers import PreTrainedTokenizerFast
+
     from kiln_engine.grammar import Grammars, allocate_bitmask
     from kiln_engine.tokenizer import Tokenizer
 
@@ -205,3 +209,13 @@ def test_json_strings_never_get_raw_control_characters(checkpoint: Path) -> None
     control = {t for t in range(vocab) if any(ord(c) < 0x20 for c in tok.decode([t]))}
     assert control, "precondition: the vocabulary has tokens for control bytes"
     assert allowed and not allowed & control
+    # 0xED 0xA0..0xBF would encode a surrogate (not UTF-8, decoded as U+FFFD): after a token that
+    # ends in the lead byte 0xED, only continuation bytes 0x80..0x9F may come
+    info = xgrammar.TokenizerInfo.from_huggingface(
+        PreTrainedTokenizerFast(tokenizer_object=tok.tk), vocab_size=vocab, stop_token_ids=[1]
+    )
+    by_bytes = {text: t for t, text in enumerate(info.decoded_vocab)}
+    lead, fine, surrogate = by_bytes[b"\xed"], by_bytes[b"\x80"], by_bytes[b"\xa0"]
+    state.fill_mask([*tok.encode('"', add_special_tokens=False), lead], 0, bitmask, 0)
+    words = bitmask[0].tolist()
+    assert (words[fine // 32] >> (fine % 32)) & 1 and not (words[surrogate // 32] >> (surrogate % 32)) & 1
