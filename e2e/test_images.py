@@ -13,11 +13,14 @@ import shutil
 import subprocess
 import sys
 import tarfile
+import time
 from pathlib import Path
 
 import pytest
 
+from kiln.images import plan
 from kiln.images.build import cache_dir, repo_images
+from kiln.local import build
 
 pytestmark = pytest.mark.slow
 
@@ -45,3 +48,37 @@ def test_images_build_and_check() -> None:
         assert image.tag in done.stdout  # the size table lists every image
         archive = cache_dir() / image.archive_name
         assert archive_repo_tags(archive) == [image.tag]
+
+
+def test_control_plane_archive_imports_into_containerd_by_its_tag(tmp_path: Path) -> None:
+    """The real node's containerd (a private instance here) names the imported image by the tag the
+    chart pulls. Runs after the build above; the engine's archive is the same format, 13x larger."""
+    try:
+        binaries = build.node_binary_paths()
+    except build.BuildError as error:
+        pytest.skip(f"the real node's containerd is not built: {error}")
+    (image,) = [image for image in repo_images(ROOT) if image.name == plan.CONTROL_PLANE]
+    socket = tmp_path / "containerd.sock"
+    config = tmp_path / "config.toml"
+    config.write_text(
+        f'version = 3\nroot = "{tmp_path}/root"\nstate = "{tmp_path}/state"\n[grpc]\naddress = "{socket}"\n'
+    )
+    ctr = [str(binaries["ctr"]), f"--address={socket}", "--namespace=k8s.io", "images"]
+    with (tmp_path / "containerd.log").open("w") as log:
+        containerd = subprocess.Popen(
+            [str(binaries["containerd"]), f"--config={config}"], stdout=log, stderr=log
+        )
+    try:
+        deadline = time.monotonic() + 30
+        while not socket.exists():
+            assert containerd.poll() is None and time.monotonic() < deadline, (
+                tmp_path / "containerd.log"
+            ).read_text()
+            time.sleep(0.2)
+        archive = str(cache_dir() / image.archive_name)
+        subprocess.run([*ctr, "import", "--local", "--snapshotter=native", archive], check=True, timeout=300)
+        names = subprocess.run([*ctr, "ls", "-q"], check=True, capture_output=True, text=True).stdout.split()
+        assert image.tag in names
+    finally:
+        containerd.terminate()
+        containerd.wait(timeout=30)
