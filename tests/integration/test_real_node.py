@@ -73,7 +73,8 @@ def snapshot() -> HostSnapshot:
                 chains.add(f"{family} {table} {line.split()[0]}")
     netns = Path("/run/netns")
     return HostSnapshot(
-        # Other work on the machine (podman) may add its own links meanwhile: not ours to judge.
+        # Other work on the machine (podman, buildah) may add its own links and CNI allocations
+        # meanwhile: not ours to judge.
         links={p.name for p in Path("/sys/class/net").iterdir() if "podman" not in p.name},
         netns={p.name for p in netns.iterdir()} if netns.is_dir() else set(),
         chains=chains,
@@ -85,6 +86,7 @@ def snapshot() -> HostSnapshot:
             for folder in DEFAULT_PATHS
             if Path(folder).is_dir()
             for entry in Path(folder).rglob("*")
+            if "podman" not in entry.parts  # other work's CNI network (buildah, podman)
         },
     )
 
