@@ -35,6 +35,9 @@ NESTED_DIR = "gitops-engine"
 GO_TOOLCHAIN = "go1.27.0"
 BINARY = "argocd"
 COMPONENTS = ("argocd-application-controller", "argocd-repo-server")
+# The repo server runs this script from $PATH on every commit it reads (its image ships it);
+# without it manifest generation fails with "permission denied".
+VERIFY_WRAPPER = "git-verify-wrapper.sh"
 # `version` stamps what `argocd-application-controller --version` reports.
 LDFLAGS = f"-s -w -X github.com/argoproj/argo-cd/v3/common.version={VERSION.lstrip('v')}"
 
@@ -71,12 +74,15 @@ def cache_key(platform: str) -> str:
 
 
 def bin_dir() -> Path:
-    """The cache folder for this version: `argocd`, the component links and `crds/`."""
+    """The cache folder for this version: `argocd`, the component links, the wrapper script, `crds/`."""
     return build.cache_root() / cache_key(build.target_platform())
 
 
 def is_built(directory: Path) -> bool:
-    return os.access(directory / BINARY, os.X_OK) and (directory / "crds").is_dir()
+    return (
+        all(os.access(directory / name, os.X_OK) for name in (BINARY, VERIFY_WRAPPER))
+        and (directory / "crds").is_dir()
+    )
 
 
 def component(name: str, directory: Path | None = None) -> Path:
@@ -159,6 +165,8 @@ def _build_into(directory: Path) -> None:
         crds = directory / "crds"
         shutil.rmtree(crds, ignore_errors=True)
         shutil.copytree(tree / "manifests" / "crds", crds)
+        shutil.copy(tree / "hack" / VERIFY_WRAPPER, directory / VERIFY_WRAPPER)
+        (directory / VERIFY_WRAPPER).chmod(0o755)
         for name in COMPONENTS:
             link = directory / name
             link.unlink(missing_ok=True)
