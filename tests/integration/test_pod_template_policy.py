@@ -156,7 +156,12 @@ def kubectl(local_cluster: LocalCluster, *args: str, stdin: str | None = None) -
         text=True,
         timeout=120,
         check=False,
-        env={"KUBECONFIG": str(local_cluster.kubeconfig), "PATH": "/usr/bin:/bin"},
+        # HOME too: without one kubectl writes its discovery cache to ./.kube of the checkout
+        env={
+            "KUBECONFIG": str(local_cluster.kubeconfig),
+            "PATH": "/usr/bin:/bin",
+            "HOME": str(local_cluster.kubeconfig.parent),
+        },
     )
     assert done.returncode == 0, done.stderr
     return done.stdout
