@@ -181,6 +181,18 @@ def flow(
     try:
         yield state
     finally:
+        # A test that failed half-way leaves the Application: delete it (and, through its finalizer,
+        # what it deployed) while Argo CD still runs, so later e2e modules find the namespace clean.
+        kubectl.run(
+            "delete",
+            "applications.argoproj.io",
+            "--all",
+            "-n",
+            gitops.NAMESPACE,
+            "--timeout=120s",
+            check=False,
+            timeout=150,
+        )
         killed = argo.stop()
         results = os.environ.get(RESULTS_ENV)
         if results:
