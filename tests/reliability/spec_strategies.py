@@ -160,6 +160,30 @@ _HINTS: dict[FieldPath, st.SearchStrategy[Any]] = {
         ),
         max_size=2,
     ),
+    # Lists of allow-listed objects: the engine container only, and volumes of one safe source each
+    # (a list of free objects would be refused as unknown fields, which is not what is under test).
+    ("serving", "podTemplate", "spec", "containers"): st.lists(
+        st.fixed_dictionaries(
+            {"name": st.just("engine")},
+            optional={
+                "env": st.lists(
+                    st.fixed_dictionaries({"name": st.just("EXTRA"), "value": st.text(max_size=8)}),
+                    max_size=1,
+                )
+            },
+        ),
+        max_size=1,
+    ),
+    ("serving", "podTemplate", "spec", "volumes"): st.lists(
+        st.fixed_dictionaries(
+            {
+                "name": st.from_regex(r"[a-z][a-z0-9]{0,8}", fullmatch=True),
+                "emptyDir": st.just({}),
+            }
+        ),
+        max_size=2,
+        unique_by=lambda volume: volume["name"],
+    ),
 }
 
 
