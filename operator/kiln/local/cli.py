@@ -9,7 +9,7 @@ from pathlib import Path
 import click
 
 from kiln.local import build as build_module
-from kiln.local import cluster, nodeimages, realnode, topology
+from kiln.local import cluster, monitoring, nodeimages, realnode, topology
 
 DIR_OPTION = click.option(
     "--dir",
@@ -24,9 +24,13 @@ def _echo(line: str) -> None:
     click.echo(line)
 
 
-def _binaries(real_node: bool = False) -> None:
+def _binaries(real_node: bool = False, with_monitoring: bool = False) -> None:
     """Build whatever binary is missing (a no-op when the cache is warm)."""
-    toolsets = (build_module.CONTROL_PLANE, *(build_module.NODE_TOOLSETS if real_node else ()))
+    toolsets = (
+        build_module.CONTROL_PLANE,
+        *(build_module.NODE_TOOLSETS if real_node else ()),
+        *((monitoring.TOOLSET,) if with_monitoring else ()),
+    )
     for toolset in toolsets:
         if build_module.missing(build_module.bin_dir(toolset), toolset.binaries):
             try:
@@ -44,13 +48,21 @@ def local() -> None:
 @click.option(
     "--real-node", is_flag=True, help="Also build the real node's containerd, CNI plugins, CoreDNS, crictl."
 )
-def build(real_node: bool) -> None:
+@click.option(
+    "--monitoring",
+    "with_monitoring",
+    is_flag=True,
+    help="Also build the Prometheus Operator and its config reloader.",
+)
+def build(real_node: bool, with_monitoring: bool) -> None:
     """Build (or reuse) the control-plane binaries from the pinned Go module."""
     try:
         directory = build_module.build(progress=_echo)
         if real_node:
             for toolset in build_module.NODE_TOOLSETS:
                 build_module.build(progress=_echo, toolset=toolset)
+        if with_monitoring:
+            build_module.build(progress=_echo, toolset=monitoring.TOOLSET)
     except build_module.BuildError as error:
         raise click.ClickException(str(error)) from error
     click.echo(f"export PATH={directory}:$PATH   # to run helm, etcd, kwok, ... directly")
@@ -89,6 +101,12 @@ def build(real_node: bool) -> None:
     type=click.Path(dir_okay=False, exists=True, path_type=Path),
     help="An oci-archive to import into the real node's containerd (repeatable; needs --real-node).",
 )
+@click.option(
+    "--monitoring",
+    "with_monitoring",
+    is_flag=True,
+    help="Also run the Prometheus Operator and a Prometheus on the real node (needs --real-node).",
+)
 def up(
     topology_name: str,
     directory: Path | None,
@@ -97,6 +115,7 @@ def up(
     process_node: bool,
     real_node: bool,
     images: tuple[Path, ...],
+    with_monitoring: bool,
 ) -> None:
     """Start the control plane and create the topology's simulated nodes."""
     started = time.monotonic()
@@ -106,9 +125,11 @@ def up(
         raise click.ClickException(str(error)) from error
     if images and not real_node:
         raise click.ClickException("--image needs --real-node: only the real node runs images")
+    if with_monitoring and not real_node:
+        raise click.ClickException("--monitoring needs --real-node: Prometheus runs there")
     if real_node and os.geteuid() != 0:
         raise click.ClickException("--real-node needs root (it runs containerd and creates network links)")
-    _binaries(real_node)
+    _binaries(real_node, with_monitoring)
     local_cluster = cluster.Cluster(
         directory, topology_name, crds, process_node=process_node, real_node=real_node
     )
@@ -121,11 +142,21 @@ def up(
                 local_cluster.stop()  # an `up` that fails leaves nothing running
                 raise
             _echo(f"imported {len(images)} image archive(s) into the real node")
+        if with_monitoring:
+            try:
+                monitoring.install(
+                    local_cluster.directory, state.kubeconfig, progress=_echo, timeout=timeout * 2
+                )
+            except (monitoring.MonitoringError, nodeimages.ImageError):
+                local_cluster.stop()
+                raise
+            _echo(f"  in-cluster Prometheus (autoscaler.prometheus.url): {monitoring.PROMETHEUS_SERVICE_URL}")
     except (
         cluster.StartError,
         build_module.BuildError,
         realnode.NodeError,
         nodeimages.ImageError,
+        monitoring.MonitoringError,
     ) as error:
         raise click.ClickException(str(error)) from error
     click.echo(

@@ -115,6 +115,7 @@ def _stage(spec: ImageSpec, rootfs: Path) -> None:
     for applet in APPLETS:
         (rootfs / "bin" / applet).symlink_to("busybox")
     for name, source in spec.files.items():
+        (rootfs / name).parent.mkdir(parents=True, exist_ok=True)  # e.g. a library's folder
         shutil.copy2(source, rootfs / name)
     for name, text in spec.texts.items():
         target = rootfs / name
