@@ -15,7 +15,11 @@ SUPPORTED_ARCHITECTURES: tuple[str, ...] = (
     "MistralForCausalLM",
     "Qwen2ForCausalLM",
     "Qwen3ForCausalLM",
+    "MixtralForCausalLM",
+    "Qwen3MoeForCausalLM",
 )
+
+ROPE_TYPES: tuple[str, ...] = ("default", "linear", "dynamic", "llama3", "yarn", "longrope")
 
 QUANTIZATION_METHODS: tuple[str, ...] = ("none", "fp8", "int8", "awq", "gptq")
 
@@ -81,11 +85,20 @@ class RopeConfig:
     """Rotary embedding parameters, normalized from `rope_theta`/`rope_scaling` or `rope_parameters`."""
 
     theta: float = 10000.0
-    rope_type: str = "default"  # default | linear | dynamic | llama3
-    factor: float = 1.0
+    rope_type: str = "default"  # default | linear | dynamic | llama3 | yarn | longrope
+    factor: float | None = 1.0  # yarn/longrope: None means max_position_embeddings / original
     low_freq_factor: float = 1.0
     high_freq_factor: float = 4.0
     original_max_position_embeddings: int | None = None
+    # yarn (defaults as in transformers) and longrope; see kiln_engine.layers.rope_scaling
+    attention_factor: float | None = None
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    mscale: float | None = None
+    mscale_all_dim: float | None = None
+    truncate: bool = True
+    short_factor: tuple[float, ...] = ()
+    long_factor: tuple[float, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -98,6 +111,20 @@ class QuantConfig:
     zero_point: bool = True  # awq
     desc_act: bool = False  # gptq
     sym: bool = True  # gptq
+
+
+@dataclass(frozen=True)
+class MoeConfig:
+    """A sparse mixture-of-experts MLP: `top_k` of `num_experts` SwiGLU experts per token."""
+
+    num_experts: int
+    top_k: int
+    intermediate_size: int  # of one expert
+    renormalize: bool  # top-k weights divided by their sum (Mixtral always; Qwen3-MoE: norm_topk_prob)
+    sparse_layers: tuple[int, ...]  # decoder layers with the expert block; the others keep a dense MLP
+
+    def is_sparse(self, layer: int) -> bool:
+        return layer in self.sparse_layers
 
 
 @dataclass(frozen=True)
@@ -126,12 +153,13 @@ class ModelConfig:
     bos_token_id: int | None
     eos_token_ids: tuple[int, ...]
     quant: QuantConfig = field(default_factory=QuantConfig)
+    moe: MoeConfig | None = None
 
     def layer_sliding_window(self, layer: int) -> int | None:
         """The attention window of one layer (Qwen applies it only from `max_window_layers` on)."""
         if self.sliding_window is None:
             return None
-        if self.model_type in ("qwen2", "qwen3") and layer < self.max_window_layers:
+        if self.model_type in ("qwen2", "qwen3", "qwen3_moe") and layer < self.max_window_layers:
             return None
         return self.sliding_window
 
@@ -149,7 +177,7 @@ class ModelConfig:
         hidden = int(cfg["hidden_size"])
         head_dim = cfg.get("head_dim") or hidden // heads
         is_qwen2 = arch == "Qwen2ForCausalLM"
-        is_qwen3 = arch == "Qwen3ForCausalLM"
+        is_qwen3 = arch in ("Qwen3ForCausalLM", "Qwen3MoeForCausalLM")
         if is_qwen2 or is_qwen3:
             sliding = cfg.get("sliding_window") if cfg.get("use_sliding_window", False) else None
         else:
@@ -180,6 +208,7 @@ class ModelConfig:
             bos_token_id=cfg.get("bos_token_id"),
             eos_token_ids=eos_ids,
             quant=parse_quant(cfg.get("quantization_config")),
+            moe=parse_moe(arch, cfg),
         )
 
     @classmethod
@@ -194,18 +223,69 @@ def parse_rope(cfg: dict[str, Any]) -> RopeConfig:
     merged = {**scaling, **params}
     theta = float(merged.get("rope_theta", cfg.get("rope_theta", 10000.0)))
     rope_type = str(merged.get("rope_type", merged.get("type", "default")))
-    if rope_type not in ("default", "linear", "dynamic", "llama3"):
+    if rope_type not in ROPE_TYPES:
         raise UnsupportedModelError(
-            f"unsupported rope scaling type {rope_type!r}; supported: default, linear, dynamic, llama3"
+            f"unsupported rope scaling type {rope_type!r}; supported: {', '.join(ROPE_TYPES)}"
         )
-    orig = merged.get("original_max_position_embeddings")
+    # Phi-3-style configs keep the pretraining length at the top level; transformers prefers it.
+    orig = cfg.get("original_max_position_embeddings") or merged.get("original_max_position_embeddings")
+    factor = merged.get("factor")
+    if factor is None and rope_type not in ("yarn", "longrope"):
+        factor = 1.0
+
+    def opt(key: str) -> float | None:
+        value = merged.get(key)
+        return float(value) if value is not None else None
+
+    if rope_type == "longrope" and not (merged.get("short_factor") and merged.get("long_factor")):
+        raise UnsupportedModelError("longrope rope scaling needs short_factor and long_factor")
     return RopeConfig(
         theta=theta,
         rope_type=rope_type,
-        factor=float(merged.get("factor", 1.0)),
+        factor=float(factor) if factor is not None else None,
         low_freq_factor=float(merged.get("low_freq_factor", 1.0)),
         high_freq_factor=float(merged.get("high_freq_factor", 4.0)),
         original_max_position_embeddings=int(orig) if orig is not None else None,
+        attention_factor=opt("attention_factor"),
+        beta_fast=float(merged.get("beta_fast") or 32.0),
+        beta_slow=float(merged.get("beta_slow") or 1.0),
+        mscale=opt("mscale"),
+        mscale_all_dim=opt("mscale_all_dim"),
+        truncate=bool(merged.get("truncate", True)),
+        short_factor=tuple(float(f) for f in merged.get("short_factor") or ()),
+        long_factor=tuple(float(f) for f in merged.get("long_factor") or ()),
+    )
+
+
+def parse_moe(arch: str, cfg: dict[str, Any]) -> MoeConfig | None:
+    """The expert block of Mixtral and Qwen3-MoE configs; None for dense architectures."""
+    if arch not in ("MixtralForCausalLM", "Qwen3MoeForCausalLM"):
+        return None
+    quant = str((cfg.get("quantization_config") or {}).get("quant_method", "none")).lower()
+    if quant in ("awq", "gptq"):
+        raise UnsupportedModelError(
+            f"{quant} mixture-of-experts checkpoints are not supported; use fp8, int8-weight or none"
+        )
+    layers = int(cfg["num_hidden_layers"])
+    if arch == "MixtralForCausalLM":
+        return MoeConfig(
+            num_experts=int(cfg.get("num_local_experts", 8)),
+            top_k=int(cfg.get("num_experts_per_tok", 2)),
+            intermediate_size=int(cfg["intermediate_size"]),
+            renormalize=True,
+            sparse_layers=tuple(range(layers)),
+        )
+    experts = int(cfg["num_experts"])
+    step = int(cfg.get("decoder_sparse_step", 1))
+    dense = set(cfg.get("mlp_only_layers") or [])
+    return MoeConfig(
+        num_experts=experts,
+        top_k=int(cfg.get("num_experts_per_tok", 8)),
+        intermediate_size=int(cfg["moe_intermediate_size"]),
+        renormalize=bool(cfg.get("norm_topk_prob", False)),
+        sparse_layers=tuple(
+            i for i in range(layers) if i not in dense and experts > 0 and (i + 1) % step == 0
+        ),
     )
 
 

@@ -33,7 +33,19 @@ AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
 AWQ_REVERSE_ORDER = (0, 4, 1, 5, 2, 6, 3, 7)
 
 
-QUANTIZABLE_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# w1/w2/w3: Mixtral experts (Qwen3-MoE experts use the dense names); routers (`gate`) stay unquantized
+QUANTIZABLE_MODULES = (
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "o_proj",
+    "gate_proj",
+    "up_proj",
+    "down_proj",
+    "w1",
+    "w2",
+    "w3",
+)
 
 
 # -- pure converters (used by `kiln-engine build`) ----------------------------------------------------

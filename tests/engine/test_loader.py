@@ -67,8 +67,10 @@ def test_rope_parameters_and_rope_scaling_forms_agree() -> None:
     }
     assert parse_rope(classic) == parse_rope(v5)
     assert parse_rope({"rope_scaling": {"type": "linear", "factor": 2.0}}).rope_type == "linear"
-    with pytest.raises(UnsupportedModelError, match="yarn"):
-        parse_rope({"rope_scaling": {"type": "yarn", "factor": 2.0}})
+    with pytest.raises(UnsupportedModelError, match="proportional"):
+        parse_rope({"rope_scaling": {"type": "proportional", "factor": 2.0}})
+    with pytest.raises(UnsupportedModelError, match="short_factor"):
+        parse_rope({"rope_scaling": {"type": "longrope", "long_factor": [1.0]}})
 
 
 def test_quantization_configs() -> None:

@@ -1,4 +1,5 @@
-"""Rotary position embeddings (RoPE) with Hugging Face's scaling variants: linear, dynamic NTK, llama3.
+"""Rotary position embeddings (RoPE) with Hugging Face's scaling variants: linear, dynamic NTK, llama3,
+YaRN and LongRoPE (the last two in `layers.rope_scaling`).
 
 cos/sin are precomputed once for every position up to `max_positions` and gathered per token, so a
 step costs one index_select regardless of batch shape (and is CUDA-graph friendly).
@@ -12,6 +13,7 @@ import torch
 from torch import nn
 
 from kiln_engine.config import RopeConfig
+from kiln_engine.layers import rope_scaling
 
 
 def rope_inv_freq(
@@ -26,21 +28,20 @@ def rope_inv_freq(
     """
     dim = head_dim
     base = rope.theta
+    factor = rope.factor if rope.factor is not None else 1.0
     if rope.rope_type == "dynamic" and max_positions > max_position_embeddings:
-        base = base * ((rope.factor * max_positions / max_position_embeddings) - (rope.factor - 1)) ** (
-            dim / (dim - 2)
-        )
+        base = base * ((factor * max_positions / max_position_embeddings) - (factor - 1)) ** (dim / (dim - 2))
     inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
     if rope.rope_type == "linear":
-        inv_freq = inv_freq / rope.factor
+        inv_freq = inv_freq / factor
     elif rope.rope_type == "llama3":
         old_len = rope.original_max_position_embeddings or max_position_embeddings
         low_wavelen = old_len / rope.low_freq_factor
         high_wavelen = old_len / rope.high_freq_factor
         wavelen = 2 * math.pi / inv_freq
-        scaled = torch.where(wavelen > low_wavelen, inv_freq / rope.factor, inv_freq)
+        scaled = torch.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
         smooth = (old_len / wavelen - rope.low_freq_factor) / (rope.high_freq_factor - rope.low_freq_factor)
-        smoothed = (1 - smooth) * scaled / rope.factor + smooth * scaled
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
         is_medium = ~(wavelen < high_wavelen) * ~(wavelen > low_wavelen)
         inv_freq = torch.where(is_medium, smoothed, scaled)
     return inv_freq
@@ -55,11 +56,18 @@ class RotaryEmbedding(nn.Module):
         self, rope: RopeConfig, head_dim: int, max_position_embeddings: int, max_positions: int
     ) -> None:
         super().__init__()
-        inv_freq = rope_inv_freq(rope, head_dim, max_position_embeddings, max_positions)
+        scale = 1.0
+        if rope.rope_type == "yarn":
+            inv_freq, scale = rope_scaling.yarn(rope, head_dim, max_position_embeddings)
+        elif rope.rope_type == "longrope":
+            inv_freq, scale = rope_scaling.longrope(rope, head_dim, max_position_embeddings, max_positions)
+        else:
+            inv_freq = rope_inv_freq(rope, head_dim, max_position_embeddings, max_positions)
         positions = torch.arange(max_positions, dtype=torch.float32)
         freqs = positions[:, None] * inv_freq[None, :]
         emb = torch.cat((freqs, freqs), dim=-1)
-        self.register_buffer("cos_sin", torch.stack((emb.cos(), emb.sin())), persistent=False)
+        cos_sin = torch.stack((emb.cos() * scale, emb.sin() * scale))  # yarn/longrope scale cos and sin
+        self.register_buffer("cos_sin", cos_sin, persistent=False)
 
     def forward(
         self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor

@@ -13,8 +13,9 @@ import re
 
 import torch
 
-COLUMN_PARALLEL = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")
-ROW_PARALLEL = ("o_proj", "down_proj")
+# w1/w3/w2: Mixtral experts' gate/up/down; every rank holds a slice of every expert (routers whole)
+COLUMN_PARALLEL = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "w1", "w3")
+ROW_PARALLEL = ("o_proj", "down_proj", "w2")
 VOCAB_PARALLEL = ("embed_tokens", "lm_head")
 _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 

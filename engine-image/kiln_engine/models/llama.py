@@ -16,6 +16,7 @@ from kiln_engine.layers.activation import SiluAndMul
 from kiln_engine.layers.attention import Attention, AttentionMetadata
 from kiln_engine.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from kiln_engine.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
+from kiln_engine.layers.moe import SparseMoeBlock
 from kiln_engine.layers.norm import RMSNorm
 from kiln_engine.layers.parallel import TPGroup
 from kiln_engine.layers.rotary import RotaryEmbedding
@@ -113,7 +114,8 @@ class LlamaDecoderLayer(nn.Module):
     ) -> None:
         super().__init__()
         self.self_attn = LlamaAttention(cfg, layer, rotary, dtype, tp)
-        self.mlp = LlamaMLP(cfg, dtype, tp)
+        sparse = cfg.moe is not None and cfg.moe.is_sparse(layer)
+        self.mlp: nn.Module = SparseMoeBlock(cfg, dtype, tp) if sparse else LlamaMLP(cfg, dtype, tp)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
 
@@ -175,6 +177,15 @@ class LlamaForCausalLM(nn.Module):
     def attention_layers(self) -> list[Attention]:
         return [m for m in self.modules() if isinstance(m, Attention)]
 
+    def checkpoint_target(self, name: str) -> tuple[str, str, str | int | tuple[int, int] | None]:
+        """(module path, parameter, shard) that checkpoint tensor `name` loads into."""
+        module_path, param = name.rsplit(".", 1)
+        parent, _, leaf = module_path.rpartition(".")
+        if leaf in PACKED_MODULES:
+            fused, shard = PACKED_MODULES[leaf]
+            return f"{parent}.{fused}", param, shard
+        return module_path, param, None
+
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Load checkpoint tensors by their Hugging Face names; fail on unknown or missing ones."""
         expected = {n for n, _ in self.named_parameters()}
@@ -186,12 +197,7 @@ class LlamaForCausalLM(nn.Module):
                 continue
             if name.endswith(".input_scale") and self.config.quant.method == "fp8":
                 continue  # static activation scales: activations are quantized dynamically per token
-            module_path, param = name.rsplit(".", 1)
-            parent, _, leaf = module_path.rpartition(".")
-            shard: str | int | None = None
-            if leaf in PACKED_MODULES:
-                fused, shard = PACKED_MODULES[leaf]
-                module_path = f"{parent}.{fused}"
+            module_path, param, shard = self.checkpoint_target(name)
             try:
                 module = self.get_submodule(module_path)
             except AttributeError:

@@ -2,13 +2,15 @@
 
 `make_tiny_checkpoint(path, arch)` writes config.json, safetensors weights (optionally sharded with
 an index), generation_config.json, tokenizer.json and tokenizer_config.json (chat template
-included) for Llama, Mistral, Qwen2 or Qwen3. transformers can load the result, so tests compare
-our engine token for token against `AutoModelForCausalLM`; the local demo serves it.
+included) for Llama, Mistral, Qwen2, Qwen3, Mixtral or Qwen3-MoE. transformers can load the
+result, so tests compare our engine token for token against `AutoModelForCausalLM`; the local demo
+serves it.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -49,6 +51,8 @@ ARCHS: dict[str, dict[str, Any]] = {
     "mistral": {"architectures": ["MistralForCausalLM"], "model_type": "mistral", "add_bos": True},
     "qwen2": {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "add_bos": False},
     "qwen3": {"architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "add_bos": False},
+    "mixtral": {"architectures": ["MixtralForCausalLM"], "model_type": "mixtral", "add_bos": True},
+    "qwen3_moe": {"architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe", "add_bos": False},
 }
 
 
@@ -106,18 +110,30 @@ def _config(arch: str, vocab: int, bos: int, eos: int, **overrides: Any) -> dict
     }
     if arch == "mistral":
         cfg["sliding_window"] = None
-    if arch in ("qwen2", "qwen3"):
+    if arch in ("qwen2", "qwen3", "qwen3_moe"):
         cfg.update(use_sliding_window=False, sliding_window=None, max_window_layers=cfg["num_hidden_layers"])
-    if arch == "qwen3":
+    if arch in ("qwen3", "qwen3_moe"):
         cfg["attention_bias"] = False
+    if arch == "mixtral":
+        cfg.update(sliding_window=None, num_local_experts=4, num_experts_per_tok=2, router_jitter_noise=0.0)
+    if arch == "qwen3_moe":
+        cfg.update(
+            num_experts=8,
+            num_experts_per_tok=3,
+            moe_intermediate_size=32,
+            norm_topk_prob=True,
+            decoder_sparse_step=1,
+            mlp_only_layers=[],
+            output_router_logits=False,
+        )
     cfg.update(overrides)
     return cfg
 
 
 def random_weights(cfg: dict[str, Any], seed: int = 0, std: float = 0.1) -> dict[str, torch.Tensor]:
-    """Random tensors under Hugging Face names for a Llama-family config."""
+    """Random tensors under Hugging Face names for a Llama-family (or its MoE variants') config."""
     g = torch.Generator().manual_seed(seed)
-    h, v, inter = cfg["hidden_size"], cfg["vocab_size"], cfg["intermediate_size"]
+    h, v = cfg["hidden_size"], cfg["vocab_size"]
     heads, kv, d = cfg["num_attention_heads"], cfg["num_key_value_heads"], cfg["head_dim"]
     arch = cfg["architectures"][0]
     qkv_bias = arch == "Qwen2ForCausalLM" or cfg.get("attention_bias", False)
@@ -139,17 +155,47 @@ def random_weights(cfg: dict[str, Any], seed: int = 0, std: float = 0.1) -> dict
             w[p + "self_attn.q_proj.bias"] = rnd(heads * d)
             w[p + "self_attn.k_proj.bias"] = rnd(kv * d)
             w[p + "self_attn.v_proj.bias"] = rnd(kv * d)
-        if arch == "Qwen3ForCausalLM":
+        if arch in ("Qwen3ForCausalLM", "Qwen3MoeForCausalLM"):
             w[p + "self_attn.q_norm.weight"] = norm(d)
             w[p + "self_attn.k_norm.weight"] = norm(d)
-        w[p + "mlp.gate_proj.weight"] = rnd(inter, h)
-        w[p + "mlp.up_proj.weight"] = rnd(inter, h)
-        w[p + "mlp.down_proj.weight"] = rnd(h, inter)
+        w.update(_mlp_weights(cfg, i, rnd))
         w[p + "input_layernorm.weight"] = norm(h)
         w[p + "post_attention_layernorm.weight"] = norm(h)
     w["model.norm.weight"] = norm(h)
     if not cfg.get("tie_word_embeddings", False):
         w["lm_head.weight"] = rnd(v, h)
+    return w
+
+
+def _mlp_weights(
+    cfg: dict[str, Any], layer: int, rnd: Callable[..., torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """One layer's MLP under its checkpoint names: dense, or a router and experts (Mixtral, Qwen3-MoE)."""
+    h, p = cfg["hidden_size"], f"model.layers.{layer}."
+    arch = cfg["architectures"][0]
+    qwen_sparse = arch == "Qwen3MoeForCausalLM" and (
+        layer not in cfg.get("mlp_only_layers", []) and (layer + 1) % cfg.get("decoder_sparse_step", 1) == 0
+    )
+    if arch == "MixtralForCausalLM":
+        block, names, experts, inter = "block_sparse_moe", ("w1", "w3", "w2"), cfg["num_local_experts"], None
+    elif qwen_sparse:
+        block, names, experts = "mlp", ("gate_proj", "up_proj", "down_proj"), cfg["num_experts"]
+        inter = cfg["moe_intermediate_size"]
+    else:
+        i = cfg["intermediate_size"]
+        return {
+            p + "mlp.gate_proj.weight": rnd(i, h),
+            p + "mlp.up_proj.weight": rnd(i, h),
+            p + "mlp.down_proj.weight": rnd(h, i),
+        }
+    inter = inter or cfg["intermediate_size"]
+    # A router with a larger spread than the experts, so each token's top-k choice is clear-cut.
+    w = {f"{p}{block}.gate.weight": rnd(experts, h, scale=0.5)}
+    for e in range(experts):
+        gate, up, down = names
+        w[f"{p}{block}.experts.{e}.{gate}.weight"] = rnd(inter, h)
+        w[f"{p}{block}.experts.{e}.{up}.weight"] = rnd(inter, h)
+        w[f"{p}{block}.experts.{e}.{down}.weight"] = rnd(h, inter)
     return w
 
 

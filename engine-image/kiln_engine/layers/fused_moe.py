@@ -1,0 +1,184 @@
+"""The fused mixture-of-experts path on GPU: tokens sorted by expert, one grouped GEMM per projection.
+
+`align_by_expert` lays the (token, k) pairs out expert by expert, each expert's run padded to the
+GEMM's row block, so every program of `_moe_gemm_kernel` multiplies one row block of one expert's
+tokens by a tile of that expert's weight. Gate/up is one GEMM ([pairs, 2I]), SwiGLU is the fused
+kernel of `layers.fused`, down is a second GEMM that also multiplies each row by its routing weight;
+the k rows of a token are then summed. Everything stays on the device with static shapes (no host
+sync), so a decode step with experts is captured in a CUDA graph like any other.
+
+fp8/int8 expert weights are converted to the activations' dtype in registers and their
+per-output-channel scales applied to the accumulator: a weight-only path that halves the bytes a
+decode step streams. On CPU the kernels run under TRITON_INTERPRET=1 (tests).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from kiln_engine.layers.fused import silu_and_mul
+
+
+@triton.jit
+def _moe_gemm_kernel(  # type: ignore[no-untyped-def]
+    a_ptr,
+    b_ptr,
+    c_ptr,
+    scale_ptr,
+    weight_ptr,
+    sorted_ptr,
+    block_expert_ptr,
+    total_ptr,
+    N,
+    K,
+    num_pairs,
+    stride_am,
+    stride_be,
+    stride_bn,
+    stride_cm,
+    stride_se,
+    TOKEN_DIV: tl.constexpr,  # rows of `a` per pair index: top_k for the first GEMM, 1 for the second
+    MUL_WEIGHT: tl.constexpr,
+    HAS_SCALE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    if pid_m * BLOCK_M >= tl.load(total_ptr):
+        return  # a padding block past the last expert's run
+    expert = tl.load(block_expert_ptr + pid_m).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    pair = tl.load(sorted_ptr + offs_m).to(tl.int64)
+    valid = pair < num_pairs
+    row = tl.where(valid, pair // TOKEN_DIV, 0)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < N
+    offs_k = tl.arange(0, BLOCK_K)
+    a_ptrs = a_ptr + row[:, None] * stride_am + offs_k[None, :]
+    b_ptrs = b_ptr + expert * stride_be + offs_n[None, :] * stride_bn + offs_k[:, None]
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k_mask = (offs_k + k0) < K
+        a = tl.load(a_ptrs, mask=valid[:, None] & k_mask[None, :], other=0.0)
+        b = tl.load(b_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
+        acc = tl.dot(a, b.to(a.dtype), acc)
+        a_ptrs += BLOCK_K
+        b_ptrs += BLOCK_K
+    if HAS_SCALE:
+        acc = acc * tl.load(scale_ptr + expert * stride_se + offs_n, mask=n_mask, other=0.0)[None, :]
+    if MUL_WEIGHT:
+        acc = acc * tl.load(weight_ptr + pair, mask=valid, other=0.0).to(tl.float32)[:, None]
+    c_ptrs = c_ptr + pair[:, None] * stride_cm + offs_n[None, :]
+    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=valid[:, None] & n_mask[None, :])
+
+
+def align_by_expert(
+    ids: torch.Tensor, num_experts: int, block_m: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(sorted pair ids [P], expert of each row block [P / block_m], used rows [1]) for ids [T, k].
+
+    Pair p = t * k + j. Each expert's pairs are contiguous, in pair order, padded with the id
+    T * k up to a multiple of `block_m`; P is the worst case, so shapes depend only on T.
+    """
+    flat = ids.reshape(-1).to(torch.int64)
+    n = flat.numel()
+    size = triton.cdiv(n + num_experts * (block_m - 1), block_m) * block_m
+    counts = torch.zeros(num_experts, dtype=torch.int64, device=ids.device)
+    counts.scatter_add_(0, flat, torch.ones_like(flat))
+    padded = (counts + block_m - 1) // block_m * block_m
+    ends = torch.cumsum(padded, 0)
+    order = torch.argsort(flat, stable=True)
+    expert = flat[order]
+    first = torch.cumsum(counts, 0) - counts  # index in `order` of each expert's first pair
+    dest = (ends - padded)[expert] + torch.arange(n, device=ids.device) - first[expert]
+    sorted_ids = torch.full((size,), n, dtype=torch.int32, device=ids.device)
+    sorted_ids[dest] = order.to(torch.int32)
+    starts = torch.arange(0, size, block_m, device=ids.device)
+    block_expert = torch.searchsorted(ends, starts, right=True).clamp_(max=num_experts - 1)
+    return sorted_ids, block_expert.to(torch.int32), ends[-1:]
+
+
+def _blocks(rows_per_expert: float, n: int) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, BLOCK_K, warps): small row blocks when decode leaves experts few tokens
+    (the GEMM streams weights), large tiles when prefill fills them (the GEMM is compute bound)."""
+    if rows_per_expert <= 16:
+        return 16, (32 if n <= 4096 else 64), 128, 4
+    if rows_per_expert <= 48:
+        return 32, 64, 128, 4
+    return 64, 128, 64, 8
+
+
+def _gemm(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    out: torch.Tensor,
+    scale: torch.Tensor | None,
+    weights: torch.Tensor | None,
+    layout: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    token_div: int,
+    blocks: tuple[int, int, int, int],
+) -> None:
+    sorted_ids, block_expert, total = layout
+    bm, bn, bk, warps = blocks
+    n, k = b.shape[1], b.shape[2]
+    assert a.stride(-1) == 1 and b.stride(-1) == 1 and out.stride(-1) == 1
+    grid = (block_expert.numel(), triton.cdiv(n, bn))
+    _moe_gemm_kernel[grid](
+        a,
+        b,
+        out,
+        scale if scale is not None else b,
+        weights if weights is not None else a,
+        sorted_ids,
+        block_expert,
+        total,
+        n,
+        k,
+        out.shape[0],
+        a.stride(0),
+        b.stride(0),
+        b.stride(1),
+        out.stride(0),
+        scale.stride(0) if scale is not None else 0,
+        TOKEN_DIV=token_div,
+        MUL_WEIGHT=weights is not None,
+        HAS_SCALE=scale is not None,
+        BLOCK_M=bm,
+        BLOCK_N=bn,
+        BLOCK_K=bk,
+        num_warps=warps,
+        num_stages=3,
+    )
+
+
+def fused_experts(
+    x: torch.Tensor,
+    weights: torch.Tensor,
+    ids: torch.Tensor,
+    w13: torch.Tensor,
+    w2: torch.Tensor,
+    w13_scale: torch.Tensor | None = None,
+    w2_scale: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The function of `layers.moe.experts_reference`: x [T, H], weights/ids [T, k] -> [T, H]."""
+    tokens, hidden = x.shape
+    top_k = ids.shape[1]
+    num_experts, two_inter = w13.shape[0], w13.shape[1]
+    if tokens == 0:
+        return torch.zeros_like(x)
+    x = x.contiguous()
+    blocks = _blocks(tokens * top_k / num_experts, two_inter)
+    layout = align_by_expert(ids, num_experts, blocks[0])
+    up = torch.empty(tokens * top_k, two_inter, dtype=x.dtype, device=x.device)
+    _gemm(x, w13, up, w13_scale, None, layout, top_k, blocks)
+    act = silu_and_mul(up)
+    down = torch.empty(tokens * top_k, hidden, dtype=x.dtype, device=x.device)
+    blocks2 = _blocks(tokens * top_k / num_experts, hidden)
+    if blocks2[0] != blocks[0]:
+        layout = align_by_expert(ids, num_experts, blocks2[0])
+    _gemm(act, w2, down, w2_scale, weights.reshape(-1).contiguous(), layout, 1, blocks2)
+    return down.view(tokens, top_k, hidden).sum(dim=1)

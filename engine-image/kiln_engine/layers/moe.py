@@ -1,0 +1,141 @@
+"""The sparse mixture-of-experts MLP: a top-k router and SwiGLU experts held as stacked tensors.
+
+Experts are stored fused, as the Triton kernel wants them: `w13_weight` [E, 2*I/tp, H] (each
+expert's gate rows, then its up rows) and `w2_weight` [E, H, I/tp]. Under tensor parallelism every
+rank holds every expert's 1/tp slice of the intermediate dimension (gate/up split by output rows,
+down by input columns, as the dense MLP), so the block's partial sums are all-reduced once.
+fp8 and int8 experts keep per-output-channel float32 scales (`w13_weight_scale` [E, 2*I/tp],
+`w2_weight_scale` [E, H]), the layout of `kiln_engine.quantization` per expert.
+
+The torch path (CPU, tests, the reference) loops over the experts that received tokens, in the
+order transformers does; on GPU with `fused` set, `layers.fused_moe` runs one grouped GEMM per
+projection over the tokens sorted by expert.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kiln_engine.config import ModelConfig
+from kiln_engine.layers.linear import load_slice
+from kiln_engine.layers.parallel import TPGroup, divide
+from kiln_engine.quantization import FP8_DTYPE
+
+
+def route(logits: torch.Tensor, top_k: int, renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Router logits [T, E] -> (weights [T, k] in the logits' dtype, expert ids [T, k]).
+
+    Softmax in float32 over all experts, then the top k; with `renormalize` the k weights are
+    divided by their sum (Mixtral; Qwen3-MoE when norm_topk_prob), as transformers does.
+    """
+    probs = torch.softmax(logits.float(), dim=-1)
+    weights, ids = torch.topk(probs, top_k, dim=-1)
+    if renormalize:
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+    return weights.to(logits.dtype), ids
+
+
+def experts_reference(
+    x: torch.Tensor,
+    weights: torch.Tensor,
+    ids: torch.Tensor,
+    w13: torch.Tensor,
+    w2: torch.Tensor,
+    w13_scale: torch.Tensor | None = None,
+    w2_scale: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """sum_k weights[t, k] * expert_{ids[t, k]}(x[t]) with SwiGLU experts, one expert at a time."""
+    out = torch.zeros_like(x)
+    inter = w2.shape[2]
+    flat = ids.reshape(-1)
+    for e in torch.unique(flat).tolist():
+        token, slot = torch.where(ids == e)
+        up_w, down_w = w13[e], w2[e]
+        if w13_scale is not None and w2_scale is not None:
+            up_w = (up_w.float() * w13_scale[e, :, None]).to(x.dtype)
+            down_w = (down_w.float() * w2_scale[e, :, None]).to(x.dtype)
+        h = F.linear(x[token], up_w)
+        h = F.silu(h[:, :inter]) * h[:, inter:]
+        y = F.linear(h, down_w) * weights[token, slot, None]
+        out.index_add_(0, token, y.to(out.dtype))
+    return out
+
+
+class FusedMoE(nn.Module):
+    """All experts of one layer; `load(param, tensor, (expert, part))` takes one checkpoint tensor."""
+
+    def __init__(self, cfg: ModelConfig, dtype: torch.dtype, tp: TPGroup) -> None:
+        super().__init__()
+        assert cfg.moe is not None
+        self.tp = tp
+        e, h = cfg.moe.num_experts, cfg.hidden_size
+        self.inter = divide(cfg.moe.intermediate_size, tp.size)
+        quant = cfg.quant.method
+        if quant not in ("none", "fp8", "int8"):
+            raise ValueError(f"{quant} experts are not supported")
+        self.quantized = quant != "none"
+        wdtype = {"none": dtype, "fp8": FP8_DTYPE, "int8": torch.int8}[quant]
+
+        def param(*shape: int, dt: torch.dtype = wdtype) -> nn.Parameter:
+            return nn.Parameter(torch.zeros(*shape, dtype=dt), requires_grad=False)
+
+        self.w13_weight = param(e, 2 * self.inter, h)
+        self.w2_weight = param(e, h, self.inter)
+        if self.quantized:
+            self.w13_weight_scale = param(e, 2 * self.inter, dt=torch.float32)
+            self.w2_weight_scale = param(e, h, dt=torch.float32)
+        self.fused = False  # set by the model runner: the Triton grouped GEMMs
+        self.loaded: set[tuple[str, int, int]] = set()
+
+    def load(self, name: str, tensor: torch.Tensor, shard: str | int | tuple[int, int] | None) -> None:
+        """One expert's gate (part 0), up (1) or down (2) weight or scale, whole or this rank's slice."""
+        assert isinstance(shard, tuple), shard
+        expert, part = shard
+        param: torch.Tensor = getattr(self, name)
+        dst = param.data[expert]
+        if name.startswith("w13"):
+            dst = dst.narrow(0, part * self.inter, self.inter)
+            dim: int | None = 0
+        else:
+            dim = 1 if name == "w2_weight" else None  # down's scale is per output channel: whole
+        load_slice(dst, tensor, dim, self.tp.rank, self.tp.size, f"experts.{expert}.{name}[{part}]")
+        self.loaded.add((name, expert, part))
+
+    def missing(self) -> list[str]:
+        """Expert tensors no checkpoint tensor was loaded into (checked after loading)."""
+        need = [
+            (n, e, p)
+            for e in range(self.w13_weight.shape[0])
+            for n, p in (("w13_weight", 0), ("w13_weight", 1), ("w2_weight", 2))
+        ]
+        if self.quantized:
+            need += [(n.replace("weight", "weight_scale"), e, p) for n, e, p in need]
+        return [f"experts.{e}.{n}[{p}]" for n, e, p in need if (n, e, p) not in self.loaded]
+
+    def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        s13 = self.w13_weight_scale if self.quantized else None
+        s2 = self.w2_weight_scale if self.quantized else None
+        if self.fused:
+            from kiln_engine.layers.fused_moe import fused_experts  # Triton: only where it runs
+
+            return fused_experts(x, weights, ids, self.w13_weight, self.w2_weight, s13, s2)
+        return experts_reference(x, weights, ids, self.w13_weight, self.w2_weight, s13, s2)
+
+
+class SparseMoeBlock(nn.Module):
+    """Router (`gate`, replicated on every rank) + experts; one all-reduce of the experts' output."""
+
+    def __init__(self, cfg: ModelConfig, dtype: torch.dtype, tp: TPGroup) -> None:
+        super().__init__()
+        assert cfg.moe is not None
+        self.top_k, self.renormalize = cfg.moe.top_k, cfg.moe.renormalize
+        self.gate = nn.Linear(cfg.hidden_size, cfg.moe.num_experts, bias=False, dtype=dtype)
+        self.gate.weight.requires_grad_(False)
+        self.experts = FusedMoE(cfg, dtype, tp)
+        self.tp = tp
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weights, ids = route(self.gate(x), self.top_k, self.renormalize)
+        return self.tp.all_reduce(self.experts(x, weights, ids))

@@ -1,0 +1,124 @@
+"""Mixtral, Qwen3-MoE and YaRN/LongRoPE checkpoints: greedy tokens equal transformers', token for token.
+
+The MoE variants run test_parity's whole matrix (mixed prompt lengths, preemption, prefix-cache
+hits, chunked prefill, continuous batching with aborts, padded decode steps) against their own
+`model` fixture; the rope variants only change positions, so one mixed batch and chunked prefill
+cover them.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from kiln_engine.config import EngineConfig
+from kiln_engine.engine import LLMEngine
+from kiln_engine.interface import SamplingParams
+from kiln_engine.testing import make_tiny_checkpoint
+from kiln_engine.tokenizer import Tokenizer
+from tests.engine.test_parity import (  # noqa: F401 (collected here, run against this module's fixture)
+    GREEDY,
+    TEXTS,
+    hf_greedy,
+    test_batch_of_mixed_lengths,
+    test_chunked_prefill,
+    test_padded_decode_steps,
+    test_preemption_under_kv_pressure,
+    test_preemption_with_prefix_cache_and_chunking,
+    test_prefix_cache_hits,
+    test_staggered_arrivals_and_aborts,
+)
+
+pytestmark = pytest.mark.engine
+transformers = pytest.importorskip("transformers")
+
+MOE_VARIANTS: dict[str, tuple[str, dict]] = {
+    "mixtral": ("mixtral", {}),
+    # top-3 of 8 without renormalising, and a dense MLP in the middle layer (mlp_only_layers)
+    "qwen3-moe-unnormalised-mixed-layers": (
+        "qwen3_moe",
+        {"norm_topk_prob": False, "num_hidden_layers": 3, "mlp_only_layers": [1]},
+    ),
+}
+
+ROPE_VARIANTS: dict[str, tuple[str, dict, int | None]] = {
+    "qwen2-yarn": (
+        "qwen2",
+        {"rope_scaling": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 128}},
+        None,
+    ),
+    # DeepSeek-style mscale/mscale_all_dim, a narrower ramp (beta_fast)
+    "llama-yarn-mscale": (
+        "llama",
+        {
+            "rope_scaling": {
+                "rope_type": "yarn",
+                "factor": 8.0,
+                "original_max_position_embeddings": 64,
+                "mscale": 1.0,
+                "mscale_all_dim": 0.5,
+                "beta_fast": 16,
+            }
+        },
+        None,
+    ),
+    # served within the pretraining length, where transformers uses the short factors
+    "qwen3-longrope": (
+        "qwen3",
+        {
+            "rope_scaling": {
+                "rope_type": "longrope",
+                "short_factor": [1.0 + 0.25 * i for i in range(8)],
+                "long_factor": [2.0 + i for i in range(8)],
+                "original_max_position_embeddings": 128,
+            }
+        },
+        128,
+    ),
+}
+
+
+def _references(path: Path) -> dict:
+    tok = Tokenizer.from_dir(path)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    hf.eval()
+    prompts = [tok.encode(t) for t in TEXTS]
+    prompts.append(prompts[3][:-2] + prompts[0])  # shares a long prefix with prompt 3
+    return {"prompts": prompts, "refs": {tuple(p): hf_greedy(hf, p) for p in prompts}}
+
+
+@pytest.fixture(scope="module", params=list(MOE_VARIANTS))
+def model(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    arch, overrides = MOE_VARIANTS[request.param]
+    path = make_tiny_checkpoint(tmp_path_factory.mktemp(request.param), arch, **overrides)
+    data = _references(path)
+    # Routing must matter: the prompts' continuations differ (a model stuck on one token hides bugs).
+    assert len({tuple(r) for r in data["refs"].values()}) > 2
+    return path, data
+
+
+@pytest.mark.parametrize("variant", list(ROPE_VARIANTS))
+def test_rope_scaling_parity(variant: str, tmp_path: Path) -> None:
+    arch, overrides, max_model_len = ROPE_VARIANTS[variant]
+    path = make_tiny_checkpoint(tmp_path, arch, **overrides)
+    data = _references(path)
+    for budget in (2048, 7):  # one mixed batch, then chunked prefill
+        cfg = EngineConfig(
+            num_kv_blocks=128, block_size=4, max_tokens_per_step=budget, max_model_len=max_model_len
+        )
+        outs = LLMEngine(path, cfg).generate(data["prompts"], GREEDY)
+        for p, got in zip(data["prompts"], outs, strict=True):
+            assert got == data["refs"][tuple(p)], f"{variant}: prompt of {len(p)} tokens diverged"
+
+
+def test_expert_weights_decide_the_output(tmp_path: Path) -> None:
+    """A checkpoint whose experts differ from the reference's changes the tokens: the experts are used."""
+    path = make_tiny_checkpoint(tmp_path / "a", "qwen3_moe")
+    other = make_tiny_checkpoint(tmp_path / "b", "qwen3_moe", seed=1)
+    prompts = [Tokenizer.from_dir(path).encode(TEXTS[0])]
+    params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+    first = LLMEngine(path, EngineConfig(num_kv_blocks=32, block_size=4)).generate(prompts, params)
+    second = LLMEngine(other, EngineConfig(num_kv_blocks=32, block_size=4)).generate(prompts, params)
+    assert first != second
