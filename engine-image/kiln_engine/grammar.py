@@ -1,11 +1,14 @@
-"""Structured outputs: compiles a request's `structured` spec (a JSON schema, or any JSON object) into
-an xgrammar grammar for the model's tokenizer, and keeps each constrained request's grammar state,
-which yields the bitmask of tokens allowed next.
+"""Structured outputs: compiles a request's `structured` spec (a JSON schema, any JSON object, a regex,
+an EBNF grammar, or an xgrammar structural tag such as a tool-call format) into an xgrammar grammar for
+the model's tokenizer, and keeps each constrained request's grammar state, which yields the bitmask
+of tokens allowed next.
 
 xgrammar is optional (the `engine` extra installs it); without it an engine serves no constrained
 requests and says so. xgrammar's bounded JSON strings admit raw control characters, which JSON
 forbids, and byte sequences that are not UTF-8 (surrogates, overlong forms), which decode to U+FFFD:
-`VocabMasks` masks those tokens out of every grammar, by their bytes and by the byte before them.
+`VocabMasks` masks those tokens out of every grammar, by their bytes and by the byte before them
+(control bytes only out of JSON; structural tags keep tab and newlines, which tool-call formats use;
+a regex or EBNF grammar decides about control characters itself).
 Compiling is cached by the spec, so the server compiles (and so validates) a request's spec in its
 thread pool and the engine thread only finds it in the cache.
 """
@@ -25,7 +28,28 @@ if TYPE_CHECKING:  # torch is not needed to name kinds or to validate a spec's s
 
 JSON_OBJECT = "json_object"  # any JSON object
 JSON_SCHEMA = "json_schema"  # JSON that validates against the given schema (strictly: no extra keys)
-KINDS = (JSON_OBJECT, JSON_SCHEMA)
+REGEX = "regex"  # text that matches the regular expression, whole
+EBNF = "grammar"  # text in the language of an EBNF grammar (xgrammar's / GBNF dialect, rule `root`)
+STRUCTURAL_TAG = "structural_tag"  # an xgrammar structural tag (JSON), e.g. a model's tool-call format
+KINDS = (JSON_OBJECT, JSON_SCHEMA, REGEX, EBNF, STRUCTURAL_TAG)
+
+# Control bytes a kind's outputs may hold (all others are masked): none in JSON, the whitespace of
+# tool-call formats in structural tags, any in a regex or grammar (the grammar itself decides).
+_WHITESPACE_CONTROLS = frozenset(b"\t\n\r")
+_ALLOWED_CONTROLS: dict[str, frozenset[int]] = {
+    JSON_OBJECT: frozenset(),
+    JSON_SCHEMA: frozenset(),
+    STRUCTURAL_TAG: _WHITESPACE_CONTROLS,
+    REGEX: frozenset(range(0x20)),
+    EBNF: frozenset(range(0x20)),
+}
+_WHAT = {
+    JSON_OBJECT: "the JSON schema",
+    JSON_SCHEMA: "the JSON schema",
+    REGEX: "the regex",
+    EBNF: "the grammar",
+    STRUCTURAL_TAG: "the structural tag",
+}
 
 
 def available() -> bool:
@@ -44,7 +68,8 @@ class Grammars:
         self.vocab_size = vocab_size
         self._stop_token_ids = sorted(stop_token_ids)
         self._compiler: Any = None
-        self._masks: VocabMasks | None = None
+        self._decoded_vocab: list[bytes] = []
+        self._masks: dict[frozenset[int], VocabMasks] = {}  # by the control bytes they allow
         self._lock = threading.Lock()  # the server's threads and the engine thread compile
 
     def _get_compiler(self) -> Any:
@@ -57,12 +82,13 @@ class Grammars:
                 info = xgr.TokenizerInfo.from_huggingface(
                     hf, vocab_size=self.vocab_size, stop_token_ids=self._stop_token_ids
                 )
-                self._masks = VocabMasks.of(info.decoded_vocab, self.vocab_size)
+                self._decoded_vocab = list(info.decoded_vocab)
                 self._compiler = xgr.GrammarCompiler(info, max_threads=1)
             return self._compiler
 
     def compile(self, spec: tuple[str, str]) -> Any:
-        """The compiled grammar of `(kind, schema JSON)`; ValueError saying why when it cannot be."""
+        """The compiled grammar of `(kind, source)` (a schema, regex, EBNF or structural tag as text);
+        ValueError saying why when it cannot be. xgrammar caches compiled grammars by their source."""
         kind, source = spec
         if kind not in KINDS:
             raise ValueError(f"unknown structured output kind {kind!r}")
@@ -72,17 +98,28 @@ class Grammars:
                 return compiler.compile_json_schema(
                     '{"type": "object"}', any_whitespace=False, strict_mode=False
                 )
+            if kind == REGEX:
+                return compiler.compile_regex(source)
+            if kind == EBNF:
+                return compiler.compile_grammar(source)
+            if kind == STRUCTURAL_TAG:
+                return compiler.compile_structural_tag(source)
             schema = json.loads(source)
             return compiler.compile_json_schema(schema, any_whitespace=False, strict_mode=True)
-        except (RuntimeError, ValueError, TypeError) as exc:
-            raise ValueError(f"the JSON schema cannot be used: {_first_line(exc)}") from exc
+        except (RuntimeError, ValueError, TypeError) as exc:  # xgrammar's errors derive from these
+            raise ValueError(f"{_WHAT[kind]} cannot be used: {_first_line(exc)}") from exc
 
     def state(self, spec: tuple[str, str]) -> GrammarState:
         import xgrammar as xgr
 
         compiled = self.compile(spec)
-        assert self._masks is not None  # computed with the compiler
-        return GrammarState(xgr.GrammarMatcher(compiled), self._masks)
+        return GrammarState(xgr.GrammarMatcher(compiled), self._masks_for(_ALLOWED_CONTROLS[spec[0]]))
+
+    def _masks_for(self, controls: frozenset[int]) -> VocabMasks:
+        with self._lock:
+            if controls not in self._masks:
+                self._masks[controls] = VocabMasks.of(self._decoded_vocab, self.vocab_size, controls)
+            return self._masks[controls]
 
 
 class GrammarState:
@@ -112,24 +149,29 @@ class GrammarState:
 # forms, no surrogates, nothing past U+10FFFF), and bytes that appear in no valid UTF-8 text.
 _FIRST_CONTINUATION = {0xE0: range(0xA0, 0xC0), 0xED: range(0x80, 0xA0), 0xF0: range(0x90, 0xC0),
                        0xF4: range(0x80, 0x90)}  # fmt: skip
-_NEVER = frozenset(range(0x20)) | {0xC0, 0xC1} | frozenset(range(0xF5, 0x100))
+_NEVER_UTF8 = frozenset({0xC0, 0xC1}) | frozenset(range(0xF5, 0x100))
+_CONTROLS = frozenset(range(0x20))
 
 
 @dataclass
 class VocabMasks:
     """Bitmask rows (xgrammar's layout: bit t % 32 of int32 word t // 32) of the tokens that may
-    follow a token: none with a control byte or a byte never in UTF-8, none holding an invalid
-    lead/continuation pair, and after a token that ends in a lead byte of `_FIRST_CONTINUATION`, only
-    tokens that continue it validly. Special tokens such as EOS decode to their text and stay."""
+    follow a token: none with a control byte (beyond those allowed) or a byte never in UTF-8, none
+    holding an invalid lead/continuation pair, and after a token that ends in a lead byte of
+    `_FIRST_CONTINUATION`, only tokens that continue it validly. Special tokens such as EOS decode
+    to their text and stay."""
 
     anywhere: torch.Tensor
     after_lead: dict[int, torch.Tensor]
     last_byte: list[int]  # per token, -1 for none
 
     @classmethod
-    def of(cls, decoded_vocab: Sequence[bytes], vocab_size: int) -> VocabMasks:
+    def of(
+        cls, decoded_vocab: Sequence[bytes], vocab_size: int, allowed_controls: frozenset[int] = frozenset()
+    ) -> VocabMasks:
         vocab = list(decoded_vocab[:vocab_size])
-        ok = [_valid_bytes(text) for text in vocab]
+        never = _NEVER_UTF8 | (_CONTROLS - allowed_controls)
+        ok = [_valid_bytes(text, never) for text in vocab]
         after_lead = {
             lead: _bitmask_row(
                 [good and (not text or text[0] in valid) for good, text in zip(ok, vocab, strict=True)],
@@ -146,8 +188,8 @@ class VocabMasks:
         return self.after_lead.get(lead, self.anywhere)
 
 
-def _valid_bytes(text: bytes) -> bool:
-    if any(byte in _NEVER for byte in text):
+def _valid_bytes(text: bytes, never: frozenset[int]) -> bool:
+    if any(byte in never for byte in text):
         return False
     return all(
         text[i + 1] in _FIRST_CONTINUATION[byte]

@@ -63,9 +63,10 @@ TOOLS = [
 ]
 
 REJECTED: list[tuple[str, dict[str, Any], str, str]] = [
-    ("chat", {"tools": TOOLS}, "tools", "unsupported_parameter"),
-    ("chat", {"tool_choice": "auto"}, "tool_choice", "unsupported_parameter"),
-    ("chat", {"parallel_tool_calls": False}, "parallel_tool_calls", "unsupported_parameter"),
+    ("chat", {"tools": TOOLS}, "tools", "unsupported_parameter"),  # the tiny chat template renders no tools
+    ("chat", {"tool_choice": "auto"}, "tool_choice", "invalid_parameter"),  # without tools
+    ("chat", {"parallel_tool_calls": False}, "parallel_tool_calls", "invalid_parameter"),
+    ("completion", {"extra_body": {"tools": TOOLS}}, "tools", "unsupported_parameter"),
     ("completion", {"extra_body": {"functions": []}}, "functions", "unsupported_parameter"),
     ("chat", {"extra_body": {"max_tokenz": 5}}, "max_tokenz", "unknown_parameter"),
     ("completion", {"extra_body": {"temprature": 0.5}}, "temprature", "unknown_parameter"),
@@ -92,13 +93,14 @@ def test_a_misspelt_parameter_suggests_the_right_one(client: openai.OpenAI) -> N
 
 
 def test_unsupported_fields_inside_messages_are_rejected(server: ThreadServer) -> None:
-    call = {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
-    messages = [*MESSAGES, {"role": "assistant", "content": None, "tool_calls": [call]}]
+    call = {"name": "f", "arguments": "{}"}  # the deprecated form of tool_calls
+    messages = [*MESSAGES, {"role": "assistant", "content": None, "function_call": call}]
     r = httpx.post(
         server.url + "/v1/chat/completions", json={"model": MODEL, "messages": messages}, timeout=30
     )
     assert r.status_code == 400, r.text
-    assert r.json()["error"]["param"] == "messages.1.tool_calls"
+    error = r.json()["error"]
+    assert (error["param"], error["code"]) == ("messages.1.function_call", "unsupported_parameter")
 
 
 @pytest.mark.parametrize("kind", ["chat", "completion"])

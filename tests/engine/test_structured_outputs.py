@@ -1,11 +1,13 @@
-"""Structured outputs (`response_format` json_schema / json_object through xgrammar token masks), with
-the official `openai` client over real HTTP on a tiny random model: whatever the model would say,
-every constrained output parses and validates against its (hypothesis-generated) schema.
+"""Structured outputs (`response_format` json_schema / json_object, and the regex / grammar extension,
+through xgrammar token masks), with the official `openai` client over real HTTP on a tiny random
+model: whatever the model would say, every constrained output parses and validates against its
+(hypothesis-generated) schema, and matches its regex or grammar.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -144,6 +146,11 @@ BAD_FORMATS: list[tuple[dict[str, Any], dict[str, Any], str]] = [
     ({"type": "json_schema", "json_schema": {"schema": {}}}, {}, "response_format.json_schema.name"),
     ({"type": "json_object"}, {"ignore_eos": True}, "response_format"),
     ({"type": "json_object"}, {"min_tokens": 2}, "response_format"),
+    ({"type": "regex", "regex": "a(b"}, {}, "response_format.regex"),
+    ({"type": "regex"}, {}, "response_format"),
+    ({"type": "text", "regex": "a"}, {}, "response_format"),
+    ({"type": "grammar", "grammar": 'root ::= "a" undefined'}, {}, "response_format.grammar"),
+    ({"type": "grammar", "grammar": "root ::= "}, {}, "response_format.grammar"),
 ]  # fmt: skip
 
 
@@ -158,6 +165,45 @@ def test_bad_response_formats_are_a_400_naming_them(
         )  # fmt: skip
     body = info.value.body
     assert isinstance(body, dict) and body["param"] == param, body
+
+
+# Extension: regexes and EBNF grammars, each with a Python regex of the same language.
+PATTERNS = [
+    r"\d{3}-\d{4}",
+    r"(yes|no|maybe)",
+    r"[A-Z][a-z]{1,5}( [A-Z][a-z]{1,5}){0,2}\.",
+    r"first line\n\tsecond line",  # control characters, which JSON grammars mask, are the regex's call
+]
+GRAMMAR = '''root ::= "(" num ("," num)? ("," num)? ")"
+num ::= "-"? [1-9] [0-9]? | "0"'''
+GRAMMAR_LANGUAGE = r"\((-?[1-9][0-9]?|0)(,(-?[1-9][0-9]?|0)){0,2}\)"
+
+
+@pytest.mark.parametrize("pattern", PATTERNS)
+@pytest.mark.parametrize("stream", [False, True])
+def test_regex_outputs_match_whole(client: openai.OpenAI, pattern: str, stream: bool) -> None:
+    for seed in range(3):
+        response_format = {"type": "regex", "regex": pattern}
+        kwargs: dict[str, Any] = {"model": MODEL, "max_tokens": 64, "temperature": 1.0, "seed": seed,
+                                  "extra_body": {"response_format": response_format}}  # fmt: skip
+        if stream:  # the completions endpoint takes response_format too (an extension)
+            chunks = list(client.completions.create(prompt="Answer:", stream=True, **kwargs))
+            text = "".join(c.choices[0].text for c in chunks if c.choices)
+            reason = [c.choices[0].finish_reason for c in chunks if c.choices][-1]
+        else:
+            out = client.chat.completions.create(messages=MESSAGES, **kwargs)
+            text, reason = out.choices[0].message.content or "", out.choices[0].finish_reason
+        assert reason == "stop" and re.fullmatch(pattern, text), (pattern, text)
+
+
+def test_grammar_outputs_are_in_its_language(client: openai.OpenAI) -> None:
+    for seed in range(4):
+        out = client.chat.completions.create(
+            model=MODEL, messages=MESSAGES, max_tokens=64, temperature=1.0, seed=seed,
+            extra_body={"response_format": {"type": "grammar", "grammar": GRAMMAR}},
+        )  # fmt: skip
+        text = out.choices[0].message.content or ""
+        assert out.choices[0].finish_reason == "stop" and re.fullmatch(GRAMMAR_LANGUAGE, text), text
 
 
 def test_text_format_is_free_text(client: openai.OpenAI) -> None:

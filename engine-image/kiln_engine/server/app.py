@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import hmac
+import json
 import logging
 import time
 import uuid
@@ -19,11 +20,14 @@ from typing import Any, Protocol
 import uvicorn
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from kiln_engine import grammar
 from kiln_engine.interface import Engine, TokenLogprob
 from kiln_engine.server import protocol as p
+from kiln_engine.server import tool_calls as tc
 from kiln_engine.server.drain import DrainingServer, DrainState
 from kiln_engine.server.errors import OpenAIError, install_error_handlers
 from kiln_engine.server.metrics import CONTENT_TYPE, ServerMetrics
@@ -49,7 +53,10 @@ class ChatTokenizer(Protocol):
     def decode(self, token_ids: list[int]) -> str: ...
 
     def apply_chat_template(
-        self, messages: list[dict[str, str]], add_generation_prompt: bool = True
+        self,
+        messages: list[dict[str, Any]],
+        add_generation_prompt: bool = True,
+        tools: list[dict[str, Any]] | None = None,
     ) -> str: ...
 
 
@@ -67,6 +74,8 @@ class ServedModel:
     aliases: tuple[str, ...] = field(default_factory=tuple)
     # The engine fills RequestOutput.text (detokenized, stop strings applied); else the server decodes.
     engine_detokenizes: bool = False
+    # The tool-call format (tool_calls.FAMILIES) the model writes; None: read it off the chat template.
+    tool_format: str | None = None
 
 
 @dataclass
@@ -83,6 +92,7 @@ class _Prepared:
     request_id: str
     prompt_ids: list[int]
     max_tokens: int
+    structured: tuple[str, str] | None = None  # the grammar of forced tool calls, if any
 
 
 def create_app(model: ServedModel, settings: ServerSettings | None = None) -> FastAPI:
@@ -119,6 +129,8 @@ def create_app(model: ServedModel, settings: ServerSettings | None = None) -> Fa
     app.state.model = model
     install_error_handlers(app)
     names = {model.name, *model.aliases}
+    templates: dict[str, str] = getattr(model.tokenizer, "templates", {})
+    tool_format = model.tool_format or tc.family_of(templates.get("tool_use", templates.get("default", "")))
 
     # ------------------------------------------------------------------ admission
 
@@ -243,11 +255,22 @@ def create_app(model: ServedModel, settings: ServerSettings | None = None) -> Fa
         want_logprobs = req.logprobs is not None
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
+            created = int(time.time())
+
+            def choice(i: int, d: Delta) -> p.CompletionChoice:
+                lp = _completion_logprobs([d], model.tokenizer) if want_logprobs else None
+                return p.CompletionChoice(index=i, text=d.text, logprobs=lp, finish_reason=d.finish_reason)
+
             return _sse_response(
-                _completion_chunks(rid, model.name, stream, req.n, include_usage, want_logprobs),
+                _sse_chunks(
+                    stream, req.n, include_usage, choice,
+                    lambda choices, usage: p.CompletionResponse(
+                        id=rid, created=created, model=model.name, choices=choices, usage=usage
+                    ),
+                ),
                 abort,
                 request,
-            )
+            )  # fmt: skip
         return await _collect(
             stream, req.n, request, abort,
             lambda choices: _completion_response(rid, model.name, choices, want_logprobs),
@@ -258,38 +281,125 @@ def create_app(model: ServedModel, settings: ServerSettings | None = None) -> Fa
         admit(req)
 
         def _prep() -> _Prepared:
-            messages = [{"role": m.role, "content": m.text()} for m in req.messages]
+            messages = [m.for_template() for m in req.messages]
+            tools = {"tools": req.tool_definitions()} if req.tools else {}
             try:
                 text = model.tokenizer.apply_chat_template(
-                    messages, add_generation_prompt=req.add_generation_prompt
+                    messages, add_generation_prompt=req.add_generation_prompt, **tools
                 )
             except Exception as exc:
                 raise OpenAIError(f"cannot apply the chat template: {exc}", param="messages") from exc
             encode = model.chat_encode or model.tokenizer.encode
             requested = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
             ids = encode_bounded(encode, text, model.engine.max_model_len, "messages")
+            forced = check_tools(req)
             compile_structured(req)
-            return prepare(ids, requested, None, "messages")
+            prep = prepare(ids, requested, None, "messages")
+            prep.structured = forced
+            return prep
 
         prep = await run_in_threadpool(_prep)  # templating and tokenizing must not stall the loop
         num_logprobs = (req.top_logprobs or 0) if req.logprobs else None
         rid = f"chatcmpl-{prep.request_id}"
         stream, abort = launch(req, prep, rid, num_logprobs, request)
+        tools = _ToolParsing.of(tool_format, req) if tool_format and req.parses_tool_calls() else None
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
+            created = int(time.time())
             return _sse_response(
-                _chat_chunks(rid, model.name, stream, req.n, include_usage, req.logprobs, model.tokenizer),
+                _sse_chunks(
+                    stream, req.n, include_usage,
+                    _ChatChunkChoices(req.logprobs, model.tokenizer, tools),
+                    lambda choices, usage: p.ChatCompletionChunk(
+                        id=rid, created=created, model=model.name, choices=choices, usage=usage
+                    ),
+                ),
                 abort,
                 request,
-            )
+            )  # fmt: skip
         return await _collect(
             stream, req.n, request, abort,
-            lambda choices: _chat_response(rid, model.name, choices, req.logprobs, model.tokenizer),
+            lambda choices: _chat_response(rid, model.name, choices, req.logprobs, model.tokenizer, tools),
         )  # fmt: skip
+
+    def check_tools(req: p.ChatCompletionRequest) -> tuple[str, str] | None:
+        """400 for tool fields that cannot work; the grammar that forces the calls when tool_choice
+        is "required" or a named function (compiled here, off the engine thread)."""
+        if not req.tools:
+            for param in ("tool_choice", "parallel_tool_calls"):
+                if param in req.model_fields_set:
+                    raise OpenAIError(
+                        f"{param} is only allowed when tools are given", param=param, code="invalid_parameter"
+                    )
+            return None
+        names = [t.function.name for t in req.tools]
+        if len(set(names)) != len(names):
+            raise OpenAIError(
+                "tools must have distinct function names", param="tools", code="invalid_parameter"
+            )
+        named = req.named_tool()
+        if named is not None and named not in names:
+            raise OpenAIError(
+                f"tool_choice names function '{named}', which is not among tools ({', '.join(names)})",
+                param="tool_choice.function.name",
+                code="invalid_parameter",
+            )
+        if not req.parses_tool_calls():
+            return None
+        if tool_format is None:
+            raise OpenAIError(
+                "this model's chat template does not render tools, so the model cannot be told about them",
+                param="tools",
+                code="unsupported_parameter",
+            )
+        if req.response_format is not None and req.response_format.type != "text":
+            raise OpenAIError(
+                "response_format cannot be combined with tools unless tool_choice is 'none'",
+                param="response_format",
+                code="invalid_parameter",
+            )
+        grammars = getattr(model.engine, "grammars", None)
+        if grammars is None:
+            if req.forces_tool_calls():
+                raise OpenAIError(
+                    "tool_choice 'required' or a named function needs grammar-constrained decoding, "
+                    "which this engine does not have (the model's tokenizer and the xgrammar package)",
+                    param="tool_choice",
+                    code="unsupported_parameter",
+                )
+            return None
+        for i, tool in enumerate(req.tools):
+            if tool.function.parameters is not None:
+                try:
+                    grammars.compile((grammar.JSON_SCHEMA, json.dumps(tool.function.parameters)))
+                except ValueError as exc:
+                    raise OpenAIError(
+                        str(exc), param=f"tools.{i}.function.parameters", code="invalid_schema"
+                    ) from exc
+        if not req.forces_tool_calls():
+            return None
+        if req.ignore_eos or req.min_tokens:
+            raise OpenAIError(
+                "a forced tool call cannot be combined with ignore_eos or min_tokens: it ends with the "
+                "end-of-sequence token",
+                param="tool_choice",
+                code="invalid_parameter",
+            )
+        functions = [{"name": t.function.name, "parameters": t.function.parameters} for t in req.tools]
+        spec = (
+            grammar.STRUCTURAL_TAG,
+            tc.forcing_structural_tag(tool_format, functions, named, req.parallel_tool_calls),
+        )
+        try:
+            grammars.compile(spec)
+        except ValueError as exc:
+            raise OpenAIError(str(exc), param="tools", code="invalid_schema") from exc
+        return spec
 
     def compile_structured(req: p.CompletionRequest | p.ChatCompletionRequest) -> None:
         """Compile the request's response_format here, off the event loop and the engine thread (the
-        engine finds it in its compiler's cache); a schema that cannot be used is a 400."""
+        engine finds it in its compiler's cache); a schema, regex or grammar that cannot be used is
+        a 400 naming it."""
         spec = req.response_format.structured() if req.response_format else None
         if spec is None:
             return
@@ -307,11 +417,11 @@ def create_app(model: ServedModel, settings: ServerSettings | None = None) -> Fa
                 param="response_format",
                 code="unsupported_parameter",
             )
+        assert req.response_format is not None
         try:
             grammars.compile(spec)
         except ValueError as exc:
-            param = "response_format.json_schema.schema" if spec[0] == "json_schema" else "response_format"
-            raise OpenAIError(str(exc), param=param, code="invalid_schema") from exc
+            raise OpenAIError(str(exc), param=req.response_format.param(), code="invalid_schema") from exc
 
     def check_sampling(req: p.CompletionRequest | p.ChatCompletionRequest, max_tokens: int) -> None:
         """Sampling parameters that depend on the model or on the resolved max_tokens."""
@@ -346,7 +456,7 @@ def create_app(model: ServedModel, settings: ServerSettings | None = None) -> Fa
         request.state.submitted = True
         streams = []
         for i, choice_rid in enumerate(rids):
-            params = p.to_sampling_params(req, prep.max_tokens, num_logprobs, i)
+            params = p.to_sampling_params(req, prep.max_tokens, num_logprobs, i, prep.structured)
             handle = runner.submit(choice_rid, prep.prompt_ids, params)
             streams.append(
                 deltas(
@@ -379,67 +489,6 @@ def create_app(model: ServedModel, settings: ServerSettings | None = None) -> Fa
             for i, ds in enumerate(choices)
         ]
         return p.dump(p.CompletionResponse(id=rid, model=name, choices=out, usage=_usage(choices)))
-
-    async def _completion_chunks(
-        rid: str,
-        name: str,
-        stream: AsyncIterator[tuple[int, Delta]],
-        n: int,
-        include_usage: bool,
-        want_logprobs: bool,
-    ) -> AsyncIterator[bytes]:
-        created = int(time.time())
-        last: dict[int, Delta] = {}
-        async for i, d in stream:
-            last[i] = d
-            lp = _completion_logprobs([d], model.tokenizer) if want_logprobs else None
-            choice = p.CompletionChoice(index=i, text=d.text, logprobs=lp, finish_reason=d.finish_reason)
-            yield sse(p.dump(p.CompletionResponse(id=rid, created=created, model=name, choices=[choice])))
-        if include_usage and len(last) == n:
-            usage = _usage([[last[i]] for i in range(n)])
-            yield sse(
-                p.dump(p.CompletionResponse(id=rid, created=created, model=name, choices=[], usage=usage))
-            )
-
-    async def _chat_chunks(
-        rid: str,
-        name: str,
-        stream: AsyncIterator[tuple[int, Delta]],
-        n: int,
-        include_usage: bool,
-        want_logprobs: bool,
-        tok: ChatTokenizer,
-    ) -> AsyncIterator[bytes]:
-        created = int(time.time())
-        last: dict[int, Delta] = {}
-        async for i, d in stream:
-            delta = p.ChatDelta(role="assistant" if i not in last else None, content=d.text)
-            last[i] = d
-            lp = p.ChatLogprobs(content=_chat_logprobs(d.logprobs, tok)) if want_logprobs else None
-            choice = p.ChatChunkChoice(index=i, delta=delta, logprobs=lp, finish_reason=d.finish_reason)
-            yield sse(p.dump(p.ChatCompletionChunk(id=rid, created=created, model=name, choices=[choice])))
-        if include_usage and len(last) == n:
-            usage = _usage([[last[i]] for i in range(n)])
-            chunk = p.ChatCompletionChunk(id=rid, created=created, model=name, choices=[], usage=usage)
-            yield sse(p.dump(chunk))
-
-    def _chat_response(
-        rid: str, name: str, choices: list[list[Delta]], want_logprobs: bool, tok: ChatTokenizer
-    ) -> dict[str, Any]:
-        out = [
-            p.ChatChoice(
-                index=i,
-                message=p.ChatResponseMessage(content="".join(d.text for d in ds)),
-                logprobs=(
-                    p.ChatLogprobs(content=[e for d in ds for e in _chat_logprobs(d.logprobs, tok)])
-                    if want_logprobs
-                    else None
-                ),
-                finish_reason=_reason(ds),
-            )
-            for i, ds in enumerate(choices)
-        ]
-        return p.dump(p.ChatCompletionResponse(id=rid, model=name, choices=out, usage=_usage(choices)))
 
     app.include_router(api)
     app.add_middleware(RejectedRequestCounter, metrics=metrics, paths=GENERATION_PATHS)
@@ -557,6 +606,117 @@ def _chat_logprobs(entries: list[TokenLogprob], tok: ChatTokenizer) -> list[p.Ch
             p.ChatTokenLogprob(token=text, logprob=entry.logprob, bytes=list(text.encode()), top_logprobs=top)
         )
     return out
+
+
+async def _sse_chunks(
+    stream: AsyncIterator[tuple[int, Delta]],
+    n: int,
+    include_usage: bool,
+    choice: Callable[[int, Delta], Any | None],
+    chunk: Callable[[list[Any], p.UsageInfo | None], BaseModel],
+) -> AsyncIterator[bytes]:
+    """The SSE chunks of a streamed completion or chat completion: one per delta of any choice
+    (`choice` builds its entry; None: the delta adds nothing yet), then, with `include_usage`, one
+    with the usage of all choices."""
+    last: dict[int, Delta] = {}
+    async for i, d in stream:
+        last[i] = d
+        entry = choice(i, d)
+        if entry is not None:
+            yield sse(p.dump(chunk([entry], None)))
+    if include_usage and len(last) == n:
+        yield sse(p.dump(chunk([], _usage([[last[i]] for i in range(n)]))))
+
+
+@dataclass(frozen=True)
+class _ToolParsing:
+    """How a chat request's output is split into content and tool calls: the model's format and
+    the names of the offered functions."""
+
+    family: str
+    names: frozenset[str]
+
+    @classmethod
+    def of(cls, family: str, req: p.ChatCompletionRequest) -> _ToolParsing:
+        return cls(family, frozenset(t.function.name for t in req.tools or []))
+
+    def parser(self) -> tc.ToolCallParser:
+        return tc.ToolCallParser(self.family, self.names)
+
+
+def _call_id() -> str:
+    return f"call_{uuid.uuid4().hex[:24]}"
+
+
+def _finish_reason(reason: str | None, calls: int) -> str | None:
+    """OpenAI's reason for a choice that stopped after making tool calls."""
+    return "tool_calls" if reason == "stop" and calls else reason
+
+
+class _ChatChunkChoices:
+    """Builds each streamed chat chunk's choice: the role first, content, and (with tools) the tool
+    calls parsed out of the text, each sent as OpenAI does: a piece with id, type, name and empty
+    arguments, then the arguments (whole: a call is sent once it is complete)."""
+
+    def __init__(self, want_logprobs: bool, tok: ChatTokenizer, tools: _ToolParsing | None) -> None:
+        self.want_logprobs = want_logprobs
+        self.tok = tok
+        self.tools = tools
+        self.started: set[int] = set()
+        self.parsers: dict[int, tc.ToolCallParser] = {}  # by choice, with tools
+
+    def __call__(self, i: int, d: Delta) -> p.ChatChunkChoice | None:
+        delta = p.ChatDelta(role=None if i in self.started else "assistant", content=d.text)
+        self.started.add(i)
+        calls = 0
+        if self.tools is not None:
+            parser = self.parsers.setdefault(i, self.tools.parser())
+            items = parser.feed(d.text) + (parser.finish() if d.finish_reason is not None else [])
+            delta.content = "".join(x for x in items if isinstance(x, str)) or None
+            delta.tool_calls = self._pieces(parser.calls, [x for x in items if isinstance(x, tc.ToolCall)])
+            calls = parser.calls
+        lp = p.ChatLogprobs(content=_chat_logprobs(d.logprobs, self.tok)) if self.want_logprobs else None
+        reason = _finish_reason(d.finish_reason, calls)
+        if self.tools is not None and delta == p.ChatDelta() and lp is None and reason is None:
+            return None  # text held back while it may be a call: nothing to send yet
+        return p.ChatChunkChoice(index=i, delta=delta, logprobs=lp, finish_reason=reason)
+
+    @staticmethod
+    def _pieces(total: int, calls: list[tc.ToolCall]) -> list[p.DeltaToolCall] | None:
+        """The delta pieces of `calls`, the last of the `total` calls made so far."""
+        pieces = []
+        for index, call in enumerate(calls, start=total - len(calls)):
+            head = p.DeltaFunctionCall(name=call.name, arguments="")
+            pieces.append(p.DeltaToolCall(index=index, id=_call_id(), type="function", function=head))
+            pieces.append(
+                p.DeltaToolCall(index=index, function=p.DeltaFunctionCall(arguments=call.arguments))
+            )
+        return pieces or None
+
+
+def _chat_response(
+    rid: str,
+    name: str,
+    choices: list[list[Delta]],
+    want_logprobs: bool,
+    tok: ChatTokenizer,
+    tools: _ToolParsing | None,
+) -> dict[str, Any]:
+    out = []
+    for i, ds in enumerate(choices):
+        text = "".join(d.text for d in ds)
+        content, calls = tc.parse_all(tools.family, tools.names, text) if tools else (text, [])
+        functions = [p.ResponseFunctionCall(name=c.name, arguments=c.arguments) for c in calls]
+        called = [p.ResponseToolCall(id=_call_id(), function=f) for f in functions]
+        message = p.ChatResponseMessage(content=content, tool_calls=called or None)
+        logprobs = (
+            p.ChatLogprobs(content=[e for d in ds for e in _chat_logprobs(d.logprobs, tok)])
+            if want_logprobs
+            else None
+        )
+        reason = _finish_reason(_reason(ds), len(calls))
+        out.append(p.ChatChoice(index=i, message=message, logprobs=logprobs, finish_reason=reason))
+    return p.dump(p.ChatCompletionResponse(id=rid, model=name, choices=out, usage=_usage(choices)))
 
 
 def _failure_error(exc: EngineFailure) -> OpenAIError:

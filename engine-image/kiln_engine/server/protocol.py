@@ -8,6 +8,7 @@ them rather than silently ignored. Only the fields in IGNORED_PARAMETERS are acc
 from __future__ import annotations
 
 import json
+import re
 import time
 from typing import Annotated, Any, Literal
 
@@ -15,11 +16,13 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    SerializerFunctionWrapHandler,
     StrictBool,
     StrictFloat,
     StrictInt,
     StrictStr,
     field_validator,
+    model_serializer,
     model_validator,
 )
 
@@ -39,13 +42,11 @@ IGNORED_PARAMETERS = frozenset({"user"})
 
 # OpenAI parameters this server does not implement (yet): a 400 says so instead of "unknown parameter".
 UNSUPPORTED_PARAMETERS: dict[str, str] = {
-    "tools": "tool calling is not supported yet",
-    "tool_choice": "tool calling is not supported yet",
-    "parallel_tool_calls": "tool calling is not supported yet",
-    "functions": "function calling is not supported",
-    "function_call": "function calling is not supported",
-    "tool_calls": "tool calling is not supported yet",
-    "tool_call_id": "tool calling is not supported yet",
+    "tools": "tools are only supported by /v1/chat/completions",
+    "tool_choice": "tools are only supported by /v1/chat/completions",
+    "parallel_tool_calls": "tools are only supported by /v1/chat/completions",
+    "functions": "the deprecated function calling is not supported (use tools)",
+    "function_call": "the deprecated function calling is not supported (use tool_choice)",
     "audio": "audio is not supported",
     "modalities": "only text output is supported",
     "prediction": "predicted outputs are not supported",
@@ -81,15 +82,21 @@ class JsonSchemaFormat(_Request):
 
 
 class ResponseFormat(_Request):
-    """`response_format`: free text, any JSON object, or JSON that validates against a schema."""
+    """`response_format`: free text, any JSON object, JSON that validates against a schema, or (an
+    extension) text that matches a regex or an EBNF grammar."""
 
-    type: Literal["text", "json_object", "json_schema"]
+    type: Literal["text", "json_object", "json_schema", "regex", "grammar"]
     json_schema: JsonSchemaFormat | None = None
+    regex: StrictStr | None = Field(default=None, description="Extension: with type 'regex'.")
+    grammar: StrictStr | None = Field(
+        default=None, description="Extension: with type 'grammar', EBNF (xgrammar/GBNF) with a rule `root`."
+    )
 
     @model_validator(mode="after")
-    def _schema_iff_json_schema(self) -> ResponseFormat:
-        if (self.type == "json_schema") != (self.json_schema is not None):
-            raise ValueError("json_schema is required with type 'json_schema' and only then")
+    def _field_iff_type(self) -> ResponseFormat:
+        for kind in ("json_schema", "regex", "grammar"):
+            if (self.type == kind) != (getattr(self, kind) is not None):
+                raise ValueError(f"{kind} is required with type '{kind}' and only then")
         return self
 
     def structured(self) -> tuple[str, str] | None:
@@ -98,7 +105,16 @@ class ResponseFormat(_Request):
             return (grammar.JSON_OBJECT, "")
         if self.json_schema is not None:
             return (grammar.JSON_SCHEMA, json.dumps(self.json_schema.schema_))
+        if self.regex is not None:
+            return (grammar.REGEX, self.regex)
+        if self.grammar is not None:
+            return (grammar.EBNF, self.grammar)
         return None
+
+    def param(self) -> str:
+        """The request field that holds this format's source, for errors about it."""
+        return {"json_schema": "response_format.json_schema.schema", "regex": "response_format.regex",
+                "grammar": "response_format.grammar"}.get(self.type, "response_format")  # fmt: skip
 
 
 class _SamplingFields(_Request):
@@ -180,12 +196,49 @@ class TextPart(_Request):
     text: StrictStr
 
 
+class FunctionCall(_Request):
+    """A call an assistant message made: the function's name and its arguments as JSON text."""
+
+    name: StrictStr
+    arguments: StrictStr
+
+    @field_validator("arguments")
+    @classmethod
+    def _json_object(cls, arguments: str) -> str:
+        try:
+            value = json.loads(arguments)
+        except ValueError as exc:
+            raise ValueError(f"arguments must be a JSON object, got invalid JSON: {exc}") from exc
+        if not isinstance(value, dict):
+            raise ValueError("arguments must be a JSON object")
+        return arguments
+
+
+class MessageToolCall(_Request):
+    """One entry of an assistant message's `tool_calls`."""
+
+    id: StrictStr
+    type: Literal["function"]
+    function: FunctionCall
+
+
 class ChatMessage(_Request):
-    """One chat message; content is a string or a list of text parts."""
+    """One chat message; content is a string or a list of text parts. An assistant message may carry
+    the tool calls it made; a `tool` message answers one of them (`tool_call_id`)."""
 
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: StrictStr | list[TextPart] | None = None
     name: StrictStr | None = None
+    tool_calls: list[MessageToolCall] | None = None
+    tool_call_id: StrictStr | None = None
+
+    @model_validator(mode="after")
+    def _tool_fields_fit_the_role(self) -> ChatMessage:
+        if self.tool_calls is not None and self.role != "assistant":
+            raise ValueError("tool_calls belong to assistant messages only")
+        if (self.role == "tool") != (self.tool_call_id is not None):
+            raise ValueError("tool messages need tool_call_id, and only they may have one")
+        return self
 
     def text(self) -> str:
         if self.content is None:
@@ -193,6 +246,54 @@ class ChatMessage(_Request):
         if isinstance(self.content, str):
             return self.content
         return "".join(part.text for part in self.content)
+
+    def for_template(self) -> dict[str, Any]:
+        """The message as chat templates read it (transformers' convention: arguments as a dict)."""
+        out: dict[str, Any] = {"role": self.role, "content": self.text()}
+        if self.name is not None:
+            out["name"] = self.name
+        if self.tool_calls:
+            out["tool_calls"] = [
+                {"id": c.id, "type": c.type,
+                 "function": {"name": c.function.name, "arguments": json.loads(c.function.arguments)}}
+                for c in self.tool_calls
+            ]  # fmt: skip
+        if self.tool_call_id is not None:
+            out["tool_call_id"] = self.tool_call_id
+        return out
+
+
+TOOL_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")  # OpenAI's rule; names are spliced into grammars
+MAX_TOOLS = 128
+
+
+class FunctionDefinition(_Request):
+    """A function the model may call: its name, what it does, and a JSON schema of its arguments."""
+
+    name: StrictStr = Field(pattern=TOOL_NAME.pattern)
+    description: StrictStr | None = None
+    parameters: dict[str, Any] | None = None
+    strict: StrictBool | None = Field(
+        default=None, description="Accepted either way: forced calls always follow the schema."
+    )
+
+
+class Tool(_Request):
+    """One entry of `tools`."""
+
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedFunction(_Request):
+    name: StrictStr
+
+
+class NamedToolChoice(_Request):
+    """`tool_choice: {"type": "function", "function": {"name": ...}}`: call this function."""
+
+    type: Literal["function"]
+    function: NamedFunction
 
 
 class ChatCompletionRequest(_SamplingFields):
@@ -203,15 +304,38 @@ class ChatCompletionRequest(_SamplingFields):
     logprobs: StrictBool = False
     top_logprobs: StrictInt | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
     add_generation_prompt: StrictBool = True
+    tools: list[Tool] | None = Field(default=None, max_length=MAX_TOOLS)
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: StrictBool = True
+
+    def tool_definitions(self) -> list[dict[str, Any]]:
+        """The offered functions as chat templates read them (`{"type": "function", "function"}`)."""
+        return [t.model_dump(exclude_none=True) for t in self.tools or []]
+
+    def named_tool(self) -> str | None:
+        return self.tool_choice.function.name if isinstance(self.tool_choice, NamedToolChoice) else None
+
+    def forces_tool_calls(self) -> bool:
+        """tool_choice "required" or a named function: the output must be tool calls."""
+        return bool(self.tools) and (self.tool_choice == "required" or self.named_tool() is not None)
+
+    def parses_tool_calls(self) -> bool:
+        """Tools are offered and may be called (tool_choice is not "none")."""
+        return bool(self.tools) and self.tool_choice != "none"
 
 
 def to_sampling_params(
-    req: CompletionRequest | ChatCompletionRequest, max_tokens: int, num_logprobs: int | None, choice: int = 0
+    req: CompletionRequest | ChatCompletionRequest,
+    max_tokens: int,
+    num_logprobs: int | None,
+    choice: int = 0,
+    structured: tuple[str, str] | None = None,
 ) -> SamplingParams:
     """Map a validated request onto the engine's SamplingParams of one of its `n` choices.
 
     top_k -1 and 0 both disable. Choice i > 0 of a seeded request draws from seed + i, so the
-    choices differ and each is reproducible.
+    choices differ and each is reproducible. `structured` (e.g. a forced tool call's grammar)
+    replaces the one of `response_format`.
     """
     temperature = 1.0 if req.temperature is None else float(req.temperature)
     seed = req.seed if req.seed is None or choice == 0 else (req.seed + choice) % 2**64
@@ -230,7 +354,7 @@ def to_sampling_params(
         repetition_penalty=1.0 if req.repetition_penalty is None else float(req.repetition_penalty),
         logit_bias=tuple((int(k), float(v)) for k, v in (req.logit_bias or {}).items()),
         min_tokens=req.min_tokens,
-        structured=req.response_format.structured() if req.response_format else None,
+        structured=structured or (req.response_format.structured() if req.response_format else None),
     )
 
 
@@ -294,11 +418,27 @@ class ChatLogprobs(BaseModel):
     content: list[ChatTokenLogprob] = Field(default_factory=list)
 
 
+class ResponseFunctionCall(BaseModel):
+    """A called function: its name and its arguments as JSON text."""
+
+    name: str
+    arguments: str
+
+
+class ResponseToolCall(BaseModel):
+    """One tool call of an assistant message."""
+
+    id: str
+    type: Literal["function"] = "function"
+    function: ResponseFunctionCall
+
+
 class ChatResponseMessage(BaseModel):
-    """The assistant message of a chat completion."""
+    """The assistant message of a chat completion: content and/or tool calls."""
 
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None
+    tool_calls: list[ResponseToolCall] | None = None
 
 
 class ChatChoice(BaseModel):
@@ -321,11 +461,36 @@ class ChatCompletionResponse(BaseModel):
     usage: UsageInfo
 
 
+class _Sparse(BaseModel):
+    """Leaves out unset fields when dumped, as OpenAI's streamed tool-call pieces do."""
+
+    @model_serializer(mode="wrap")
+    def _without_none(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        return {k: v for k, v in handler(self).items() if v is not None}
+
+
+class DeltaFunctionCall(_Sparse):
+    """A streamed piece of a call: the name comes once, the arguments text in pieces."""
+
+    name: str | None = None
+    arguments: str
+
+
+class DeltaToolCall(_Sparse):
+    """A streamed piece of the call at `index`; its first piece carries id, type and name."""
+
+    index: int
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: DeltaFunctionCall
+
+
 class ChatDelta(BaseModel):
     """What one streamed chunk adds to the assistant message."""
 
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[DeltaToolCall] | None = None
 
 
 class ChatChunkChoice(BaseModel):
