@@ -23,6 +23,7 @@ Backend = Literal["torch", "tensorrt-llm"]
 Quantization = Literal["none", "bf16", "fp16", "fp8", "int8-weight", "int4-awq", "int4-gptq"]
 KVCacheDtype = Literal["auto", "bf16", "fp16", "fp8"]
 NVLinkPolicy = Literal["Required", "Preferred", "Ignore"]
+NVLinkDomainPolicy = Literal["Required", "Preferred"]
 DeploymentPhase = Literal["Pending", "Building", "Deploying", "Ready", "Degraded", "Failed", "ScaledToZero"]
 EnginePhase = Literal["Pending", "Building", "Ready", "Failed"]
 
@@ -301,6 +302,54 @@ class GPURequirements(KubeModel):
             default="Required",
             description="Required: a tensor-parallel group only runs where its GPUs share one NVLink "
             "island. Preferred: prefer such nodes. Ignore: place anywhere.",
+        ),
+    ]
+
+
+class PlacementSpec(KubeModel):
+    """Where a replica that spans nodes may run (tensor-parallel groups always follow gpu.nvlink)."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                _cel(
+                    "!self.exclusive || self.nvlinkDomain == 'Required' || has(self.networkBlockLabel)",
+                    "exclusive needs a topology domain to own: nvlinkDomain: Required, or a "
+                    "networkBlockLabel",
+                    ".exclusive",
+                ),
+            ]
+        }
+    )
+
+    nvlink_domain: Annotated[
+        NVLinkDomainPolicy,
+        Field(
+            default="Preferred",
+            description="Required: the pods of one replica that spans nodes run only on nodes of one "
+            "multi-node NVLink domain (the same nvidia.com/gpu.clique, e.g. one GB200 NVL72 rack). "
+            "Preferred: inside one clique when one has room, else inside one network block "
+            "(networkBlockLabel), else on any nodes.",
+        ),
+    ]
+    network_block_label: Annotated[
+        str | None,
+        Field(
+            default=None,
+            max_length=316,
+            pattern=r"^([a-z0-9]([-a-z0-9.]*[a-z0-9])?/)?[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$",
+            description="Node label naming a network block (rack, spine, zone), e.g. "
+            "topology.kubernetes.io/zone. A replica that spans nodes and gets no NVLink clique stays "
+            "inside one block.",
+            examples=["topology.kubernetes.io/zone"],
+        ),
+    ]
+    exclusive: Annotated[
+        bool,
+        Field(
+            default=False,
+            description="Give each replica that spans nodes a clique (or network block) of its own: no "
+            "other replica's pods share it.",
         ),
     ]
 
@@ -819,6 +868,13 @@ class LLMDeploymentSpec(KubeModel):
     gpu: Annotated[
         GPURequirements | None,
         Field(default=None, description="GPUs to run on. Omit to run on CPU (tiny models, local demo)."),
+    ]
+    placement: Annotated[
+        PlacementSpec,
+        Field(
+            default_factory=PlacementSpec,
+            description="Where replicas that span nodes may run: NVLink clique, network block, exclusivity.",
+        ),
     ]
     replicas: Annotated[
         int,

@@ -116,6 +116,17 @@ async def serving_lws_event(
         _reconciler(memo).deployment(_ns(namespace), owner)
 
 
+@kopf.on.event("apps", "v1", "statefulsets", labels={**MANAGED, labels.COMPONENT_LABEL: SERVING_COMPONENT})
+async def serving_statefulset_event(
+    event: kopf.RawEvent, body: kopf.Body, namespace: str | None, memo: Any, **_: Any
+) -> None:
+    # The pod groups of multi-node replicas where LeaderWorkerSet is not installed.
+    _observe(memo, event)
+    owner = body.metadata.labels.get(labels.DEPLOYMENT_LABEL)
+    if owner:
+        _reconciler(memo).deployment(_ns(namespace), owner)
+
+
 @kopf.on.event("", "v1", "nodes")
 async def node_event(event: kopf.RawEvent, memo: Any, **_: Any) -> None:
     _reconciler(memo).node_changed(event.get("type"), event["object"])

@@ -58,13 +58,15 @@ LLMENGINES = Kind(f"{GROUP}/{VERSION}", "LLMEngine", "llmengines")
 JOBS = Kind("batch/v1", "Job", "jobs")
 DEPLOYMENTS = Kind("apps/v1", "Deployment", "deployments")
 LEADERWORKERSETS = Kind("leaderworkerset.x-k8s.io/v1", "LeaderWorkerSet", "leaderworkersets")
+STATEFULSETS = Kind("apps/v1", "StatefulSet", "statefulsets")  # pod groups without LeaderWorkerSet
 SERVICES = Kind("v1", "Service", "services")
 PODS = Kind("v1", "Pod", "pods")
 NODES = Kind("v1", "Node", "nodes", namespaced=False)
 EVENTS = Kind("v1", "Event", "events")
 CRDS = Kind("apiextensions.k8s.io/v1", "CustomResourceDefinition", "customresourcedefinitions", False)
 KINDS = {
-    kind.kind: kind for kind in (LLMDEPLOYMENTS, LLMENGINES, JOBS, DEPLOYMENTS, LEADERWORKERSETS, SERVICES)
+    kind.kind: kind
+    for kind in (LLMDEPLOYMENTS, LLMENGINES, JOBS, DEPLOYMENTS, LEADERWORKERSETS, STATEFULSETS, SERVICES)
 }
 LWS_CRD = "leaderworkersets.leaderworkerset.x-k8s.io"
 

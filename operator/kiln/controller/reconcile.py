@@ -41,14 +41,16 @@ from kiln.controller.kube import (
     NODES,
     PODS,
     SERVICES,
+    STATEFULSETS,
     Kind,
     Kube,
 )
 from kiln.controller.metrics import Metrics
 from kiln.controller.workqueue import WorkQueue
-from kiln.placement import NodeTopology, Placement, ReplicaShape, plan
+from kiln.placement import LWS_GROUP_KEY, NodeTopology, Placement, PlacementPolicy, ReplicaShape, plan
 from kiln.render import build_job as render_build
 from kiln.render import engine as render_engine
+from kiln.render import groups as render_groups
 from kiln.render import service as render_service
 from kiln.render import serving as render_serving
 from kiln.render import status as render_status
@@ -235,6 +237,7 @@ def _engine_of(workload: Mapping[str, Any] | None) -> str | None:
     if workload is None:
         return None
     spec = workload.get("spec") or {}
+    # a Deployment's template, a LeaderWorkerSet's leader template, or a StatefulSet group summary's
     template = spec.get("template") or (spec.get("leaderWorkerTemplate") or {}).get("leaderTemplate") or {}
     return ((template.get("metadata") or {}).get("labels") or {}).get(labels.ENGINE_LABEL)
 
@@ -339,6 +342,7 @@ class Reconciler:
         # finds the object, or an apply that changes nothing).
         for kind, component in (
             (DEPLOYMENTS, SERVING_COMPONENT),
+            (STATEFULSETS, SERVING_COMPONENT),
             (SERVICES, SERVING_COMPONENT),
             (JOBS, BUILD_COMPONENT),
         ):
@@ -476,7 +480,9 @@ class Reconciler:
 
         current = self._get(DEPLOYMENTS, namespace, name)
         if current is None and self._lws_installed():
-            current = self._get(LEADERWORKERSETS, namespace, name)
+            current = self._get(LEADERWORKERSETS, namespace, render_serving.lws_name(name))
+        if current is None and (groups := self._group_sets(namespace, name)):
+            current = render_groups.group_workload(groups, deployment.spec.replicas)
         running_name = _engine_of(current)
         running: LLMEngine | None = desired if running_name == identity.name else None
         if running_name and running is None:
@@ -550,12 +556,15 @@ class Reconciler:
         """Apply the workload running `engine` and its Service; returns the workload as applied."""
         namespace, name = str(deployment.metadata.namespace), str(deployment.metadata.name)
         multi_node = placement is not None and placement.multi_node
-        if multi_node:
-            self._lws_installed()
+        lws = multi_node and self._lws_installed()
         inputs = render_serving.ServingInputs(deployment, engine, placement, self.settings)
-        manifest = render_serving.workload(inputs)
         running_name = _engine_of(current)
-        workload = self._apply_if_changed(manifest, current)
+        if multi_node and not lws:
+            workload = self._apply_groups(inputs)
+            manifest: dict[str, Any] = workload
+        else:
+            manifest = render_serving.workload(inputs)
+            workload = self._apply_if_changed(manifest, current)
         self._apply_if_changed(
             render_service.service(deployment, multi_node), self._get(SERVICES, namespace, name)
         )
@@ -576,9 +585,51 @@ class Reconciler:
         ):
             # The replica shape changed kind (single node <-> multi-node): the old workload served
             # until the new one was ready.
-            old_kind = LEADERWORKERSETS if current.get("kind") == "LeaderWorkerSet" else DEPLOYMENTS
-            self.kube.delete(old_kind, namespace, name)
+            if current.get("kind") == "LeaderWorkerSet":
+                self.kube.delete(LEADERWORKERSETS, namespace, render_serving.lws_name(name))
+            elif current.get("kind") == render_groups.GROUPS_KIND:
+                for group_set in self._group_sets(namespace, name):
+                    self.kube.delete(STATEFULSETS, namespace, group_set["metadata"]["name"])
+                self.kube.delete(SERVICES, namespace, render_groups.ranks_service_name(name))
+            else:
+                self.kube.delete(DEPLOYMENTS, namespace, name)
         return workload
+
+    def _group_sets(self, namespace: str, name: str) -> list[dict[str, Any]]:
+        """The StatefulSets of a deployment's pod groups (multi-node replicas without LeaderWorkerSet)."""
+        if STATEFULSETS.kind in self._complete:
+            found = [
+                item
+                for item in self.cache.items(STATEFULSETS.kind)
+                if item["metadata"].get("namespace") == namespace
+                and (item["metadata"].get("labels") or {}).get(labels.DEPLOYMENT_LABEL) == name
+            ]
+        else:
+            found = self.kube.list(STATEFULSETS, namespace, render_serving.selector_string(name))
+        return sorted(found, key=lambda item: str(item["metadata"]["name"]))
+
+    def _apply_groups(self, inputs: render_serving.ServingInputs) -> dict[str, Any]:
+        """Apply a multi-node deployment's pod groups (two StatefulSets per replica) and their headless
+        Service, delete groups beyond spec.replicas, and recreate one group left on an old template;
+        returns the groups summed up as one workload."""
+        deployment = inputs.deployment
+        namespace, name = str(deployment.metadata.namespace), str(deployment.metadata.name)
+        replicas = deployment.spec.replicas
+        ranks = render_groups.ranks_service(inputs)
+        self._apply_if_changed(ranks, self._get(SERVICES, namespace, ranks["metadata"]["name"]))
+        live = {item["metadata"]["name"]: item for item in self._group_sets(namespace, name)}
+        for replica in range(replicas):
+            for manifest in render_groups.group_statefulsets(inputs, replica):
+                set_name = manifest["metadata"]["name"]
+                live[set_name] = self._apply_if_changed(manifest, live.get(set_name))
+        for stale in render_groups.stale_statefulsets(list(live.values()), replicas):
+            self.kube.delete(STATEFULSETS, namespace, stale)
+        summary = render_groups.group_workload(list(live.values()), replicas)
+        if not render_status.rolled_out(summary):
+            pods = self.kube.list(PODS, namespace, render_serving.selector_string(name))
+            for pod in render_groups.pods_to_recreate(list(live.values()), pods, replicas):
+                self.kube.delete(PODS, namespace, pod)
+        return summary
 
     def _apply_if_changed(self, manifest: dict[str, Any], live: Mapping[str, Any] | None) -> dict[str, Any]:
         """Server-side apply, skipped when the live object already carries this exact rendering."""
@@ -601,7 +652,9 @@ class Reconciler:
             product=gpu.product,
             memory_mib=gpu.memory_mib,
         )
-        return plan(shape, self._node_topologies(), gpu.nvlink)
+        # Pods of one group carry LeaderWorkerSet's group key, or Kiln's where StatefulSets make groups.
+        group_key = LWS_GROUP_KEY if self._lws_installed() else render_groups.GROUP_LABEL
+        return plan(shape, self._node_topologies(), PlacementPolicy.from_spec(deployment.spec, group_key))
 
     def _write_deployment_status(
         self,

@@ -14,6 +14,8 @@ if TYPE_CHECKING:
 
 NVLinkPolicy = Literal["Required", "Preferred", "Ignore"]
 NVLINK_POLICIES: tuple[NVLinkPolicy, ...] = ("Required", "Preferred", "Ignore")
+NVLinkDomainPolicy = Literal["Required", "Preferred"]
+NVLINK_DOMAIN_POLICIES: tuple[NVLinkDomainPolicy, ...] = ("Required", "Preferred")
 
 # LeaderWorkerSet's names (sigs.k8s.io/lws): the per-group label on every pod of one replica, and the
 # annotation that gives each group a topology domain of its own.

@@ -5,18 +5,23 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from kiln import labels
 from kiln.placement.model import (
     LWS_EXCLUSIVE_TOPOLOGY,
     LWS_GROUP_KEY,
+    NVLINK_DOMAIN_POLICIES,
     NVLINK_POLICIES,
     NodeTopology,
+    NVLinkDomainPolicy,
     NVLinkPolicy,
     Placement,
     ReplicaShape,
 )
+
+if TYPE_CHECKING:
+    from kiln.api.v1alpha1 import LLMDeploymentSpec
 
 # Preferred-term weights (the scheduler's 1..100 scale). "Has an island >= TP" outranks every best-fit
 # term, so under `Preferred` a fitting node always beats a non-fitting one.
@@ -28,22 +33,43 @@ BEST_FIT_MAX_WEIGHT = 50
 class PlacementPolicy:
     """How strictly to keep tensor-parallel groups on NVLink, and the cluster's topology conventions.
 
-    `network_block_key`: a node label naming a network block (rack, spine, ...), used to keep a replica
-    that spans nodes without an NVLink clique inside one block. `exclusive_topology`: give each
-    multi-node replica a whole clique/block (LeaderWorkerSet's exclusive-topology), instead of only
-    keeping it inside one.
+    `nvlink` keeps each tensor-parallel group on one NVLink island. `nvlink_domain` says whether a
+    replica that spans nodes must stay inside one NVLink clique ("Required") or only prefers one
+    ("Preferred"). `network_block_key`: a node label naming a network block (rack, spine, ...), used
+    to keep a replica that spans nodes without an NVLink clique inside one block. `exclusive_topology`:
+    give each multi-node replica a whole clique/block, instead of only keeping it inside one.
+    `group_label_key`: the pod label whose value names a replica's pod group (LeaderWorkerSet's
+    group key, or Kiln's own for groups of StatefulSets).
     """
 
     nvlink: NVLinkPolicy = "Required"
     network_block_key: str | None = None
     group_label_key: str = LWS_GROUP_KEY
     exclusive_topology: bool = False
+    nvlink_domain: NVLinkDomainPolicy = "Preferred"
 
     def __post_init__(self) -> None:
         if self.nvlink not in NVLINK_POLICIES:
             raise ValueError(
                 f"nvlink policy must be one of {', '.join(NVLINK_POLICIES)}, got {self.nvlink!r}"
             )
+        if self.nvlink_domain not in NVLINK_DOMAIN_POLICIES:
+            raise ValueError(
+                f"nvlink_domain must be one of {', '.join(NVLINK_DOMAIN_POLICIES)}, "
+                f"got {self.nvlink_domain!r}"
+            )
+
+    @classmethod
+    def from_spec(cls, spec: LLMDeploymentSpec, group_label_key: str = LWS_GROUP_KEY) -> PlacementPolicy:
+        """The policy an LLMDeployment spec asks for (gpu.nvlink and spec.placement)."""
+        placement = spec.placement
+        return cls(
+            nvlink=spec.gpu.nvlink if spec.gpu is not None else "Ignore",
+            network_block_key=placement.network_block_label,
+            group_label_key=group_label_key,
+            exclusive_topology=placement.exclusive,
+            nvlink_domain=placement.nvlink_domain,
+        )
 
 
 def _gpus(count: int) -> str:
@@ -229,8 +255,9 @@ def _multi_node(shape: ReplicaShape, nodes: Sequence[NodeTopology], policy: Plac
     reasons: list[tuple[str, str]] = []
     largest_node = max(node.gpus for node in nodes)
     for split in _splits(shape, nodes):
-        needs_clique = strict and split.tp_spans_pods
-        # Domains to try, tightest first: a TP group spanning pods under Required has only the clique.
+        # Domains to try, tightest first: a TP group spanning pods under Required, or a replica whose
+        # nvlinkDomain is Required, has only the clique.
+        needs_clique = (strict and split.tp_spans_pods) or policy.nvlink_domain == "Required"
         keys: list[str | None] = []
         if needs_clique or (policy.nvlink != "Ignore" and any(node.clique for node in nodes)):
             keys = [labels.GPU_CLIQUE]
@@ -303,10 +330,17 @@ def _multi_node_placement(
     affinity: dict[str, Any] = {"nodeAffinity": _node_affinity(required, [])}
     lws_annotations: dict[str, str] = {}
     if key is not None:
+        affinity["podAffinity"] = {"requiredDuringSchedulingIgnoredDuringExecution": [term]}
         if policy.exclusive_topology:
             lws_annotations[LWS_EXCLUSIVE_TOPOLOGY] = key
-        else:
-            affinity["podAffinity"] = {"requiredDuringSchedulingIgnoredDuringExecution": [term]}
+            # No pod of another group in the domain: pods that carry the group label with a value
+            # other than this pod's (mismatchLabelKeys), whichever workload made them.
+            others = {
+                "labelSelector": {"matchExpressions": [_expr(policy.group_label_key, "Exists")]},
+                "mismatchLabelKeys": [policy.group_label_key],
+                "topologyKey": key,
+            }
+            affinity["podAntiAffinity"] = {"requiredDuringSchedulingIgnoredDuringExecution": [others]}
     now = None
     if all(node.free is not None for members in domains.values() for node in members):
         now = any(

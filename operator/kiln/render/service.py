@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from kiln.api.v1alpha1 import LLMDeployment
 from kiln.render.common import HTTP_PORT_NAME, Manifest, owner_reference
-from kiln.render.serving import LWS_WORKER_INDEX, deployment_owner, selector_labels
+from kiln.render.serving import deployment_owner, leader_selector, selector_labels
 
 
 def endpoint(deployment: LLMDeployment) -> str:
@@ -16,9 +16,7 @@ def endpoint(deployment: LLMDeployment) -> str:
 def service(deployment: LLMDeployment, multi_node: bool = False) -> Manifest:
     """A ClusterIP Service named after the deployment; with multi-node replicas only leaders serve."""
     name = str(deployment.metadata.name)
-    selector = selector_labels(name)
-    if multi_node:
-        selector[LWS_WORKER_INDEX] = "0"
+    selector = leader_selector(name, multi_node)
     return {
         "apiVersion": "v1",
         "kind": "Service",

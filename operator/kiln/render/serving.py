@@ -1,4 +1,10 @@
-"""The serving workload of an LLMDeployment: a Deployment, or a LeaderWorkerSet when a replica spans nodes."""
+"""The serving pods of an LLMDeployment: their template, and a Deployment or a LeaderWorkerSet of them.
+
+A replica that spans nodes is one pod group; every pod of a group gets the group's rendezvous
+contract with the engine (`group_env`): KILN_GROUP_SIZE, KILN_GROUP_INDEX (0 leads and serves the
+OpenAI API, the others only GET /health), KILN_LEADER_ADDRESS (a DNS name of pod 0 that resolves
+before it is Ready) and KILN_RENDEZVOUS_PORT. Groups made of core objects live in `groups`.
+"""
 
 from __future__ import annotations
 
@@ -29,7 +35,16 @@ from kiln.render.common import (
 
 LWS_API_VERSION = "leaderworkerset.x-k8s.io/v1"
 LWS_WORKER_INDEX = "leaderworkerset.sigs.k8s.io/worker-index"
-ROLE_LABEL = "kiln.dev/role"  # leader or worker, on LeaderWorkerSet pods
+LWS_GROUP_INDEX = "leaderworkerset.sigs.k8s.io/group-index"
+ROLE_LABEL = "kiln.dev/role"  # leader or worker, on every pod of a multi-node replica
+LEADER, WORKER = "leader", "worker"
+# The engine's pod-group contract (engine-image/kiln_engine reads these).
+GROUP_SIZE_ENV = "KILN_GROUP_SIZE"
+GROUP_INDEX_ENV = "KILN_GROUP_INDEX"
+LEADER_ADDRESS_ENV = "KILN_LEADER_ADDRESS"
+RENDEZVOUS_PORT_ENV = "KILN_RENDEZVOUS_PORT"
+RENDEZVOUS_PORT = 29500  # torch.distributed's customary port
+RENDEZVOUS_PORT_NAME = "rendezvous"
 DRAIN_MARGIN_SECONDS = 5  # left of the grace period after the engine's drain, for it to exit
 STARTUP_PROBE_BUDGET_SECONDS = 1800  # loading a large model may take this long before liveness applies
 
@@ -59,9 +74,11 @@ def selector_labels(name: str) -> dict[str, str]:
     return managed_labels(SERVING_COMPONENT, **{labels.DEPLOYMENT_LABEL: name})
 
 
-def selector_string(name: str) -> str:
-    """`selector_labels` as a label selector string (status.selector, for the scale subresource)."""
-    return ",".join(f"{key}={value}" for key, value in sorted(selector_labels(name).items()))
+def selector_string(name: str, leaders_only: bool = False) -> str:
+    """`selector_labels` as a label selector string; with `leaders_only`, only the pods that serve the
+    API (status.selector, for the scale subresource and the autoscaler's pod metrics)."""
+    selector = leader_selector(name, leaders_only)
+    return ",".join(f"{key}={value}" for key, value in sorted(selector.items()))
 
 
 def served_name(deployment: LLMDeployment) -> str:
@@ -116,7 +133,60 @@ def engine_args(inputs: ServingInputs) -> list[str]:
     return args
 
 
-def _engine_container(inputs: ServingInputs, gpus: int) -> dict[str, Any]:
+@dataclass(frozen=True)
+class GroupMember:
+    """A pod's place in its replica's pod group: the env that tells the engine, and whether it leads
+    (a worker is Ready once it has joined: GET /health; only the leader serves /ready)."""
+
+    env: tuple[dict[str, Any], ...]
+    leader: bool
+
+
+def _label_ref(label: str) -> dict[str, Any]:
+    return {"fieldRef": {"fieldPath": f"metadata.labels['{label}']"}}
+
+
+def group_env(size: int, index: dict[str, Any] | int, leader_address: str) -> tuple[dict[str, Any], ...]:
+    """The engine's group variables: `index` is a number or an env `valueFrom` (a label of the pod)."""
+    index_var: dict[str, Any] = {"name": GROUP_INDEX_ENV}
+    if isinstance(index, int):
+        index_var["value"] = str(index)
+    else:
+        index_var["valueFrom"] = index
+    return (
+        {"name": GROUP_SIZE_ENV, "value": str(size)},
+        index_var,
+        {"name": LEADER_ADDRESS_ENV, "value": leader_address},
+        {"name": RENDEZVOUS_PORT_ENV, "value": str(RENDEZVOUS_PORT)},
+    )
+
+
+def lws_name(name: str) -> str:
+    """The LeaderWorkerSet's name: not the deployment's, because LeaderWorkerSet creates a headless
+    Service named after itself and the deployment's Service already has that name."""
+    return f"{name}-group"
+
+
+def lws_member(inputs: ServingInputs, leader: bool) -> GroupMember:
+    """The group env of a LeaderWorkerSet pod, from the labels LeaderWorkerSet puts on it (the same
+    facts as its LWS_WORKER_INDEX / LWS_LEADER_ADDRESS / LWS_GROUP_SIZE, without depending on where
+    its webhook inserts those in the env list, which `$(VAR)` expansion would)."""
+    placement = inputs.placement
+    assert placement is not None
+    lws, namespace = lws_name(str(inputs.deployment.metadata.name)), inputs.deployment.metadata.namespace
+    env = (
+        {"name": "KILN_LWS_GROUP_INDEX", "valueFrom": _label_ref(LWS_GROUP_INDEX)},
+        *group_env(
+            placement.nodes_per_replica,
+            _label_ref(LWS_WORKER_INDEX),
+            # the leader pod is <lws>-<group index>, in the headless Service <lws>
+            f"{lws}-$(KILN_LWS_GROUP_INDEX).{lws}.{namespace}.svc",
+        ),
+    )
+    return GroupMember(env=env, leader=leader)
+
+
+def _engine_container(inputs: ServingInputs, gpus: int, member: GroupMember | None = None) -> dict[str, Any]:
     spec = inputs.deployment.spec
     serving = spec.serving
     env: list[dict[str, Any]] = [
@@ -124,6 +194,7 @@ def _engine_container(inputs: ServingInputs, gpus: int) -> dict[str, Any]:
         {"name": "HOME", "value": TMP_MOUNT},
         {"name": "KILN_PVC_ROOT", "value": inputs.settings.pvc_root},
         {"name": "PYTHONUNBUFFERED", "value": "1"},
+        *(member.env if member is not None else ()),
     ]
     if serving.api_key_secret is not None:
         env.append(
@@ -143,14 +214,18 @@ def _engine_container(inputs: ServingInputs, gpus: int) -> dict[str, Any]:
     if gpus > 0:
         for part in ("limits", "requests"):
             resources.setdefault(part, {})[labels.GPU_RESOURCE] = str(gpus)
-    probe_port = {"path": "/ready", "port": HTTP_PORT_NAME}
+    ready_path = "/ready" if member is None or member.leader else "/health"
+    probe_port = {"path": ready_path, "port": HTTP_PORT_NAME}
+    ports = [{"name": HTTP_PORT_NAME, "containerPort": serving.port, "protocol": "TCP"}]
+    if member is not None:
+        ports.append({"name": RENDEZVOUS_PORT_NAME, "containerPort": RENDEZVOUS_PORT, "protocol": "TCP"})
     container: dict[str, Any] = {
         "name": ENGINE_CONTAINER,
         "image": inputs.settings.image_for(inputs.engine.spec.backend, inputs.engine.spec.image),
         "command": ["kiln-engine"],
         "args": engine_args(inputs),
         "env": merge_env(env, serving.env),
-        "ports": [{"name": HTTP_PORT_NAME, "containerPort": serving.port, "protocol": "TCP"}],
+        "ports": ports,
         "readinessProbe": {"httpGet": probe_port, "periodSeconds": 5, "failureThreshold": 3},
         "livenessProbe": {
             "httpGet": {"path": "/health", "port": HTTP_PORT_NAME},
@@ -170,14 +245,17 @@ def _engine_container(inputs: ServingInputs, gpus: int) -> dict[str, Any]:
     return container
 
 
-def pod_template(inputs: ServingInputs, extra_labels: dict[str, str] | None = None) -> dict[str, Any]:
+def pod_template(
+    inputs: ServingInputs, extra_labels: dict[str, str] | None = None, member: GroupMember | None = None
+) -> dict[str, Any]:
     """The serving pod template: engine container, GPUs, placement, artifact read-only, restricted,
-    with the user's env/resources/nodeSelector/tolerations and pod template overrides merged in."""
+    with the user's env/resources/nodeSelector/tolerations and pod template overrides merged in;
+    `member` places the pod in a multi-node replica's group."""
     deployment, placement = inputs.deployment, inputs.placement
     spec = deployment.spec
     name = str(deployment.metadata.name)
     gpus = placement.gpus_per_node if (placement is not None and spec.gpu is not None) else 0
-    container = _engine_container(inputs, gpus)
+    container = _engine_container(inputs, gpus, member)
     volumes, mounts = pvc_volumes({artifact_location(inputs.engine): True}, inputs.settings.pvc_root)
     volumes.append({"name": "tmp", "emptyDir": {}})
     mounts.append({"name": "tmp", "mountPath": TMP_MOUNT})
@@ -262,6 +340,7 @@ def leader_worker_set(inputs: ServingInputs) -> Manifest:
     assert placement is not None and placement.multi_node
     name = str(llmd.metadata.name)
     metadata = _metadata(llmd, selector_labels(name))
+    metadata["name"] = lws_name(name)
     if placement.lws_annotations:
         metadata["annotations"] = dict(placement.lws_annotations)
     return {
@@ -278,26 +357,35 @@ def leader_worker_set(inputs: ServingInputs) -> Manifest:
             "leaderWorkerTemplate": {
                 "size": placement.nodes_per_replica,
                 "restartPolicy": "RecreateGroupOnPodRestart",
-                "leaderTemplate": pod_template(inputs, {ROLE_LABEL: "leader"}),
-                "workerTemplate": pod_template(inputs, {ROLE_LABEL: "worker"}),
+                "leaderTemplate": pod_template(inputs, {ROLE_LABEL: LEADER}, lws_member(inputs, True)),
+                "workerTemplate": pod_template(inputs, {ROLE_LABEL: WORKER}, lws_member(inputs, False)),
             },
         },
     }
 
 
-def workload(inputs: ServingInputs) -> Manifest:
-    """The serving workload for the placement: Deployment, or LeaderWorkerSet for multi-node replicas.
+def leader_selector(name: str, multi_node: bool) -> dict[str, str]:
+    """Labels selecting the pods that serve the OpenAI API: every serving pod, or only the leaders of
+    multi-node replicas (whichever workload made them)."""
+    selector = selector_labels(name)
+    if multi_node:
+        selector[ROLE_LABEL] = LEADER
+    return selector
 
-    Raises WorkloadUnavailable when a replica spans nodes and LeaderWorkerSet is not installed.
+
+def workload(inputs: ServingInputs) -> Manifest:
+    """The single-object workload: a Deployment, or a LeaderWorkerSet for multi-node replicas.
+
+    Raises WorkloadUnavailable for multi-node replicas when LeaderWorkerSet is not installed: those
+    are groups of StatefulSets (`kiln.render.groups`), several objects.
     """
     placement = inputs.placement
     if placement is not None and placement.multi_node:
         if not inputs.settings.lws_installed:
             raise WorkloadUnavailable(
                 "LeaderWorkerSetRequired",
-                f"one replica spans {placement.nodes_per_replica} nodes ({placement.reason}); that needs "
-                "the LeaderWorkerSet CRD (leaderworkersets.leaderworkerset.x-k8s.io, sigs.k8s.io/lws), "
-                "which is not installed",
+                f"one replica spans {placement.nodes_per_replica} nodes ({placement.reason}); without "
+                "the LeaderWorkerSet CRD it runs as StatefulSet groups (kiln.render.groups)",
             )
         return leader_worker_set(inputs)
     return deployment(inputs)

@@ -446,7 +446,7 @@ def deployment_status(
     status: dict[str, Any] = {
         "observedGeneration": generation,
         "layout": f"{spec.parallelism.tensor}x{spec.parallelism.pipeline}",
-        "selector": selector_string(name),
+        "selector": selector_string(name, seen.placement is not None and seen.placement.multi_node),
         "replicas": counts["replicas"],
         "readyReplicas": counts["ready"],
         "engine": None,

@@ -188,7 +188,46 @@ def test_network_block_keeps_a_cliqueless_replica_in_one_block() -> None:
     exclusive = PlacementPolicy(network_block_key="topology.kubernetes.io/zone", exclusive_topology=True)
     placement = plan(ReplicaShape(tensor=8, pipeline=2, product=H100), nodes("mixed"), exclusive)
     assert placement.lws_annotations == {LWS_EXCLUSIVE_TOPOLOGY: "topology.kubernetes.io/zone"}
-    assert "podAffinity" not in placement.affinity
+    # Exclusive: the group's own pods together, and no pod of another group in the block.
+    [together] = placement.affinity["podAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]
+    [apart] = placement.affinity["podAntiAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]
+    key = exclusive.group_label_key
+    assert together["matchLabelKeys"] == [key] == apart["mismatchLabelKeys"]
+    assert together["topologyKey"] == apart["topologyKey"] == "topology.kubernetes.io/zone"
+    assert apart["labelSelector"] == {"matchExpressions": [{"key": key, "operator": "Exists"}]}
+
+
+def test_nvlink_domain_required_keeps_a_replica_to_one_clique_or_refuses_it() -> None:
+    shape = ReplicaShape(tensor=8, pipeline=2, product=H100)
+    required = PlacementPolicy(nvlink_domain="Required", network_block_key="topology.kubernetes.io/zone")
+    refused = plan(shape, nodes("mixed"), required)
+    assert not refused.feasible and refused.reason_code == "NoNVLinkClique"  # H100 nodes have no clique
+    assert plan(shape, nodes("mixed"), PlacementPolicy(nvlink_domain="Preferred")).feasible
+    # Stages of TP=8 each fit one H100 node, but Required still wants one clique: on GB200 trays it is.
+    gb200 = plan(ReplicaShape(tensor=2, pipeline=2, product=GB200), nodes("mixed"), required)
+    assert not gb200.multi_node  # fits one tray: no clique needed at all
+    big = plan(ReplicaShape(tensor=4, pipeline=4, product=GB200), nodes("mixed"), required)
+    assert big.topology_key == labels.GPU_CLIQUE and big.nodes_per_replica == 4
+    assert {"key": labels.GPU_CLIQUE, "operator": "Exists"} in required_expressions(big.affinity)
+
+
+def test_policy_from_the_api_reaches_the_planner() -> None:
+    spec = LLMDeploymentSpec.model_validate(
+        {
+            "model": {"source": "hf://org/model"},
+            "parallelism": {"tensor": 8, "pipeline": 2},
+            "gpu": {"product": GB200, "nvlink": "Preferred"},
+            "placement": {"nvlinkDomain": "Required", "exclusive": True},
+        }
+    )
+    policy = PlacementPolicy.from_spec(spec, group_label_key="kiln.dev/group")
+    assert (policy.nvlink, policy.nvlink_domain, policy.exclusive_topology) == ("Preferred", "Required", True)
+    placement = plan(ReplicaShape.from_spec(spec), nodes("mixed"), policy)
+    assert placement.topology_key == labels.GPU_CLIQUE and placement.nodes_per_replica == 4
+    [apart] = placement.affinity["podAntiAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]
+    assert apart["mismatchLabelKeys"] == ["kiln.dev/group"]
+    with pytest.raises(ValueError, match="nvlink_domain"):
+        PlacementPolicy(nvlink_domain="Ignore")  # type: ignore[arg-type]
 
 
 def test_tp16_on_h100_has_no_nvlink_domain() -> None:

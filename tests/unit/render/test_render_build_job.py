@@ -61,7 +61,7 @@ def test_gpu_build_runs_on_the_product_with_tp_times_pp_gpus_and_the_contract() 
 
 def test_build_gpus_are_capped_at_the_largest_node_of_the_product() -> None:
     engine = engine_for(example("llama-3.1-405b-fp8-tp8-pp2.yaml"))
-    assert render_build.build_gpus(engine, nodes()) == 8  # H100 nodes have 8; tp x pp is 16
+    assert render_build.build_gpus(engine, nodes()) == 4  # GB200 trays have 4; tp x pp is 16
     assert render_build.build_gpus(engine, ()) == 16  # nothing known: ask for what it needs
 
 

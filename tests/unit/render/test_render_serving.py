@@ -149,22 +149,42 @@ def test_template_override_cannot_break_the_selector() -> None:
     assert workload["spec"]["template"]["metadata"]["labels"][labels.DEPLOYMENT_LABEL] == "tiny-chat"
 
 
-def test_multi_node_replica_needs_leaderworkerset() -> None:
+def env_of(template: dict[str, Any]) -> dict[str, Any]:
+    [container] = template["spec"]["containers"]
+    return {item["name"]: item.get("value", item.get("valueFrom")) for item in container["env"]}
+
+
+def test_multi_node_replica_is_a_leaderworkerset_whose_pods_know_their_group() -> None:
     deployment = example("llama-3.1-405b-fp8-tp8-pp2.yaml")
     rendered = inputs(deployment)
     assert rendered.placement is not None and rendered.placement.multi_node
     with pytest.raises(render_serving.WorkloadUnavailable) as missing:
-        render_serving.workload(rendered)
+        render_serving.workload(rendered)  # without LWS the groups are StatefulSets (several objects)
     assert missing.value.reason == "LeaderWorkerSetRequired"
-    assert "LeaderWorkerSet" in missing.value.message
     lws = render_serving.workload(inputs(deployment, Settings(lws_installed=True)))
     assert lws["kind"] == "LeaderWorkerSet" and lws["apiVersion"] == "leaderworkerset.x-k8s.io/v1"
+    # LeaderWorkerSet makes a headless Service named after itself: it must not take the API's name.
+    assert lws["metadata"]["name"] != render_service.service(deployment)["metadata"]["name"]
     group = lws["spec"]["leaderWorkerTemplate"]
-    assert group["size"] == rendered.placement.nodes_per_replica == 2
+    assert group["size"] == rendered.placement.nodes_per_replica == 4
+    assert group["restartPolicy"] == "RecreateGroupOnPodRestart"
     for template in (group["leaderTemplate"], group["workerTemplate"]):
         [container] = template["spec"]["containers"]
-        assert container["resources"]["limits"]["nvidia.com/gpu"] == "8"  # per node, not tp x pp
+        assert container["resources"]["limits"]["nvidia.com/gpu"] == "4"  # per pod, not tp x pp
         assert template["spec"]["affinity"] == rendered.placement.affinity
+        env = env_of(template)
+        assert env["KILN_GROUP_SIZE"] == "4" and env["KILN_RENDEZVOUS_PORT"] == "29500"
+        assert env["KILN_GROUP_INDEX"] == {
+            "fieldRef": {"fieldPath": "metadata.labels['leaderworkerset.sigs.k8s.io/worker-index']"}
+        }
+        # <lws>-<group index>.<lws>.<namespace>.svc: the leader pod in LeaderWorkerSet's headless Service
+        lws_name = lws["metadata"]["name"]
+        assert env["KILN_LEADER_ADDRESS"] == f"{lws_name}-$(KILN_LWS_GROUP_INDEX).{lws_name}.serving.svc"
+        names = [item["name"] for item in container["env"]]
+        assert names.index("KILN_LWS_GROUP_INDEX") < names.index("KILN_LEADER_ADDRESS")  # $(...) order
+    leader_probe = group["leaderTemplate"]["spec"]["containers"][0]["readinessProbe"]["httpGet"]["path"]
+    worker_probe = group["workerTemplate"]["spec"]["containers"][0]["readinessProbe"]["httpGet"]["path"]
+    assert (leader_probe, worker_probe) == ("/ready", "/health")  # workers serve only /health
     assert lws["spec"]["rolloutStrategy"]["rollingUpdateConfiguration"]["maxUnavailable"] == 0
 
 
@@ -183,8 +203,12 @@ def test_service_selects_serving_pods_and_only_leaders_for_multi_node() -> None:
     assert service["spec"]["selector"] == render_serving.selector_labels("tiny-chat")
     assert service["spec"]["ports"][0]["port"] == 8000 and service["spec"]["ports"][0]["targetPort"] == "http"
     assert service["metadata"]["ownerReferences"][0]["kind"] == "LLMDeployment"
-    leaders = render_service.service(deployment, multi_node=True)["spec"]["selector"]
-    assert leaders["leaderworkerset.sigs.k8s.io/worker-index"] == "0"
+    big = example("llama-3.1-405b-fp8-tp8-pp2.yaml")
+    leaders = render_service.service(big, multi_node=True)["spec"]["selector"]
+    assert leaders != render_service.service(big)["spec"]["selector"]
+    group = render_serving.workload(inputs(big, Settings(lws_installed=True)))["spec"]["leaderWorkerTemplate"]
+    assert leaders.items() <= group["leaderTemplate"]["metadata"]["labels"].items()
+    assert not leaders.items() <= group["workerTemplate"]["metadata"]["labels"].items()
     assert render_service.endpoint(deployment) == "http://tiny-chat.serving.svc:8000/v1"
 
 
