@@ -82,6 +82,43 @@ def main() -> None:
     type=click.IntRange(1, 64),
     help="Tensor parallel ranks (default: the artifact's; rank 0 serves, the others follow).",
 )
+@click.option(
+    "--pp",
+    "pp",
+    default=None,
+    type=click.IntRange(1, 64),
+    help="Pipeline parallel stages (default: the artifact's).",
+)
+@click.option(
+    "--group-size",
+    envvar="KILN_GROUP_SIZE",
+    default=1,
+    show_default=True,
+    type=click.IntRange(1, 64),
+    help="Pods in this replica; the tp * pp ranks split evenly over them [env KILN_GROUP_SIZE].",
+)
+@click.option(
+    "--group-index",
+    envvar="KILN_GROUP_INDEX",
+    default=0,
+    show_default=True,
+    type=click.IntRange(0, 63),
+    help="This pod's place in the replica; 0 serves the API, others only /health [env KILN_GROUP_INDEX].",
+)
+@click.option(
+    "--leader-address",
+    envvar="KILN_LEADER_ADDRESS",
+    default=None,
+    help="Host name of pod 0, where the ranks meet [env KILN_LEADER_ADDRESS].",
+)
+@click.option(
+    "--rendezvous-port",
+    envvar="KILN_RENDEZVOUS_PORT",
+    default=29500,
+    show_default=True,
+    type=click.IntRange(1, 65535),
+    help="Port on the leader where the ranks meet [env KILN_RENDEZVOUS_PORT].",
+)
 @click.option("--verify/--no-verify", default=True, show_default=True, help="Check artifact checksums first.")
 @click.option("--log-level", default="info", show_default=True)
 def serve(
@@ -108,6 +145,11 @@ def serve(
     cuda_graphs: bool | None,
     seed: int,
     tp: int | None,
+    pp: int | None,
+    group_size: int,
+    group_index: int,
+    leader_address: str | None,
+    rendezvous_port: int,
     verify: bool,
     log_level: str,
 ) -> None:
@@ -130,7 +172,7 @@ def serve(
     from kiln_engine.backends import torch as torch_backend
     from kiln_engine.build.source import SourceError
     from kiln_engine.config import EngineConfig
-    from kiln_engine.server import lockstep
+    from kiln_engine.server import group, lockstep
     from kiln_engine.server.app import ServerSettings, serve_model
 
     follower = os.environ.get(lockstep.FOLLOWER_ENV) == "1"
@@ -146,15 +188,31 @@ def serve(
         _fail(f"{path} is not a directory", 1)
     if tp is None:
         tp = torch_backend.artifact_tp(path) if artifact else 1
+    if pp is None:
+        pp = torch_backend.artifact_pp(path) if artifact else 1
+    try:
+        layout = group.group_layout(tp * pp, group_size, group_index)
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
+    if group_size > 1 and not leader_address:
+        raise click.UsageError("a replica of several pods needs --leader-address (or KILN_LEADER_ADDRESS)")
     world = int(os.environ.get("WORLD_SIZE", "0") or 0)
-    followers = []
-    if tp > 1 and world == 0:  # not started by torchrun: start ranks 1.. ourselves
-        followers = lockstep.spawn_followers(tp, sys.argv[1:])
-    elif tp > 1 and world != tp:
-        _fail(f"WORLD_SIZE is {world} but tensor parallelism is {tp}")
-    rank = int(os.environ.get("RANK", "0") or 0) if tp > 1 else 0
+    followers: list[subprocess.Popen[bytes]] = []
+    if layout.world > 1 and world == 0:  # not started by torchrun: start this pod's other ranks ourselves
+        multi_pod = group_size > 1
+        addr = leader_address or "" if multi_pod else "127.0.0.1"
+        port_ = rendezvous_port if multi_pod else lockstep.free_port()
+        followers = group.spawn_local_ranks(layout, addr, port_, sys.argv[1:], lockstep.FOLLOWER_ENV)
+    elif layout.world > 1 and world != layout.world:
+        _fail(f"WORLD_SIZE is {world} but tensor x pipeline parallelism is {tp} x {pp}")
+    rank = int(os.environ.get("RANK", "0") or 0) if layout.world > 1 else 0
+    pp_rank, tp_rank = group.rank_coordinates(rank, tp)
     name = served_model_name or path.resolve().name
     serve_device = device or torch_backend.default_device()
+    if serve_device == "cuda" and layout.world > 1:  # one GPU per rank of this pod
+        serve_device = f"cuda:{rank - layout.local_ranks.start}"
+    if pp > 1 and cuda_graphs:
+        _fail("--cuda-graphs covers the whole model in one graph: not available with pipeline parallelism")
     config = EngineConfig(
         max_num_seqs=max_num_seqs,
         max_model_len=max_model_len,
@@ -167,13 +225,22 @@ def serve(
         chunked_prefill=chunked_prefill,
         dtype=dtype,
         device=serve_device,
-        cuda_graphs=serve_device.startswith("cuda") if cuda_graphs is None else cuda_graphs,
+        cuda_graphs=serve_device.startswith("cuda") and pp == 1 if cuda_graphs is None else cuda_graphs,
         seed=seed,
         tensor_parallel_size=tp,
-        tensor_parallel_rank=rank,
+        tensor_parallel_rank=tp_rank,
+        pipeline_parallel_size=pp,
+        pipeline_parallel_rank=pp_rank,
     )
+    health = None
     if rank > 0:
         lockstep.ignore_termination_signals()
+        if rank == layout.local_ranks.start:  # the first rank of a follower pod answers its probes
+            health = group.HealthServer(host, port, layout.local_ranks)
+    liveness = None
+    if layout.world > 1:
+        lockstep.join_group(rank, layout.world, serve_device)
+        liveness = group.Liveness(rank, layout.world, followers)
     try:
         engine = torch_backend.load_engine(path, config)
     except (ValueError, FileNotFoundError) as exc:
@@ -181,26 +248,37 @@ def serve(
     runner = engine.runner
     graphs = sorted(runner.decode_graphs.graphs) if runner.decode_graphs else []
     click.echo(
-        f"kiln-engine: rank {rank} loaded {path} on {runner.device}: {runner.num_blocks} KV blocks of "
-        f"{runner.block_size} tokens, CUDA-graph decode batch sizes {graphs or 'none (eager)'}",
+        f"kiln-engine: rank {rank} (stage {pp_rank}, tp rank {tp_rank}) loaded {path} on {runner.device}: "
+        f"{runner.num_blocks} KV blocks of {runner.block_size} tokens, "
+        f"CUDA-graph decode batch sizes {graphs or 'none (eager)'}",
         err=True,
     )
-    if tp > 1:
-        group = lockstep.control_group()
+    if layout.world > 1:
+        control = lockstep.control_group()  # returns once every rank has loaded
+        if health is not None:
+            health.ready.set()
         if rank > 0:
-            lockstep.follow(engine, group)
+            lockstep.follow(engine, control)
+            if liveness is not None:
+                liveness.stop()
+            _wait_for(followers)
             return
-        engine = lockstep.LockstepEngine(engine, group)  # type: ignore[assignment]
+        engine = lockstep.LockstepEngine(engine, control, liveness.stop if liveness else None)  # type: ignore[assignment]
     model = torch_backend.served_model_for(engine, path, name)
     settings = ServerSettings(api_key=api_key, drain_timeout_s=drain_timeout)
     try:
         serve_model(model, settings, host=host, port=port, log_level=log_level.lower())
     finally:
-        for proc in followers:
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        _wait_for(followers)
+
+
+def _wait_for(procs: list[subprocess.Popen[bytes]]) -> None:
+    """Let this pod's other ranks exit after rank 0 told them to stop (killed after 30 s)."""
+    for proc in procs:
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
 
 
 def _serve_tensorrt_llm(

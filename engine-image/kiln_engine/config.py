@@ -49,7 +49,10 @@ class EngineConfig:
     device: str = "cpu"
     seed: int = 0
     tensor_parallel_size: int = 1
-    tensor_parallel_rank: int = 0
+    tensor_parallel_rank: int = 0  # within this rank's pipeline stage
+    pipeline_parallel_size: int = 1
+    pipeline_parallel_rank: int = 0  # global rank = pipeline_parallel_rank * tp + tensor_parallel_rank
+    pipeline_microbatches: int = 0  # per step, so stages overlap; 0: one per stage
     attention_backend: str = "auto"  # "auto" | "torch" (reference) | "triton"
     load_format: str = "auto"  # "auto": safetensors weights | "dummy": random weights (benchmarks)
     cuda_graphs: bool = False  # decode steps padded to fixed sizes; captured as CUDA graphs on GPU
@@ -76,6 +79,13 @@ class EngineConfig:
             )
         if self.num_kv_blocks is not None and self.num_kv_blocks <= 0:
             raise ValueError("num_kv_blocks must be positive")
+        if not 0 <= self.pipeline_parallel_rank < self.pipeline_parallel_size:
+            raise ValueError(
+                f"pipeline_parallel_rank {self.pipeline_parallel_rank} is outside "
+                f"pipeline_parallel_size {self.pipeline_parallel_size}"
+            )
+        if self.pipeline_parallel_size > 1 and self.cuda_graphs:
+            raise ValueError("decode CUDA graphs cover the whole model: off under pipeline parallelism")
         if self.load_format not in ("auto", "dummy"):
             raise ValueError(f"load_format must be auto or dummy, not {self.load_format!r}")
 

@@ -15,7 +15,9 @@ Kiln artifact layout (written by `kiln-engine build`, read here; the names below
 
 manifest.json keys the loader reads (others are the build's business):
     "tensor_parallel_size": int (default 1)    MANIFEST_TP
-    "pipeline_parallel_size": int (default 1)  MANIFEST_PP (the runtime serves pp = 1 for now)
+    "pipeline_parallel_size": int (default 1)  MANIFEST_PP; rank r = stage * tp + tp_rank
+    "pipeline_stages": [{"stage", "first_layer", "end_layer", "ranks"}]  MANIFEST_STAGES (each
+                                               stage's decoder layers; default: `pp_layer_range`)
     "quantization": "none"|"fp8"|"int8"|"int8-weight"|... (config.json's quantization_config wins)
                                                MANIFEST_QUANT
     "dtype": "bfloat16"|"float16"|"float32"    MANIFEST_DTYPE (activation/weight dtype)
@@ -35,8 +37,8 @@ import torch
 from safetensors import safe_open
 
 from kiln_engine.config import EngineConfig, ModelConfig, QuantConfig
-from kiln_engine.layers.parallel import init_tensor_parallel
-from kiln_engine.layers.sharding import shard_tensor
+from kiln_engine.layers.parallel import PPStage, global_rank, init_parallel, pipeline_stage
+from kiln_engine.layers.sharding import in_pp_stage, shard_tensor
 from kiln_engine.models import model_class
 from kiln_engine.models.llama import LlamaForCausalLM
 from kiln_engine.tokenizer import TOKENIZER_FILES, Tokenizer
@@ -48,6 +50,7 @@ RANK_WEIGHTS_FILE = "model.safetensors"
 HF_INDEX_FILE = "model.safetensors.index.json"
 MANIFEST_TP = "tensor_parallel_size"
 MANIFEST_PP = "pipeline_parallel_size"
+MANIFEST_STAGES = "pipeline_stages"
 MANIFEST_QUANT = "quantization"
 MANIFEST_DTYPE = "dtype"
 __all__ = [
@@ -148,16 +151,25 @@ def load_model(
     d = Path(path)
     device = device or torch.device(engine_config.device)
     cfg = load_model_config(d)
-    tp = init_tensor_parallel(engine_config.tensor_parallel_rank, engine_config.tensor_parallel_size, device)
+    ec = engine_config
+    pp = ec.pipeline_parallel_size
+    stage = pipeline_stage(cfg.num_hidden_layers, ec.pipeline_parallel_rank, pp)
     presharded = False
     if is_artifact(d):
         manifest = read_manifest(d)
-        built_tp = int(manifest.get(MANIFEST_TP, 1))
-        if int(manifest.get(MANIFEST_PP, 1)) != 1:
-            raise ValueError("this runtime serves pipeline_parallel_size 1 only")
-        if built_tp != tp.size:
-            raise ValueError(f"artifact was built for tensor_parallel_size {built_tp}, engine runs {tp.size}")
+        built_tp, built_pp = int(manifest.get(MANIFEST_TP, 1)), int(manifest.get(MANIFEST_PP, 1))
+        if (built_tp, built_pp) != (ec.tensor_parallel_size, pp):
+            raise ValueError(
+                f"artifact was built for tensor_parallel_size {built_tp} x pipeline_parallel_size "
+                f"{built_pp}, engine runs {ec.tensor_parallel_size} x {pp}"
+            )
+        stage = manifest_stage(manifest, stage)
         presharded = True
+    if pp > 1 and not getattr(model_class(cfg), "supports_pipeline", False):
+        raise ValueError(f"{cfg.architecture} does not support pipeline parallelism in this runtime")
+    if stage.end_layer <= stage.first_layer:
+        raise ValueError(f"pipeline stage {stage.rank} of {pp} holds no decoder layers")
+    tp = init_parallel(ec.tensor_parallel_rank, ec.tensor_parallel_size, stage.rank, pp, device)
     name = engine_config.dtype
     if (
         name == "auto"
@@ -168,18 +180,31 @@ def load_model(
         name = str(manifest[MANIFEST_DTYPE])
     dtype = resolve_dtype(name, device, cfg)
     with torch.device(device):
-        model = model_class(cfg)(cfg, max_positions, dtype, tp)
+        pp_arg = {"pp": stage} if pp > 1 else {}
+        model = model_class(cfg)(cfg, max_positions, dtype, tp, **pp_arg)
     if engine_config.load_format == "dummy":
         init_dummy_weights(model, seed=engine_config.seed)
         model.eval()
         return model, cfg, dtype
-    weights = iter_weights(weight_files(d, tp.rank if presharded else 0))
+    rank = global_rank(stage.rank, tp.rank, tp.size)
+    weights = iter_weights(weight_files(d, rank if presharded else 0))
+    if not presharded and pp > 1:
+        tied = cfg.tie_word_embeddings
+        weights = ((n, t) for n, t in weights if in_pp_stage(n, cfg.num_hidden_layers, stage.rank, pp, tied))
     if not presharded and tp.size > 1:
         weights = ((n, shard_tensor(n, t, tp.rank, tp.size, cfg.num_key_value_heads)) for n, t in weights)
     with torch.no_grad():
         model.load_weights((n, t.to(device)) for n, t in weights)
     model.eval()
     return model, cfg, dtype
+
+
+def manifest_stage(manifest: dict[str, Any], default: PPStage) -> PPStage:
+    """This rank's stage as the artifact's manifest records it (older artifacts: the default split)."""
+    for entry in manifest.get(MANIFEST_STAGES) or []:
+        if int(entry["stage"]) == default.rank:
+            return PPStage(default.rank, default.size, int(entry["first_layer"]), int(entry["end_layer"]))
+    return default
 
 
 @torch.no_grad()

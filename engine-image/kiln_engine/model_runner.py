@@ -16,15 +16,18 @@ from kiln_engine.config import EngineConfig
 from kiln_engine.interface import TokenLogprob
 from kiln_engine.layers.attention import AttentionMetadata, make_backend
 from kiln_engine.loader import load_model, load_model_config
+from kiln_engine.pipeline import PipelineExecutor
 from kiln_engine.sampler import SampledTokens, Sampler, SampleRequest
 from kiln_engine.scheduler import ScheduledChunk
 
 
 def runner_device(config: EngineConfig) -> torch.device:
-    """The device of this rank: a bare "cuda" under tensor parallelism means one GPU per rank."""
+    """The device of this rank: a bare "cuda" under tensor/pipeline parallelism means one GPU per rank."""
     device = torch.device(config.device)
-    if device.type == "cuda" and device.index is None and config.tensor_parallel_size > 1:
-        device = torch.device("cuda", config.tensor_parallel_rank % torch.cuda.device_count())
+    tp = config.tensor_parallel_size
+    if device.type == "cuda" and device.index is None and tp * config.pipeline_parallel_size > 1:
+        rank = config.pipeline_parallel_rank * tp + config.tensor_parallel_rank
+        device = torch.device("cuda", rank % torch.cuda.device_count())
     return device
 
 
@@ -87,6 +90,9 @@ class ModelRunner:
         self.decode_graphs: DecodeGraphs | None = None
         if config.cuda_graphs:
             self.decode_graphs = DecodeGraphs(self, capture_sizes(config.max_num_seqs))
+        self.pipeline: PipelineExecutor | None = None
+        if config.pipeline_parallel_size > 1:
+            self.pipeline = PipelineExecutor(self)
 
     def kv_block_bytes(self) -> int:
         layers = self.model.attention_layers()
@@ -104,7 +110,7 @@ class ModelRunner:
             budget = self.config.cpu_kv_cache_bytes
         max_useful = self.config.max_num_seqs * -(-self.max_model_len // self.block_size)
         blocks = min(budget // per_block, max_useful)
-        if self.config.tensor_parallel_size > 1 and torch.distributed.is_initialized():
+        if torch.distributed.is_initialized():
             # Every rank runs the same scheduler, so every rank must see the same number of blocks.
             t = torch.tensor([blocks], dtype=torch.int64, device=self.device)
             torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MIN)
@@ -196,6 +202,8 @@ class ModelRunner:
         `inputs_from`: the still unread tokens of the step before, one per chunk in the same order,
         which are this decode step's input tokens (their places in `token_ids` hold placeholders).
         """
+        if self.pipeline is not None:
+            return self.pipeline.execute(chunks)
         graphs = self.decode_graphs
         if graphs is not None and graphs.can_run(chunks):
             reqs = [

@@ -79,6 +79,14 @@ def artifact_tp(path: Path) -> int:
     return int(json.loads(manifest.read_text()).get("tensor_parallel_size", 1))
 
 
+def artifact_pp(path: Path) -> int:
+    """The pipeline-parallel size an artifact was built for (1 for a checkpoint)."""
+    manifest = path / MANIFEST_NAME
+    if not manifest.is_file():
+        return 1
+    return int(json.loads(manifest.read_text()).get("pipeline_parallel_size", 1))
+
+
 def engine_for_artifact_dir(path: Path, opts: BuildOptions) -> LLMEngine:
     """The engine a build measures capacity with: the artifact as it will be served."""
     device = opts.device or default_device()

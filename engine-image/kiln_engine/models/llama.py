@@ -18,7 +18,7 @@ from kiln_engine.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from kiln_engine.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 from kiln_engine.layers.moe import SparseMoeBlock
 from kiln_engine.layers.norm import RMSNorm
-from kiln_engine.layers.parallel import TPGroup
+from kiln_engine.layers.parallel import PPStage, TPGroup
 from kiln_engine.layers.rotary import RotaryEmbedding
 
 PACKED_MODULES: dict[str, tuple[str, str | int]] = {
@@ -133,43 +133,80 @@ class LlamaDecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
-    def __init__(self, cfg: ModelConfig, max_positions: int, dtype: torch.dtype, tp: TPGroup) -> None:
+    """A pipeline stage holds its own decoder layers (the others are `PPMissing`), the embedding
+    when first (or last with tied embeddings) and the final norm when last."""
+
+    def __init__(
+        self, cfg: ModelConfig, max_positions: int, dtype: torch.dtype, tp: TPGroup, pp: PPStage | None = None
+    ) -> None:
         super().__init__()
-        self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, dtype, tp)
+        pp = pp or PPStage(end_layer=cfg.num_hidden_layers)
+        self.pp = pp
+        keep_embed = pp.is_first or (pp.is_last and cfg.tie_word_embeddings)
+        self.embed_tokens = (
+            VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, dtype, tp) if keep_embed else PPMissing()
+        )
         rotary = RotaryEmbedding(cfg.rope, cfg.head_dim, cfg.max_position_embeddings, max_positions)
         self.layers = nn.ModuleList(
-            LlamaDecoderLayer(cfg, i, rotary, dtype, tp) for i in range(cfg.num_hidden_layers)
+            LlamaDecoderLayer(cfg, i, rotary, dtype, tp) if pp.holds_layer(i) else PPMissing()
+            for i in range(cfg.num_hidden_layers)
         )
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype) if pp.is_last else PPMissing()
 
     def forward(
-        self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        meta: AttentionMetadata,
+        hidden_in: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        x = self.embed_tokens(input_ids)
+        """The last stage returns the normed hidden states; earlier stages return the residual
+        stream after their layers, which the next stage takes as `hidden_in`."""
+        x = self.embed_tokens(input_ids) if hidden_in is None else hidden_in
         residual: torch.Tensor | None = None
-        for layer in self.layers:
-            x, residual = layer(positions, x, residual, meta)
+        for i in range(self.pp.first_layer, self.pp.end_layer):
+            x, residual = self.layers[i](positions, x, residual, meta)
         assert residual is not None
-        x, _ = self.norm.add_forward(x, residual)
+        if not self.pp.is_last:
+            return x + residual
+        norm = self.norm
+        assert isinstance(norm, RMSNorm)
+        x, _ = norm.add_forward(x, residual)
         return x
 
 
+class PPMissing(nn.Module):
+    """Stands in for a module another pipeline stage holds: no parameters, never called."""
+
+
 class LlamaForCausalLM(nn.Module):
+    supports_pipeline = True  # takes `pp`, and `hidden_in` in forward
+
     def __init__(
-        self, cfg: ModelConfig, max_positions: int, dtype: torch.dtype, tp: TPGroup | None = None
+        self,
+        cfg: ModelConfig,
+        max_positions: int,
+        dtype: torch.dtype,
+        tp: TPGroup | None = None,
+        pp: PPStage | None = None,
     ) -> None:
         super().__init__()
         tp = tp or TPGroup()
         self.config = cfg
-        self.model = LlamaModel(cfg, max_positions, dtype, tp)
-        self.lm_head = ParallelLMHead(cfg.vocab_size, cfg.hidden_size, dtype, tp)
-        if cfg.tie_word_embeddings:
+        self.model = LlamaModel(cfg, max_positions, dtype, tp, pp)
+        last = pp is None or pp.is_last
+        self.lm_head = ParallelLMHead(cfg.vocab_size, cfg.hidden_size, dtype, tp) if last else PPMissing()
+        if cfg.tie_word_embeddings and last:
             self.lm_head.weight = self.model.embed_tokens.weight
 
     def forward(
-        self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        meta: AttentionMetadata,
+        hidden_in: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        return self.model(input_ids, positions, meta)
+        return self.model(input_ids, positions, meta, hidden_in)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden).float()

@@ -1,5 +1,6 @@
-"""Tensor-parallel serving: rank 0 runs the HTTP server and mirrors every add/abort/step to the other
-ranks, which run the same engine in lockstep (same scheduler decisions, their own weight shards).
+"""Multi-rank serving (tensor and pipeline parallel): rank 0 runs the HTTP server and mirrors every
+add/abort/step to the other ranks, which run the same engine in lockstep (same scheduler decisions,
+their own weight shards and layers; see kiln_engine.pipeline for how stages pass a step along).
 
 Control messages travel over a gloo group with a long timeout (an idle server sends nothing for as
 long as it is idle); the tensors themselves use the engine's own process group (NCCL on GPUs).
@@ -9,14 +10,13 @@ Followers ignore SIGTERM: rank 0 drains, then tells them to stop; if rank 0 dies
 from __future__ import annotations
 
 import logging
-import os
 import signal
 import socket
-import subprocess
-import sys
+from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
 
+import torch
 import torch.distributed as dist
 
 from kiln_engine.interface import Engine, EngineStats, RequestOutput, SamplingParams
@@ -37,9 +37,10 @@ def control_group() -> Any:
 class LockstepEngine:
     """The Engine protocol on rank 0: each step first ships the adds/aborts since the last step."""
 
-    def __init__(self, engine: Engine, group: Any) -> None:
+    def __init__(self, engine: Engine, group: Any, on_stop: Callable[[], None] | None = None) -> None:
         self.engine = engine
         self.group = group
+        self.on_stop = on_stop  # before the followers are told to stop (the liveness watch stands down)
         self._pending: list[Command] = []
 
     def __getattr__(self, name: str) -> Any:  # tokenizer, eos ids, model_config … of the local engine
@@ -70,6 +71,8 @@ class LockstepEngine:
 
     def shutdown(self) -> None:
         """Tell the followers to exit (after the runner stopped stepping)."""
+        if self.on_stop is not None:
+            self.on_stop()
         self._send(("stop", self._pending))
         self._pending = []
 
@@ -99,18 +102,15 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def spawn_followers(world_size: int, argv: list[str]) -> list[subprocess.Popen[bytes]]:
-    """Start ranks 1..world_size-1 as copies of this command; this process becomes rank 0."""
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", str(free_port()))
-    os.environ["WORLD_SIZE"] = str(world_size)
-    os.environ["RANK"] = "0"
-    os.environ.setdefault("LOCAL_RANK", "0")
-    procs = []
-    for rank in range(1, world_size):
-        env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), FOLLOWER_ENV: "1"}
-        procs.append(subprocess.Popen([sys.executable, "-m", "kiln_engine.cli", *argv], env=env))
-    return procs
+def join_group(rank: int, world_size: int, device: str) -> None:
+    """Join the ranks' process group (env:// rendezvous: MASTER_ADDR, MASTER_PORT): NCCL on GPUs,
+    gloo on CPU. The engine's loader then finds it joined and only adds its sub-groups."""
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    dist.init_process_group(
+        backend="nccl" if dev.type == "cuda" else "gloo", rank=rank, world_size=world_size
+    )
 
 
 def ignore_termination_signals() -> None:

@@ -1,7 +1,9 @@
-"""One tensor-parallel rank of a greedy generation run, for tests and GPU checks.
+"""One tensor/pipeline-parallel rank of a greedy generation run, for tests and GPU checks.
 
-    RANK=r WORLD_SIZE=n MASTER_ADDR=127.0.0.1 MASTER_PORT=29511 \\
+    RANK=r WORLD_SIZE=n MASTER_ADDR=127.0.0.1 MASTER_PORT=29511 [PIPELINE_PARALLEL_SIZE=p] \\
         python -m kiln_engine.testing.tp_worker MODEL_DIR OUT.json [DEVICE]
+
+The world is n / p tensor-parallel ranks times p pipeline stages (rank = stage * tp + tp_rank).
 
 Every rank runs the same scheduler on the same inputs; rank 0 writes the generated token ids of a
 fixed prompt set as JSON. `torchrun --nproc-per-node n -m kiln_engine.testing.tp_worker ...` works too.
@@ -27,6 +29,8 @@ def main() -> None:
     model, out = sys.argv[1], Path(sys.argv[2])
     device = sys.argv[3] if len(sys.argv) > 3 else "cpu"
     rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    pp = int(os.environ.get("PIPELINE_PARALLEL_SIZE", "1"))
+    tp = world // pp
     if device == "cuda":
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', rank))}"
     torch.set_num_threads(1)
@@ -36,8 +40,10 @@ def main() -> None:
             num_kv_blocks=64,
             block_size=4,
             device=device,
-            tensor_parallel_size=world,
-            tensor_parallel_rank=rank,
+            tensor_parallel_size=tp,
+            tensor_parallel_rank=rank % tp,
+            pipeline_parallel_size=pp,
+            pipeline_parallel_rank=rank // tp,
         ),
     )
     assert engine.tokenizer is not None
