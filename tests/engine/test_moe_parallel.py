@@ -1,0 +1,90 @@
+"""MoE checkpoints across tensor-parallel ranks and through `kiln-engine build`.
+
+Experts split like the dense MLP (gate/up by intermediate rows, down by columns, routers whole), so
+TP=2 over gloo must give TP=1's greedy tokens, from a checkpoint and from a built fp8 artifact.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors.torch import load_file
+
+from kiln_engine.build.manifest import verify_artifact
+from kiln_engine.cli import main
+from kiln_engine.layers.sharding import shard_tensor, tp_shard_dim
+from kiln_engine.quantization import is_quantizable
+from kiln_engine.testing import make_tiny_checkpoint
+from tests.engine.test_tensor_parallel import run_ranks
+
+pytestmark = pytest.mark.engine
+
+
+@pytest.mark.parametrize(
+    ("name", "dim", "quantized"),
+    [
+        ("model.layers.0.block_sparse_moe.experts.3.w1.weight", 0, True),
+        ("model.layers.0.block_sparse_moe.experts.3.w3.weight_scale", 0, False),
+        ("model.layers.0.block_sparse_moe.experts.3.w2.weight", 1, True),
+        ("model.layers.0.block_sparse_moe.experts.3.w2.weight_scale", None, False),
+        ("model.layers.0.block_sparse_moe.gate.weight", None, False),
+        ("model.layers.1.mlp.experts.7.gate_proj.weight", 0, True),
+        ("model.layers.1.mlp.experts.7.down_proj.weight", 1, True),
+        ("model.layers.1.mlp.gate.weight", None, False),
+    ],
+)
+def test_expert_tensors_shard_like_the_dense_mlp(name: str, dim: int | None, quantized: bool) -> None:
+    assert tp_shard_dim(name) == dim
+    assert is_quantizable(name) == quantized
+
+
+def build(ckpt: Path, out: Path, *options: str) -> Path:
+    args = ["build", "--model", str(ckpt), "--output", str(out), "--device", "cpu", "--no-measure-capacity"]
+    result = CliRunner().invoke(main, [*args, *options, "--no-progress-bar"])
+    assert result.exit_code == 0, result.output
+    verify_artifact(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def qwen3_moe(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[list[int]], Path]:
+    """Qwen3-MoE with a dense layer among sparse ones, and its TP=1 tokens."""
+    d = tmp_path_factory.mktemp("moe-tp")
+    ckpt = make_tiny_checkpoint(d / "ckpt", "qwen3_moe", num_hidden_layers=3, mlp_only_layers=[1])
+    return ckpt, run_ranks(ckpt, 1, d / "tp1.json"), d
+
+
+@pytest.mark.slow
+def test_tp2_moe_from_checkpoint_matches_tp1(qwen3_moe: tuple[Path, list[list[int]], Path]) -> None:
+    ckpt, ref, d = qwen3_moe
+    assert len({tuple(r) for r in ref}) > 1
+    assert run_ranks(ckpt, 2, d / "tp2.json") == ref
+
+
+@pytest.mark.slow
+def test_built_fp8_mixtral_serves_the_same_tokens_at_tp2_as_tp1(tmp_path: Path) -> None:
+    """`kiln-engine build --quantization fp8 --tp 2`: expert weights fp8 with per-channel scales,
+    column-parallel experts' scales split with their rows, and the shards serve TP=1's tokens."""
+    ckpt = make_tiny_checkpoint(tmp_path / "ckpt", "mixtral")
+    one = build(ckpt, tmp_path / "fp8-1", "--quantization", "fp8")
+    two = build(ckpt, tmp_path / "fp8-2", "--quantization", "fp8", "--tp", "2")
+    full = load_file(str(one / "rank-0/model.safetensors"))
+    rank1 = load_file(str(two / "rank-1/model.safetensors"))
+    w1 = "model.layers.0.block_sparse_moe.experts.2.w1.weight"
+    assert full[w1].dtype == torch.float8_e4m3fn
+    assert full["model.layers.0.block_sparse_moe.gate.weight"].dtype == torch.float32
+    for name in (w1, w1 + "_scale", w1.replace("w1", "w2"), w1.replace("w1", "w2") + "_scale"):
+        want = shard_tensor(name, full[name].float(), 1, 2, num_kv_heads=2)
+        assert torch.equal(rank1[name].float(), want), name
+    assert run_ranks(two, 2, tmp_path / "two.json") == run_ranks(one, 1, tmp_path / "one.json")
+
+
+def test_built_moe_artifact_serves_the_checkpoints_tokens(
+    qwen3_moe: tuple[Path, list[list[int]], Path], tmp_path: Path
+) -> None:
+    ckpt, ref, _ = qwen3_moe
+    art = build(ckpt, tmp_path / "art")
+    assert run_ranks(art, 1, tmp_path / "art.json") == ref
