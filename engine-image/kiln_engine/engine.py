@@ -230,7 +230,10 @@ class LLMEngine:
             after = seq.num_tokens + 1  # with the flight's token
             if after + 1 > self.max_model_len or after - seq.num_prompt_tokens >= seq.params.max_tokens:
                 return None
-            if seq.params.uses_history:  # penalties read every generated token; the flight's is not known
+            p = seq.params
+            if p.uses_history and (p.presence_penalty or p.frequency_penalty or p.repetition_penalty != 1.0):
+                # penalties read every generated token when the step is prepared; the flight's is not
+                # known yet (grammar masks are filled later, once it is: GrammarMasks.pending)
                 return None
         for seq in flight.sampling:
             seq.token_ids.append(_PENDING_TOKEN)

@@ -132,15 +132,32 @@ class GrammarState:
         self._last = -1  # the last generated token
 
     def fill_mask(
-        self, token_ids: Sequence[int], num_prompt_tokens: int, bitmask: torch.Tensor, row: int
+        self,
+        token_ids: Sequence[int],
+        num_prompt_tokens: int,
+        bitmask: torch.Tensor,
+        row: int,
+        pending: int | None = None,
     ) -> None:
         """Feed the tokens generated since the last call, then write the allowed next tokens
-        (one bit each, xgrammar's layout) into `bitmask[row]`."""
-        for token in token_ids[num_prompt_tokens + self._accepted :]:
+        (one bit each, xgrammar's layout) into `bitmask[row]`.
+
+        `pending`: the value of the last token when `token_ids` ends in a placeholder for it (a
+        lookahead step is enqueued before the host reads the token of the step it follows). After
+        the grammar's end (its stop token accepted) the row stays all ones: its token is not used.
+        """
+        new = list(token_ids[num_prompt_tokens + self._accepted :])
+        if pending is not None and new and new[-1] < 0:
+            new[-1] = pending
+        for token in new:
+            if self._matcher.is_terminated():
+                return
             if not self._matcher.accept_token(token):
                 raise RuntimeError(f"token {token} breaks the grammar it was sampled under")
             self._accepted += 1
             self._last = token
+        if self._matcher.is_terminated():
+            return
         self._matcher.fill_next_token_bitmask(bitmask, row)
         bitmask[row] &= self._masks.after(self._last)
 

@@ -3,8 +3,11 @@ penalties, logit_bias, min_tokens and grammar masks (structured outputs), as a f
 ops over the rows that ask for them.
 
 `build` runs on the host before the forward pass and only copies small tensors to the device
-(asynchronously); `apply` enqueues the ops. A step whose rows ask for none of this never builds one,
-so the greedy fast path and plain sampling keep their cost. The order follows the usual semantics:
+(asynchronously); `apply` enqueues the ops. Grammar masks are the exception: they are filled in
+`apply`, which the sampler calls once the forward pass is enqueued, so the host walks the grammars
+while the device computes the logits (and, for a lookahead step, after the tokens of the step before
+are read). A step whose rows ask for none of this never builds one, so the greedy fast path and plain
+sampling keep their cost. The order follows the usual semantics:
 penalties act on the model's raw logits, then logit_bias is added, then min_tokens masks the stop
 tokens of rows that have not generated enough yet, then the grammar keeps only the tokens it allows.
 """
@@ -48,10 +51,11 @@ class LogitsAdjustment:
     bias_at: tuple[torch.Tensor, torch.Tensor] | None = None  # (adjusted-row index, token id)
     bias: torch.Tensor | None = None
     blocked_at: tuple[torch.Tensor, torch.Tensor] | None = None  # (adjusted-row index, token id) -> -inf
-    allowed: torch.Tensor | None = None  # [R, ceil(V/32)] int32 grammar bitmask (all ones: no grammar)
+    grammar: GrammarMasks | None = None  # the rows under a grammar, masked when applied
 
     def apply(self, logits: torch.Tensor) -> torch.Tensor:
         """New logits with the adjusted rows changed; `logits` itself is left as it was."""
+        allowed = self.grammar.fill() if self.grammar is not None else None  # host work, device busy
         x = logits.index_select(0, self.rows)
         vocab = x.shape[1]
         if self.context_ids is not None and self.repetition is not None:
@@ -68,9 +72,31 @@ class LogitsAdjustment:
             x = x.index_put(self.bias_at, self.bias.to(x.dtype), accumulate=True)
         if self.blocked_at is not None:
             x = x.index_put(self.blocked_at, torch.tensor(float("-inf"), dtype=x.dtype, device=x.device))
-        if self.allowed is not None:
-            grammar.apply_bitmask(x, self.allowed)
+        if allowed is not None:
+            grammar.apply_bitmask(x, allowed)
         return logits.index_copy(0, self.rows, x)
+
+
+@dataclass
+class GrammarMasks:
+    """The grammar-constrained rows of one step, whose token bitmask is filled on demand."""
+
+    states: list[tuple[int, AdjustRow, GrammarState]]  # (adjusted-row index, row, its grammar state)
+    num_rows: int  # adjusted rows (the bitmask's height; rows without a grammar allow every token)
+    vocab_size: int
+    to_device: ToDevice
+    # A lookahead step's: the tokens of the step before, by batch row, which its rows' token_ids
+    # hold as placeholders (reading them waits for that step's sampling only).
+    pending: Callable[[], list[int]] | None = None
+
+    def fill(self) -> torch.Tensor:
+        """The [R, ceil(V/32)] int32 bitmask of allowed tokens, on the logits' device."""
+        bitmask = grammar.allocate_bitmask(self.num_rows, self.vocab_size)
+        pending = self.pending() if self.pending is not None else None
+        for i, r, state in self.states:
+            last = pending[r.row] if pending is not None else None
+            state.fill_mask(r.token_ids, r.num_prompt_tokens, bitmask, i, last)
+        return self.to_device(bitmask, torch.int32)
 
 
 def build(
@@ -79,11 +105,13 @@ def build(
     eos_token_ids: frozenset[int],
     to_device: ToDevice,
     grammars: dict[int, GrammarState] | None = None,
+    pending: Callable[[], list[int]] | None = None,
 ) -> LogitsAdjustment | None:
     """The adjustments of these rows (those whose params adjust logits), or None if none applies now.
 
     Rows that ask for one adjustment get the neutral value of the others (penalty 1 or 0, no ids,
-    every token allowed). `grammars`: the grammar state of each constrained row, by row.
+    every token allowed). `grammars`: the grammar state of each constrained row, by row. `pending`:
+    for a lookahead step, the tokens of the step before (see GrammarMasks).
     """
     blocked = {r.row: ids for r in rows if (ids := _min_tokens_blocked(r, eos_token_ids))}
     chosen = [r for r in rows if r.params.uses_history or r.params.logit_bias or r.row in blocked]
@@ -111,12 +139,8 @@ def build(
         out.bias_at = (rows_b, to_device([tok for _, tok, _ in biases], torch.int64))
         out.bias = to_device([bias for _, _, bias in biases], torch.float32)
     if grammars:
-        bitmask = grammar.allocate_bitmask(len(chosen), vocab_size)
-        for i, r in enumerate(chosen):
-            state = grammars.get(r.row)
-            if state is not None:
-                state.fill_mask(r.token_ids, r.num_prompt_tokens, bitmask, i)
-        out.allowed = to_device(bitmask, torch.int32)
+        states = [(i, r, grammars[r.row]) for i, r in enumerate(chosen) if r.row in grammars]
+        out.grammar = GrammarMasks(states, len(chosen), vocab_size, to_device, pending)
     masked = [(i, tok) for i, r in enumerate(chosen) for tok in sorted(blocked.get(r.row, ()))]
     if masked:
         out.blocked_at = (

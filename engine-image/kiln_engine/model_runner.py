@@ -210,7 +210,7 @@ class ModelRunner:
                 SampleRequest(c.seq.request_id, c.seq.params, c.seq.token_ids, c.seq.num_prompt_tokens)
                 for c in chunks
             ]
-            sampling = self.sampler.prepare(reqs, self.model_config.vocab_size)
+            sampling = self.sampler.prepare(reqs, self.model_config.vocab_size, inputs_from)
             logits = graphs.run(chunks, None if inputs_from is None else inputs_from.tokens)
             return self.sampler.sample_async(logits, sampling)
         if inputs_from is not None:

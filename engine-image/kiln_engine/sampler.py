@@ -129,8 +129,13 @@ class Sampler:
             self.seeded[req.request_id] = g
         return g
 
-    def prepare(self, requests: list[SampleRequest], vocab_size: int) -> SamplingBatch:
-        """Per-row parameters as device tensors, built before the forward pass (async copies)."""
+    def prepare(
+        self, requests: list[SampleRequest], vocab_size: int, follows: SampledTokens | None = None
+    ) -> SamplingBatch:
+        """Per-row parameters as device tensors, built before the forward pass (async copies).
+
+        `follows`: for a lookahead step, the step before, whose tokens (placeholders in the rows'
+        token_ids, one per row) grammar masks read once they are filled (when sampling)."""
         params = [r.params for r in requests]
         # The common case (every row greedy, no logprobs, no seed, no logit adjustment) costs one
         # pass over the distinct parameter objects, not five passes over the rows.
@@ -158,7 +163,10 @@ class Sampler:
                 if r.params.adjusts_logits
             ]
             states = {a.row: self._grammar_state(requests[a.row]) for a in adjusted if a.params.structured}
-            batch.adjustment = build(adjusted, vocab_size, self.eos_token_ids, self._to_device, states)
+            pending = (lambda: follows.resolve()[0]) if follows is not None and states else None
+            batch.adjustment = build(
+                adjusted, vocab_size, self.eos_token_ids, self._to_device, states, pending
+            )
         if not batch.all_greedy:
             batch.temperatures = self._to_device(
                 [p.temperature if p.temperature > 0 else 1.0 for p in params], torch.float32

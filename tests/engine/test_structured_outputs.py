@@ -265,3 +265,35 @@ def test_json_strings_get_no_control_characters_and_no_invalid_utf8(checkpoint: 
     state.fill_mask([*tok.encode('"', add_special_tokens=False), lead], 0, bitmask, 0)
     words = bitmask[0].tolist()
     assert (words[fine // 32] >> (fine % 32)) & 1 and not (words[surrogate // 32] >> (surrogate % 32)) & 1
+
+
+def test_constrained_requests_decode_with_lookahead_steps_as_with_plain_ones(checkpoint: Path) -> None:
+    """Grammar masks are filled when sampling, after the forward pass is enqueued; under lookahead
+    decoding (eager on CPU) they read the token of the step before once it is sampled, so constrained
+    requests keep lookahead on and get the tokens of plain steps."""
+    schema = json.dumps({"type": "array", "items": {"type": "integer", "minimum": 0, "maximum": 99}})
+    cases = [
+        SamplingParams(max_tokens=60, temperature=1.0, seed=3, structured=("json_schema", schema)),
+        SamplingParams(max_tokens=60, temperature=0.0, structured=("regex", r"[a-z]{3,9}( [a-z]{3,9}){5}")),
+        SamplingParams(max_tokens=60, temperature=1.0, seed=8, structured=("json_object", "")),
+        SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True),  # a free row in the batch
+    ]
+    results = {}
+    for mode, cfg in {"plain": {}, "lookahead": {"cuda_graphs": True, "lookahead_decode": True}}.items():
+        engine = LLMEngine(
+            checkpoint, EngineConfig(num_kv_blocks=256, block_size=4, max_model_len=512, **cfg)
+        )
+        assert engine.tokenizer is not None
+        for i, params in enumerate(cases):
+            engine.add_request(f"r{i}", engine.tokenizer.encode(f"Hello {i}"), params)
+        tokens: dict[str, list[int]] = {}
+        looked_ahead = 0
+        while engine.has_unfinished():
+            for out in engine.step():
+                tokens.setdefault(out.request_id, []).extend(out.new_token_ids)
+            looked_ahead += engine.in_flight is not None
+        results[mode] = tokens
+        assert (looked_ahead > 10) == (mode == "lookahead"), (mode, looked_ahead)
+    assert results["lookahead"] == results["plain"]
+    assert engine.tokenizer is not None
+    assert re.fullmatch(r"[a-z]{3,9}( [a-z]{3,9}){5}", engine.tokenizer.decode(results["plain"]["r1"]))
