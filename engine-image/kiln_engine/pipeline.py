@@ -120,4 +120,10 @@ class PipelineExecutor:
         empty = SamplingBatch(
             num_rows=len(tokens), all_greedy=True, needs_filter=False, logprobs=[], max_logprobs=0
         )
-        return BroadcastTokens(torch.empty(0, dtype=torch.int64), None, empty, None, tokens, logprobs)
+        return BroadcastTokens(
+            tokens=torch.empty(0, dtype=torch.int64),
+            packed=None,
+            batch=empty,
+            token_list=tokens,
+            logprob_list=logprobs,
+        )

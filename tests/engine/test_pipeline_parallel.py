@@ -101,20 +101,18 @@ def tp1_tokens(model: Path) -> list[list[int]]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
-def test_pp2_from_checkpoint_matches_tp1(tmp_path: Path, tied: bool) -> None:
-    """3 layers over 2 stages (2 + 1), sliced from a checkpoint at load time; with tied embeddings
-    the last stage holds its own copy as LM head. (TP2xPP2, built: test_pipeline_parallel_server.)"""
+def test_pp2_from_checkpoint_with_tied_embeddings_matches_tp1(tmp_path: Path) -> None:
+    """3 layers over 2 stages (2 + 1), sliced from a checkpoint at load time; the embedding is tied, so
+    the last stage holds its own copy as LM head. (Untied TP1xPP2 and TP2xPP2 from built artifacts,
+    with logprobs: test_pipeline_parallel_server.py.)"""
     ckpt = make_tiny_checkpoint(
         tmp_path / "ckpt",
         "qwen2",
         seed=5,
         num_hidden_layers=3,
-        tie_word_embeddings=tied,
+        tie_word_embeddings=True,
         num_key_value_heads=2,
     )
     ref = tp1_tokens(ckpt)
     assert len({tuple(t) for t in ref}) == len(ref), "every prompt should have its own continuation"
-    if not tied:  # a tiny tied model repeats its input token; an untied one must say more
-        assert any(len(set(t)) > 2 for t in ref), "a degenerate model"
     assert run_ranks(ckpt, 2, 2, tmp_path / "out.json") == ref
