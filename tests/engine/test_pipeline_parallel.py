@@ -116,3 +116,28 @@ def test_pp2_from_checkpoint_with_tied_embeddings_matches_tp1(tmp_path: Path) ->
     ref = tp1_tokens(ckpt)
     assert len({tuple(t) for t in ref}) == len(ref), "every prompt should have its own continuation"
     assert run_ranks(ckpt, 2, 2, tmp_path / "out.json") == ref
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--group-size", "2"], "needs --leader-address"),
+        (["--group-size", "3", "--leader-address", "pod-0"], "do not split evenly over 3 pods"),
+        (["--group-size", "2", "--group-index", "2", "--leader-address", "pod-0"], "outside a group of 2"),
+    ],
+)
+def test_serve_refuses_a_replica_that_cannot_be_laid_out(
+    tmp_path: Path, args: list[str], message: str
+) -> None:
+    """Before any rank starts: the pods' shares of tp * pp ranks must add up."""
+    from click.testing import CliRunner
+
+    from kiln_engine.cli import main
+
+    ckpt = make_tiny_checkpoint(tmp_path / "ckpt", "llama")
+    env = {"KILN_GROUP_SIZE": None, "KILN_GROUP_INDEX": None, "KILN_LEADER_ADDRESS": None, "WORLD_SIZE": None}
+    result = CliRunner().invoke(
+        main, ["serve", "--model", str(ckpt), "--pp", "2", "--device", "cpu", *args], env=env
+    )
+    assert result.exit_code == 2, result.output
+    assert message in result.output
