@@ -4,7 +4,9 @@ the teardown that leaves nothing of them behind.
 `kiln local up --real-node` adds node `kiln-real-node` next to the KWOK nodes. Its parts live in
 `<cluster>/node/` and on a few host objects, all named here:
 
-    node/containerd/        containerd's root (images, snapshots; kept across `up`s)
+    ~/.cache/kiln/containerd/  containerd's root (images, snapshots): one for the machine, kept
+                            across `up`s and clusters (one real node runs at a time), so a
+                            multi-GB image is imported once, not per cluster
     node/state/             containerd's state, runc's root and the pods' network namespaces
     node/kubelet/           the kubelet's root dir (pod volumes)
     node/pod-logs/          container logs
@@ -84,7 +86,7 @@ class Layout:
 
     @property
     def containerd_root(self) -> Path:
-        return self.root / "containerd"
+        return shared_containerd_root()
 
     @property
     def state(self) -> Path:
@@ -121,6 +123,13 @@ class Layout:
         return self.root / f"{component}.kubeconfig"
 
 
+def shared_containerd_root() -> Path:
+    """containerd's root, next to the binary cache (default `~/.cache/kiln/containerd`): the images
+    the node imported. Kiln's engine image is 6.4 GB unpacked and takes minutes to import: one copy
+    for the machine, reused by every cluster's node (only one runs at a time)."""
+    return build.cache_root().parent / "containerd"
+
+
 def layout(cluster_dir: Path) -> Layout:
     return Layout(cluster_dir / "node")
 
@@ -129,7 +138,7 @@ def layout(cluster_dir: Path) -> Layout:
 
 
 def containerd_config(node: Layout, bins: dict[str, Path]) -> str:
-    """containerd's config (version 3): CRI with runc (cgroupfs), the native snapshotter, our CNI."""
+    """containerd's config (version 3): CRI with runc (cgroupfs), the overlayfs snapshotter, our CNI."""
     cri_runtime = "plugins.'io.containerd.cri.v1.runtime'"
     runc = f"{cri_runtime}.containerd.runtimes.runc"
     return f"""version = 3
@@ -145,7 +154,7 @@ disabled_plugins = ["io.containerd.nri.v1.nri", "io.containerd.internal.v1.opt"]
   address = "{node.state}/ttrpc.sock"
 
 [plugins.'io.containerd.cri.v1.images']
-  snapshotter = "native"
+  snapshotter = "{nodeimages.SNAPSHOTTER}"
   [plugins.'io.containerd.cri.v1.images'.pinned_images]
     sandbox = "{nodeimages.PAUSE_REF}"
 
@@ -475,10 +484,11 @@ def start(
     return argv
 
 
-def import_images(cluster_dir: Path, archives: list[Path]) -> None:
-    """Import oci-archives into the running real node's containerd (for pods with local images)."""
+def import_images(cluster_dir: Path, archives: list[Path]) -> list[Path]:
+    """Import image archives into the running real node's containerd (for pods with local images);
+    returns those imported (an image already there under the same id is skipped)."""
     node = layout(cluster_dir)
-    nodeimages.import_archives(build.node_binary_paths()["ctr"], node.socket, archives)
+    return nodeimages.import_archives(build.node_binary_paths()["ctr"], node.socket, archives)
 
 
 def _deployment_ready(client: httpx.Client, server: str, namespace: str, name: str) -> bool:

@@ -19,13 +19,15 @@ def under_node(path: str) -> bool:
     return Path(path).is_relative_to(NODE.root)
 
 
-def test_containerd_keeps_its_state_in_the_node_folder_and_uses_the_local_sandbox_image() -> None:
+def test_containerd_state_in_the_node_folder_images_in_the_cache_local_sandbox_image() -> None:
     config = tomllib.loads(realnode.containerd_config(NODE, BINS))
     assert config["version"] == 3
-    assert all(under_node(config[key]) for key in ("root", "state"))
+    assert under_node(config["state"])
+    # The images stay for the machine (one real node at a time), not per cluster.
+    assert config["root"] == str(realnode.shared_containerd_root())
     assert config["grpc"]["address"] == str(NODE.socket)
     images = config["plugins"]["io.containerd.cri.v1.images"]
-    assert images["snapshotter"] == "native"
+    assert images["snapshotter"] == nodeimages.SNAPSHOTTER  # the one images are unpacked for
     assert images["pinned_images"]["sandbox"] == nodeimages.PAUSE_REF
     runtime = config["plugins"]["io.containerd.cri.v1.runtime"]
     assert runtime["restrict_oom_score_adj"] is True
@@ -120,3 +122,30 @@ def test_down_removes_a_created_folder_only_while_it_holds_no_data(tmp_path: Pat
     realnode.remove_if_only_sockets(tmp_path / "cni")
     assert not (tmp_path / "kubelet").exists()
     assert (data / "allocation").read_text() == "10.244.0.2"
+
+
+def test_a_docker_archive_names_its_tags_and_image_id(tmp_path: Path) -> None:
+    import io
+    import json
+    import tarfile
+
+    archive = tmp_path / "image.tar"
+    manifest = json.dumps([{"Config": "abc123.json", "RepoTags": ["example/kiln:1"], "Layers": []}]).encode()
+    with tarfile.open(archive, "w") as tar:
+        info = tarfile.TarInfo("manifest.json")
+        info.size = len(manifest)
+        tar.addfile(info, io.BytesIO(manifest))
+    assert nodeimages.archive_image(archive) == (["example/kiln:1"], "abc123")
+    (tmp_path / "not-a-tar").write_text("x")
+    assert nodeimages.archive_image(tmp_path / "not-a-tar") is None
+
+
+def test_imported_image_ids_are_read_back_from_ctr_images_ls() -> None:
+    # The shape of `ctr images ls` (containerd 2.2): the import's label is what marks an image current.
+    listing = (
+        "REF                 TYPE   DIGEST      SIZE    PLATFORMS   LABELS\n"
+        f"example/kiln:1      docker sha256:aa 510 MiB linux/amd64 io.cri-containerd.image=managed,"
+        f"{nodeimages.IMAGE_ID_LABEL}=abc123\n"
+        "example/other:2     docker sha256:bb 1 MiB   linux/amd64 io.cri-containerd.image=managed\n"
+    )
+    assert nodeimages.image_labels(listing) == {"example/kiln:1": "abc123"}
