@@ -1,0 +1,354 @@
+"""Mixture-of-experts speed benchmark: Mixtral-8x7B- and Qwen3-30B-A3B-shaped models, random weights.
+
+In one process, on one GPU, for each model (issue 22):
+
+* Kiln's engine (Triton experts, CUDA graphs): offline output tokens/s at 128/128 and 2048/128
+  (all requests submitted at once, greedy, ignoring EOS), bf16 weights or, with `--modes fp8`, fp8
+  weights (experts weight-only fp8 in the Triton GEMMs; attention through `torch._scaled_mm`);
+* the fused MoE kernel alone on one layer's experts (CUDA-graph replays): achieved bandwidth at
+  batch 1 (the bytes of the experts it routes to over the time) and FLOP rate at a large batch,
+  bf16 and fp8, next to the device's measured copy bandwidth and bf16 matmul rate;
+* the baseline: transformers `generate` on the same shape (bf16, random weights) at 128/128 and
+  2048/128, loaded after our engine is freed (both bf16 Mixtrals do not fit together).
+
+Weights are random (`load_format="dummy"`): speed does not depend on their values. Results are
+written to `--out` after every stage, so a run cut short keeps what it measured.
+
+    PYTHONPATH=engine-image python bench/moe_throughput.py --out bench/results/moe-h200.json
+    PYTHONPATH=engine-image python bench/moe_throughput.py --models qwen3-30b-a3b --modes bf16,fp8
+    PYTHONPATH=engine-image python bench/moe_throughput.py --tiny --device cpu   # toy size (32/16, 256/16)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from engine_throughput import (
+    Workload,
+    copy_bandwidth,
+    free,
+    hf_generate_rate,
+    log,
+    make_engine,
+    matmul_rate,
+    random_prompts,
+    run_offline,
+    sync,
+    write_model_dir,
+)
+
+from kiln_engine.layers.moe import experts_reference, route
+from kiln_engine.quantization import quantize_fp8
+
+MODELS: dict[str, dict[str, Any]] = {
+    "mixtral-8x7b": {
+        "architectures": ["MixtralForCausalLM"],
+        "model_type": "mixtral",
+        "hidden_size": 4096,
+        "intermediate_size": 14336,
+        "num_hidden_layers": 32,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 8,
+        "head_dim": 128,
+        "vocab_size": 32000,
+        "num_local_experts": 8,
+        "num_experts_per_tok": 2,
+        "max_position_embeddings": 32768,
+        "rms_norm_eps": 1e-5,
+        "rope_theta": 1e6,
+        "sliding_window": None,
+        "hidden_act": "silu",
+        "tie_word_embeddings": False,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+        "torch_dtype": "bfloat16",
+    },
+    "qwen3-30b-a3b": {
+        "architectures": ["Qwen3MoeForCausalLM"],
+        "model_type": "qwen3_moe",
+        "hidden_size": 2048,
+        "intermediate_size": 6144,
+        "moe_intermediate_size": 768,
+        "num_hidden_layers": 48,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 4,
+        "head_dim": 128,
+        "vocab_size": 151936,
+        "num_experts": 128,
+        "num_experts_per_tok": 8,
+        "norm_topk_prob": True,
+        "decoder_sparse_step": 1,
+        "mlp_only_layers": [],
+        "max_position_embeddings": 40960,
+        "rms_norm_eps": 1e-6,
+        "rope_theta": 1e6,
+        "use_sliding_window": False,
+        "attention_bias": False,
+        "hidden_act": "silu",
+        "tie_word_embeddings": False,
+        "bos_token_id": 151643,
+        "eos_token_id": 151645,
+        "torch_dtype": "bfloat16",
+    },
+}
+# The same code paths at a size a CPU runs in a minute (checking the benchmark itself).
+TINY_OVERRIDES: dict[str, Any] = {
+    "hidden_size": 128,
+    "intermediate_size": 256,
+    "moe_intermediate_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "head_dim": 32,
+    "vocab_size": 512,
+    "max_position_embeddings": 4096,
+}
+
+
+def expert_shape(cfg: dict[str, Any]) -> tuple[int, int, int, int]:
+    """(experts, top_k, hidden, expert intermediate) of a config."""
+    experts = int(cfg.get("num_local_experts") or cfg["num_experts"])
+    inter = int(cfg.get("moe_intermediate_size") or cfg["intermediate_size"])
+    return experts, int(cfg["num_experts_per_tok"]), int(cfg["hidden_size"]), inter
+
+
+def time_call(fn: Any, device: torch.device, reps: int) -> float:
+    """Median seconds of `fn()`: replays of a CUDA graph of it on GPU (launches as in a decode step)."""
+    fn()
+    if device.type != "cuda":
+        times = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        return statistics.median(times)
+    stream = torch.cuda.Stream(device)
+    stream.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(stream):
+        fn()
+    torch.cuda.current_stream(device).wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return statistics.median(times)
+
+
+def kernel_bench(
+    cfg: dict[str, Any], device: torch.device, large_batch: int, bw: float, flops: float
+) -> dict:
+    """One layer's experts through the fused path: bandwidth at batch 1, FLOP rate at `large_batch`."""
+    experts, top_k, hidden, inter = expert_shape(cfg)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    g = torch.Generator(device=device).manual_seed(0)
+    w13 = torch.randn(experts, 2 * inter, hidden, device=device, dtype=dtype, generator=g) * 0.02
+    w2 = torch.randn(experts, hidden, inter, device=device, dtype=dtype, generator=g) * 0.02
+    if device.type == "cuda":
+        from kiln_engine.layers.fused_moe import fused_experts
+
+        run = fused_experts
+    else:
+        run = experts_reference  # CPU: the torch reference, so the toy run exercises the bench itself
+    fp8 = device.type == "cuda"
+    variants: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]] = {
+        "bf16": (w13, w2, None, None)
+    }
+    if fp8:
+        q13, s13 = zip(*(quantize_fp8(w13[e]) for e in range(experts)), strict=True)
+        q2, s2 = zip(*(quantize_fp8(w2[e]) for e in range(experts)), strict=True)
+        variants["fp8"] = (torch.stack(q13), torch.stack(q2), torch.stack(s13), torch.stack(s2))
+    out: dict[str, Any] = {"experts": experts, "top_k": top_k, "hidden": hidden, "intermediate": inter}
+    for name, (a, b, sa, sb) in variants.items():
+        res: dict[str, Any] = {}
+        for tokens in (1, large_batch):
+            x = torch.randn(tokens, hidden, device=device, dtype=dtype, generator=g)
+            weights, ids = route(torch.randn(tokens, experts, device=device, generator=g), top_k, True)
+            weights = weights.to(dtype)
+            seconds = time_call(lambda: run(x, weights, ids, a, b, sa, sb), device, 50 if tokens == 1 else 10)  # noqa: B023
+            used = int(torch.unique(ids).numel())
+            per_expert = (a[0].numel() * a.element_size() + b[0].numel() * b.element_size()) + (
+                (sa[0].numel() + sb[0].numel()) * 4 if sa is not None and sb is not None else 0
+            )
+            flop = 2 * tokens * top_k * 3 * hidden * inter
+            entry = {
+                "tokens": tokens,
+                "experts_used": used,
+                "seconds": seconds,
+                "tflops": flop / seconds / 1e12,
+            }
+            entry["gb_s"] = used * per_expert / seconds / 1e9
+            entry["bandwidth_fraction"] = entry["gb_s"] * 1e9 / bw
+            entry["flops_fraction"] = entry["tflops"] * 1e12 / flops
+            res[f"batch_{tokens}"] = entry
+            log(
+                f"  MoE kernel {name} T={tokens}: {seconds * 1e6:.0f} us, {entry['gb_s']:.0f} GB/s "
+                f"({entry['bandwidth_fraction']:.0%} of copy), {entry['tflops']:.1f} TFLOP/s "
+                f"({entry['flops_fraction']:.0%} of bf16 mm)"
+            )
+        out[name] = res
+    del w13, w2, variants
+    free()
+    return out
+
+
+def engine_bench(
+    cfg: dict[str, Any], mode: str, root: Path, args: argparse.Namespace, workloads: list[Workload]
+) -> dict[str, Any]:
+    path = write_model_dir(root / cfg["model_type"], cfg, mode)
+    max_len = max(w.input_len + w.output_len for w in workloads)
+    t0 = time.perf_counter()
+    engine = make_engine(path, args, max_len)
+    res: dict[str, Any] = {"startup_s": time.perf_counter() - t0, "num_kv_blocks": engine.runner.num_blocks}
+    log(f"  engine {mode}: up in {res['startup_s']:.0f} s, {res['num_kv_blocks']} KV blocks")
+    for w in workloads:
+        n = args.num_requests if w.input_len <= 512 else max(1, args.num_requests // 4)
+        warm = random_prompts(min(n, 8), w.input_len, cfg["vocab_size"], seed=1)
+        run_offline(engine, warm, 4)
+        r = run_offline(engine, random_prompts(n, w.input_len, cfg["vocab_size"], seed=2), w.output_len)
+        res[w.name] = r
+        log(f"  engine {mode} {w.name} x{n}: {r['output_tokens_per_s']:.0f} output tok/s")
+        args.save()
+    del engine
+    free()
+    return res
+
+
+def baseline_bench(
+    cfg: dict[str, Any], args: argparse.Namespace, workloads: list[Workload]
+) -> dict[str, Any]:
+    import transformers
+
+    dev = torch.device(args.device)
+    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    hf_cfg = transformers.AutoConfig.for_model(
+        cfg["model_type"], **{k: v for k, v in cfg.items() if k not in ("architectures", "model_type")}
+    )
+    t0 = time.perf_counter()
+    prev = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(dev):
+            model = transformers.AutoModelForCausalLM.from_config(hf_cfg).eval()
+    finally:
+        torch.set_default_dtype(prev)
+    res: dict[str, Any] = {"transformers": transformers.__version__, "startup_s": time.perf_counter() - t0}
+    for w in workloads:
+        batch = args.baseline_batch if w.input_len <= 512 else max(1, args.baseline_batch // 4)
+        r = hf_generate_rate(model, batch, w.input_len, w.output_len, cfg["vocab_size"], dev)
+        res[w.name] = r
+        log(f"  transformers {w.name} batch {batch}: {r['output_tokens_per_s']:.0f} output tok/s")
+        args.save()
+    del model
+    free()
+    return res
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument(
+        "--models", default="mixtral-8x7b,qwen3-30b-a3b", help=f"comma-separated: {', '.join(MODELS)}"
+    )
+    ap.add_argument("--modes", default="bf16", help="engine weights, comma-separated: bf16, fp8")
+    ap.add_argument("--workloads", default="128/128,2048/128", help="comma-separated input/output lengths")
+    ap.add_argument("--num-requests", type=int, default=512, help="per 128-token workload; a quarter at 2048")
+    ap.add_argument("--baseline-batch", type=int, default=64, help="transformers batch; a quarter at 2048")
+    ap.add_argument("--kernel-batch", type=int, default=4096, help="tokens of the kernel's large-batch point")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--max-num-seqs", type=int, default=256)
+    ap.add_argument("--max-tokens-per-step", type=int, default=8192)
+    ap.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    ap.add_argument("--no-baseline", action="store_true", help="skip transformers")
+    ap.add_argument("--tiny", action="store_true", help="toy sizes of both shapes (checks the bench on CPU)")
+    ap.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
+    args = ap.parse_args(argv)
+    args.tp = 1
+    if args.tiny:  # the same stages, each a few seconds on a CPU
+        args.num_requests, args.baseline_batch, args.kernel_batch = 8, 4, 64
+        args.max_num_seqs, args.max_tokens_per_step = 8, 512
+        args.workloads = args.workloads.replace("128/128", "32/16").replace("2048/128", "256/16")
+    workloads = [Workload.parse(w) for w in args.workloads.split(",") if w]
+    modes = [m for m in args.modes.split(",") if m]
+    if unknown := [m for m in modes if m not in ("bf16", "fp8")]:
+        ap.error(f"unknown modes {unknown}")
+    names = [m for m in args.models.split(",") if m]
+    if unknown := [m for m in names if m not in MODELS]:
+        ap.error(f"unknown models {unknown}; choose from {', '.join(MODELS)}")
+    dev = torch.device(args.device)
+    results: dict[str, Any] = {
+        "what": "MoE engine vs transformers, random weights" + (" (tiny shapes)" if args.tiny else ""),
+        "argv": sys.argv[1:] if argv is None else argv,
+        "host": platform.node(),
+        "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "device": {"name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"},
+        "models": {},
+    }
+
+    def save() -> None:
+        if args.out:
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(json.dumps(results, indent=1, default=str))
+
+    args.save = save
+    bw = copy_bandwidth(dev, nbytes=(2 << 30) if dev.type == "cuda" else (64 << 20))
+    flops = matmul_rate(dev)
+    results["device"].update(copy_bandwidth_gb_s=bw / 1e9, bf16_mm_tflops=flops / 1e12)
+    log(f"{results['device']['name']}: copy {bw / 1e9:.0f} GB/s, mm {flops / 1e12:.1f} TFLOP/s")
+    with tempfile.TemporaryDirectory(prefix="kiln-moe-bench-") as tmp:
+        for name in names:
+            cfg = {**MODELS[name], **(TINY_OVERRIDES if args.tiny else {})}
+            entry: dict[str, Any] = {"config": cfg}
+            results["models"][name] = entry
+            log(name)
+            entry["kernel"] = kernel_bench(cfg, dev, args.kernel_batch, bw, flops)
+            save()
+            entry["engine"] = {}
+            for mode in modes:
+                entry["engine"][mode] = engine_bench(cfg, mode, Path(tmp), args, workloads)
+                save()
+            if not args.no_baseline:
+                entry["transformers"] = baseline_bench(cfg, args, workloads)
+                save()
+    sync(dev)
+    print(json.dumps({n: summary(m) for n, m in results["models"].items()}, indent=1))
+    return 0
+
+
+def summary(model: dict[str, Any]) -> dict[str, Any]:
+    """Output tok/s per engine mode and workload, transformers', and the kernel's headline numbers."""
+    out: dict[str, Any] = {}
+    for mode, runs in model.get("engine", {}).items():
+        for w, r in runs.items():
+            if isinstance(r, dict):
+                out[f"kiln {mode} {w}"] = round(r["output_tokens_per_s"])
+    for w, r in model.get("transformers", {}).items():
+        if isinstance(r, dict):
+            out[f"transformers {w}"] = round(r["output_tokens_per_s"])
+    for name, k in model.get("kernel", {}).items():
+        if isinstance(k, dict):
+            b1, big = k["batch_1"], next(v for key, v in k.items() if key != "batch_1")
+            out[f"kernel {name}"] = (
+                f"{b1['gb_s']:.0f} GB/s at 1, {big['tflops']:.1f} TFLOP/s at {big['tokens']}"
+            )
+    return out
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    sys.exit(main())
