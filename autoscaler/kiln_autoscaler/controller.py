@@ -17,7 +17,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from kiln_autoscaler.data import DEFAULT_TUNING, Decision, History, Signals, Tuning
+from kiln_autoscaler.data import DEFAULT_TUNING, Decision, History, Signals, Tuning, capacity_for
 from kiln_autoscaler.kube import Kube, Scaled, decision_status
 from kiln_autoscaler.metrics import AutoscalerMetrics
 from kiln_autoscaler.policy import decide
@@ -108,7 +108,7 @@ class Controller:
         history = self.histories.get(key)
         if history is None:
             history = History(recommendations=((now, current),), last_active=now)
-        capacity = self.kube.capacity(scaled.namespace, scaled.engine)
+        capacity = capacity_for(self.kube.capacity(scaled.namespace, scaled.engine), scaled.targets)
         pods: list[str] = []
         if self.scrape_pods:
             pods = self.kube.pod_metrics_urls(scaled.namespace, scaled.selector, self.pod_port)

@@ -33,6 +33,9 @@ class Capacity:
     output_tokens_per_second: float | None = None
     prefill_tokens_per_second: float | None = None
     max_concurrency_at_ttft_target: float | None = None
+    # The TTFT target and percentile `max_concurrency_at_ttft_target` holds at (None: not recorded).
+    ttft_target_s: float | None = None
+    ttft_percentile: int | None = None
 
     @property
     def known(self) -> bool:
@@ -188,6 +191,33 @@ def capacity_from_api(engine_status_capacity: dict[str, Any] | None) -> Capacity
             if capacity.max_concurrency_at_ttft_target is None
             else float(capacity.max_concurrency_at_ttft_target)
         ),
+        ttft_target_s=_ms_to_s(capacity.ttft_target_ms),
+        ttft_percentile=capacity.ttft_percentile,
+    )
+
+
+def capacity_target(targets: Targets) -> tuple[int, float]:
+    """(percentile, seconds) a deployment's capacity must be measured at: its p90 target where it
+    sets one, else its p50 target (the rule the operator's build follows, kiln.api.enginekey)."""
+    if targets.ttft_p90_target_s is not None:
+        return 90, targets.ttft_p90_target_s
+    return 50, targets.ttft_p50_target_s
+
+
+def capacity_for(capacity: Capacity, targets: Targets) -> Capacity:
+    """The capacity figures that hold for `targets`: the concurrency within the TTFT target only when
+    it was measured at the deployment's own percentile and target (an engine measured for another
+    target, or before targets were recorded, would size replicas for the wrong latency); token
+    rates hold whatever the target."""
+    percentile, target_s = capacity_target(targets)
+    measured_for_these = capacity.ttft_percentile == percentile and (
+        capacity.ttft_target_s is not None and math.isclose(capacity.ttft_target_s, target_s, rel_tol=1e-6)
+    )
+    if measured_for_these or capacity.max_concurrency_at_ttft_target is None:
+        return capacity
+    return Capacity(
+        output_tokens_per_second=capacity.output_tokens_per_second,
+        prefill_tokens_per_second=capacity.prefill_tokens_per_second,
     )
 
 

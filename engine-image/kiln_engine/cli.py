@@ -349,6 +349,13 @@ def _serve_tensorrt_llm(
 @click.option("--measure-capacity/--no-measure-capacity", default=True, show_default=True)
 @click.option("--ttft-target-ms", default=500.0, show_default=True, type=click.FloatRange(min=1))
 @click.option(
+    "--ttft-percentile",
+    default="90",
+    show_default=True,
+    type=click.Choice(["50", "90", "95", "99"]),
+    help="The TTFT percentile the target holds at when measuring capacity (the deployment's target).",
+)
+@click.option(
     "--capacity-budget-seconds",
     default=60.0,
     show_default=True,
@@ -387,6 +394,7 @@ def build(
     gpu_arch: str | None,
     measure_capacity: bool,
     ttft_target_ms: float,
+    ttft_percentile: str,
     capacity_budget_seconds: float,
     device: str | None,
     fp8_scales: str,
@@ -427,6 +435,7 @@ def build(
         gpu_arch=gpu_arch,
         measure_capacity=measure_capacity,
         ttft_target_ms=ttft_target_ms,
+        ttft_percentile=int(ttft_percentile),
         capacity_time_budget_s=capacity_budget_seconds,
         device=device,
         fp8_scales=fp8_scales,

@@ -1,5 +1,7 @@
 """Capacity of one replica, measured at build time: prefill and decode tokens/s, and the largest burst
-of concurrent requests whose p90 time-to-first-token stays within the target.
+of concurrent requests whose time-to-first-token at the deployment's percentile (p50, p90, ...)
+stays within its target. The percentile and target are recorded with the figures, so a reader
+(the autoscaler) can tell which target they hold for.
 
 Drives any `Engine` (add_request / step) with synthetic random prompts, so prefix caching cannot
 flatter the numbers. The search over burst sizes is a pure function of a `measure(c) -> Burst`
@@ -14,7 +16,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from kiln_engine.build.manifest import Capacity
+from kiln_engine.build.manifest import TTFT_PERCENTILES, Capacity
 from kiln_engine.interface import Engine, SamplingParams
 
 
@@ -31,6 +33,10 @@ class Burst:
     @property
     def ttft_p90_s(self) -> float:
         return percentile(self.ttfts_s, 0.9)
+
+    def ttft_s(self, q: float) -> float:
+        """The burst's TTFT at quantile `q` (0..1)."""
+        return percentile(self.ttfts_s, q)
 
 
 def percentile(values: tuple[float, ...] | list[float], q: float) -> float:
@@ -61,9 +67,27 @@ def fits_budget(bursts: list[Burst], concurrency: int, left_s: float) -> bool:
 
 
 def search_max_concurrency(
-    measure: Callable[[int], Burst], max_concurrency: int, target_s: float, deadline: float | None = None
+    measure: Callable[[int], Burst],
+    max_concurrency: int,
+    target_s: float,
+    deadline: float | None = None,
+    quantile: float = 0.9,
 ) -> tuple[int, list[Burst]]:
-    """The largest concurrency in [1, max_concurrency] whose burst meets `target_s` at p90 (0 if none).
+    """The largest concurrency in [1, max_concurrency] whose burst meets `target_s` at `quantile`
+    (0 if none)."""
+    if not 0 < quantile <= 1:
+        raise ValueError(f"quantile {quantile} is not in (0, 1]")
+    return _search(measure, max_concurrency, target_s, deadline, quantile)
+
+
+def _search(
+    measure: Callable[[int], Burst],
+    max_concurrency: int,
+    target_s: float,
+    deadline: float | None,
+    quantile: float,
+) -> tuple[int, list[Burst]]:
+    """The search of `search_max_concurrency`.
 
     Doubles until a burst misses (or `max_concurrency` passes), then bisects between the last burst
     that met the target and the first that missed. Stops early, keeping what it knows, before a burst
@@ -75,7 +99,7 @@ def search_max_concurrency(
     def ok(c: int) -> bool:
         b = measure(c)
         bursts.append(b)
-        return b.ttft_p90_s <= target_s
+        return b.ttft_s(quantile) <= target_s
 
     def out_of_time(next_c: int) -> bool:
         return deadline is not None and not fits_budget(bursts, next_c, deadline - time.monotonic())
@@ -156,12 +180,17 @@ def measure_capacity(
     vocab_size: int,
     max_batch_size: int,
     ttft_target_ms: float,
+    ttft_percentile: int = 90,
     measured_on: str = "",
     time_budget_s: float = 300.0,
     seed: int = 0,
     report: Callable[[float, str], None] | None = None,
 ) -> Capacity:
-    """Warm up, search the largest burst within the TTFT target, then decode at a full batch."""
+    """Warm up, search the largest burst within the TTFT target at `ttft_percentile`, then decode at
+    a full batch."""
+    if ttft_percentile not in TTFT_PERCENTILES:
+        raise ValueError(f"ttft_percentile {ttft_percentile}: use one of {TTFT_PERCENTILES}")
+    quantile = ttft_percentile / 100
     progress = report or (lambda fraction, message: None)
     started = time.monotonic()
     prompt_tokens, output_tokens = load_shape(engine.max_model_len)
@@ -174,12 +203,12 @@ def measure_capacity(
     def measure(c: int) -> Burst:
         b = driver.burst(c)
         progress(0.1 + 0.7 * min(1.0, len(done) / (2 * searches)),
-                 f"{c} concurrent: p90 TTFT {b.ttft_p90_s * 1000:.0f} ms")  # fmt: skip
+                 f"{c} concurrent: p{ttft_percentile} TTFT {b.ttft_s(quantile) * 1000:.0f} ms")  # fmt: skip
         done.append(b)
         return b
 
     best, bursts = search_max_concurrency(
-        measure, max_batch_size, ttft_target_ms / 1000.0, deadline=started + time_budget_s
+        measure, max_batch_size, ttft_target_ms / 1000.0, deadline=started + time_budget_s, quantile=quantile
     )
     full = next((b for b in bursts if b.concurrency == max_batch_size), None)
     if full is None and fits_budget(bursts, max_batch_size, started + time_budget_s - time.monotonic()):
@@ -195,6 +224,8 @@ def measure_capacity(
         prefill_tokens_per_second=round(max(b.prefill_tokens_per_second for b in bursts), 2),
         max_concurrency_at_ttft_target=best,
         ttft_target_ms=ttft_target_ms,
+        ttft_percentile=ttft_percentile,
+        ttft_ms_at_max_concurrency=round(at_best.ttft_s(quantile) * 1000, 2) if at_best else None,
         ttft_p90_ms_at_max_concurrency=round(at_best.ttft_p90_s * 1000, 2) if at_best else None,
         prompt_tokens=prompt_tokens,
         output_tokens=output_tokens,

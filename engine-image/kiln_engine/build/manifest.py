@@ -55,6 +55,9 @@ class PipelineStage(_Model):
     ranks: list[int]
 
 
+TTFT_PERCENTILES = (50, 90, 95, 99)  # the percentiles a capacity's TTFT target may hold at
+
+
 class Capacity(_Model):
     """What one replica sustains, measured on the build device with synthetic load."""
 
@@ -62,6 +65,8 @@ class Capacity(_Model):
     prefill_tokens_per_second: float
     max_concurrency_at_ttft_target: int
     ttft_target_ms: float
+    ttft_percentile: int = 90  # the TTFT percentile the target holds at (manifests before it: p90)
+    ttft_ms_at_max_concurrency: float | None = None  # TTFT at that percentile
     ttft_p90_ms_at_max_concurrency: float | None = None
     prompt_tokens: int = 0
     output_tokens: int = 0

@@ -29,6 +29,7 @@ from kiln_engine import __version__
 from kiln_engine.build import source as src
 from kiln_engine.build.manifest import (
     MANIFEST_NAME,
+    TTFT_PERCENTILES,
     Capacity,
     Manifest,
     RuntimeInfo,
@@ -88,6 +89,7 @@ class BuildOptions:
     gpu_arch: str | None = None
     measure_capacity: bool = True
     ttft_target_ms: float = 500.0
+    ttft_percentile: int = 90  # the percentile the TTFT target holds at (capacity measurement)
     device: str | None = None
     fp8_scales: str = "channel"  # per output channel, or one per tensor
     capacity_time_budget_s: float = 300.0
@@ -128,6 +130,8 @@ def validate_options(opts: BuildOptions) -> None:
         raise bad("tensor and pipeline parallel sizes must be at least 1")
     if opts.max_batch_size < 1 or opts.max_num_tokens < 1 or opts.ttft_target_ms <= 0:
         raise bad("max batch size, max num tokens and the TTFT target must be positive")
+    if opts.ttft_percentile not in TTFT_PERCENTILES:
+        raise bad(f"TTFT percentile {opts.ttft_percentile}: use one of {TTFT_PERCENTILES}")
 
 
 def conversion_mode(quantization: str, checkpoint_method: str, source: str) -> str:
@@ -257,12 +261,15 @@ def measurable(opts: BuildOptions) -> bool:
 
 
 def source_fingerprint(loc: src.Location, checkpoint: Path) -> str:
-    """Identifies the checkpoint's content cheaply: files, sizes and times (hf: the snapshot commit)."""
+    """Identifies the checkpoint's content cheaply: files, sizes and times (hf: the snapshot commit;
+    s3: the objects' sizes and ETags)."""
     entries = []
     for p in sorted(checkpoint.iterdir()):
         if p.is_file() and not p.name.startswith("."):
             st = p.stat()
             entries.append([p.name, st.st_size, 0 if loc.scheme == "hf" else st.st_mtime_ns])
+    if loc.scheme == "s3":  # the objects' ETags: a download's local times differ from pod to pod
+        entries = sorted([rel, size, etag] for rel, (size, etag) in src.s3_objects(str(loc)).items())
     head = f"hf:{loc.path}@{checkpoint.name}" if loc.scheme == "hf" else "files"
     return hashlib.sha256(json.dumps([head, entries]).encode()).hexdigest()
 
@@ -392,7 +399,8 @@ def fetch_checkpoint(uri: str, progress: Progress) -> tuple[src.Location, Path]:
 def reusable(
     target: Target, source: str, fingerprint: str, gpu_arch: str, opts: BuildOptions
 ) -> Manifest | None:
-    """The existing artifact at the target when it is exactly this build and still verifies."""
+    """The existing local artifact at the target when it is exactly this build and still verifies
+    (`remote_reusable` answers for s3:// targets)."""
     if target.remote or not (target.path / MANIFEST_NAME).is_file():
         return None
     try:
@@ -402,6 +410,21 @@ def reusable(
         return verify_artifact(target.path)
     except VerificationError:
         return None
+
+
+def remote_reusable(
+    target: Target, source: str, fingerprint: str, gpu_arch: str, opts: BuildOptions
+) -> tuple[Manifest, str] | None:
+    """The artifact on S3 (manifest, its SHA-256) when it is exactly this build and every file its
+    manifest lists is there at its size. Checksums are verified where the files are read: by the
+    serving pods, which download them anyway."""
+    found = src.read_s3_manifest(target.uri)
+    if found is None or not is_same_build(found[0], source, fingerprint, gpu_arch, opts):
+        return None
+    present = src.s3_objects(target.uri)
+    if any(present.get(f.path, (-1, ""))[0] != f.size for f in found[0].files):
+        return None
+    return found
 
 
 @contextmanager
@@ -484,11 +507,12 @@ def now_iso() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
 
 
-def reuse_outcome(target: Target, manifest: Manifest, progress: Progress) -> BuildOutcome:
+def reuse_outcome(
+    target: Target, manifest: Manifest, progress: Progress, digest: str | None = None
+) -> BuildOutcome:
     progress.done(f"artifact already present at {target.uri} (same source, options and runtime; verified)")
-    return BuildOutcome(
-        target.path, target.uri, manifest, sha256_file(target.path / MANIFEST_NAME), reused=True
-    )
+    digest = digest or sha256_file(target.path / MANIFEST_NAME)
+    return BuildOutcome(target.path, target.uri, manifest, digest, reused=True)
 
 
 def translate_errors(exc: BaseException) -> BuildError | None:
@@ -545,9 +569,14 @@ def _build(opts: BuildOptions, progress: Progress) -> BuildOutcome:
     mode = conversion_mode(opts.quantization, model_config.quant.method, opts.model)
     check_parallelism(model_config, opts.tensor_parallel_size, opts.pipeline_parallel_size)
     fingerprint = source_fingerprint(loc, checkpoint)
-    existing = reusable(target, opts.model, fingerprint, gpu_arch, opts)
-    if existing is not None:
-        return reuse_outcome(target, existing, progress)
+    if target.remote:
+        remote = remote_reusable(target, opts.model, fingerprint, gpu_arch, opts)
+        if remote is not None:
+            return reuse_outcome(target, remote[0], progress, digest=remote[1])
+    else:
+        existing = reusable(target, opts.model, fingerprint, gpu_arch, opts)
+        if existing is not None:
+            return reuse_outcome(target, existing, progress)
     out_config = output_config(raw_config, mode, opts.fp8_scales)
     progress.update(
         "load", 1.0, f"{model_config.architecture}, {model_config.num_hidden_layers} layers, mode {mode}"
@@ -629,6 +658,7 @@ def measure(
             vocab_size=engine.model_config.vocab_size,
             max_batch_size=opts.max_batch_size,
             ttft_target_ms=opts.ttft_target_ms,
+            ttft_percentile=opts.ttft_percentile,
             measured_on=device_name(device),
             time_budget_s=opts.capacity_time_budget_s,
             report=lambda f, m: progress.update("capacity", 0.05 + 0.95 * f, m),

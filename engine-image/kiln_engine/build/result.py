@@ -4,7 +4,8 @@ The build Job passes `--result-file /dev/termination-log`, so the object becomes
 `state.terminated.message`, which Kubernetes caps at 4096 bytes. Shapes (the Build Job contract):
 
     success {"ok": true, "artifact": URI, "manifestSha256": hex, "runtimeVersion": str,
-             "gpuArch": str, "capacity": {"tokensPerSecond", "maxConcurrency", "ttftTargetMs"} | null}
+             "gpuArch": str,
+             "capacity": {"tokensPerSecond", "maxConcurrency", "ttftTargetMs", "ttftPercentile"} | null}
     failure {"ok": false, "reason": CamelCaseReason, "message": str}
 
 Pure functions plus one small writer; no torch.
@@ -37,6 +38,7 @@ def success(
             "tokensPerSecond": float(capacity.output_tokens_per_second),
             "maxConcurrency": int(capacity.max_concurrency_at_ttft_target),
             "ttftTargetMs": float(capacity.ttft_target_ms),
+            "ttftPercentile": int(capacity.ttft_percentile),
         },
     }
 

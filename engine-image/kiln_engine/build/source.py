@@ -3,25 +3,42 @@
 * a plain path (or `file:///path`): used in place;
 * `pvc://claim/path`: the claim mounted at `$KILN_PVC_ROOT/claim` (default root `/mnt/pvc`);
 * `hf://org/name[@revision]`: downloaded with `huggingface_hub.snapshot_download` (token `$HF_TOKEN`);
-* `s3://bucket/prefix`: downloaded or uploaded with boto3 (optional; a clear error without it).
+* `s3://bucket/prefix`: downloaded or uploaded with boto3 (optional; a clear error without it), on any
+  S3-compatible server: keys `AWS_ACCESS_KEY_ID`/`AWS_SECRET_ACCESS_KEY`, endpoint
+  `AWS_ENDPOINT_URL_S3` (or `AWS_ENDPOINT_URL`), region `AWS_REGION` (or `AWS_DEFAULT_REGION`),
+  `KILN_S3_ADDRESSING_STYLE` path | virtual | auto, all from the environment (a Secret in a pod).
 
-Parsing is pure; `fetch` and `upload_s3` are the I/O edges.
+An artifact on S3 is read through its manifest: only the files it lists are downloaded, so objects
+left by an interrupted upload are never mistaken for a finished artifact. Uploads remove the old
+manifest first and write the new one last. Parsing and error mapping are pure; `fetch`, `upload_s3`
+and `read_s3_manifest` are the I/O edges.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from kiln_engine.build.manifest import MANIFEST_NAME
+from kiln_engine.build.manifest import MANIFEST_NAME, Manifest
 
 DEFAULT_PVC_ROOT = "/mnt/pvc"
 SCHEMES = ("file", "pvc", "hf", "s3")
 # What a Hugging Face snapshot needs for building: configs, safetensors weights, tokenizer files.
 HF_PATTERNS = ("*.json", "*.safetensors", "*.jinja", "tokenizer.model", "*.tiktoken")
+ADDRESSING_STYLES = ("auto", "path", "virtual")
+# S3 error codes that mean the keys are wrong or lack access (AWS and MinIO spell them the same).
+S3_AUTH_CODES = frozenset(
+    {"InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "InvalidToken", "ExpiredToken", "403"}
+)
+S3_REGION_CODES = frozenset(
+    {"AuthorizationHeaderMalformed", "PermanentRedirect", "IllegalLocationConstraintException"}
+)
 
 
 class SourceError(Exception):
@@ -193,11 +210,90 @@ def require_s3(loc: Location) -> None:
         )
 
 
+@dataclass(frozen=True)
+class S3Settings:
+    """How to reach the S3 server: endpoint (None: AWS), region, addressing style."""
+
+    endpoint: str | None
+    region: str | None
+    addressing_style: str
+
+
+def s3_settings(env: Mapping[str, str]) -> S3Settings:
+    """The S3 settings in an environment; raises SourceError (InvalidOptions) for a malformed one."""
+    style = env.get("KILN_S3_ADDRESSING_STYLE", "").strip().lower() or "auto"
+    if style not in ADDRESSING_STYLES:
+        raise SourceError(
+            f"KILN_S3_ADDRESSING_STYLE={style!r}: use one of {', '.join(ADDRESSING_STYLES)}", "InvalidOptions"
+        )
+    endpoint = (env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL") or "").strip() or None
+    if endpoint is not None and not endpoint.startswith(("http://", "https://")):
+        raise SourceError(
+            f"S3 endpoint {endpoint!r} (AWS_ENDPOINT_URL_S3): expected http://host[:port] or https://…",
+            "InvalidOptions",
+        )
+    region = (env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION") or "").strip() or None
+    return S3Settings(endpoint, region, style)
+
+
+def s3_failure(loc: Location | str, exc: BaseException) -> SourceError:
+    """The SourceError for a failed S3 call, from botocore's error class and the server's error code.
+
+    Messages name the location, endpoint and code, never the request or the keys.
+    """
+    name = type(exc).__name__
+    if name in ("NoCredentialsError", "PartialCredentialsError"):
+        return SourceError(
+            f"{loc}: no S3 credentials: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (in a pod, "
+            "through the Secret named in spec.build.cacheCredentialsSecret or spec.model.credentialsSecret)",
+            "MissingCredentials",
+        )
+    if name in ("EndpointConnectionError", "ConnectTimeoutError", "ConnectionClosedError"):
+        return SourceError(f"{loc}: cannot reach the S3 endpoint ({name})", "EndpointUnreachable")
+    error = getattr(exc, "response", {}).get("Error", {}) if hasattr(exc, "response") else {}
+    code = str(error.get("Code", "")) or name
+    if code == "NoSuchBucket":
+        return SourceError(f"{loc}: bucket {_bucket(loc)!r} does not exist on the server", "BucketNotFound")
+    if code in S3_AUTH_CODES:
+        return SourceError(
+            f"{loc}: the S3 server rejected the credentials ({code}): the access key is unknown, the "
+            "secret key does not match, or the key has no access to this bucket",
+            "Unauthorized",
+        )
+    if code in S3_REGION_CODES:
+        # The server's message names the region it expects; it carries nothing of the request.
+        return SourceError(f"{loc}: wrong S3 region ({code}): {error.get('Message', '')}", "WrongRegion")
+    return SourceError(f"{loc}: S3 request failed ({code})", "FetchFailed")
+
+
+def _bucket(loc: Location | str) -> str:
+    path = loc.path if isinstance(loc, Location) else str(loc).partition("://")[2]
+    return path.split("/", 1)[0]
+
+
+@contextmanager
+def s3_errors(loc: Location | str) -> Iterator[None]:
+    """Turn botocore's exceptions inside the block into SourceErrors with a reason."""
+    try:
+        yield
+    except SourceError:
+        raise
+    except Exception as exc:
+        if type(exc).__module__.split(".")[0] not in ("botocore", "boto3", "s3transfer"):
+            raise
+        raise s3_failure(loc, exc) from None
+
+
 def _s3_client(loc: Location) -> Any:
     require_s3(loc)
     import boto3
+    from botocore.config import Config
 
-    return boto3.client("s3")
+    settings = s3_settings(os.environ)
+    config = Config(s3={"addressing_style": settings.addressing_style}, retries={"max_attempts": 3})
+    # A session of its own: boto3's default session keeps the first credentials it found.
+    session = boto3.session.Session()
+    return session.client("s3", endpoint_url=settings.endpoint, region_name=settings.region, config=config)
 
 
 def _split_s3(loc: Location) -> tuple[str, str]:
@@ -205,38 +301,95 @@ def _split_s3(loc: Location) -> tuple[str, str]:
     return bucket, prefix.strip("/")
 
 
-def _fetch_s3(loc: Location, dest: Path, report: Callable[[float, str], None]) -> Path:
+def _key(prefix: str, rel: str) -> str:
+    """The object key of `rel` under `prefix` (`_key(prefix, "")` is the prefix as a folder)."""
+    return f"{prefix}/{rel}" if prefix else rel
+
+
+def read_s3_manifest(uri: str) -> tuple[Manifest, str] | None:
+    """The manifest of the artifact at an s3:// location and its bytes' SHA-256, or None where there
+    is none (yet)."""
+    loc = parse_uri(uri)
     client = _s3_client(loc)
     bucket, prefix = _split_s3(loc)
-    keys: list[tuple[str, int]] = []
-    for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix + "/"):
-        keys += [(o["Key"], int(o["Size"])) for o in page.get("Contents", [])]
+    with s3_errors(loc):
+        try:
+            body = client.get_object(Bucket=bucket, Key=_key(prefix, MANIFEST_NAME))["Body"].read()
+        except client.exceptions.NoSuchKey:
+            return None
+    try:
+        return Manifest.model_validate(json.loads(body)), hashlib.sha256(body).hexdigest()
+    except ValueError as exc:
+        raise SourceError(f"{loc}: {MANIFEST_NAME} is not a Kiln manifest: {exc}", "InvalidArtifact") from exc
+
+
+def s3_objects(uri: str) -> dict[str, tuple[int, str]]:
+    """Every object under an s3:// location: path relative to it -> (size in bytes, ETag)."""
+    loc = parse_uri(uri)
+    client = _s3_client(loc)
+    bucket, prefix = _split_s3(loc)
+    found: dict[str, tuple[int, str]] = {}
+    with s3_errors(loc):
+        pages = client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=_key(prefix, ""))
+        for page in pages:
+            for o in page.get("Contents", []):
+                found[o["Key"][len(_key(prefix, "")) :]] = (int(o["Size"]), str(o.get("ETag", "")))
+    return found
+
+
+def _fetch_s3(loc: Location, dest: Path, report: Callable[[float, str], None]) -> Path:
+    """Download a checkpoint (every object under the prefix) or an artifact (only what its manifest
+    lists; the manifest last, and local files it does not list removed, so `dest` verifies)."""
+    client = _s3_client(loc)
+    bucket, prefix = _split_s3(loc)
+    found = read_s3_manifest(str(loc))
+    manifest = found[0] if found is not None else None
+    # A manifest left from an earlier download must not vouch for what is downloaded now.
+    (dest / MANIFEST_NAME).unlink(missing_ok=True)
+    if manifest is not None:
+        keys = [(f.path, f.size) for f in manifest.files]
+    else:
+        keys = [(rel, size) for rel, (size, _) in s3_objects(str(loc)).items()]
     if not keys:
         raise SourceError(f"{loc}: no objects under that prefix")
     total = sum(size for _, size in keys) or 1
     done = 0
-    for key, size in keys:
-        rel = key[len(prefix) + 1 :]
-        target = dest / rel
-        if not target.is_file() or target.stat().st_size != size:
-            target.parent.mkdir(parents=True, exist_ok=True)
-            client.download_file(bucket, key, str(target))
-        done += size
-        report(done / total, rel)
+    with s3_errors(loc):
+        for rel, size in keys:
+            target = dest / rel
+            if not target.is_file() or target.stat().st_size != size:
+                target.parent.mkdir(parents=True, exist_ok=True)
+                partial = target.with_name(f".{target.name}.partial")
+                client.download_file(bucket, _key(prefix, rel), str(partial))
+                partial.replace(target)
+            done += size
+            report(done / total, rel)
+        if manifest is not None:
+            listed = {rel for rel, _ in keys}
+            for stale in [p for p in dest.rglob("*") if p.is_file()]:
+                if stale.relative_to(dest).as_posix() not in listed:
+                    stale.unlink()
+            client.download_file(bucket, _key(prefix, MANIFEST_NAME), str(dest / MANIFEST_NAME))
     return dest
 
 
 def upload_s3(local: Path, uri: str, progress: Callable[[float, str], None] | None = None) -> None:
-    """Upload an artifact directory to s3://bucket/prefix, manifest.json last (its presence marks it done)."""
+    """Upload an artifact directory to s3://bucket/prefix: the old manifest goes first, the new one
+    last, so at every moment the location holds either no manifest or one whose files are all there."""
     loc = parse_uri(uri)
     if loc.scheme != "s3":
         raise SourceError(f"{uri}: not an s3:// location", "InvalidOptions")
     client = _s3_client(loc)
     bucket, prefix = _split_s3(loc)
-    files = sorted(p for p in local.rglob("*") if p.is_file())
-    files.sort(key=lambda p: p.name == MANIFEST_NAME)  # stable: the manifest goes last
-    for i, f in enumerate(files):
-        rel = f.relative_to(local).as_posix()
-        client.upload_file(str(f), bucket, f"{prefix}/{rel}" if prefix else rel)
-        if progress is not None:
-            progress((i + 1) / len(files), f"uploaded {rel}")
+    files = sorted(p for p in local.rglob("*") if p.is_file() and p.name != MANIFEST_NAME)
+    with s3_errors(loc):
+        client.list_objects_v2(Bucket=bucket, Prefix=_key(prefix, ""), MaxKeys=1)  # bucket, keys, region
+        client.delete_object(Bucket=bucket, Key=_key(prefix, MANIFEST_NAME))
+        for i, f in enumerate(files):
+            rel = f.relative_to(local).as_posix()
+            client.upload_file(str(f), bucket, _key(prefix, rel))
+            if progress is not None:
+                progress((i + 1) / (len(files) + 1), f"uploaded {rel}")
+        client.upload_file(str(local / MANIFEST_NAME), bucket, _key(prefix, MANIFEST_NAME))
+    if progress is not None:
+        progress(1.0, f"uploaded {MANIFEST_NAME}")

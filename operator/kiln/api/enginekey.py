@@ -2,8 +2,10 @@
 
 Two deployments share an engine exactly when everything that changes the built artifact is
 equal: model and revision, tokenizer, backend, quantization, KV-cache dtype, parallelism, GPU
-architecture, runtime version, and (for TensorRT-LLM, whose engines bake them in) the build
-limits. Replicas, autoscaling and serving options never change the key.
+architecture, runtime version, the cache it is stored in, and (for TensorRT-LLM, whose engines
+bake them in) the build limits. Where the build measures capacity (torch, one rank), the TTFT
+target and percentile it measures at and the limits it measures with change the artifact's
+manifest, so they are part of the key too. Replicas and serving options never change the key.
 """
 
 from __future__ import annotations
@@ -41,6 +43,20 @@ def gpu_arch(product: str | None) -> str:
     return "gpu-" + re.sub(r"[^a-z0-9]+", "-", product.lower()).strip("-")
 
 
+def measures_capacity(spec: LLMDeploymentSpec) -> bool:
+    """Whether the build measures capacity itself (torch, one rank); serving pods measure the rest."""
+    return spec.engine.backend == "torch" and spec.parallelism.tensor * spec.parallelism.pipeline == 1
+
+
+def capacity_target(spec: LLMDeploymentSpec) -> tuple[int, int]:
+    """(percentile, ms) the build measures capacity at: the deployment's p90 target where it sets
+    one (the tail the autoscaler then also holds it to), else its p50 target."""
+    autoscaling = spec.autoscaling
+    if autoscaling.ttft_p90_target_ms is not None:
+        return 90, autoscaling.ttft_p90_target_ms
+    return 50, autoscaling.ttft_p50_target_ms
+
+
 def artifact_inputs(spec: LLMDeploymentSpec, runtime_version: str) -> dict[str, object]:
     """Everything that changes the built artifact, as a plain JSON-able dict."""
     engine = spec.engine
@@ -55,12 +71,42 @@ def artifact_inputs(spec: LLMDeploymentSpec, runtime_version: str) -> dict[str, 
         "gpuArch": gpu_arch(spec.gpu.product if spec.gpu else None),
         "runtimeVersion": runtime_version,
         "image": engine.image,
+        "cache": spec.build.cache,
     }
+    if measures_capacity(spec):
+        percentile, target_ms = capacity_target(spec)
+        inputs["capacityTtftPercentile"] = percentile
+        inputs["capacityTtftTargetMs"] = target_ms
+        inputs["maxBatchSize"] = engine.max_batch_size
+        inputs["maxSequenceLength"] = engine.max_sequence_length
+        inputs["maxTokensPerStep"] = engine.max_tokens_per_step
     if engine.backend == "tensorrt-llm":
         inputs["maxBatchSize"] = engine.max_batch_size
         inputs["maxSequenceLength"] = engine.max_sequence_length
         inputs["maxTokensPerStep"] = engine.max_tokens_per_step
     return inputs
+
+
+# Settings of where and how a shared engine is built: they never change the artifact, so they stay
+# out of the key, and a deployment sharing an engine built with other ones is told (an event).
+BUILD_SETTINGS = {
+    "node_selector": "build.nodeSelector",
+    "tolerations": "build.tolerations",
+    "pod_annotations": "build.podAnnotations",
+    "timeout_seconds": "build.timeoutSeconds",
+    "retries": "build.retries",
+    "cache_credentials_secret": "build.cacheCredentialsSecret",
+}
+
+
+def build_setting_conflicts(existing: LLMEngineSpec, wanted: LLMEngineSpec) -> list[str]:
+    """The build settings (as spec paths) in which an existing engine differs from the one wanted."""
+    differing = [
+        path for field, path in BUILD_SETTINGS.items() if getattr(existing, field) != getattr(wanted, field)
+    ]
+    if existing.model.credentials_secret != wanted.model.credentials_secret:
+        differing.append("model.credentialsSecret")
+    return differing
 
 
 def engine_key(spec: LLMDeploymentSpec, runtime_version: str) -> str:
@@ -110,6 +156,9 @@ def engine_spec(spec: LLMDeploymentSpec, runtime_version: str) -> LLMEngineSpec:
         max_tokens_per_step=spec.engine.max_tokens_per_step,
         image=spec.engine.image,
         cache=spec.build.cache,
+        cache_credentials_secret=spec.build.cache_credentials_secret,
+        capacity_ttft_percentile=capacity_target(spec)[0] if measures_capacity(spec) else None,
+        capacity_ttft_target_ms=capacity_target(spec)[1] if measures_capacity(spec) else None,
         node_selector=spec.build.node_selector,
         tolerations=spec.build.tolerations,
         timeout_seconds=spec.build.timeout_seconds,

@@ -686,6 +686,23 @@ class ServingSpec(KubeModel):
 class BuildSpec(KubeModel):
     """How and where the engine is built."""
 
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                _cel(
+                    "!has(self.cacheCredentialsSecret) || !has(self.cacheCredentialsSecret.key)",
+                    "cacheCredentialsSecret exposes the whole Secret (its S3 keys and settings): omit key",
+                    ".cacheCredentialsSecret.key",
+                ),
+                _cel(
+                    "!has(self.cacheCredentialsSecret) || self.cache.startsWith('s3://')",
+                    "cacheCredentialsSecret is for an s3:// cache",
+                    ".cacheCredentialsSecret",
+                ),
+            ]
+        }
+    )
+
     cache: Annotated[
         str,
         Field(
@@ -693,6 +710,16 @@ class BuildSpec(KubeModel):
             pattern=CACHE_PATTERN,
             max_length=1024,
             description="Where built engines are stored: pvc://claim[/path] or s3://bucket[/prefix].",
+        ),
+    ]
+    cache_credentials_secret: Annotated[
+        SecretKeyRef | None,
+        Field(
+            default=None,
+            description="Secret for an s3:// cache, exposed whole as environment to the build Job and "
+            "the serving pods: AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY and optionally "
+            "AWS_ENDPOINT_URL_S3 (S3-compatible servers), AWS_REGION, KILN_S3_ADDRESSING_STYLE "
+            "(path, virtual or auto). Never logged or written to status.",
         ),
     ]
     node_selector: Annotated[
@@ -754,6 +781,9 @@ class Capacity(KubeModel):
         int | None, Field(default=None, description="Concurrent requests within the TTFT target.")
     ]
     ttft_target_ms: Annotated[int | None, Field(default=None, description="TTFT target used to measure.")]
+    ttft_percentile: Annotated[
+        int | None, Field(default=None, description="Percentile the TTFT target held at (50, 90, ...).")
+    ]
 
 
 class Artifact(KubeModel):
@@ -952,6 +982,15 @@ class LLMEngineSpec(KubeModel):
     max_tokens_per_step: Annotated[int, Field(default=8192, ge=1, description="Step token budget.")]
     image: Annotated[str | None, Field(default=None, description="Builder image override.")]
     cache: Annotated[str, Field(pattern=CACHE_PATTERN, description="Where the artifact is written.")]
+    cache_credentials_secret: Annotated[
+        SecretKeyRef | None, Field(default=None, description="S3 keys and settings for an s3:// cache.")
+    ]
+    capacity_ttft_target_ms: Annotated[
+        int | None, Field(default=None, ge=1, description="TTFT target the build measures capacity at.")
+    ]
+    capacity_ttft_percentile: Annotated[
+        Literal[50, 90] | None, Field(default=None, description="Percentile that TTFT target holds at.")
+    ]
     node_selector: Annotated[dict[str, str] | None, Field(default=None, description="Build node selector.")]
     tolerations: Annotated[list[dict[str, Any]] | None, Field(default=None, description="Build tolerations.")]
     pod_annotations: Annotated[

@@ -9,7 +9,8 @@ a second build with the same pins finds everything there and builds nothing.
 The real node's other parts come from Go modules of their own (their dependency versions differ
 from Kubernetes' pins), each a `Toolset` cached the same way under `<toolset>-<version>-<hash>/`:
 containerd with its runc shim and ctr (`gotools-containerd/`), the CNI plugins (`gotools-cni/`),
-CoreDNS (`gotools-coredns/`) and crictl (`gotools-critools/`).
+CoreDNS (`gotools-coredns/`) and crictl (`gotools-critools/`); so is MinIO, the S3 server of the
+S3 tests (`gotools-minio/`).
 """
 
 from __future__ import annotations
@@ -107,6 +108,13 @@ CRITOOLS = Toolset(
     "sigs.k8s.io/cri-tools",
 )
 NODE_TOOLSETS = (KUBE_NODE, CONTAINERD, CNI, COREDNS, CRITOOLS)
+# A real S3 server for the S3 model-source and engine-cache tests (kiln.local.s3server).
+MINIO = Toolset(
+    "minio",
+    LOCAL_DIR / "gotools-minio",
+    (Binary("minio", "github.com/minio/minio"),),
+    "github.com/minio/minio",
+)
 
 # Parallel compile jobs: the build machine may have two cores and other work to do.
 GO_BUILD_JOBS = 2

@@ -54,7 +54,8 @@ def local() -> None:
     is_flag=True,
     help="Also build the Prometheus Operator and its config reloader.",
 )
-def build(real_node: bool, with_monitoring: bool) -> None:
+@click.option("--s3", "with_s3", is_flag=True, help="Also build MinIO, the S3 server of the S3 tests.")
+def build(real_node: bool, with_monitoring: bool, with_s3: bool) -> None:
     """Build (or reuse) the control-plane binaries from the pinned Go module."""
     try:
         directory = build_module.build(progress=_echo)
@@ -63,6 +64,8 @@ def build(real_node: bool, with_monitoring: bool) -> None:
                 build_module.build(progress=_echo, toolset=toolset)
         if with_monitoring:
             build_module.build(progress=_echo, toolset=monitoring.TOOLSET)
+        if with_s3:
+            build_module.build(progress=_echo, toolset=build_module.MINIO)
     except build_module.BuildError as error:
         raise click.ClickException(str(error)) from error
     click.echo(f"export PATH={directory}:$PATH   # to run helm, etcd, kwok, ... directly")

@@ -84,6 +84,9 @@ def build_args(engine: LLMEngine, settings: Settings) -> list[str]:
     ]
     if spec.max_sequence_length:
         args += ["--max-seq-len", str(spec.max_sequence_length)]
+    if spec.capacity_ttft_target_ms is not None and spec.capacity_ttft_percentile is not None:
+        args += ["--ttft-target-ms", str(spec.capacity_ttft_target_ms)]
+        args += ["--ttft-percentile", str(spec.capacity_ttft_percentile)]
     if not spec.gpu_product:
         args += ["--device", "cpu"]
     return [*args, "--no-progress-bar", "--result-file", TERMINATION_LOG]
@@ -105,6 +108,8 @@ def build_job(engine: LLMEngine, settings: Settings, gpus: int) -> Manifest:
     volumes.append({"name": "tmp", "emptyDir": {}})
     mounts.append({"name": "tmp", "mountPath": TMP_MOUNT})
     env, env_from = credentials_env(spec.model.credentials_secret, spec.model.source)
+    if spec.cache_credentials_secret is not None:
+        env_from.append({"secretRef": {"name": spec.cache_credentials_secret.name}})
     env = [
         {"name": "HOME", "value": TMP_MOUNT},
         {"name": "HF_HOME", "value": f"{TMP_MOUNT}/hf"},

@@ -242,6 +242,10 @@ def _engine_container(inputs: ServingInputs, gpus: int, member: GroupMember | No
     }
     if resources:
         container["resources"] = resources
+    cache_secret = spec.build.cache_credentials_secret
+    if cache_secret is not None and artifact_location(inputs.engine).startswith("s3://"):
+        # The pod downloads the engine from the s3:// cache with the deployment's own keys.
+        container["envFrom"] = [{"secretRef": {"name": cache_secret.name}}]
     return container
 
 

@@ -159,6 +159,8 @@ def _capacity(raw: Any) -> dict[str, Any] | None:
         capacity["maxConcurrencyAtTtftTarget"] = int(raw["maxConcurrency"])
     if isinstance(raw.get("ttftTargetMs"), int | float):
         capacity["ttftTargetMs"] = int(raw["ttftTargetMs"])
+    if isinstance(raw.get("ttftPercentile"), int):
+        capacity["ttftPercentile"] = raw["ttftPercentile"]
     return capacity or None
 
 

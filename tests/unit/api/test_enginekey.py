@@ -49,6 +49,11 @@ def test_key_is_stable_across_processes() -> None:
         ("parallelism.tensor", 2),
         ("parallelism.pipeline", 2),
         ("gpu.product", "NVIDIA-A100-SXM4-80GB"),
+        ("build.cache", "s3://kiln-engines/cache"),
+        # the build measures capacity (torch, one rank) at the deployment's target, with its limits
+        ("autoscaling.ttftP50TargetMs", 200),
+        ("autoscaling.ttftP90TargetMs", 900),
+        ("engine.maxBatchSize", 64),
     ],
 )
 def test_each_artifact_input_changes_the_key(path: str, value: object) -> None:
@@ -70,7 +75,7 @@ def test_runtime_version_changes_the_key() -> None:
         ("serving.terminationGracePeriodSeconds", 600),
         ("build.timeoutSeconds", 900),
         ("gpu.product", "NVIDIA-H200"),  # same architecture (sm90): the engine is reusable
-        ("engine.maxBatchSize", 64),  # a runtime limit for the torch backend
+        ("build.cacheCredentialsSecret", {"name": "other-keys"}),  # access, not content
     ],
 )
 def test_serving_only_changes_keep_the_key(path: str, value: object) -> None:
@@ -119,3 +124,18 @@ def test_engine_spec_carries_the_key_and_build_settings() -> None:
     assert built.parallelism.tensor == 4
     assert built.gpu_arch == "sm90"
     assert built.cache == spec.build.cache
+
+
+def test_capacity_settings_stay_out_of_the_key_where_the_build_does_not_measure() -> None:
+    """Serving pods measure multi-rank engines: their target and limits do not change the artifact."""
+    tp2 = spec_with("parallelism.tensor", 2)
+    for path, value in (("autoscaling.ttftP50TargetMs", 200), ("engine.maxBatchSize", 64)):
+        assert engine_key(spec_with(path, value, base=tp2.to_wire()), "1.0") == engine_key(tp2, "1.0")
+    assert engine_spec(tp2, "1.0").capacity_ttft_percentile is None
+
+
+def test_the_build_measures_at_the_deployments_tightest_stated_percentile() -> None:
+    p50_only = engine_spec(spec_with("autoscaling.ttftP50TargetMs", 300), "1.0")
+    assert (p50_only.capacity_ttft_percentile, p50_only.capacity_ttft_target_ms) == (50, 300)
+    with_p90 = engine_spec(spec_with("autoscaling.ttftP90TargetMs", 900), "1.0")
+    assert (with_p90.capacity_ttft_percentile, with_p90.capacity_ttft_target_ms) == (90, 900)

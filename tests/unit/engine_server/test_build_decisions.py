@@ -185,6 +185,31 @@ def test_capacity_search_finds_the_largest_burst_within_the_target() -> None:
     assert search_max_concurrency(measure, 64, 0.5, deadline=0.0)[0] == 1
 
 
+def test_capacity_search_holds_the_target_at_the_asked_percentile() -> None:
+    """Half of each burst's requests wait much longer (TTFT grows with the burst): at p50 the fast
+    half decides, at p90 the slow one, so the same engine fits more requests for a p50 target."""
+
+    def measure(c: int) -> Burst:
+        fast, slow = (0.02 * c,) * (c - c // 2), (0.1 * c,) * (c // 2)
+        return Burst(c, fast + slow, 1000.0 * c, 100.0 * c, 0.1)
+
+    at_p50, _ = search_max_concurrency(measure, 64, 0.5, quantile=0.5)
+    at_p90, _ = search_max_concurrency(measure, 64, 0.5, quantile=0.9)
+    assert at_p50 == 25 and at_p90 == 5
+    with pytest.raises(ValueError, match="quantile"):
+        search_max_concurrency(measure, 64, 0.5, quantile=90)
+
+
+def test_the_ttft_percentile_is_validated_and_shapes_the_build() -> None:
+    """A capacity measured at another percentile is another artifact; a percentile Kiln does not
+    measure at is refused before the build starts."""
+    p90 = BuildOptions(model="hf://o/m@abc", output="pvc://c/k")
+    assert recorded_options(p90) != recorded_options(BuildOptions(**{**p90.__dict__, "ttft_percentile": 50}))
+    with pytest.raises(BuildError, match="TTFT percentile 75") as raised:
+        validate_options(BuildOptions(**{**p90.__dict__, "ttft_percentile": 75}))
+    assert raised.value.reason == "InvalidOptions"
+
+
 def test_percentile_and_load_shape() -> None:
     assert percentile([], 0.9) == 0.0
     assert percentile([1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0, 10.0], 0.9) == 9.0
@@ -200,7 +225,9 @@ def test_result_shapes_and_size_limit() -> None:
     ok = json.loads(result.encode(result.success("pvc://c/k", "ab" * 32, "0.1.0", "sm90", cap)))
     assert ok == {
         "ok": True, "artifact": "pvc://c/k", "manifestSha256": "ab" * 32, "runtimeVersion": "0.1.0",
-        "gpuArch": "sm90", "capacity": {"tokensPerSecond": 123.4, "maxConcurrency": 7, "ttftTargetMs": 250.0},
+        "gpuArch": "sm90",
+        "capacity": {"tokensPerSecond": 123.4, "maxConcurrency": 7, "ttftTargetMs": 250.0,
+                     "ttftPercentile": 90},
     }  # fmt: skip
     assert json.loads(result.encode(result.success("u", "x", "v", "cpu", None)))["capacity"] is None
     huge = result.failure("BuildFailed", "é" * 10_000)
