@@ -30,9 +30,11 @@ from kubernetes import client
 from pydantic import ValidationError
 
 from kiln import labels
+from kiln.api.enginekey import build_setting_conflicts
 from kiln.api.v1alpha1 import LLMDeployment, LLMEngine
 from kiln.controller.kube import (
     DEPLOYMENTS,
+    FIELD_MANAGER,
     JOBS,
     LEADERWORKERSETS,
     LLMDEPLOYMENTS,
@@ -47,6 +49,7 @@ from kiln.controller.kube import (
 )
 from kiln.controller.metrics import Metrics
 from kiln.controller.workqueue import WorkQueue
+from kiln.drift import Drift, drifted
 from kiln.placement import LWS_GROUP_KEY, NodeTopology, Placement, PlacementPolicy, ReplicaShape, plan
 from kiln.render import build_job as render_build
 from kiln.render import engine as render_engine
@@ -543,6 +546,17 @@ class Reconciler:
         pending = ((obj.get("status") or {}).get("pendingEngine") or {}).get("name")
         if _phase(engine) == "Ready" and identity.name not in (in_status, pending):
             self.kube.event(obj, "EngineReused", f"Using LLMEngine {identity.name}, already built")
+        wanted = render_engine.desired_engine_spec(deployment, self.settings.runtime_version)
+        differing = build_setting_conflicts(engine.spec, wanted)
+        if differing and identity.name not in (in_status, pending):
+            creator = (engine.metadata.annotations or {}).get(render_engine.CREATED_FOR_ANNOTATION, "?")
+            self.kube.event(
+                obj,
+                "EngineSharedWithOtherBuildSettings",
+                f"LLMEngine {identity.name} (same artifact) was created for {creator} with other "
+                f"{', '.join(differing)} than {deployment.metadata.name}'s; it is shared as it was built",
+                "Warning",
+            )
         return engine
 
     def _apply_serving(
@@ -564,9 +578,9 @@ class Reconciler:
             manifest: dict[str, Any] = workload
         else:
             manifest = render_serving.workload(inputs)
-            workload = self._apply_if_changed(manifest, current)
+            workload = self._apply_if_changed(manifest, current, obj)
         self._apply_if_changed(
-            render_service.service(deployment, multi_node), self._get(SERVICES, namespace, name)
+            render_service.service(deployment, multi_node), self._get(SERVICES, namespace, name), obj
         )
         if current is None or current.get("kind") != manifest["kind"]:
             self.kube.event(
@@ -631,16 +645,28 @@ class Reconciler:
                 self.kube.delete(PODS, namespace, pod)
         return summary
 
-    def _apply_if_changed(self, manifest: dict[str, Any], live: Mapping[str, Any] | None) -> dict[str, Any]:
-        """Server-side apply, skipped when the live object already carries this exact rendering."""
+    def _apply_if_changed(
+        self, manifest: dict[str, Any], live: Mapping[str, Any] | None, owner: Mapping[str, Any] | None = None
+    ) -> dict[str, Any]:
+        """Server-side apply, skipped when the live object already carries this exact rendering and no
+        other field manager has taken a field of it over (drift, which the forced apply takes back;
+        the owner gets a DriftReverted event naming the fields and who set them)."""
         digest = _digest(manifest)
         manifest["metadata"].setdefault("annotations", {})[APPLIED_ANNOTATION] = digest
+        drift: list[Drift] = []
         if live is not None:
             same = ((live.get("metadata") or {}).get("annotations") or {}).get(APPLIED_ANNOTATION) == digest
+            drift = drifted(live, manifest, FIELD_MANAGER) if same else []
             # Someone scaling the child directly is drift the next apply undoes.
-            if same and (live.get("spec") or {}).get("replicas") == manifest["spec"].get("replicas"):
+            replicas_kept = (live.get("spec") or {}).get("replicas") == manifest["spec"].get("replicas")
+            if same and not drift and replicas_kept:
                 return dict(live)
-        return self._wrote(self.kube.apply(manifest))
+        applied = self._wrote(self.kube.apply(manifest))
+        if drift and owner is not None:
+            edits = "; ".join(d.describe() for d in drift)
+            what = f"{manifest['kind']} {manifest['metadata']['name']}"
+            self.kube.event(owner, "DriftReverted", f"{what}: put back {edits}", "Warning")
+        return applied
 
     def _placement(self, deployment: LLMDeployment, engine: LLMEngine) -> Placement | None:
         gpu = deployment.spec.gpu
