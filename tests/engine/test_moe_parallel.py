@@ -88,3 +88,12 @@ def test_built_moe_artifact_serves_the_checkpoints_tokens(
     ckpt, ref, _ = qwen3_moe
     art = build(ckpt, tmp_path / "art")
     assert run_ranks(art, 1, tmp_path / "art.json") == ref
+
+
+def test_build_refuses_a_tp_size_the_experts_do_not_split_into(tmp_path: Path) -> None:
+    ckpt = make_tiny_checkpoint(tmp_path / "ckpt", "qwen3_moe", moe_intermediate_size=34)
+    args = ["build", "--model", str(ckpt), "--output", str(tmp_path / "out"), "--device", "cpu"]
+    result = CliRunner().invoke(main, [*args, "--tp", "4", "--no-measure-capacity", "--no-progress-bar"])
+    assert result.exit_code != 0
+    assert "experts' intermediate size 34 is not divisible by 4" in result.output
+    assert not (tmp_path / "out").exists()

@@ -175,6 +175,10 @@ def check_parallelism(cfg: ModelConfig, tp: int, pp: int) -> None:
         problems.append(f"num_key_value_heads {kv} is not divisible by {tp} (nor {tp} by it)")
     if cfg.intermediate_size % tp:
         problems.append(f"intermediate_size {cfg.intermediate_size} is not divisible by {tp}")
+    if cfg.moe is not None and cfg.moe.intermediate_size % tp:
+        problems.append(
+            f"the experts' intermediate size {cfg.moe.intermediate_size} is not divisible by {tp}"
+        )
     if not problems:
         problems = int4_split_problems(cfg, tp)
     if problems:
