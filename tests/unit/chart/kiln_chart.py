@@ -31,9 +31,12 @@ OPERATOR_VERBS = {
     ("batch", "jobs"): {"get", "list", "watch", "create", "patch", "delete"},
     ("apps", "deployments"): {"get", "list", "watch", "create", "patch", "delete"},
     ("leaderworkerset.x-k8s.io", "leaderworkersets"): {"get", "list", "watch", "create", "patch", "delete"},
+    # multi-node pod groups where LeaderWorkerSet is not installed
+    ("apps", "statefulsets"): {"get", "list", "watch", "create", "patch", "delete"},
     ("", "services"): {"get", "list", "watch", "create", "patch", "delete"},
-    # build pods: read their state and termination message, tail their logs on failure
-    ("", "pods"): {"get", "list", "watch"},
+    # build pods: read their state and termination message, tail their logs on failure; delete:
+    # a multi-node group left on an old template is recreated whole
+    ("", "pods"): {"get", "list", "watch", "delete"},
     ("", "pods/log"): {"get"},
     ("", "events"): {"create"},
     # placement reads nodes; kopf discovers resources and the operator detects LeaderWorkerSet
