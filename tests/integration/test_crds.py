@@ -92,6 +92,7 @@ def test_every_example_is_accepted_with_defaults_applied(
             "minReplicas",
         ),
         ({"serving__port": 0}, "spec.serving.port", "greater than or equal to 1"),
+        ({"placement__exclusive": True}, "spec.placement.exclusive", "topology domain"),
     ],
 )
 def test_invalid_specs_are_rejected_naming_the_field(
