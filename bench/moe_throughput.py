@@ -16,6 +16,7 @@ written to `--out` after every stage, so a run cut short keeps what it measured.
 
     PYTHONPATH=engine-image python bench/moe_throughput.py --out bench/results/moe-h200.json
     PYTHONPATH=engine-image python bench/moe_throughput.py --models qwen3-30b-a3b --modes bf16,fp8
+    PYTHONPATH=engine-image python bench/moe_throughput.py --check    # fast path == reference
     PYTHONPATH=engine-image python bench/moe_throughput.py --tiny --device cpu   # toy size (32/16, 256/16)
 """
 
@@ -260,6 +261,66 @@ def baseline_bench(
     return res
 
 
+def run_check(args: argparse.Namespace, root: Path) -> dict[str, Any]:
+    """The GPU gate: the Triton experts equal the torch reference on one layer of each shape (bf16
+    and fp8), and a tiny Qwen3-MoE and Mixtral served through the fast path (Triton, CUDA graphs)
+    produce the reference path's (torch, eager) greedy tokens."""
+    from kiln_engine.interface import SamplingParams
+    from kiln_engine.testing import make_tiny_checkpoint
+
+    dev = torch.device(args.device)
+    fast = dev.type == "cuda"
+    if fast:
+        from kiln_engine.layers.fused_moe import fused_experts
+    out: dict[str, Any] = {"kernel": {}, "engine": {}}
+    g = torch.Generator(device=dev).manual_seed(0)
+    dtype = torch.bfloat16 if fast else torch.float32
+    for name in args.models.split(","):
+        experts, top_k, hidden, inter = expert_shape(MODELS[name])
+        if not fast:
+            hidden, inter = 64, 32
+        w13 = torch.randn(experts, 2 * inter, hidden, device=dev, dtype=dtype, generator=g) * 0.02
+        w2 = torch.randn(experts, hidden, inter, device=dev, dtype=dtype, generator=g) * 0.02
+        q = [quantize_fp8(w13[e]) for e in range(experts)], [quantize_fp8(w2[e]) for e in range(experts)]
+        s13, s2 = torch.stack([s for _, s in q[0]]), torch.stack([s for _, s in q[1]])
+        q13, q2 = torch.stack([w for w, _ in q[0]]), torch.stack([w for w, _ in q[1]])
+        for tokens in (1, 7, 300):
+            x = torch.randn(tokens, hidden, device=dev, dtype=dtype, generator=g)
+            weights, ids = route(torch.randn(tokens, experts, device=dev, generator=g), top_k, True)
+            weights = weights.to(dtype)
+            for variant, wts in (("bf16", (w13, w2, None, None)), ("fp8", (q13, q2, s13, s2))):
+                ref = experts_reference(
+                    x.float(),
+                    weights.float(),
+                    ids,
+                    *(t.float() if t is not None and t.dtype == dtype else t for t in wts),
+                )
+                got = fused_experts(x, weights, ids, *wts) if fast else ref
+                rel = ((got.float() - ref).norm() / ref.norm()).item()
+                out["kernel"][f"{name} {variant} T={tokens}"] = rel
+        del w13, w2, q13, q2
+        free()
+    greedy = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
+    for arch in ("qwen3_moe", "mixtral"):
+        path = make_tiny_checkpoint(root / f"tiny-{arch}", arch, num_hidden_layers=3)
+        tokens = {}
+        for mode, overrides in (
+            ("reference", {"attention_backend": "torch", "cuda_graphs": False}),
+            ("fast", {"attention_backend": "auto", "cuda_graphs": fast}),
+        ):
+            engine = make_engine(path, args, 256, load_format="auto", **overrides)
+            assert engine.tokenizer is not None
+            prompts = [engine.tokenizer.encode(t) for t in ("Hello, world!", "The quick brown fox", "A")]
+            tokens[mode] = engine.generate(prompts * 3, greedy)
+            del engine
+            free()
+        out["engine"][arch] = {"same_tokens": tokens["reference"] == tokens["fast"], **tokens}
+    out["ok"] = all(r < 2e-2 for r in out["kernel"].values()) and all(
+        e["same_tokens"] for e in out["engine"].values()
+    )
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument(
@@ -276,6 +337,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     ap.add_argument("--no-baseline", action="store_true", help="skip transformers")
     ap.add_argument("--tiny", action="store_true", help="toy sizes of both shapes (checks the bench on CPU)")
+    ap.add_argument(
+        "--check", action="store_true", help="run the fast-vs-reference correctness gate and exit"
+    )
     ap.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     args = ap.parse_args(argv)
     args.tp = 1
@@ -306,6 +370,12 @@ def main(argv: list[str] | None = None) -> int:
             args.out.write_text(json.dumps(results, indent=1, default=str))
 
     args.save = save
+    if args.check:
+        with tempfile.TemporaryDirectory(prefix="kiln-moe-check-") as tmp:
+            results["check"] = run_check(args, Path(tmp))
+        save()
+        print(json.dumps(results["check"], indent=1))
+        return 0 if results["check"]["ok"] else 1
     bw = copy_bandwidth(dev, nbytes=(2 << 30) if dev.type == "cuda" else (64 << 20))
     flops = matmul_rate(dev)
     results["device"].update(copy_bandwidth_gb_s=bw / 1e9, bf16_mm_tflops=flops / 1e12)
