@@ -176,7 +176,8 @@ def image_labels(ctr_ls: str) -> dict[str, str]:
 def import_archives(ctr: Path, address: Path, archives: Sequence[Path]) -> list[Path]:
     """Import image archives into containerd's `k8s.io` namespace (the CRI's), unpacked for
     SNAPSHOTTER; the layer blobs go once unpacked. A docker-archive whose image (same tags, same
-    id) is already there is skipped. Returns the archives imported."""
+    id) is already there is skipped; one with a new id replaces the old image. Returns the archives
+    imported."""
     ctr_command = [str(ctr), f"--address={address}", "--namespace=k8s.io", "images"]
     present = image_labels(_run([*ctr_command, "ls"]))
     imported = []
@@ -185,6 +186,12 @@ def import_archives(ctr: Path, address: Path, archives: Sequence[Path]) -> list[
         if image is not None and image[0] and all(present.get(tag) == image[1] for tag in image[0]):
             continue
         label = [f"--label={IMAGE_ID_LABEL}={image[1]}"] if image is not None else []
+        if image is not None:
+            # The image these tags named before (and the CRI's `sha256:<id>` name for it) would
+            # otherwise stay: gigabytes per rebuild of the engine.
+            stale = [ref for tag in image[0] if present.get(tag) for ref in (tag, f"sha256:{present[tag]}")]
+            if stale:
+                subprocess.run([*ctr_command, "rm", *stale], capture_output=True, check=False)
         _run(
             [
                 *ctr_command,
