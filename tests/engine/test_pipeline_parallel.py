@@ -66,6 +66,36 @@ def test_a_rank_counts_as_dead_only_after_the_timeout() -> None:
     assert stalled_ranks({1: 100.0}, now=105.0, timeout_s=10.0) == []
 
 
+@pytest.mark.parametrize("tied", [False, True])
+def test_stages_hold_disjoint_layers_that_cover_the_model(tmp_path: Path, tied: bool) -> None:
+    """Each stage allocates only its own layers (the KV cache follows), the embedding on the first,
+    norm and LM head on the last; with tied embeddings the last stage has its own embedding copy."""
+    import torch
+
+    from kiln_engine.config import ModelConfig
+    from kiln_engine.layers.parallel import pipeline_stage
+    from kiln_engine.models.llama import LlamaForCausalLM
+
+    ckpt = make_tiny_checkpoint(tmp_path / "ckpt", "llama", num_hidden_layers=3, tie_word_embeddings=tied)
+    cfg = ModelConfig.from_file(ckpt / "config.json")
+    whole = {n for n, _ in LlamaForCausalLM(cfg, 64, torch.float32).named_parameters()}
+    stages = [
+        {
+            n
+            for n, _ in LlamaForCausalLM(
+                cfg, 64, torch.float32, pp=pipeline_stage(3, r, 2)
+            ).named_parameters()
+        }
+        for r in range(2)
+    ]
+    assert {n.split(".")[2] for n in stages[0] if n.startswith("model.layers.")} == {"0", "1"}
+    assert {n.split(".")[2] for n in stages[1] if n.startswith("model.layers.")} == {"2"}
+    assert stages[0] | stages[1] == whole
+    shared = stages[0] & stages[1]
+    assert shared == ({"model.embed_tokens.weight"} if tied else set())
+    assert "model.norm.weight" in stages[1] and "model.norm.weight" not in stages[0]
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
