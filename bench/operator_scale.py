@@ -6,7 +6,9 @@ with its own model, so each builds its own engine; `--shared` makes them share o
 
 * seconds from the first create until every LLMDeployment is Ready;
 * API requests the operator's reconcilers sent, per deployment (kopf's watch streams excluded);
-* the operator's peak resident memory (VmHWM).
+* the operator's peak resident memory (VmHWM);
+* CPU seconds (user + system) per deployment of the operator and of the API server, from the
+  first create until all are Ready (and the operator's CPU seconds before it, at start).
 
     .venv/bin/python bench/operator_scale.py --nodes 2000 --deployments 100
     .venv/bin/python bench/operator_scale.py --nodes 2000 --deployments 1000
@@ -85,6 +87,12 @@ def peak_rss_mib(pid: int) -> float:
     return int(match.group(1)) / 1024 if match else float("nan")
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds a process has used (its own threads, not its children)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def api_request_counts(metrics_port: int) -> dict[str, float]:
     """The operator's API requests so far, by `verb resource`."""
     with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5) as response:
@@ -151,6 +159,9 @@ def main() -> None:
                     raise
                 time.sleep(0.5)
 
+        assert cluster.state is not None
+        apiserver = cluster.state.pids["kube-apiserver"]
+        cpu_at_start = {"operator": cpu_seconds(operator.pid), "apiserver": cpu_seconds(apiserver)}
         first = time.monotonic()
         with ThreadPoolExecutor(8) as pool:
             list(
@@ -176,6 +187,10 @@ def main() -> None:
                 )
             time.sleep(1)
         elapsed = time.monotonic() - first
+        cpu_used = {
+            "operator": cpu_seconds(operator.pid) - cpu_at_start["operator"],
+            "apiserver": cpu_seconds(apiserver) - cpu_at_start["apiserver"],
+        }
         requests = api_requests(metrics_port) - baseline
         result = {
             "nodes": args.nodes,
@@ -190,6 +205,10 @@ def main() -> None:
                 for key, value in sorted(api_request_counts(metrics_port).items())
             },
             "operator_peak_rss_mib": round(peak_rss_mib(operator.pid), 1),
+            "operator_cpu_seconds_at_start": round(cpu_at_start["operator"], 1),
+            "operator_cpu_seconds_per_deployment": round(cpu_used["operator"] / args.deployments, 3),
+            "apiserver_cpu_seconds_per_deployment": round(cpu_used["apiserver"] / args.deployments, 3),
+            "load_average_at_end": os.getloadavg()[0],
             "operator_log": str(work / "operator.log"),
         }
         print(json.dumps(result, indent=2))
