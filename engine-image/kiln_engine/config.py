@@ -17,6 +17,7 @@ SUPPORTED_ARCHITECTURES: tuple[str, ...] = (
     "Qwen3ForCausalLM",
     "MixtralForCausalLM",
     "Qwen3MoeForCausalLM",
+    "Phi3ForCausalLM",
 )
 
 ROPE_TYPES: tuple[str, ...] = ("default", "linear", "dynamic", "llama3", "yarn", "longrope")
@@ -183,6 +184,18 @@ class ModelConfig:
                 f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
             )
         model_type = cfg.get("model_type", arch.removesuffix("ForCausalLM").lower())
+        rotary = float(
+            cfg.get(
+                "partial_rotary_factor", (cfg.get("rope_parameters") or {}).get("partial_rotary_factor", 1.0)
+            )
+        )
+        quant = str((cfg.get("quantization_config") or {}).get("quant_method", "none")).lower()
+        if arch == "Phi3ForCausalLM" and quant in ("awq", "gptq"):
+            raise UnsupportedModelError(f"{quant} Phi-3 checkpoints (fused q/k/v in int4) are not supported")
+        if rotary != 1.0:
+            raise UnsupportedModelError(
+                f"partial rotary embeddings (partial_rotary_factor {rotary}) are not supported"
+            )
         heads = int(cfg["num_attention_heads"])
         hidden = int(cfg["hidden_size"])
         head_dim = cfg.get("head_dim") or hidden // heads

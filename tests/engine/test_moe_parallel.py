@@ -15,6 +15,9 @@ from safetensors.torch import load_file
 
 from kiln_engine.build.manifest import verify_artifact
 from kiln_engine.cli import main
+from kiln_engine.config import EngineConfig
+from kiln_engine.engine import LLMEngine
+from kiln_engine.interface import SamplingParams
 from kiln_engine.layers.sharding import shard_tensor, tp_shard_dim
 from kiln_engine.quantization import is_quantizable
 from kiln_engine.testing import make_tiny_checkpoint
@@ -97,3 +100,32 @@ def test_build_refuses_a_tp_size_the_experts_do_not_split_into(tmp_path: Path) -
     assert result.exit_code != 0
     assert "experts' intermediate size 34 is not divisible by 4" in result.output
     assert not (tmp_path / "out").exists()
+
+
+def test_phi3_build_splits_fused_tensors_and_serves_the_checkpoints_tokens(tmp_path: Path) -> None:
+    """Phi-3's fused qkv_proj/gate_up_proj become Llama's q/k/v and gate/up in the artifact, so
+    they shard (and quantize) like every other Llama-family weight."""
+    ckpt = make_tiny_checkpoint(tmp_path / "ckpt", "phi3")
+    two = build(ckpt, tmp_path / "tp2", "--tp", "2")
+    rank1 = load_file(str(two / "rank-1/model.safetensors"))
+    assert not [n for n in rank1 if "qkv_proj" in n or "gate_up_proj" in n]
+    fused = load_file(str(ckpt / "model.safetensors"))
+    qkv = fused["model.layers.0.self_attn.qkv_proj.weight"]
+    gate_up = fused["model.layers.0.mlp.gate_up_proj.weight"]
+    want = {
+        "self_attn.q_proj": qkv[: 4 * 16],  # 4 heads of 16, then 2 KV heads each for k and v
+        "self_attn.v_proj": qkv[6 * 16 :],
+        "mlp.up_proj": gate_up[128:],  # gate first, then up (intermediate 128)
+    }
+    for module, full in want.items():
+        name = f"model.layers.0.{module}.weight"
+        assert torch.equal(rank1[name], shard_tensor(name, full, 1, 2, num_kv_heads=2)), name
+    one = build(ckpt, tmp_path / "fp8", "--quantization", "fp8")
+    assert load_file(str(one / "rank-0/model.safetensors"))["model.layers.1.mlp.gate_proj.weight"].dtype == (
+        torch.float8_e4m3fn
+    )
+    params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+    prompts = [[5, 17, 42, 99, 3], [200, 11, 7]]
+    art = build(ckpt, tmp_path / "tp1")
+    cfg = EngineConfig(num_kv_blocks=32, block_size=4)
+    assert LLMEngine(art, cfg).generate(prompts, params) == LLMEngine(ckpt, cfg).generate(prompts, params)

@@ -1,6 +1,6 @@
-"""Mixtral, Qwen3-MoE and YaRN/LongRoPE checkpoints: greedy tokens equal transformers', token for token.
+"""Mixtral, Qwen3-MoE, Phi-3 and YaRN/LongRoPE checkpoints: greedy tokens equal transformers'.
 
-The MoE variants run test_parity's whole matrix (mixed prompt lengths, preemption, prefix-cache
+The architecture variants run test_parity's whole matrix (mixed prompt lengths, preemption, prefix-cache
 hits, chunked prefill, continuous batching with aborts, padded decode steps) against their own
 `model` fixture; the rope variants only change positions, so one mixed batch and chunked prefill
 cover them.
@@ -41,6 +41,7 @@ MOE_VARIANTS: dict[str, tuple[str, dict]] = {
         "qwen3_moe",
         {"norm_topk_prob": False, "num_hidden_layers": 3, "mlp_only_layers": [1]},
     ),
+    "phi3-sliding-window": ("phi3", {"sliding_window": 8}),  # fused q/k/v and gate/up in the checkpoint
 }
 
 ROPE_VARIANTS: dict[str, tuple[str, dict, int | None]] = {
@@ -74,6 +75,19 @@ ROPE_VARIANTS: dict[str, tuple[str, dict, int | None]] = {
                 "long_factor": [2.0 + i for i in range(8)],
                 "original_max_position_embeddings": 128,
             }
+        },
+        128,
+    ),
+    # Phi-3 style: the pretraining length at the top level of config.json
+    "phi3-longrope": (
+        "phi3",
+        {
+            "original_max_position_embeddings": 128,
+            "rope_scaling": {
+                "type": "longrope",
+                "short_factor": [1.0 + 0.3 * i for i in range(8)],
+                "long_factor": [3.0] * 8,
+            },
         },
         128,
     ),

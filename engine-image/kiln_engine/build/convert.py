@@ -21,6 +21,7 @@ from kiln_engine.build.manifest import PipelineStage
 from kiln_engine.config import ModelConfig
 from kiln_engine.layers.sharding import in_pp_stage, pp_layer_range, shard_tensor
 from kiln_engine.loader import RANK_DIR, RANK_WEIGHTS_FILE, weight_files
+from kiln_engine.models.phi3 import unfuse
 from kiln_engine.quantization import is_quantizable, quantize_fp8, quantize_int8
 
 CAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -111,12 +112,12 @@ def write_rank_shards(
                 rank = stage * tp + tp_rank
                 part: dict[str, torch.Tensor] = {}
                 for name in per_stage[stage]:
-                    for out_name, t in convert_tensor(
-                        name, ckpt.get(name), mode, per_channel, device
-                    ).items():
-                        part[out_name] = shard_tensor(
-                            out_name, t, tp_rank, tp, config.num_key_value_heads
-                        ).contiguous()
+                    # fused checkpoint tensors (Phi-3) are split first: sharded and quantized as Llama's
+                    for plain, whole in unfuse(name, ckpt.get(name), config):
+                        for out_name, t in convert_tensor(plain, whole, mode, per_channel, device).items():
+                            part[out_name] = shard_tensor(
+                                out_name, t, tp_rank, tp, config.num_key_value_heads
+                            ).contiguous()
                     done += 1
                     progress(done / total, f"rank {rank}: {name}")
                 rel = rank_file(rank)

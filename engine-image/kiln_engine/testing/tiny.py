@@ -2,7 +2,7 @@
 
 `make_tiny_checkpoint(path, arch)` writes config.json, safetensors weights (optionally sharded with
 an index), generation_config.json, tokenizer.json and tokenizer_config.json (chat template
-included) for Llama, Mistral, Qwen2, Qwen3, Mixtral or Qwen3-MoE. transformers can load the
+included) for Llama, Mistral, Qwen2, Qwen3, Mixtral, Qwen3-MoE or Phi-3. transformers can load the
 result, so tests compare our engine token for token against `AutoModelForCausalLM`; the local demo
 serves it.
 """
@@ -53,6 +53,7 @@ ARCHS: dict[str, dict[str, Any]] = {
     "qwen3": {"architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "add_bos": False},
     "mixtral": {"architectures": ["MixtralForCausalLM"], "model_type": "mixtral", "add_bos": True},
     "qwen3_moe": {"architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe", "add_bos": False},
+    "phi3": {"architectures": ["Phi3ForCausalLM"], "model_type": "phi3", "add_bos": True},
 }
 
 
@@ -116,6 +117,8 @@ def _config(arch: str, vocab: int, bos: int, eos: int, **overrides: Any) -> dict
         cfg["attention_bias"] = False
     if arch == "mixtral":
         cfg.update(sliding_window=None, num_local_experts=4, num_experts_per_tok=2, router_jitter_noise=0.0)
+    if arch == "phi3":
+        cfg.update(sliding_window=None, resid_pdrop=0.0, embd_pdrop=0.0, pad_token_id=eos)
     if arch == "qwen3_moe":
         cfg.update(
             num_experts=8,
@@ -162,8 +165,18 @@ def random_weights(cfg: dict[str, Any], seed: int = 0, std: float = 0.1) -> dict
         w[p + "input_layernorm.weight"] = norm(h)
         w[p + "post_attention_layernorm.weight"] = norm(h)
     w["model.norm.weight"] = norm(h)
+    if arch == "Phi3ForCausalLM":  # Phi-3 checkpoints fuse q/k/v and gate/up
+        w = _fuse_phi3(w, cfg["num_hidden_layers"])
     if not cfg.get("tie_word_embeddings", False):
         w["lm_head.weight"] = rnd(v, h)
+    return w
+
+
+def _fuse_phi3(w: dict[str, torch.Tensor], layers: int) -> dict[str, torch.Tensor]:
+    for i in range(layers):
+        a, m = f"model.layers.{i}.self_attn.", f"model.layers.{i}.mlp."
+        w[a + "qkv_proj.weight"] = torch.cat([w.pop(a + f"{x}_proj.weight") for x in "qkv"])
+        w[m + "gate_up_proj.weight"] = torch.cat([w.pop(m + "gate_proj.weight"), w.pop(m + "up_proj.weight")])
     return w
 
 
