@@ -110,6 +110,23 @@ class BlockManager:
                 self.block_hash[block] = h
                 self.block_origin[block] = (parent, tokens)
 
+    def rollback(self, seq: Sequence, num_computed_tokens: int) -> None:
+        """Forget `seq`'s K/V past `num_computed_tokens` (rejected speculative tokens): those
+        positions count as uncomputed again, and full blocks published for the prefix cache since
+        are withdrawn, since their slots will be overwritten. The blocks stay in its table."""
+        if num_computed_tokens > seq.num_computed_tokens:
+            raise ValueError("a rollback cannot move past the computed tokens")
+        seq.num_computed_tokens = num_computed_tokens
+        full = num_computed_tokens // self.block_size
+        for i in range(full, len(seq.block_hashes)):
+            block = seq.block_table[i]
+            h = seq.block_hashes[i]
+            if self.cached.get(h) == block:
+                del self.cached[h]
+                self.block_hash[block] = None
+                self.block_origin[block] = None
+        del seq.block_hashes[full:]
+
     # -- allocation --------------------------------------------------------------------------------
     def allocate_slots(self, seq: Sequence, num_new_tokens: int) -> bool:
         """Grow `seq`'s block table to hold `num_computed_tokens + num_new_tokens` positions.

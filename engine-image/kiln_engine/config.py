@@ -62,6 +62,10 @@ class EngineConfig:
     # took the host's share of a batch-1 step from 0.35-0.75 ms to under 0.1 ms
     # (docs/engine-speed.md, run 6); the CPU tests run it both ways.
     lookahead_decode: bool = True
+    # Speculative decoding: None (off) | "ngram" (prompt lookup: kiln_engine.speculative). Steps that
+    # verify drafts run eagerly (no decode graph) and speculation turns lookahead decode off.
+    speculative: str | None = None
+    num_speculative_tokens: int = 4
 
     def validate(self) -> None:
         """Reject configurations the scheduler could never serve."""
@@ -87,6 +91,17 @@ class EngineConfig:
             )
         if self.pipeline_parallel_size > 1 and self.cuda_graphs:
             raise ValueError("decode CUDA graphs cover the whole model: off under pipeline parallelism")
+        if self.speculative not in (None, "ngram"):
+            raise ValueError(f"speculative must be ngram (or unset), not {self.speculative!r}")
+        if self.speculative is not None:
+            if self.num_speculative_tokens < 1:
+                raise ValueError(
+                    f"num_speculative_tokens must be at least 1, got {self.num_speculative_tokens}"
+                )
+            if self.pipeline_parallel_size > 1 or self.tensor_parallel_size > 1:
+                raise ValueError(
+                    "speculative decoding runs on one rank only: not with tensor or pipeline parallelism"
+                )
         if self.load_format not in ("auto", "dummy"):
             raise ValueError(f"load_format must be auto or dummy, not {self.load_format!r}")
 

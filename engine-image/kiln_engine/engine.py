@@ -26,6 +26,7 @@ from kiln_engine.model_runner import ModelRunner
 from kiln_engine.sampler import SampledTokens
 from kiln_engine.scheduler import Scheduler, SchedulerOutput
 from kiln_engine.sequence import Sequence
+from kiln_engine.speculative import SpeculativeDecoder, merge_outputs
 from kiln_engine.tokenizer import IncrementalDetokenizer, Tokenizer
 
 
@@ -125,6 +126,9 @@ class LLMEngine:
         self.texts: dict[str, _TextState] = {}
         self.pending: list[RequestOutput] = []  # aborts to report on the next step
         self.in_flight: _Flight | None = None  # a lookahead step enqueued by the last step()
+        self.speculator: SpeculativeDecoder | None = None
+        if self.config.speculative == "ngram":
+            self.speculator = SpeculativeDecoder(self.config.num_speculative_tokens, self._max_model_len)
 
     # -- Engine protocol ---------------------------------------------------------------------------
     @property
@@ -177,6 +181,8 @@ class LLMEngine:
             kv_blocks_used=bm.num_used_blocks,
             preemptions_total=self.scheduler.preemptions_total,
             prefix_cache_hit_tokens_total=self.scheduler.prefix_hit_tokens_total,
+            spec_proposed_tokens_total=self.speculator.proposed_total if self.speculator else 0,
+            spec_accepted_tokens_total=self.speculator.accepted_total if self.speculator else 0,
         )
 
     def step(self) -> list[RequestOutput]:
@@ -191,18 +197,46 @@ class LLMEngine:
         if flight is not None and all(seq.is_finished for seq in flight.sampling):
             flight = None  # everyone it ran for stopped meanwhile: its tokens are not wanted
         if flight is None:
+            if self.speculator is not None:
+                self.speculator.propose(
+                    self.scheduler.running, self.block_manager, self.config.max_tokens_per_step
+                )
             sched = self.scheduler.schedule()
             if sched.is_empty:
                 self.in_flight = None
                 return outputs
+            if self.speculator is not None and self.speculator.drafts:
+                return outputs + self._speculative_step(sched, self.speculator)
             flight = _Flight(sched, self._sampling_seqs(sched), self.runner.execute_async(sched.chunks))
         # The flight's input tokens are all known now (a lookahead's were resolved by the call that
         # launched it), so its blocks can be published to the prefix cache.
         self.scheduler.complete_step(flight.sched)
         self.in_flight = self._lookahead(flight)
         tokens, logprobs = flight.sampled.resolve()
-        outputs.extend(self._apply(flight, tokens, logprobs))
+        outputs.extend(self._apply(flight.sampling, tokens, logprobs))
         return outputs
+
+    def _speculative_step(self, sched: SchedulerOutput, spec: SpeculativeDecoder) -> list[RequestOutput]:
+        """Verify the drafts in `sched` in one forward pass; apply each sequence's emitted tokens
+        one at a time (so stops cut them short), then roll its KV back to match."""
+        spec.check_scheduled(sched.chunks)
+        verified = spec.verify(self.runner, sched.chunks)
+        self.scheduler.complete_step(sched)
+        seqs = self._sampling_seqs(sched)
+        for seq in seqs:
+            spec.settle(seq, self.block_manager)
+        outputs: list[RequestOutput] = []
+        for j in range(max(map(len, verified.tokens), default=0)):
+            rows = [
+                (seq, toks[j], verified.logprobs[i] if j == 0 else None)
+                for i, (seq, toks) in enumerate(zip(seqs, verified.tokens, strict=True))
+                if j < len(toks) and not seq.is_finished
+            ]
+            outputs.extend(self._apply([r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows]))
+        for seq in seqs:
+            if not seq.is_finished:
+                seq.num_computed_tokens = seq.num_tokens - 1  # the last emitted token has no K/V yet
+        return merge_outputs(outputs)
 
     def _sampling_seqs(self, sched: SchedulerOutput) -> list[Sequence]:
         return [c.seq for c in sched.chunks if c.samples]
@@ -218,6 +252,7 @@ class LLMEngine:
         if (
             not self.config.lookahead_decode
             or self.runner.decode_graphs is None
+            or self.speculator is not None
             or self.config.tensor_parallel_size > 1
             or sched.waiting
             or len(flight.sampling) != len(running)
@@ -245,14 +280,14 @@ class LLMEngine:
         return _Flight(nxt, list(flight.sampling), sampled)
 
     def _apply(
-        self, flight: _Flight, tokens: list[int], logprobs: list[TokenLogprob | None]
+        self, sampling: list[Sequence], tokens: list[int], logprobs: list[TokenLogprob | None]
     ) -> list[RequestOutput]:
         outputs: list[RequestOutput] = []
         # Per-sequence work below runs for every decoding sequence every step (a thousand at a
         # time), so it stays lean: no text state without a tokenizer, one loop, few lookups.
         live = [
             (seq, token, lp)
-            for seq, token, lp in zip(flight.sampling, tokens, logprobs, strict=True)
+            for seq, token, lp in zip(sampling, tokens, logprobs, strict=True)
             if not seq.is_finished  # aborted while the step ran
         ]
         followed = self.in_flight is not None  # a lookahead step already holds a placeholder

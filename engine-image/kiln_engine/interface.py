@@ -85,6 +85,8 @@ class EngineStats:
     kv_blocks_used: int = 0
     preemptions_total: int = 0
     prefix_cache_hit_tokens_total: int = 0
+    spec_proposed_tokens_total: int = 0  # draft tokens proposed by speculative decoding
+    spec_accepted_tokens_total: int = 0  # of those, accepted by the target model
 
 
 class Engine(Protocol):

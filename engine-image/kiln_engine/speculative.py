@@ -1,0 +1,171 @@
+"""Speculative decoding by n-gram prompt lookup: propose draft tokens, verify them in one target step.
+
+Per step, each running sequence that decodes greedily (`SamplingParams.plain_greedy`) and has its
+whole context computed gets up to k draft tokens: the tokens that followed the most recent earlier
+occurrence of its longest matching suffix n-gram (prompt + output), no extra model. The drafts are
+appended to `token_ids` before scheduling, so the scheduler schedules 1 + k tokens for that sequence
+next to ordinary decodes and prefills in the same batch. `verify` runs that batch once, takes the
+target's argmax at every draft position, and keeps the drafts up to the first mismatch plus the
+target's own token after them (greedy acceptance: the output equals decoding without drafts).
+`SpeculativeDecoder.settle` then removes the drafts again and rolls the KV cache back: the KV of
+accepted drafts stays, rejected positions count as uncomputed, and prefix-cache entries published
+for blocks that held rejected drafts are withdrawn before anyone can reuse them.
+
+Sampled requests (temperature > 0, logprobs, penalties, grammars, ...) never speculate yet: they
+decode one token per step in the same batches.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import torch
+
+from kiln_engine.block_manager import BlockManager
+from kiln_engine.interface import RequestOutput, TokenLogprob
+from kiln_engine.model_runner import ModelRunner
+from kiln_engine.scheduler import ScheduledChunk
+from kiln_engine.sequence import Sequence
+
+MAX_NGRAM = 3  # longest suffix looked up; shorter ones are tried when it has no earlier match
+MIN_NGRAM = 1
+
+
+def propose_ngram(tokens: list[int], k: int, max_n: int = MAX_NGRAM, min_n: int = MIN_NGRAM) -> list[int]:
+    """Up to `k` tokens that followed the most recent earlier occurrence of `tokens`' longest
+    matching suffix (length `max_n` down to `min_n`); [] when no suffix occurred before."""
+    if k <= 0:
+        return []
+    size = len(tokens)
+    for n in range(min(max_n, size - 1), min_n - 1, -1):
+        suffix = tokens[size - n :]
+        # latest start i < size - n whose n tokens equal the suffix and that has a continuation
+        for i in range(size - n - 1, -1, -1):
+            if tokens[i : i + n] == suffix:
+                return tokens[i + n : i + n + k]
+    return []
+
+
+def accept_greedy(drafts: list[int], targets: list[int]) -> list[int]:
+    """The tokens greedy decoding emits: `targets[i]` is the target's argmax after the context plus
+    `drafts[:i]` (len(targets) == len(drafts) + 1); drafts are kept while they equal it."""
+    if len(targets) != len(drafts) + 1:
+        raise ValueError(f"{len(drafts)} drafts need {len(drafts) + 1} target tokens, got {len(targets)}")
+    accepted = 0
+    while accepted < len(drafts) and drafts[accepted] == targets[accepted]:
+        accepted += 1
+    return targets[: accepted + 1]
+
+
+@dataclass
+class Verified:
+    """One verify step's result, per sampling chunk in order: the tokens it emits (1 + accepted
+    drafts for a speculating sequence, 1 otherwise) and the logprob info of a non-speculating row."""
+
+    tokens: list[list[int]]
+    logprobs: list[TokenLogprob | None]
+
+
+class SpeculativeDecoder:
+    """Owns the drafts of the step in progress and the proposed / accepted token totals."""
+
+    def __init__(self, num_tokens: int, max_model_len: int) -> None:
+        if num_tokens < 1:
+            raise ValueError(f"num_speculative_tokens must be at least 1, got {num_tokens}")
+        self.num_tokens = num_tokens
+        self.max_model_len = max_model_len
+        self.drafts: dict[str, list[int]] = {}  # request id -> drafts appended to its token_ids
+        self.proposed_total = 0
+        self.accepted_total = 0
+
+    def draft_budget(self, seq: Sequence) -> int:
+        """How many drafts `seq` may take: none unless it decodes plainly greedily from a fully
+        computed context; never past max_tokens or the context length."""
+        if not seq.params.plain_greedy or seq.num_uncomputed_tokens != 1:
+            return 0
+        left_by_tokens = seq.params.max_tokens - seq.num_output_tokens - 1
+        left_by_context = self.max_model_len - seq.num_tokens - 1
+        return max(0, min(self.num_tokens, left_by_tokens, left_by_context))
+
+    def propose(self, running: list[Sequence], bm: BlockManager, step_budget: int) -> None:
+        """Append drafts to the running sequences, only when the scheduler can then run every one of
+        them whole this step (no preemption, no split chunk): drafts never reach a waiting queue."""
+        proposals = {seq.request_id: propose_ngram(seq.token_ids, self.draft_budget(seq)) for seq in running}
+        tokens = sum(seq.num_uncomputed_tokens + len(proposals[seq.request_id]) for seq in running)
+        blocks = sum(
+            bm.blocks_needed(seq, seq.num_uncomputed_tokens + len(proposals[seq.request_id]))
+            for seq in running
+        )
+        if not any(proposals.values()) or tokens > step_budget or blocks > bm.num_free_blocks:
+            return
+        for seq in running:
+            drafts = proposals[seq.request_id]
+            if drafts:
+                seq.token_ids.extend(drafts)
+                self.drafts[seq.request_id] = drafts
+                self.proposed_total += len(drafts)
+
+    def check_scheduled(self, chunks: list[ScheduledChunk]) -> None:
+        whole = {c.seq.request_id for c in chunks if c.samples}
+        if not whole.issuperset(self.drafts):
+            raise RuntimeError("a sequence with drafts was not scheduled whole")
+
+    @torch.inference_mode()
+    def verify(self, runner: ModelRunner, chunks: list[ScheduledChunk]) -> Verified:
+        """Run `chunks` once; greedy-accept each speculating sequence's drafts, sample the others."""
+        input_ids, positions, meta, sample_rows, sample_reqs = runner._prepare(chunks)
+        runner.backend.prepare(meta)
+        hidden = runner.model(input_ids, positions, meta)
+        sampling_chunks = [c for c in chunks if c.samples]
+        plain = [i for i, c in enumerate(sampling_chunks) if c.seq.request_id not in self.drafts]
+        result = Verified([[] for _ in sampling_chunks], [None] * len(sampling_chunks))
+        if plain:
+            batch = runner.sampler.prepare([sample_reqs[i] for i in plain], runner.model_config.vocab_size)
+            rows = torch.tensor([sample_rows[i] for i in plain], dtype=torch.int64, device=runner.device)
+            tokens, logprobs = runner.sampler.sample_async(
+                runner.model.compute_logits(hidden.index_select(0, rows)), batch
+            ).resolve()
+            for i, token, lp in zip(plain, tokens, logprobs, strict=True):
+                result.tokens[i] = [token]
+                result.logprobs[i] = lp
+        for i, c in enumerate(sampling_chunks):
+            drafts = self.drafts.get(c.seq.request_id)
+            if drafts is None:
+                continue
+            last = sample_rows[i]
+            rows = torch.arange(last - len(drafts), last + 1, dtype=torch.int64, device=runner.device)
+            targets = runner.model.compute_logits(hidden.index_select(0, rows)).argmax(dim=-1).tolist()
+            result.tokens[i] = accept_greedy(drafts, targets)
+            self.accepted_total += len(result.tokens[i]) - 1
+        return result
+
+    def settle(self, seq: Sequence, bm: BlockManager) -> None:
+        """Take `seq`'s drafts out of its tokens and roll its KV back to the last real token."""
+        drafts = self.drafts.pop(seq.request_id, None)
+        if drafts is None:
+            return
+        del seq.token_ids[-len(drafts) :]
+        if not seq.is_finished:
+            bm.rollback(seq, seq.num_tokens)
+
+
+def merge_outputs(outputs: list[RequestOutput]) -> list[RequestOutput]:
+    """One output per request, in first-seen order: a step that accepted drafts emits several
+    tokens per request, applied one at a time; their outputs join (tokens, text, logprobs appended;
+    finish state and counts from the last)."""
+    merged: dict[str, RequestOutput] = {}
+    for out in outputs:
+        prev = merged.get(out.request_id)
+        if prev is None:
+            merged[out.request_id] = out
+            continue
+        logprobs = None
+        if prev.logprobs is not None or out.logprobs is not None:
+            logprobs = [*(prev.logprobs or []), *(out.logprobs or [])]
+        merged[out.request_id] = replace(
+            out,
+            new_token_ids=[*prev.new_token_ids, *out.new_token_ids],
+            text=prev.text + out.text,
+            logprobs=logprobs,
+        )
+    return list(merged.values())

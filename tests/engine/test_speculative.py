@@ -1,0 +1,107 @@
+"""N-gram speculative decoding: greedy outputs equal decoding without it, token for token, in mixed
+batches; rejected drafts roll the paged KV cache (and the prefix cache) back; counters and config."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from kiln_engine.block_manager import BlockManager
+from kiln_engine.config import EngineConfig
+from kiln_engine.engine import LLMEngine
+from kiln_engine.interface import SamplingParams
+from kiln_engine.sequence import Sequence
+from kiln_engine.speculative import accept_greedy, propose_ngram
+from kiln_engine.testing import make_tiny_checkpoint
+
+pytestmark = pytest.mark.engine
+
+
+def test_propose_ngram_takes_the_latest_longest_match() -> None:
+    # suffix [1, 2] occurred twice; the later occurrence (followed by 7, 8) wins
+    assert propose_ngram([1, 2, 5, 6, 1, 2, 7, 8, 9, 1, 2], k=2) == [7, 8]
+    # no 2- or 3-gram match: falls back to the last token's latest earlier occurrence
+    assert propose_ngram([4, 9, 3, 4], k=3) == [9, 3, 4]
+    assert propose_ngram([1, 2, 3], k=3) == []
+    assert propose_ngram([1, 1, 1], k=0) == []
+
+
+def test_accept_greedy_keeps_drafts_up_to_the_first_mismatch() -> None:
+    assert accept_greedy([5, 6, 7], [5, 6, 9, 1]) == [5, 6, 9]
+    assert accept_greedy([5, 6], [5, 6, 8]) == [5, 6, 8]  # all accepted, plus the bonus token
+    assert accept_greedy([5], [4, 3]) == [4]
+    with pytest.raises(ValueError):
+        accept_greedy([5], [5])
+
+
+def test_rollback_withdraws_prefix_cache_entries_of_rejected_blocks() -> None:
+    bm = BlockManager(8, 2)
+    seq = Sequence("a", [1, 2, 3, 4, 5], SamplingParams())
+    assert bm.allocate_slots(seq, 5)
+    seq.num_computed_tokens = 5
+    bm.register_computed_blocks(seq)  # blocks [1,2] and [3,4] published
+    assert len(bm.cached) == 2
+    bm.rollback(seq, 3)  # position 3 onward rejected: block [3,4] no longer holds those tokens
+    assert len(bm.cached) == 1 and len(seq.block_hashes) == 1 and seq.num_computed_tokens == 3
+    other = Sequence("b", [1, 2, 3, 4, 6], SamplingParams())
+    assert bm.acquire_prefix(other) == 2  # only the surviving block is reused
+    with pytest.raises(ValueError):
+        bm.rollback(seq, 4)
+
+
+@pytest.fixture(scope="module", params=["qwen3", "llama"])
+def ckpt(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_tiny_checkpoint(tmp_path_factory.mktemp(request.param), request.param)
+
+
+def _generate(
+    ckpt: Path, prompts: list[list[int]], params: list[SamplingParams], **cfg: object
+) -> tuple[list[list[int]], LLMEngine]:
+    engine = LLMEngine(ckpt, EngineConfig(num_kv_blocks=48, block_size=4, max_num_seqs=8, **cfg))  # type: ignore[arg-type]
+    first = engine.generate(prompts, params)
+    again = engine.generate(prompts, params)  # prefix-cache hits on blocks written under speculation
+    assert again == first
+    return first, engine
+
+
+def test_greedy_outputs_equal_decoding_without_speculation(ckpt: Path) -> None:
+    vocab_prompts = [
+        [3, 4, 5, 6, 3, 4, 5, 6, 3, 4],  # repeats: lookups accept
+        [7, 8, 9, 10, 11, 12, 13],
+        [20, 21, 20, 21, 20],
+        [30, 31, 32, 33, 34, 35, 36, 37, 38, 39, 40, 41],
+    ]
+    greedy = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True)
+    sampled = SamplingParams(max_tokens=20, temperature=0.8, seed=7, ignore_eos=True)
+    params = [greedy, greedy, sampled, greedy]  # a sampled request never speculates, same batch
+    base, _ = _generate(ckpt, vocab_prompts, params)
+    spec, engine = _generate(ckpt, vocab_prompts, params, speculative="ngram", num_speculative_tokens=3)
+    assert spec == base
+    stats = engine.stats()
+    assert stats.spec_proposed_tokens_total > 0
+    assert 0 < stats.spec_accepted_tokens_total <= stats.spec_proposed_tokens_total
+    assert engine.block_manager.num_used_blocks == 0
+
+
+def test_speculation_respects_max_tokens_and_stop_tokens(ckpt: Path) -> None:
+    prompt = [3, 4, 5, 6, 3, 4, 5, 6, 3, 4]
+    base, _ = _generate(ckpt, [prompt], [SamplingParams(max_tokens=30, temperature=0, ignore_eos=True)])
+    stop = base[0][12]
+    for p in (
+        SamplingParams(max_tokens=5, temperature=0, ignore_eos=True),
+        SamplingParams(max_tokens=30, temperature=0, ignore_eos=True, stop_token_ids=(stop,)),
+    ):
+        want, _ = _generate(ckpt, [prompt], [p])
+        got, _ = _generate(ckpt, [prompt], [p], speculative="ngram", num_speculative_tokens=4)
+        assert got == want
+        assert len(got[0]) <= p.max_tokens
+
+
+def test_bad_speculative_config_is_rejected() -> None:
+    with pytest.raises(ValueError, match="ngram"):
+        EngineConfig(speculative="eagle").validate()
+    with pytest.raises(ValueError, match="at least 1"):
+        EngineConfig(speculative="ngram", num_speculative_tokens=0).validate()
+    with pytest.raises(ValueError, match="pipeline"):
+        EngineConfig(speculative="ngram", pipeline_parallel_size=2).validate()
