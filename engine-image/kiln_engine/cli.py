@@ -76,6 +76,13 @@ def main() -> None:
 )
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option(
+    "--speculative",
+    type=click.Choice(["ngram"]),
+    default=None,
+    help="Speculative decoding: ngram = prompt lookup (greedy requests; one rank only; off by default).",
+)
+@click.option("--num-speculative-tokens", default=4, show_default=True, type=click.IntRange(1, 64))
+@click.option(
     "--tp",
     "tp",
     default=None,
@@ -144,6 +151,8 @@ def serve(
     kv_cache_dtype: str,
     cuda_graphs: bool | None,
     seed: int,
+    speculative: str | None,
+    num_speculative_tokens: int,
     tp: int | None,
     pp: int | None,
     group_size: int,
@@ -190,6 +199,8 @@ def serve(
         tp = torch_backend.artifact_tp(path) if artifact else 1
     if pp is None:
         pp = torch_backend.artifact_pp(path) if artifact else 1
+    if speculative and tp * pp > 1:
+        raise click.UsageError("--speculative runs on one rank only: not with --tp or --pp above 1")
     try:
         layout = group.group_layout(tp * pp, group_size, group_index)
     except ValueError as exc:
@@ -227,6 +238,8 @@ def serve(
         device=serve_device,
         cuda_graphs=serve_device.startswith("cuda") and pp == 1 if cuda_graphs is None else cuda_graphs,
         seed=seed,
+        speculative=speculative,
+        num_speculative_tokens=num_speculative_tokens,
         tensor_parallel_size=tp,
         tensor_parallel_rank=tp_rank,
         pipeline_parallel_size=pp,

@@ -16,6 +16,8 @@ GENERATION_TOKENS = "kiln_engine_generation_tokens_total"  # counter
 REQUESTS = "kiln_engine_requests_total"  # counter, label `status`: ok | error | aborted
 PREEMPTIONS = "kiln_engine_preemptions_total"  # counter
 PREFIX_CACHE_HIT_TOKENS = "kiln_engine_prefix_cache_hit_tokens_total"  # counter
+SPEC_PROPOSED_TOKENS = "kiln_engine_spec_decode_proposed_tokens_total"  # counter: draft tokens proposed
+SPEC_ACCEPTED_TOKENS = "kiln_engine_spec_decode_accepted_tokens_total"  # counter: drafts the target kept
 
 # Histogram buckets (seconds) shared by TTFT and end-to-end latency.
 LATENCY_BUCKETS = (

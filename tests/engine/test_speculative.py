@@ -105,3 +105,24 @@ def test_bad_speculative_config_is_rejected() -> None:
         EngineConfig(speculative="ngram", num_speculative_tokens=0).validate()
     with pytest.raises(ValueError, match="pipeline"):
         EngineConfig(speculative="ngram", pipeline_parallel_size=2).validate()
+
+
+def test_serve_refuses_speculation_with_parallelism(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from kiln_engine.cli import main
+
+    out = CliRunner().invoke(main, ["serve", "--model", str(tmp_path), "--speculative", "ngram", "--tp", "2"])
+    assert out.exit_code == 2 and "one rank only" in out.output
+
+
+def test_metrics_export_proposed_and_accepted_tokens() -> None:
+    from kiln_engine.interface import EngineStats
+    from kiln_engine.server.metrics import ServerMetrics
+
+    m = ServerMetrics("m")
+    m.observe_stats(EngineStats(spec_proposed_tokens_total=10, spec_accepted_tokens_total=4))
+    m.observe_stats(EngineStats(spec_proposed_tokens_total=25, spec_accepted_tokens_total=9))
+    text = m.render().decode()
+    assert 'kiln_engine_spec_decode_proposed_tokens_total{model="m"} 25.0' in text
+    assert 'kiln_engine_spec_decode_accepted_tokens_total{model="m"} 9.0' in text

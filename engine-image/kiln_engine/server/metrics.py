@@ -56,6 +56,13 @@ class ServerMetrics:
         self.prefix_cache_hits = Counter(
             names.PREFIX_CACHE_HIT_TOKENS, "Prompt tokens served from the prefix cache.", lbl, registry=r
         ).labels(model)
+        self.spec_proposed = Counter(
+            names.SPEC_PROPOSED_TOKENS, "Draft tokens proposed by speculative decoding.", lbl, registry=r
+        ).labels(model)
+        self.spec_accepted = Counter(
+            names.SPEC_ACCEPTED_TOKENS, "Draft tokens the target model accepted.", lbl, registry=r
+        ).labels(model)
+        self._spec_last = (0, 0)  # proposed, accepted totals seen last time
         self._lock = threading.Lock()
         self._last_preemptions = 0
         self._last_prefix_hits = 0
@@ -77,6 +84,10 @@ class ServerMetrics:
             if stats.prefix_cache_hit_tokens_total > self._last_prefix_hits:
                 self.prefix_cache_hits.inc(stats.prefix_cache_hit_tokens_total - self._last_prefix_hits)
             self._last_prefix_hits = max(self._last_prefix_hits, stats.prefix_cache_hit_tokens_total)
+            proposed, accepted = stats.spec_proposed_tokens_total, stats.spec_accepted_tokens_total
+            self.spec_proposed.inc(max(0, proposed - self._spec_last[0]))
+            self.spec_accepted.inc(max(0, accepted - self._spec_last[1]))
+            self._spec_last = (max(proposed, self._spec_last[0]), max(accepted, self._spec_last[1]))
 
     def render(self) -> bytes:
         """The Prometheus text exposition of this registry."""
