@@ -1,4 +1,4 @@
-"""`kiln-engine`: the command line of the engine image (serve, build, verify), for both backends."""
+"""`kiln-engine`: the engine image's command line (serve, build, measure-capacity, verify), both backends."""
 
 from __future__ import annotations
 
@@ -487,6 +487,61 @@ def _raise_interrupted(signum: int, frame: object) -> None:
     from kiln_engine.build.pipeline import BuildError
 
     raise BuildError(f"interrupted by signal {signal.Signals(signum).name}", "Interrupted")
+
+
+@main.command("measure-capacity")
+@click.option("--url", required=True, help="The serving replica's API, e.g. http://<leader pod IP>:8000.")
+@click.option(
+    "--max-batch-size", default=64, show_default=True, type=click.IntRange(1), help="Largest burst."
+)
+@click.option("--ttft-target-ms", default=500.0, show_default=True, type=click.FloatRange(min=1))
+@click.option(
+    "--ttft-percentile", default="90", show_default=True, type=click.Choice(["50", "90", "95", "99"])
+)
+@click.option("--capacity-budget-seconds", default=300.0, show_default=True, type=click.FloatRange(min=1))
+@click.option("--wait-seconds", default=120.0, show_default=True, type=click.FloatRange(min=0),
+              help="How long to wait for the replica to answer /v1/models.")  # fmt: skip
+@click.option("--token-range", default=256, show_default=True, type=click.IntRange(2),
+              help="Prompt token ids come from [0, N): keep N inside the vocabulary.")  # fmt: skip
+@click.option(
+    "--api-key-file", type=click.Path(dir_okay=False), help="File with the bearer token (or $KILN_API_KEY)."
+)
+@click.option("--result-file", type=click.Path(dir_okay=False), default=None,
+              help="Write the outcome as one JSON object (< 4 KiB) here.")  # fmt: skip
+def measure_capacity_command(
+    url: str,
+    max_batch_size: int,
+    ttft_target_ms: float,
+    ttft_percentile: str,
+    capacity_budget_seconds: float,
+    wait_seconds: float,
+    token_range: int,
+    api_key_file: str | None,
+    result_file: str | None,
+) -> None:
+    """Measure a serving replica's capacity over HTTP, by the build's method (for engines the build
+    cannot measure: several ranks or pods, TensorRT-LLM)."""
+    from kiln_engine.build import result
+    from kiln_engine.build.capacity_http import ReplicaError, discover, measure_replica
+
+    try:
+        replica = discover(url, read_api_key(api_key_file), wait_seconds)
+        capacity = measure_replica(
+            replica,
+            max_batch_size=max_batch_size,
+            ttft_target_ms=ttft_target_ms,
+            ttft_percentile=int(ttft_percentile),
+            time_budget_s=capacity_budget_seconds,
+            token_range=token_range,
+        )
+    except ReplicaError as exc:
+        if result_file:
+            result.write(result_file, result.failure("ReplicaUnavailable", str(exc)))
+        _fail(str(exc), 1)
+        return
+    if result_file:
+        result.write(result_file, result.measured(capacity))
+    click.echo(json.dumps(capacity.model_dump()))
 
 
 @main.command()

@@ -188,20 +188,47 @@ def measure_capacity(
 ) -> Capacity:
     """Warm up, search the largest burst within the TTFT target at `ttft_percentile`, then decode at
     a full batch."""
+    prompt_tokens, output_tokens = load_shape(engine.max_model_len)
+    driver = _Driver(engine, vocab_size, prompt_tokens, output_tokens, seed)
+    return measure_bursts(
+        driver.burst,
+        prompt_tokens=prompt_tokens,
+        output_tokens=output_tokens,
+        max_batch_size=max_batch_size,
+        ttft_target_ms=ttft_target_ms,
+        ttft_percentile=ttft_percentile,
+        measured_on=measured_on,
+        time_budget_s=time_budget_s,
+        report=report,
+    )
+
+
+def measure_bursts(
+    burst: Callable[[int, int | None], Burst],
+    *,
+    prompt_tokens: int,
+    output_tokens: int,
+    max_batch_size: int,
+    ttft_target_ms: float,
+    ttft_percentile: int = 90,
+    measured_on: str = "",
+    time_budget_s: float = 300.0,
+    report: Callable[[float, str], None] | None = None,
+) -> Capacity:
+    """The capacity method over any `burst(concurrency, output_tokens or None)`: an engine in this
+    process (`measure_capacity`) or a serving replica over HTTP (`capacity_http`)."""
     if ttft_percentile not in TTFT_PERCENTILES:
         raise ValueError(f"ttft_percentile {ttft_percentile}: use one of {TTFT_PERCENTILES}")
     quantile = ttft_percentile / 100
     progress = report or (lambda fraction, message: None)
     started = time.monotonic()
-    prompt_tokens, output_tokens = load_shape(engine.max_model_len)
-    driver = _Driver(engine, vocab_size, prompt_tokens, output_tokens, seed)
-    driver.burst(1, output_tokens=4)  # warm-up: allocations, kernels, caches
+    burst(1, 4)  # warm-up: allocations, kernels, caches
     progress(0.1, f"warm; {prompt_tokens}-token prompts, {output_tokens} output tokens")
     searches = max(1, math.ceil(math.log2(max_batch_size)) + 1)
     done: list[Burst] = []
 
     def measure(c: int) -> Burst:
-        b = driver.burst(c)
+        b = burst(c, None)
         progress(0.1 + 0.7 * min(1.0, len(done) / (2 * searches)),
                  f"{c} concurrent: p{ttft_percentile} TTFT {b.ttft_s(quantile) * 1000:.0f} ms")  # fmt: skip
         done.append(b)
@@ -212,7 +239,7 @@ def measure_capacity(
     )
     full = next((b for b in bursts if b.concurrency == max_batch_size), None)
     if full is None and fits_budget(bursts, max_batch_size, started + time_budget_s - time.monotonic()):
-        full = driver.burst(max_batch_size)
+        full = burst(max_batch_size, None)
         bursts.append(full)
     largest = full or max(bursts, key=lambda b: b.concurrency)
     at_best = next((b for b in bursts if b.concurrency == best), None)

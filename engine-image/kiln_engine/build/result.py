@@ -7,6 +7,7 @@ The build Job passes `--result-file /dev/termination-log`, so the object becomes
              "gpuArch": str,
              "capacity": {"tokensPerSecond", "maxConcurrency", "ttftTargetMs", "ttftPercentile"} | null}
     failure {"ok": false, "reason": CamelCaseReason, "message": str}
+    measured {"ok": true, "capacity": {...as above}, "measuredOn": str}  (`kiln-engine measure-capacity`)
 
 Pure functions plus one small writer; no torch.
 """
@@ -32,15 +33,22 @@ def success(
         "manifestSha256": manifest_sha256,
         "runtimeVersion": runtime_version,
         "gpuArch": gpu_arch,
-        "capacity": None
-        if capacity is None
-        else {
-            "tokensPerSecond": float(capacity.output_tokens_per_second),
-            "maxConcurrency": int(capacity.max_concurrency_at_ttft_target),
-            "ttftTargetMs": float(capacity.ttft_target_ms),
-            "ttftPercentile": int(capacity.ttft_percentile),
-        },
+        "capacity": None if capacity is None else capacity_json(capacity),
     }
+
+
+def capacity_json(capacity: Capacity) -> dict[str, Any]:
+    return {
+        "tokensPerSecond": float(capacity.output_tokens_per_second),
+        "maxConcurrency": int(capacity.max_concurrency_at_ttft_target),
+        "ttftTargetMs": float(capacity.ttft_target_ms),
+        "ttftPercentile": int(capacity.ttft_percentile),
+    }
+
+
+def measured(capacity: Capacity) -> dict[str, Any]:
+    """`kiln-engine measure-capacity`'s success: the same capacity shape as a build's."""
+    return {"ok": True, "capacity": capacity_json(capacity), "measuredOn": capacity.measured_on}
 
 
 def failure(reason: str, message: str) -> dict[str, Any]:
