@@ -223,7 +223,17 @@ class Sampler:
         return self.sample(logits, self.prepare(requests, logits.shape[1]))
 
     def _sample(self, logits: torch.Tensor, batch: SamplingBatch, greedy: torch.Tensor) -> torch.Tensor:
-        assert batch.temperatures is not None and batch.greedy_mask is not None
+        assert batch.greedy_mask is not None
+        probs = self.probs(logits, batch)
+        noise = torch.empty_like(probs).exponential_(generator=self.generator)
+        for row, g in batch.seeded:  # its own stream, independent of the batch
+            noise[row].exponential_(generator=g)
+        sampled = (probs / noise).argmax(dim=-1)
+        return torch.where(batch.greedy_mask, greedy, sampled)
+
+    def probs(self, logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+        """The distribution each sampled row draws from: temperature, then top-k and top-p."""
+        assert batch.temperatures is not None
         vocab = logits.shape[1]
         scaled = logits / batch.temperatures[:, None]
         if batch.needs_filter:
@@ -236,9 +246,4 @@ class Sampler:
             remove |= cum >= batch.top_ps[:, None]
             sorted_logits = sorted_logits.masked_fill(remove, float("-inf"))
             scaled = torch.empty_like(scaled).scatter_(1, sorted_idx, sorted_logits)
-        probs = scaled.softmax(dim=-1)
-        noise = torch.empty_like(probs).exponential_(generator=self.generator)
-        for row, g in batch.seeded:  # its own stream, independent of the batch
-            noise[row].exponential_(generator=g)
-        sampled = (probs / noise).argmax(dim=-1)
-        return torch.where(batch.greedy_mask, greedy, sampled)
+        return scaled.softmax(dim=-1)

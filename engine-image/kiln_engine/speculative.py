@@ -1,18 +1,21 @@
 """Speculative decoding by n-gram prompt lookup: propose draft tokens, verify them in one target step.
 
-Per step, each running sequence that decodes greedily (`SamplingParams.plain_greedy`) and has its
-whole context computed gets up to k draft tokens: the tokens that followed the most recent earlier
+Per step, each running sequence that speculates (`speculates`) and has its whole context computed
+gets up to k draft tokens: the tokens that followed the most recent earlier
 occurrence of its longest matching suffix n-gram (prompt + output), no extra model. The drafts are
 appended to `token_ids` before scheduling, so the scheduler schedules 1 + k tokens for that sequence
 next to ordinary decodes and prefills in the same batch. `verify` runs that batch once, takes the
 target's argmax at every draft position, and keeps the drafts up to the first mismatch plus the
-target's own token after them (greedy acceptance: the output equals decoding without drafts).
+target's own token after them (greedy acceptance: the output equals decoding without drafts). A
+sampled request accepts each draft with the target's probability of it and, at the first rejection,
+draws from the target's distribution without that token (rejection sampling with a one-token draft
+distribution: emitted tokens keep the target's distribution, `accept_sampled`).
 `SpeculativeDecoder.settle` then removes the drafts again and rolls the KV cache back: the KV of
 accepted drafts stays, rejected positions count as uncomputed, and prefix-cache entries published
 for blocks that held rejected drafts are withdrawn before anyone can reuse them.
 
-Sampled requests (temperature > 0, logprobs, penalties, grammars, ...) never speculate yet: they
-decode one token per step in the same batches.
+Requests with logprobs, a seed or logit adjustments (penalties, logit_bias, min_tokens, grammars)
+never speculate: they decode one token per step in the same batches.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from kiln_engine.block_manager import BlockManager
-from kiln_engine.interface import RequestOutput, TokenLogprob
+from kiln_engine.interface import RequestOutput, SamplingParams, TokenLogprob
 from kiln_engine.model_runner import ModelRunner
 from kiln_engine.scheduler import ScheduledChunk
 from kiln_engine.sequence import Sequence
@@ -57,6 +60,33 @@ def accept_greedy(drafts: list[int], targets: list[int]) -> list[int]:
     return targets[: accepted + 1]
 
 
+def accept_sampled(drafts: list[int], probs: torch.Tensor, generator: torch.Generator) -> list[int]:
+    """The tokens a sampled request emits: `probs` [len(drafts) + 1, vocab] are the target's
+    distributions after the context plus `drafts[:i]`. Draft i is kept with probability
+    probs[i, draft]; the first rejected one is replaced by a draw from probs[i] without the draft
+    token; when all are kept, one more token is drawn from the last row."""
+    if probs.shape[0] != len(drafts) + 1:
+        raise ValueError(f"{len(drafts)} drafts need {len(drafts) + 1} distributions, got {probs.shape[0]}")
+    k = len(drafts)
+    ids = torch.tensor(drafts, dtype=torch.int64, device=probs.device)
+    p_draft = probs[:k].gather(1, ids[:, None]).squeeze(1)
+    uniform = torch.rand(k, generator=generator, device=probs.device)
+    kept = (uniform < p_draft).tolist()
+    accepted = kept.index(False) if False in kept else k
+    last = probs[accepted].clone()
+    if accepted < k:
+        last[drafts[accepted]] = 0.0  # the residual max(p - q, 0) of a draft distribution one-hot on it
+    token = int(torch.multinomial(last, 1, generator=generator).item())  # multinomial renormalizes
+    return [*drafts[:accepted], token]
+
+
+def speculates(params: SamplingParams) -> bool:
+    """Whether a request takes drafts: greedy, or plain sampling whose distribution `accept_sampled`
+    can reproduce (no logprobs, no seed, no logit adjustment)."""
+    plain_sampling = not params.adjusts_logits and params.logprobs is None and params.seed is None
+    return params.plain_greedy or plain_sampling
+
+
 @dataclass
 class Verified:
     """One verify step's result, per sampling chunk in order: the tokens it emits (1 + accepted
@@ -81,7 +111,7 @@ class SpeculativeDecoder:
     def draft_budget(self, seq: Sequence) -> int:
         """How many drafts `seq` may take: none unless it decodes plainly greedily from a fully
         computed context; never past max_tokens or the context length."""
-        if not seq.params.plain_greedy or seq.num_uncomputed_tokens != 1:
+        if not speculates(seq.params) or seq.num_uncomputed_tokens != 1:
             return 0
         left_by_tokens = seq.params.max_tokens - seq.num_output_tokens - 1
         left_by_context = self.max_model_len - seq.num_tokens - 1
@@ -134,8 +164,14 @@ class SpeculativeDecoder:
                 continue
             last = sample_rows[i]
             rows = torch.arange(last - len(drafts), last + 1, dtype=torch.int64, device=runner.device)
-            targets = runner.model.compute_logits(hidden.index_select(0, rows)).argmax(dim=-1).tolist()
-            result.tokens[i] = accept_greedy(drafts, targets)
+            logits = runner.model.compute_logits(hidden.index_select(0, rows))
+            if c.seq.params.temperature <= 0:
+                result.tokens[i] = accept_greedy(drafts, logits.argmax(dim=-1).tolist())
+            else:
+                req = sample_reqs[i]
+                batch = runner.sampler.prepare([req] * len(rows), runner.model_config.vocab_size)
+                probs = runner.sampler.probs(logits.float(), batch)
+                result.tokens[i] = accept_sampled(drafts, probs, runner.sampler.generator)
             self.accepted_total += len(result.tokens[i]) - 1
         return result
 
