@@ -31,8 +31,8 @@ def replica_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     port = free_port()
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     server = subprocess.Popen(
-        [sys.executable, "-m", "kiln_engine.cli", "serve", "--model", str(ckpt), "--served-model-name", "tiny",
-         "--host", "127.0.0.1", "--port", str(port), "--device", "cpu", "--max-model-len", "64",
+        [sys.executable, "-m", "kiln_engine.cli", "serve", "--model", str(ckpt), "--served-model-name",
+         "tiny", "--host", "127.0.0.1", "--port", str(port), "--device", "cpu", "--max-model-len", "64",
          "--max-num-seqs", str(MAX_SEQS), "--log-level", "warning"],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
     )  # fmt: skip
