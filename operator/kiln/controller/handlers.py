@@ -14,6 +14,7 @@ import kopf
 from kiln import labels
 from kiln.api.v1alpha1 import GROUP, VERSION
 from kiln.controller.reconcile import Reconciler
+from kiln.render.capacity_job import CAPACITY_COMPONENT
 from kiln.render.common import BUILD_COMPONENT, SERVING_COMPONENT
 
 MANAGED = {labels.MANAGED_BY: labels.MANAGED_BY_VALUE}
@@ -78,6 +79,17 @@ async def build_job_event(
     engine = body.metadata.labels.get(labels.ENGINE_LABEL)
     if engine:
         _reconciler(memo).engine(_ns(namespace), engine)
+
+
+@kopf.on.event("batch", "v1", "jobs", labels={**MANAGED, labels.COMPONENT_LABEL: CAPACITY_COMPONENT})
+async def capacity_job_event(
+    event: kopf.RawEvent, body: kopf.Body, namespace: str | None, memo: Any, **_: Any
+) -> None:
+    # The deployment whose replica it measures copies the result into its engine's status.
+    _observe(memo, event)
+    owner = body.metadata.labels.get(labels.DEPLOYMENT_LABEL)
+    if owner:
+        _reconciler(memo).deployment(_ns(namespace), owner)
 
 
 @kopf.on.event("apps", "v1", "deployments", labels={**MANAGED, labels.COMPONENT_LABEL: SERVING_COMPONENT})

@@ -52,6 +52,7 @@ from kiln.controller.workqueue import WorkQueue
 from kiln.drift import Drift, drifted
 from kiln.placement import LWS_GROUP_KEY, NodeTopology, Placement, PlacementPolicy, ReplicaShape, plan
 from kiln.render import build_job as render_build
+from kiln.render import capacity_job as render_capacity
 from kiln.render import engine as render_engine
 from kiln.render import groups as render_groups
 from kiln.render import service as render_service
@@ -520,6 +521,8 @@ class Reconciler:
             problem=problem,
         )
         self._write_deployment_status(obj, deployment, seen)
+        if seen.serving is not None and render_capacity.needs_capacity(seen.serving):
+            self._measure_capacity(name, deployment.spec.serving.port, seen.serving)
         used = {identity.name}
         if seen.serving is not None:
             used.add(str(seen.serving.metadata.name))
@@ -558,6 +561,39 @@ class Reconciler:
                 "Warning",
             )
         return engine
+
+    def _measure_capacity(self, deployment: str, port: int, engine: LLMEngine) -> None:
+        """Measure an engine the build could not, once, on the first Ready replica serving it: create
+        the capacity Job against its leader, then copy its result into the engine's status."""
+        namespace, name = str(engine.metadata.namespace), str(engine.metadata.name)
+        job_name = render_capacity.job_name(name)
+        job = self._get(JOBS, namespace, job_name)
+        if job is None:
+            selector = render_serving.selector_string(deployment)
+            pods = self.kube.list(PODS, namespace, f"{selector},{labels.ENGINE_LABEL}={name}")
+            ip = render_capacity.ready_leader_ip(pods)
+            if ip is not None:
+                url = f"http://{ip}:{port}"
+                job, created = self.kube.create(
+                    render_capacity.capacity_job(engine, self.settings, deployment, url)
+                )
+                self._wrote(job)
+                if created:
+                    self.kube.event(
+                        engine.to_wire(), "CapacityMeasuring", f"Created {job_name} against {url}"
+                    )
+            return
+        pods = self.kube.list(PODS, namespace, f"job-name={job_name}")
+        latest = max(pods, key=lambda p: str(p["metadata"].get("creationTimestamp") or ""), default=None)
+        previous = engine.status.to_wire() if engine.status is not None else {}
+        wanted = render_capacity.measured_status(previous, job, latest, self.clock())
+        patch = render_status.status_patch(previous, wanted) if wanted is not None else None
+        if wanted is None or patch is None:
+            return
+        self._wrote(self.kube.patch_status(LLMENGINES, namespace, name, patch))
+        mark = render_status.find_condition(wanted.get("conditions"), render_capacity.CONDITION) or {}
+        self.kube.event(engine.to_wire(), str(mark.get("reason")), str(mark.get("message")),
+                        "Normal" if mark.get("status") == "True" else "Warning")  # fmt: skip
 
     def _apply_serving(
         self,
