@@ -14,7 +14,7 @@ import kopf
 from kiln import labels
 from kiln.api.v1alpha1 import GROUP, VERSION
 from kiln.controller.reconcile import Reconciler
-from kiln.render.capacity_job import CAPACITY_COMPONENT
+from kiln.render.capacity_job import CAPACITY_COMPONENT, DEPLOYMENT_ANNOTATION
 from kiln.render.common import BUILD_COMPONENT, SERVING_COMPONENT
 
 MANAGED = {labels.MANAGED_BY: labels.MANAGED_BY_VALUE}
@@ -87,7 +87,7 @@ async def capacity_job_event(
 ) -> None:
     # The deployment whose replica it measures copies the result into its engine's status.
     _observe(memo, event)
-    owner = body.metadata.labels.get(labels.DEPLOYMENT_LABEL)
+    owner = body.metadata.annotations.get(DEPLOYMENT_ANNOTATION)
     if owner:
         _reconciler(memo).deployment(_ns(namespace), owner)
 

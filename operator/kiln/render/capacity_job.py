@@ -27,6 +27,7 @@ from kiln.render.status import _capacity, build_result, condition, find_conditio
 CAPACITY_COMPONENT = "capacity"
 JOB_SUFFIX = "-capacity"
 CONDITION = "CapacityMeasured"
+DEPLOYMENT_ANNOTATION = "kiln.dev/measures-deployment"
 DEFAULT_TTFT_TARGET_MS = 500  # `kiln-engine build`'s default, so both measurements agree
 BUDGET_SECONDS = 300
 DEADLINE_SECONDS = 900  # the budget plus waiting for the replica and a slow last burst
@@ -37,11 +38,21 @@ def job_name(engine_name: str) -> str:
     return engine_name[: 63 - len(JOB_SUFFIX)].rstrip("-") + JOB_SUFFIX
 
 
+def build_skips_capacity(engine: LLMEngine) -> bool:
+    """Whether the build leaves capacity to the serving pods (the rule of the engine's
+    `build.pipeline.measurable`): several ranks, or TensorRT-LLM."""
+    ranks = engine.spec.parallelism.tensor * engine.spec.parallelism.pipeline
+    return engine.spec.backend != "torch" or ranks > 1
+
+
 def needs_capacity(engine: LLMEngine) -> bool:
-    """A built engine with no capacity and no finished measurement: the build skipped it (multi-rank,
-    TensorRT-LLM), so the first Ready replica measures it."""
+    """A built engine the build did not measure, with no finished measurement yet: the first Ready
+    replica measures it. (A one-rank torch engine without capacity is not measured again: its build
+    either measured it or chose not to.)"""
     status = engine.status
     if status is None or status.phase != "Ready" or status.capacity is not None:
+        return False
+    if not build_skips_capacity(engine):
         return False
     conditions = [c.to_wire() for c in status.conditions or []]
     return find_condition(conditions, CONDITION) is None
@@ -88,11 +99,9 @@ def capacity_args(engine: LLMEngine, url: str) -> list[str]:
 
 def capacity_job(engine: LLMEngine, settings: Settings, deployment: str, url: str) -> Manifest:
     """One pod, no GPU, no retries: it only sends HTTP to `url` and writes the result JSON to its
-    termination log. Labelled with the deployment whose replica it measures, so its events queue it."""
+    termination log. Annotated with the deployment whose replica it measures, so its events queue it."""
     name = str(engine.metadata.name)
-    pod_labels = managed_labels(
-        CAPACITY_COMPONENT, **{labels.ENGINE_LABEL: name, labels.DEPLOYMENT_LABEL: deployment}
-    )
+    pod_labels = managed_labels(CAPACITY_COMPONENT, **{labels.ENGINE_LABEL: name})
     container: dict[str, Any] = {
         "name": BUILD_CONTAINER,
         "image": settings.image_for(engine.spec.backend, engine.spec.image),
@@ -117,6 +126,8 @@ def capacity_job(engine: LLMEngine, settings: Settings, deployment: str, url: st
             "name": job_name(name),
             "namespace": engine.metadata.namespace,
             "labels": pod_labels,
+            # Not a label: the measuring pod must not look like one of the deployment's serving pods.
+            "annotations": {DEPLOYMENT_ANNOTATION: deployment},
             "ownerReferences": [owner_reference(engine_owner(engine))],
         },
         "spec": {

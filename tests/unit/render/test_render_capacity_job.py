@@ -43,7 +43,7 @@ def finished(
     }
 
 
-def test_only_a_built_engine_without_capacity_or_an_earlier_measurement_needs_one() -> None:
+def test_only_a_built_multi_rank_engine_without_capacity_or_an_earlier_measurement_needs_one() -> None:
     deployment = example(MULTI)
     built = ready(deployment)
     assert render_capacity.needs_capacity(built)
@@ -53,6 +53,8 @@ def test_only_a_built_engine_without_capacity_or_an_earlier_measurement_needs_on
              {"type": render_capacity.CONDITION, "status": "False", "reason": "MeasurementFailed",
               "lastTransitionTime": "2026-12-05T06:00:00Z"}]  # fmt: skip
     assert not render_capacity.needs_capacity(with_status(built, conditions=tried))
+    # a one-rank torch engine is the build's to measure
+    assert not render_capacity.needs_capacity(ready(example("tiny-cpu.yaml")))
 
 
 def test_the_measured_pod_is_a_ready_api_server_chosen_stably() -> None:
@@ -79,7 +81,9 @@ def test_job_measures_the_url_at_the_engines_batch_and_target_without_a_gpu() ->
     assert "resources" not in container and "nodeSelector" not in spec
     assert job["spec"]["backoffLimit"] == 0
     assert job["metadata"]["name"] == render_capacity.job_name(str(engine.metadata.name))
-    assert job["metadata"]["labels"][labels.DEPLOYMENT_LABEL] == "big"
+    assert job["metadata"]["annotations"][render_capacity.DEPLOYMENT_ANNOTATION] == "big"
+    # the measuring pod is not one of the deployment's serving pods
+    assert labels.DEPLOYMENT_LABEL not in job["spec"]["template"]["metadata"]["labels"]
     assert job["metadata"]["ownerReferences"][0]["uid"] == engine.metadata.uid
 
 
