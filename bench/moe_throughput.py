@@ -264,7 +264,8 @@ def baseline_bench(
 def run_check(args: argparse.Namespace, root: Path) -> dict[str, Any]:
     """The GPU gate: the Triton experts equal the torch reference on one layer of each shape (bf16
     and fp8), and a tiny Qwen3-MoE and Mixtral served through the fast path (Triton, CUDA graphs)
-    produce the reference path's (torch, eager) greedy tokens."""
+    produce the reference path's (torch, eager) greedy tokens, or follow the float32 tokens at
+    least as far as the bf16 reference does."""
     from kiln_engine.interface import SamplingParams
     from kiln_engine.testing import make_tiny_checkpoint
 
@@ -307,6 +308,7 @@ def run_check(args: argparse.Namespace, root: Path) -> dict[str, Any]:
         for mode, overrides in (
             ("reference", {"attention_backend": "torch", "cuda_graphs": False}),
             ("fast", {"attention_backend": "auto", "cuda_graphs": fast}),
+            ("exact", {"attention_backend": "torch", "cuda_graphs": False, "dtype": "float32"}),
         ):
             engine = make_engine(path, args, 256, load_format="auto", **overrides)
             assert engine.tokenizer is not None
@@ -314,11 +316,30 @@ def run_check(args: argparse.Namespace, root: Path) -> dict[str, Any]:
             tokens[mode] = engine.generate(prompts * 3, greedy)
             del engine
             free()
-        out["engine"][arch] = {"same_tokens": tokens["reference"] == tokens["fast"], **tokens}
+        # Both bf16 paths approximate the float32 function and round differently, so on a random
+        # tiny model a near-tie may flip a token in either; the gate is that the fast path follows
+        # the float32 tokens as far as the reference path does, prompt by prompt.
+        agree = {m: [_common_prefix(t, e) for t, e in zip(tokens[m], tokens["exact"], strict=True)]
+                 for m in ("reference", "fast")}  # fmt: skip
+        out["engine"][arch] = {
+            "same_tokens": tokens["reference"] == tokens["fast"],
+            "tokens_matching_float32": agree,
+            "fast_as_close_as_reference": all(
+                f >= r for f, r in zip(agree["fast"], agree["reference"], strict=True)
+            ),
+            **tokens,
+        }
     out["ok"] = all(r < 2e-2 for r in out["kernel"].values()) and all(
-        e["same_tokens"] for e in out["engine"].values()
+        e["same_tokens"] or e["fast_as_close_as_reference"] for e in out["engine"].values()
     )
     return out
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n
 
 
 def main(argv: list[str] | None = None) -> int:
