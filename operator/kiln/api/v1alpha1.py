@@ -180,6 +180,21 @@ class Parallelism(KubeModel):
     ]
 
 
+class SpeculativeDecoding(KubeModel):
+    """Speculative decoding: cheap drafts of the next tokens, verified by the model in one step."""
+
+    method: Annotated[
+        Literal["ngram"],
+        Field(
+            description="`ngram`: prompt lookup, drafts copied from earlier text of the same request "
+            "(no extra model; pays off when outputs repeat their prompt: code edits, extraction, RAG).",
+        ),
+    ]
+    num_tokens: Annotated[
+        int, Field(default=4, ge=1, le=16, description="Most draft tokens verified per request per step.")
+    ]
+
+
 class EngineOptions(KubeModel):
     """How the engine is built and run."""
 
@@ -195,6 +210,11 @@ class EngineOptions(KubeModel):
                     _backend_table_rule("kvCacheDtype", BACKEND_KV_CACHE_DTYPES),
                     "kvCacheDtype is not supported by this backend (fp8 KV cache needs tensorrt-llm)",
                     ".kvCacheDtype",
+                ),
+                _cel(
+                    "!has(self.speculative) || self.backend == 'torch'",
+                    "speculative decoding needs the torch backend",
+                    ".speculative",
                 ),
                 _cel(
                     "self.maxTokensPerStep >= self.maxBatchSize",
@@ -268,6 +288,14 @@ class EngineOptions(KubeModel):
             default=None,
             max_length=512,
             description="Engine image override. Defaults to the operator's image for the backend.",
+        ),
+    ]
+    speculative: Annotated[
+        SpeculativeDecoding | None,
+        Field(
+            default=None,
+            description="Speculative decoding (torch backend, one GPU per replica). Greedy outputs are "
+            "unchanged and sampled ones keep their distribution. Omit to turn it off.",
         ),
     ]
 
@@ -872,6 +900,12 @@ class LLMDeploymentSpec(KubeModel):
                     "has(self.gpu) || !(self.engine.quantization in ['fp8', 'int4-awq', 'int4-gptq'])",
                     "fp8 and int4 quantization need spec.gpu",
                     ".engine.quantization",
+                ),
+                _cel(
+                    "!has(self.engine.speculative) || "
+                    "(self.parallelism.tensor == 1 && self.parallelism.pipeline == 1)",
+                    "speculative decoding runs on one GPU per replica (no tensor or pipeline parallelism)",
+                    ".engine.speculative",
                 ),
                 _cel(
                     "has(self.gpu) || self.engine.backend == 'torch'",

@@ -128,6 +128,9 @@ def engine_args(inputs: ServingInputs) -> list[str]:
     ]
     if options.max_sequence_length:
         args += ["--max-seq-len", str(options.max_sequence_length)]
+    if options.speculative is not None:
+        args += ["--speculative", options.speculative.method]
+        args += ["--num-speculative-tokens", str(options.speculative.num_tokens)]
     if spec.gpu is None:
         args += ["--device", "cpu"]
     return args
