@@ -44,7 +44,7 @@ def quantize(w, fn):
     return torch.stack(q), torch.stack(s)
 
 E, H, I = 8, 64, 48
-for tokens, top_k in ((1, 2), (5, 3), (70, 2)):
+for tokens, top_k in ((1, 2), (5, 3), (70, 2)):  # one block per pair at 1 token, sorted otherwise
     x = torch.randn(tokens, H, generator=g)
     w13 = torch.randn(E, 2 * I, H, generator=g) * 0.1
     w2 = torch.randn(E, H, I, generator=g) * 0.1

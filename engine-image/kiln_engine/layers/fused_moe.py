@@ -102,6 +102,20 @@ def align_by_expert(
     return sorted_ids, block_expert.to(torch.int32), ends[-1:]
 
 
+def one_block_per_pair(ids: torch.Tensor, block_m: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`align_by_expert`'s layout with each pair alone in its row block: no sort, four small ops.
+
+    For decode at batch 1 (or a few tokens among many experts) the pairs hit distinct experts, so
+    this reads each weight once like the sorted layout, without the sort's dozen kernel launches,
+    which otherwise cost more than streaming the experts' weights."""
+    flat = ids.reshape(-1)
+    n = flat.numel()
+    sorted_ids = torch.full((n, block_m), n, dtype=torch.int32, device=ids.device)
+    sorted_ids[:, 0] = torch.arange(n, dtype=torch.int32, device=ids.device)
+    total = torch.full((1,), n * block_m, dtype=torch.int64, device=ids.device)
+    return sorted_ids.view(-1), flat.to(torch.int32), total
+
+
 def _blocks(rows_per_expert: float, n: int) -> tuple[int, int, int, int]:
     """(BLOCK_M, BLOCK_N, BLOCK_K, warps): small row blocks when decode leaves experts few tokens
     (the GEMM streams weights), large tiles when prefill fills them (the GEMM is compute bound)."""
@@ -172,13 +186,14 @@ def fused_experts(
         return torch.zeros_like(x)
     x = x.contiguous()
     blocks = _blocks(tokens * top_k / num_experts, two_inter)
-    layout = align_by_expert(ids, num_experts, blocks[0])
+    if tokens * top_k * 4 <= num_experts:  # few pairs among many experts: they rarely share one
+        layout = one_block_per_pair(ids, blocks[0])
+    else:
+        layout = align_by_expert(ids, num_experts, blocks[0])
     up = torch.empty(tokens * top_k, two_inter, dtype=x.dtype, device=x.device)
     _gemm(x, w13, up, w13_scale, None, layout, top_k, blocks)
     act = silu_and_mul(up)
     down = torch.empty(tokens * top_k, hidden, dtype=x.dtype, device=x.device)
-    blocks2 = _blocks(tokens * top_k / num_experts, hidden)
-    if blocks2[0] != blocks[0]:
-        layout = align_by_expert(ids, num_experts, blocks2[0])
+    blocks2 = _blocks(tokens * top_k / num_experts, hidden)  # the same BLOCK_M: the layout is shared
     _gemm(act, w2, down, w2_scale, weights.reshape(-1).contiguous(), layout, 1, blocks2)
     return down.view(tokens, top_k, hidden).sum(dim=1)
