@@ -1,8 +1,8 @@
 """A serving replica fails under load: SIGKILL of one engine process, then a graceful pod deletion.
 
 With tiny-chat at 2 ready replicas, a few clients ask it through its Service back to back. One
-replica's engine process (found through the pod's `containerID`, `process://<pid>`, which the
-process node reports, and checked against the engine processes the node runs) is SIGKILLed: the
+replica's engine process (found through the pod's `containerID`, `containerd://<id>`, in runc's
+state on the real node, and checked against the engine processes its containers run) is SIGKILLed: the
 clients must keep getting answers (no gap between two answers longer than `MAX_GAP_S`), and the
 requests that fail are counted: at most those in flight at the kill plus one per client (sent
 before the Service dropped the dead endpoint), none begun later than `FAILURE_WINDOW_S`. The container
@@ -188,12 +188,14 @@ def not_admitted(response: httpx.Response) -> bool:
     return isinstance(error, dict) and error.get("code") == "draining"
 
 
-def engine_pid(pod: dict[str, Any]) -> int:
-    """The pid of the pod's engine process, from the `process://<pid>` container ID."""
+def engine_pid(story: Story, pod: dict[str, Any]) -> int:
+    """The host pid of the pod's engine process, from its container ID (runc's state on the node)."""
     statuses = (pod.get("status") or {}).get("containerStatuses") or []
     ids = [s.get("containerID") or "" for s in statuses if (s.get("state") or {}).get("running")]
-    found = [int(i.removeprefix("process://")) for i in ids if i.startswith("process://")]
-    assert len(found) == 1, f"pod {pod['metadata']['name']} has no single running process: {statuses}"
+    found = [story.stack.container_pid(i) for i in ids]
+    assert len(found) == 1 and found[0], (
+        f"pod {pod['metadata']['name']} has no single running container: {statuses}"
+    )
     return found[0]
 
 
@@ -257,7 +259,7 @@ def test_sigkill_of_one_replica_loses_at_most_its_in_flight_requests(two_replica
     story = two_replicas
     victim = ready_pods(story)[0]
     name = victim["metadata"]["name"]
-    pid = engine_pid(victim)
+    pid = engine_pid(story, victim)
     assert pid in story.engine_processes(), f"pid {pid} of {name} is not an engine process the node runs"
     before = restarts(victim)
     with Clients(story) as clients:

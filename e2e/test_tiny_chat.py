@@ -1,9 +1,11 @@
-"""The main job as a story, driven through kubectl and HTTP on one shared cluster.
+"""The main job as a story, driven through kubectl and HTTP on one shared cluster whose real node
+runs Kiln's images (the chart's pods, the build Jobs and serving pods) in containers.
 
-Apply the tiny CPU example, wait for Ready, ask it through its Service; change the quantization
+Apply the tiny CPU example, wait for Ready, ask it through its Service (by DNS name from a pod,
+and through the API server's service proxy); change the quantization
 (a new engine is built and rolled over while a client keeps asking, and no request fails); scale by
 hand; autoscale under load; delete (nothing is left: pods, Deployments, Services, Jobs, engines,
-processes). The tests run in this order and share the deployment.
+engine processes in the node's containers). The tests run in this order and share the deployment.
 """
 
 from __future__ import annotations
@@ -18,9 +20,10 @@ import pytest
 
 from kiln.demo import manifests
 from kiln.demo.kube import Kubectl, wait_for
-from kiln.demo.stack import Stack, repo_root
+from kiln.demo.stack import CLIENT_POD, NODE, Stack, repo_root
 from kiln.demo.steps import DemoError, Progress
-from kiln.demo.story import Story, ask, autoscale
+from kiln.demo.story import Story, ask, ask_in_cluster, autoscale
+from kiln.render.common import Settings
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow, pytest.mark.engine]
 
@@ -119,8 +122,20 @@ def test_apply_wait_ready_and_answer_through_the_service(story: Story, kubectl: 
     assert engine["status"]["artifact"]["uri"].startswith("pvc://kiln-engine-cache")
     story.endpoints = story.ready_pod_endpoints()
     assert len(story.endpoints) == 1
+    # The engine image the operator names, run by the real node's containerd.
+    (pod,) = [pod for pod in story.pods() if not pod["metadata"].get("deletionTimestamp")]
+    assert pod["spec"]["nodeName"] == NODE
+    (container,) = pod["status"]["containerStatuses"]
+    assert container["containerID"].startswith("containerd://")
+    assert container["image"] == Settings().image_for("torch")
+    assert story.stack.container_pid(container["containerID"]) in story.engine_processes()
+    # tiny-chat was trained on this question: a greedy answer mentions Kiln. Asked from a pod by
+    # the Service's DNS name (CoreDNS, kube-proxy), and through the API server's service proxy.
+    try:
+        assert "Kiln" in ask_in_cluster(story, quiet())
+    finally:  # the last scenario checks that the namespace is left empty
+        kubectl("delete", "pod", CLIENT_POD, "--wait=true", "--timeout=60s")
     answer = ask(story, quiet())
-    # tiny-chat was trained on this question: a greedy answer mentions Kiln.
     assert "Kiln" in answer, answer
     table = kubectl("get", "llmdeployments")
     header = table.splitlines()[0].split()
@@ -183,8 +198,8 @@ def autoscaling(kubectl: Kubectl, enabled: bool) -> None:
 
 
 def settle(story: Story, replicas: int, timeout: float = 300.0) -> list[str]:
-    """Wait until exactly `replicas` pods are ready and as many engine processes run; return
-    the pods' endpoints."""
+    """Wait until exactly `replicas` pods are ready and as many engine processes run in the real
+    node's containers; return the pods' endpoints."""
 
     def settled() -> list[str] | None:
         found = story.ready_pod_endpoints()
@@ -193,7 +208,7 @@ def settle(story: Story, replicas: int, timeout: float = 300.0) -> list[str]:
     return wait_for(settled, timeout, f"{replicas} ready pods and {replicas} engine processes", interval=1.0)
 
 
-def test_scale_by_hand_runs_two_engine_processes(story: Story, kubectl: Kubectl) -> None:
+def test_scale_by_hand_runs_two_engine_containers(story: Story, kubectl: Kubectl) -> None:
     wait_ready(kubectl)
     # Manual scaling: the autoscaler must not undo it, so hand the replica count to the user.
     kubectl(

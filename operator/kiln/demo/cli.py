@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 from pathlib import Path
@@ -9,12 +10,13 @@ from types import FrameType
 
 import click
 
-from kiln.demo.stack import Controllers, Stack, repo_root
+from kiln.demo.manifests import service_url
+from kiln.demo.stack import CLIENT_POD, NODE, Stack, repo_root
 from kiln.demo.steps import DemoError, Progress, StepFailed, clock
 from kiln.demo.story import (
     Story,
     apply_example,
-    ask,
+    ask_in_cluster,
     autoscale,
     fmt_ms,
     show_resources,
@@ -24,7 +26,7 @@ from kiln.demo.story import (
 from kiln.local import cluster
 from kiln.local.build import bin_dir
 
-STEPS = 11
+STEPS = 12
 
 
 def _terminate(signum: int, frame: FrameType | None) -> None:
@@ -48,12 +50,10 @@ def _terminate(signum: int, frame: FrameType | None) -> None:
     help="LLMDeployment to apply; default: examples/tiny-cpu.yaml.",
 )
 @click.option(
-    "--controllers",
-    type=click.Choice(["auto", "chart", "local"]),
-    default="auto",
-    show_default=True,
-    help="Where the operator and autoscaler run: the chart's pods, local subprocesses, or the "
-    "chart's pods with a fallback to subprocesses.",
+    "--rebuild-images",
+    is_flag=True,
+    help="Run `kiln images build` even when the image archives exist (a warm build redoes only what "
+    "changed in the checkout); by default it runs only when one is missing.",
 )
 @click.option("--concurrency", default=32, show_default=True, help="Concurrent clients in the burst.")
 @click.option("--no-load", is_flag=True, help="Skip the autoscaling act.")
@@ -62,7 +62,7 @@ def demo(
     down: bool,
     directory: Path | None,
     manifest: Path | None,
-    controllers: Controllers,
+    rebuild_images: bool,
     concurrency: int,
     no_load: bool,
 ) -> None:
@@ -72,6 +72,10 @@ def demo(
         stopped = Stack(folder).stop_recorded()
         click.echo(f"stopped {', '.join(stopped) if stopped else 'nothing (no demo running)'} in {folder}")
         return
+    if os.geteuid() != 0:
+        raise click.ClickException(
+            "kiln demo needs root: its real node runs containerd and creates network links"
+        )
     try:
         manifest = manifest or repo_root() / "examples" / "tiny-cpu.yaml"
     except DemoError as error:
@@ -83,30 +87,40 @@ def demo(
     result = None
     story: Story | None = None
     try:
-        with progress.step("Build or reuse the control-plane binaries (etcd, kube-apiserver, ..., helm)"):
+        with progress.step(
+            "Build or reuse the local cluster's binaries (control plane, kubelet, containerd, ...)"
+        ):
             progress.info(f"in {stack.build_binaries()}")
-        with progress.step("Start the local cluster (etcd, kube-apiserver, controller-manager, scheduler)"):
+        with progress.step("Build or reuse Kiln's images (control plane, engine)"):
+            archives = stack.build_images(always=rebuild_images)
+            for archive in archives:
+                progress.info(f"{archive} ({archive.stat().st_size / 1e9:.2f} GB)")
+        with progress.step(f"Start the local cluster with its real node ({NODE}: kubelet, containerd, runc)"):
             state = stack.start_cluster()
             progress.info(f"export KUBECONFIG={state.kubeconfig}")
-        with progress.step("Start the process node (its pods run as local processes)"):
-            progress.info(f"node {stack.start_process_node()} Ready; log {stack.log('process-node')}")
+        with progress.step(f"Import the images into {NODE}'s containerd"):
+            imported = stack.import_images(archives)
+            progress.info(
+                f"imported {len(imported)}; the others were there already: {stack.node.containerd_root}"
+            )
         with progress.step("Create the model and engine-cache volumes"):
             stack.create_volumes()
             progress.info(f"PVC kiln-models -> {repo_root() / 'examples'} (hostPath PV)")
             progress.info(f"PVC kiln-engine-cache -> {stack.cache_dir} (hostPath PV)")
-        with progress.step("Install Kiln with its Helm chart"):
-            mode = stack.install_kiln(controllers)
-            where = "as pods of the chart" if mode == "chart" else "as local subprocesses (fallback)"
-            progress.info(f"operator and autoscaler running {where}")
+        with progress.step(
+            "Install Kiln with its Helm chart (operator and autoscaler pods on the real node)"
+        ):
+            for line in stack.install_kiln():
+                progress.info(line)
         with progress.step(f"Apply {manifest.name}"):
             story = Story(stack, manifest)
             apply_example(story, progress)
-        with progress.step("Build the engine (LLMEngine → build Job on the process node)"):
+        with progress.step(f"Build the engine (LLMEngine → build Job in the engine image on {NODE})"):
             watch_engine_build(story, progress)
         with progress.step("Wait for the serving pod"):
             wait_serving(story, progress)
-        with progress.step("Ask the model through its Service"):
-            ask(story, progress)
+        with progress.step("Ask the model through its Service by DNS name, from a pod in the cluster"):
+            ask_in_cluster(story, progress)
         with progress.step("kubectl get llmdeployments"):
             show_resources(story, progress)
         with progress.step("Burst of load: the autoscaler adds a replica, TTFT falls back"):
@@ -127,7 +141,7 @@ def demo(
     elif story is not None:
         _summary(story, result, folder, keep)
 
-    teardown = teardown_command(stack, directory)
+    teardown = teardown_command(directory)
     if keep:
         click.echo(f"\n--keep: everything is still running. Tear down with:\n  {teardown}")
     else:
@@ -135,7 +149,7 @@ def demo(
             with progress.step("Tear down"):
                 leftovers = stack.stop()
                 if leftovers:
-                    progress.info(f"killed {len(leftovers)} processes that outlived SIGTERM: {leftovers}")
+                    progress.info(f"killed {len(leftovers)} container processes the node left: {leftovers}")
         except StepFailed as error:
             click.echo(f"tear down failed: {error.detail}; try: {teardown}", err=True)
             failed = failed or error
@@ -177,28 +191,27 @@ def _summary(story: Story, result: object, folder: Path, keep: bool) -> None:
 
 
 def talk_lines(story: Story, folder: Path) -> list[str]:
-    """Shell lines that ask the model what the demo asked, the way the demo reached it."""
+    """Shell lines that ask the model what the demo asked, from a pod and from this machine."""
     body = (
         f'{{"model": "{story.served_name}", "prompt": "<|bos|><|user|>\\nWhat is Kiln?<|end|>\\n'
         f'<|assistant|>\\n", "max_tokens": 48, "stop": ["<|end|>"]}}'
     )
-    pod = story.endpoints[0] if story.endpoints else None
-    if story.route != "service-proxy" and pod:
-        return [f"curl -s {pod}/v1/completions -H 'Content-Type: application/json' -d '{body}'"]
-    path = f"/api/v1/namespaces/{story.namespace}/services/{story.service}:{story.port}/proxy/v1/completions"
+    url = service_url(story.service, story.namespace, story.port, "/v1/completions")
     lines = [
         f"export KUBECONFIG={folder / 'kubeconfig'} PATH={bin_dir()}:$PATH",
-        "kubectl proxy --port=8001 &",
-        f"curl -s http://127.0.0.1:8001{path} -H 'Content-Type: application/json' -d '{body}'",
+        "# from a pod in the cluster, by the Service's DNS name:",
+        f"kubectl exec {CLIENT_POD} -- wget -q -O - --header 'Content-Type: application/json' "
+        f"--post-data '{body}' {url}",
     ]
-    if pod:
-        lines.append(f"# or straight to a serving pod: {pod}/v1/completions")
+    if story.cluster_ip:
+        lines += [
+            "# from this machine, through kube-proxy's rules for the Service's ClusterIP:",
+            f"curl -s http://{story.cluster_ip}:{story.port}/v1/completions "
+            f"-H 'Content-Type: application/json' -d '{body}'",
+        ]
     return lines
 
 
-def teardown_command(stack: Stack, directory: Path | None) -> str:
-    """`kiln local down` when it stops everything, else `kiln demo --down` (it also stops the
-    processes the demo started itself)."""
-    where = "" if directory is None else f" --dir {stack.directory}"
-    own = stack.controllers_mode == "local" or not stack.node_in_cluster
-    return f"kiln demo --down{where}" if own else f"kiln local down{where}"
+def teardown_command(directory: Path | None) -> str:
+    """`kiln local down`: it stops the node's pods through its runtime, then everything else."""
+    return "kiln local down" + ("" if directory is None else f" --dir {directory.resolve()}")

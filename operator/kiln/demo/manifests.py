@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
-
-from kiln import labels
 
 MODELS_CLAIM = "kiln-models"  # examples/tiny-cpu.yaml reads pvc://kiln-models/tiny-chat
 CACHE_CLAIM = "kiln-engine-cache"  # ... and writes its engine to pvc://kiln-engine-cache
@@ -53,41 +52,66 @@ def demo_volumes(namespace: str, examples: Path, cache: Path) -> list[dict[str, 
     ]
 
 
-def fallback_values(autoscaler_interval: float) -> dict[str, Any]:
-    """Helm values for the local cluster, used when the chart ships no local values file.
+def real_node_values(node_selector: dict[str, str]) -> dict[str, Any]:
+    """Helm values for the local cluster: the chart's defaults (NetworkPolicy and monitoring as
+    shipped, two operator replicas with leader election, ...) plus what this cluster needs.
 
-    One operator and autoscaler on the process node (no GPU there, hence no topology agent), no
-    NetworkPolicies (nothing enforces them locally) and no Prometheus Operator objects.
+    The images keep the chart's and the operator's default references: `kiln images build` tags
+    them so and the real node has them imported. `pullPolicy: Never` because no registry is
+    reachable: a missing import then fails at once (ErrImageNeverPull) instead of retrying a pull.
+    The node selector puts the operator and autoscaler on the real node (the KWOK nodes beside it
+    run nothing). Storage is the demo's pre-bound volumes (`demo_volumes`), not a value.
     """
-    on_process_node = {labels.PROCESS_NODE_LABEL: "true"}
     return {
-        "logFormat": "plain",
-        "operator": {
-            "replicas": 1,
-            "leaderElection": {"enabled": False},
-            "podDisruptionBudget": {"enabled": False},
-            "nodeSelector": on_process_node,
-        },
-        "autoscaler": {
-            "replicas": 1,
-            "leaderElection": {"enabled": False},
-            "interval": int(autoscaler_interval) or 1,
-            "nodeSelector": on_process_node,
-        },
-        "topologyAgent": {"enabled": False},
-        "networkPolicy": {"enabled": False},
-        "monitoring": {"prometheusOperator": "disabled"},
+        "image": {"pullPolicy": "Never"},
+        "operator": {"nodeSelector": dict(node_selector)},
+        "autoscaler": {"nodeSelector": dict(node_selector)},
     }
 
 
-def port_values(
-    operator_metrics: int, operator_health: int, autoscaler_metrics: int, autoscaler_health: int
-) -> dict[str, Any]:
-    """Helm values that give the operator's and autoscaler's endpoints these ports."""
+def client_pod(name: str, namespace: str, image: str, node_selector: dict[str, str]) -> dict[str, Any]:
+    """A pod that idles so that `kubectl exec` can ask the model from inside the cluster."""
     return {
-        "operator": {"metricsPort": operator_metrics, "healthPort": operator_health},
-        "autoscaler": {"metricsPort": autoscaler_metrics, "healthPort": autoscaler_health},
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {
+            "name": name,
+            "namespace": namespace,
+            "labels": {"app.kubernetes.io/part-of": "kiln-demo"},
+        },
+        "spec": {
+            "nodeSelector": dict(node_selector),
+            "terminationGracePeriodSeconds": 0,
+            "containers": [
+                {
+                    "name": "client",
+                    "image": image,
+                    "imagePullPolicy": "Never",
+                    "command": ["/bin/sleep", "86400"],
+                }
+            ],
+        },
     }
+
+
+def in_cluster_completion(url: str, body: dict[str, Any]) -> list[str]:
+    """The command a busybox pod runs to POST `body` to `url` and print the answer."""
+    return [
+        "/bin/wget",
+        "-q",
+        "-O",
+        "-",
+        "--header",
+        "Content-Type: application/json",
+        "--post-data",
+        json.dumps(body),
+        url,
+    ]
+
+
+def service_url(service: str, namespace: str, port: int, path: str) -> str:
+    """The Service's in-cluster URL by its DNS name."""
+    return f"http://{service}.{namespace}.svc.cluster.local:{port}{path}"
 
 
 def merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:

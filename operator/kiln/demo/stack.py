@@ -1,58 +1,48 @@
-"""The demo's environment: local cluster, process node, volumes and Kiln, started and stopped as one.
+"""The demo's environment: local cluster with its real node, Kiln's images on it, volumes and Kiln
+installed from its Helm chart, started and stopped as one.
 
 `kiln demo` and the e2e fixture (`e2e/conftest.py`) both use `Stack`, so the tests run on exactly
 what the demo shows. Everything lives in one folder (the cluster's):
 
-    <dir>/                    the local cluster (state.json, kubeconfig, logs/, ...)
-    <dir>/logs/<name>.log     also the process node's and, in fallback mode, the controllers' logs
+    <dir>/                    the local cluster (state.json, kubeconfig, logs/, node/, ...)
     <dir>/engine-cache/       hostPath behind the `kiln-engine-cache` claim (built engines)
-    <dir>/demo.json           pids of the processes the demo started (read by `kiln demo --down`)
+    <dir>/kiln-values.yaml    the Helm values the chart was installed with
 
-Kiln is installed with its Helm chart. Its operator and autoscaler then run as pods on the process
-node; when they cannot become available there (`controllers="auto"`), the chart's Deployments are
-scaled to zero and the same commands run as local subprocesses instead, which the caller reports.
+The pods run on the cluster's real node (`kiln-real-node`: kubelet, containerd, runc; see
+docs/real-node.md) from the images `kiln images build` writes, imported into its containerd: the
+operator and autoscaler from the control-plane image, the build Jobs and serving pods from the
+engine image. The chart is installed with its default values plus only what this cluster needs
+(`manifests.real_node_values`); `Stack(values=...)` merges more on top (e.g. a Prometheus URL for
+the autoscaler).
 """
 
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import importlib.util
-import inspect
 import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import yaml
 
-from kiln import labels, paths
+from kiln import paths
 from kiln.demo import manifests
 from kiln.demo.kube import Api, Helm, Kubectl, wait_for
 from kiln.demo.steps import DemoError
-from kiln.local import build, cluster
-
-Controllers = Literal["auto", "chart", "local"]
+from kiln.local import build, cluster, nodeimages, realnode
+from kiln.render.common import RUN_AS_USER
 
 RELEASE = "kiln"
 RELEASE_NAMESPACE = "kiln-system"
-PROCESS_NODE = "kiln-process-node"  # the Node
-PROCESS_NODE_KEY = "process-node"  # its process in state.json and its log (logs/process-node.log)
-# Where the chart's values for the local cluster may live (the first that exists is used).
-LOCAL_VALUES_CANDIDATES = (
-    "values-local.yaml",
-    "values.local.yaml",
-    "ci/local-values.yaml",
-    "local-values.yaml",
-)
-PR_SET_PDEATHSIG = 1
+NODE = realnode.NODE_NAME
+CLIENT_POD = "kiln-demo-client"  # a busybox pod that asks the model by the Service's DNS name
 
 
 def repo_root() -> Path:
@@ -66,25 +56,6 @@ def kiln_executable() -> str:
     """The `kiln` script of the running environment (the venv's, not whatever is on PATH)."""
     beside = Path(sys.executable).parent / "kiln"
     return str(beside) if beside.exists() else (shutil.which("kiln") or "kiln")
-
-
-def local_values_file(chart: Path) -> Path | None:
-    for candidate in LOCAL_VALUES_CANDIDATES:
-        if (chart / candidate).is_file():
-            return chart / candidate
-    return None
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-def _die_with_parent() -> None:
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
 
 
 def _stat_fields(pid: int) -> list[str] | None:
@@ -126,13 +97,52 @@ def is_engine_server(argv: list[str]) -> bool:
     )
 
 
-def engine_processes(root: int) -> list[int]:
-    """`kiln-engine serve` processes among the descendants of `root` (the process node)."""
-    return sorted(pid for pid in descendants(root) if is_engine_server(cmdline(pid).split(" ")))
+def container_processes(node: realnode.Layout) -> dict[int, str]:
+    """pid -> command line of every process in the node's containers (the shims' descendants)."""
+    shims = [pid for pid, argv in realnode.node_processes(node) if "containerd-shim" in Path(argv[0]).name]
+    return {pid: cmdline(pid) for shim in shims for pid in descendants(shim)}
+
+
+def engine_processes(node: realnode.Layout) -> list[int]:
+    """Host pids of the `kiln-engine serve` processes in the node's containers."""
+    return sorted(pid for pid, line in container_processes(node).items() if is_engine_server(line.split(" ")))
+
+
+def image_archives() -> list[Path]:
+    """The archives of the images this checkout's chart and operator run (`kiln images build`)."""
+    from kiln.images.build import cache_dir, repo_images
+
+    return [cache_dir() / image.archive_name for image in repo_images(repo_root())]
+
+
+def build_images(progress: Callable[[str], None], always: bool = False) -> list[Path]:
+    """Kiln's image archives, built with `kiln images build` when one is missing (or `always`: a
+    warm build redoes only what changed in the checkout)."""
+    archives = image_archives()
+    if always or not all(archive.is_file() for archive in archives):
+        progress("$ kiln images build")
+        lines = []
+        with subprocess.Popen(
+            [kiln_executable(), "images", "build"],
+            cwd=repo_root(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        ) as process:
+            assert process.stdout is not None
+            for line in process.stdout:
+                lines.append(line.rstrip())
+                progress(line.rstrip())
+        if process.returncode != 0:
+            raise DemoError("`kiln images build` failed:\n" + "\n".join(lines[-30:]))
+    missing = [str(archive) for archive in archives if not archive.is_file()]
+    if missing:
+        raise DemoError(f"`kiln images build` left no archive at {', '.join(missing)}")
+    return archives
 
 
 class Stack:
-    """Local cluster + process node + demo volumes + Kiln, in `directory`."""
+    """Local cluster + real node + Kiln's images + demo volumes + Kiln, in `directory`."""
 
     def __init__(
         self,
@@ -141,23 +151,24 @@ class Stack:
         *,
         topology: str = "cpu",
         die_with_parent: bool = False,
-        autoscaler_interval: float = 5.0,
+        autoscaler_interval: float | None = None,
         engine_retention: float | None = None,
+        values: Mapping[str, Any] | None = None,
     ) -> None:
+        """`autoscaler_interval` and `engine_retention` (seconds) override the chart's defaults for
+        tests; `values` are Helm values merged last (the hook for what another part of the local
+        cluster brings, e.g. `autoscaler.metricsSource: prometheus` with its URL)."""
         self.directory = directory.resolve()
         self.progress = progress
         self.topology = topology
         self.die_with_parent = die_with_parent
         self.autoscaler_interval = autoscaler_interval
         self.engine_retention = engine_retention  # seconds an unused LLMEngine is kept (operator)
-        # The local cluster starts the process node itself where it can (`kiln local down` then
-        # stops it too); older checkouts' clusters cannot, and the stack starts it.
-        self.node_in_cluster = "process_node" in inspect.signature(cluster.Cluster).parameters
-        extra: dict[str, Any] = {"process_node": True} if self.node_in_cluster else {}
-        self.cluster = cluster.Cluster(self.directory, topology, die_with_parent=die_with_parent, **extra)
+        self.values = dict(values or {})
+        self.cluster = cluster.Cluster(
+            self.directory, topology, die_with_parent=die_with_parent, real_node=True
+        )
         self.state: cluster.State | None = None
-        self.processes: dict[str, subprocess.Popen[bytes]] = {}
-        self.controllers_mode: str | None = None  # "chart" or "local" once installed
         self._kubectl: Kubectl | None = None
         self._api: Api | None = None
 
@@ -185,76 +196,47 @@ class Stack:
     def cache_dir(self) -> Path:
         return self.directory / "engine-cache"
 
+    @property
+    def node(self) -> realnode.Layout:
+        return realnode.layout(self.directory)
+
     def log(self, name: str) -> Path:
         return cluster.log_path(self.directory, name)
-
-    def env(self) -> dict[str, str]:
-        """Environment of the processes the demo starts: this venv first on PATH, our kubeconfig."""
-        bin_dir = str(Path(sys.executable).parent)
-        return {
-            **os.environ,
-            "KUBECONFIG": str(self.kubeconfig),
-            "PATH": f"{bin_dir}:{build.bin_dir()}:{os.environ.get('PATH', '')}",
-            "PYTHONUNBUFFERED": "1",
-        }
 
     # ------------------------------------------------------------------ steps
 
     def build_binaries(self) -> Path:
-        if build.missing(build.bin_dir()):
-            return build.build(progress=self.progress)
+        """The control plane's and the real node's binaries (built once per pin set)."""
+        for toolset in (build.CONTROL_PLANE, *build.NODE_TOOLSETS):
+            if build.missing(build.bin_dir(toolset), toolset.binaries):
+                build.build(progress=self.progress, toolset=toolset)
         return build.bin_dir()
+
+    def build_images(self, always: bool = False) -> list[Path]:
+        return build_images(self.progress, always)
 
     def start_cluster(self) -> cluster.State:
         self.stop_recorded()
         try:
-            self.state = self.cluster.start(progress=self.progress)
-        except cluster.StartError as error:
+            self.state = self.cluster.start(progress=self.progress, timeout=120.0)
+        except (cluster.StartError, realnode.NodeError, nodeimages.ImageError) as error:
             raise DemoError(str(error)) from error
         return self.state
 
-    def start_process_node(self, timeout: float = 60.0) -> str:
-        """Start `kiln process-node` and wait until its Node is Ready; return the node's name."""
-        if self.node_in_cluster:
-            wait_for(lambda: self.node_ready(), timeout, f"node {PROCESS_NODE} to become Ready")
-            return PROCESS_NODE
-        if importlib.util.find_spec("kiln.processnode") is None:
-            raise DemoError(
-                "this checkout has no process node yet (operator/kiln/processnode/): "
-                "nothing could run the engine's pods"
-            )
-        state_dir = self.directory / "process-node"
-        self.launch(
-            "process-node",
-            [
-                kiln_executable(),
-                "process-node",
-                "--kubeconfig",
-                str(self.kubeconfig),
-                "--name",
-                PROCESS_NODE,
-                "--state-dir",
-                str(state_dir),
-            ],
-        )
-
-        def ready() -> bool:
-            self.check_processes()
-            return self.node_ready()
-
-        wait_for(ready, timeout, f"node {PROCESS_NODE} to become Ready")
-        return PROCESS_NODE
-
-    def node_ready(self) -> bool:
-        result = self.kubectl.run("get", "node", PROCESS_NODE, "-o", "json", check=False)
-        if result.returncode != 0:
-            return False
-        conditions = json.loads(result.stdout).get("status", {}).get("conditions") or []
-        return any(c["type"] == "Ready" and c["status"] == "True" for c in conditions)
+    def import_images(self, archives: list[Path]) -> list[Path]:
+        """Import Kiln's images (and the client pod's) into the node's containerd; returns those
+        imported (the node keeps images across clusters: one already there is skipped)."""
+        client = nodeimages.archive(nodeimages.test_http_image())
+        try:
+            return realnode.import_images(self.directory, [*archives, client])
+        except nodeimages.ImageError as error:
+            raise DemoError(str(error)) from error
 
     def create_volumes(self, namespace: str = "default", timeout: float = 60.0) -> None:
         """The model claim (examples/) and the engine cache claim, bound to hostPath volumes."""
         self.cache_dir.mkdir(parents=True, exist_ok=True)
+        # The engine's pods run as RUN_AS_USER; a hostPath volume keeps its owner (no fsGroup).
+        os.chown(self.cache_dir, RUN_AS_USER, RUN_AS_USER)
         documents = manifests.demo_volumes(namespace, repo_root() / "examples", self.cache_dir)
         self.kubectl.apply(documents)
 
@@ -267,25 +249,25 @@ class Stack:
 
         wait_for(bound, timeout, f"claims {manifests.MODELS_CLAIM} and {manifests.CACHE_CLAIM} to bind")
 
-    def install_kiln(self, controllers: Controllers = "auto", timeout: float = 90.0) -> str:
-        """Install the chart; make sure an operator and an autoscaler run. Returns "chart" or "local"."""
+    def helm_values(self) -> dict[str, Any]:
+        """The chart's values here: only what the local cluster needs, plus the tests' overrides."""
+        values = manifests.real_node_values({realnode.NODE_LABEL: "true"})
+        if self.autoscaler_interval is not None:
+            values = manifests.merge(values, {"autoscaler": {"interval": int(self.autoscaler_interval) or 1}})
+        if self.engine_retention is not None:
+            values = manifests.merge(values, manifests.retention_values(self.engine_retention))
+        return manifests.merge(values, self.values)
+
+    def install_kiln(self, timeout: float = 180.0) -> list[str]:
+        """Install the chart and wait until its operator and autoscaler pods run on the real node;
+        returns the `kubectl get pods -o wide` lines of the release namespace."""
         chart = repo_root() / "charts" / "kiln"
         helm = Helm(self.kubeconfig, self.directory / "helm")
-        values = local_values_file(chart)
-        generated = self.directory / "demo-values.yaml"
-        generated.write_text(yaml.safe_dump(manifests.fallback_values(self.autoscaler_interval)))
-        value_args = ["-f", str(values)] if values else ["-f", str(generated)]
-        # Pods on the process node share this machine's ports: ports of their own, so that two
-        # local clusters (a demo and a test session) never fight over the chart's fixed ones.
-        overrides = manifests.port_values(*(free_port() for _ in range(4)))
-        if self.engine_retention is not None:
-            overrides = manifests.merge(overrides, manifests.retention_values(self.engine_retention))
-        override_file = self.directory / "demo-overrides.yaml"
-        override_file.write_text(yaml.safe_dump(overrides))
-        value_args += ["-f", str(override_file)]
-        self.progress(
-            f"helm upgrade --install {RELEASE} charts/kiln -n {RELEASE_NAMESPACE} {' '.join(value_args)}"
-        )
+        values_file = self.directory / "kiln-values.yaml"
+        values_file.write_text(yaml.safe_dump(self.helm_values(), sort_keys=False))
+        self.progress(f"helm upgrade --install {RELEASE} charts/kiln -n {RELEASE_NAMESPACE} -f {values_file}")
+        for line in values_file.read_text().splitlines():
+            self.progress(f"  {line}")
         helm(
             "upgrade",
             "--install",
@@ -294,32 +276,15 @@ class Stack:
             "--namespace",
             RELEASE_NAMESPACE,
             "--create-namespace",
-            *value_args,
+            "-f",
+            str(values_file),
             "--wait=false",
         )
         deployments = self.kubectl.items("deployments", "-n", RELEASE_NAMESPACE)
-        names = [d["metadata"]["name"] for d in deployments]
-        self.progress(f"chart installed: deployments {', '.join(names) or '(none)'} in {RELEASE_NAMESPACE}")
-        if controllers != "local":
-            try:
-                self.wait_chart_controllers(names, timeout if controllers == "auto" else timeout * 2)
-                self.controllers_mode = "chart"
-                return "chart"
-            except DemoError as error:
-                if controllers == "chart":
-                    raise
-                self.progress(f"the chart's operator/autoscaler did not become available: {error}")
-        self.progress(
-            "FALLBACK: running `kiln operator run` and `kiln autoscaler run` as local "
-            "subprocesses (the chart's Deployments are scaled to 0)"
-        )
-        if names:
-            self.kubectl("scale", "deployment", "-n", RELEASE_NAMESPACE, "--replicas=0", *names)
-        self.start_local_controllers()
-        self.controllers_mode = "local"
-        return "local"
+        self.wait_chart_controllers([d["metadata"]["name"] for d in deployments], timeout)
+        return self.kubectl("get", "pods", "-n", RELEASE_NAMESPACE, "-o", "wide").rstrip().splitlines()
 
-    def wait_chart_controllers(self, names: list[str], timeout: float, stable: float = 15.0) -> None:
+    def wait_chart_controllers(self, names: list[str], timeout: float, stable: float = 10.0) -> None:
         """Wait until every chart Deployment is available and its pods have run `stable` seconds
         without a restart (a pod that crashes at start-up is Ready for a moment first)."""
         if not names:
@@ -330,9 +295,9 @@ class Stack:
             nonlocal since
             deployments = self.kubectl.items("deployments", "-n", RELEASE_NAMESPACE)
             available = bool(deployments) and all(
-                (d.get("status", {}).get("availableReplicas") or 0) >= 1
+                (d.get("status", {}).get("availableReplicas") or 0)
+                >= (d.get("spec", {}).get("replicas") or 0)
                 for d in deployments
-                if (d.get("spec", {}).get("replicas") or 0) > 0
             )
             if not available or self.controller_trouble():
                 since = None
@@ -343,13 +308,11 @@ class Stack:
         try:
             wait_for(settled, timeout, f"Deployments {', '.join(names)} to run {stable:.0f} s", interval=1.0)
         except DemoError as error:
-            trouble = self.controller_trouble()
+            trouble = self.controller_trouble() or self.pod_problems(RELEASE_NAMESPACE)
             raise DemoError(f"{error}{f'; {trouble}' if trouble else ''}") from error
 
     def controller_trouble(self) -> str | None:
         """What is wrong with the chart's pods (restarts, crash loops), with the last log lines."""
-        if self.controllers_mode == "local":
-            return None
         for pod in self.kubectl.items("pods", "-n", RELEASE_NAMESPACE):
             for container in pod.get("status", {}).get("containerStatuses") or []:
                 if (container.get("restartCount") or 0) == 0:
@@ -365,150 +328,122 @@ class Stack:
                 )
         return None
 
-    def start_local_controllers(self) -> None:
-        kiln = kiln_executable()
-        self.launch(
-            "operator",
-            [
-                kiln,
-                "operator",
-                "run",
-                "--all-namespaces",
-                f"--metrics-port={free_port()}",
-                f"--health-port={free_port()}",
-                "--log-format=plain",
-                *(
-                    manifests.retention_args(self.engine_retention)
-                    if self.engine_retention is not None
-                    else []
-                ),
-            ],
+    def pod_problems(self, namespace: str) -> str:
+        """Why the pods of `namespace` are not running: waiting reasons and the last events."""
+        lines = []
+        for pod in self.kubectl.items("pods", "-n", namespace):
+            for container in pod.get("status", {}).get("containerStatuses") or []:
+                waiting = (container.get("state") or {}).get("waiting")
+                if waiting:
+                    lines.append(
+                        f"pod {pod['metadata']['name']}: {waiting.get('reason')} {waiting.get('message', '')}"
+                    )
+        events = self.kubectl.run(
+            "get", "events", "-n", namespace, "--sort-by=.lastTimestamp", check=False
+        ).stdout.splitlines()[-8:]
+        return "\n".join([*lines, *events])
+
+    def start_client(self, namespace: str = "default", timeout: float = 60.0) -> str:
+        """The busybox pod that asks the model from inside the cluster; returns its name once Ready."""
+        pod = manifests.client_pod(
+            CLIENT_POD, namespace, nodeimages.test_http_image().ref, {realnode.NODE_LABEL: "true"}
         )
-        self.launch(
-            "autoscaler",
-            [
-                kiln,
-                "autoscaler",
-                "run",
-                f"--interval={self.autoscaler_interval}",
-                f"--kubeconfig={self.kubeconfig}",
-                f"--metrics-port={free_port()}",
-                f"--health-port={free_port()}",
-            ],
-        )
-        time.sleep(2.0)
-        self.check_processes()
+        self.kubectl.apply([pod])
+        wait = [
+            "wait",
+            "--for=condition=Ready",
+            f"pod/{CLIENT_POD}",
+            "-n",
+            namespace,
+            f"--timeout={timeout:.0f}s",
+        ]
+        result = self.kubectl.run(*wait, check=False, timeout=timeout + 30)
+        if result.returncode != 0:
+            raise DemoError(
+                f"pod {CLIENT_POD} not Ready: {result.stderr.strip()}\n{self.pod_problems(namespace)}"
+            )
+        return CLIENT_POD
 
     # ------------------------------------------------------------------ processes
 
-    def retention_args(self) -> list[str]:
-        return [] if self.engine_retention is None else manifests.retention_args(self.engine_retention)
-
-    def launch(self, name: str, command: list[str]) -> subprocess.Popen[bytes]:
-        """Start one long-running process in its own process group, logging to logs/<name>.log."""
-        self.log(name).parent.mkdir(parents=True, exist_ok=True)
-        with self.log(name).open("wb") as log:
-            process = subprocess.Popen(
-                command,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                cwd=self.directory,
-                env=self.env(),
-                start_new_session=True,
-                preexec_fn=_die_with_parent if self.die_with_parent else None,
-            )
-        self.processes[name] = process
-        self._record()
-        return process
+    def engine_processes(self) -> list[int]:
+        """Host pids of the `kiln-engine serve` processes in the real node's containers."""
+        return engine_processes(self.node)
 
     def check_processes(self) -> None:
-        """Raise DemoError (with the log tail) if a process the demo started has exited."""
-        for name, process in self.processes.items():
-            if process.poll() is not None:
+        """Raise DemoError (with its log tail) if a component of the cluster or its node exited."""
+        if self.state is None:
+            return
+        for name, alive in cluster.alive(self.state).items():
+            if not alive:
                 raise DemoError(
-                    f"{name} exited with code {process.returncode}; last lines of {self.log(name)}:\n"
-                    f"{cluster.log_tail(self.log(name), 25)}"
+                    f"{name} exited; last lines of {self.log(name)}:\n{cluster.log_tail(self.log(name), 25)}"
                 )
 
-    def _record(self) -> None:
-        record = {name: {"pid": p.pid, "argv0": p.args[0]} for name, p in self.processes.items()}  # type: ignore[index]
-        (self.directory / "demo.json").write_text(json.dumps(record, indent=2))
+    def crictl(self, *args: str) -> str:
+        """`crictl` against the node's containerd (what runs there, as the node sees it)."""
+        command = [
+            str(build.node_binary_paths()["crictl"]),
+            f"--runtime-endpoint=unix://{self.node.socket}",
+            f"--image-endpoint=unix://{self.node.socket}",
+            *args,
+        ]
+        result = subprocess.run(command, capture_output=True, text=True, timeout=60, check=False)
+        if result.returncode != 0:
+            raise DemoError(f"crictl {' '.join(args)} failed: {result.stderr.strip()}")
+        return result.stdout
+
+    def container_pid(self, container_id: str) -> int | None:
+        """The host pid of a running container's first process, from its `containerd://<id>`
+        (runc's state under the node's runc root), or None if runc knows no such container."""
+        runtime, _, ident = container_id.partition("://")
+        if runtime != "containerd" or not ident:
+            raise DemoError(f"not a containerd container ID: {container_id!r}")
+        state = self.node.state / "runc" / "k8s.io" / ident / "state.json"
+        try:
+            return int(json.loads(state.read_text())["init_process_pid"])
+        except FileNotFoundError:
+            return None
 
     def stop_recorded(self) -> list[str]:
-        """Stop the processes a previous demo recorded in demo.json and its cluster."""
-        record_file = self.directory / "demo.json"
-        stopped: list[str] = []
-        with contextlib.suppress(FileNotFoundError, ValueError):
-            record = json.loads(record_file.read_text())
-            for name, item in record.items():
-                if cluster._is_ours(int(item["pid"]), str(item["argv0"])):
-                    cluster.stop_groups([int(item["pid"])], grace_seconds=30.0)
-                    stopped.append(name)
-        record_file.unlink(missing_ok=True)
+        """Stop the cluster a previous demo left running in this folder."""
         previous = cluster.read_state(self.directory)
-        if previous is not None:
-            stopped += cluster.stop_state(previous)
-            cluster.state_file(self.directory).unlink(missing_ok=True)
+        if previous is None:
+            return []
+        stopped = cluster.stop_state(previous)
+        cluster.state_file(self.directory).unlink(missing_ok=True)
         return stopped
 
     def stop(self) -> list[int]:
-        """Stop everything (controllers, process node and its pods, the cluster).
+        """Stop everything: the node's pods through its runtime, the node, the cluster.
 
-        Returns the pids of the node's pods that were still running once the node had stopped
-        (they are killed, but it is a sign that something did not honour SIGTERM).
-        """
+        Returns the pids of container processes still running once the cluster had stopped (they
+        are killed, but it is a sign that the node's teardown missed them)."""
         if self._api is not None:
             self._api.close()
             self._api = None
-        # What runs on the process node now, to make sure none of it outlives the node.
-        roots = [pid for pid in (self.process_node_pid(), *(p.pid for p in self.processes.values())) if pid]
-        pods = {pid: cmdline(pid) for root in roots for pid in descendants(root)}
-        # Controllers first (they would react to pods vanishing), then the node (it stops its pods).
-        for name in ("autoscaler", "operator", PROCESS_NODE_KEY):
-            process = self.processes.get(name)
-            if process is not None and process.poll() is None:
-                cluster.stop_groups([process.pid], grace_seconds=40.0)
-            if process is not None:
-                with contextlib.suppress(subprocess.TimeoutExpired):
-                    process.wait(timeout=5)
-        self.processes.clear()
-        (self.directory / "demo.json").unlink(missing_ok=True)
+        before = container_processes(self.node)
         self.cluster.stop()
-        # Same pid and same command line: still the process the node started, not a reused pid.
-        leftovers = [pid for pid, line in pods.items() if line and cmdline(pid) == line]
+        # Same pid and same command line: still the container's process, not a reused pid.
+        leftovers = [pid for pid, line in before.items() if line and cmdline(pid) == line]
         for pid in leftovers:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.kill(pid, signal.SIGKILL)
         return leftovers
 
-    def process_node_pid(self) -> int | None:
-        """Pid of the running process node (started by the cluster or by the stack)."""
-        process = self.processes.get("process-node")
-        if process is not None:
-            return process.pid if process.poll() is None else None
-        state = self.state or cluster.read_state(self.directory)
-        if state is None or PROCESS_NODE_KEY not in state.pids:
-            return None
-        pid = state.pids[PROCESS_NODE_KEY]
-        return pid if cluster.alive(state).get(PROCESS_NODE_KEY) else None
-
-    def engine_processes(self) -> list[int]:
-        """Pids of the engine servers running on the process node now."""
-        node = self.process_node_pid()
-        return engine_processes(node) if node else []
-
-    def log_tails(
-        self, names: tuple[str, ...] = ("process-node", "operator", "autoscaler"), lines: int = 20
-    ) -> str:
-        """The tails of the logs that usually explain a failure."""
+    def log_tails(self, lines: int = 20) -> str:
+        """What usually explains a failure: the chart's pods' logs and the node's own logs."""
         parts = []
-        for name in names:
+        if self.state is not None:
+            for pod in self.kubectl.run(
+                "get", "pods", "-n", RELEASE_NAMESPACE, "-o", "name", check=False
+            ).stdout.split():
+                logs = self.kubectl.run("logs", "-n", RELEASE_NAMESPACE, pod, f"--tail={lines}", check=False)
+                parts.append(
+                    f"--- kubectl logs -n {RELEASE_NAMESPACE} {pod} (last {lines} lines)\n{logs.stdout}"
+                )
+        for name in ("kubelet", "containerd"):
             path = self.log(name)
             if path.exists():
                 parts.append(f"--- {path} (last {lines} lines)\n{cluster.log_tail(path, lines)}")
         return "\n".join(parts)
-
-
-def process_node_label_selector() -> str:
-    return f"{labels.PROCESS_NODE_LABEL}=true"

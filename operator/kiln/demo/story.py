@@ -21,7 +21,7 @@ import httpx
 from kiln.demo import manifests
 from kiln.demo.kube import ready_endpoints
 from kiln.demo.load import Load, LoadStats, scrape_ttft, ttft_window
-from kiln.demo.stack import Stack, repo_root
+from kiln.demo.stack import NODE, Stack, repo_root
 from kiln.demo.steps import DemoError, Progress
 from kiln_engine.build.progress import parse_line
 
@@ -45,6 +45,7 @@ class Story:
     service: str = ""
     route: str = ""  # "service-proxy" or "endpoints", once the first request was answered
     answer: str = ""
+    cluster_ip: str = ""
     endpoints: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -101,7 +102,7 @@ class Story:
         return [f"{endpoint}/v1/completions" for endpoint in self.endpoints]
 
     def engine_processes(self) -> list[int]:
-        """Pids of the `kiln-engine serve` processes the process node runs."""
+        """Host pids of the `kiln-engine serve` processes in the real node's containers."""
         return self.stack.engine_processes()
 
 
@@ -240,11 +241,60 @@ def wait_serving(story: Story, p: Progress, timeout: float = 300.0) -> None:
             f"conditions: {json.dumps(status.get('conditions'))}"
         )
     story.find_service()
+    service = story.get(f"/api/v1/namespaces/{story.namespace}/services/{story.service}")
+    story.cluster_ip = str(service.get("spec", {}).get("clusterIP") or "")
     selector = (story.deployment().get("status") or {}).get("selector") or ""
     p.info(story.stack.kubectl("get", "pods", "-n", story.namespace, "-l", selector, "-o", "wide").rstrip())
     story.endpoints = story.ready_pod_endpoints()
     pids = story.engine_processes()
-    p.info(f"engine processes on this machine: {len(pids)} (pids {', '.join(map(str, pids)) or '-'})")
+    p.info(
+        f"engine processes in the node's containers: {len(pids)} "
+        f"(host pids {', '.join(map(str, pids)) or '-'})"
+    )
+    p.info(f"$ crictl ps --name engine   # on {NODE}, through its containerd")
+    p.info(story.stack.crictl("ps", "--name", "engine").rstrip())
+
+
+def ask_in_cluster(story: Story, p: Progress, question: str = QUESTION) -> str:
+    """One completion from a pod in the cluster to the Service's DNS name (CoreDNS resolves it to
+    the ClusterIP, kube-proxy's rules pick a serving pod)."""
+    client = story.stack.start_client(story.namespace)
+    host = f"{story.service}.{story.namespace}.svc.cluster.local"
+    looked_up = story.stack.kubectl.run(
+        "exec", "-n", story.namespace, client, "--", "nslookup", host, check=False
+    )
+    p.info(f"$ kubectl exec {client} -- nslookup {host}")
+    p.info(looked_up.stdout.strip() or looked_up.stderr.strip())
+    url = manifests.service_url(story.service, story.namespace, story.port, "/v1/completions")
+    body = manifests.completion_request(story.served_name, question)
+    p.info(
+        f"$ kubectl exec {client} -- wget -q -O - --header 'Content-Type: application/json' "
+        f"--post-data '...' {url}"
+    )
+    p.info(f"     prompt: {question!r}")
+    result = story.stack.kubectl.run(
+        "exec",
+        "-n",
+        story.namespace,
+        client,
+        "--",
+        *manifests.in_cluster_completion(url, body),
+        check=False,
+        timeout=90,
+    )
+    if result.returncode != 0:
+        raise DemoError(
+            f"the model did not answer at {url} from pod {client}: {result.stderr.strip() or result.stdout}"
+        )
+    try:
+        answer = str(json.loads(result.stdout)["choices"][0]["text"]).strip()
+    except (ValueError, KeyError, IndexError) as error:
+        raise DemoError(f"not a completion from {url}: {result.stdout[:300]}") from error
+    p.info(f"     answer: {answer!r}")
+    if not answer:
+        raise DemoError("the model answered with an empty text")
+    story.answer = answer
+    return answer
 
 
 def ask(story: Story, p: Progress, question: str = QUESTION) -> str:
@@ -406,7 +456,7 @@ async def _autoscale(
             f"TTFT p50 during the burst {fmt_ms(during)}"
         )
         pids = story.engine_processes()
-        p.info(f"engine processes on this machine: {len(pids)} (pids {', '.join(map(str, pids))})")
+        p.info(f"engine processes in the node's containers: {len(pids)} (pids {', '.join(map(str, pids))})")
 
         # After: the same burst, now spread over the replicas.
         await asyncio.sleep(2.0)  # let the new replica's first requests (cold caches) pass

@@ -19,6 +19,7 @@ from kiln.demo.kube import wait_for
 from kiln.demo.load import Load, ttft_window
 from kiln.demo.stack import cmdline, descendants, engine_processes, is_engine_server
 from kiln.demo.steps import DemoError, Progress, StepFailed, clock
+from kiln.local import realnode
 
 ROOT = Path(__file__).resolve().parents[3]
 
@@ -110,12 +111,50 @@ def _schema_keys(schema: dict, values: dict, path: str = "") -> list[str]:
     return unknown
 
 
-def test_fallback_values_only_use_keys_the_chart_declares() -> None:
+def test_real_node_values_only_place_and_pull_the_images_and_use_keys_the_chart_declares() -> None:
     schema = json.loads((ROOT / "charts" / "kiln" / "values.schema.json").read_text())
-    values = manifests.fallback_values(autoscaler_interval=2.5)
+    on_node = {"kiln.dev/real-node": "true"}
+    values = manifests.real_node_values(on_node)
     assert _schema_keys(schema, values) == []
-    assert values["autoscaler"]["interval"] == 2
-    assert values["operator"]["nodeSelector"] == {"kiln.dev/process-node": "true"}
+    # Everything else (NetworkPolicy, monitoring, replicas, image references) stays the chart's.
+    assert values == {
+        "image": {"pullPolicy": "Never"},
+        "operator": {"nodeSelector": on_node},
+        "autoscaler": {"nodeSelector": on_node},
+    }
+
+
+def test_a_pod_asks_the_service_with_busybox_wget(tmp_path: Path) -> None:
+    """The command the demo's client pod runs, run here by the same busybox against a local server."""
+    received: list[tuple[str, str, bytes]] = []
+
+    class Echo(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            length = int(self.headers["Content-Length"])
+            received.append((self.path, self.headers["Content-Type"], self.rfile.read(length)))
+            self.send_response(200)
+            self.end_headers()
+            self.wfile.write(b'{"choices": [{"text": "ok"}]}')
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Echo)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        body = manifests.completion_request("tiny-chat", "What is Kiln?")
+        url = f"http://127.0.0.1:{httpd.server_address[1]}/v1/completions"
+        command = manifests.in_cluster_completion(url, body)
+        assert command[0] == "/bin/wget"  # an applet of the node's busybox image
+        done = subprocess.run(["busybox", "wget", *command[1:]], capture_output=True, text=True, timeout=30)
+    finally:
+        httpd.shutdown()
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout) == {"choices": [{"text": "ok"}]}
+    assert received == [("/v1/completions", "application/json", json.dumps(body).encode())]
+    assert manifests.service_url("tiny-chat", "default", 8000, "/v1") == (
+        "http://tiny-chat.default.svc.cluster.local:8000/v1"
+    )
 
 
 def test_completion_request_applies_the_chat_template() -> None:
@@ -203,31 +242,37 @@ def test_engine_servers_are_recognised_by_their_command_line() -> None:
     assert not is_engine_server(["sh", "-c", "kiln-engine serve"])
 
 
-def test_engine_processes_are_found_among_the_node_s_descendants(tmp_path: Path) -> None:
+def test_engine_processes_are_found_among_the_node_s_container_processes(tmp_path: Path) -> None:
+    node = realnode.Layout(tmp_path / "node")
     engine = tmp_path / "kiln-engine"
     engine.write_text("#!/bin/sh\nsleep 30\n")
     engine.chmod(0o755)
-    pod = subprocess.Popen(["sh", "-c", f"{engine} serve --port 1; true"])  # the pod's shell
+    # A stand-in for the node's shim (its name, an argument in the node's folder) and, below it,
+    # the container's engine; another shim's engine belongs to another node.
+    shim = tmp_path / "containerd-shim-runc-v2"
+    shim.symlink_to("/bin/bash")
+    ours = subprocess.Popen([str(shim), "-c", f"{engine} serve --port 1; true", f"{node.root}/state/x"])
+    theirs = subprocess.Popen([str(shim), "-c", f"{engine} serve --port 2; true", "/elsewhere/node/x"])
     try:
-        found = wait_for(lambda: engine_processes(os.getpid()), 10, "the engine-like child")
-        assert len(found) == 1 and found[0] in descendants(pod.pid)
-        assert f"{engine} serve" in cmdline(found[0])
+        found = wait_for(lambda: engine_processes(node), 10, "the engine-like child")
+        assert len(found) == 1 and found[0] in descendants(ours.pid)
+        assert f"{engine} serve --port 1" in cmdline(found[0])
     finally:
-        for pid in descendants(pod.pid):
-            os.kill(pid, 9)
-        pod.kill()
-        pod.wait()
-    assert wait_for(lambda: engine_processes(os.getpid()) == [], 10, "the engine to go")
+        for process in (ours, theirs):
+            for pid in descendants(process.pid):
+                os.kill(pid, 9)
+            process.kill()
+            process.wait()
+    assert wait_for(lambda: engine_processes(node) == [], 10, "the engine to go")
 
 
-def test_port_and_retention_values_merge_like_helm_values_files() -> None:
-    merged = manifests.merge(manifests.port_values(1, 2, 3, 4), manifests.retention_values(5))
+def test_test_overrides_merge_into_the_values_like_helm_values_files() -> None:
+    on_node = {"kiln.dev/real-node": "true"}
+    merged = manifests.merge(manifests.real_node_values(on_node), manifests.retention_values(5))
     assert merged["operator"] == {
-        "metricsPort": 1,
-        "healthPort": 2,
+        "nodeSelector": on_node,
         "extraArgs": ["--engine-retention=5", "--resync-seconds=5"],
     }
-    assert merged["autoscaler"] == {"metricsPort": 3, "healthPort": 4}
     schema = json.loads((ROOT / "charts" / "kiln" / "values.schema.json").read_text())
     assert _schema_keys(schema, merged) == []
 

@@ -76,7 +76,7 @@ def test_pvc_artifact_is_mounted_read_only() -> None:
     )
     assert arg(engine_container(workload)["args"], "--device") == "cpu"
     assert "resources" not in engine_container(workload)  # no GPU for a CPU deployment
-    assert pod["nodeSelector"] == {"kiln.dev/process-node": "true"}
+    assert pod["nodeSelector"] == deployment.spec.serving.node_selector  # the example's, as given
     assert "tolerations" not in pod
 
 
