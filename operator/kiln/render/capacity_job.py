@@ -163,7 +163,8 @@ def measured_status(
                          f"Measured on the serving replica: {(result or {}).get('measuredOn') or ''}",
                          None, now, old)  # fmt: skip
     else:
-        why = (result or {}).get("message") or fallback or "the capacity Job failed"
+        ended = "finished without a result" if complete else "failed"
+        why = (result or {}).get("message") or fallback or f"the capacity Job {ended}"
         mark = condition(CONDITION, False, str((result or {}).get("reason") or "MeasurementFailed"), str(why),
                          None, now, old)  # fmt: skip
     status["conditions"] = [c for c in old if c.get("type") != CONDITION] + [mark]
