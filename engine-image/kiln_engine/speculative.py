@@ -158,19 +158,30 @@ class SpeculativeDecoder:
             for i, token, lp in zip(plain, tokens, logprobs, strict=True):
                 result.tokens[i] = [token]
                 result.logprobs[i] = lp
+        # Every speculating row's 1 + k positions go through the LM head together; greedy rows then
+        # need one argmax and one device-to-host read for the whole batch.
+        spans: list[tuple[int, list[int], int]] = []  # (chunk index, drafts, first logits row)
+        rows: list[int] = []
         for i, c in enumerate(sampling_chunks):
             drafts = self.drafts.get(c.seq.request_id)
-            if drafts is None:
-                continue
-            last = sample_rows[i]
-            rows = torch.arange(last - len(drafts), last + 1, dtype=torch.int64, device=runner.device)
-            logits = runner.model.compute_logits(hidden.index_select(0, rows))
-            if c.seq.params.temperature <= 0:
-                result.tokens[i] = accept_greedy(drafts, logits.argmax(dim=-1).tolist())
+            if drafts is not None:
+                spans.append((i, drafts, len(rows)))
+                rows.extend(range(sample_rows[i] - len(drafts), sample_rows[i] + 1))
+        if not spans:
+            return result
+        index = torch.tensor(rows, dtype=torch.int64, device=runner.device)
+        logits = runner.model.compute_logits(hidden.index_select(0, index))
+        argmax = logits.argmax(dim=-1).tolist()
+        for i, drafts, first in spans:
+            span = slice(first, first + len(drafts) + 1)
+            params = sampling_chunks[i].seq.params
+            if params.temperature <= 0:
+                result.tokens[i] = accept_greedy(drafts, argmax[span])
             else:
-                req = sample_reqs[i]
-                batch = runner.sampler.prepare([req] * len(rows), runner.model_config.vocab_size)
-                probs = runner.sampler.probs(logits.float(), batch)
+                batch = runner.sampler.prepare(
+                    [sample_reqs[i]] * (len(drafts) + 1), runner.model_config.vocab_size
+                )
+                probs = runner.sampler.probs(logits[span].float(), batch)
                 result.tokens[i] = accept_sampled(drafts, probs, runner.sampler.generator)
             self.accepted_total += len(result.tokens[i]) - 1
         return result
