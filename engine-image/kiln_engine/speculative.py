@@ -161,15 +161,15 @@ class SpeculativeDecoder:
         # Every speculating row's 1 + k positions go through the LM head together; greedy rows then
         # need one argmax and one device-to-host read for the whole batch.
         spans: list[tuple[int, list[int], int]] = []  # (chunk index, drafts, first logits row)
-        rows: list[int] = []
+        spec_rows: list[int] = []
         for i, c in enumerate(sampling_chunks):
             drafts = self.drafts.get(c.seq.request_id)
             if drafts is not None:
-                spans.append((i, drafts, len(rows)))
-                rows.extend(range(sample_rows[i] - len(drafts), sample_rows[i] + 1))
+                spans.append((i, drafts, len(spec_rows)))
+                spec_rows.extend(range(sample_rows[i] - len(drafts), sample_rows[i] + 1))
         if not spans:
             return result
-        index = torch.tensor(rows, dtype=torch.int64, device=runner.device)
+        index = torch.tensor(spec_rows, dtype=torch.int64, device=runner.device)
         logits = runner.model.compute_logits(hidden.index_select(0, index))
         argmax = logits.argmax(dim=-1).tolist()
         for i, drafts, first in spans:
