@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from kiln.demo.kube import Kubectl
-from kiln.demo.stack import Stack, build_images, image_archives
+from kiln.demo.stack import Stack, build_images
 
 # Unused LLMEngines are deleted this soon, so the delete scenario can see them go.
 ENGINE_RETENTION_SECONDS = 5.0
@@ -33,12 +33,16 @@ def _reporter(pytestconfig: pytest.Config) -> object:
 
 @pytest.fixture(scope="session")
 def kiln_images(pytestconfig: pytest.Config) -> list[Path]:
-    """The image archives of this checkout's chart and operator, built if one is missing."""
+    """The image archives of this checkout's chart and operator, rebuilt from this checkout.
+
+    Always `kiln images build`: an archive left by an earlier commit would run old code in the
+    containers. A warm build redoes only the layers the checkout changed (tests/run.sh starts
+    one in the background at the beginning; this one then waits for it and finds it done).
+    """
     reporter = _reporter(pytestconfig)
     started = time.monotonic()
-    missing = [archive for archive in image_archives() if not archive.is_file()]
-    archives = build_images(lambda line: None)
-    if missing and reporter is not None:
+    archives = build_images(lambda line: None, always=True)
+    if reporter is not None:
         reporter.write_line(f"[kiln e2e] kiln images build: {time.monotonic() - started:.0f} s")  # type: ignore[attr-defined]
     return archives
 

@@ -3,6 +3,7 @@ change, each Dockerfile with cached layers, then an image archive per image for 
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import shutil
@@ -165,14 +166,20 @@ def build_image(
 def build_all(
     root: Path, names: tuple[str, ...], cache: Path, storage: Path | None, say: Say
 ) -> tuple[list[Built], float]:
-    """The base, then each selected image; returns what was built and the base's seconds."""
+    """The base, then each selected image; returns what was built and the base's seconds.
+
+    Concurrent builds (tests/run.sh's background build and a test that needs the images) take
+    turns on a lock file; the second one then finds every layer cached.
+    """
     selected = plan.select(repo_images(root), names)
     cache.mkdir(parents=True, exist_ok=True)
     base = plan.Base()
-    started = time.monotonic()
-    ensure_base(base, cache, storage, say)
-    base_seconds = time.monotonic() - started
-    return [build_image(image, root, base, cache, storage, say) for image in selected], base_seconds
+    with (cache / ".lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        started = time.monotonic()
+        ensure_base(base, cache, storage, say)
+        base_seconds = time.monotonic() - started
+        return [build_image(image, root, base, cache, storage, say) for image in selected], base_seconds
 
 
 def write_report(path: Path, built: list[Built], base_seconds: float, total_seconds: float) -> None:
