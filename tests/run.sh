@@ -5,15 +5,14 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 source e2e/setup.sh
 
-# What the later tests need and a fresh machine lacks (the real node's, Prometheus Operator's,
-# MinIO's and Argo CD's Go builds, Kiln's images from this checkout) is built in the background
-# while lint and the first tests run: on a cold machine that takes the second core for most of
+# What the later tests need and a fresh machine lacks (the real node's, MinIO's and Argo CD's
+# Go builds, Kiln's images from this checkout) is built in the background while lint and the first tests run: on a cold machine that takes the second core for most of
 # the unit tests instead of adding its time to theirs; on a warm one it finds everything cached
 # and only rebuilds the image layers this checkout changed. Every build takes a lock, so a test
 # that needs one first waits for it.
 prebuild_log=${KILN_PREBUILD_LOG:-/tmp/kiln-prebuild.log}
 (
-  kiln local build --real-node --s3 --monitoring
+  kiln local build --real-node --s3
   python -m kiln.local.argocd
   kiln images build
 ) >"$prebuild_log" 2>&1 &
