@@ -295,6 +295,7 @@ def test_result_file_on_success_matches_the_manifest(checkpoint: Path, tmp_path:
         "tokensPerSecond": cap.output_tokens_per_second,
         "maxConcurrency": cap.max_concurrency_at_ttft_target,
         "ttftTargetMs": 250.0,
+        "ttftPercentile": cap.ttft_percentile,
     }
     # a rebuild that finds the same artifact reports it just the same
     res.unlink()
