@@ -66,13 +66,14 @@ def test_build_gpus_are_capped_at_the_largest_node_of_the_product() -> None:
 
 
 def test_cpu_build_requests_no_gpu_and_mounts_its_claims() -> None:
-    engine = engine_for(example("tiny-cpu.yaml"))
+    deployment = example("tiny-cpu.yaml")
+    engine = engine_for(deployment)
     job = render_build.build_job(engine, Settings(), render_build.build_gpus(engine, nodes()))
     pod = job["spec"]["template"]["spec"]
     build = container(job)
     assert render_build.build_gpus(engine, nodes()) == 0
     assert "resources" not in build
-    assert pod["nodeSelector"] == {"kiln.dev/process-node": "true"}
+    assert pod["nodeSelector"] == deployment.spec.build.node_selector  # the node the user picked
     assert "tolerations" not in pod
     args = build["args"]
     assert arg(args, "--model") == "/mnt/pvc/kiln-models/tiny-chat"
