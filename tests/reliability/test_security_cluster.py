@@ -12,7 +12,9 @@ from typing import Any
 import pytest
 from kubernetes import client
 
+from kiln.labels import COMPONENT_LABEL
 from kiln.local.testing import LocalCluster, wait_for
+from kiln.render.common import BUILD_COMPONENT
 from tests.integration.test_operator import GROUP, VERSION, Operator, create, example, phase_is
 from tests.reliability.report import Report
 
@@ -111,7 +113,9 @@ def test_operator_children_hold_secrets_by_reference_and_run_unprivileged(
     for pod in pods:
         problems += pod_problems("Pod", pod["metadata"]["name"], pod["spec"])
     # The credentials do reach the containers, by reference.
-    build_container = jobs[0]["spec"]["template"]["spec"]["containers"][0]
+    # The build Job (a multi-rank engine also gets a capacity Job once Ready: it holds no credentials).
+    (build,) = [job for job in jobs if job["metadata"]["labels"].get(COMPONENT_LABEL) == BUILD_COMPONENT]
+    build_container = build["spec"]["template"]["spec"]["containers"][0]
     build_env = json.dumps([build_container.get("env", []), build_container.get("envFrom", [])])
     serve_env = json.dumps(workloads[0]["spec"]["template"]["spec"]["containers"][0].get("env", []))
     # credentialsSecret without a key: every key of the Secret becomes a variable (envFrom)
