@@ -30,6 +30,25 @@ class Burst:
     output_tokens_per_second: float
     elapsed_s: float
 
+    @classmethod
+    def timed(
+        cls,
+        ttfts_s: tuple[float, ...],
+        all_first_s: float,
+        decode_tokens: int,
+        prompt_tokens: int,
+        elapsed_s: float,
+    ) -> Burst:
+        """A burst from its timings: prefill until the last first token, decode after it."""
+        decode_time = elapsed_s - all_first_s
+        return cls(
+            concurrency=len(ttfts_s),
+            ttfts_s=ttfts_s,
+            prefill_tokens_per_second=len(ttfts_s) * prompt_tokens / max(all_first_s, 1e-9),
+            output_tokens_per_second=decode_tokens / decode_time if decode_time > 0 else 0.0,
+            elapsed_s=elapsed_s,
+        )
+
     @property
     def ttft_p90_s(self) -> float:
         return percentile(self.ttfts_s, 0.9)
@@ -162,15 +181,13 @@ class _Driver:
                     first[o.request_id] = now - start
                 generated += len(o.new_token_ids)
         end = time.perf_counter()
-        all_first = max(first.values()) if first else end - start
-        decode_time = end - start - all_first
-        decode_tokens = generated - len(first)
-        return Burst(
-            concurrency=concurrency,
-            ttfts_s=tuple(first.get(rid, end - start) for rid in ids),
-            prefill_tokens_per_second=concurrency * self.prompt_tokens / max(all_first, 1e-9),
-            output_tokens_per_second=decode_tokens / decode_time if decode_time > 0 else 0.0,
-            elapsed_s=end - start,
+        elapsed = end - start
+        return Burst.timed(
+            ttfts_s=tuple(first.get(rid, elapsed) for rid in ids),
+            all_first_s=max(first.values()) if first else elapsed,
+            decode_tokens=generated - len(first),
+            prompt_tokens=self.prompt_tokens,
+            elapsed_s=elapsed,
         )
 
 

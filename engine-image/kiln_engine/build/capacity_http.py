@@ -110,14 +110,11 @@ class HttpDriver:
                 results = [f.result() for f in futures]
             end = time.perf_counter()
         ttfts = tuple(first for first, _ in results)
-        all_first = max(ttfts)
-        decode_time = end - start - all_first
-        decode_tokens = sum(tokens for _, tokens in results) - concurrency
-        return Burst(
-            concurrency=concurrency,
+        return Burst.timed(
             ttfts_s=ttfts,
-            prefill_tokens_per_second=concurrency * self.prompt_tokens / max(all_first, 1e-9),
-            output_tokens_per_second=decode_tokens / decode_time if decode_time > 0 else 0.0,
+            all_first_s=max(ttfts),
+            decode_tokens=sum(tokens for _, tokens in results) - concurrency,
+            prompt_tokens=self.prompt_tokens,
             elapsed_s=end - start,
         )
 
