@@ -17,7 +17,9 @@ prebuild_log=${KILN_PREBUILD_LOG:-/tmp/kiln-prebuild.log}
   kiln images build
 ) >"$prebuild_log" 2>&1 &
 prebuild=$!
-trap 'pkill -TERM -P "$prebuild" 2>/dev/null; kill "$prebuild" 2>/dev/null || true' EXIT
+# Under set -e a failing command in the trap would replace the exit status with its own: pkill
+# finds nothing to stop when the build already ended, so each command is made unable to fail.
+trap 'pkill -TERM -P "$prebuild" 2>/dev/null || true; kill "$prebuild" 2>/dev/null || true' EXIT
 
 ruff check .
 ruff format --check .
