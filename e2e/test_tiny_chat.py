@@ -99,11 +99,15 @@ class RequestLoop(threading.Thread):
                 turn += 1
                 try:
                     urls = self.urls()
+                    if not urls:
+                        self.failures.append("no ready replica to ask")
+                        self.halt.wait(0.5)
+                        continue
                     url = urls[turn % len(urls)]
                     response = client.post(url, json=body)
                     if response.status_code == 503:
                         self.retried += 1
-                        urls = self.urls()
+                        urls = self.urls() or urls
                         url = urls[(turn + 1) % len(urls)]
                         response = client.post(url, json=body)
                     if response.status_code == 200 and response.json()["choices"][0]["text"]:
