@@ -3,18 +3,28 @@
 # lint, type checks, the CRD freshness check and pytest (unit, integration, e2e).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+SECONDS=0
 source e2e/setup.sh
+setup_s=$SECONDS
 
 # What the later tests need and a fresh machine lacks (the real node's, MinIO's and Argo CD's
-# Go builds, Kiln's images from this checkout) is built in the background while lint and the first tests run: on a cold machine that takes the second core for most of
-# the unit tests instead of adding its time to theirs; on a warm one it finds everything cached
-# and only rebuilds the image layers this checkout changed. Every build takes a lock, so a test
+# Go builds, Kiln's images from this checkout) is built in the background while lint and the first
+# tests run: on a cold machine that takes the second core for most of the unit tests instead of
+# adding its time to theirs; on a warm one it finds everything cached and only rebuilds the image
+# layers this checkout changed. Every build takes a lock, so a test
 # that needs one first waits for it.
 prebuild_log=${KILN_PREBUILD_LOG:-/tmp/kiln-prebuild.log}
+# Each step's time goes into the log as a `kiln-timing` line, printed at the end: whether this run
+# was cold (Go builds, image layers) reads from the CI log itself.
+timed() {
+  local started=$SECONDS
+  "$@"
+  echo "kiln-timing: $* took $((SECONDS - started)) s"
+}
 (
-  kiln local build --real-node --s3
-  python -m kiln.local.argocd
-  kiln images build
+  timed kiln local build --real-node --s3
+  timed python -m kiln.local.argocd
+  timed kiln images build
 ) >"$prebuild_log" 2>&1 &
 prebuild=$!
 # Under set -e a failing command in the trap would replace the exit status with its own: pkill
@@ -32,4 +42,7 @@ if ! wait "$prebuild"; then
   tail -n 40 "$prebuild_log"
 fi
 echo "background build log: $prebuild_log"
+echo "kiln-timing: setup (pip, control-plane binaries) took $setup_s s"
+grep '^kiln-timing:' "$prebuild_log" || true
+echo "kiln-timing: the whole test command took $SECONDS s"
 exit "$status"
