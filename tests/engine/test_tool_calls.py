@@ -7,7 +7,9 @@ messages and assistant calls in the history reach the template; bad tool fields 
 from __future__ import annotations
 
 import json
+import shutil
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -19,6 +21,7 @@ pytest.importorskip("xgrammar")
 openai = pytest.importorskip("openai")
 jsonschema_rs = pytest.importorskip("jsonschema_rs")
 
+from kiln_engine.server import tool_calls as tc  # noqa: E402
 from kiln_engine.server.app import ServerSettings  # noqa: E402
 from kiln_engine.testing.tiny import make_tiny_checkpoint  # noqa: E402
 from tests.engine.test_server import MODEL, ThreadServer  # noqa: E402
@@ -81,16 +84,37 @@ MESSAGES = [{"role": "user", "content": "What is the weather in Paris?"}]
 MAX_TOKENS = 200
 
 
+# Templates that teach the other families' formats (what tool_calls.family_of reads).
+LLAMA3_TEMPLATE = """{%- if tools %}Respond with {"name": function name, "parameters": arguments} for a call.
+{{ tools | tojson }}
+{% endif %}{%- for message in messages %}{{ message.role }}: {{ message.content }}
+{% endfor %}assistant: """
+MISTRAL_TEMPLATE = """{%- if tools %}[AVAILABLE_TOOLS]{{ tools | tojson }}[/AVAILABLE_TOOLS]{% endif %}
+{%- for message in messages %}[INST]{{ message.content }}[/INST]{% endfor %}"""
+TEMPLATES = {tc.HERMES: HERMES_TEMPLATE, tc.LLAMA3_JSON: LLAMA3_TEMPLATE, tc.MISTRAL: MISTRAL_TEMPLATE}
+
+
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ThreadServer]:
+def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     # the tools in the prompt take ~600 tokens of the tiny tokenizer
-    ckpt = make_tiny_checkpoint(
+    return make_tiny_checkpoint(
         tmp_path_factory.mktemp("ckpt") / "tiny", "llama", seed=3, max_position_embeddings=2048
     )
-    config_file = ckpt / "tokenizer_config.json"
+
+
+def with_template(checkpoint: Path, path: Path, template: str) -> Path:
+    """A copy of `checkpoint` whose chat template is `template`."""
+    shutil.copytree(checkpoint, path)
+    config_file = path / "tokenizer_config.json"
     config = json.loads(config_file.read_text())
-    config["chat_template"] = HERMES_TEMPLATE
+    config["chat_template"] = template
     config_file.write_text(json.dumps(config))
+    return path
+
+
+@pytest.fixture(scope="module")
+def server(checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ThreadServer]:
+    ckpt = with_template(checkpoint, tmp_path_factory.mktemp("hermes") / "tiny", HERMES_TEMPLATE)
     with ThreadServer(ckpt, ServerSettings(), max_model_len=2048) as s:
         yield s
 
@@ -178,6 +202,60 @@ def test_the_official_clients_stream_helper_assembles_the_calls(client: openai.O
     calls = final.choices[0].message.tool_calls
     assert calls and [c.function.name for c in calls] == ["get_weather"]
     jsonschema_rs.validate(WEATHER, json.loads(calls[0].function.arguments))
+
+
+# A call whose arguments take many tokens: a note of 24-32 characters.
+NOTE = {
+    "type": "object",
+    "properties": {"note": {"type": "string", "minLength": 24, "maxLength": 32}},
+    "required": ["note"],
+    "additionalProperties": False,
+}
+TAKE_NOTE: list[dict[str, Any]] = [
+    {"type": "function", "function": {"name": "take_note", "parameters": NOTE}}
+]
+
+
+@pytest.fixture(params=tc.FAMILIES)
+def family_client(
+    request: pytest.FixtureRequest, checkpoint: Path, tmp_path: Path, client: openai.OpenAI
+) -> Iterator[openai.OpenAI]:
+    """A client of a server whose chat template teaches `request.param`'s tool-call format."""
+    if request.param == tc.HERMES:
+        yield client
+        return
+    ckpt = with_template(checkpoint, tmp_path / "tiny", TEMPLATES[request.param])
+    with ThreadServer(ckpt, ServerSettings(), max_model_len=2048) as s:
+        yield openai.OpenAI(base_url=s.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+def test_arguments_stream_in_pieces_that_add_up_to_the_whole_call(family_client: openai.OpenAI) -> None:
+    """Per family: the first delta of each call has its id, type and name; its arguments follow in
+    several deltas as they are generated; joined, and through the official client's stream helper,
+    they are the non-streamed response's calls."""
+    kwargs: dict[str, Any] = {"tools": TAKE_NOTE, "tool_choice": "required", "temperature": 1.0, "seed": 5,
+                              "parallel_tool_calls": False}  # fmt: skip
+    whole = chat(family_client, **kwargs).choices[0].message.tool_calls
+    assert [c.function.name for c in whole] == ["take_note"]
+    jsonschema_rs.validate(NOTE, json.loads(whole[0].function.arguments))
+    pieces = [
+        piece
+        for chunk in chat(family_client, stream=True, **kwargs)
+        for choice in chunk.choices
+        for piece in choice.delta.tool_calls or []
+    ]
+    assert pieces[0].id and pieces[0].type == "function" and pieces[0].function.name == "take_note"
+    assert all(p.id is None and p.function.name is None for p in pieces[1:])
+    arguments = [p.function.arguments for p in pieces]
+    assert len(arguments) > 5, arguments  # the note alone is 24+ characters of random tokens
+    assert "".join(arguments) == whole[0].function.arguments
+    with family_client.chat.completions.stream(
+        model=MODEL, messages=MESSAGES, max_tokens=MAX_TOKENS, **kwargs
+    ) as stream:
+        helped = stream.get_final_completion().choices[0].message.tool_calls
+    assert [(c.function.name, c.function.arguments) for c in helped or []] == [
+        (c.function.name, c.function.arguments) for c in whole
+    ]
 
 
 def test_tool_history_reaches_the_template(client: openai.OpenAI) -> None:

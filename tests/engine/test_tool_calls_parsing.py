@@ -61,16 +61,53 @@ def test_mistral_call_arrays_with_or_without_the_special_token(text: str) -> Non
 @pytest.mark.parametrize(
     ("family", "text"),
     [
-        (tc.HERMES, 'Sure. <tool_call>\n{"name": "get_current_weather", "arguments": {"a": }\n</tool_call>'),
         (tc.HERMES, '<tool_call>\n{"name": "launch_rocket", "arguments": {}}\n</tool_call>'),
         (tc.HERMES, "I will call <tool_call"),
         (tc.LLAMA3_JSON, '{"name": "Ada", "born": 1815} was a mathematician.'),
-        (tc.LLAMA3_JSON, '{"name": "get_current_weather", "parameters": {"location": "Par'),
+        (tc.LLAMA3_JSON, '{"name": "Ada", "parameters": {}}'),
+        (tc.LLAMA3_JSON, '{"parameters": {}, "name": "get_current_weather"}'),
         (tc.MISTRAL, '[{"name": "get_current_weather", "arguments": "not an object"}]'),
     ],
 )
 def test_what_is_not_a_call_of_an_offered_tool_stays_content(family: str, text: str) -> None:
     assert tc.parse_all(family, NAMES, text) == (text, [])
+
+
+@pytest.mark.parametrize(
+    ("family", "text", "arguments"),
+    [
+        (tc.HERMES, 'Sure.<tool_call>\n{"name": "get_current_weather", "arguments": {"a": }\n</tool_call>',
+         '{"a": }'),
+        (tc.LLAMA3_JSON, '{"name": "get_current_weather", "parameters": {"location": "Par',
+         '{"location": "Par'),
+        (tc.MISTRAL, '[TOOL_CALLS][{"name": "get_current_weather", "arguments": {"n": [1, "]}"',
+         '{"n": [1, "]}"'),
+    ],
+)  # fmt: skip
+def test_a_call_keeps_its_arguments_as_written_even_broken_or_cut_short(
+    family: str, text: str, arguments: str
+) -> None:
+    """As OpenAI's: once its head is out the call is streamed, so malformed or truncated (max_tokens)
+    arguments stay the call's; only forced calls (a grammar) guarantee valid ones."""
+    content, calls = tc.parse_all(family, NAMES, text)
+    assert calls == [tc.ToolCall("get_current_weather", arguments)]
+    assert content == ("Sure." if text.startswith("Sure.") else None)
+
+
+@pytest.mark.parametrize(("family", "text"), SAMPLES)
+def test_arguments_come_out_in_pieces_as_they_are_generated(family: str, text: str) -> None:
+    """Fed a character at a time, the first piece of each call names it before its arguments are
+    complete, and the arguments follow in many pieces that join to the whole call's."""
+    parser = tc.ToolCallParser(family, NAMES)
+    pieces = [i for ch in text for i in parser.feed(ch) if isinstance(i, tc.CallPiece)]
+    pieces += [i for i in parser.finish() if isinstance(i, tc.CallPiece)]
+    whole = tc.parse_all(family, NAMES, text)[1]
+    assert tc.calls_of(pieces) == whole
+    for index, call in enumerate(whole):
+        mine = [p for p in pieces if p.index == index]
+        assert mine[0].name == call.name and len(mine[0].arguments) < len(call.arguments)
+        assert len(mine) > len(call.arguments) // 2
+        assert all(p.name is None and p.arguments for p in mine[1:])
 
 
 def test_plain_text_is_content_whitespace_included() -> None:
@@ -91,7 +128,8 @@ def test_streaming_settles_what_the_whole_text_does(
         items += parser.feed(text[a:b])
     items += parser.finish()
     content = "".join(i for i in items if isinstance(i, str)) or None
-    assert (content, [i for i in items if isinstance(i, tc.ToolCall)]) == tc.parse_all(family, NAMES, text)
+    pieces = [i for i in items if isinstance(i, tc.CallPiece)]
+    assert (content, tc.calls_of(pieces)) == tc.parse_all(family, NAMES, text)
 
 
 @pytest.mark.parametrize(

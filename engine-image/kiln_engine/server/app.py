@@ -655,8 +655,8 @@ def _finish_reason(reason: str | None, calls: int) -> str | None:
 
 class _ChatChunkChoices:
     """Builds each streamed chat chunk's choice: the role first, content, and (with tools) the tool
-    calls parsed out of the text, each sent as OpenAI does: a piece with id, type, name and empty
-    arguments, then the arguments (whole: a call is sent once it is complete)."""
+    calls parsed out of the text, each sent as OpenAI does: a piece with id, type, name and the
+    arguments so far, then the arguments' text in pieces as it is generated."""
 
     def __init__(self, want_logprobs: bool, tok: ChatTokenizer, tools: _ToolParsing | None) -> None:
         self.want_logprobs = want_logprobs
@@ -673,7 +673,7 @@ class _ChatChunkChoices:
             parser = self.parsers.setdefault(i, self.tools.parser())
             items = parser.feed(d.text) + (parser.finish() if d.finish_reason is not None else [])
             delta.content = "".join(x for x in items if isinstance(x, str)) or None
-            delta.tool_calls = self._pieces(parser.calls, [x for x in items if isinstance(x, tc.ToolCall)])
+            delta.tool_calls = _delta_tool_calls([x for x in items if isinstance(x, tc.CallPiece)])
             calls = parser.calls
         lp = p.ChatLogprobs(content=_chat_logprobs(d.logprobs, self.tok)) if self.want_logprobs else None
         reason = _finish_reason(d.finish_reason, calls)
@@ -681,17 +681,18 @@ class _ChatChunkChoices:
             return None  # text held back while it may be a call: nothing to send yet
         return p.ChatChunkChoice(index=i, delta=delta, logprobs=lp, finish_reason=reason)
 
-    @staticmethod
-    def _pieces(total: int, calls: list[tc.ToolCall]) -> list[p.DeltaToolCall] | None:
-        """The delta pieces of `calls`, the last of the `total` calls made so far."""
-        pieces = []
-        for index, call in enumerate(calls, start=total - len(calls)):
-            head = p.DeltaFunctionCall(name=call.name, arguments="")
-            pieces.append(p.DeltaToolCall(index=index, id=_call_id(), type="function", function=head))
-            pieces.append(
-                p.DeltaToolCall(index=index, function=p.DeltaFunctionCall(arguments=call.arguments))
-            )
-        return pieces or None
+
+def _delta_tool_calls(pieces: list[tc.CallPiece]) -> list[p.DeltaToolCall] | None:
+    """OpenAI's streamed tool-call entries of parsed call pieces: a call's first (named) piece carries
+    its new id, type and name."""
+    out = [
+        p.DeltaToolCall(index=c.index, id=_call_id(), type="function",
+                        function=p.DeltaFunctionCall(name=c.name, arguments=c.arguments))
+        if c.name is not None
+        else p.DeltaToolCall(index=c.index, function=p.DeltaFunctionCall(arguments=c.arguments))
+        for c in pieces
+    ]  # fmt: skip
+    return out or None
 
 
 def _chat_response(
