@@ -38,6 +38,7 @@ COPY crds /src/crds
 COPY autoscaler /src/autoscaler
 COPY engine-image /src/engine-image
 COPY operator /src/operator
+COPY router /src/router
 RUN /opt/kiln/bin/pip wheel --no-deps --no-build-isolation --wheel-dir /wheels /src
 
 # ---- the image: dependencies first, then the wheel --------------------------------------------------
@@ -54,7 +55,7 @@ RUN --mount=type=cache,target=/var/cache/kiln-wheels \
       --requirement /opt/kiln/requirements.txt
 COPY --from=wheel /wheels /opt/kiln/wheels
 RUN /opt/kiln/bin/pip install --no-cache-dir --no-deps /opt/kiln/wheels/kiln-*.whl \
- && /opt/kiln/bin/python -c "import kiln.controller.cli, kiln_autoscaler.cli, kiln.topology.agent"
+ && /opt/kiln/bin/python -c "import kiln.controller.cli, kiln_autoscaler.cli, kiln.topology.agent, kiln_router.cli"
 ENV PATH=/opt/kiln/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \

@@ -67,6 +67,7 @@ class Decision:
     order: tuple[str, ...]
     reason: Reason
     prefix_chars: int  # characters of the prompt the affinity key covers (0 without one)
+    key: bytes = b""  # the affinity key: the hash of those characters
 
 
 def block_hashes(text: str, block_chars: int, max_blocks: int) -> list[bytes]:
@@ -101,9 +102,9 @@ def pick(text: str, replicas: Mapping[str, ReplicaState], policy: Policy) -> Dec
     fit = [r for r in ranking if not _overloaded(replicas[r], bound, policy)]
     prefix_chars = len(hashes) * policy.block_chars
     if not fit:
-        return Decision(tuple(by_load), "least_loaded", prefix_chars)
+        return Decision(tuple(by_load), "least_loaded", prefix_chars, hashes[-1])
     rest = [r for r in by_load if r not in fit]
-    return Decision((*fit, *rest), "affinity" if fit[0] == ranking[0] else "spill", prefix_chars)
+    return Decision((*fit, *rest), "affinity" if fit[0] == ranking[0] else "spill", prefix_chars, hashes[-1])
 
 
 def _pending(state: ReplicaState) -> float:
