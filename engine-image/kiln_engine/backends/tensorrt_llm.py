@@ -1,13 +1,18 @@
 """The TensorRT-LLM backend: our build/serve options mapped onto TensorRT-LLM's (pure functions), and
 the thin runners that hand them to its LLM API (build) and `trtllm-serve` (serve).
 
-Names follow TensorRT-LLM's own: `QuantAlgo` values (FP8, W8A16, W4A16_AWQ, W4A16_GPTQ), LLM API
-arguments (`tensor_parallel_size`, `pipeline_parallel_size`, `quant_config`, `build_config`,
-`kv_cache_config.enable_block_reuse` for prefix caching, `enable_chunked_prefill`), `trtllm-build`
-flags (`--max_batch_size`, `--max_seq_len`, `--max_num_tokens`, `--use_paged_context_fmha`) and
-`trtllm-serve` flags (`--tp_size`, `--pp_size`, `--kv_cache_free_gpu_memory_fraction`,
-`--extra_llm_api_options`). Where tensorrt_llm is not importable, everything that would run it
-raises TensorRTLLMUnavailable with how to get the image.
+Pinned to release 1.0 (engine-image/Dockerfile.tensorrt-llm). Names follow that release's own:
+`QuantAlgo` members (FP8, W8A16, W4A16_AWQ, W4A16_GPTQ); the TensorRT engine flow's LLM, which 1.0
+exports as `tensorrt_llm._tensorrt_engine.LLM` (plain `tensorrt_llm.LLM` is the PyTorch flow, which
+cannot build or save an engine), and its arguments (`tensor_parallel_size`, `pipeline_parallel_size`,
+`quant_config`, `build_config`, `kv_cache_config.enable_block_reuse` for prefix caching,
+`enable_chunked_prefill`, `iter_stats_max_iterations`); the PyTorch flow's `enable_iter_perf_stats`;
+`trtllm-build` flags (`--max_batch_size`, `--max_seq_len`, `--max_num_tokens`,
+`--use_paged_context_fmha`) and `trtllm-serve` flags (`--backend tensorrt|pytorch`, `--tp_size`,
+`--pp_size`, `--kv_cache_free_gpu_memory_fraction`, `--extra_llm_api_options`).
+tests/unit/engine_server/test_tensorrt_llm_api.py checks every such name against the 1.0 surface in
+tests/unit/engine_server/trtllm_api_surface.json. Where tensorrt_llm is not importable, everything that
+would run it raises TensorRTLLMUnavailable with how to get the image.
 """
 
 from __future__ import annotations
@@ -43,6 +48,8 @@ QUANT_ALGO: dict[str, str | None] = {
 }
 # Our --quantization -> LLM API `dtype` (the activation/weight type of unquantized parts).
 DTYPE: dict[str, str] = {"bf16": "bfloat16", "fp16": "float16"}
+# Iterations of stats the engine keeps between two reads of trtllm-serve's /metrics (it drains them).
+STATS_ITERATIONS = 1000
 # Our --kv-cache-dtype -> (KvCacheConfig.dtype, QuantConfig.kv_cache_quant_algo).
 KV_CACHE: dict[str, tuple[str, str | None]] = {
     "auto": ("auto", None),
@@ -125,7 +132,7 @@ def build_config(opts: TrtOptions) -> dict[str, Any]:
 
 
 def llm_api_kwargs(checkpoint: str, opts: TrtOptions) -> dict[str, Any]:
-    """Keyword arguments of `tensorrt_llm.LLM(...)` (TensorRT engine path) for a build."""
+    """Keyword arguments of the TensorRT flow's LLM (`tensorrt_llm._tensorrt_engine.LLM`) for a build."""
     kwargs: dict[str, Any] = {
         "model": checkpoint,
         "tensor_parallel_size": opts.tensor_parallel_size,
@@ -183,15 +190,24 @@ def quantize_script_args(model_dir: str, output_dir: str, opts: TrtOptions) -> l
     return args
 
 
-def extra_llm_api_options(opts: TrtOptions) -> dict[str, Any]:
-    """The YAML `trtllm-serve --extra_llm_api_options` reads: what its flags do not cover."""
-    return {
+def extra_llm_api_options(opts: TrtOptions, engine_backend: str = "tensorrt") -> dict[str, Any]:
+    """The YAML `trtllm-serve --extra_llm_api_options` reads: what its flags do not cover.
+
+    It also switches on the iteration stats trtllm-serve's /metrics returns (queue, running, KV cache),
+    which the proxy exports: the PyTorch flow records none unless `enable_iter_perf_stats` is set, a
+    field the TensorRT flow's arguments do not have (there the executor keeps them by itself).
+    """
+    out: dict[str, Any] = {
         "kv_cache_config": {
             "enable_block_reuse": opts.prefix_caching,
             "dtype": KV_CACHE[opts.kv_cache_dtype][0],
         },
         "enable_chunked_prefill": opts.chunked_prefill,
+        "iter_stats_max_iterations": STATS_ITERATIONS,
     }
+    if engine_backend == "pytorch":
+        out["enable_iter_perf_stats"] = True
+    return out
 
 
 def trtllm_serve_args(
@@ -203,7 +219,6 @@ def trtllm_serve_args(
     extra_options_file: str,
     tokenizer: str | None = None,
     engine_backend: str = "tensorrt",
-    served_model_name: str | None = None,
 ) -> list[str]:
     """`trtllm-serve` argv; `engine_backend` is `tensorrt` for a built engine, `pytorch` for a checkpoint."""
     args = [
@@ -222,8 +237,6 @@ def trtllm_serve_args(
         args += ["--max_seq_len", str(opts.max_seq_len)]
     if tokenizer is not None:
         args += ["--tokenizer", tokenizer]
-    if served_model_name is not None:
-        args += ["--served_model_name", served_model_name]
     return args
 
 
@@ -233,10 +246,12 @@ def trtllm_serve_args(
 def build_engine(checkpoint: str, output_dir: Path, opts: TrtOptions) -> None:
     """Quantize and build a TensorRT engine with the LLM API, saved to `output_dir`."""
     require()
-    from tensorrt_llm import LLM  # type: ignore[import-not-found,unused-ignore]
+    # 1.0's `tensorrt_llm.LLM` is the PyTorch flow: it builds no engine and has no save().
+    from tensorrt_llm._tensorrt_engine import LLM  # type: ignore[import-not-found,unused-ignore]
     from tensorrt_llm.llmapi import (  # type: ignore[import-not-found,unused-ignore]
         BuildConfig,
         KvCacheConfig,
+        QuantAlgo,
         QuantConfig,
     )
 
@@ -244,17 +259,12 @@ def build_engine(checkpoint: str, output_dir: Path, opts: TrtOptions) -> None:
     kwargs["build_config"] = BuildConfig(**kwargs["build_config"])
     kwargs["kv_cache_config"] = KvCacheConfig(**kwargs["kv_cache_config"])
     if "quant_config" in kwargs:
-        from tensorrt_llm.llmapi import QuantAlgo  # type: ignore[import-not-found,unused-ignore]
-
-        qc = kwargs["quant_config"]
-        kwargs["quant_config"] = QuantConfig(**{k: QuantAlgo[v] for k, v in qc.items()})
+        kwargs["quant_config"] = QuantConfig(**{k: QuantAlgo[v] for k, v in kwargs["quant_config"].items()})
     llm = LLM(**kwargs)
     try:
         llm.save(str(output_dir))
     finally:
-        shutdown = getattr(llm, "shutdown", None)
-        if shutdown is not None:
-            shutdown()
+        llm.shutdown()
 
 
 def backend_version() -> str | None:
@@ -310,7 +320,7 @@ def serve(
     from kiln_engine.server.proxy import UpstreamSettings, serve_proxy
 
     extra = Path(os.environ.get("TMPDIR", "/tmp")) / "kiln-trtllm-extra-options.yaml"
-    extra.write_text(yaml.safe_dump(extra_llm_api_options(opts), sort_keys=True))
+    extra.write_text(yaml.safe_dump(extra_llm_api_options(opts, engine_backend), sort_keys=True))
     inner = _free_port()
     argv = trtllm_serve_args(
         model, opts, host="127.0.0.1", port=inner, extra_options_file=str(extra), tokenizer=tokenizer,

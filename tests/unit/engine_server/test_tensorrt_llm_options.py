@@ -88,19 +88,16 @@ def test_trtllm_serve_args_and_extra_options() -> None:
     opts = trt.TrtOptions(tensor_parallel_size=2, max_batch_size=32, max_seq_len=2048, kv_cache_dtype="fp8")
     argv = trt.trtllm_serve_args(
         "/art/engine", opts, host="0.0.0.0", port=8000, extra_options_file="/tmp/x.yaml", tokenizer="/art",
-        served_model_name="llama",
     )  # fmt: skip
     assert argv[:2] == ["trtllm-serve", "/art/engine"]
     f = flags(argv)
     assert f["--backend"] == "tensorrt" and f["--tp_size"] == "2" and f["--pp_size"] == "1"
     assert f["--max_batch_size"] == "32" and f["--max_seq_len"] == "2048" and f["--port"] == "8000"
     assert f["--kv_cache_free_gpu_memory_fraction"] == "0.9" and f["--tokenizer"] == "/art"
-    assert f["--extra_llm_api_options"] == "/tmp/x.yaml" and f["--served_model_name"] == "llama"
-    extra = yaml.safe_load(yaml.safe_dump(trt.extra_llm_api_options(opts)))
-    assert extra == {
-        "kv_cache_config": {"enable_block_reuse": True, "dtype": "fp8"},
-        "enable_chunked_prefill": True,
-    }
+    assert f["--extra_llm_api_options"] == "/tmp/x.yaml"
+    extra = yaml.safe_load(yaml.safe_dump(trt.extra_llm_api_options(opts, "tensorrt")))
+    assert extra["kv_cache_config"] == {"enable_block_reuse": True, "dtype": "fp8"}
+    assert extra["enable_chunked_prefill"] is True
 
 
 def test_invalid_options_are_rejected() -> None:
