@@ -170,7 +170,7 @@ def serve(
     if backend == "tensorrt-llm":
         _serve_tensorrt_llm(artifact, model_dir, served_model_name, host, port, max_num_seqs, max_model_len,
                             max_num_tokens, prefix_caching, chunked_prefill, kv_cache_dtype,
-                            gpu_memory_utilization, api_key, drain_timeout)  # fmt: skip
+                            gpu_memory_utilization, api_key, drain_timeout, verify)  # fmt: skip
         return
     if kv_cache_dtype not in ("auto", "bf16", "fp16"):
         _fail(
@@ -309,12 +309,13 @@ def _serve_tensorrt_llm(
     gpu_memory_utilization: float,
     api_key: str | None,
     drain_timeout: float,
+    verify: bool,
 ) -> None:
     from kiln_engine.backends import tensorrt_llm as trt
 
     if not trt.available():
         _fail(trt.IMAGE_HINT, 3)
-    target = Path(artifact or str(model_dir))
+    target = _trt_engine_artifact(artifact, verify) if artifact else Path(str(model_dir))
     opts = trt.TrtOptions(
         max_batch_size=max_num_seqs,
         max_seq_len=max_model_len,
@@ -326,11 +327,13 @@ def _serve_tensorrt_llm(
     )
     name = served_model_name or target.resolve().name
     if artifact:  # a TensorRT engine built by `build --backend tensorrt-llm`
-        manifest = json.loads((target / "manifest.json").read_text())
+        from kiln_engine.build.manifest import read_manifest
+
+        manifest = read_manifest(target)
         opts = dataclasses.replace(
             opts,
-            tensor_parallel_size=int(manifest.get("tensor_parallel_size", 1)),
-            pipeline_parallel_size=int(manifest.get("pipeline_parallel_size", 1)),
+            tensor_parallel_size=manifest.tensor_parallel_size,
+            pipeline_parallel_size=manifest.pipeline_parallel_size,
         )
         model, tokenizer, engine_backend = str(target / "engine"), str(target), "tensorrt"
     else:  # a Hugging Face checkpoint, served by TensorRT-LLM's PyTorch path
@@ -339,6 +342,22 @@ def _serve_tensorrt_llm(
         model, opts, served_model_name=name, host=host, port=port, tokenizer=tokenizer,
         engine_backend=engine_backend, api_key=api_key, drain_timeout_s=drain_timeout,
     )  # fmt: skip
+
+
+def _trt_engine_artifact(artifact: str, verify: bool) -> Path:
+    """A TensorRT-LLM artifact resolved (path, pvc://, s3://) and checksum-verified like a torch one."""
+    from kiln_engine.backends.torch import resolve_artifact
+    from kiln_engine.build.manifest import VerificationError, read_manifest
+    from kiln_engine.build.source import SourceError
+
+    try:
+        path = resolve_artifact(artifact, verify)
+        backend = read_manifest(path).backend
+    except (SourceError, VerificationError, OSError, RuntimeError) as exc:
+        _fail(str(exc), 1)
+    if backend != "tensorrt-llm":
+        _fail(f"{artifact} was built for --backend {backend}, not tensorrt-llm", 1)
+    return path
 
 
 @main.command()

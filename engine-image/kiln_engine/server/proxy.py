@@ -4,14 +4,17 @@ TensorRT-LLM backend has the same API contract, auth, drain, probes and metric n
 Requests are validated with the same models (same 400s), then forwarded; streams are relayed chunk
 by chunk while TTFT, inter-token latency, end-to-end latency and token counts are measured at the
 proxy (usage is always requested upstream and only passed on when the client asked). Queue depth,
-running requests and KV-cache use come from the upstream's iteration stats (`GET /metrics`, JSON)
-when it publishes them.
+running requests, KV-cache use and prefix-cache hits come from the upstream's iteration stats:
+TensorRT-LLM 1.0's trtllm-serve answers `GET /metrics` with the iteration stats its executor kept
+since the last read (a JSON list, oldest first; `LLM.get_stats()`), once they are switched on
+(`kiln_engine.backends.tensorrt_llm.extra_llm_api_options`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import hmac
 import json
 import logging
@@ -44,19 +47,32 @@ class UpstreamSettings:
 
 
 def stats_from_iteration_json(payload: Any) -> EngineStats | None:
-    """EngineStats from TensorRT-LLM's iteration stats (a JSON list, latest last); None if absent."""
+    """EngineStats from TensorRT-LLM's iteration stats (a JSON list, latest last); None if absent.
+
+    Field names are those of TensorRT-LLM 1.0's `IterationStats` JSON: `numQueuedRequests`,
+    `numActiveRequests` and `kvCacheStats` (`maxNumBlocks`, `usedNumBlocks`, and `reusedBlocks`, the
+    blocks served from the prefix cache since start, of `tokensPerBlock` tokens each).
+    """
     if not isinstance(payload, list) or not payload or not isinstance(payload[-1], dict):
         return None
     last = payload[-1]
     kv = last.get("kvCacheStats") or {}
+    reused_tokens = int(kv.get("reusedBlocks", 0) or 0) * int(kv.get("tokensPerBlock", 0) or 0)
     return EngineStats(
         waiting=int(last.get("numQueuedRequests", 0) or 0),
         running=int(last.get("numActiveRequests", 0) or 0),
         kv_blocks_total=int(kv.get("maxNumBlocks", 0) or 0),
         kv_blocks_used=int(kv.get("usedNumBlocks", 0) or 0),
         preemptions_total=0,
-        prefix_cache_hit_tokens_total=0,
+        prefix_cache_hit_tokens_total=reused_tokens,
     )
+
+
+def idle_stats(previous: EngineStats) -> EngineStats:
+    """The stats after a read that found no new iterations: nothing queued or running, the KV cache
+    and the running totals as the last iteration left them (trtllm-serve hands each iteration out once).
+    """
+    return dataclasses.replace(previous, waiting=0, running=0)
 
 
 class ProxyInFlight:
@@ -173,9 +189,14 @@ def create_proxy_app(
         with contextlib.suppress(httpx.HTTPError, ValueError):
             r = await request.app.state.http.get("/metrics", timeout=2.0)
             if r.status_code == 200 and r.headers.get("content-type", "").startswith("application/json"):
-                stats = stats_from_iteration_json(r.json())
+                payload = r.json()
+                stats = stats_from_iteration_json(payload)
+                if stats is None and payload == [] and state.get("stats") is not None:
+                    stats = idle_stats(state["stats"])
         if stats is None:
             stats = EngineStats(running=inflight.active)
+        else:
+            state["stats"] = stats
         metrics.observe_stats(stats)
         return Response(metrics.render(), media_type=CONTENT_TYPE)
 
