@@ -5,7 +5,9 @@ whose K/V is computed are registered under a SHA-256 key chained over all tokens
 them, so a later request with the same prefix reuses them (ref-counted). A hit also compares the
 stored parent key and tokens, so even a key collision never hands out another prefix's K/V. A block
 whose ref count drops to zero keeps its key and K/V and sits in an LRU pool; it is evicted (its key
-forgotten) only when a fresh block is needed and no never-cached block is left.
+forgotten) only when a fresh block is needed and no never-cached block is left. A sequence run
+with a LoRA adapter chains its keys from its adapter's name (`prefix_root`), so K/V computed under
+one adapter (or the base model) is never reused under another.
 """
 
 from __future__ import annotations
@@ -29,6 +31,12 @@ def chain_hash(parent: BlockKey | None, tokens: tuple[int, ...]) -> BlockKey:
     digest = hashlib.sha256(b"root" if parent is None else b"next" + parent)
     digest.update(array("q", tokens).tobytes())
     return digest.digest()
+
+
+def prefix_root(seq: Sequence) -> BlockKey | None:
+    """The key chained before `seq`'s first block: None for the base model, else its adapter's."""
+    adapter = seq.params.adapter
+    return None if adapter is None else b"adapter:" + adapter.encode()
 
 
 class BlockManager:
@@ -72,7 +80,7 @@ class BlockManager:
             return 0
         bs = self.block_size
         max_blocks = (seq.num_tokens - 1) // bs
-        parent: BlockKey | None = None
+        parent = prefix_root(seq)
         hits: list[int] = []
         hashes: list[BlockKey] = []
         for i in range(max_blocks):
@@ -99,8 +107,9 @@ class BlockManager:
             return
         bs = self.block_size
         full = min(seq.num_computed_tokens // bs, len(seq.block_table))
+        root = prefix_root(seq)
         for i in range(len(seq.block_hashes), full):
-            parent = seq.block_hashes[i - 1] if i else None
+            parent = seq.block_hashes[i - 1] if i else root
             tokens = tuple(seq.token_ids[i * bs : (i + 1) * bs])
             h = chain_hash(parent, tokens)
             seq.block_hashes.append(h)

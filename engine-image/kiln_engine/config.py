@@ -66,6 +66,11 @@ class EngineConfig:
     # verify drafts run eagerly (no decode graph) and speculation turns lookahead decode off.
     speculative: str | None = None
     num_speculative_tokens: int = 4
+    # Multi-LoRA (kiln_engine.lora): adapters (name, PEFT directory) served next to the base model in
+    # `max_loras` device slots of rank up to `max_lora_rank`; 0 slots: LoRA off.
+    lora_modules: list[tuple[str, str]] = field(default_factory=list)
+    max_loras: int = 0
+    max_lora_rank: int = 16
 
     def validate(self) -> None:
         """Reject configurations the scheduler could never serve."""
@@ -102,6 +107,12 @@ class EngineConfig:
                 raise ValueError(
                     "speculative decoding runs on one rank only: not with tensor or pipeline parallelism"
                 )
+        if self.max_loras < 0 or self.max_lora_rank < 1:
+            raise ValueError("max_loras must be non-negative and max_lora_rank positive")
+        if self.lora_modules and not self.max_loras:
+            raise ValueError("LoRA adapters need max_loras of at least 1")
+        if self.max_loras and self.pipeline_parallel_size > 1:
+            raise ValueError("LoRA adapters are not served under pipeline parallelism")
         if self.load_format not in ("auto", "dummy"):
             raise ValueError(f"load_format must be auto or dummy, not {self.load_format!r}")
 

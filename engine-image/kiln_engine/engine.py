@@ -135,6 +135,12 @@ class LLMEngine:
     def max_model_len(self) -> int:
         return self._max_model_len
 
+    @property
+    def adapters(self) -> list[str]:
+        """The LoRA adapters this engine serves, by name."""
+        lora = self.runner.lora
+        return [] if lora is None else list(lora.adapters)
+
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None:
         if request_id in self.seqs:
             raise ValueError(f"request id {request_id!r} is already in use")
@@ -151,6 +157,9 @@ class LLMEngine:
             raise ValueError(f"prompt token ids must be in [0, {vocab})")
         if any(not 0 <= t < vocab for t in (*params.stop_token_ids, *(t for t, _ in params.logit_bias))):
             raise ValueError(f"stop_token_ids and logit_bias token ids must be in [0, {vocab})")
+        if params.adapter is not None and params.adapter not in self.adapters:
+            served = ", ".join(sorted(self.adapters)) or "none"
+            raise ValueError(f"unknown LoRA adapter {params.adapter!r}; this engine serves: {served}")
         if params.structured is not None:
             if self.grammars is None:
                 raise ValueError("structured outputs need the model's tokenizer and xgrammar")

@@ -31,6 +31,7 @@ class SamplingParams:
     min_tokens: int = 0  # EOS and stop_token_ids are blocked (and stop strings ignored) before this many
     # Structured output: (kind, JSON schema text), kinds in kiln_engine.grammar; None: free text.
     structured: tuple[str, str] | None = None
+    adapter: str | None = None  # the LoRA adapter to run (kiln_engine.lora); None: the base model
 
     # Derived once here, because the engine's hot loops ask per sequence per step.
     adjusts_logits: bool = field(init=False, repr=False, compare=False)  # logits change before picking

@@ -16,6 +16,7 @@ from kiln_engine.config import EngineConfig
 from kiln_engine.interface import TokenLogprob
 from kiln_engine.layers.attention import AttentionMetadata, make_backend
 from kiln_engine.loader import load_model, load_model_config
+from kiln_engine.lora_layers import LoraRuntime
 from kiln_engine.pipeline import PipelineExecutor
 from kiln_engine.sampler import SampledTokens, Sampler, SampleRequest
 from kiln_engine.scheduler import ScheduledChunk
@@ -62,6 +63,9 @@ class ModelRunner:
         self.model, self.model_config, self.dtype = load_model(
             model_path, config, self.max_model_len, self.device
         )
+        self.lora: LoraRuntime | None = None
+        if config.max_loras:
+            self.lora = LoraRuntime(self.model, self.model_config, config, self.dtype, self.device)
         self.block_size = config.block_size
         self.backend = make_backend(attention_backend_name(config, self.device), self.device)
         layers = self.model.attention_layers()
@@ -167,6 +171,8 @@ class ModelRunner:
                 )
         width = max(len(t) for t in tables)
         padded = [t + [0] * (width - len(t)) for t in tables]
+        if self.lora is not None:  # every forward of these chunks (verify steps too) runs their adapters
+            self.lora.prepare_segments(chunks)
 
         tensor = self._to_device
 
@@ -297,12 +303,18 @@ class DecodeGraphs:
         self.staging_host = torch.empty(0, dtype=i64)
         self.staging_device = torch.empty(0, dtype=i64, device=dev)
         self.staged = torch.cuda.Event() if dev.type == "cuda" else None
+        lora = runner.lora
+        self.lora_mask = (
+            None if lora is None else torch.zeros(max_bs, lora.num_slots, 1, dtype=runner.dtype, device=dev)
+        )
         if dev.type == "cuda":
             self._capture()
 
     def _forward(self, bs: int) -> torch.Tensor:
         meta = self.metas[bs]
         self.runner.backend.prepare(meta)
+        if self.runner.lora is not None and self.lora_mask is not None:
+            self.runner.lora.batch.set_mask(self.lora_mask[:bs])
         model = self.runner.model
         return model.compute_logits(model(self.input_ids[:bs], self.positions[:bs], meta))
 
@@ -397,6 +409,8 @@ class DecodeGraphs:
             upd = dev[5 * bs :].view(3, u)
             self.table_store.index_put_((upd[0], upd[1]), upd[2].to(torch.int32))
         torch.index_select(self.table_store, 0, dev[4 * bs : 5 * bs], out=self.block_tables[:bs])
+        if self.runner.lora is not None and self.lora_mask is not None:
+            self.lora_mask[:bs].copy_(self.runner.lora.mask_for(chunks, bs), non_blocking=True)
         graph = self.graphs.get(bs)
         if graph is None:
             return self._forward(bs)[:n]

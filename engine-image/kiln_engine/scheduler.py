@@ -5,7 +5,8 @@ served first, oldest first: a decoding sequence needs one token, one still in pr
 rest of its prompt or as much as the budget allows (chunked prefill). When the KV cache cannot
 grow, the newest running sequence is preempted (its blocks freed, to be recomputed later, mostly
 from the prefix cache) and goes back to the front of the queue. Waiting sequences are admitted in
-arrival order while budget, sequence slots and blocks remain.
+arrival order while budget, sequence slots and blocks remain, and, for a sequence with a LoRA
+adapter, while a device slot for its adapter can be pinned (`LoraSlots`).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from dataclasses import dataclass, field
 
 from kiln_engine.block_manager import BlockManager
 from kiln_engine.config import EngineConfig
+from kiln_engine.lora_slots import LoraSlots
 from kiln_engine.sequence import Sequence, SequenceStatus
 
 
@@ -59,6 +61,7 @@ class Scheduler:
         self.prefix_hit_tokens_total = 0  # tokens admitted sequences took from the prefix cache
         # Keep a few blocks spare at admission so new arrivals do not immediately force preemptions.
         self.watermark_blocks = max(0, int(0.01 * block_manager.num_blocks))
+        self.lora_slots = LoraSlots(config.max_loras) if config.max_loras else None
 
     def add(self, seq: Sequence) -> None:
         seq.status = SequenceStatus.WAITING
@@ -101,16 +104,20 @@ class Scheduler:
             self.waiting and not out.preempted and budget > 0 and len(self.running) < self.config.max_num_seqs
         ):
             seq = self.waiting[0]
+            if not self._pin_adapter(seq):
+                break
             hit = bm.acquire_prefix(seq)
             n = seq.num_uncomputed_tokens
             if n > budget:
                 if not self.config.chunked_prefill:
                     bm.free(seq)
+                    self._unpin_adapter(seq)
                     break
                 n = budget
             watermark = self.watermark_blocks if self.running else 0
             if bm.blocks_needed(seq, n) + watermark > bm.num_free_blocks or not bm.allocate_slots(seq, n):
                 bm.free(seq)
+                self._unpin_adapter(seq)
                 break
             self.waiting.popleft()
             self.prefix_hit_tokens_total += hit
@@ -122,8 +129,27 @@ class Scheduler:
             budget -= n
         return out
 
+    def _pin_adapter(self, seq: Sequence) -> bool:
+        """Pin a device slot for `seq`'s LoRA adapter; False when every slot is pinned by others."""
+        adapter = seq.params.adapter
+        if adapter is None:
+            return True
+        if self.lora_slots is None:
+            raise ValueError(f"request for LoRA adapter {adapter!r}, but this engine serves no adapters")
+        slot = self.lora_slots.acquire(adapter)
+        if slot is None:
+            return False
+        seq.lora_slot = slot
+        return True
+
+    def _unpin_adapter(self, seq: Sequence) -> None:
+        if seq.lora_slot >= 0 and self.lora_slots is not None:
+            self.lora_slots.release(seq.lora_slot)
+            seq.lora_slot = -1
+
     def _preempt(self, seq: Sequence) -> None:
         self.block_manager.free(seq)
+        self._unpin_adapter(seq)
         seq.status = SequenceStatus.WAITING
         seq.num_preemptions += 1
         self.preemptions_total += 1
@@ -147,5 +173,6 @@ class Scheduler:
             with contextlib.suppress(ValueError):
                 self.waiting.remove(seq)
         self.block_manager.free(seq)
+        self._unpin_adapter(seq)
         seq.status = SequenceStatus.FINISHED
         seq.finish_reason = reason

@@ -37,6 +37,7 @@ class Sequence:
     block_table: list[int] = field(default_factory=list)
     block_hashes: list[bytes] = field(default_factory=list)
     num_preemptions: int = 0
+    lora_slot: int = -1  # the device slot of its LoRA adapter while admitted (LoraSlots); -1: none
     finish_reason: str | None = None
     pending_logprobs: list[TokenLogprob] = field(default_factory=list)  # not yet returned by step()
 

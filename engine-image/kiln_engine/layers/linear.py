@@ -3,10 +3,13 @@
 Each layer holds only its rank's slice. `load(name, tensor, shard)` accepts either that slice (a
 pre-sharded Kiln artifact) or the full checkpoint tensor (a Hugging Face checkpoint), telling them
 apart by size, and places a merged layer's sub-projection (`shard` = "q", "k", "v", 0, 1) at its
-offset. The matmul itself belongs to the quantization's `LinearMethod`.
+offset. The matmul itself belongs to the quantization's `LinearMethod`; a layer that LoRA adapters
+target adds their per-token delta to it (`kiln_engine.lora_layers`).
 """
 
 from __future__ import annotations
+
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -14,6 +17,9 @@ from torch import nn
 from kiln_engine.config import QuantConfig
 from kiln_engine.layers.parallel import TPGroup, divide
 from kiln_engine.quantization import LinearMethod, linear_method
+
+if TYPE_CHECKING:
+    from kiln_engine.lora_layers import LoraLinear
 
 
 def load_slice(
@@ -53,9 +59,11 @@ class LinearBase(nn.Module):
             nn.Parameter(torch.zeros(out_features, dtype=dtype), requires_grad=False) if bias else None
         )
         self.fused = False  # set by the model runner: small batches through `small_m_linear`
+        self.lora: LoraLinear | None = None  # set by the model runner when it serves LoRA adapters
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.matmul(x, self.bias)
+        out = self.matmul(x, self.bias)
+        return out if self.lora is None else self.lora.add_delta(x, out)
 
     def matmul(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         if self.fused:
@@ -180,4 +188,7 @@ class RowParallelLinear(LinearBase):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = self.bias if self.tp.rank == 0 else None
-        return self.tp.all_reduce(self.matmul(x, bias))
+        out = self.matmul(x, bias)
+        if self.lora is not None:  # a partial product of this rank's input slice, like `out`
+            out = self.lora.add_delta(x, out)
+        return self.tp.all_reduce(out)

@@ -1,0 +1,221 @@
+"""The batched multi-LoRA forward: adapter slots stacked on each fused, sharded projection, and which
+slot each token of a step uses.
+
+Every targeted projection (`qkv_proj`, `o_proj`, `gate_up_proj`, `down_proj`) carries a `LoraLinear`
+holding all slots at once: A as [slots * K, in] and B as [out, slots * K] (the [slots, K, in] and
+[slots, out, K] stacks, laid out so that all slots are one matrix each), with K = sub-projections x
+max rank. A fused projection's sub-projections (q, k, v; gate, up) each own K / n columns of B and
+the matching rows of its own output channels, so one A and one B serve the fused layer; ranks below
+the maximum leave zero rows and columns. Sharding follows the base layer: a column-parallel layer's
+B is split like its output channels (k/v replicated as its heads are) and A is whole; a row-parallel
+layer's A is split like its input and B is whole, its partial products joining the base layer's
+partial sums before their all-reduce.
+
+A step's tokens reach the layers through one shared `LoraBatch`, in one of two forms:
+* segments (eager steps): per slot in use, the rows of its tokens; each segment is two small GEMMs
+  added into its rows, and rows of the base model cost nothing;
+* a one-hot token x slot mask (decode graphs, where shapes and control flow are fixed): x @ A of all
+  slots, masked to each token's slot, @ B; two GEMMs of width slots * K for every token.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from kiln_engine.config import EngineConfig, ModelConfig
+from kiln_engine.layers.linear import LinearBase, RowParallelLinear, load_slice
+from kiln_engine.lora import AdapterError, LoraAdapter, load_adapter
+from kiln_engine.scheduler import ScheduledChunk
+
+# HF module -> (fused engine module under the decoder layer, its sub-projection key)
+FUSED_TARGETS: dict[str, tuple[str, str | int | None]] = {
+    "q_proj": ("self_attn.qkv_proj", "q"),
+    "k_proj": ("self_attn.qkv_proj", "k"),
+    "v_proj": ("self_attn.qkv_proj", "v"),
+    "o_proj": ("self_attn.o_proj", None),
+    "gate_proj": ("mlp.gate_up_proj", 0),
+    "up_proj": ("mlp.gate_up_proj", 1),
+    "down_proj": ("mlp.down_proj", None),
+}
+SUBS: dict[str, tuple[str | int | None, ...]] = {
+    "self_attn.qkv_proj": ("q", "k", "v"),
+    "self_attn.o_proj": (None,),
+    "mlp.gate_up_proj": (0, 1),
+    "mlp.down_proj": (None,),
+}
+
+
+@dataclass
+class LoraBatch:
+    """Which LoRA slot each token of the running step uses (shared by every `LoraLinear`)."""
+
+    segments: list[tuple[int, torch.Tensor | None]] = field(default_factory=list)  # (slot, rows | all)
+    mask: torch.Tensor | None = None  # [tokens, slots, 1] one-hot; all zeros for base-model tokens
+
+    def clear(self) -> None:
+        self.segments, self.mask = [], None
+
+    def set_segments(self, token_slots: list[int], device: torch.device) -> None:
+        """Eager steps: rows grouped by slot (-1: base model, no LoRA)."""
+        self.mask = None
+        used = sorted(set(token_slots) - {-1})
+        if len(used) == 1 and -1 not in token_slots:
+            self.segments = [(used[0], None)]
+            return
+        rows: dict[int, list[int]] = {s: [] for s in used}
+        for i, s in enumerate(token_slots):
+            if s >= 0:
+                rows[s].append(i)
+        self.segments = [(s, torch.tensor(rows[s], dtype=torch.int64, device=device)) for s in used]
+
+    def set_mask(self, mask: torch.Tensor) -> None:
+        self.segments, self.mask = [], mask
+
+
+class LoraLinear:
+    """All slots' A and B for one (fused) projection, and its LoRA delta for a batch."""
+
+    def __init__(
+        self,
+        layer: LinearBase,
+        subs: tuple[str | int | None, ...],
+        num_slots: int,
+        max_rank: int,
+        batch: LoraBatch,
+        dtype: torch.dtype,
+        device: torch.device,
+    ) -> None:
+        self.layer = layer
+        self.subs = subs
+        self.max_rank = max_rank
+        self.k = len(subs) * max_rank
+        self.batch = batch
+        self.num_slots = num_slots
+        self.a = torch.zeros(num_slots * self.k, layer.in_features, dtype=dtype, device=device)
+        self.b = torch.zeros(layer.out_features, num_slots * self.k, dtype=dtype, device=device)
+
+    def load(self, slot: int, parts: dict[str | int | None, tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Put one adapter's (A, B) per sub-projection into `slot`; absent sub-projections get zeros."""
+        cols = slice(slot * self.k, (slot + 1) * self.k)
+        a, b = self.a[cols], self.b[:, cols]
+        a.zero_()
+        b.zero_()
+        layer, tp = self.layer, self.layer.tp
+        for j, sub in enumerate(self.subs):
+            if sub not in parts:
+                continue
+            wa, wb = parts[sub]
+            r = wa.shape[0]
+            k0 = j * self.max_rank
+            if isinstance(layer, RowParallelLinear):  # input split like the layer's, B whole
+                load_slice(a[k0 : k0 + r], wa, 1, tp.rank, tp.size, "lora_A")
+                load_slice(b[:, k0 : k0 + r], wb, None, 0, 1, "lora_B")
+                continue
+            shard_layout = getattr(layer, "shard_layout", None)
+            if shard_layout is not None:  # merged: this sub-projection's rows of the fused output
+                offset, size, index, count = shard_layout(sub)
+            else:
+                offset, size, index, count = 0, layer.out_features, tp.rank, tp.size
+            load_slice(a[k0 : k0 + r], wa, None, 0, 1, "lora_A")
+            load_slice(b[offset : offset + size, k0 : k0 + r], wb, 0, index, count, "lora_B")
+
+    def add_delta(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """`out` + this step's LoRA delta of `x` (in place; `out` is the base layer's fresh output)."""
+        batch = self.batch
+        if batch.mask is not None:
+            h = (x @ self.a.t()).view(x.shape[0], self.num_slots, self.k) * batch.mask
+            return out.addmm_(h.view(x.shape[0], -1), self.b.t())
+        k = self.k
+        for slot, rows in batch.segments:
+            a, b = self.a[slot * k : (slot + 1) * k], self.b[:, slot * k : (slot + 1) * k]
+            if rows is None:
+                out.addmm_(x @ a.t(), b.t())
+            else:
+                out.index_add_(0, rows, (x.index_select(0, rows) @ a.t()) @ b.t())
+        return out
+
+
+class LoraRuntime:
+    """The adapters a model runner serves: validated on the host, loaded into GPU slots on demand."""
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        model_config: ModelConfig,
+        config: EngineConfig,
+        dtype: torch.dtype,
+        device: torch.device,
+    ) -> None:
+        self.num_slots = config.max_loras
+        self.max_rank = config.max_lora_rank
+        self.device = device
+        self.batch = LoraBatch()
+        self.layers: dict[tuple[int, str], LoraLinear] = {}
+        for i, decoder in enumerate(getattr(model.model, "layers", [])):
+            for path, subs in SUBS.items():
+                try:
+                    layer = decoder.get_submodule(path)
+                except AttributeError:
+                    continue  # another pipeline stage's layer, or a mixture of experts
+                if isinstance(layer, LinearBase):
+                    lora = LoraLinear(layer, subs, self.num_slots, self.max_rank, self.batch, dtype, device)
+                    layer.lora = lora
+                    self.layers[(i, path)] = lora
+        self.adapters: dict[str, LoraAdapter] = {}
+        for name, path in config.lora_modules:
+            if name in self.adapters:
+                raise AdapterError(f"adapter {name!r} is given twice")
+            adapter = load_adapter(name, path, model_config, self.max_rank)
+            for layer_i, module in adapter.weights:
+                if (layer_i, FUSED_TARGETS[module][0]) not in self.layers:
+                    raise AdapterError(
+                        f"adapter {name!r}: target module layers.{layer_i}.{module} is not a dense "
+                        "projection of the base model"
+                    )
+            self.adapters[name] = adapter
+        self.loaded: list[str | None] = [None] * self.num_slots
+        self.loads_total = 0
+
+    def ensure_loaded(self, slot: int, name: str) -> None:
+        """Copy adapter `name` into `slot` unless it is there already (the slot policy assigned it)."""
+        if self.loaded[slot] == name:
+            return
+        adapter = self.adapters[name]
+        parts: dict[tuple[int, str], dict[str | int | None, tuple[torch.Tensor, torch.Tensor]]] = {}
+        for (layer_i, module), w in adapter.weights.items():
+            path, sub = FUSED_TARGETS[module]
+            parts.setdefault((layer_i, path), {})[sub] = (w.a.to(self.device), w.b.to(self.device))
+        with torch.no_grad():
+            for key, lora in self.layers.items():
+                lora.load(slot, parts.get(key, {}))
+        self.loaded[slot] = name
+        self.loads_total += 1
+
+    def slot_of(self, chunk: ScheduledChunk) -> int:
+        seq = chunk.seq
+        if seq.params.adapter is None:
+            return -1
+        self.ensure_loaded(seq.lora_slot, seq.params.adapter)
+        return seq.lora_slot
+
+    def prepare_segments(self, chunks: list[ScheduledChunk]) -> None:
+        """An eager step: each token's slot from its sequence's adapter."""
+        slots = [self.slot_of(c) for c in chunks]
+        if all(s < 0 for s in slots):
+            self.batch.clear()
+            return
+        self.batch.set_segments(
+            [s for s, c in zip(slots, chunks, strict=True) for _ in range(c.num_tokens)], self.device
+        )
+
+    def mask_for(self, chunks: list[ScheduledChunk], rows: int) -> torch.Tensor:
+        """A decode step padded to `rows`: one-hot [rows, slots, 1] (zeros for base and padding rows)."""
+        slots = [self.slot_of(c) for c in chunks] + [-1] * (rows - len(chunks))
+        idx = torch.tensor([s if s >= 0 else self.num_slots for s in slots], dtype=torch.int64)
+        mask = torch.nn.functional.one_hot(idx, self.num_slots + 1)[:, : self.num_slots]
+        return mask.to(device=self.device, dtype=self.layers_dtype()).unsqueeze(-1)
+
+    def layers_dtype(self) -> torch.dtype:
+        return next(iter(self.layers.values())).a.dtype
