@@ -172,12 +172,6 @@ def serve(
                             max_num_tokens, prefix_caching, chunked_prefill, kv_cache_dtype,
                             gpu_memory_utilization, api_key, drain_timeout, verify)  # fmt: skip
         return
-    if kv_cache_dtype not in ("auto", "bf16", "fp16"):
-        _fail(
-            "the torch backend keeps its KV cache in the model dtype; "
-            "fp8 KV cache needs --backend tensorrt-llm"
-        )
-
     from kiln_engine.backends import torch as torch_backend
     from kiln_engine.build.source import SourceError
     from kiln_engine.config import EngineConfig
@@ -199,6 +193,8 @@ def serve(
         tp = torch_backend.artifact_tp(path) if artifact else 1
     if pp is None:
         pp = torch_backend.artifact_pp(path) if artifact else 1
+    if kv_cache_dtype == "auto" and artifact:  # the dtype the artifact was built (and measured) with
+        kv_cache_dtype = torch_backend.artifact_kv_cache_dtype(path)
     if speculative and tp * pp > 1:
         raise click.UsageError("--speculative runs on one rank only: not with --tp or --pp above 1")
     try:
@@ -235,6 +231,7 @@ def serve(
         prefix_caching=prefix_caching,
         chunked_prefill=chunked_prefill,
         dtype=dtype,
+        kv_cache_dtype=kv_cache_dtype,
         device=serve_device,
         cuda_graphs=serve_device.startswith("cuda") and pp == 1 if cuda_graphs is None else cuda_graphs,
         seed=seed,
@@ -444,14 +441,6 @@ def build(
             result.write(result_file, result.failure(reason, message))
         _fail(message, 1)
 
-    if backend == "torch" and kv_cache_dtype == "fp8":
-        message = (
-            "the torch backend keeps its KV cache in the model dtype; "
-            "fp8 KV cache needs --backend tensorrt-llm"
-        )
-        if result_file:
-            result.write(result_file, result.failure("InvalidOptions", message))
-        _fail(message)
     progress = Progress(bar=progress_bar)
     opts = BuildOptions(
         model=model,

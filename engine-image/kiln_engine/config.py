@@ -24,6 +24,8 @@ ROPE_TYPES: tuple[str, ...] = ("default", "linear", "dynamic", "llama3", "yarn",
 
 QUANTIZATION_METHODS: tuple[str, ...] = ("none", "fp8", "int8", "awq", "gptq")
 
+KV_CACHE_DTYPES: tuple[str, ...] = ("auto", "bf16", "fp16", "fp8")
+
 
 class UnsupportedModelError(ValueError):
     """The checkpoint's architecture or options are not something this runtime can serve."""
@@ -47,6 +49,9 @@ class EngineConfig:
     prefix_caching: bool = True
     chunked_prefill: bool = True
     dtype: str = "auto"  # "auto" (float32 on CPU, bfloat16 on CUDA) | "float32" | "bfloat16" | "float16"
+    # The KV cache's element type: "auto" (the model dtype) | "bf16" | "fp16" | "fp8" (e4m3 with a
+    # float32 scale per layer, K/V and KV head: half the bytes of bf16, twice the blocks).
+    kv_cache_dtype: str = "auto"
     device: str = "cpu"
     seed: int = 0
     tensor_parallel_size: int = 1
@@ -113,6 +118,10 @@ class EngineConfig:
             raise ValueError("LoRA adapters need max_loras of at least 1")
         if self.max_loras and self.pipeline_parallel_size > 1:
             raise ValueError("LoRA adapters are not served under pipeline parallelism")
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(
+                f"unknown kv_cache_dtype {self.kv_cache_dtype!r}; choose from {', '.join(KV_CACHE_DTYPES)}"
+            )
         if self.load_format not in ("auto", "dummy"):
             raise ValueError(f"load_format must be auto or dummy, not {self.load_format!r}")
 

@@ -3,7 +3,8 @@
 Given the scheduler's chunks it builds one flattened varlen batch (token ids, positions, slot
 mapping, block tables), runs the model once, computes logits only for rows that sample, and samples.
 It never decides policy. The KV cache is one tensor `[2, layers, num_blocks, block_size, kv_heads,
-head_dim]`; each attention layer holds views of its K and V planes.
+head_dim]` in `EngineConfig.kv_cache_dtype`; each attention layer holds views of its K and V planes
+(and, for fp8, of its rows of `kv_scales` [2, layers, kv_heads]).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import torch
 
 from kiln_engine.config import EngineConfig
 from kiln_engine.interface import TokenLogprob
-from kiln_engine.layers.attention import AttentionMetadata, make_backend
+from kiln_engine.layers.attention import FP8_KV_DTYPE, AttentionMetadata, kv_cache_torch_dtype, make_backend
 from kiln_engine.loader import load_model, load_model_config
 from kiln_engine.lora_layers import LoraRuntime
 from kiln_engine.pipeline import PipelineExecutor
@@ -74,6 +75,7 @@ class ModelRunner:
         # The backend names the kernel family: "torch" is the reference everywhere, "triton" also
         # fuses the elementwise work between GEMMs.
         use_fused_kernels(self.model, self.backend.name == "triton")
+        self.kv_dtype = kv_cache_torch_dtype(config.kv_cache_dtype, self.dtype)
         self.num_blocks = config.num_kv_blocks or self._auto_num_blocks()
         first = layers[0]
         # With decode graphs, one extra block past the managed ones absorbs the padding rows' writes.
@@ -84,12 +86,20 @@ class ModelRunner:
             self.block_size,
             first.num_kv_heads,
             first.head_dim,
-            dtype=self.dtype,
+            dtype=self.kv_dtype,
             device=self.device,
         )
+        # Unit scales (no calibration yet): e4m3 keeps 3 mantissa bits from 2**-6 to 448, which
+        # covers the keys and values of the models served; `set_kv_scales` installs others.
+        self.kv_scales: torch.Tensor | None = None
+        if self.kv_dtype == FP8_KV_DTYPE:
+            self.kv_scales = torch.ones(2, len(layers), first.num_kv_heads, device=self.device)
         for i, layer in enumerate(layers):
             layer.k_cache = self.kv_cache[0, i]
             layer.v_cache = self.kv_cache[1, i]
+            if self.kv_scales is not None:
+                layer.k_scale = self.kv_scales[0, i]
+                layer.v_scale = self.kv_scales[1, i]
         self.sampler = Sampler(self.device, config.seed, frozenset(self.model_config.eos_token_ids))
         self.decode_graphs: DecodeGraphs | None = None
         if config.cuda_graphs:
@@ -101,8 +111,19 @@ class ModelRunner:
     def kv_block_bytes(self) -> int:
         layers = self.model.attention_layers()
         a = layers[0]
-        elem = torch.empty((), dtype=self.dtype).element_size()
+        elem = torch.empty((), dtype=self.kv_dtype).element_size()
         return 2 * len(layers) * self.block_size * a.num_kv_heads * a.head_dim * elem
+
+    def set_kv_scales(self, scales: torch.Tensor) -> None:
+        """Install fp8 KV scales [2 (K, V), layers, kv_heads]; in place, so captured graphs see them.
+
+        Only before anything is cached: values already stored were divided by the old scales.
+        """
+        if self.kv_scales is None:
+            raise ValueError(f"the KV cache is {self.kv_dtype}, not fp8: it has no scales")
+        if scales.shape != self.kv_scales.shape or not bool((scales > 0).all()):
+            raise ValueError(f"fp8 KV scales must be positive, of shape {tuple(self.kv_scales.shape)}")
+        self.kv_scales.copy_(scales)
 
     def _auto_num_blocks(self) -> int:
         per_block = self.kv_block_bytes()

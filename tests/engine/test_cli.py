@@ -47,10 +47,11 @@ def test_serve_refuses_an_unfinished_artifact(tmp_path: Path) -> None:
     assert proc.returncode == 1 and "not a finished Kiln artifact" in proc.stderr
 
 
-def test_fp8_kv_cache_needs_tensorrt_llm(tmp_path: Path) -> None:
+def test_torch_backend_builds_an_fp8_kv_cache(tmp_path: Path) -> None:
     out = CliRunner().invoke(main, ["build", "--model", str(tmp_path), "--output", str(tmp_path / "o"),
-                                    "--kv-cache-dtype", "fp8"])  # fmt: skip
-    assert out.exit_code == 2 and "tensorrt-llm" in out.output
+                                    "--kv-cache-dtype", "fp8", "--no-progress-bar"])  # fmt: skip
+    # The options pass; the build fails later, on the empty checkpoint directory.
+    assert out.exit_code == 1 and "kv cache" not in out.output.lower(), out.output
 
 
 @pytest.mark.skipif(trt.available(), reason="TensorRT-LLM is installed here")

@@ -87,6 +87,14 @@ def artifact_pp(path: Path) -> int:
     return int(json.loads(manifest.read_text()).get("pipeline_parallel_size", 1))
 
 
+def artifact_kv_cache_dtype(path: Path) -> str:
+    """The KV cache dtype an artifact was built for ("auto" for a checkpoint)."""
+    manifest = path / MANIFEST_NAME
+    if not manifest.is_file():
+        return "auto"
+    return str(json.loads(manifest.read_text()).get("kv_cache_dtype", "auto"))
+
+
 def engine_for_artifact_dir(path: Path, opts: BuildOptions) -> LLMEngine:
     """The engine a build measures capacity with: the artifact as it will be served."""
     device = opts.device or default_device()
@@ -96,5 +104,6 @@ def engine_for_artifact_dir(path: Path, opts: BuildOptions) -> LLMEngine:
         max_tokens_per_step=opts.max_num_tokens,
         device=device,
         cuda_graphs=device.startswith("cuda"),  # measure capacity the way `serve` runs on a GPU
+        kv_cache_dtype=opts.kv_cache_dtype,
     )
     return LLMEngine(path, config)

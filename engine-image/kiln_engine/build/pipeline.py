@@ -119,11 +119,6 @@ def validate_options(opts: BuildOptions) -> None:
         raise bad(f"unknown quantization {opts.quantization!r}; choose from {', '.join(QUANTIZATIONS)}")
     if opts.kv_cache_dtype not in KV_CACHE_DTYPES:
         raise bad(f"unknown kv cache dtype {opts.kv_cache_dtype!r}; choose from {', '.join(KV_CACHE_DTYPES)}")
-    if opts.backend == "torch" and opts.kv_cache_dtype == "fp8":
-        raise bad(
-            "the torch backend keeps its KV cache in the model dtype; "
-            "fp8 KV cache needs --backend tensorrt-llm"
-        )
     if opts.fp8_scales not in FP8_SCALES:
         raise bad(f"fp8 scales are per {' or per '.join(FP8_SCALES)}, not {opts.fp8_scales!r}")
     if opts.tensor_parallel_size < 1 or opts.pipeline_parallel_size < 1:

@@ -6,6 +6,10 @@ K/V into its cache `[num_blocks, block_size, num_kv_heads, head_dim]` at `slot_m
 over each sequence's blocks (`block_tables`). Decode, prefill chunks over a cached prefix and mixed
 batches all take this one path.
 
+An fp8 KV cache (`EngineConfig.kv_cache_dtype="fp8"`) stores e4m3 values with one float32 scale per
+(layer, K or V, KV head): the store divides by the scale and saturates at +-448, every reader
+multiplies it back (`quantize_kv`, `dequantize_kv`; the scales are None for a float cache).
+
 `TorchAttentionBackend` is the correct-everywhere reference: it gathers each sequence's K/V from
 its blocks into a padded batch and calls `scaled_dot_product_attention` with a causal (and
 optionally sliding-window) mask. A GPU backend (Triton / FlashInfer paged kernels) implements the
@@ -52,16 +56,63 @@ class AttentionBackend(Protocol):
         meta: AttentionMetadata,
         scale: float,
         sliding_window: int | None,
+        k_scale: torch.Tensor | None = None,
+        v_scale: torch.Tensor | None = None,
     ) -> torch.Tensor: ...
 
 
+FP8_KV_DTYPE = torch.float8_e4m3fn
+FP8_KV_MAX = 448.0  # torch.finfo(torch.float8_e4m3fn).max
+
+# EngineConfig.kv_cache_dtype -> the cache's element type (None: the model's dtype).
+KV_CACHE_DTYPES: dict[str, torch.dtype | None] = {
+    "auto": None,
+    "bf16": torch.bfloat16,
+    "fp16": torch.float16,
+    "fp8": FP8_KV_DTYPE,
+}
+
+
+def kv_cache_torch_dtype(name: str, model_dtype: torch.dtype) -> torch.dtype:
+    """The KV cache's element type for `EngineConfig.kv_cache_dtype`; unknown names are an error."""
+    if name not in KV_CACHE_DTYPES:
+        raise ValueError(f"unknown kv cache dtype {name!r}; choose from {', '.join(KV_CACHE_DTYPES)}")
+    return KV_CACHE_DTYPES[name] or model_dtype
+
+
+def quantize_kv(x: torch.Tensor, scale: torch.Tensor | None, cache_dtype: torch.dtype) -> torch.Tensor:
+    """[T, Hkv, D] in the cache's dtype: divided by the per-head scale and saturated when it is fp8."""
+    if scale is None:
+        return x.to(cache_dtype)
+    return (x.float() / scale[:, None]).clamp(-FP8_KV_MAX, FP8_KV_MAX).to(cache_dtype)
+
+
+def dequantize_kv(x: torch.Tensor, scale: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    """[..., Hkv, D] cache values back in `dtype` (times the per-head scale when there is one)."""
+    if scale is None:
+        return x.to(dtype)
+    return (x.float() * scale[:, None]).to(dtype)
+
+
+def _byte_view(t: torch.Tensor) -> torch.Tensor:
+    # CPU torch has no index_copy_ for fp8; the same bytes move as uint8.
+    return t.view(torch.uint8) if t.dtype == FP8_KV_DTYPE else t
+
+
 def write_kv(
-    k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
 ) -> None:
-    """Scatter new keys/values [T, Hkv, D] into the paged cache."""
+    """Scatter new keys/values [T, Hkv, D] into the paged cache (quantized when it is fp8)."""
     kv_heads, head_dim = k_cache.shape[-2], k_cache.shape[-1]
-    k_cache.view(-1, kv_heads, head_dim).index_copy_(0, slot_mapping, k.to(k_cache.dtype))
-    v_cache.view(-1, kv_heads, head_dim).index_copy_(0, slot_mapping, v.to(v_cache.dtype))
+    for x, cache, s in ((k, k_cache, k_scale), (v, v_cache, v_scale)):
+        values = _byte_view(quantize_kv(x, s, cache.dtype))
+        _byte_view(cache).view(-1, kv_heads, head_dim).index_copy_(0, slot_mapping, values)
 
 
 class TorchAttentionBackend:
@@ -115,6 +166,8 @@ class TorchAttentionBackend:
         meta: AttentionMetadata,
         scale: float,
         sliding_window: int | None,
+        k_scale: torch.Tensor | None = None,
+        v_scale: torch.Tensor | None = None,
     ) -> torch.Tensor:
         st = meta.backend_state
         num_seqs, max_q = meta.seq_lens.shape[0], meta.max_query_len
@@ -123,8 +176,9 @@ class TorchAttentionBackend:
         q_pad = q.new_zeros(num_seqs * max_q, num_heads, head_dim)
         q_pad.index_copy_(0, st["pad_index"], q)
         q_pad = q_pad.view(num_seqs, max_q, num_heads, head_dim).transpose(1, 2)
-        k = k_cache.view(-1, kv_heads, head_dim)[st["key_slots"]].transpose(1, 2).to(q.dtype)
-        v = v_cache.view(-1, kv_heads, head_dim)[st["key_slots"]].transpose(1, 2).to(q.dtype)
+        slots = st["key_slots"]
+        k = dequantize_kv(k_cache.view(-1, kv_heads, head_dim)[slots], k_scale, q.dtype).transpose(1, 2)
+        v = dequantize_kv(v_cache.view(-1, kv_heads, head_dim)[slots], v_scale, q.dtype).transpose(1, 2)
         out = F.scaled_dot_product_attention(
             q_pad,
             k,
@@ -169,15 +223,20 @@ class Attention(nn.Module):
         self.sliding_window = sliding_window
         self.k_cache = torch.empty(0)
         self.v_cache = torch.empty(0)
+        # [Hkv] float32 dequantization scales of an fp8 cache (set by the model runner), else None.
+        self.k_scale: torch.Tensor | None = None
+        self.v_scale: torch.Tensor | None = None
         self.backend: AttentionBackend = TorchAttentionBackend()
 
     def forward(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata
     ) -> torch.Tensor:
         """q [T, Hq, D], k/v [T, Hkv, D] -> [T, Hq, D]."""
-        write_kv(k, v, self.k_cache, self.v_cache, meta.slot_mapping)
+        write_kv(k, v, self.k_cache, self.v_cache, meta.slot_mapping, self.k_scale, self.v_scale)
         return self.attend(q, meta)
 
     def attend(self, q: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         """Attention over the cache alone, for callers that already stored this step's K/V."""
-        return self.backend.forward(q, self.k_cache, self.v_cache, meta, self.scale, self.sliding_window)
+        return self.backend.forward(
+            q, self.k_cache, self.v_cache, meta, self.scale, self.sliding_window, self.k_scale, self.v_scale
+        )

@@ -125,6 +125,8 @@ def _rope_store_kernel(  # type: ignore[no-untyped-def]
     cos_sin_ptr,
     k_cache_ptr,
     v_cache_ptr,
+    k_scale_ptr,
+    v_scale_ptr,
     slot_ptr,
     stride_qt,
     stride_qh,
@@ -140,6 +142,7 @@ def _rope_store_kernel(  # type: ignore[no-untyped-def]
     BLOCK_HQ: tl.constexpr,
     BLOCK_HK: tl.constexpr,
     HALF: tl.constexpr,
+    KV_SCALED: tl.constexpr,
     USE_PDL: tl.constexpr,
 ):
     wait_then_release(USE_PDL)
@@ -175,11 +178,22 @@ def _rope_store_kernel(  # type: ignore[no-untyped-def]
     slot = tl.load(slot_ptr + t).to(tl.int64)
     cp = slot * stride_cs + hk[:, None] * stride_ch + d[None, :]
     cache_dtype = k_cache_ptr.dtype.element_ty
-    tl.store(k_cache_ptr + cp, (c1 - e1).to(dtype).to(cache_dtype), mask=mk)
-    tl.store(k_cache_ptr + cp + HALF, (c2 + e2).to(dtype).to(cache_dtype), mask=mk)
+    k_lo = (c1 - e1).to(dtype)
+    k_hi = (c2 + e2).to(dtype)
     vp = v_ptr + t * stride_vt + hk[:, None] * stride_vh + d[None, :]
-    tl.store(v_cache_ptr + cp, tl.load(vp, mask=mk, other=0.0).to(cache_dtype), mask=mk)
-    tl.store(v_cache_ptr + cp + HALF, tl.load(vp + HALF, mask=mk, other=0.0).to(cache_dtype), mask=mk)
+    v_lo = tl.load(vp, mask=mk, other=0.0)
+    v_hi = tl.load(vp + HALF, mask=mk, other=0.0)
+    if KV_SCALED:  # fp8: divide by the head's scale and saturate, as `quantize_kv` does
+        ks = tl.load(k_scale_ptr + hk, mask=hk < HK, other=1.0)[:, None]
+        vs = tl.load(v_scale_ptr + hk, mask=hk < HK, other=1.0)[:, None]
+        k_lo = tl.clamp(k_lo.to(tl.float32) / ks, -448.0, 448.0)
+        k_hi = tl.clamp(k_hi.to(tl.float32) / ks, -448.0, 448.0)
+        v_lo = tl.clamp(v_lo.to(tl.float32) / vs, -448.0, 448.0)
+        v_hi = tl.clamp(v_hi.to(tl.float32) / vs, -448.0, 448.0)
+    tl.store(k_cache_ptr + cp, k_lo.to(cache_dtype), mask=mk)
+    tl.store(k_cache_ptr + cp + HALF, k_hi.to(cache_dtype), mask=mk)
+    tl.store(v_cache_ptr + cp, v_lo.to(cache_dtype), mask=mk)
+    tl.store(v_cache_ptr + cp + HALF, v_hi.to(cache_dtype), mask=mk)
 
 
 def rope_and_store_kv(
@@ -191,12 +205,16 @@ def rope_and_store_kv(
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
     slot_mapping: torch.Tensor,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Rotate q in place ([T, Hq, D], any token/head strides) and write rotated k and v into the cache.
 
     `cos_sin` is RotaryEmbedding's float32 [2, max_positions, D] table (D = 2 * half, rotate-half
-    layout). Returns q.
+    layout). An fp8 cache comes with per-head float32 scales [Hkv] (`attention.quantize_kv`).
+    Returns q.
     """
+    assert (k_scale is None) == (v_scale is None), "an fp8 cache has both scales"
     num_tokens, hq, head_dim = q.shape
     hk = k.shape[1]
     assert q.stride(2) == 1 and k.stride(2) == 1 and v.stride(2) == 1 and cos_sin.is_contiguous()
@@ -210,6 +228,8 @@ def rope_and_store_kv(
             cos_sin,
             k_cache,
             v_cache,
+            q if k_scale is None else k_scale,  # unused when the cache is not scaled
+            q if v_scale is None else v_scale,
             slot_mapping,
             q.stride(0),
             q.stride(1),
@@ -225,6 +245,7 @@ def rope_and_store_kv(
             BLOCK_HQ=triton.next_power_of_2(hq),
             BLOCK_HK=triton.next_power_of_2(hk),
             HALF=head_dim // 2,
+            KV_SCALED=k_scale is not None,
             num_warps=4,
             **pdl.launch_args(q),
         )

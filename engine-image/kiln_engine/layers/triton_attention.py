@@ -5,13 +5,16 @@ under one of the query heads sharing that KV head (GQA), so K/V are read once pe
 the sequence's keys in tiles of BLOCK_N positions, gathering each position's cache slot through
 the block table (so any KV block size works), applies the causal / sliding-window mask by
 absolute position, and keeps an online softmax in float32 (q·k and p·v run in the cache dtype on
-tensor cores with fp32 accumulators). Only the visible key range is read: keys after the tile's
+tensor cores with fp32 accumulators). An fp8 cache is converted to the query's dtype as it is
+loaded (exact), and its per-head scales fold into the softmax scale (K) and the output (V), so
+dequantizing costs two multiplies per program. Only the visible key range is read: keys after the tile's
 last query and before its window are skipped.
 
 It runs on CUDA (the GPU path of issue 6) and, with TRITON_INTERPRET=1, on CPU, which is how the
 unit tests check it against `TorchAttentionBackend`. Decode fills GROUP of the BLOCK_M rows; when
 a decode batch has too few (sequence, KV head) programs to fill the GPU and long contexts, the key
 range is split across programs (split-K) and the partial softmax states are merged afterwards.
+Gemma 2's score soft-cap (softcap * tanh(s / softcap)) applies before the mask when given.
 """
 
 from __future__ import annotations
@@ -30,6 +33,8 @@ def _paged_attention_kernel(  # type: ignore[no-untyped-def]  # Triton reads ann
     q_ptr,
     k_cache_ptr,
     v_cache_ptr,
+    k_scale_ptr,
+    v_scale_ptr,
     out_ptr,
     part_m_ptr,
     part_l_ptr,
@@ -47,6 +52,7 @@ def _paged_attention_kernel(  # type: ignore[no-untyped-def]  # Triton reads ann
     stride_ch,
     stride_bt,
     window,
+    softcap,
     num_q_heads,
     GROUP: tl.constexpr,
     HEAD_DIM: tl.constexpr,
@@ -55,8 +61,10 @@ def _paged_attention_kernel(  # type: ignore[no-untyped-def]  # Triton reads ann
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     USE_WINDOW: tl.constexpr,
+    USE_SOFTCAP: tl.constexpr,
     PRECISION: tl.constexpr,
     SPLITS: tl.constexpr,
+    KV_SCALED: tl.constexpr,
     USE_PDL: tl.constexpr,
 ):
     wait_then_release(USE_PDL)
@@ -86,6 +94,10 @@ def _paged_attention_kernel(  # type: ignore[no-untyped-def]  # Triton reads ann
         other=0.0,
     )
 
+    qk_scale = scale
+    if KV_SCALED:  # per KV head: one scalar for this program
+        qk_scale = scale * tl.load(k_scale_ptr + kv_head)
+
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
@@ -105,9 +117,11 @@ def _paged_attention_kernel(  # type: ignore[no-untyped-def]  # Triton reads ann
         block = tl.load(block_tables_ptr + seq * stride_bt + offs_n // KV_BLOCK, mask=mask_n, other=0)
         slot = block.to(tl.int64) * stride_cb + (offs_n % KV_BLOCK) * stride_cs + kv_head * stride_ch
         kv_mask = mask_n[:, None] & mask_d[None, :]
-        k = tl.load(k_cache_ptr + slot[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
-        v = tl.load(v_cache_ptr + slot[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
+        k = tl.load(k_cache_ptr + slot[:, None] + offs_d[None, :], mask=kv_mask, other=0.0).to(q.dtype)
+        v = tl.load(v_cache_ptr + slot[:, None] + offs_d[None, :], mask=kv_mask, other=0.0).to(q.dtype)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+        if USE_SOFTCAP:  # softcap * tanh(s / softcap), tanh written with exp (saturates at +-1)
+            s = softcap * (1.0 - 2.0 / (tl.exp(2.0 * s / softcap) + 1.0))
         visible = (offs_n[None, :] <= q_pos[:, None]) & mask_n[None, :]
         if USE_WINDOW:
             visible = visible & (offs_n[None, :] > q_pos[:, None] - window)
@@ -119,6 +133,8 @@ def _paged_attention_kernel(  # type: ignore[no-untyped-def]  # Triton reads ann
         l_i = l_i * alpha + tl.sum(p, axis=1)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         m_i = m_new
+    if KV_SCALED:  # the output is linear in V: scale once, not every tile
+        acc = acc * tl.load(v_scale_ptr + kv_head)
 
     if SPLITS == 1:
         out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
@@ -212,10 +228,14 @@ class TritonAttentionBackend:
         meta: AttentionMetadata,
         scale: float,
         sliding_window: int | None,
+        k_scale: torch.Tensor | None = None,
+        v_scale: torch.Tensor | None = None,
+        softcap: float | None = None,
     ) -> torch.Tensor:
         _, num_heads, head_dim = q.shape
         kv_heads = k_cache.shape[2]
         assert q.stride(2) == 1 and k_cache.stride(3) == 1 and v_cache.stride() == k_cache.stride()
+        assert (k_scale is None) == (v_scale is None), "an fp8 cache has both scales"
         out = torch.empty_like(q)
         num_seqs = meta.seq_lens.shape[0]
         group = num_heads // kv_heads
@@ -238,6 +258,8 @@ class TritonAttentionBackend:
             q,
             k_cache,
             v_cache,
+            out if k_scale is None else k_scale,  # unused when the cache is not scaled
+            out if v_scale is None else v_scale,
             out,
             part_m,
             part_l,
@@ -255,6 +277,7 @@ class TritonAttentionBackend:
             k_cache.stride(2),
             meta.block_tables.stride(0),
             sliding_window or 0,
+            softcap or 1.0,
             num_heads,
             GROUP=group,
             HEAD_DIM=head_dim,
@@ -263,9 +286,11 @@ class TritonAttentionBackend:
             BLOCK_M=block_m,
             BLOCK_N=block_n,
             USE_WINDOW=sliding_window is not None,
+            USE_SOFTCAP=softcap is not None,
             # bf16/fp16 run on tensor cores with fp32 accumulation; fp32 stays exact (no tf32).
             PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
             SPLITS=splits,
+            KV_SCALED=k_scale is not None,
             num_warps=8 if block_m >= 128 else 4,
             **pdl.launch_args(q),
         )

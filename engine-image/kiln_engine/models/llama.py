@@ -85,8 +85,9 @@ class LlamaAttention(nn.Module):
 
             attn = self.attn
             q = rope_and_store_kv(
-                positions, q, k, v, self.rotary_emb.cos_sin, attn.k_cache, attn.v_cache, meta.slot_mapping
-            )
+                positions, q, k, v, self.rotary_emb.cos_sin, attn.k_cache, attn.v_cache, meta.slot_mapping,
+                attn.k_scale, attn.v_scale,
+            )  # fmt: skip
             out = attn.attend(q, meta)
         else:
             q, k = self.rotary_emb(positions, q, k)

@@ -87,7 +87,7 @@ def test_validate_options() -> None:
     validate_options(BuildOptions(model="m", output="o"))
     for bad, match in [
         ({"quantization": "int3"}, "unknown quantization"),
-        ({"kv_cache_dtype": "fp8"}, "fp8 KV cache needs --backend tensorrt-llm"),
+        ({"kv_cache_dtype": "int4"}, "unknown kv cache dtype"),
         ({"fp8_scales": "block"}, "fp8 scales"),
         ({"tensor_parallel_size": 0}, "at least 1"),
         ({"ttft_target_ms": 0.0}, "positive"),
@@ -95,6 +95,7 @@ def test_validate_options() -> None:
         with pytest.raises(BuildError, match=match):
             validate_options(BuildOptions(model="m", output="o", **bad))  # type: ignore[arg-type]
     validate_options(BuildOptions(model="m", output="o", backend="tensorrt-llm", kv_cache_dtype="fp8"))
+    validate_options(BuildOptions(model="m", output="o", backend="torch", kv_cache_dtype="fp8"))
 
 
 def test_output_config_records_dtype_or_quantization() -> None:
