@@ -42,9 +42,9 @@ IGNORED_PARAMETERS = frozenset({"user"})
 
 # OpenAI parameters this server does not implement (yet): a 400 says so instead of "unknown parameter".
 UNSUPPORTED_PARAMETERS: dict[str, str] = {
-    "tools": "tools are only supported by /v1/chat/completions",
-    "tool_choice": "tools are only supported by /v1/chat/completions",
-    "parallel_tool_calls": "tools are only supported by /v1/chat/completions",
+    "tools": "tools are only supported by /v1/chat/completions and /v1/responses",
+    "tool_choice": "tools are only supported by /v1/chat/completions and /v1/responses",
+    "parallel_tool_calls": "tools are only supported by /v1/chat/completions and /v1/responses",
     "functions": "the deprecated function calling is not supported (use tools)",
     "function_call": "the deprecated function calling is not supported (use tool_choice)",
     "audio": "audio is not supported",
@@ -55,6 +55,18 @@ UNSUPPORTED_PARAMETERS: dict[str, str] = {
     "store": "stored completions are not supported",
     "metadata": "stored completions (metadata) are not supported",
     "service_tier": "service tiers are not supported",
+    # the Responses API's (/v1/responses): nothing is stored, and only function tools are served
+    "previous_response_id": "responses are not stored (send the whole conversation as input)",
+    "conversation": "conversations are not stored (send the whole conversation as input)",
+    "background": "background responses are not supported",
+    "include": "extra output data (include) is not supported",
+    "reasoning": "reasoning options are not supported",
+    "prompt": "stored prompt templates are not supported",
+    "truncation": "truncating the input is not supported (a too long input is an error)",
+    "max_tool_calls": "max_tool_calls is not supported",
+    "top_logprobs": "top_logprobs is only supported by /v1/chat/completions",
+    "prompt_cache_key": "prompt cache keys are not supported (prefix caching is automatic)",
+    "safety_identifier": "safety identifiers are not supported",
 }
 
 
