@@ -235,7 +235,7 @@ def messages_of(instructions: str | None, items: str | list[InputItem]) -> list[
 
 # A chat parameter an error names, and the Responses parameter it came from.
 _PARAMS = [
-    (r"^messages\b", "input"),
+    (r"^messages\b.*", "input"),  # its indices are not the input's (instructions, merged calls)
     (r"^max_tokens$", "max_output_tokens"),
     (r"^response_format\.json_schema\.schema$", "text.format.schema"),
     (r"^response_format\b.*", "text.format"),
