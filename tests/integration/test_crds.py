@@ -106,12 +106,15 @@ def test_invalid_specs_are_rejected_naming_the_field(
     assert words in message, message
 
 
-def test_cpu_deployment_cannot_ask_for_parallelism(custom: client.CustomObjectsApi, namespace: str) -> None:
-    body = deployment("cpu", parallelism__tensor=2)
+def test_cpu_deployment_may_split_into_pipeline_stages(
+    custom: client.CustomObjectsApi, namespace: str
+) -> None:
+    """On CPU each stage is a pod of its tensor-parallel ranks (gloo): TP2 x PP2 is accepted."""
+    body = deployment("cpu", parallelism__tensor=2, parallelism__pipeline=2)
     del body["spec"]["gpu"]
-    with pytest.raises(ApiException) as error:
-        create(custom, namespace, body)
-    assert "spec.parallelism" in error.value.body and "spec.gpu" in error.value.body
+    created = create(custom, namespace, body)
+    assert created["spec"]["parallelism"] == {"tensor": 2, "pipeline": 2}
+    assert "gpu" not in created["spec"]
 
 
 def test_engine_spec_is_immutable(

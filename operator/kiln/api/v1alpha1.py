@@ -175,7 +175,8 @@ class Parallelism(KubeModel):
             ge=1,
             le=16,
             description="Pipeline-parallel degree: stages of consecutive layers. A replica uses "
-            "tensor x pipeline GPUs; when that exceeds one node it spans nodes inside one NVLink clique.",
+            "tensor x pipeline GPUs; when that exceeds one node it spans nodes inside one NVLink clique. "
+            "On CPU (no spec.gpu) each stage is a pod of its tensor-parallel ranks.",
         ),
     ]
 
@@ -891,11 +892,6 @@ class LLMDeploymentSpec(KubeModel):
     model_config = ConfigDict(
         json_schema_extra={
             "x-kubernetes-validations": [
-                _cel(
-                    "has(self.gpu) || (self.parallelism.tensor == 1 && self.parallelism.pipeline == 1)",
-                    "tensor or pipeline parallelism needs spec.gpu",
-                    ".parallelism",
-                ),
                 _cel(
                     "has(self.gpu) || !(self.engine.quantization in ['fp8', 'int4-awq', 'int4-gptq'])",
                     "fp8 and int4 quantization need spec.gpu",

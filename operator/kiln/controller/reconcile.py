@@ -51,6 +51,7 @@ from kiln.controller.metrics import Metrics
 from kiln.controller.workqueue import WorkQueue
 from kiln.drift import Drift, drifted
 from kiln.placement import LWS_GROUP_KEY, NodeTopology, Placement, PlacementPolicy, ReplicaShape, plan
+from kiln.placement.planner import cpu_placement
 from kiln.render import build_job as render_build
 from kiln.render import capacity_job as render_capacity
 from kiln.render import engine as render_engine
@@ -706,16 +707,16 @@ class Reconciler:
 
     def _placement(self, deployment: LLMDeployment, engine: LLMEngine) -> Placement | None:
         gpu = deployment.spec.gpu
-        if gpu is None:
-            return None
         shape = ReplicaShape(
             tensor=engine.spec.parallelism.tensor,
             pipeline=engine.spec.parallelism.pipeline,
-            product=gpu.product,
-            memory_mib=gpu.memory_mib,
+            product=gpu.product if gpu is not None else None,
+            memory_mib=gpu.memory_mib if gpu is not None else None,
         )
         # Pods of one group carry LeaderWorkerSet's group key, or Kiln's where StatefulSets make groups.
         group_key = LWS_GROUP_KEY if self._lws_installed() else render_groups.GROUP_LABEL
+        if gpu is None:
+            return cpu_placement(shape, group_key)
         return plan(shape, self._node_topologies(), PlacementPolicy.from_spec(deployment.spec, group_key))
 
     def _write_deployment_status(

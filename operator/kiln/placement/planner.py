@@ -368,6 +368,20 @@ def _multi_node_placement(
     )
 
 
+def cpu_placement(shape: ReplicaShape, group_label_key: str = LWS_GROUP_KEY) -> Placement | None:
+    """A CPU replica (no GPUs, no topology): one pod per pipeline stage, each running that stage's
+    tensor-parallel ranks; None for a replica of one stage, which is one ordinary pod."""
+    if shape.pipeline == 1:
+        return None
+    return Placement(
+        feasible=True,
+        reason=f"on CPU: one pod per pipeline stage ({shape.pipeline} pods of {shape.tensor} rank(s))",
+        reason_code="Schedulable",
+        nodes_per_replica=shape.pipeline,
+        group_label_key=group_label_key,
+    )
+
+
 def plan(
     shape: ReplicaShape,
     nodes: Sequence[NodeTopology],

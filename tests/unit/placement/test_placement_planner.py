@@ -12,6 +12,7 @@ from kiln import labels
 from kiln.api.v1alpha1 import LLMDeploymentSpec
 from kiln.local.topology import load_topology, topology_names
 from kiln.placement import LWS_EXCLUSIVE_TOPOLOGY, NodeTopology, PlacementPolicy, ReplicaShape, plan
+from kiln.placement.planner import cpu_placement
 from kiln.placement.simulate import SimCluster, node_matches, preference_score, within_one_island
 
 H100 = "NVIDIA-H100-80GB-HBM3"
@@ -390,3 +391,16 @@ def test_a_network_block_is_no_substitute_for_a_clique_when_tp_spans_nodes() -> 
     assert not placement.feasible and placement.reason_code == "NoNVLinkIsland"
     gb200 = plan(ReplicaShape(tensor=16, product=GB200), nodes("mixed"), policy)
     assert gb200.topology_key == labels.GPU_CLIQUE
+
+
+@pytest.mark.parametrize(("tensor", "pipeline"), [(1, 2), (2, 2), (1, 4)])
+def test_a_cpu_replica_is_one_pod_per_pipeline_stage(tensor: int, pipeline: int) -> None:
+    placement = cpu_placement(ReplicaShape(tensor=tensor, pipeline=pipeline), "kiln.dev/group")
+    assert placement is not None and placement.feasible
+    assert placement.multi_node and placement.nodes_per_replica == pipeline
+    assert placement.gpus_per_node == 0 and not placement.affinity  # no GPUs, no topology to keep
+    assert placement.group_label_key == "kiln.dev/group"
+
+
+def test_a_cpu_replica_of_one_stage_is_an_ordinary_pod() -> None:
+    assert cpu_placement(ReplicaShape(tensor=2, pipeline=1)) is None
