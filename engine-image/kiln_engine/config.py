@@ -18,7 +18,17 @@ SUPPORTED_ARCHITECTURES: tuple[str, ...] = (
     "MixtralForCausalLM",
     "Qwen3MoeForCausalLM",
     "Phi3ForCausalLM",
+    "Gemma2ForCausalLM",
+    "Gemma3ForCausalLM",
 )
+
+# Architectures near a supported one that are refused with a pointer to what is served instead.
+UNSUPPORTED_HINTS: dict[str, str] = {
+    "Gemma3ForConditionalGeneration": "Gemma 3 vision-language checkpoints are not supported; "
+    "serve a text-only Gemma3ForCausalLM checkpoint",
+    "Gemma3nForConditionalGeneration": "Gemma 3n is not supported",
+    "Gemma3nForCausalLM": "Gemma 3n is not supported",
+}
 
 ROPE_TYPES: tuple[str, ...] = ("default", "linear", "dynamic", "llama3", "yarn", "longrope")
 
@@ -174,6 +184,18 @@ class MoeConfig:
 
 
 @dataclass(frozen=True)
+class GemmaConfig:
+    """Gemma 2/3 specifics: query scaling, tanh soft-capping, which layers slide, the local rope."""
+
+    query_pre_attn_scalar: float  # scores are scaled by its inverse square root, not head_dim's
+    attn_logit_softcapping: float | None  # scores -> cap * tanh(scores / cap) (Gemma 2)
+    final_logit_softcapping: float | None  # the same on the LM head's logits
+    layer_types: tuple[str, ...]  # per layer: "sliding_attention" | "full_attention"
+    local_rope: RopeConfig  # the sliding layers' rope (Gemma 3 gives them their own base)
+    gelu_approximate: str  # "tanh" (gelu_pytorch_tanh) | "none" (exact gelu)
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     """The subset of a Hugging Face config.json the runtime needs, with defaults applied."""
 
@@ -200,10 +222,14 @@ class ModelConfig:
     eos_token_ids: tuple[int, ...]
     quant: QuantConfig = field(default_factory=QuantConfig)
     moe: MoeConfig | None = None
+    gemma: GemmaConfig | None = None
 
     def layer_sliding_window(self, layer: int) -> int | None:
-        """The attention window of one layer (Qwen applies it only from `max_window_layers` on)."""
+        """The attention window of one layer (Qwen applies it only from `max_window_layers` on,
+        Gemma on the layers its `layer_types` call sliding)."""
         if self.sliding_window is None:
+            return None
+        if self.gemma is not None and self.gemma.layer_types[layer] != "sliding_attention":
             return None
         if self.model_type in ("qwen2", "qwen3", "qwen3_moe") and layer < self.max_window_layers:
             return None
@@ -214,8 +240,9 @@ class ModelConfig:
         archs = cfg.get("architectures") or []
         arch = archs[0] if archs else ""
         if arch not in SUPPORTED_ARCHITECTURES:
+            hint = f"{UNSUPPORTED_HINTS[arch]}; " if arch in UNSUPPORTED_HINTS else ""
             raise UnsupportedModelError(
-                f"unsupported architecture {arch or '(none in config.json)'!r}; "
+                f"unsupported architecture {arch or '(none in config.json)'!r}: {hint}"
                 f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
             )
         model_type = cfg.get("model_type", arch.removesuffix("ForCausalLM").lower())
@@ -233,13 +260,14 @@ class ModelConfig:
             )
         heads = int(cfg["num_attention_heads"])
         hidden = int(cfg["hidden_size"])
-        head_dim = cfg.get("head_dim") or hidden // heads
+        gemma = parse_gemma(arch, cfg)
+        head_dim = cfg.get("head_dim") or (256 if gemma else hidden // heads)  # Gemma's default
         is_qwen2 = arch == "Qwen2ForCausalLM"
         is_qwen3 = arch in ("Qwen3ForCausalLM", "Qwen3MoeForCausalLM")
         if is_qwen2 or is_qwen3:
             sliding = cfg.get("sliding_window") if cfg.get("use_sliding_window", False) else None
         else:
-            sliding = cfg.get("sliding_window")
+            sliding = cfg.get("sliding_window", 4096 if gemma else None)
         eos = cfg.get("eos_token_id")
         eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (int(eos),))
         return cls(
@@ -254,12 +282,12 @@ class ModelConfig:
             head_dim=int(head_dim),
             max_position_embeddings=int(cfg.get("max_position_embeddings", 4096)),
             rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
-            rope=parse_rope(cfg),
-            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+            rope=parse_gemma_rope(cfg)[0] if arch == "Gemma3ForCausalLM" else parse_rope(cfg),
+            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", gemma is not None)),
             # Qwen2 always has q/k/v biases; Llama/Mistral/Qwen3 say so with attention_bias.
             attention_bias=True if is_qwen2 else bool(cfg.get("attention_bias", False)),
             mlp_bias=bool(cfg.get("mlp_bias", False)),
-            qk_norm=is_qwen3,
+            qk_norm=is_qwen3 or arch == "Gemma3ForCausalLM",
             sliding_window=int(sliding) if sliding else None,
             max_window_layers=int(cfg.get("max_window_layers", 0) or 0),
             torch_dtype=str(cfg.get("torch_dtype") or cfg.get("dtype") or "float32"),
@@ -267,6 +295,7 @@ class ModelConfig:
             eos_token_ids=eos_ids,
             quant=parse_quant(cfg.get("quantization_config")),
             moe=parse_moe(arch, cfg),
+            gemma=gemma,
         )
 
     @classmethod
@@ -312,6 +341,64 @@ def parse_rope(cfg: dict[str, Any]) -> RopeConfig:
         truncate=bool(merged.get("truncate", True)),
         short_factor=tuple(float(f) for f in merged.get("short_factor") or ()),
         long_factor=tuple(float(f) for f in merged.get("long_factor") or ()),
+    )
+
+
+def parse_gemma(arch: str, cfg: dict[str, Any]) -> GemmaConfig | None:
+    """Gemma 2/3's options with transformers' defaults where config.json leaves them out."""
+    if arch not in ("Gemma2ForCausalLM", "Gemma3ForCausalLM"):
+        return None
+    gemma2 = arch == "Gemma2ForCausalLM"
+    if cfg.get("use_bidirectional_attention"):
+        raise UnsupportedModelError(f"{arch} with use_bidirectional_attention (an embedding model)")
+    layers = int(cfg["num_hidden_layers"])
+    pattern = 2 if gemma2 else int(cfg.get("sliding_window_pattern", 6))
+    default_types = ["sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(layers)]
+    types = tuple(cfg.get("layer_types") or default_types)
+    if len(types) != layers or not set(types) <= {"sliding_attention", "full_attention"}:
+        raise UnsupportedModelError(
+            f"layer_types must name sliding_attention or full_attention for each of {layers} layers"
+        )
+    act = str(cfg.get("hidden_activation") or cfg.get("hidden_act") or "gelu_pytorch_tanh")
+    approximate = {"gelu_pytorch_tanh": "tanh", "gelu_python_tanh": "tanh", "gelu": "none"}.get(act)
+    if approximate is None:
+        raise UnsupportedModelError(f"{arch} with hidden_activation {act!r} is not supported")
+
+    def cap(key: str, default: float | None) -> float | None:
+        value = cfg.get(key, default)
+        return float(value) if value is not None else None
+
+    return GemmaConfig(
+        query_pre_attn_scalar=float(cfg.get("query_pre_attn_scalar", 256)),
+        attn_logit_softcapping=cap("attn_logit_softcapping", 50.0 if gemma2 else None),
+        final_logit_softcapping=cap("final_logit_softcapping", 30.0 if gemma2 else None),
+        layer_types=types,
+        local_rope=parse_gemma_rope(cfg)[1] if not gemma2 else parse_rope(cfg),
+        gelu_approximate=approximate,
+    )
+
+
+def parse_gemma_rope(cfg: dict[str, Any]) -> tuple[RopeConfig, RopeConfig]:
+    """Gemma 3's (global, local) ropes: `rope_parameters` keyed by layer type, or the older
+    `rope_theta` (default 1e6) + `rope_scaling` for global layers and `rope_local_base_freq` (1e4)."""
+    params = cfg.get("rope_parameters") or {}
+    if "full_attention" in params or "sliding_attention" in params:
+        full = params.get("full_attention") or {}
+        local = params.get("sliding_attention") or {}
+        return (
+            parse_rope({"rope_parameters": {"rope_theta": 1_000_000.0, **full}}),
+            parse_rope({"rope_parameters": {"rope_theta": 10_000.0, **local}}),
+        )
+    scaling = cfg.get("rope_scaling")
+    return (
+        parse_rope(
+            {
+                "rope_theta": cfg.get("rope_theta", 1_000_000.0),
+                "rope_scaling": scaling,
+                "rope_parameters": params,
+            }
+        ),
+        parse_rope({"rope_theta": cfg.get("rope_local_base_freq", 10_000.0)}),
     )
 
 

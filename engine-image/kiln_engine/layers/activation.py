@@ -1,4 +1,4 @@
-"""SwiGLU activation over a fused gate/up projection."""
+"""Gated activations over a fused gate/up projection: SwiGLU (Llama family) and GeGLU (Gemma)."""
 
 from __future__ import annotations
 
@@ -19,3 +19,15 @@ class SiluAndMul(nn.Module):
             return silu_and_mul(x)
         gate, up = x.chunk(2, dim=-1)
         return F.silu(gate) * up
+
+
+class GeluAndMul(nn.Module):
+    """GeGLU (Gemma): gelu(gate) * up over a fused gate/up projection; `approximate` as in F.gelu."""
+
+    def __init__(self, approximate: str = "tanh") -> None:
+        super().__init__()
+        self.approximate = approximate
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = x.chunk(2, dim=-1)
+        return F.gelu(gate, approximate=self.approximate) * up

@@ -58,6 +58,7 @@ class AttentionBackend(Protocol):
         sliding_window: int | None,
         k_scale: torch.Tensor | None = None,
         v_scale: torch.Tensor | None = None,
+        softcap: float | None = None,
     ) -> torch.Tensor: ...
 
 
@@ -168,6 +169,7 @@ class TorchAttentionBackend:
         sliding_window: int | None,
         k_scale: torch.Tensor | None = None,
         v_scale: torch.Tensor | None = None,
+        softcap: float | None = None,
     ) -> torch.Tensor:
         st = meta.backend_state
         num_seqs, max_q = meta.seq_lens.shape[0], meta.max_query_len
@@ -179,16 +181,28 @@ class TorchAttentionBackend:
         slots = st["key_slots"]
         k = dequantize_kv(k_cache.view(-1, kv_heads, head_dim)[slots], k_scale, q.dtype).transpose(1, 2)
         v = dequantize_kv(v_cache.view(-1, kv_heads, head_dim)[slots], v_scale, q.dtype).transpose(1, 2)
-        out = F.scaled_dot_product_attention(
-            q_pad,
-            k,
-            v,
-            attn_mask=self._mask(meta, sliding_window),
-            scale=scale,
-            enable_gqa=num_heads != kv_heads,
-        )
+        mask = self._mask(meta, sliding_window)
+        if softcap is None:
+            out = F.scaled_dot_product_attention(
+                q_pad, k, v, attn_mask=mask, scale=scale, enable_gqa=num_heads != kv_heads
+            )
+        else:
+            out = softcapped_attention(q_pad, k, v, mask, scale, softcap)
         out = out.transpose(1, 2).reshape(num_seqs * max_q, num_heads, head_dim)
         return out.index_select(0, st["pad_index"])
+
+
+def softcapped_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float, cap: float
+) -> torch.Tensor:
+    """Attention whose scores pass through cap * tanh(s / cap) before the mask (Gemma 2), as
+    transformers' eager path computes it: SDPA has no soft-cap. q [B, H, M, D], k/v [B, Hkv, N, D]."""
+    if k.shape[1] != q.shape[1]:
+        k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+        v = v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)
+    scores = torch.tanh(torch.matmul(q, k.transpose(-1, -2)) * scale / cap) * cap
+    scores = scores.masked_fill(~mask, float("-inf"))
+    return torch.matmul(torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype), v)
 
 
 def make_backend(name: str, device: torch.device) -> AttentionBackend:
@@ -213,7 +227,13 @@ class Attention(nn.Module):
     """One layer's paged attention: stores new K/V in this layer's cache, then attends."""
 
     def __init__(
-        self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float, sliding_window: int | None
+        self,
+        num_heads: int,
+        num_kv_heads: int,
+        head_dim: int,
+        scale: float,
+        sliding_window: int | None,
+        softcap: float | None = None,
     ) -> None:
         super().__init__()
         self.num_heads = num_heads
@@ -221,6 +241,7 @@ class Attention(nn.Module):
         self.head_dim = head_dim
         self.scale = scale
         self.sliding_window = sliding_window
+        self.softcap = softcap  # scores -> softcap * tanh(scores / softcap) (Gemma 2)
         self.k_cache = torch.empty(0)
         self.v_cache = torch.empty(0)
         # [Hkv] float32 dequantization scales of an fp8 cache (set by the model runner), else None.
@@ -238,5 +259,13 @@ class Attention(nn.Module):
     def attend(self, q: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         """Attention over the cache alone, for callers that already stored this step's K/V."""
         return self.backend.forward(
-            q, self.k_cache, self.v_cache, meta, self.scale, self.sliding_window, self.k_scale, self.v_scale
+            q,
+            self.k_cache,
+            self.v_cache,
+            meta,
+            self.scale,
+            self.sliding_window,
+            self.k_scale,
+            self.v_scale,
+            softcap=self.softcap,
         )

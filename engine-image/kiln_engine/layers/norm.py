@@ -1,4 +1,5 @@
-"""RMSNorm, optionally fused with the residual add that precedes it (one Triton kernel when `fused`)."""
+"""RMSNorm, optionally fused with the residual add that precedes it (one Triton kernel when `fused`),
+and Gemma's (1 + w) variant."""
 
 from __future__ import annotations
 
@@ -36,3 +37,26 @@ class RMSNorm(nn.Module):
             return out, res
         residual = x + residual
         return self._norm(residual), residual
+
+
+class GemmaRMSNorm(nn.Module):
+    """Gemma's RMSNorm: the checkpoint's weight w scales by (1 + w), in float32 before the cast.
+
+    The parameter holds 1 + w (added as it loads, so random "dummy" weights of 1 are a plain
+    norm), kept in float32 as transformers computes it. It always runs the torch code: the fused
+    Triton norm rounds the normalized input to the model dtype before the weight, Gemma after.
+    """
+
+    def __init__(self, size: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(size, dtype=torch.float32), requires_grad=False)
+
+    def load(self, name: str, tensor: torch.Tensor, shard: str | int | None = None) -> None:
+        if tensor.shape != self.weight.shape:
+            raise ValueError(f"{name}: shape {tuple(tensor.shape)}, expected {tuple(self.weight.shape)}")
+        self.weight.data.copy_(1.0 + tensor.float())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight).to(x.dtype)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from kiln_engine.config import SUPPORTED_ARCHITECTURES, ModelConfig, UnsupportedModelError
+from kiln_engine.models.gemma import GemmaForCausalLM
 from kiln_engine.models.llama import LlamaForCausalLM
 from kiln_engine.models.moe import MixtralForCausalLM, Qwen3MoeForCausalLM
 from kiln_engine.models.phi3 import Phi3ForCausalLM
@@ -15,6 +16,8 @@ MODEL_REGISTRY: dict[str, type[LlamaForCausalLM]] = {
     "MixtralForCausalLM": MixtralForCausalLM,
     "Qwen3MoeForCausalLM": Qwen3MoeForCausalLM,
     "Phi3ForCausalLM": Phi3ForCausalLM,
+    "Gemma2ForCausalLM": GemmaForCausalLM,
+    "Gemma3ForCausalLM": GemmaForCausalLM,
 }
 assert set(MODEL_REGISTRY) == set(SUPPORTED_ARCHITECTURES)
 

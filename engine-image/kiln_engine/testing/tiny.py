@@ -2,9 +2,9 @@
 
 `make_tiny_checkpoint(path, arch)` writes config.json, safetensors weights (optionally sharded with
 an index), generation_config.json, tokenizer.json and tokenizer_config.json (chat template
-included) for Llama, Mistral, Qwen2, Qwen3, Mixtral, Qwen3-MoE or Phi-3. transformers can load the
-result, so tests compare our engine token for token against `AutoModelForCausalLM`; the local demo
-serves it.
+included) for Llama, Mistral, Qwen2, Qwen3, Mixtral, Qwen3-MoE, Phi-3, Gemma 2 or Gemma 3 (text).
+transformers can load the result, so tests compare our engine token for token against
+`AutoModelForCausalLM`; the local demo serves it.
 """
 
 from __future__ import annotations
@@ -54,6 +54,8 @@ ARCHS: dict[str, dict[str, Any]] = {
     "mixtral": {"architectures": ["MixtralForCausalLM"], "model_type": "mixtral", "add_bos": True},
     "qwen3_moe": {"architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe", "add_bos": False},
     "phi3": {"architectures": ["Phi3ForCausalLM"], "model_type": "phi3", "add_bos": True},
+    "gemma2": {"architectures": ["Gemma2ForCausalLM"], "model_type": "gemma2", "add_bos": True},
+    "gemma3": {"architectures": ["Gemma3ForCausalLM"], "model_type": "gemma3_text", "add_bos": True},
 }
 
 
@@ -129,6 +131,27 @@ def _config(arch: str, vocab: int, bos: int, eos: int, **overrides: Any) -> dict
             mlp_only_layers=[],
             output_router_logits=False,
         )
+    if arch.startswith("gemma"):
+        # head_dim != hidden / heads, a query scale other than head_dim's, a window shorter than the
+        # test prompts, soft-caps and rope bases small enough that each one changes the outputs
+        del cfg["hidden_act"]
+        cfg.update(
+            hidden_activation="gelu_pytorch_tanh",
+            head_dim=32,
+            query_pre_attn_scalar=24,
+            sliding_window=8,
+            final_logit_softcapping=5.0,
+            tie_word_embeddings=True,
+            pad_token_id=eos,
+        )
+    if arch == "gemma2":
+        cfg.update(attn_logit_softcapping=3.0)  # layer_types left to the default (every other layer)
+    if arch == "gemma3":
+        cfg.update(
+            num_hidden_layers=3,
+            layer_types=["sliding_attention", "sliding_attention", "full_attention"],
+            rope_local_base_freq=100.0,
+        )
     cfg.update(overrides)
     return cfg
 
@@ -140,14 +163,16 @@ def random_weights(cfg: dict[str, Any], seed: int = 0, std: float = 0.1) -> dict
     heads, kv, d = cfg["num_attention_heads"], cfg["num_key_value_heads"], cfg["head_dim"]
     arch = cfg["architectures"][0]
     qkv_bias = arch == "Qwen2ForCausalLM" or cfg.get("attention_bias", False)
+    gemma = arch in ("Gemma2ForCausalLM", "Gemma3ForCausalLM")
 
     def rnd(*shape: int, scale: float = std) -> torch.Tensor:
         return torch.randn(*shape, generator=g) * scale
 
-    def norm(n: int) -> torch.Tensor:
-        return 1.0 + rnd(n, scale=0.1)
+    def norm(n: int) -> torch.Tensor:  # Gemma's norms scale by (1 + weight)
+        return (0.0 if gemma else 1.0) + rnd(n, scale=0.1)
 
-    w: dict[str, torch.Tensor] = {"model.embed_tokens.weight": rnd(v, h, scale=1.0)}
+    # Gemma multiplies embeddings by sqrt(hidden): unit-scale rows would drown every layer's output
+    w: dict[str, torch.Tensor] = {"model.embed_tokens.weight": rnd(v, h, scale=h**-0.5 if gemma else 1.0)}
     for i in range(cfg["num_hidden_layers"]):
         p = f"model.layers.{i}."
         w[p + "self_attn.q_proj.weight"] = rnd(heads * d, h)
@@ -158,12 +183,15 @@ def random_weights(cfg: dict[str, Any], seed: int = 0, std: float = 0.1) -> dict
             w[p + "self_attn.q_proj.bias"] = rnd(heads * d)
             w[p + "self_attn.k_proj.bias"] = rnd(kv * d)
             w[p + "self_attn.v_proj.bias"] = rnd(kv * d)
-        if arch in ("Qwen3ForCausalLM", "Qwen3MoeForCausalLM"):
+        if arch in ("Qwen3ForCausalLM", "Qwen3MoeForCausalLM", "Gemma3ForCausalLM"):
             w[p + "self_attn.q_norm.weight"] = norm(d)
             w[p + "self_attn.k_norm.weight"] = norm(d)
         w.update(_mlp_weights(cfg, i, rnd))
         w[p + "input_layernorm.weight"] = norm(h)
         w[p + "post_attention_layernorm.weight"] = norm(h)
+        if gemma:
+            w[p + "pre_feedforward_layernorm.weight"] = norm(h)
+            w[p + "post_feedforward_layernorm.weight"] = norm(h)
     w["model.norm.weight"] = norm(h)
     if arch == "Phi3ForCausalLM":  # Phi-3 checkpoints fuse q/k/v and gate/up
         w = _fuse_phi3(w, cfg["num_hidden_layers"])

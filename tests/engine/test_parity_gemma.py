@@ -1,0 +1,247 @@
+"""Gemma 2 and Gemma 3 (text): logits and greedy tokens equal transformers' on tiny checkpoints.
+
+The tiny Gemmas have head_dim != hidden / heads, a query scale of their own, an 8-token sliding
+window on their local layers (every prompt here but two is longer), soft-caps and tied embeddings.
+Both run test_parity's matrix folded into two engine runs, and per-position log-probabilities
+against transformers in float32 and bfloat16; then tensor parallel 2 against 1, `kiln-engine
+build`, the Triton kernel's soft-cap, and the clear refusal of the Gemma variants not served.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from kiln_engine.config import EngineConfig, ModelConfig, UnsupportedModelError
+from kiln_engine.engine import LLMEngine
+from kiln_engine.interface import SamplingParams
+from kiln_engine.testing import make_tiny_checkpoint
+from kiln_engine.tokenizer import Tokenizer
+from tests.engine.test_parity import GREEDY, TEXTS, hf_greedy
+
+pytestmark = pytest.mark.engine
+transformers = pytest.importorskip("transformers")
+
+ARCHS = ("gemma2", "gemma3")
+TOP = 5
+
+
+@pytest.fixture(scope="module", params=ARCHS)
+def gemma(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_tiny_checkpoint(tmp_path_factory.mktemp(request.param), request.param)
+
+
+def hf_model(path: Path, dtype: torch.dtype, **overrides: object) -> torch.nn.Module:
+    config = transformers.AutoConfig.from_pretrained(path)
+    for key, value in overrides.items():
+        if key == "rope_local_base_freq":
+            config.rope_parameters["sliding_attention"]["rope_theta"] = value
+        else:
+            setattr(config, key, value)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=dtype, config=config)
+    return hf.eval()
+
+
+def hf_logprobs(hf: torch.nn.Module, ids: list[int]) -> torch.Tensor:
+    with torch.no_grad():
+        return torch.log_softmax(hf(torch.tensor([ids])).logits[0].float(), dim=-1)
+
+
+def engine_run(path: Path, prompts: list[list[int]], dtype: str) -> list[tuple[list[int], list]]:
+    """Greedy tokens and each step's top log-probabilities, from one mixed batch."""
+    engine = LLMEngine(path, EngineConfig(num_kv_blocks=64, block_size=4, dtype=dtype))
+    params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True, logprobs=TOP)
+    for i, p in enumerate(prompts):
+        engine.add_request(str(i), p, params)
+    got: dict[str, tuple[list[int], list]] = {str(i): ([], []) for i in range(len(prompts))}
+    while engine.has_unfinished():
+        for out in engine.step():
+            got[out.request_id][0].extend(out.new_token_ids)
+            got[out.request_id][1].extend(out.logprobs or [])
+    return [got[str(i)] for i in range(len(prompts))]
+
+
+@pytest.mark.parametrize(("dtype", "tol"), [("float32", 1e-4), ("bfloat16", 0.15)])
+def test_logprobs_match_transformers(gemma: Path, dtype: str, tol: float) -> None:
+    """Each generated position's top-5 log-probabilities (final soft-cap included) match a full
+    transformers forward over prompt + generated tokens; float32 tokens are identical."""
+    torch_dtype = getattr(torch, dtype)
+    hf = hf_model(gemma, torch_dtype)
+    tok = Tokenizer.from_dir(gemma)
+    prompts = [tok.encode(t) for t in (TEXTS[0], TEXTS[3], TEXTS[2])]
+    for prompt, (tokens, logprobs) in zip(prompts, engine_run(gemma, prompts, dtype), strict=True):
+        ref = hf_logprobs(hf, prompt + tokens)
+        for step, lp in enumerate(logprobs):
+            want = ref[len(prompt) - 1 + step]
+            if dtype == "float32" or step == 0:  # bf16 rounding may flip later near-ties
+                assert tokens[step] == int(want.argmax()), (len(prompt), step)
+            for token_id, value in lp.top.items():
+                assert abs(value - float(want[token_id])) < tol, (len(prompt), step, token_id)
+            if dtype != "float32":
+                break
+
+
+def test_the_sliding_window_and_soft_caps_change_the_reference(gemma: Path) -> None:
+    """The tiny configs make every Gemma feature matter, so the parity tests can fail on each."""
+    tok = Tokenizer.from_dir(gemma)
+    ids = tok.encode(TEXTS[3])
+    assert len(ids) > 3 * json.loads((gemma / "config.json").read_text())["sliding_window"]
+    base = hf_logprobs(hf_model(gemma, torch.float32), ids)
+    changes = {"sliding_window": 4096, "final_logit_softcapping": None, "query_pre_attn_scalar": 32}
+    if "gemma2" in gemma.name:
+        changes["attn_logit_softcapping"] = None
+    else:
+        changes["rope_local_base_freq"] = 10000.0
+    for key, value in changes.items():
+        other = hf_logprobs(hf_model(gemma, torch.float32, **{key: value}), ids)
+        assert (other - base).abs().max() > 1e-2, key
+
+
+def test_greedy_tokens_through_chunking_prefix_cache_preemption_and_padded_decode(gemma: Path) -> None:
+    """test_parity's matrix in two runs: a mixed batch in 7-token chunks; then a KV cache too small
+    for the batch (preemption), a prompt sharing another's prefix (cache hits across the window)
+    and decode steps padded to graph sizes with lookahead."""
+    tok = Tokenizer.from_dir(gemma)
+    hf = hf_model(gemma, torch.float32)
+    prompts = [tok.encode(t) for t in TEXTS]
+    prompts.append(prompts[3][:-2] + prompts[0])  # shares a long prefix with prompt 3
+    refs = [hf_greedy(hf, p) for p in prompts]
+    assert len({tuple(r) for r in refs}) > 2
+    for cfg in (
+        EngineConfig(num_kv_blocks=128, block_size=4, max_tokens_per_step=7),
+        EngineConfig(num_kv_blocks=24, block_size=4, max_tokens_per_step=9, cuda_graphs=True),
+    ):
+        engine = LLMEngine(gemma, cfg)
+        assert engine.generate(prompts, GREEDY) == refs
+    assert engine.stats().prefix_cache_hit_tokens_total > 0 and engine.stats().preemptions_total > 0
+
+
+@pytest.mark.slow
+def test_tp2_gemma_matches_tp1(tmp_path: Path) -> None:
+    """Two gloo ranks (vocab-split tied embeddings, one KV head each) give one rank's tokens."""
+    from kiln_engine.testing.tp_worker import PROMPTS
+    from tests.engine.test_tensor_parallel import run_ranks
+
+    path = make_tiny_checkpoint(tmp_path / "ckpt", "gemma3")
+    engine = LLMEngine(path, EngineConfig(num_kv_blocks=64, block_size=4))
+    assert engine.tokenizer is not None
+    twelve = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)  # as tp_worker asks
+    ref = engine.generate([engine.tokenizer.encode(p) for p in PROMPTS], twelve)
+    assert run_ranks(path, 2, tmp_path / "tp2.json") == ref
+
+
+def test_kiln_engine_build_of_a_tiny_gemma_serves_its_tokens(tmp_path: Path) -> None:
+    from tests.engine.test_moe_parallel import build
+
+    path = make_tiny_checkpoint(tmp_path / "ckpt", "gemma2")
+    assert (build(path, tmp_path / "tp2", "--tp", "2") / "rank-1" / "model.safetensors").exists()
+    art = build(path, tmp_path / "art")
+    prompts = [Tokenizer.from_dir(path).encode(t) for t in TEXTS]
+    cfg = EngineConfig(num_kv_blocks=64, block_size=4)
+    assert LLMEngine(art, cfg).generate(prompts, GREEDY) == LLMEngine(path, cfg).generate(prompts, GREEDY)
+
+
+@pytest.mark.parametrize(
+    ("arch", "message"),
+    [
+        ("Gemma3ForConditionalGeneration", "Gemma 3 vision-language checkpoints are not supported"),
+        ("Gemma3nForCausalLM", "Gemma 3n is not supported"),
+        ("Gemma3nForConditionalGeneration", "Gemma 3n is not supported"),
+    ],
+)
+def test_unsupported_gemma_variants_name_the_architecture(arch: str, message: str, tmp_path: Path) -> None:
+    cfg = json.loads((make_tiny_checkpoint(tmp_path, "gemma3") / "config.json").read_text())
+    with pytest.raises(UnsupportedModelError, match=f"{arch}.*{message}"):
+        ModelConfig.from_dict({**cfg, "architectures": [arch]})
+
+
+def test_gemma3_rope_parameters_by_layer_type_read_as_transformers_reads_them() -> None:
+    """Newer Gemma 3 configs key `rope_parameters` by layer type; older ones use rope_theta,
+    rope_local_base_freq and rope_scaling. Both must give transformers' per-layer ropes."""
+    old = {
+        "architectures": ["Gemma3ForCausalLM"],
+        "model_type": "gemma3_text",
+        "vocab_size": 64,
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 6,
+        "num_attention_heads": 2,
+        "rope_theta": 500000.0,
+        "rope_local_base_freq": 500.0,
+        "rope_scaling": {"rope_type": "linear", "factor": 8.0},
+    }
+    hf = transformers.Gemma3TextConfig(**{k: v for k, v in old.items() if k != "architectures"})
+    new = {**old, "rope_parameters": hf.rope_parameters}
+    for k in ("rope_theta", "rope_local_base_freq", "rope_scaling"):
+        del new[k]
+    for cfg in (old, new):
+        parsed = ModelConfig.from_dict(cfg)
+        assert parsed.gemma is not None
+        full, local = hf.rope_parameters["full_attention"], hf.rope_parameters["sliding_attention"]
+        assert (parsed.rope.theta, parsed.rope.rope_type, parsed.rope.factor) == (
+            full["rope_theta"],
+            full["rope_type"],
+            full["factor"],
+        )
+        assert (parsed.gemma.local_rope.theta, parsed.gemma.local_rope.rope_type) == (
+            local["rope_theta"],
+            local["rope_type"],
+        )
+        windows = [parsed.layer_sliding_window(i) for i in range(6)]
+        assert windows == [hf.sliding_window if t == "sliding_attention" else None for t in hf.layer_types]
+
+
+SOFTCAP_SCRIPT = r"""
+import torch
+torch.set_num_threads(1)
+from kiln_engine.layers.attention import AttentionMetadata, TorchAttentionBackend, write_kv
+from kiln_engine.layers.triton_attention import TritonAttentionBackend
+
+g = torch.Generator().manual_seed(0)
+for chunks, window, split_keys in (([(10, 30), (3, 1), (0, 9)], 8, 10**9), ([(50, 1), (9, 1)], None, 12)):
+    bs, heads, kv_heads, d = 4, 4, 2, 32
+    num_blocks = sum(-(-(c + n) // bs) for c, n in chunks)
+    tables, slots, qsl, lens, b = [], [], [0], [], 0
+    for c, n in chunks:
+        nb = -(-(c + n) // bs)
+        tables.append(list(range(b, b + nb))[::-1])  # blocks out of order
+        b += nb
+        slots += [tables[-1][p // bs] * bs + p % bs for p in range(c, c + n)]
+        qsl.append(qsl[-1] + n)
+        lens.append(c + n)
+    width = max(len(t) for t in tables)
+    meta = AttentionMetadata(
+        slot_mapping=torch.tensor(slots), query_start_loc=torch.tensor(qsl, dtype=torch.int32),
+        seq_lens=torch.tensor(lens, dtype=torch.int32),
+        query_lens=torch.tensor([n for _, n in chunks], dtype=torch.int32),
+        block_tables=torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32),
+        max_query_len=max(n for _, n in chunks), max_seq_len=max(lens), block_size=bs)
+    kc = torch.randn(num_blocks, bs, kv_heads, d, generator=g) * 3
+    vc = torch.randn(num_blocks, bs, kv_heads, d, generator=g)
+    q = torch.randn(qsl[-1], heads, d, generator=g) * 3
+    ref_backend = TorchAttentionBackend()
+    ref_backend.prepare(meta)
+    triton_backend = TritonAttentionBackend(block_m=16, block_n=16, max_splits=4, split_min_keys=split_keys,
+                                            prefill_block_m=16, prefill_block_n=16)
+    plain = ref_backend.forward(q, kc, vc, meta, 0.2, window)
+    ref = ref_backend.forward(q, kc, vc, meta, 0.2, window, softcap=2.0)
+    got = triton_backend.forward(q, kc, vc, meta, 0.2, window, softcap=2.0)
+    assert (ref - plain).abs().max() > 0.1, "the cap changes the reference"
+    err = (got - ref).abs().max().item()
+    assert err < 1e-4, (chunks, err)
+print("ok")
+"""
+
+
+def test_triton_kernel_soft_cap_matches_the_torch_reference() -> None:
+    env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1"}
+    r = subprocess.run(
+        [sys.executable, "-c", SOFTCAP_SCRIPT], env=env, capture_output=True, text=True, timeout=600
+    )
+    assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stdout[-2000:] + r.stderr[-4000:]
