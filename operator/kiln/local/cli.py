@@ -24,12 +24,19 @@ def _echo(line: str) -> None:
     click.echo(line)
 
 
+def _monitoring_toolsets() -> tuple[build_module.Toolset, ...]:
+    try:
+        return monitoring.toolsets(_echo)
+    except monitoring.MonitoringError as error:
+        raise click.ClickException(str(error)) from error
+
+
 def _binaries(real_node: bool = False, with_monitoring: bool = False) -> None:
     """Build whatever binary is missing (a no-op when the cache is warm)."""
     toolsets = (
         build_module.CONTROL_PLANE,
         *(build_module.NODE_TOOLSETS if real_node else ()),
-        *((monitoring.TOOLSET,) if with_monitoring else ()),
+        *(_monitoring_toolsets() if with_monitoring else ()),
     )
     for toolset in toolsets:
         if build_module.missing(build_module.bin_dir(toolset), toolset.binaries):
@@ -52,7 +59,7 @@ def local() -> None:
     "--monitoring",
     "with_monitoring",
     is_flag=True,
-    help="Also build the Prometheus Operator and its config reloader.",
+    help="Also build the Prometheus Operator, its config reloader and Prometheus.",
 )
 @click.option("--s3", "with_s3", is_flag=True, help="Also build MinIO, the S3 server of the S3 tests.")
 def build(real_node: bool, with_monitoring: bool, with_s3: bool) -> None:
@@ -63,7 +70,8 @@ def build(real_node: bool, with_monitoring: bool, with_s3: bool) -> None:
             for toolset in build_module.NODE_TOOLSETS:
                 build_module.build(progress=_echo, toolset=toolset)
         if with_monitoring:
-            build_module.build(progress=_echo, toolset=monitoring.TOOLSET)
+            for toolset in _monitoring_toolsets():
+                build_module.build(progress=_echo, toolset=toolset)
         if with_s3:
             build_module.build(progress=_echo, toolset=build_module.MINIO)
     except build_module.BuildError as error:

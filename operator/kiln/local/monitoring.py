@@ -5,9 +5,11 @@
 * the operator's CRDs and RBAC, and its Deployment, all read from the pinned Go module
   (`gotools-promop/`, the same version as the binaries) and adapted only where the local cluster
   needs it (namespace, local image references, the real node);
-* images built with buildah on busybox (`nodeimages`): the operator and its
-  prometheus-config-reloader (static Go binaries from `kiln local build --monitoring`), and
-  Debian's `prometheus` binary with the C library it links;
+* images built with buildah on busybox (`nodeimages`) from static Go binaries that
+  `kiln local build --monitoring` builds: the operator, its prometheus-config-reloader, and
+  Prometheus itself, from the version of its module that the operator pins, with Kubernetes
+  service discovery (what every monitor the operator turns into scrape configuration needs; Debian's
+  Prometheus is built without it);
 * a `Prometheus` object that selects every PodMonitor, ServiceMonitor and PrometheusRule carrying
   `app.kubernetes.io/part-of: kiln` (what the chart puts on all of them), in any namespace.
 
@@ -18,6 +20,7 @@ reachable from the host) and in-cluster at `PROMETHEUS_SERVICE_URL`.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import shutil
@@ -43,6 +46,11 @@ TOOLSET = build.Toolset(
     ),
     MODULE,
 )
+PROMETHEUS_MODULE = "github.com/prometheus/prometheus"
+# Prometheus' service discovery plugins that the build keeps (`plugins/plugins.go`, which upstream
+# generates from plugins.yml for exactly this choice; file and HTTP SD are always in). Kubernetes
+# SD is what the operator's scrape configuration uses; the cloud SDs would triple the compile.
+PROMETHEUS_PLUGINS = ("kubernetes",)
 NAMESPACE = "monitoring"
 PROMETHEUS_NAME = "kiln"
 PROMETHEUS_PORT = 9090
@@ -68,28 +76,31 @@ def operator_version() -> str:
     return build.module_versions((TOOLSET.directory / "go.mod").read_text())[MODULE]
 
 
-def prometheus_version(version_output: str) -> str:
-    """`v<major.minor.patch>` from `prometheus --version` (Debian's reads `2.42.0+ds`)."""
-    match = re.search(r"version (\d+\.\d+\.\d+)", version_output)
+def prometheus_release(module_version: str) -> str:
+    """Prometheus' release from its Go module's version: v0.305.0 is v3.5.0, v0.54.1 is v2.54.1
+    (upstream tags each release `v0.<major-2 digit><minor>.<patch>` for Go)."""
+    match = re.fullmatch(r"v0\.(\d+)\.(\d+)", module_version)
     if match is None:
-        raise MonitoringError(f"cannot read Prometheus' version from: {version_output[:200]!r}")
-    return f"v{match.group(1)}"
+        raise MonitoringError(f"not a Prometheus module version (v0.<minor>.<patch>): {module_version!r}")
+    minor, patch = int(match.group(1)), match.group(2)
+    major, minor = (3, minor - 300) if minor >= 300 else (2, minor)
+    return f"v{major}.{minor}.{patch}"
 
 
-def shared_libraries(ldd_output: str) -> list[Path]:
-    """The absolute paths of the libraries (and the loader) an `ldd` listing names."""
-    found: list[Path] = []
-    for line in ldd_output.splitlines():
-        match = re.search(r"(?:=>\s*)?(/\S+)\s+\(0x", line)
-        if match:
-            found.append(Path(match.group(1)))
-    return found
+def plugins_source(plugins: Sequence[str]) -> str:
+    """Prometheus' `plugins/plugins.go` that links in only these service discovery plugins."""
+    if not plugins:
+        raise MonitoringError("Prometheus needs at least one service discovery plugin")
+    imports = "".join(f'\t_ "{PROMETHEUS_MODULE}/discovery/{name}"\n' for name in plugins)
+    header = "// Written by kiln.local.monitoring: the SD plugins Kiln's Prometheus keeps.\n"
+    return f"{header}\npackage plugins\n\nimport (\n{imports})\n"
 
 
-def prometheus_image(binary: Path, libraries: Sequence[Path], version: str) -> nodeimages.ImageSpec:
-    """Debian's Prometheus with the libraries it links, at their paths, on busybox."""
-    files = {"bin/prometheus": binary, **{str(lib).lstrip("/"): lib for lib in libraries}}
-    return nodeimages.ImageSpec(f"localhost/kiln/prometheus:{version}", ("/bin/prometheus",), files)
+def prometheus_image(binary: Path, version: str) -> nodeimages.ImageSpec:
+    """Prometheus, a static Go binary, on busybox."""
+    return nodeimages.ImageSpec(
+        f"localhost/kiln/prometheus:{version}", ("/bin/prometheus",), {"bin/prometheus": binary}
+    )
 
 
 def operator_image(binary: Path, version: str) -> nodeimages.ImageSpec:
@@ -180,10 +191,11 @@ def namespace_manifest() -> dict[str, Any]:
 # --- edges: the module, the binaries, the cluster ---------------------------------------------
 
 
-def module_dir() -> Path:
-    """The pinned operator module's source folder in Go's module cache (downloaded if absent)."""
+def downloaded_module(module: str) -> dict[str, Any]:
+    """`go mod download -json` of a module (at `module@version`, or at the version the toolset's
+    module graph selects): its Version and its source folder (Dir) in Go's module cache."""
     result = subprocess.run(
-        ["go", "mod", "download", "-json", f"{MODULE}@{operator_version()}"],
+        ["go", "mod", "download", "-json", module],
         cwd=TOOLSET.directory,
         env=build.go_environment(),
         capture_output=True,
@@ -191,8 +203,69 @@ def module_dir() -> Path:
         check=False,
     )
     if result.returncode != 0:
-        raise MonitoringError(f"go mod download {MODULE} failed:\n{result.stderr[-2000:]}")
-    return Path(json.loads(result.stdout)["Dir"])
+        raise MonitoringError(f"go mod download {module} failed:\n{result.stderr[-2000:]}")
+    found: dict[str, Any] = json.loads(result.stdout)
+    return found
+
+
+def module_dir() -> Path:
+    """The pinned operator module's source folder in Go's module cache (downloaded if absent)."""
+    return Path(downloaded_module(f"{MODULE}@{operator_version()}")["Dir"])
+
+
+def prometheus_toolset(progress: Callable[[str], None] = print) -> build.Toolset:
+    """The toolset that builds Prometheus at the version the operator's module pins, from a copy of
+    its source whose plugins.go keeps only PROMETHEUS_PLUGINS, with Prometheus' own dependency pins
+    (a module that requires only Prometheus and replaces it by the copy; with the operator's newer
+    client-go, Prometheus' Kubernetes SD does not compile).
+
+    Both live in the binary cache, made once per pin set and plugin choice:
+    `<cache>/prometheus-module-<hash>/{prometheus,build}`. Go refuses to overlay files of its
+    module cache, hence the copy (28 MiB of source)."""
+    go_mod = (TOOLSET.directory / "go.mod").read_text()
+    go_sum = (TOOLSET.directory / "go.sum").read_text()
+    plugins = plugins_source(PROMETHEUS_PLUGINS)
+    key = hashlib.sha256("\0".join((go_mod, go_sum, plugins)).encode()).hexdigest()[:12]
+    work = build.cache_root() / f"prometheus-module-{key}"
+    if not (work / "build" / "go.mod").is_file():
+        module = downloaded_module(PROMETHEUS_MODULE)
+        progress(f"Prometheus {module['Version']} source with SD plugins {', '.join(PROMETHEUS_PLUGINS)}")
+        build.cache_root().mkdir(parents=True, exist_ok=True)
+        partial = Path(tempfile.mkdtemp(prefix=".prometheus-module-", dir=build.cache_root()))
+        source = partial / "prometheus"
+        shutil.copytree(module["Dir"], source, copy_function=shutil.copyfile)
+        for folder in (source, *(path for path in source.rglob("*") if path.is_dir())):
+            folder.chmod(0o755)  # the module cache's folders are read-only
+        (source / "plugins" / "plugins.go").write_text(plugins)
+        (partial / "build").mkdir()
+        shutil.copyfile(source / "go.sum", partial / "build" / "go.sum")
+        (partial / "build" / "go.mod").write_text(
+            f"// Prometheus with SD plugins {', '.join(PROMETHEUS_PLUGINS)} (kiln.local.monitoring)\n"
+            f"module kiln.dev/local/prometheus\n\ngo {prometheus_go_version(source / 'go.mod')}\n\n"
+            f"require {PROMETHEUS_MODULE} {module['Version']}\n\n"
+            f"replace {PROMETHEUS_MODULE} => ../prometheus\n"
+        )
+        shutil.rmtree(work, ignore_errors=True)
+        partial.rename(work)
+    return build.Toolset(
+        "prometheus",
+        work / "build",
+        (build.Binary("prometheus", f"{PROMETHEUS_MODULE}/cmd/prometheus"),),
+        PROMETHEUS_MODULE,
+    )
+
+
+def prometheus_go_version(go_mod: Path) -> str:
+    """The `go` directive of a go.mod (the wrapper module asks for the same language version)."""
+    match = re.search(r"^go\s+(\S+)", go_mod.read_text(), re.MULTILINE)
+    if match is None:
+        raise MonitoringError(f"{go_mod} has no go directive")
+    return match.group(1)
+
+
+def toolsets(progress: Callable[[str], None] = print) -> tuple[build.Toolset, ...]:
+    """What `kiln local build --monitoring` builds: the operator's toolset and Prometheus'."""
+    return (TOOLSET, prometheus_toolset(progress))
 
 
 def read_documents(folder: Path) -> list[dict[str, Any]]:
@@ -203,33 +276,20 @@ def read_documents(folder: Path) -> list[dict[str, Any]]:
     return documents
 
 
-def find_prometheus() -> Path:
-    """Debian's prometheus binary: on PATH, else where tests/debian_prometheus.py unpacks the
-    package (the tests fetch it; `apt-get install prometheus` puts it on PATH)."""
-    found = shutil.which("prometheus")
-    if found:
-        return Path(found)
-    unpacked = build.cache_root().parent / "prometheus" / "usr" / "bin" / "prometheus"
-    if unpacked.is_file():
-        return unpacked
-    raise MonitoringError(
-        f"Prometheus not found on PATH nor at {unpacked}: install Debian's `prometheus` package"
-    )
-
-
 def images() -> list[nodeimages.ImageSpec]:
-    """The operator's, the reloader's and Prometheus' images (binaries built or fetched first)."""
+    """The operator's, the reloader's and Prometheus' images (from the built binaries)."""
     bins = build.binary_paths(toolset=TOOLSET)
+    prometheus = prometheus_toolset()
     version = operator_version()
-    prometheus = find_prometheus()
-    libraries = shared_libraries(
-        subprocess.run(["ldd", str(prometheus)], capture_output=True, text=True).stdout
-    )
-    reported = subprocess.run([str(prometheus), "--version"], capture_output=True, text=True)
     return [
         operator_image(bins["prometheus-operator"], version),
         reloader_image(bins["prometheus-config-reloader"], version),
-        prometheus_image(prometheus, libraries, prometheus_version(reported.stdout + reported.stderr)),
+        prometheus_image(
+            build.binary_paths(toolset=prometheus)["prometheus"],
+            prometheus_release(
+                build.module_versions((prometheus.directory / "go.mod").read_text())[PROMETHEUS_MODULE]
+            ),
+        ),
     ]
 
 

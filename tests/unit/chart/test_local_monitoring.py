@@ -4,6 +4,7 @@ that adapt upstream's operator manifests and package Debian's Prometheus."""
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import pytest
@@ -106,17 +107,27 @@ def test_operator_manifests_move_upstreams_objects_to_the_local_images_and_node(
     assert container["args"] == ["--prometheus-config-reloader=localhost/rl:v1"]
 
 
-def test_shared_libraries_and_version_read_what_ldd_and_prometheus_print() -> None:
-    ldd = (
-        "\tlinux-vdso.so.1 (0x00007ffc)\n"
-        "\tlibc.so.6 => /lib/x86_64-linux-gnu/libc.so.6 (0x00007f53)\n"
-        "\t/lib64/ld-linux-x86-64.so.2 (0x00007f53)\n"
-    )
-    assert [str(p) for p in monitoring.shared_libraries(ldd)] == [
-        "/lib/x86_64-linux-gnu/libc.so.6",
-        "/lib64/ld-linux-x86-64.so.2",
-    ]
-    debian = "prometheus, version 2.42.0+ds (branch: debian/sid, revision: 2.42.0+ds-5+deb12u1)"
-    assert monitoring.prometheus_version(debian) == "v2.42.0"
-    with pytest.raises(monitoring.MonitoringError, match="version"):
-        monitoring.prometheus_version("not prometheus")
+@pytest.mark.parametrize(
+    ("module_version", "release"),
+    [("v0.305.0", "v3.5.0"), ("v0.310.2", "v3.10.2"), ("v0.54.1", "v2.54.1"), ("v0.300.0", "v3.0.0")],
+)
+def test_prometheus_release_follows_upstreams_go_module_tags(module_version: str, release: str) -> None:
+    assert monitoring.prometheus_release(module_version) == release
+
+
+@pytest.mark.parametrize("version", ["v3.5.0", "v0.305", "0.305.0", "v0.305.0-rc.0"])
+def test_prometheus_release_refuses_what_is_no_module_tag(version: str) -> None:
+    with pytest.raises(monitoring.MonitoringError, match="Prometheus module version"):
+        monitoring.prometheus_release(version)
+
+
+def test_plugins_source_links_the_kubernetes_sd_the_operator_configures() -> None:
+    # Every scrape job the operator writes for a PodMonitor or ServiceMonitor uses
+    # kubernetes_sd_configs: a Prometheus built without that plugin rejects its whole configuration
+    # (Debian's 2.42 did, and the chart's monitors never reached it).
+    source = monitoring.plugins_source(monitoring.PROMETHEUS_PLUGINS)
+    imported = re.findall(r'^\s*_ "([^"]+)"', source, re.MULTILINE)
+    assert f"{monitoring.PROMETHEUS_MODULE}/discovery/kubernetes" in imported
+    assert re.search(r"^package plugins$", source, re.MULTILINE)
+    with pytest.raises(monitoring.MonitoringError, match="at least one"):
+        monitoring.plugins_source(())
