@@ -8,6 +8,8 @@
 #   OUT=results bash bench/engine_gpu.sh breakdown       # batch-1 decode: GEMVs, graph, host
 #                                 (BREAKDOWN_ARGS=--no-linears skips the per-shape GEMV table)
 #   OUT=results bash bench/engine_gpu.sh serve           # kiln-engine build + serve on the GPU, over HTTP
+#   OUT=results bash bench/engine_gpu.sh trtllm          # issue 18: TensorRT-LLM's perf-overview method
+#                                 (gate first, then 5 rows, fp8 weights + fp8 KV; TRTLLM_ARGS adds options)
 #
 # Runs from the repository root with the machine's python3 (torch, triton, transformers). The
 # topology and serve stages need packages the machine lacks (pydantic, nvidia-ml-py, fastapi,
@@ -39,6 +41,10 @@ for stage in "$@"; do
     short)
       timeout 380 $PY $B --modes bf16,fp8 --workloads 128/128,2048/128 --profile --out "$OUT/short.json" 2>&1 \
         | tee "$OUT/short.log" | grep -v -E '^-{5}|^ *$' | tail -100
+      ;;
+    trtllm)
+      timeout "${TRTLLM_TIMEOUT:-590}" $PY $B --method trtllm ${TRTLLM_ARGS:-} --out "$OUT/trtllm.json" 2>&1 \
+        | tee "$OUT/trtllm.log" | grep -v -E '^ |^[{}]' | tail -40
       ;;
     long)
       timeout 420 $PY $B --modes bf16,fp8 --workloads 128/2048 --no-baseline --out "$OUT/long.json" 2>&1 \

@@ -24,6 +24,17 @@ prompt set of the trained tiny checkpoint in `examples/tiny-chat` in bf16, and t
         --num-requests 256
     PYTHONPATH=engine-image python bench/engine_throughput.py --check
     PYTHONPATH=engine-image python bench/engine_throughput.py --tiny --device cpu   # same paths, small
+
+`--method trtllm` measures the way TensorRT-LLM's perf-overview does (issue 18): random token ids
+at fixed lengths, EOS ignored, fp8 weights and an fp8 KV cache, up to 4,096 sequences per batch,
+30,000 requests at 128/128 and 3,000 at 128/2048, 2048/128, 500/2000 and 1000/1000. The correctness
+gate (`--check`) runs first in the same process and lands in the same results file; a run that
+fails it reports no throughput. The table puts every row beside TensorRT-LLM's published H200
+figure, the ratio and issue 18's target. `--smoke` runs the same plumbing on a CPU in seconds
+(tiny model, lengths / 32, requests / 1,000): a test of the preset, not of speed.
+
+    PYTHONPATH=engine-image python bench/engine_throughput.py --method trtllm --out trtllm.json
+    PYTHONPATH=engine-image python bench/engine_throughput.py --method trtllm --smoke --device cpu
 """
 
 from __future__ import annotations
@@ -82,7 +93,34 @@ TINY = {
     "vocab_size": 1024,
 }
 
+# `--smoke`: smaller still, so the test suite runs the trtllm preset's plumbing in seconds.
+SMOKE = {**TINY, "hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 2, "head_dim": 32,
+         "num_key_value_heads": 1, "vocab_size": 256}  # fmt: skip
+
 TARGETS = {"bf16": 12_000.0, "fp8": 16_700.0}  # output tokens/s at 128/128 (issue 6)
+
+
+@dataclass(frozen=True)
+class TrtllmRow:
+    """One row of TensorRT-LLM's perf-overview (Llama-3.1-8B FP8, one H200) and issue 18's target."""
+
+    workload: str
+    requests: int
+    published: float  # the best output tok/s NVIDIA published for this row
+    published_source: str
+    target: float
+
+
+TRTLLM_ROWS = [
+    TrtllmRow("128/128", 30_000, 29_526.0, "v0.17 (v1.0: 27,911)", 30_000.0),
+    TrtllmRow("128/2048", 3_000, 26_812.0, "v0.20 (v1.0: 26,221)", 27_000.0),
+    TrtllmRow("2048/128", 3_000, 3_794.0, "v0.20 (v1.0: 3,538)", 3_800.0),
+    TrtllmRow("500/2000", 3_000, 20_770.0, "perf-overview", 21_000.0),
+    TrtllmRow("1000/1000", 3_000, 17_744.0, "perf-overview", 18_000.0),
+]
+TRTLLM_MAX_NUM_SEQS = 4096
+SMOKE_LENGTH_DIVISOR = 128
+SMOKE_REQUEST_DIVISOR = 1000
 TRTLLM_FP8_PUBLISHED = 16_708.0  # NVIDIA's TensorRT-LLM Llama-3-8B fp8 128/128 on one H100
 ITL_FLOOR_FACTOR = 1.2
 CHECK_PROMPTS = [
@@ -192,6 +230,7 @@ def make_engine(path: Path, args: argparse.Namespace, max_model_len: int, **over
         "seed": 0,
         "tensor_parallel_size": args.tp,
         "tensor_parallel_rank": getattr(args, "tensor_parallel_rank", 0),
+        "kv_cache_dtype": getattr(args, "kv_cache_dtype", "auto"),
     }
     kwargs.update(overrides)
     return LLMEngine(path, EngineConfig(**kwargs))
@@ -322,7 +361,8 @@ def bench_mode(
         # (TensorRT-LLM's GUARANTEED_NO_EVICT policy); the batch is as full as memory allows.
         fit = max(1, capacity // (w.input_len + w.output_len + engine.config.block_size))
         engine.config.max_num_seqs = min(args.max_num_seqs, fit)
-        prompts = random_prompts(args.num_requests, w.input_len, vocab, seed=w.input_len * 7 + w.output_len)
+        n = getattr(args, "requests_per_workload", {}).get(w.name, args.num_requests)
+        prompts = random_prompts(n, w.input_len, vocab, seed=w.input_len * 7 + w.output_len)
         r = run_offline(engine, prompts, w.output_len)
         r["max_num_seqs"] = engine.config.max_num_seqs
         result["workloads"][w.name] = r
@@ -482,7 +522,13 @@ def run_check(args: argparse.Namespace, root: Path) -> dict[str, Any]:
         e = LLMEngine(
             tiny,
             EngineConfig(
-                device=args.device, dtype=dtype, num_kv_blocks=256, max_num_seqs=8, max_model_len=256, **over
+                device=args.device,
+                dtype=dtype,
+                num_kv_blocks=256,
+                max_num_seqs=8,
+                max_model_len=256,
+                kv_cache_dtype=args.kv_cache_dtype,
+                **over,
             ),
         )
         assert e.tokenizer is not None
@@ -492,6 +538,8 @@ def run_check(args: argparse.Namespace, root: Path) -> dict[str, Any]:
         free()
     hf_tokens = None
     try:
+        if args.smoke:
+            raise RuntimeError("not in a smoke run")
         from transformers import AutoModelForCausalLM
 
         hf = AutoModelForCausalLM.from_pretrained(tiny, dtype=getattr(torch, dtype)).to(args.device).eval()
@@ -533,10 +581,11 @@ def run_check(args: argparse.Namespace, root: Path) -> dict[str, Any]:
     # every step. The gate is a 2-layer model: every kernel at its 8B shape, little depth. A random
     # 32-layer model amplifies rounding differences chaotically (bf16 more than fp8, whose random
     # weights are smaller), so its numbers are recorded but do not gate.
-    full = TINY if args.tiny else LLAMA3_8B
+    full = model_shape(args)
     lengths = [5, 37, 128, 300, 1, 64, 200, 17]
     prompts8 = [random_prompts(1, n, full["vocab_size"], seed=n)[0] for n in lengths]
-    for label, layers, gate in (("2_layers", 2, True), ("32_layers", full["num_hidden_layers"], False)):
+    depths = [("2_layers", 2, True), ("32_layers", full["num_hidden_layers"], False)]
+    for label, layers, gate in depths[: 1 if args.smoke else 2]:  # the smoke run: plumbing only
         cfg = {**full, "num_hidden_layers": layers}
         for mode in args.modes:
             path = write_model_dir(root / label, cfg, mode)
@@ -548,9 +597,8 @@ def run_check(args: argparse.Namespace, root: Path) -> dict[str, Any]:
             ):
                 e = make_engine(path, args, 1024, num_kv_blocks=1024, max_num_seqs=16, **over)
                 seen = capture_logits(e)
-                tokens[name] = e.generate(
-                    prompts8, SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
-                )
+                steps = SamplingParams(max_tokens=args.check_tokens // 2, temperature=0.0, ignore_eos=True)
+                tokens[name] = e.generate(prompts8, steps)
                 logits[name] = seen
                 del e
                 free()
@@ -608,7 +656,7 @@ def _tp_rank(
     if args.device != "cpu":
         torch.cuda.set_device(rank)
         dev = torch.device("cuda", rank)
-    bw = copy_bandwidth(dev)
+    bw = copy_bandwidth(dev, args.bandwidth_bytes)
     with tempfile.TemporaryDirectory(prefix=f"kiln-bench-tp{rank}-") as tmp:
         modes = {}
         for mode in args.modes:
@@ -693,6 +741,82 @@ def table(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def trtllm_rows(results: dict[str, Any], scale: int) -> list[dict[str, Any]]:
+    """Every preset row of every mode beside TensorRT-LLM's published figure (smoke: lengths / `scale`)."""
+    rows = []
+    for mode, r in results.get("modes", {}).items():
+        for row in TRTLLM_ROWS:
+            w = r["workloads"].get(scaled_workload(row.workload, scale).name)
+            rate = w["output_tokens_per_s"] if w else None
+            rows.append(
+                {
+                    "mode": mode,
+                    "workload": row.workload,
+                    "requests": w["requests"] if w else None,
+                    "output_tokens_per_s": rate,
+                    "trtllm_published": row.published,
+                    "trtllm_source": row.published_source,
+                    "ratio_to_trtllm": rate / row.published if rate else None,
+                    "target": row.target,
+                    "meets_target": rate >= row.target if rate else False,
+                    "max_running": w["max_running"] if w else None,
+                    "preemptions": w["preemptions"] if w else None,
+                }
+            )
+    return rows
+
+
+def trtllm_table(results: dict[str, Any]) -> str:
+    dev = results["device"]
+    gate = results.get("check", {})
+    bw = dev.get("copy_bandwidth_gb_s", float("nan"))
+    lines = [
+        f"device: {dev['name']} | measured copy bandwidth {bw:.0f} GB/s"
+        f" | torch {dev['torch']} | KV cache {results['kv_cache_dtype']} | max {results['max_num_seqs']} seqs"
+        + (" | SMOKE (tiny model on the host: plumbing, not speed)" if results.get("smoke") else ""),
+        f"correctness gate: {'passed' if gate.get('ok') else 'FAILED: no throughput reported'}",
+        f"{'mode':5} {'workload':10} {'requests':>8} {'out tok/s':>10} {'TRT-LLM':>8} {'ratio':>6} "
+        f"{'target':>7} {'met':>4} {'batch':>6} {'preempt':>7}  TRT-LLM source",
+    ]
+    for row in results.get("trtllm_rows", []):
+        rate = row["output_tokens_per_s"]
+        rate_s = f"{rate:.0f}" if rate else "-"
+        ratio_s = f"{row['ratio_to_trtllm']:.2f}x" if rate else "-"
+        met = "yes" if row["meets_target"] else "no"
+        lines.append(
+            f"{row['mode']:5} {row['workload']:10} {row['requests'] or 0:8d} {rate_s:>10} "
+            f"{row['trtllm_published']:8.0f} {ratio_s:>6} {row['target']:7.0f} {met:>4} "
+            f"{row['max_running'] or 0:6d} {row['preemptions'] or 0:7d}  {row['trtllm_source']}"
+        )
+    return "\n".join(lines)
+
+
+def model_shape(args: argparse.Namespace) -> dict[str, Any]:
+    return SMOKE if args.smoke else TINY if args.tiny else LLAMA3_8B
+
+
+def scaled_workload(name: str, scale: int) -> Workload:
+    w = Workload.parse(name)
+    return Workload(max(1, w.input_len // scale), max(1, w.output_len // scale))
+
+
+def apply_trtllm_preset(args: argparse.Namespace, given: set[str]) -> list[Workload]:
+    """TensorRT-LLM's perf-overview method: its rows, request counts, batch limit and fp8 KV cache."""
+    scale = SMOKE_LENGTH_DIVISOR if args.smoke else 1
+    per = SMOKE_REQUEST_DIVISOR if args.smoke else 1
+    if "kv_cache_dtype" not in given:
+        args.kv_cache_dtype = "fp8"
+    if "max_num_seqs" not in given:
+        args.max_num_seqs = TRTLLM_MAX_NUM_SEQS // (64 if args.smoke else 1)
+    if "modes" not in given:
+        args.modes = ["fp8"]
+    workloads = [scaled_workload(r.workload, scale) for r in TRTLLM_ROWS]
+    args.requests_per_workload = {
+        w.name: max(1, r.requests // per) for w, r in zip(workloads, TRTLLM_ROWS, strict=True)
+    }
+    return workloads
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--modes", default="bf16,fp8", help="comma-separated: bf16, fp8")
@@ -726,23 +850,56 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     ap.add_argument(
+        "--method",
+        choices=("kiln", "trtllm"),
+        default="kiln",
+        help="kiln: issue 6's table; trtllm: TensorRT-LLM perf-overview's rows, counts and fp8 KV cache",
+    )
+    ap.add_argument(
+        "--smoke", action="store_true", help="with --method trtllm: a tiny CPU run of the same plumbing"
+    )
+    ap.add_argument(
+        "--kv-cache-dtype",
+        choices=("auto", "bf16", "fp16", "fp8"),
+        default="auto",
+        help="the engine's KV cache (--method trtllm: fp8 unless given)",
+    )
+    ap.add_argument(
         "--tp",
         type=int,
         default=1,
         help="tensor parallelism: one process per GPU over NCCL, every rank runs the same steps",
     )
     args = ap.parse_args(argv)
+    defaults = vars(ap.parse_args([]))
+    given = {k for k, v in vars(args).items() if v != defaults[k]}  # options set away from their default
     args.modes = [m for m in args.modes.split(",") if m]
     for m in args.modes:
         if m not in TARGETS:
             ap.error(f"unknown mode {m!r}")
     workloads = [Workload.parse(w) for w in args.workloads.split(",") if w]
+    if args.smoke and args.method != "trtllm":
+        ap.error("--smoke is a variant of --method trtllm")
+    if args.method == "trtllm":
+        if "workloads" in given or "num_requests" in given or args.tp > 1:
+            ap.error("--method trtllm fixes the workloads and request counts, on one GPU")
+        workloads = apply_trtllm_preset(args, given)
+    args.bandwidth_bytes = 2 << 30
+    if args.smoke:  # seconds on a CPU: the tiny model, short TTFT/ITL probes, no transformers
+        args.tiny, args.no_baseline = True, True
+        args.ttft_prompt, args.itl_tokens, args.check_tokens = 16, 2, 4
+        args.num_requests = 4  # the warm-up's
+        args.bandwidth_bytes = 8 << 20
     dev = torch.device(args.device)
-    cfg = TINY if args.tiny else LLAMA3_8B
+    cfg = model_shape(args)
     results: dict[str, Any] = {
         "model": "llama-3-8b shape, random weights" if not args.tiny else "tiny llama, random weights",
         "config": cfg,
         "num_requests": args.num_requests,
+        "method": args.method,
+        "smoke": args.smoke,
+        "kv_cache_dtype": args.kv_cache_dtype,
+        "max_num_seqs": args.max_num_seqs,
         "baseline_batch": args.baseline_batch,
         "argv": sys.argv[1:] if argv is None else argv,
         "host": platform.node(),
@@ -770,12 +927,16 @@ def main(argv: list[str] | None = None) -> int:
         return run_tensor_parallel(args, cfg, workloads, results)
     with tempfile.TemporaryDirectory(prefix="kiln-bench-") as tmp:
         root = Path(tmp)
-        if args.check:
+        if args.check or args.method == "trtllm":
             results["check"] = run_check(args, root)
             save()
             print(json.dumps(results["check"], indent=1))
-            return 0 if results["check"]["ok"] else 1
-        bw = copy_bandwidth(dev)
+            if args.check or not results["check"]["ok"]:  # a run that fails the gate reports no throughput
+                if args.method == "trtllm":
+                    print(trtllm_table(results))
+                return 0 if results["check"]["ok"] else 1
+            free()
+        bw = copy_bandwidth(dev, args.bandwidth_bytes)
         results["device"]["copy_bandwidth_gb_s"] = bw / 1e9
         results["device"]["bf16_tflops"] = matmul_rate(dev) / 1e12
         log(f"{name}: copy {bw / 1e9:.0f} GB/s, bf16 mm {results['device']['bf16_tflops']:.0f} TFLOP/s")
@@ -787,8 +948,12 @@ def main(argv: list[str] | None = None) -> int:
             save()
         if not args.no_baseline:
             results["baseline"] = bench_baseline(cfg, args)
+        if args.method == "trtllm":
+            results["trtllm_rows"] = trtllm_rows(results, SMOKE_LENGTH_DIVISOR if args.smoke else 1)
         save()
     print(table(results))
+    if args.method == "trtllm":
+        print(trtllm_table(results))
     return 0
 
 
