@@ -255,12 +255,14 @@ def can_i_list(kubectl: str, account: str, namespace: str) -> dict[tuple[str, st
         if not match or match.group(2):  # non-resource URLs (/healthz, /api, ...)
             continue
         resource, _, names, verbs = match.groups()
-        assert not names, f"{account}: unexpected resourceNames in {line}"
         name, _, subresource = resource.partition("/")
         plural, _, group = name.partition(".")
         if plural in EVERYONE:
             continue
         key = (group, f"{plural}/{subresource}" if subresource else plural)
+        # Only the operator's bind on the router ClusterRole is granted by name (the unit contract
+        # test checks which name).
+        assert not names or key == ("rbac.authorization.k8s.io", "clusterroles"), f"{account}: {line}"
         granted.setdefault(key, set()).update(verbs.split())
     return granted
 

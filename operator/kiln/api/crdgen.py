@@ -195,6 +195,9 @@ def llmdeployment_crd() -> dict[str, Any]:
         _printer_column("Phase", ".status.phase", description="Lifecycle phase."),
         _printer_column("TTFT-p50(ms)", ".status.ttftP50Ms", "number", "Observed median TTFT."),
         _printer_column("Engine", ".status.engine.name", description="LLMEngine in use.", priority=1),
+        _printer_column(
+            "Routers", ".status.routerReadyReplicas", "integer", "Kiln routers ready.", priority=1
+        ),
         _printer_column("Age", ".metadata.creationTimestamp", "date"),
     ]
     scale = {

@@ -712,6 +712,34 @@ class ServingSpec(KubeModel):
     ]
 
 
+class RouterSpec(KubeModel):
+    """Kiln routers in front of the serving pods: each request goes to the replica whose prefix cache
+    most likely holds its prompt (balanced by the replicas' queues and KV-cache use), and a request
+    whose replica fails before the first byte is retried on another. Off: the Service balances."""
+
+    enabled: Annotated[
+        bool, Field(default=False, description="Route through Kiln routers instead of the Service alone.")
+    ]
+    replicas: Annotated[
+        int,
+        Field(default=2, ge=1, le=32, description="Router pods; two or more keep routing through a drain."),
+    ]
+    resources: Annotated[
+        dict[str, Any] | None,
+        Field(
+            default=None,
+            description="Router container resources (requests/limits).",
+            json_schema_extra={"x-kubernetes-preserve-unknown-fields": True},
+        ),
+    ]
+    node_selector: Annotated[
+        dict[str, str] | None, Field(default=None, description="Node selector for router pods.")
+    ]
+    tolerations: Annotated[
+        list[dict[str, Any]] | None, Field(default=None, description="Tolerations for router pods.")
+    ]
+
+
 class BuildSpec(KubeModel):
     """How and where the engine is built."""
 
@@ -847,6 +875,9 @@ class LLMDeploymentStatus(KubeModel):
         EngineRef | None, Field(default=None, description="Engine being built to replace the one in use.")
     ]
     endpoint: Annotated[str | None, Field(default=None, description="In-cluster URL of the OpenAI API.")]
+    router_ready_replicas: Annotated[
+        int | None, Field(default=None, description="Kiln routers ready (absent without a router).")
+    ]
     ttft_p50_ms: Annotated[float | None, Field(default=None, description="Last observed TTFT p50, ms.")]
     ttft_p90_ms: Annotated[float | None, Field(default=None, description="Last observed TTFT p90, ms.")]
     last_scale_decision: Annotated[ScaleDecision | None, Field(default=None, description="Autoscaler.")]
@@ -949,6 +980,9 @@ class LLMDeploymentSpec(KubeModel):
         AutoscalingSpec, Field(default_factory=AutoscalingSpec, description="Scaling on TTFT.")
     ]
     serving: Annotated[ServingSpec, Field(default_factory=ServingSpec, description="Serving pods.")]
+    router: Annotated[
+        RouterSpec, Field(default_factory=RouterSpec, description="Prefix-cache-aware routing.")
+    ]
     build: Annotated[BuildSpec, Field(default_factory=BuildSpec, description="Engine build.")]
 
 

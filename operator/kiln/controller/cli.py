@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import json
 import logging
@@ -129,6 +130,15 @@ def operator_command() -> None:
 @click.option("--engine-image", default=None, help="Engine image for the torch backend.")
 @click.option("--engine-image-tensorrt-llm", default=None, help="Engine image for the tensorrt-llm backend.")
 @click.option(
+    "--router-image", default=None, help="Image of the Kiln routers [default: the control-plane image]."
+)
+@click.option(
+    "--router-cluster-role",
+    default=None,
+    help="ClusterRole bound to each deployment's router ServiceAccount, installed by the chart "
+    "[default: kiln.render.common.ROUTER_CLUSTER_ROLE].",
+)
+@click.option(
     "--engine-retention",
     type=float,
     default=lambda: float(os.environ.get("KILN_ENGINE_RETENTION_SECONDS", 24 * 3600)),
@@ -170,6 +180,8 @@ def run(
     leader_election_lease: str,
     engine_image: str | None,
     engine_image_tensorrt_llm: str | None,
+    router_image: str | None,
+    router_cluster_role: str | None,
     engine_retention: float,
     resync_seconds: float,
     build_poll_seconds: float,
@@ -248,7 +260,10 @@ def run(
         runtime_version=__version__,
         engine_image=engine_image,
         engine_image_tensorrt_llm=engine_image_tensorrt_llm,
+        router_image=router_image,
     )
+    if router_cluster_role:
+        settings = dataclasses.replace(settings, router_cluster_role=router_cluster_role)
     options = Options(
         namespaces=tuple(namespaces),
         engine_retention_seconds=engine_retention,

@@ -16,6 +16,7 @@ from kiln.api.v1alpha1 import GROUP, VERSION
 from kiln.controller.reconcile import Reconciler
 from kiln.render.capacity_job import CAPACITY_COMPONENT, DEPLOYMENT_ANNOTATION
 from kiln.render.common import BUILD_COMPONENT, SERVING_COMPONENT
+from kiln.render.router import ROUTER_COMPONENT
 
 MANAGED = {labels.MANAGED_BY: labels.MANAGED_BY_VALUE}
 
@@ -96,6 +97,17 @@ async def capacity_job_event(
 async def serving_deployment_event(
     event: kopf.RawEvent, body: kopf.Body, namespace: str | None, memo: Any, **_: Any
 ) -> None:
+    _observe(memo, event)
+    owner = body.metadata.labels.get(labels.DEPLOYMENT_LABEL)
+    if owner:
+        _reconciler(memo).deployment(_ns(namespace), owner)
+
+
+@kopf.on.event("apps", "v1", "deployments", labels={**MANAGED, labels.COMPONENT_LABEL: ROUTER_COMPONENT})
+async def router_deployment_event(
+    event: kopf.RawEvent, body: kopf.Body, namespace: str | None, memo: Any, **_: Any
+) -> None:
+    # The routers' readiness goes into the deployment's status; deleted by hand, they come back.
     _observe(memo, event)
     owner = body.metadata.labels.get(labels.DEPLOYMENT_LABEL)
     if owner:

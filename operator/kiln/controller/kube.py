@@ -60,13 +60,27 @@ DEPLOYMENTS = Kind("apps/v1", "Deployment", "deployments")
 LEADERWORKERSETS = Kind("leaderworkerset.x-k8s.io/v1", "LeaderWorkerSet", "leaderworkersets")
 STATEFULSETS = Kind("apps/v1", "StatefulSet", "statefulsets")  # pod groups without LeaderWorkerSet
 SERVICES = Kind("v1", "Service", "services")
+SERVICEACCOUNTS = Kind("v1", "ServiceAccount", "serviceaccounts")  # routers' identity
+ROLEBINDINGS = Kind("rbac.authorization.k8s.io/v1", "RoleBinding", "rolebindings")
+PODDISRUPTIONBUDGETS = Kind("policy/v1", "PodDisruptionBudget", "poddisruptionbudgets")
 PODS = Kind("v1", "Pod", "pods")
 NODES = Kind("v1", "Node", "nodes", namespaced=False)
 EVENTS = Kind("v1", "Event", "events")
 CRDS = Kind("apiextensions.k8s.io/v1", "CustomResourceDefinition", "customresourcedefinitions", False)
 KINDS = {
     kind.kind: kind
-    for kind in (LLMDEPLOYMENTS, LLMENGINES, JOBS, DEPLOYMENTS, LEADERWORKERSETS, STATEFULSETS, SERVICES)
+    for kind in (
+        LLMDEPLOYMENTS,
+        LLMENGINES,
+        JOBS,
+        DEPLOYMENTS,
+        LEADERWORKERSETS,
+        STATEFULSETS,
+        SERVICES,
+        SERVICEACCOUNTS,
+        ROLEBINDINGS,
+        PODDISRUPTIONBUDGETS,
+    )
 }
 LWS_CRD = "leaderworkersets.leaderworkerset.x-k8s.io"
 

@@ -41,7 +41,10 @@ from kiln.controller.kube import (
     LLMENGINES,
     LWS_CRD,
     NODES,
+    PODDISRUPTIONBUDGETS,
     PODS,
+    ROLEBINDINGS,
+    SERVICEACCOUNTS,
     SERVICES,
     STATEFULSETS,
     Kind,
@@ -56,6 +59,7 @@ from kiln.render import build_job as render_build
 from kiln.render import capacity_job as render_capacity
 from kiln.render import engine as render_engine
 from kiln.render import groups as render_groups
+from kiln.render import router as render_router
 from kiln.render import service as render_service
 from kiln.render import serving as render_serving
 from kiln.render import status as render_status
@@ -71,6 +75,10 @@ LOG_RETRY_SECONDS = 15.0
 BUILD_LOG_TAIL_LINES = 50
 BUILD_LOG_LIMIT_BYTES = 64 * 1024
 APPLIED_ANNOTATION = "kiln.dev/applied-hash"  # digest of the rendering last applied to a child
+# What the operator applies for a deployment's routers (get, create, patch, delete each).
+ROUTER_KINDS = {
+    kind.kind: kind for kind in (SERVICEACCOUNTS, ROLEBINDINGS, SERVICES, DEPLOYMENTS, PODDISRUPTIONBUDGETS)
+}
 
 
 @dataclass(frozen=True)
@@ -345,15 +353,16 @@ class Reconciler:
         # Once Kiln's children are listed, the watches keep them current: a child missing from the
         # cache does not exist, and need not be asked for (a false miss costs only a create that
         # finds the object, or an apply that changes nothing).
-        for kind, component in (
-            (DEPLOYMENTS, SERVING_COMPONENT),
+        for kind, components in (
+            (DEPLOYMENTS, f"{SERVING_COMPONENT},{render_router.ROUTER_COMPONENT}"),
             (STATEFULSETS, SERVING_COMPONENT),
             (SERVICES, SERVING_COMPONENT),
             (JOBS, BUILD_COMPONENT),
         ):
             if kind.kind in self._complete:
                 continue
-            selector = f"{labels.MANAGED_BY}={labels.MANAGED_BY_VALUE},{labels.COMPONENT_LABEL}={component}"
+            managed = f"{labels.MANAGED_BY}={labels.MANAGED_BY_VALUE}"
+            selector = f"{managed},{labels.COMPONENT_LABEL} in ({components})"
             for obj in self._list(kind, selector):
                 self.cache.put(obj)
             with self._lock:
@@ -512,8 +521,10 @@ class Reconciler:
         pods: list[dict[str, Any]] = []
         if workload is not None and not render_status.rolled_out(workload):
             pods = self.kube.list(PODS, namespace, render_serving.selector_string(name))
+        router = self._get(DEPLOYMENTS, namespace, render_router.router_name(name))
         seen = render_status.DeploymentObservation(
             pods=pods,
+            router=router if deployment.spec.router.enabled else None,
             desired=identity,
             desired_engine=desired,
             serving=serving if workload is not None else None,
@@ -619,6 +630,7 @@ class Reconciler:
         self._apply_if_changed(
             render_service.service(deployment, multi_node), self._get(SERVICES, namespace, name), obj
         )
+        self._apply_router(obj, deployment, multi_node)
         if current is None or current.get("kind") != manifest["kind"]:
             self.kube.event(
                 obj, "WorkloadCreated", f"Created {manifest['kind']} {name} running {engine.metadata.name}"
@@ -645,6 +657,29 @@ class Reconciler:
             else:
                 self.kube.delete(DEPLOYMENTS, namespace, name)
         return workload
+
+    def _apply_router(self, obj: Mapping[str, Any], deployment: LLMDeployment, multi_node: bool) -> None:
+        """Apply the routers of a deployment that asks for them; delete those of one that no longer
+        does (the Service already selects the serving pods again)."""
+        namespace, name = str(deployment.metadata.namespace), str(deployment.metadata.name)
+        if deployment.spec.router.enabled:
+            wanted = render_router.router_objects(deployment, self.settings, multi_node)
+            for manifest in wanted:
+                live = self._get(ROUTER_KINDS[manifest["kind"]], namespace, manifest["metadata"]["name"])
+                self._apply_if_changed(manifest, live, obj)
+            budget = render_router.router_name(name)
+            if render_router.disruption_budget(deployment) is None and self._get(
+                PODDISRUPTIONBUDGETS, namespace, budget
+            ):
+                self.kube.delete(PODDISRUPTIONBUDGETS, namespace, budget)  # down to one router
+            return
+        if self._get(DEPLOYMENTS, namespace, render_router.router_name(name)) is None:
+            return  # never had routers (the watch cache is complete for Kiln's Deployments)
+        self.kube.delete(DEPLOYMENTS, namespace, render_router.router_name(name))
+        self.kube.delete(SERVICES, namespace, render_router.engines_service_name(name))
+        for kind in (PODDISRUPTIONBUDGETS, ROLEBINDINGS, SERVICEACCOUNTS):
+            self.kube.delete(kind, namespace, render_router.router_name(name))
+        self.kube.event(obj, "RouterRemoved", f"Removed the routers of {name}; the Service selects replicas")
 
     def _group_sets(self, namespace: str, name: str) -> list[dict[str, Any]]:
         """The StatefulSets of a deployment's pod groups (multi-node replicas without LeaderWorkerSet)."""
@@ -695,7 +730,8 @@ class Reconciler:
             same = ((live.get("metadata") or {}).get("annotations") or {}).get(APPLIED_ANNOTATION) == digest
             drift = drifted(live, manifest, FIELD_MANAGER) if same else []
             # Someone scaling the child directly is drift the next apply undoes.
-            replicas_kept = (live.get("spec") or {}).get("replicas") == manifest["spec"].get("replicas")
+            wanted_replicas = (manifest.get("spec") or {}).get("replicas")  # ServiceAccounts have no spec
+            replicas_kept = (live.get("spec") or {}).get("replicas") == wanted_replicas
             if same and not drift and replicas_kept:
                 return dict(live)
         applied = self._wrote(self.kube.apply(manifest))

@@ -21,6 +21,8 @@ HTTP_PORT_NAME = "http"  # the autoscaler finds pods' /metrics by this port name
 SERVING_COMPONENT = "serving"
 BUILD_COMPONENT = "build"
 ENGINE_REGISTRY = "ghcr.io/kiln-dev/kiln-engine"
+CONTROL_PLANE_REGISTRY = "ghcr.io/kiln-dev/kiln"  # operator, autoscaler, topology agent, router
+ROUTER_CLUSTER_ROLE = "kiln-router"  # the chart's ClusterRole for routers (EndpointSlice reads)
 
 
 @dataclass(frozen=True)
@@ -32,6 +34,8 @@ class Settings:
     engine_image_tensorrt_llm: str | None = None
     pvc_root: str = PVC_ROOT
     lws_installed: bool = False
+    router_image: str | None = None  # default ghcr.io/kiln-dev/kiln:<version>, the control-plane image
+    router_cluster_role: str = ROUTER_CLUSTER_ROLE
 
     def image_for(self, backend: str, override: str | None = None) -> str:
         """The engine image for a backend: the spec's override, else the operator's setting."""
@@ -40,6 +44,10 @@ class Settings:
         if backend == "tensorrt-llm":
             return self.engine_image_tensorrt_llm or f"{ENGINE_REGISTRY}:{self.runtime_version}-tensorrt-llm"
         return self.engine_image or f"{ENGINE_REGISTRY}:{self.runtime_version}-torch"
+
+    def router_image_name(self) -> str:
+        """The image the routers run: the operator's setting, else the control-plane image."""
+        return self.router_image or f"{CONTROL_PLANE_REGISTRY}:{self.runtime_version}"
 
 
 def managed_labels(component: str, **extra: str) -> dict[str, str]:

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from kiln.api.v1alpha1 import LLMDeployment
 from kiln.render.common import HTTP_PORT_NAME, Manifest, owner_reference
-from kiln.render.serving import deployment_owner, leader_selector, selector_labels
+from kiln.render.router import service_selector
+from kiln.render.serving import deployment_owner, selector_labels
 
 
 def endpoint(deployment: LLMDeployment) -> str:
@@ -14,9 +15,10 @@ def endpoint(deployment: LLMDeployment) -> str:
 
 
 def service(deployment: LLMDeployment, multi_node: bool = False) -> Manifest:
-    """A ClusterIP Service named after the deployment; with multi-node replicas only leaders serve."""
+    """A ClusterIP Service named after the deployment, in front of its routers when it has them,
+    else of its serving pods (with multi-node replicas only leaders serve)."""
     name = str(deployment.metadata.name)
-    selector = leader_selector(name, multi_node)
+    selector = service_selector(deployment, multi_node)
     return {
         "apiVersion": "v1",
         "kind": "Service",

@@ -341,6 +341,7 @@ class DeploymentObservation:
     placement: Placement | None = None
     problem: tuple[str, str] | None = None
     pods: Sequence[Mapping[str, Any]] = ()
+    router: Mapping[str, Any] | None = None  # the routers' Deployment, when spec.router.enabled
 
 
 # Container states that will not fix themselves: a serving replica in one is broken, not starting.
@@ -541,6 +542,19 @@ def deployment_status(
             message += f"; waiting for a node: {unplaced}"
         ready = (False, "RollingOut" if counts["ready"] else "ReplicasNotReady", message)
         progressing = (True, "RollingOut", message)
+    status["routerReadyReplicas"] = None
+    if spec.router.enabled:
+        routers = int(((seen.router or {}).get("status") or {}).get("readyReplicas") or 0)
+        status["routerReadyReplicas"] = routers
+        if phase == "Ready" and routers == 0:
+            # The Service sends every request to the routers: without one, nothing is served.
+            phase = "Deploying"
+            message = (
+                f"{counts['ready']}/{spec.replicas} replicas ready; no Kiln router ready yet "
+                f"(0/{spec.router.replicas}), and the Service sends requests to the routers"
+            )
+            ready = (False, "RoutersNotReady", message)
+            progressing = (True, "RoutersNotReady", message)
     if degraded is not None and phase in ("Ready", "Deploying"):
         phase = "Degraded"
 

@@ -39,6 +39,12 @@ OPERATOR_VERBS = {
     ("", "pods"): {"get", "list", "watch", "delete"},
     ("", "pods/log"): {"get"},
     ("", "events"): {"create"},
+    # Kiln routers (spec.router): their ServiceAccount, its RoleBinding to the chart's router
+    # ClusterRole (bind on that one role, by resourceNames), their PodDisruptionBudget
+    ("", "serviceaccounts"): {"get", "list", "watch", "create", "patch", "delete"},
+    ("rbac.authorization.k8s.io", "rolebindings"): {"get", "list", "watch", "create", "patch", "delete"},
+    ("rbac.authorization.k8s.io", "clusterroles"): {"bind"},
+    ("policy", "poddisruptionbudgets"): {"get", "list", "watch", "create", "patch", "delete"},
     # placement reads nodes; kopf discovers resources and the operator detects LeaderWorkerSet
     ("", "nodes"): {"get", "list", "watch"},
     ("apiextensions.k8s.io", "customresourcedefinitions"): {"get", "list", "watch"},

@@ -17,7 +17,7 @@ from kiln.render import build_job as render_build_job
 from kiln.render import serving as render_serving
 from kiln.render.common import Settings
 from kiln_autoscaler.sources import DEFAULT_DEPLOYMENT_LABEL
-from tests.unit.render.render_helpers import engine_for, example, nodes, ready
+from tests.unit.render.render_helpers import engine_for, example, matches, nodes, ready
 
 MONITORING_API = "monitoring.coreos.com/v1"
 EXAMPLES = (
@@ -28,25 +28,6 @@ EXAMPLES = (
 )
 META_POD_LABEL = "__meta_kubernetes_pod_label_"
 SERVING_NAMESPACE = "llm-serving"
-
-
-def matches(selector: Mapping[str, Any], labels: Mapping[str, str]) -> bool:
-    """A Kubernetes LabelSelector (matchLabels and matchExpressions) against a label set."""
-    for key, value in (selector.get("matchLabels") or {}).items():
-        if labels.get(key) != value:
-            return False
-    for expression in selector.get("matchExpressions") or []:
-        key, operator, values = expression["key"], expression["operator"], expression.get("values") or []
-        present = key in labels
-        if operator == "In" and not (present and labels[key] in values):
-            return False
-        if operator == "NotIn" and present and labels[key] in values:
-            return False
-        if operator == "Exists" and not present:
-            return False
-        if operator == "DoesNotExist" and present:
-            return False
-    return True
 
 
 def test_matches_follows_label_selector_semantics() -> None:
