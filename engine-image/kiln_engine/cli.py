@@ -83,6 +83,16 @@ def main() -> None:
 )
 @click.option("--num-speculative-tokens", default=4, show_default=True, type=click.IntRange(1, 64))
 @click.option(
+    "--lora",
+    "loras",
+    multiple=True,
+    metavar="NAME=SOURCE",
+    help="A PEFT LoRA adapter (a directory, pvc://, hf:// or s3://), served as model NAME next to the "
+    "base model (repeatable).",
+)
+@click.option("--max-loras", default=4, show_default=True, type=click.IntRange(1, 256), help="Adapter slots.")
+@click.option("--max-lora-rank", default=16, show_default=True, type=click.IntRange(1, 1024))
+@click.option(
     "--tp",
     "tp",
     default=None,
@@ -153,6 +163,9 @@ def serve(
     seed: int,
     speculative: str | None,
     num_speculative_tokens: int,
+    loras: tuple[str, ...],
+    max_loras: int,
+    max_lora_rank: int,
     tp: int | None,
     pp: int | None,
     group_size: int,
@@ -167,6 +180,8 @@ def serve(
         raise click.UsageError("give exactly one of --artifact or --model")
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     api_key = read_api_key(api_key_file)
+    if loras and backend == "tensorrt-llm":
+        raise click.UsageError("--lora is served by the torch backend only")
     if backend == "tensorrt-llm":
         _serve_tensorrt_llm(artifact, model_dir, served_model_name, host, port, max_num_seqs, max_model_len,
                             max_num_tokens, prefix_caching, chunked_prefill, kv_cache_dtype,
@@ -197,6 +212,7 @@ def serve(
         kv_cache_dtype = torch_backend.artifact_kv_cache_dtype(path)
     if speculative and tp * pp > 1:
         raise click.UsageError("--speculative runs on one rank only: not with --tp or --pp above 1")
+    lora_modules = _fetch_adapters(_lora_modules(loras, pp))
     try:
         layout = group.group_layout(tp * pp, group_size, group_index)
     except ValueError as exc:
@@ -237,6 +253,9 @@ def serve(
         seed=seed,
         speculative=speculative,
         num_speculative_tokens=num_speculative_tokens,
+        lora_modules=lora_modules,
+        max_loras=max_loras if lora_modules else 0,
+        max_lora_rank=max_lora_rank,
         tensor_parallel_size=tp,
         tensor_parallel_rank=tp_rank,
         pipeline_parallel_size=pp,
@@ -280,6 +299,33 @@ def serve(
         serve_model(model, settings, host=host, port=port, log_level=log_level.lower())
     finally:
         _wait_for(followers)
+
+
+def _lora_modules(specs: tuple[str, ...], pp: int) -> list[tuple[str, str]]:
+    """--lora NAME=PATH flags -> (name, path) pairs; names unique, paths directories."""
+    from kiln_engine.lora import AdapterError, parse_lora_spec
+
+    try:
+        modules = [parse_lora_spec(s) for s in specs]
+    except AdapterError as exc:
+        raise click.UsageError(str(exc)) from None
+    names = [n for n, _ in modules]
+    if len(set(names)) != len(names):
+        raise click.UsageError(f"--lora names must be unique, got {names}")
+    if modules and pp > 1:
+        raise click.UsageError("--lora is not available with pipeline parallelism (--pp above 1)")
+    return modules
+
+
+def _fetch_adapters(modules: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """Each adapter's local directory: a path or pvc:// in place, hf:// and s3:// downloaded."""
+    from kiln_engine.build.source import SourceError, fetch, work_dir
+
+    try:
+        return [(name, str(fetch(uri, work_dir() / "lora" / name))) for name, uri in modules]
+    except (SourceError, OSError) as exc:
+        _fail(f"cannot fetch LoRA adapter: {exc}", 1)
+        raise  # unreachable: _fail exits
 
 
 def _wait_for(procs: list[subprocess.Popen[bytes]]) -> None:

@@ -18,6 +18,7 @@ PREEMPTIONS = "kiln_engine_preemptions_total"  # counter
 PREFIX_CACHE_HIT_TOKENS = "kiln_engine_prefix_cache_hit_tokens_total"  # counter
 SPEC_PROPOSED_TOKENS = "kiln_engine_spec_decode_proposed_tokens_total"  # counter: draft tokens proposed
 SPEC_ACCEPTED_TOKENS = "kiln_engine_spec_decode_accepted_tokens_total"  # counter: drafts the target kept
+LORA_REQUESTS = "kiln_engine_lora_requests_total"  # counter, label `adapter`: requests admitted per adapter
 
 # Histogram buckets (seconds) shared by TTFT and end-to-end latency.
 LATENCY_BUCKETS = (

@@ -68,6 +68,7 @@ def served_model_for(engine: Engine, path: Path, name: str, aliases: tuple[str, 
         chat_encode=lambda text: tok.encode(text, add_special_tokens=False),
         aliases=aliases,
         engine_detokenizes=local.tokenizer is not None,
+        adapters=tuple(local.adapters),
     )
 
 

@@ -14,7 +14,7 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 import uvicorn
@@ -27,6 +27,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from kiln_engine import grammar
 from kiln_engine.interface import Engine, TokenLogprob
+from kiln_engine.lora import BASE_MODEL_NAME
 from kiln_engine.server import protocol as p
 from kiln_engine.server import responses as rs
 from kiln_engine.server import tool_calls as tc
@@ -78,6 +79,8 @@ class ServedModel:
     engine_detokenizes: bool = False
     # The tool-call format (tool_calls.FAMILIES) the model writes; None: read it off the chat template.
     tool_format: str | None = None
+    # LoRA adapters served next to the base model: a request's `model` names one (kiln_engine.lora).
+    adapters: tuple[str, ...] = ()
 
 
 @dataclass
@@ -130,7 +133,8 @@ def create_app(model: ServedModel, settings: ServerSettings | None = None) -> Fa
     app.state.close = close
     app.state.model = model
     install_error_handlers(app)
-    names = {model.name, *model.aliases}
+    adapters = frozenset(model.adapters)
+    names = {model.name, *model.aliases, *([BASE_MODEL_NAME] if adapters else [])}
     templates: dict[str, str] = getattr(model.tokenizer, "templates", {})
     tool_format = model.tool_format or tc.family_of(templates.get("tool_use", templates.get("default", "")))
 
@@ -153,12 +157,17 @@ def create_app(model: ServedModel, settings: ServerSettings | None = None) -> Fa
     def admit(req: p.CompletionRequest | p.ChatCompletionRequest) -> None:
         if drain.draining:
             raise OpenAIError("server is draining and accepts no new requests", 503, code="draining")
-        if req.model not in names:
+        if req.model not in names and req.model not in adapters:
+            served = "', '".join([model.name, *sorted(adapters)])
             raise OpenAIError(
-                f"model '{req.model}' does not exist; this server serves '{model.name}'",
+                f"model '{req.model}' does not exist; this server serves '{served}'",
                 param="model",
                 code="model_not_found",
             )
+
+    def served_name(req: p.CompletionRequest | p.ChatCompletionRequest) -> str:
+        """The `model` a response names: the adapter asked for, else the base model's name."""
+        return req.model if req.model in adapters else model.name
 
     def prepare(prompt_ids: list[int], requested: int | None, default: int | None, param: str) -> _Prepared:
         limit = model.engine.max_model_len
@@ -231,7 +240,10 @@ def create_app(model: ServedModel, settings: ServerSettings | None = None) -> Fa
 
     @api.get("/models", response_model=p.ModelList)
     async def list_models() -> p.ModelList:
-        return p.ModelList(data=[p.ModelCard(id=model.name, max_model_len=model.engine.max_model_len)])
+        limit = model.engine.max_model_len
+        cards = [p.ModelCard(id=model.name, max_model_len=limit)]
+        cards += [p.ModelCard(id=a, max_model_len=limit, parent=model.name) for a in model.adapters]
+        return p.ModelList(data=cards)
 
     @api.post("/completions", response_model=p.CompletionResponse, responses=streamed)
     async def completions(req: p.CompletionRequest, request: Request) -> Response:
@@ -267,7 +279,7 @@ def create_app(model: ServedModel, settings: ServerSettings | None = None) -> Fa
                 _sse_chunks(
                     stream, req.n, include_usage, choice,
                     lambda choices, usage: p.CompletionResponse(
-                        id=rid, created=created, model=model.name, choices=choices, usage=usage
+                        id=rid, created=created, model=served_name(req), choices=choices, usage=usage
                     ),
                 ),
                 abort,
@@ -275,7 +287,7 @@ def create_app(model: ServedModel, settings: ServerSettings | None = None) -> Fa
             )  # fmt: skip
         return await _collect(
             stream, req.n, request, abort,
-            lambda choices: _completion_response(rid, model.name, choices, want_logprobs),
+            lambda choices: _completion_response(rid, served_name(req), choices, want_logprobs),
         )  # fmt: skip
 
     async def start_chat(
@@ -320,7 +332,7 @@ def create_app(model: ServedModel, settings: ServerSettings | None = None) -> Fa
                     stream, req.n, include_usage,
                     _ChatChunkChoices(req.logprobs, model.tokenizer, tools),
                     lambda choices, usage: p.ChatCompletionChunk(
-                        id=rid, created=created, model=model.name, choices=choices, usage=usage
+                        id=rid, created=created, model=served_name(req), choices=choices, usage=usage
                     ),
                 ),
                 abort,
@@ -328,7 +340,9 @@ def create_app(model: ServedModel, settings: ServerSettings | None = None) -> Fa
             )  # fmt: skip
         return await _collect(
             stream, req.n, request, abort,
-            lambda choices: _chat_response(rid, model.name, choices, req.logprobs, model.tokenizer, tools),
+            lambda choices: _chat_response(
+                rid, served_name(req), choices, req.logprobs, model.tokenizer, tools
+            ),
         )  # fmt: skip
 
     @api.post("/responses", response_model=rs.ResponseObject, responses=streamed)
@@ -493,8 +507,12 @@ def create_app(model: ServedModel, settings: ServerSettings | None = None) -> Fa
         rids = [rid] if req.n == 1 else [f"{rid}-{i}" for i in range(req.n)]
         request.state.submitted = True
         streams = []
+        adapter = req.model if req.model in adapters else None
+        if adapter is not None:
+            metrics.adapter_requests.labels(model.name, adapter).inc()
         for i, choice_rid in enumerate(rids):
             params = p.to_sampling_params(req, prep.max_tokens, num_logprobs, i, prep.structured)
+            params = replace(params, adapter=adapter)
             handle = runner.submit(choice_rid, prep.prompt_ids, params)
             streams.append(
                 deltas(

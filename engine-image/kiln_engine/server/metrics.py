@@ -63,6 +63,9 @@ class ServerMetrics:
             names.SPEC_ACCEPTED_TOKENS, "Draft tokens the target model accepted.", lbl, registry=r
         ).labels(model)
         self._spec_last = (0, 0)  # proposed, accepted totals seen last time
+        self.adapter_requests = Counter(
+            names.LORA_REQUESTS, "Requests admitted per LoRA adapter.", [*lbl, "adapter"], registry=r
+        )
         self._lock = threading.Lock()
         self._last_preemptions = 0
         self._last_prefix_hits = 0
