@@ -103,8 +103,11 @@ def test_the_stream_is_openais_event_sequence_and_adds_up_to_the_response(client
 @pytest.mark.parametrize("stream", [False, True])
 def test_a_json_schema_text_format_gives_valid_json(client: openai.OpenAI, stream: bool) -> None:
     kwargs = {"input": "Describe a person.", "text": PERSON_FORMAT, "max_output_tokens": 100}
-    if stream:
-        text = "".join(e.delta for e in events(client, **kwargs) if e.type == "response.output_text.delta")
+    if stream:  # through the official stream helper, which checks the events' order and ids
+        with client.responses.stream(model=MODEL, temperature=0, **kwargs) as helper:
+            deltas = [e.delta for e in helper if e.type == "response.output_text.delta"]
+            text = helper.get_final_response().output_text
+        assert "".join(deltas) == text
     else:
         response = create(client, **kwargs)
         assert response.status == "completed" and response.text.format.type == "json_schema"
@@ -131,6 +134,9 @@ def test_a_tool_round_trip(client: openai.OpenAI) -> None:
     assert done.arguments == call.arguments
     added = next(e for e in stream if e.type == "response.output_item.added")
     assert (added.item.type, added.item.name, added.item.arguments) == ("function_call", "take_note", "")
+    with client.responses.stream(model=MODEL, temperature=0, **kwargs) as helper:
+        [helped] = helper.get_final_response().output
+    assert (helped.name, helped.arguments) == (call.name, call.arguments)
 
     follow = [*ask, *first.output, {"type": "function_call_output", "call_id": call.call_id, "output": "ok"}]
     second = create(client, input=follow, tools=[NOTE_TOOL], tool_choice="none")
