@@ -400,6 +400,17 @@ class AutoscalingSpec(KubeModel):
                     ".ttftP90TargetMs",
                 ),
                 _cel(
+                    "!has(self.ttftP95TargetMs) || self.ttftP95TargetMs >= self.ttftP50TargetMs",
+                    "ttftP95TargetMs must be >= ttftP50TargetMs",
+                    ".ttftP95TargetMs",
+                ),
+                _cel(
+                    "!has(self.ttftP95TargetMs) || !has(self.ttftP90TargetMs)"
+                    " || self.ttftP95TargetMs >= self.ttftP90TargetMs",
+                    "ttftP95TargetMs must be >= ttftP90TargetMs",
+                    ".ttftP95TargetMs",
+                ),
+                _cel(
                     "!self.scaleToZero || self.minReplicas == 0",
                     "scaleToZero requires minReplicas: 0",
                     ".scaleToZero",
@@ -417,6 +428,24 @@ class AutoscalingSpec(KubeModel):
     ttft_p90_target_ms: Annotated[
         int | None,
         Field(default=None, ge=1, le=600000, description="Optional target for the 90th percentile, ms."),
+    ]
+    ttft_p95_target_ms: Annotated[
+        int | None,
+        Field(default=None, ge=1, le=600000, description="Optional target for the 95th percentile, ms."),
+    ]
+    itl_target_ms: Annotated[
+        int | None,
+        Field(
+            default=None,
+            ge=1,
+            le=60000,
+            description="Optional target of inter-token latency (time between generated tokens) at "
+            "itlPercentile, ms.",
+        ),
+    ]
+    itl_percentile: Annotated[
+        Literal[50, 90, 95],
+        Field(default=50, description="The inter-token latency percentile itlTargetMs holds (50, 90 or 95)."),
     ]
     queue_depth_target: Annotated[
         int | None,
