@@ -190,7 +190,7 @@ class Router:
                     return self._upstream_failed("first_byte")
                 return await self._stream(request, upstream, first)
             finally:
-                upstream.close()  # unread bytes left (a client gone): the engine sees it and aborts
+                upstream.release()  # back to the pool when read to the end, else closed
         finally:
             self.replicas.finished(url)
             self.metrics.in_flight.dec()
@@ -211,7 +211,8 @@ class Router:
             try:
                 await response.write(chunk)
             except ConnectionResetError:
-                return response  # the client left; closing the upstream tells the engine
+                upstream.close()  # the client left: the engine sees its connection close and aborts
+                return response
             try:
                 chunk = await upstream.content.readany()
             except (aiohttp.ClientError, TimeoutError) as e:
