@@ -418,6 +418,7 @@ class Cluster:
                     f"{installed} CRDs installed from {self.crds}" if installed else "no CRDs to install"
                 )
                 create_nodes(client, server, nodes)
+                create_runtime_classes(client, server, topology.gpu_runtime_classes(nodes))
                 self._wait_until(
                     "kwok",
                     lambda: ready_nodes(client, server) >= len(nodes),
@@ -625,6 +626,15 @@ def create_nodes(client: httpx.Client, server: str, nodes: list[dict[str, Any]])
         response = client.post(f"{server}/api/v1/nodes", json=node)
         if response.status_code != 409 and not response.is_success:
             raise StartError(f"creating node {node['metadata']['name']} failed: {api_error(response)}")
+
+
+def create_runtime_classes(client: httpx.Client, server: str, classes: list[dict[str, Any]]) -> None:
+    """Create the RuntimeClasses a GPU cluster has (`topology.gpu_runtime_classes`)."""
+    for runtime_class in classes:
+        response = client.post(f"{server}/apis/node.k8s.io/v1/runtimeclasses", json=runtime_class)
+        if response.status_code != 409 and not response.is_success:
+            name = runtime_class["metadata"]["name"]
+            raise StartError(f"creating RuntimeClass {name} failed: {api_error(response)}")
 
 
 def process_node_command(directory: Path) -> list[str]:

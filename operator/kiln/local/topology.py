@@ -27,6 +27,10 @@ KWOK_NODE_LABEL = "type"
 KWOK_NODE_LABEL_VALUE = "kwok"
 KWOK_NODE_ANNOTATION = "kwok.x-k8s.io/node"
 KWOK_NODE_ANNOTATION_VALUE = "fake"
+GPU_PRESENT_LABEL = "nvidia.com/gpu.present"
+# The RuntimeClass the NVIDIA GPU Operator registers on a GPU cluster (and the chart's default
+# topologyAgent.runtimeClassName).
+GPU_RUNTIME_CLASS = "nvidia"
 
 
 class GpuModel(BaseModel):
@@ -152,7 +156,7 @@ def gpu_labels(pool: Pool, gpu: GpuSpec) -> dict[str, str]:
     driver = pool.driver.split(".")
     cuda = pool.cuda.split(".")
     result = {
-        "nvidia.com/gpu.present": "true",
+        GPU_PRESENT_LABEL: "true",
         labels.GPU_PRODUCT: model.product,
         labels.GPU_COUNT: str(gpu.count),
         labels.GPU_MEMORY_MIB: str(model.memory_mib),
@@ -222,6 +226,25 @@ def node_manifest(pool: Pool, index: int) -> dict[str, Any]:
 def node_manifests(topology: Topology) -> list[dict[str, Any]]:
     """Every Node of the topology, pool by pool, in order."""
     return [node_manifest(pool, index) for pool in topology.pools for index in range(pool.count)]
+
+
+def gpu_runtime_classes(nodes: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The `nvidia` RuntimeClass when the topology has GPU nodes, as on a GPU cluster: without it
+    the API server refuses every pod that names it (the topology agent's, on each GPU node), so
+    `helm install --wait` of the chart never ends. Its scheduling keeps such pods on GPU nodes,
+    which KWOK simulates: no container runs there, so the handler is never called, and the real
+    (CPU) node, whose containerd has no `nvidia` handler, never gets one."""
+    if not any((node["metadata"].get("labels") or {}).get(GPU_PRESENT_LABEL) == "true" for node in nodes):
+        return []
+    return [
+        {
+            "apiVersion": "node.k8s.io/v1",
+            "kind": "RuntimeClass",
+            "metadata": {"name": GPU_RUNTIME_CLASS},
+            "handler": GPU_RUNTIME_CLASS,
+            "scheduling": {"nodeSelector": {GPU_PRESENT_LABEL: "true"}},
+        }
+    ]
 
 
 def topology_names() -> list[str]:
