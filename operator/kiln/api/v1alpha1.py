@@ -196,6 +196,42 @@ class SpeculativeDecoding(KubeModel):
     ]
 
 
+# A LoRA adapter's served name: the OpenAI `model` requests select it with (kiln_engine.lora's rule).
+LORA_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+MAX_LORA_ADAPTERS = 32
+
+
+class LoraAdapterSource(KubeModel):
+    """A LoRA adapter of the model (PEFT format), served next to it under its own `model` name."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                _cel("self.name != 'base'", "'base' names the base model, not an adapter", ".name")
+            ]
+        }
+    )
+
+    name: Annotated[
+        str,
+        Field(
+            pattern=LORA_NAME_PATTERN,
+            max_length=64,
+            description="The OpenAI `model` name that selects this adapter (`base` names the base model).",
+            examples=["sql-expert"],
+        ),
+    ]
+    source: Annotated[
+        str,
+        Field(
+            pattern=SOURCE_PATTERN,
+            max_length=1024,
+            description="Adapter directory (adapter_config.json, adapter_model.safetensors): "
+            "hf://org/name[@revision], s3://bucket/prefix, or pvc://claim/path.",
+        ),
+    ]
+
+
 class EngineOptions(KubeModel):
     """How the engine is built and run."""
 
@@ -216,6 +252,16 @@ class EngineOptions(KubeModel):
                     "!has(self.speculative) || self.backend == 'torch'",
                     "speculative decoding needs the torch backend",
                     ".speculative",
+                ),
+                _cel(
+                    "!has(self.lora) || self.backend == 'torch'",
+                    "LoRA adapters need the torch backend",
+                    ".lora",
+                ),
+                _cel(
+                    "!has(self.lora) || self.lora.all(a, self.lora.exists_one(b, b.name == a.name))",
+                    "LoRA adapter names must be unique",
+                    ".lora",
                 ),
                 _cel(
                     "self.maxTokensPerStep >= self.maxBatchSize",
@@ -297,6 +343,25 @@ class EngineOptions(KubeModel):
             default=None,
             description="Speculative decoding (torch backend, one GPU per replica). Greedy outputs are "
             "unchanged and sampled ones keep their distribution. Omit to turn it off.",
+        ),
+    ]
+    lora: Annotated[
+        list[LoraAdapterSource] | None,
+        Field(
+            default=None,
+            max_length=MAX_LORA_ADAPTERS,
+            description="LoRA adapters served by every replica next to the base model (torch backend): "
+            "a request's `model` picks one, and one batch mixes adapters and the base model.",
+        ),
+    ]
+    max_lora_rank: Annotated[
+        int | None,
+        Field(
+            default=None,
+            ge=1,
+            le=256,
+            description="Largest adapter rank the replicas accept (default 16); device memory and "
+            "per-token work for adapters grow with it.",
         ),
     ]
 
@@ -967,6 +1032,11 @@ class LLMDeploymentSpec(KubeModel):
                     "has(self.gpu) || self.engine.backend == 'torch'",
                     "the tensorrt-llm backend needs spec.gpu",
                     ".engine.backend",
+                ),
+                _cel(
+                    "!has(self.engine.lora) || self.parallelism.pipeline == 1",
+                    "LoRA adapters are not served under pipeline parallelism",
+                    ".engine.lora",
                 ),
                 _cel(
                     "!self.autoscaling.enabled || (self.replicas >= self.autoscaling.minReplicas "

@@ -131,6 +131,12 @@ def engine_args(inputs: ServingInputs) -> list[str]:
     if options.speculative is not None:
         args += ["--speculative", options.speculative.method]
         args += ["--num-speculative-tokens", str(options.speculative.num_tokens)]
+    if options.lora:  # every adapter keeps a device slot: all stay loaded
+        for adapter in options.lora:
+            args += ["--lora", f"{adapter.name}={adapter.source}"]
+        args += ["--max-loras", str(len(options.lora))]
+    if options.max_lora_rank is not None:
+        args += ["--max-lora-rank", str(options.max_lora_rank)]
     if spec.gpu is None:
         args += ["--device", "cpu"]
     return args
