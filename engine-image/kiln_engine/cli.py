@@ -269,7 +269,11 @@ def serve(
     liveness = None
     if layout.world > 1:
         lockstep.join_group(rank, layout.world, serve_device)
-        liveness = group.Liveness(rank, layout.world, followers)
+        liveness = group.Liveness(
+            rank, layout.world, followers, on_leave=group.drain_self if rank == 0 else None
+        )
+        if 0 < rank == layout.local_ranks.start:  # a follower pod's first rank gets the pod's SIGTERM
+            group.leave_on_termination(liveness)
     try:
         engine = torch_backend.load_engine(path, config)
     except (ValueError, FileNotFoundError) as exc:
@@ -292,7 +296,9 @@ def serve(
                 liveness.stop()
             _wait_for(followers)
             return
-        engine = lockstep.LockstepEngine(engine, control, liveness.stop if liveness else None)  # type: ignore[assignment]
+        engine = lockstep.LockstepEngine(  # type: ignore[assignment]
+            engine, control, liveness.stop if liveness else None, liveness.fail if liveness else None
+        )
     model = torch_backend.served_model_for(engine, path, name)
     settings = ServerSettings(api_key=api_key, drain_timeout_s=drain_timeout)
     try:

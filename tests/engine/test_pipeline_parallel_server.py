@@ -90,7 +90,9 @@ def build(checkpoint: Path, out: Path, tp: int, pp: int) -> Path:
     return run_build(opts, Progress(out=io.StringIO(), bar=False))
 
 
-@pytest.mark.parametrize(("tp", "end"), [(1, "kill"), (2, "drain")], ids=["tp1xpp2", "tp2xpp2"])
+@pytest.mark.parametrize(
+    ("tp", "end"), [(1, "kill"), (2, "drain"), (1, "leave")], ids=["tp1xpp2", "tp2xpp2", "tp1xpp2-leave"]
+)
 def test_two_pod_replica_serves_like_tp1(
     tmp_path: Path, checkpoint: Path, reference: list[dict[str, Any]], tp: int, end: str
 ) -> None:
@@ -112,6 +114,23 @@ def test_two_pod_replica_serves_like_tp1(
         if end == "drain":  # SIGTERM to each pod, as Kubernetes sends it: rank 0 drains, then all stop
             for p in pods:
                 os.killpg(p.pid, signal.SIGTERM)
+            assert [p.wait(60) for p in pods] == [0, 0]
+        elif end == "leave":  # pod 1 alone is deleted: the group drains (its request ends), all exit 0
+            body = {
+                "model": "tiny-llama",
+                "prompt": "A",
+                "max_tokens": 200,
+                "temperature": 0,
+                "ignore_eos": True,
+            }
+            with ThreadPoolExecutor(1) as pool:
+                asked = pool.submit(
+                    httpx.post, f"http://127.0.0.1:{api}/v1/completions", json=body, timeout=60
+                )
+                time.sleep(0.3)
+                os.killpg(pods[1].pid, signal.SIGTERM)
+                answer = asked.result()
+            assert answer.status_code == 200 and answer.json()["usage"]["completion_tokens"] == 200
             assert [p.wait(60) for p in pods] == [0, 0]
         else:  # pod 1 dies: pod 0 must notice and exit non-zero, so the whole group restarts
             os.killpg(pods[1].pid, signal.SIGKILL)

@@ -1,5 +1,7 @@
 """A replica's ranks across pods: which ranks each pod runs, the rendezvous, the followers' /health,
-and the liveness watch that takes every rank down when one dies (so the group restarts together).
+the liveness watch that takes every rank down when one dies (so the group restarts together), and
+a follower pod's leaving: told to stop (SIGTERM, its pod is being deleted), it asks rank 0 to drain,
+so the requests in flight finish while it still runs and the group stops together, exit status 0.
 
 The contract with the pods that render a replica: every pod gets KILN_GROUP_SIZE (pods in the
 replica, N), KILN_GROUP_INDEX (this pod; 0 is the leader, whose rank 0 serves the OpenAI API),
@@ -37,6 +39,7 @@ DEFAULT_HEARTBEAT_TIMEOUT_S = 20.0
 HEARTBEAT_INTERVAL_S = 1.0
 _ALIVE_KEY = "kiln/alive/{rank}"
 _STOPPING_KEY = "kiln/stopping"
+_LEAVING_KEY = "kiln/leaving"  # a follower pod is going away: rank 0 drains and stops the group
 
 
 @dataclass(frozen=True)
@@ -145,7 +148,8 @@ class Liveness:
 
     A counter that stops moving (a rank died, or its pod did) or a store that stops answering
     (rank 0 died) ends this process with exit status 1, after killing its local ranks, unless the
-    group is stopping on purpose (rank 0 drained and told everyone to stop).
+    group is stopping on purpose (rank 0 drained and told everyone to stop). `on_leave` (rank 0's)
+    runs once when a follower pod asks the group to stop (`leave`).
     """
 
     def __init__(
@@ -155,12 +159,14 @@ class Liveness:
         children: list[subprocess.Popen[bytes]],
         timeout_s: float | None = None,
         exit: Callable[[int], None] = os._exit,
+        on_leave: Callable[[], None] | None = None,
     ) -> None:
         import torch.distributed as dist
 
         self.rank, self.world, self.children = rank, world, children
         self.timeout_s = heartbeat_timeout() if timeout_s is None else timeout_s
         self._exit = exit
+        self.on_leave = on_leave
         self.stopping = threading.Event()
         self.store = dist.TCPStore(
             os.environ["MASTER_ADDR"],
@@ -177,16 +183,30 @@ class Liveness:
         with contextlib.suppress(Exception):  # rank 0 may be gone already: nobody is watching then
             self.store.set(_STOPPING_KEY, "1")
 
+    def leave(self) -> None:
+        """This pod is going away: ask rank 0 to drain and stop the group (it keeps stepping till then)."""
+        with contextlib.suppress(Exception):  # rank 0 is gone: the group is going down anyway
+            self.store.set(_LEAVING_KEY, str(self.rank))
+
+    def fail(self, why: str) -> None:
+        """The group is broken (a rank fell out of step): take this pod's ranks down, exit 1."""
+        self._fail(why)
+
     def _run(self) -> None:
         keys = {r: _ALIVE_KEY.format(rank=r) for r in range(self.world) if r != self.rank}
         seen: dict[int, int] = {}
         last_change = {r: time.monotonic() for r in keys}
+        left = False
         while not self.stopping.is_set():
             try:
                 self.store.add(_ALIVE_KEY.format(rank=self.rank), 1)
                 if self.store.check([_STOPPING_KEY]):
                     self.stopping.set()
                     return
+                if self.on_leave is not None and not left and self.store.check([_LEAVING_KEY]):
+                    left = True
+                    log.info("a follower pod is leaving the group: draining")
+                    self.on_leave()
                 for r, key in keys.items():
                     value = self.store.add(key, 0)
                     if value != seen.get(r):
@@ -208,3 +228,15 @@ class Liveness:
             if proc.poll() is None:
                 proc.send_signal(signal.SIGKILL)
         self._exit(1)
+
+
+def leave_on_termination(liveness: Liveness) -> None:
+    """SIGTERM to a follower pod's first rank (its pod is being deleted) asks rank 0 to drain and stop
+    the group, instead of leaving the group to find a dead rank after the grace period."""
+    signal.signal(signal.SIGTERM, lambda signum, frame: liveness.leave())
+
+
+def drain_self() -> None:
+    """Rank 0's answer to a leaving pod: the SIGTERM it would get itself (the server drains, then
+    tells every rank to stop)."""
+    os.kill(os.getpid(), signal.SIGTERM)

@@ -4,7 +4,8 @@ their own weight shards and layers; see kiln_engine.pipeline for how stages pass
 
 Control messages travel over a gloo group with a long timeout (an idle server sends nothing for as
 long as it is idle); the tensors themselves use the engine's own process group (NCCL on GPUs).
-Followers ignore SIGTERM: rank 0 drains, then tells them to stop; if rank 0 dies, they exit.
+Followers ignore SIGTERM: rank 0 drains, then tells them to stop; if rank 0 dies, they exit. A step
+that fails on rank 0 leaves the followers out of step: the group is broken, and `on_failure` ends it.
 """
 
 from __future__ import annotations
@@ -37,10 +38,17 @@ def control_group() -> Any:
 class LockstepEngine:
     """The Engine protocol on rank 0: each step first ships the adds/aborts since the last step."""
 
-    def __init__(self, engine: Engine, group: Any, on_stop: Callable[[], None] | None = None) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        group: Any,
+        on_stop: Callable[[], None] | None = None,
+        on_failure: Callable[[str], None] | None = None,
+    ) -> None:
         self.engine = engine
         self.group = group
         self.on_stop = on_stop  # before the followers are told to stop (the liveness watch stands down)
+        self.on_failure = on_failure  # a failed step: the group restarts (rather than failing each request)
         self._pending: list[Command] = []
 
     def __getattr__(self, name: str) -> Any:  # tokenizer, eos ids, model_config … of the local engine
@@ -65,9 +73,14 @@ class LockstepEngine:
         return self.engine.stats()
 
     def step(self) -> list[RequestOutput]:
-        self._send(("step", self._pending))
-        self._pending = []
-        return self.engine.step()
+        try:
+            self._send(("step", self._pending))
+            self._pending = []
+            return self.engine.step()
+        except Exception as exc:
+            if self.on_failure is not None:
+                self.on_failure(f"a step failed ({type(exc).__name__}: {exc})")
+            raise
 
     def shutdown(self) -> None:
         """Tell the followers to exit (after the runner stopped stepping)."""
