@@ -23,7 +23,7 @@ from kiln_engine.layers.attention import AttentionMetadata, TorchAttentionBacken
 from kiln_engine.layers.triton_attention import TritonAttentionBackend
 
 def case(chunks, block_size, heads, kv_heads, head_dim, window, seed,
-         dtype=torch.float32, tol=1e-4, split_keys=10**9, prefill_m=16):
+         dtype=torch.float32, tol=1e-4, split_keys=10**9, prefill_m=16, softcap=None):
     # chunks: (cached_prefix_len, new_tokens) per sequence
     g = torch.Generator().manual_seed(seed)
     num_blocks = sum(-(-(c + n) // block_size) for c, n in chunks) + 3
@@ -54,11 +54,14 @@ def case(chunks, block_size, heads, kv_heads, head_dim, window, seed,
     ref_backend = TorchAttentionBackend()
     ref_backend.prepare(meta)
     scale = head_dim ** -0.5
-    ref = ref_backend.forward(q.float(), k_cache.float(), v_cache.float(), meta, scale, window)
+    qf, kf, vf = q.float(), k_cache.float(), v_cache.float()
+    ref = ref_backend.forward(qf, kf, vf, meta, scale, window, softcap=softcap)
+    if softcap is not None:  # the cap must matter for this input
+        assert (ref - ref_backend.forward(qf, kf, vf, meta, scale, window)).abs().max() > 0.1
     backend = TritonAttentionBackend(block_m=16, block_n=16, max_splits=4, split_min_keys=split_keys,
                                      prefill_block_m=prefill_m, prefill_block_n=16)
     assert (backend.num_splits(meta, kv_heads) > 1) == (split_keys < 10**9)
-    got = backend.forward(q, k_cache, v_cache, meta, scale, window)
+    got = backend.forward(q, k_cache, v_cache, meta, scale, window, softcap=softcap)
     assert got.dtype == dtype
     err = (got.float() - ref).abs().max().item()
     assert err < tol, (chunks, block_size, window, dtype, err)
@@ -76,6 +79,9 @@ case([(12, 9), (33, 1), (0, 20)], 16, 4, 2, 16, None, 5, torch.float16, 1e-2)
 case([(0, 1), (7, 1), (40, 1)], 4, 4, 2, 16, None, 6, split_keys=16)
 case([(63, 1), (20, 1)], 16, 8, 2, 16, None, 7, split_keys=8)
 case([(50, 1), (9, 1)], 4, 4, 2, 16, 8, 8, split_keys=12)
+# Gemma 2's tanh soft-cap on the scores: chunks over a window, and split-K decode
+case([(10, 30), (60, 1), (0, 9)], 4, 4, 2, 32, 8, 9, softcap=0.5)
+case([(50, 1), (9, 1)], 4, 4, 2, 16, None, 10, split_keys=12, softcap=0.5)
 print("ok")
 """
 

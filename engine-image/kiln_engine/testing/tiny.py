@@ -171,8 +171,9 @@ def random_weights(cfg: dict[str, Any], seed: int = 0, std: float = 0.1) -> dict
     def norm(n: int) -> torch.Tensor:  # Gemma's norms scale by (1 + weight)
         return (0.0 if gemma else 1.0) + rnd(n, scale=0.1)
 
-    # Gemma multiplies embeddings by sqrt(hidden): unit-scale rows would drown every layer's output
-    w: dict[str, torch.Tensor] = {"model.embed_tokens.weight": rnd(v, h, scale=h**-0.5 if gemma else 1.0)}
+    # Gemma multiplies embeddings by sqrt(hidden): small rows, or the tied head repeats the input token
+    embed_std = 0.4 * h**-0.5 if gemma else 1.0
+    w: dict[str, torch.Tensor] = {"model.embed_tokens.weight": rnd(v, h, scale=embed_std)}
     for i in range(cfg["num_hidden_layers"]):
         p = f"model.layers.{i}."
         w[p + "self_attn.q_proj.weight"] = rnd(heads * d, h)
