@@ -149,7 +149,11 @@ class Controller:
             math.inf if signals is None else now - signals.observed_at
         )
         if signals is not None:
-            for quantile, value in (("0.5", signals.ttft_p50_s), ("0.9", signals.ttft_p90_s)):
+            for quantile, value in (
+                ("0.5", signals.ttft_p50_s),
+                ("0.9", signals.ttft_p90_s),
+                ("0.95", signals.ttft_p95_s),
+            ):
                 if value is not None:
                     self.metrics.observed_ttft.labels(*labels, quantile).set(value)
         return Outcome(scaled.namespace, scaled.name, current, decision, signals)

@@ -19,6 +19,9 @@ class Targets:
     max_replicas: int = 4
     ttft_p50_target_s: float = 0.5
     ttft_p90_target_s: float | None = None
+    ttft_p95_target_s: float | None = None
+    itl_target_s: float | None = None  # inter-token latency at `itl_percentile`
+    itl_percentile: int = 50
     queue_depth_target: float | None = None  # waiting requests per ready replica
     scale_up_window_s: float = 0.0
     scale_down_window_s: float = 300.0
@@ -61,6 +64,10 @@ class Signals:
     observed_at: float  # unix seconds of the newest sample used
     ttft_p50_s: float | None = None
     ttft_p90_s: float | None = None
+    ttft_p95_s: float | None = None
+    itl_p50_s: float | None = None  # inter-token latency quantiles (the engine's per-token gaps)
+    itl_p90_s: float | None = None
+    itl_p95_s: float | None = None
     queue_depth: float = 0.0  # waiting requests, all pods (plus any gateway queue)
     running: float = 0.0  # requests in the running batches, all pods
     request_rate: float = 0.0  # finished requests per second
@@ -73,6 +80,13 @@ class Signals:
     def in_flight(self) -> float:
         """Requests admitted or waiting."""
         return self.queue_depth + self.running
+
+    def itl(self, percentile: int) -> float | None:
+        """The inter-token latency quantile at `percentile` (50, 90 or 95)."""
+        quantiles = {50: self.itl_p50_s, 90: self.itl_p90_s, 95: self.itl_p95_s}
+        if percentile not in quantiles:
+            raise ValueError(f"inter-token latency percentile must be 50, 90 or 95, got {percentile}")
+        return quantiles[percentile]
 
     @property
     def has_demand(self) -> bool:
@@ -168,6 +182,9 @@ def targets_from_api(spec_autoscaling: dict[str, Any]) -> Targets:
         max_replicas=spec.max_replicas,
         ttft_p50_target_s=spec.ttft_p50_target_ms / 1000.0,
         ttft_p90_target_s=_ms_to_s(spec.ttft_p90_target_ms),
+        ttft_p95_target_s=_ms_to_s(spec.ttft_p95_target_ms),
+        itl_target_s=_ms_to_s(spec.itl_target_ms),
+        itl_percentile=spec.itl_percentile,
         queue_depth_target=None if spec.queue_depth_target is None else float(spec.queue_depth_target),
         scale_up_window_s=float(spec.scale_up_window_seconds),
         scale_down_window_s=float(spec.scale_down_window_seconds),

@@ -7,9 +7,10 @@ How it decides (docs/autoscaler.md has the long form):
 3. Feed-forward: the load the deployment carries (token rates ÷ measured per-replica capacity,
    and requests in flight ÷ the concurrency a replica holds within the TTFT target), divided by
    the target utilization, is the replica count that would carry it with headroom.
-4. Feedback: TTFT over target (beyond the tolerance band) adds replicas in proportion to
-   (ttft / target) ** gain, never fewer than one more than are ready; under target lets the
-   feed-forward count pull down; inside the band the count only goes up.
+4. Feedback: latency over target (the worst of TTFT p50/p90/p95 and inter-token latency, each
+   where set) beyond the tolerance band adds replicas in proportion to (latency / target) ** gain,
+   never fewer than one more than are ready; under target lets the feed-forward count pull down;
+   inside the band the count only goes up.
 5. Stabilization: scale-up takes the lowest recommendation of the up window, scale-down the
    highest of the down window; step limits bound each change. A burst (queue per replica
    over a threshold, or demand jumping over its recent minimum) skips the up window and step
@@ -85,13 +86,28 @@ def load_in_replicas(
     return max(estimates) + backlog
 
 
-def ttft_error(signals: Signals, targets: Targets) -> float | None:
-    """Observed over target TTFT (the worse of p50 and, when targeted, p90); None without samples."""
-    ratios: list[float] = []
-    if signals.ttft_p50_s is not None and targets.ttft_p50_target_s > 0:
-        ratios.append(signals.ttft_p50_s / targets.ttft_p50_target_s)
-    if signals.ttft_p90_s is not None and targets.ttft_p90_target_s:
-        ratios.append(signals.ttft_p90_s / targets.ttft_p90_target_s)
+def latency_ratios(signals: Signals, targets: Targets) -> dict[str, tuple[float, float]]:
+    """Each targeted latency that has samples: name -> (observed, target) in seconds."""
+    pairs = {
+        "ttft p50": (signals.ttft_p50_s, targets.ttft_p50_target_s),
+        "ttft p90": (signals.ttft_p90_s, targets.ttft_p90_target_s),
+        "ttft p95": (signals.ttft_p95_s, targets.ttft_p95_target_s),
+        f"itl p{targets.itl_percentile}": (
+            signals.itl(targets.itl_percentile) if targets.itl_target_s else None,
+            targets.itl_target_s,
+        ),
+    }
+    return {
+        name: (observed, target)
+        for name, (observed, target) in pairs.items()
+        if observed is not None and target is not None and target > 0
+    }
+
+
+def latency_error(signals: Signals, targets: Targets) -> float | None:
+    """Observed over target latency, the worst of every target set (TTFT p50/p90/p95, ITL);
+    None without samples. Whichever target is violated drives the feedback."""
+    ratios = [observed / target for observed, target in latency_ratios(signals, targets).values()]
     return max(ratios) if ratios else None
 
 
@@ -107,11 +123,10 @@ def is_burst(signals: Signals, replicas: Replicas, history: History, now: float,
 
 
 def _describe(signals: Signals, targets: Targets) -> str:
-    parts = []
-    if signals.ttft_p50_s is not None:
-        parts.append(f"ttft p50 {signals.ttft_p50_s * 1000:.0f}ms/{targets.ttft_p50_target_s * 1000:.0f}ms")
-    if signals.ttft_p90_s is not None and targets.ttft_p90_target_s:
-        parts.append(f"p90 {signals.ttft_p90_s * 1000:.0f}ms/{targets.ttft_p90_target_s * 1000:.0f}ms")
+    parts = [
+        f"{name} {observed * 1000:.0f}ms/{target * 1000:.0f}ms"
+        for name, (observed, target) in latency_ratios(signals, targets).items()
+    ]
     parts.append(f"queue {signals.queue_depth:.0f}")
     parts.append(f"running {signals.running:.0f}")
     return ", ".join(parts)
@@ -158,7 +173,7 @@ def decide(
         low = 1
 
     ready = max(replicas.ready, 1)
-    error = ttft_error(signals, targets)
+    error = latency_error(signals, targets)
     tolerance = tuning.tolerance
     over = error is not None and error > 1 + tolerance
     queue_need = 0
@@ -194,7 +209,7 @@ def decide(
             why = f"within tolerance ({described})"
     else:
         raw = max(sized or 0, queue_need, current)
-        why = f"within the TTFT band ({described})"
+        why = f"within the latency band ({described})"
 
     recommendation = _clamp(raw, low, high)
     if replicas.ready == 0 and recommendation < current:

@@ -39,9 +39,14 @@ def selector(namespace: str, deployment: str, deployment_label: str = DEFAULT_DE
 def queries(match: str, window: str = "1m") -> dict[str, str]:
     """The PromQL of every signal, for one selector (`match` from `selector`)."""
     ttft = f"sum by (le) (rate({names.TTFT_SECONDS}_bucket{match}[{window}]))"
+    itl = f"sum by (le) (rate({names.INTER_TOKEN_SECONDS}_bucket{match}[{window}]))"
     return {
         "ttft_p50_s": f"histogram_quantile(0.5, {ttft})",
         "ttft_p90_s": f"histogram_quantile(0.9, {ttft})",
+        "ttft_p95_s": f"histogram_quantile(0.95, {ttft})",
+        "itl_p50_s": f"histogram_quantile(0.5, {itl})",
+        "itl_p90_s": f"histogram_quantile(0.9, {itl})",
+        "itl_p95_s": f"histogram_quantile(0.95, {itl})",
         "queue_depth": f"sum({names.QUEUE_DEPTH}{match})",
         "running": f"sum({names.RUNNING_REQUESTS}{match})",
         "request_rate": f"sum(rate({names.REQUESTS}{match}[{window}]))",
@@ -77,6 +82,10 @@ def signals_from_values(values: Mapping[str, float | None]) -> Signals | None:
         observed_at=observed_at,
         ttft_p50_s=values.get("ttft_p50_s"),
         ttft_p90_s=values.get("ttft_p90_s"),
+        ttft_p95_s=values.get("ttft_p95_s"),
+        itl_p50_s=values.get("itl_p50_s"),
+        itl_p90_s=values.get("itl_p90_s"),
+        itl_p95_s=values.get("itl_p95_s"),
         queue_depth=number("queue_depth"),
         running=number("running"),
         request_rate=number("request_rate"),
@@ -130,6 +139,7 @@ def signals_from_samples(
     if not current:
         return None
     merged: dict[float, float] = {}
+    merged_itl: dict[float, float] = {}
     totals = dict.fromkeys(COUNTERS, 0.0)
     spans: list[float] = []
     for pod, sample in current.items():
@@ -137,13 +147,14 @@ def signals_from_samples(
         if before is None or sample.time <= before.time:
             continue
         delta = bucket_delta(sample.ttft_buckets, before.ttft_buckets)
-        restarted = delta is None or any(
-            sample.counters.get(name, 0.0) < before.counters.get(name, 0.0) for name in COUNTERS
-        )
-        if restarted or delta is None:
+        itl_delta = bucket_delta(sample.itl_buckets, before.itl_buckets)
+        restarted = any(sample.counters.get(name, 0.0) < before.counters.get(name, 0.0) for name in COUNTERS)
+        if restarted or delta is None or itl_delta is None:
             continue
         for bound, count in delta:
             merged[bound] = merged.get(bound, 0.0) + count
+        for bound, count in itl_delta:
+            merged_itl[bound] = merged_itl.get(bound, 0.0) + count
         for name in COUNTERS:
             totals[name] += sample.counters.get(name, 0.0) - before.counters.get(name, 0.0)
         spans.append(sample.time - before.time)
@@ -151,11 +162,20 @@ def signals_from_samples(
         return None
     span = sum(spans) / len(spans)
     buckets = sorted(merged.items())
+    itl_buckets = sorted(merged_itl.items())
+
+    def quantile(q: float, cumulative: list[tuple[float, float]]) -> float | None:
+        return histogram_quantile(q, cumulative) if cumulative else None
+
     kv = [s.gauges[names.KV_CACHE_USAGE] for s in current.values() if names.KV_CACHE_USAGE in s.gauges]
     return Signals(
         observed_at=max(s.time for s in current.values()),
-        ttft_p50_s=histogram_quantile(0.5, buckets) if buckets else None,
-        ttft_p90_s=histogram_quantile(0.9, buckets) if buckets else None,
+        ttft_p50_s=quantile(0.5, buckets),
+        ttft_p90_s=quantile(0.9, buckets),
+        ttft_p95_s=quantile(0.95, buckets),
+        itl_p50_s=quantile(0.5, itl_buckets),
+        itl_p90_s=quantile(0.9, itl_buckets),
+        itl_p95_s=quantile(0.95, itl_buckets),
         queue_depth=sum(s.gauges.get(names.QUEUE_DEPTH, 0.0) for s in current.values()),
         running=sum(s.gauges.get(names.RUNNING_REQUESTS, 0.0) for s in current.values()),
         request_rate=totals[names.REQUESTS] / span,

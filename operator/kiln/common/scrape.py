@@ -15,6 +15,7 @@ class PodSample:
 
     time: float
     ttft_buckets: dict[float, float] = field(default_factory=dict)
+    itl_buckets: dict[float, float] = field(default_factory=dict)  # inter-token latency histogram
     counters: dict[str, float] = field(default_factory=dict)  # requests, prompt and generation tokens
     gauges: dict[str, float] = field(default_factory=dict)  # queue, running, kv
 
@@ -31,6 +32,9 @@ def parse_metrics(text: str, now: float) -> PodSample:
             if item.name == f"{names.TTFT_SECONDS}_bucket":
                 bound = float(item.labels["le"])
                 sample.ttft_buckets[bound] = sample.ttft_buckets.get(bound, 0.0) + item.value
+            elif item.name == f"{names.INTER_TOKEN_SECONDS}_bucket":
+                bound = float(item.labels["le"])
+                sample.itl_buckets[bound] = sample.itl_buckets.get(bound, 0.0) + item.value
             elif item.name in COUNTERS:
                 sample.counters[item.name] = sample.counters.get(item.name, 0.0) + item.value
             elif item.name in GAUGES:

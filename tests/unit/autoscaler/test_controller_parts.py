@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import datetime as dt
 
+import pytest
+from pydantic import ValidationError
+
 from kiln_autoscaler.controller import event_reason
 from kiln_autoscaler.data import Capacity, Decision, Signals, capacity_from_api, targets_from_api
 from kiln_autoscaler.kube import decision_status, scaled_from_object
@@ -54,6 +57,15 @@ def test_api_mapping_takes_the_api_defaults_and_capacity_figures() -> None:
         {"outputTokensPerSecond": 900.0, "prefillTokensPerSecond": 9000.0, "maxConcurrencyAtTtftTarget": 24}
     )
     assert capacity.known and capacity.max_concurrency_at_ttft_target == 24.0
+
+
+def test_api_mapping_reads_the_p95_and_inter_token_targets_and_refuses_a_bad_percentile() -> None:
+    targets = targets_from_api({"ttftP95TargetMs": 1200, "itlTargetMs": 40, "itlPercentile": 95})
+    assert targets.ttft_p95_target_s == 1.2 and targets.itl_target_s == 0.04 and targets.itl_percentile == 95
+    plain = targets_from_api({})
+    assert plain.ttft_p95_target_s is None and plain.itl_target_s is None and plain.itl_percentile == 50
+    with pytest.raises(ValidationError, match="itlPercentile"):
+        targets_from_api({"itlTargetMs": 40, "itlPercentile": 99})
 
 
 def test_status_patch_records_changes_and_observed_ttft() -> None:

@@ -87,6 +87,32 @@ def test_p90_target_counts_when_set() -> None:
     assert run(signals(ttft_p90_s=3.0)).desired <= 4  # no p90 target: p90 ignored
 
 
+def test_p95_target_scales_up_when_it_alone_is_violated() -> None:
+    targets = replace(TARGETS, ttft_p95_target_s=1.0)
+    # p50 well under its target (0.2 / 0.5) and load that capacity sizing calls small
+    decision = run(signals(ttft_p95_s=2.5), targets=targets)
+    assert decision.desired > 4 and "ttft p95 2500ms/1000ms" in decision.reason
+    assert run(signals(ttft_p95_s=0.9), targets=targets).desired <= 4  # met: no scale-up
+    assert run(signals(ttft_p95_s=2.5)).desired <= 4  # no p95 target: p95 ignored
+
+
+def test_itl_target_at_its_percentile_scales_up_when_violated() -> None:
+    itl = replace(TARGETS, itl_target_s=0.03, itl_percentile=90)
+    slow_tail = signals(itl_p50_s=0.02, itl_p90_s=0.06)
+    decision = run(slow_tail, targets=itl)
+    assert decision.desired > 4 and "itl p90 60ms/30ms" in decision.reason
+    # the same signals against a p50 ITL target are within it
+    assert run(slow_tail, targets=replace(itl, itl_percentile=50)).desired <= 4
+    assert run(slow_tail).desired <= 4  # no ITL target: ITL ignored
+
+
+def test_the_worst_violated_target_sets_the_feedback() -> None:
+    targets = replace(TARGETS, ttft_p95_target_s=1.0, itl_target_s=0.02)
+    # p95 at 1.2x, ITL at 4x: sqrt(4) = 2 -> 8 replicas (ITL drives it)
+    assert run(signals(ttft_p95_s=1.2, itl_p50_s=0.08), targets=targets).desired == 8
+    assert run(signals(ttft_p95_s=1.2, itl_p50_s=0.01), targets=targets).desired == 5
+
+
 def test_ttft_feedback_waits_for_replicas_that_are_starting_and_after_a_scale_up() -> None:
     # 4 asked for, 2 ready: TTFT over target is already being handled
     assert run(signals(ttft_p50_s=2.0), current=4, ready=2).desired == 4

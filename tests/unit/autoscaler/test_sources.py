@@ -93,6 +93,39 @@ def test_engine_exposition_parses_and_deltas_give_rates_and_quantiles() -> None:
     assert s.observed_at == 110.0
 
 
+def test_pod_deltas_give_ttft_p95_and_inter_token_latency_quantiles() -> None:
+    metrics = engine_metrics([0.05] * 10, waiting=0, running=1, prompt=10, generated=10)
+    for _ in range(100):
+        metrics.inter_token.observe(0.004)
+    before = parse_metrics(generate_latest(metrics.registry).decode(), now=100.0)
+    for value in [0.1] * 90 + [2.0] * 10:
+        metrics.ttft.observe(value)
+    for value in [0.012] * 80 + [0.2] * 20:
+        metrics.inter_token.observe(value)
+    after = parse_metrics(generate_latest(metrics.registry).decode(), now=110.0)
+    s = signals_from_samples({"a": after}, {"a": before})
+    assert s is not None
+    assert s.ttft_p50_s is not None and s.ttft_p50_s <= 0.15
+    assert s.ttft_p95_s is not None and 1.5 < s.ttft_p95_s <= 2.0  # the slow tenth only
+    assert s.itl_p50_s is not None and 0.01 < s.itl_p50_s <= 0.015  # the 4 ms gaps were before
+    assert s.itl_p90_s is not None and 0.15 < s.itl_p90_s <= 0.25
+    assert s.itl(90) == s.itl_p90_s
+    with pytest.raises(ValueError, match="50, 90 or 95"):
+        s.itl(99)
+
+
+def test_queries_read_ttft_p95_and_the_inter_token_histogram() -> None:
+    q = queries(selector("prod", "llama"))
+    assert q["ttft_p95_s"] == q["ttft_p50_s"].replace("histogram_quantile(0.5, ", "histogram_quantile(0.95, ")
+    for key, quantile in (("itl_p50_s", "0.5"), ("itl_p90_s", "0.9"), ("itl_p95_s", "0.95")):
+        assert q[key] == (
+            f"histogram_quantile({quantile}, sum by (le) (rate(kiln_engine_inter_token_latency_seconds_bucket"
+            '{namespace="prod", llmdeployment="llama"}[1m])))'
+        )
+    s = signals_from_values({"observed_at": 1.0, "pods": 1, "ttft_p95_s": 0.7, "itl_p95_s": 0.03})
+    assert s is not None and s.ttft_p95_s == 0.7 and s.itl(95) == 0.03 and s.itl_p50_s is None
+
+
 def test_first_scrape_and_restarts_give_no_rates() -> None:
     metrics = engine_metrics([0.1], waiting=0, running=1, prompt=10, generated=1)
     sample = parse_metrics(generate_latest(metrics.registry).decode(), now=5.0)
