@@ -53,10 +53,16 @@ class EndpointSliceWatch:
     """Follows a Service's EndpointSlices in a thread; calls `on_change(urls)` on every change."""
 
     def __init__(
-        self, service: str, namespace: str, port_name: str, on_change: Callable[[set[str]], None]
+        self,
+        service: str,
+        namespace: str,
+        port_name: str,
+        on_change: Callable[[set[str]], None],
+        api_client: Any = None,  # a kubernetes ApiClient; default: in-cluster config, else kubeconfig
     ) -> None:
         self.service, self.namespace, self.port_name = service, namespace, port_name
         self.on_change = on_change
+        self.api_client = api_client
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="endpointslice-watch", daemon=True)
 
@@ -69,11 +75,12 @@ class EndpointSliceWatch:
     def _run(self) -> None:
         from kubernetes import client, config, watch
 
-        try:
-            config.load_incluster_config()
-        except config.ConfigException:
-            config.load_kube_config()
-        api = client.DiscoveryV1Api()
+        if self.api_client is None:
+            try:
+                config.load_incluster_config()
+            except config.ConfigException:
+                config.load_kube_config()
+        api = client.DiscoveryV1Api(self.api_client)
         selector = f"{SERVICE_NAME_LABEL}={self.service}"
         while not self._stop.is_set():
             try:
