@@ -230,7 +230,8 @@ def decision_times(replicas: int, prompt_chars: int, samples: int) -> dict[str, 
     policy, times = Policy(), []
     for i in range(samples):
         start = time.perf_counter()
-        pick(chat_prompt(bodies[i % len(bodies)]), states, policy)
+        prompt = chat_prompt(bodies[i % len(bodies)])
+        pick(prompt.text, states, policy, prompt.conversation_chars)
         times.append(time.perf_counter() - start)
     return {"p50_ms": pct(times, 50), "p99_ms": pct(times, 99)}
 

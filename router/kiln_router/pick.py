@@ -2,10 +2,11 @@
 
 The prompt text is cut into fixed-size character blocks hashed as a chain (each block's hash covers
 every block before it, as vLLM's and llm-d's KV block hashes do), so a block hash names a whole
-prefix. The affinity key is the hash of the prompt's first `affinity_blocks` full blocks: requests
-that share that prefix share the key. Rendezvous (highest-random-weight) hashing ranks the replicas
-for the key, so every router replica that sees the same replica set ranks them the same way with no
-shared state, and removing a replica moves only the keys it ranked first.
+prefix. The affinity key is the hash of the prompt's first `affinity_blocks` full blocks, or, for a
+chat, of its text through the first user message when that is shorter (every turn of a conversation
+keeps that part): requests that share that prefix share the key. Rendezvous (highest-random-weight)
+hashing ranks the replicas for the key, so every router replica that sees the same replica set ranks
+them the same way with no shared state, and removing a replica moves only the keys it ranked first.
 
 The first-ranked replica is the affinity target. A replica is skipped while it is overloaded: its
 engine queue or KV-cache usage (scraped from its /metrics) is over a threshold, or this router
@@ -81,30 +82,49 @@ def block_hashes(text: str, block_chars: int, max_blocks: int) -> list[bytes]:
     return hashes
 
 
+def affinity_key(text: str, policy: Policy, conversation_chars: int | None = None) -> tuple[bytes, int]:
+    """The affinity key and how many characters it covers ((b"", 0): the prompt is too short to have
+    one). A chat's conversation prefix, when shorter than the affinity reach, is the key exactly,
+    its last partial block included (it ends where the conversation's own text begins)."""
+    reach = policy.block_chars * policy.affinity_blocks
+    if conversation_chars is None or min(conversation_chars, len(text)) >= reach:
+        hashes = block_hashes(text, policy.block_chars, policy.affinity_blocks)
+        return (hashes[-1], len(hashes) * policy.block_chars) if hashes else (b"", 0)
+    end = min(conversation_chars, len(text))
+    full = end // policy.block_chars
+    hashes = block_hashes(text, policy.block_chars, full)
+    key = hashes[-1] if hashes else b""
+    tail = text[full * policy.block_chars : end]
+    if tail:
+        key = hashlib.blake2b(key + tail.encode("utf-8", "surrogatepass"), digest_size=_DIGEST).digest()
+    return key, end
+
+
 def rank(key: bytes, replicas: Sequence[str]) -> list[str]:
     """Replicas by rendezvous weight for the key, highest first (ties broken by name)."""
     weights = {r: hashlib.blake2b(r.encode() + b"\0" + key, digest_size=8).digest() for r in replicas}
     return sorted(replicas, key=lambda r: (weights[r], r), reverse=True)
 
 
-def pick(text: str, replicas: Mapping[str, ReplicaState], policy: Policy) -> Decision:
+def pick(
+    text: str, replicas: Mapping[str, ReplicaState], policy: Policy, conversation_chars: int | None = None
+) -> Decision:
     """The replica order for a prompt: its affinity ranking with overloaded replicas moved last."""
     if not replicas:
         raise ValueError("no replicas to choose from")
     healthy = [r for r, s in replicas.items() if s.healthy]
     names = healthy or list(replicas)  # when every scrape failed, still try them all
     by_load = sorted(names, key=lambda r: (_pending(replicas[r]), replicas[r].kv_usage, r))
-    hashes = block_hashes(text, policy.block_chars, policy.affinity_blocks)
-    if not hashes:
+    key, prefix_chars = affinity_key(text, policy, conversation_chars)
+    if not prefix_chars:
         return Decision(tuple(by_load), "short_prompt", 0)
     bound = _in_flight_bound(replicas, names, policy)
-    ranking = rank(hashes[-1], names)
+    ranking = rank(key, names)
     fit = [r for r in ranking if not _overloaded(replicas[r], bound, policy)]
-    prefix_chars = len(hashes) * policy.block_chars
     if not fit:
-        return Decision(tuple(by_load), "least_loaded", prefix_chars, hashes[-1])
+        return Decision(tuple(by_load), "least_loaded", prefix_chars, key)
     rest = [r for r in by_load if r not in fit]
-    return Decision((*fit, *rest), "affinity" if fit[0] == ranking[0] else "spill", prefix_chars, hashes[-1])
+    return Decision((*fit, *rest), "affinity" if fit[0] == ranking[0] else "spill", prefix_chars, key)
 
 
 def _pending(state: ReplicaState) -> float:

@@ -22,7 +22,7 @@ from multidict import CIMultiDict
 
 from kiln_router.metrics import RouterMetrics
 from kiln_router.pick import Decision, Policy, pick
-from kiln_router.prompt import PromptError, chat_prompt, completion_prompt
+from kiln_router.prompt import Prompt, PromptError, chat_prompt, completion_prompt
 from kiln_router.replicas import Replicas
 
 log = logging.getLogger(__name__)
@@ -116,23 +116,25 @@ class Router:
     # ------------------------------------------------------------------------------- proxying
 
     async def _route(
-        self, request: web.Request, render: Callable[[Mapping[str, object]], str]
+        self, request: web.Request, render: Callable[[Mapping[str, object]], Prompt]
     ) -> web.StreamResponse:
         raw = await request.read()
         try:
             body = json.loads(raw)
             if not isinstance(body, dict):
                 raise PromptError("the request body must be a JSON object")
-            text = render(body)
+            prompt = render(body)
         except (ValueError, PromptError) as e:  # JSONDecodeError is a ValueError
             return self._error(400, f"bad request body: {e}", "invalid_request_error")
         if not len(self.replicas):
             return self._error(503, "no ready replica", "service_unavailable")
         start = time.perf_counter()
-        decision = pick(text, self.replicas.snapshot(), self.settings.policy)
+        decision = pick(
+            prompt.text, self.replicas.snapshot(), self.settings.policy, prompt.conversation_chars
+        )
         self.metrics.decision_seconds.observe(time.perf_counter() - start)
         self.metrics.decisions.labels(decision.reason).inc()
-        self._estimate_prefix_hit(decision, len(text))
+        self._estimate_prefix_hit(decision, len(prompt.text))
         return await self._forward(request, decision, raw)
 
     def _estimate_prefix_hit(self, decision: Decision, prompt_chars: int) -> None:

@@ -9,6 +9,7 @@ import string
 import pytest
 
 from kiln_router.pick import Policy, ReplicaState, block_hashes, pick
+from kiln_router.prompt import chat_prompt
 
 POLICY = Policy(block_chars=32, affinity_blocks=8)
 REPLICAS = [f"10.0.0.{i}:8000" for i in range(1, 7)]
@@ -59,6 +60,24 @@ def test_removing_a_replica_moves_only_the_prompts_it_had() -> None:
     assert len(moved) == sum(1 for p in prompts if before[p] == gone)
     # the prompts of the replica that left go where a router would have spilled them: its runner-up
     assert all(after[p] == pick(p, idle(REPLICAS), POLICY).order[1] for p in moved)
+
+
+def test_every_turn_of_a_conversation_goes_where_its_first_turn_went() -> None:
+    system = {"role": "system", "content": text(6, 100)}  # shorter than the affinity reach (256)
+    chosen = {}
+    for conversation in range(30):
+        messages = [system, {"role": "user", "content": f"question {conversation}: {text(conversation, 20)}"}]
+        replicas = set()
+        for turn in range(4):
+            prompt = chat_prompt({"messages": messages})
+            replicas.add(pick(prompt.text, idle(REPLICAS), POLICY, prompt.conversation_chars).order[0])
+            messages += [
+                {"role": "assistant", "content": text(turn, 40)},
+                {"role": "user", "content": "more"},
+            ]
+        assert len(replicas) == 1  # later turns outgrow the reach: still the first turn's replica
+        chosen[conversation] = replicas.pop()
+    assert len(set(chosen.values())) > 1  # conversations sharing only a system prompt spread
 
 
 @pytest.mark.parametrize(
