@@ -181,3 +181,28 @@ def test_without_routers_the_status_names_none() -> None:
         desired=engine_identity(deployment, "0.1.0"), desired_engine=engine, serving=engine
     )
     assert render_status.deployment_status(deployment, seen, NOW)["routerReadyReplicas"] is None
+
+
+def test_the_router_accepts_the_command_line_the_operator_renders() -> None:
+    import tomllib
+    from pathlib import Path
+
+    import click
+
+    from kiln_router.cli import main
+
+    deployment = example("tiny-cpu.yaml", router=ROUTED)
+    [container] = render_router.router_deployment(deployment, Settings())["spec"]["template"]["spec"][
+        "containers"
+    ]
+    pyproject = tomllib.loads((Path(__file__).resolve().parents[3] / "pyproject.toml").read_text())
+    assert pyproject["project"]["scripts"][container["command"][0]] == "kiln_router.cli:main"
+    subcommand, *options = container["args"]
+    command = main.get_command(click.Context(main), subcommand)
+    assert command is not None, subcommand
+    parsed = command.make_context(subcommand, list(options)).params
+    assert parsed["service"] == render_router.engines_service_name(str(deployment.metadata.name))
+    assert parsed["namespace"] == deployment.metadata.namespace
+    assert parsed["port"] == deployment.spec.serving.port
+    engines_port = render_router.engines_service(deployment, False)["spec"]["ports"][0]["name"]
+    assert parsed["port_name"] == engines_port
