@@ -3,9 +3,12 @@ budget, and what the deployment's status says while no router is ready."""
 
 from __future__ import annotations
 
+import tomllib
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
+import click
 import pytest
 from render_helpers import example, matches, nodes, ready
 
@@ -17,6 +20,7 @@ from kiln.render import serving as render_serving
 from kiln.render import status as render_status
 from kiln.render.common import Settings
 from kiln.render.engine import engine_identity
+from kiln_router.cli import main
 
 NOW = datetime(2026, 12, 5, 9, 0, tzinfo=UTC)
 ROUTED = {"enabled": True, "replicas": 2}
@@ -184,13 +188,6 @@ def test_without_routers_the_status_names_none() -> None:
 
 
 def test_the_router_accepts_the_command_line_the_operator_renders() -> None:
-    import tomllib
-    from pathlib import Path
-
-    import click
-
-    from kiln_router.cli import main
-
     deployment = example("tiny-cpu.yaml", router=ROUTED)
     [container] = render_router.router_deployment(deployment, Settings())["spec"]["template"]["spec"][
         "containers"
