@@ -193,3 +193,33 @@ def test_gemma3_rope_parameters_by_layer_type_read_as_transformers_reads_them() 
         )
         windows = [parsed.layer_sliding_window(i) for i in range(6)]
         assert windows == [hf.sliding_window if t == "sliding_attention" else None for t in hf.layer_types]
+
+
+@pytest.mark.parametrize("arch", ["Gemma2ForCausalLM", "Gemma3ForCausalLM"])
+def test_options_left_out_of_config_json_take_transformers_defaults(arch: str) -> None:
+    minimal = {"vocab_size": 64, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 12}
+    minimal["num_attention_heads"] = 2
+    hf = getattr(transformers, arch.replace("ForCausalLM", "TextConfig" if "3" in arch else "Config"))(
+        **minimal
+    )
+    parsed = ModelConfig.from_dict({**minimal, "architectures": [arch]})
+    g = parsed.gemma
+    assert g is not None
+    assert (parsed.head_dim, parsed.tie_word_embeddings, parsed.rms_norm_eps) == (
+        hf.head_dim,
+        hf.tie_word_embeddings,
+        hf.rms_norm_eps,
+    )
+    assert (g.query_pre_attn_scalar, g.attn_logit_softcapping, g.final_logit_softcapping) == (
+        hf.query_pre_attn_scalar,
+        hf.attn_logit_softcapping,
+        hf.final_logit_softcapping,
+    )
+    assert list(g.layer_types) == hf.layer_types
+    assert [parsed.layer_sliding_window(i) for i in range(12)] == [
+        hf.sliding_window if t == "sliding_attention" else None for t in hf.layer_types
+    ]
+    ropes = hf.rope_parameters
+    full = ropes.get("full_attention", ropes)
+    local = ropes.get("sliding_attention", ropes)
+    assert (parsed.rope.theta, g.local_rope.theta) == (full["rope_theta"], local["rope_theta"])
