@@ -392,21 +392,21 @@ class DecodeGraphs:
         up_rows: list[int] = []
         up_cols: list[int] = []
         up_vals: list[int] = []
+        row_of, row_state, free_rows = self.rows, self.row_state, self.free_rows  # locals: 4,096 rounds
         for c in chunks:
             seq, p = c.seq, c.start
             table = seq.block_table
             rid = seq.request_id
-            row = self.rows.get(rid)
+            row = row_of.get(rid)
             if row is None:
-                row = self.rows[rid] = self.free_rows.pop()
-            preempted, sent = self.row_state.get(rid, (seq.num_preemptions, 0))
-            if preempted != seq.num_preemptions:
-                sent = 0
+                row = row_of[rid] = free_rows.pop()
+            state = row_state.get(rid)
+            sent = state[1] if state is not None and state[0] == seq.num_preemptions else 0
             if len(table) > sent:
                 up_rows.extend([row] * (len(table) - sent))
                 up_cols.extend(range(sent, len(table)))
                 up_vals.extend(table[sent:])
-                self.row_state[rid] = (seq.num_preemptions, len(table))
+                row_state[rid] = (seq.num_preemptions, len(table))
             ids.append(seq.token_ids[p])
             pos.append(p)
             slots.append(table[p // bsz] * bsz + p % bsz)
