@@ -308,7 +308,7 @@ def serve(
 
 
 def _lora_modules(specs: tuple[str, ...], pp: int) -> list[tuple[str, str]]:
-    """--lora NAME=PATH flags -> (name, path) pairs; names unique, paths directories."""
+    """--lora NAME=SOURCE flags -> (name, source) pairs, names valid and unique."""
     from kiln_engine.lora import AdapterError, parse_lora_spec
 
     try:

@@ -96,16 +96,23 @@ def test_adapters_change_the_output(served: dict) -> None:
         assert refs["a1"][i] != refs[None][i] and refs["a2"][i] != refs[None][i]
 
 
-@pytest.mark.parametrize("steps", ["plain", "decode-graphs"])
+STEP_MODES: dict[str, dict[str, object]] = {
+    "plain": {"max_tokens_per_step": 11},  # chunked prefill splits prompts across steps
+    "decode-graphs": {"cuda_graphs": True, "max_num_seqs": 12},
+    "speculative": {"speculative": "ngram"},
+}
+
+
+@pytest.mark.parametrize("steps", list(STEP_MODES))
 def test_mixed_batch_equals_peft_merged(served: dict, steps: str) -> None:
     """Eager steps run per-adapter segments; padded decode steps (the CUDA-graph path, eager on
-    CPU) run the one-hot slot mask; chunked prefill splits prompts across steps."""
-    extra = (
-        {"cuda_graphs": True, "max_num_seqs": 12} if steps == "decode-graphs" else {"max_tokens_per_step": 11}
-    )
+    CPU) run the one-hot slot mask; n-gram verify steps run each draft under its request's adapter."""
+    extra = STEP_MODES[steps]
     engine = LLMEngine(served["base"], lora_config(served, **extra))
     prompts, params, refs = requests(served)
     assert engine.generate(prompts, params) == refs
+    if steps == "speculative":
+        assert engine.stats().spec_accepted_tokens_total > 0  # drafts were verified and kept
     assert engine.block_manager.num_used_blocks == 0
 
 
