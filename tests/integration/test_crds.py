@@ -93,6 +93,16 @@ def test_every_example_is_accepted_with_defaults_applied(
         ),
         ({"serving__port": 0}, "spec.serving.port", "greater than or equal to 1"),
         ({"placement__exclusive": True}, "spec.placement.exclusive", "topology domain"),
+        (
+            {"engine__lora": [{"name": "a", "source": "hf://o/a"}, {"name": "a", "source": "hf://o/b"}]},
+            "spec.engine.lora",
+            "unique",
+        ),
+        (
+            {"engine__lora": [{"name": "base", "source": "hf://o/a"}]},
+            "spec.engine.lora[0].name",
+            "base model",
+        ),
     ],
 )
 def test_invalid_specs_are_rejected_naming_the_field(
