@@ -141,6 +141,12 @@ class LLMEngine:
         lora = self.runner.lora
         return [] if lora is None else list(lora.adapters)
 
+    @property
+    def failed_adapters(self) -> dict[str, str]:
+        """LoRA adapters given to this engine that it cannot serve, with the reason."""
+        lora = self.runner.lora
+        return {} if lora is None else dict(lora.failed)
+
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None:
         if request_id in self.seqs:
             raise ValueError(f"request id {request_id!r} is already in use")
@@ -157,6 +163,9 @@ class LLMEngine:
             raise ValueError(f"prompt token ids must be in [0, {vocab})")
         if any(not 0 <= t < vocab for t in (*params.stop_token_ids, *(t for t, _ in params.logit_bias))):
             raise ValueError(f"stop_token_ids and logit_bias token ids must be in [0, {vocab})")
+        if params.adapter in self.failed_adapters:
+            reason = self.failed_adapters[params.adapter]
+            raise ValueError(f"LoRA adapter {params.adapter!r} failed to load: {reason}")
         if params.adapter is not None and params.adapter not in self.adapters:
             served = ", ".join(sorted(self.adapters)) or "none"
             raise ValueError(f"unknown LoRA adapter {params.adapter!r}; this engine serves: {served}")

@@ -20,6 +20,7 @@ A step's tokens reach the layers through one shared `LoraBatch`, in one of two f
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 
 import torch
@@ -28,6 +29,8 @@ from kiln_engine.config import EngineConfig, ModelConfig
 from kiln_engine.layers.linear import LinearBase, RowParallelLinear, load_slice
 from kiln_engine.lora import AdapterError, LoraAdapter, load_adapter
 from kiln_engine.scheduler import ScheduledChunk
+
+log = logging.getLogger(__name__)
 
 # HF module -> (fused engine module under the decoder layer, its sub-projection key)
 FUSED_TARGETS: dict[str, tuple[str, str | int | None]] = {
@@ -164,19 +167,29 @@ class LoraRuntime:
                     layer.lora = lora
                     self.layers[(i, path)] = lora
         self.adapters: dict[str, LoraAdapter] = {}
+        # Adapters that cannot be served, and why: the base model and the other adapters keep
+        # serving, and a request for one of these is refused with the reason.
+        self.failed: dict[str, str] = {}
         for name, path in config.lora_modules:
-            if name in self.adapters:
+            if name in self.adapters or name in self.failed:
                 raise AdapterError(f"adapter {name!r} is given twice")
-            adapter = load_adapter(name, path, model_config, self.max_rank)
-            for layer_i, module in adapter.weights:
-                if (layer_i, FUSED_TARGETS[module][0]) not in self.layers:
-                    raise AdapterError(
-                        f"adapter {name!r}: target module layers.{layer_i}.{module} is not a dense "
-                        "projection of the base model"
-                    )
-            self.adapters[name] = adapter
+            try:
+                self.adapters[name] = self._checked(load_adapter(name, path, model_config, self.max_rank))
+            except AdapterError as exc:
+                log.error("not serving LoRA adapter %r: %s", name, exc)
+                self.failed[name] = str(exc)
         self.loaded: list[str | None] = [None] * self.num_slots
         self.loads_total = 0
+
+    def _checked(self, adapter: LoraAdapter) -> LoraAdapter:
+        """`adapter`, once every projection it targets is one of this model's dense projections."""
+        for layer_i, module in adapter.weights:
+            if (layer_i, FUSED_TARGETS[module][0]) not in self.layers:
+                raise AdapterError(
+                    f"adapter {adapter.name!r}: target module layers.{layer_i}.{module} is not a dense "
+                    "projection of the base model"
+                )
+        return adapter
 
     def ensure_loaded(self, slot: int, name: str) -> None:
         """Copy adapter `name` into `slot` unless it is there already (the slot policy assigned it)."""

@@ -224,13 +224,19 @@ def test_bad_adapter_is_refused_naming_adapter_and_field(case: str, tmp_path: Pa
         load_adapter("bad", d, load_model_config(base), max_rank)
 
 
-def test_adapter_of_another_base_model_is_refused(tmp_path: Path) -> None:
+def test_adapter_of_another_base_model_is_refused_and_the_base_keeps_serving(tmp_path: Path) -> None:
     base = make_tiny_checkpoint(tmp_path / "base", "llama")
     other = make_tiny_checkpoint(tmp_path / "other", "llama", intermediate_size=96)
-    d = make_tiny_adapter(tmp_path / "other-adapter", other, rank=4)
-    with pytest.raises(
-        AdapterError, match=r"adapter 'x': layers.0.down_proj.lora_A: shape \(4, 96\), expected \(r=4, 128\)"
-    ):
-        LLMEngine(
-            base, EngineConfig(num_kv_blocks=16, max_loras=1, max_lora_rank=8, lora_modules=[("x", str(d))])
-        )
+    bad = make_tiny_adapter(tmp_path / "other-adapter", other, rank=4)
+    good = make_tiny_adapter(tmp_path / "good", base, rank=4)
+    modules = [("x", str(bad)), ("y", str(good))]
+    engine = LLMEngine(
+        base, EngineConfig(num_kv_blocks=16, max_loras=1, max_lora_rank=8, lora_modules=modules)
+    )
+    assert engine.adapters == ["y"]
+    reason = r"adapter 'x': layers.0.down_proj.lora_A: shape \(4, 96\), expected \(r=4, 128\)"
+    with pytest.raises(ValueError, match=f"LoRA adapter 'x' failed to load: {reason}"):
+        engine.add_request("r", [5, 6, 7], replace(GREEDY, adapter="x"))
+    assert [len(t) for t in engine.generate([[5, 6, 7]] * 2, [GREEDY, replace(GREEDY, adapter="y")])] == [
+        MAX_NEW
+    ] * 2

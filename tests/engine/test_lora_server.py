@@ -40,7 +40,10 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path,
     d = tmp_path_factory.mktemp("lora-server")
     base = make_tiny_checkpoint(d / "base", "llama")
     loras = [(n, str(make_tiny_adapter(d / n, base, seed=s))) for n, s in (("a1", 1), ("a2", 2))]
-    config = EngineConfig(device="cpu", max_model_len=128, max_loras=1, max_lora_rank=8, lora_modules=loras)
+    too_big = ("bad", str(make_tiny_adapter(d / "bad", base, rank=16)))  # above max_lora_rank
+    config = EngineConfig(
+        device="cpu", max_model_len=128, max_loras=1, max_lora_rank=8, lora_modules=[*loras, too_big]
+    )
     app = create_app(served_model(base, MODEL, config), ServerSettings())
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -99,6 +102,19 @@ def test_unknown_model_is_refused_naming_the_param(setup: tuple[str, Path, list[
     body = err.value.body
     assert isinstance(body, dict) and body["param"] == "model"
     assert "'a3' does not exist" in body["message"] and "'a1', 'a2'" in body["message"]
+
+
+def test_adapter_that_failed_to_load_is_refused_with_the_reason(
+    setup: tuple[str, Path, list[tuple[str, str]]],
+) -> None:
+    client = openai.OpenAI(base_url=f"{setup[0]}/v1", api_key="unused")
+    with pytest.raises(openai.BadRequestError) as err:
+        client.completions.create(model="bad", prompt="hi", max_tokens=2)
+    body = err.value.body
+    assert isinstance(body, dict) and body["param"] == "model"
+    assert "'bad' is a LoRA adapter that failed to load" in body["message"]
+    assert "field 'r' is 16, above this server's max LoRA rank 8" in body["message"]
+    assert "bad" not in {m.id for m in client.models.list().data}
 
 
 @pytest.mark.parametrize(

@@ -69,6 +69,7 @@ def served_model_for(engine: Engine, path: Path, name: str, aliases: tuple[str, 
         aliases=aliases,
         engine_detokenizes=local.tokenizer is not None,
         adapters=tuple(local.adapters),
+        failed_adapters=local.failed_adapters,
     )
 
 

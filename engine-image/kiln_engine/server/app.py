@@ -81,6 +81,7 @@ class ServedModel:
     tool_format: str | None = None
     # LoRA adapters served next to the base model: a request's `model` names one (kiln_engine.lora).
     adapters: tuple[str, ...] = ()
+    failed_adapters: dict[str, str] = field(default_factory=dict)  # adapter -> why it is not served
 
 
 @dataclass
@@ -157,6 +158,13 @@ def create_app(model: ServedModel, settings: ServerSettings | None = None) -> Fa
     def admit(req: p.CompletionRequest | p.ChatCompletionRequest) -> None:
         if drain.draining:
             raise OpenAIError("server is draining and accepts no new requests", 503, code="draining")
+        if req.model in model.failed_adapters:
+            reason = model.failed_adapters[req.model]
+            raise OpenAIError(
+                f"model '{req.model}' is a LoRA adapter that failed to load: {reason}",
+                param="model",
+                code="adapter_unavailable",
+            )
         if req.model not in names and req.model not in adapters:
             served = "', '".join([model.name, *sorted(adapters)])
             raise OpenAIError(
