@@ -18,7 +18,9 @@ from __future__ import annotations
 import heapq
 import itertools
 import math
+from bisect import bisect_left
 from collections import deque
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,7 +28,7 @@ from kiln.common.histogram import cumulative, histogram_quantile
 from kiln_autoscaler.baselines import Policy
 from kiln_autoscaler.data import Capacity, History, Replicas, Signals, Targets
 from kiln_autoscaler.sim.traces import Trace
-from kiln_engine.metric_names import LATENCY_BUCKETS
+from kiln_engine.metric_names import INTER_TOKEN_BUCKETS, LATENCY_BUCKETS
 
 
 @dataclass(frozen=True)
@@ -80,6 +82,10 @@ class SimResult:
     ttfts: list[float]
     replica_seconds: float
     timeline: list[tuple[float, int, int, str]] = field(default_factory=list)  # (t, desired, ready, reason)
+    # Per request: mean inter-token gap and how many gaps it had (0 for one output token).
+    itls: list[float] = field(default_factory=list)
+    gaps: list[int] = field(default_factory=list)
+    targets: Targets | None = None  # what the policy was given
 
     @property
     def replica_hours(self) -> float:
@@ -92,23 +98,63 @@ class SimResult:
             return 1.0
         return sum(1 for value in self.ttfts if value <= self.ttft_target_s) / len(self.ttfts)
 
-    def minutes(self) -> dict[int, bool]:
-        """Per minute with requests (by arrival): did its median TTFT meet the target?"""
+    def minute_medians(self) -> dict[int, float]:
+        """Per minute with requests (by arrival): its median TTFT."""
         per_minute: dict[int, list[float]] = {}
         for arrival, ttft in zip(self.arrivals, self.ttfts, strict=True):
             per_minute.setdefault(int(arrival // 60), []).append(ttft)
-        verdicts: dict[int, bool] = {}
+        medians: dict[int, float] = {}
         for minute, values in sorted(per_minute.items()):
             values.sort()
             middle = len(values) // 2
-            median = values[middle] if len(values) % 2 else (values[middle - 1] + values[middle]) / 2
-            verdicts[minute] = median <= self.ttft_target_s
-        return verdicts
+            medians[minute] = values[middle] if len(values) % 2 else (values[middle - 1] + values[middle]) / 2
+        return medians
+
+    def minutes(self) -> dict[int, bool]:
+        """Per minute with requests (by arrival): did its median TTFT meet the target?"""
+        return {minute: median <= self.ttft_target_s for minute, median in self.minute_medians().items()}
 
     def minute_attainment(self) -> float:
         """Fraction of minutes (with requests) whose median TTFT met the target."""
         verdicts = self.minutes()
         return sum(verdicts.values()) / len(verdicts) if verdicts else 1.0
+
+    def per_minute(self, q: float, metric: str = "ttft") -> dict[int, float]:
+        """Per minute with requests (by arrival): the `q` quantile of TTFT, or of inter-token gaps
+        (`metric="itl"`, each request's mean gap weighted by its number of gaps)."""
+        values: dict[int, list[tuple[float, float]]] = {}
+        pairs: Iterable[tuple[float, float, int]]
+        if metric == "ttft":
+            pairs = ((arrival, ttft, 1) for arrival, ttft in zip(self.arrivals, self.ttfts, strict=True))
+        elif metric == "itl":
+            pairs = zip(self.arrivals, self.itls, self.gaps, strict=True)
+        else:
+            raise ValueError(f"metric must be ttft or itl, got {metric!r}")
+        for arrival, value, weight in pairs:
+            if weight > 0:
+                values.setdefault(int(arrival // 60), []).append((value, float(weight)))
+        return {minute: weighted_quantile(q, found) for minute, found in sorted(values.items())}
+
+    def minutes_within(self, judged_by: Targets) -> dict[str, dict[int, bool]]:
+        """Per target that `judged_by` sets (ttft_p50, ttft_p90, ttft_p95, itl_pNN): minute -> met."""
+        checks = {
+            "ttft_p50": (0.5, "ttft", judged_by.ttft_p50_target_s),
+            "ttft_p90": (0.9, "ttft", judged_by.ttft_p90_target_s),
+            "ttft_p95": (0.95, "ttft", judged_by.ttft_p95_target_s),
+            f"itl_p{judged_by.itl_percentile}": (
+                judged_by.itl_percentile / 100,
+                "itl",
+                judged_by.itl_target_s,
+            ),
+        }
+        verdicts: dict[str, dict[int, bool]] = {}
+        for name, (q, metric, target) in checks.items():
+            if target is None:
+                continue
+            # The median as `minutes` takes it (mean of the middle two), so both agree.
+            found = self.minute_medians() if name == "ttft_p50" else self.per_minute(q, metric)
+            verdicts[name] = {minute: value <= target for minute, value in found.items()}
+        return verdicts
 
     def quantile(self, q: float) -> float:
         """Exact TTFT quantile over all requests."""
@@ -117,10 +163,24 @@ class SimResult:
         ordered = sorted(self.ttfts)
         return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
-    def summary(self) -> dict[str, Any]:
-        """The row the bench prints and writes."""
+    def summary(self, judged_by: Targets | None = None) -> dict[str, Any]:
+        """The row the bench prints and writes; with `judged_by`, also the % of minutes that met
+        each of its targets (`minutes_<target>_pct`) and all of them at once (`minutes_all_pct`)."""
         desired = [entry[1] for entry in self.timeline]
-        return {
+        extra: dict[str, Any] = {}
+        if judged_by is not None:
+            verdicts = self.minutes_within(judged_by)
+            for name, per_minute in verdicts.items():
+                extra[f"minutes_{name}_pct"] = _pct(per_minute.values())
+                extra[f"missed_{name}"] = [minute for minute, ok in per_minute.items() if not ok]
+            minutes = set().union(*(per_minute.keys() for per_minute in verdicts.values()))
+            extra["minutes_all_pct"] = _pct(
+                all(per_minute.get(minute, True) for per_minute in verdicts.values()) for minute in minutes
+            )
+        itl_weights = [
+            (value, float(weight)) for value, weight in zip(self.itls, self.gaps, strict=True) if weight
+        ]
+        return extra | {
             "policy": self.policy,
             "trace": self.trace,
             "requests": len(self.ttfts),
@@ -130,9 +190,43 @@ class SimResult:
             "ttft_p50_s": round(self.quantile(0.5), 4),
             "ttft_p90_s": round(self.quantile(0.9), 4),
             "ttft_p99_s": round(self.quantile(0.99), 4),
+            "ttft_p95_s": round(self.quantile(0.95), 4),
+            "itl_p50_s": round(weighted_quantile(0.5, itl_weights), 4) if itl_weights else None,
             "max_replicas": max(desired, default=0),
             "scale_changes": sum(1 for a, b in itertools.pairwise(desired) if a != b),
         }
+
+
+def _pct(verdicts: Iterable[bool]) -> float:
+    found = list(verdicts)
+    return round(100 * sum(found) / len(found), 2) if found else 100.0
+
+
+def weighted_quantile(q: float, values: list[tuple[float, float]]) -> float:
+    """The `q` quantile of (value, weight) pairs: the smallest value whose cumulative weight
+    reaches q of the total (the exact quantile when every weight is 1)."""
+    if not values:
+        raise ValueError("no values")
+    ordered = sorted(values)
+    rank = q * sum(weight for _, weight in ordered)
+    seen = 0.0
+    for value, weight in ordered:
+        seen += weight
+        if seen >= rank:
+            return value
+    return ordered[-1][0]
+
+
+def weighted_cumulative(
+    bounds: Sequence[float], values: Iterable[tuple[float, float]]
+) -> list[tuple[float, float]]:
+    """Cumulative buckets (with +Inf) of weighted observations: what an exporter that observed
+    each value `weight` times would publish."""
+    edges = [*sorted(bounds), math.inf]
+    counts = [0.0] * len(edges)
+    for value, weight in values:
+        counts[bisect_left(edges, value)] += weight
+    return list(zip(edges, itertools.accumulate(counts), strict=True))
 
 
 _STARTING, _READY, _DRAINING, _GONE = range(4)
@@ -140,7 +234,7 @@ _ARRIVAL, _STEP, _READY_EVENT, _TICK = range(4)
 
 
 class _Request:
-    __slots__ = ("arrival", "index", "output", "prompt", "ttft")
+    __slots__ = ("arrival", "index", "itl", "output", "prompt", "ttft")
 
     def __init__(self, index: int, arrival: float, prompt: int, output: int) -> None:
         self.index = index
@@ -148,6 +242,7 @@ class _Request:
         self.prompt = prompt
         self.output = output
         self.ttft = math.nan
+        self.itl = 0.0  # mean gap between its output tokens, once finished
 
 
 class _Replica:
@@ -199,6 +294,7 @@ class Simulation:
             _Request(i, r.arrival_s, r.prompt_tokens, r.output_tokens) for i, r in enumerate(trace.requests)
         ]
         self.first_tokens: deque[tuple[float, float]] = deque()  # (time, ttft) inside the window
+        self.token_gaps: deque[tuple[float, float, int]] = deque()  # (finish time, mean gap, gaps)
         self.prompt_total = 0.0
         self.output_total = 0.0
         self.finished_total = 0.0
@@ -305,6 +401,10 @@ class Simulation:
 
     def _finish(self, replica: _Replica, request: _Request) -> None:
         replica.in_flight -= 1
+        if request.output > 1:
+            # The engine observes every gap; the simulator knows each request's mean gap.
+            request.itl = (self.now - request.arrival - request.ttft) / (request.output - 1)
+            self.token_gaps.append((self.now, request.itl, request.output - 1))
         self.output_total += request.output
         self.finished_total += 1
         self.finished += 1
@@ -351,16 +451,23 @@ class Simulation:
         window = self.config.window_s
         while self.first_tokens and self.first_tokens[0][0] < self.now - window:
             self.first_tokens.popleft()
+        while self.token_gaps and self.token_gaps[0][0] < self.now - window:
+            self.token_gaps.popleft()
         self.snapshots.append((self.now, self.prompt_total, self.output_total, self.finished_total))
         while len(self.snapshots) > 1 and self.snapshots[1][0] <= self.now - window:
             self.snapshots.popleft()
         then, prompt0, output0, finished0 = self.snapshots[0]
         span = self.now - then
-        p50 = p90 = None
+        p50 = p90 = p95 = None
         if self.first_tokens:
             buckets = cumulative(LATENCY_BUCKETS, (ttft for _, ttft in self.first_tokens))
             p50 = histogram_quantile(0.5, buckets)
             p90 = histogram_quantile(0.9, buckets)
+            p95 = histogram_quantile(0.95, buckets)
+        itl: dict[float, float | None] = {0.5: None, 0.9: None, 0.95: None}
+        if self.token_gaps:
+            gaps = weighted_cumulative(INTER_TOKEN_BUCKETS, ((gap, n) for _, gap, n in self.token_gaps))
+            itl = {q: histogram_quantile(q, gaps) for q in itl}
         serving = [r for r in self.replicas if r.state in (_READY, _DRAINING)]
         queue = sum(len(r.queue) for r in serving) + len(self.gateway)
         running = sum(r.in_flight for r in serving)
@@ -369,6 +476,10 @@ class Simulation:
             observed_at=self.now,
             ttft_p50_s=p50,
             ttft_p90_s=p90,
+            ttft_p95_s=p95,
+            itl_p50_s=itl[0.5],
+            itl_p90_s=itl[0.9],
+            itl_p95_s=itl[0.95],
             queue_depth=float(queue),
             running=float(running),
             request_rate=(self.finished_total - finished0) / span if span > 0 else 0.0,
@@ -432,6 +543,9 @@ class Simulation:
             ttfts=[r.ttft for r in self.requests],
             replica_seconds=cost,
             timeline=self.timeline,
+            itls=[r.itl for r in self.requests],
+            gaps=[max(0, r.output - 1) for r in self.requests],
+            targets=targets,
         )
 
 

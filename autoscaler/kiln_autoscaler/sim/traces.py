@@ -144,11 +144,79 @@ def bursty(
     return from_rate("bursty", rate, peak, duration_s, seed + 1000)
 
 
+@dataclass(frozen=True)
+class Crowd:
+    """One flash crowd: the rate multiplier rises linearly to `factor` over `rise_s`, holds for
+    `hold_s`, then decays back exponentially with time constant `decay_s`."""
+
+    start_s: float
+    factor: float
+    rise_s: float
+    hold_s: float
+    decay_s: float
+
+    def multiplier(self, t: float) -> float:
+        """The factor this crowd multiplies the base rate by at `t` (1 outside it)."""
+        since = t - self.start_s
+        if since < 0:
+            return 1.0
+        if since < self.rise_s:
+            return 1.0 + (self.factor - 1.0) * since / self.rise_s
+        if since < self.rise_s + self.hold_s:
+            return self.factor
+        tail = since - self.rise_s - self.hold_s
+        return 1.0 + (self.factor - 1.0) * math.exp(-tail / self.decay_s)
+
+
+def flash_crowds(
+    duration_s: float,
+    seed: int,
+    mean_gap_s: float = 1200.0,
+    first_after_s: float = 300.0,
+    factor: tuple[float, float] = (5.0, 10.0),
+    rise_s: float = 10.0,
+    hold_s: tuple[float, float] = (60.0, 180.0),
+    decay_s: float = 120.0,
+) -> list[Crowd]:
+    """Crowds at exponential gaps (mean `mean_gap_s`, never before `first_after_s` nor before the
+    previous one has decayed to a tenth of its excess), each 5-10x with a 60-180 s plateau."""
+    rng = random.Random(seed)
+    crowds: list[Crowd] = []
+    t = first_after_s + rng.expovariate(1 / mean_gap_s)
+    while t < duration_s:
+        crowd = Crowd(t, rng.uniform(*factor), rise_s, rng.uniform(*hold_s), decay_s)
+        crowds.append(crowd)
+        settled = t + rise_s + crowd.hold_s + decay_s * math.log(10)
+        t = settled + rng.expovariate(1 / mean_gap_s)
+    return crowds
+
+
+def flash_crowd(
+    base: float = 3.0,
+    duration_s: float = 7200.0,
+    seed: int = 1,
+    crowds: list[Crowd] | None = None,
+) -> Trace:
+    """A calm base rate (±10 % slow drift) hit by flash crowds (`flash_crowds`): the rate jumps
+    5-10x within 10 s, stays there 1-3 minutes and decays over a few minutes, like a link
+    shared on a busy site. Unlike `bursty`, the jumps are far above anything headroom covers."""
+    chosen = crowds if crowds is not None else flash_crowds(duration_s, seed)
+    phase = random.Random(seed + 7).uniform(0, 2 * math.pi)
+
+    def rate(t: float) -> float:
+        level = base * (1 + 0.1 * math.sin(2 * math.pi * t / 2400.0 + phase))
+        return level * max((crowd.multiplier(t) for crowd in chosen), default=1.0)
+
+    peak = base * 1.1 * max((crowd.factor for crowd in chosen), default=1.0)
+    return from_rate("flash-crowd", rate, peak, duration_s, seed + 2000)
+
+
 SYNTHETIC: dict[str, Callable[[], Trace]] = {
     "steady": steady,
     "diurnal": diurnal,
     "step": step,
     "bursty": bursty,
+    "flash-crowd": flash_crowd,
 }
 
 

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+from pathlib import Path
+
 import pytest
 
 from kiln_autoscaler.baselines import HpaConcurrencyPolicy, KilnPolicy, StaticPolicy
 from kiln_autoscaler.data import Targets
-from kiln_autoscaler.sim.simulator import ReplicaProfile, SimConfig, simulate
+from kiln_autoscaler.sim.simulator import ReplicaProfile, SimConfig, simulate, weighted_quantile
 from kiln_autoscaler.sim.traces import Request, Trace, steady, step
 
 PROFILE = ReplicaProfile(max_batch=4, prefill_tokens_per_second=1000.0, itl_min_s=0.01, itl_max_s=0.04,
@@ -82,3 +85,55 @@ def test_summary_reports_attainment_and_cost() -> None:
     assert row["requests"] == len(trace.requests)
     assert row["slo_minutes_pct"] == 100.0
     assert row["replica_hours"] == pytest.approx(0.1)
+
+
+def test_inter_token_latency_follows_the_batch_and_reaches_the_signals() -> None:
+    # one request decodes alone at itl_min; four together at itl_max (batch 4 = max_batch)
+    alone = simulate(Trace("one", (Request(0.0, 10, 11),), 60.0), StaticPolicy(1),
+                     SimConfig(TARGETS, PROFILE, initial_replicas=1))  # fmt: skip
+    assert alone.itls == [pytest.approx(0.01)] and alone.gaps == [10]
+    four = tuple(Request(0.0, 10, 101) for _ in range(4))
+    batch = simulate(
+        Trace("four", four, 60.0), StaticPolicy(1), SimConfig(TARGETS, PROFILE, initial_replicas=1)
+    )
+    # all four decode together at batch 4 (their tiny prefills end within the first step)
+    assert batch.itls == [pytest.approx(0.04, rel=0.01)] * 4
+
+
+def test_minutes_are_judged_by_every_target_and_all_at_once() -> None:
+    trace = steady(rate=3.0, duration_s=300.0, seed=5)
+    result = simulate(trace, StaticPolicy(3), SimConfig(TARGETS, SERVING, initial_replicas=3))
+    strict = Targets(ttft_p50_target_s=10.0, ttft_p95_target_s=0.001, itl_target_s=10.0, itl_percentile=95)
+    row = result.summary(judged_by=strict)
+    assert row["minutes_ttft_p50_pct"] == 100.0 and row["minutes_itl_p95_pct"] == 100.0
+    assert row["minutes_ttft_p95_pct"] == 0.0 and row["minutes_all_pct"] == 0.0
+    assert len(row["missed_ttft_p95"]) == 5
+    p95 = result.per_minute(0.95)
+    assert all(p95[m] >= result.minute_medians()[m] for m in p95)
+    assert "minutes_all_pct" not in result.summary()
+
+
+def test_weighted_quantile_counts_each_value_by_its_weight() -> None:
+    assert weighted_quantile(0.5, [(1.0, 1), (2.0, 1), (3.0, 1)]) == 2.0
+    assert weighted_quantile(0.5, [(1.0, 1), (9.0, 10)]) == 9.0
+    assert weighted_quantile(0.05, [(1.0, 1), (9.0, 10)]) == 1.0
+
+
+def test_kiln_given_a_tail_target_adds_replicas_that_a_p50_target_does_not() -> None:
+    trace = steady(rate=6.0, duration_s=900.0, seed=2)
+    config = SimConfig(TARGETS, SERVING, initial_replicas=4)
+    median_only = simulate(trace, KilnPolicy(), config)
+    tail = simulate(trace, KilnPolicy(), replace(config, targets=replace(TARGETS, ttft_p95_target_s=0.2)))
+    assert tail.replica_hours > median_only.replica_hours
+    assert tail.quantile(0.95) < median_only.quantile(0.95)
+
+
+def test_the_chart_draws_each_policy_of_a_trace_as_a_png(tmp_path: Path) -> None:
+    from kiln_autoscaler.sim.plot import draw, minute_rates
+
+    trace = steady(rate=2.0, duration_s=150.0, seed=1)
+    assert len(minute_rates(trace)) == 3 and sum(minute_rates(trace)) * 60 == len(trace.requests)
+    config = SimConfig(replace(TARGETS, ttft_p95_target_s=1.0), SERVING, initial_replicas=2)
+    results = [simulate(trace, policy, config) for policy in (StaticPolicy(2), KilnPolicy())]
+    path = draw(trace, results, config.targets, tmp_path / "chart.png")
+    assert path.read_bytes().startswith(b"\x89PNG") and path.stat().st_size > 10_000

@@ -37,6 +37,22 @@ def test_diurnal_peaks_in_the_middle_and_bursty_has_bursts() -> None:
     assert max(per_minute) > 1.5 * sorted(per_minute)[30]
 
 
+def test_flash_crowds_jump_5_to_10x_within_seconds_hold_then_decay() -> None:
+    crowds = traces.flash_crowds(duration_s=7200, seed=3)
+    assert crowds and all(5 <= c.factor <= 10 and 60 <= c.hold_s <= 180 for c in crowds)
+    assert all(c.start_s >= 300 for c in crowds)
+    crowd = traces.Crowd(start_s=600, factor=8, rise_s=10, hold_s=120, decay_s=120)
+    trace = traces.flash_crowd(base=3.0, duration_s=1500, seed=1, crowds=[crowd])
+    calm = rate_between(trace, 0, 590)
+    assert calm == pytest.approx(3.0, rel=0.15)
+    assert rate_between(trace, 615, 730) == pytest.approx(8 * calm, rel=0.15)  # the plateau
+    # 120 s into the decay the excess is e^-1 of the jump: 1 + 7 / e ~ 3.6x
+    assert rate_between(trace, 840, 870) / calm == pytest.approx(1 + 7 / 2.718, rel=0.3)
+    assert rate_between(trace, 1300, 1500) == pytest.approx(calm, rel=0.2)
+    again = traces.flash_crowd(duration_s=900, seed=2)
+    assert again == traces.flash_crowd(duration_s=900, seed=2) != traces.flash_crowd(duration_s=900, seed=3)
+
+
 def test_azure_csv_round_trip_with_published_timestamps(tmp_path: Path) -> None:
     trace = traces.steady(rate=2.0, duration_s=60, seed=9)
     path = tmp_path / "t.csv"
