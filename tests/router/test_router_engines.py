@@ -233,6 +233,18 @@ async def whole_once(client: httpx.AsyncClient, base: str, prompt: str) -> int:
         200 if response.json()["usage"]["completion_tokens"] == 48 else -1)  # fmt: skip
 
 
+async def busy(client: httpx.AsyncClient, url: str) -> None:
+    """Returns once the engine at `url` reports requests running or waiting."""
+    gauges = (engine_names.RUNNING_REQUESTS, engine_names.QUEUE_DEPTH)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        text = (await client.get(url + "/metrics")).text
+        if any(line.startswith(gauges) and float(line.rsplit(" ", 1)[1]) > 0 for line in text.splitlines()):
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"{url} never had a request in flight")
+
+
 def test_sigkill_of_an_engine_fails_no_request_that_had_not_started_streaming(engines: Engines) -> None:
     """Runs last: it kills one of the module's engines."""
     shared = words(7, 80)  # one prefix, so the victim (its affinity target) holds requests when it dies
@@ -246,7 +258,7 @@ def test_sigkill_of_an_engine_fails_no_request_that_had_not_started_streaming(en
             ]
             streams = [asyncio.ensure_future(stream_once(client, engines.router, f"{shared} s{i}"))
                        for i in range(8)]  # fmt: skip
-            await asyncio.sleep(0.3)  # prefills under way on the victim
+            await busy(client, victim)  # kill it with requests on it, however fast the machine
             engines.procs[victim].send_signal(signal.SIGKILL)
             later = [asyncio.ensure_future(whole_once(client, engines.router, f"{shared} late{i}"))
                      for i in range(6)]  # fmt: skip
