@@ -1,7 +1,8 @@
 """Each component's imports read one way: the operator (`kiln`) never imports the autoscaler, the
-autoscaler uses only the operator's API and the shared `kiln.common`, the engine imports neither, and
-`kiln.common` depends on no other part of `kiln`. Read from the source (ast), so a new import anywhere,
-even one inside a function, breaks the build."""
+autoscaler uses only the operator's API and the shared `kiln.common`, the engine imports neither,
+`kiln.common` depends on no other part of `kiln`, the router reads only the engine's metric names,
+and nothing imports the router. Read from the source (ast), so a new import anywhere, even one
+inside a function, breaks the build."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ PACKAGES = {
     "kiln": ROOT / "operator" / "kiln",
     "kiln_autoscaler": ROOT / "autoscaler" / "kiln_autoscaler",
     "kiln_engine": ROOT / "engine-image" / "kiln_engine",
+    "kiln_router": ROOT / "router" / "kiln_router",
 }
 
 
@@ -55,9 +57,12 @@ def forbidden(package: str, allowed: tuple[str, ...], denied: tuple[str, ...]) -
 @pytest.mark.parametrize(
     ("package", "allowed", "denied"),
     [
-        ("kiln", (), ("kiln_autoscaler",)),
-        ("kiln_autoscaler", ("kiln.api", "kiln.common"), ("kiln",)),
-        ("kiln_engine", (), ("kiln", "kiln_autoscaler")),
+        ("kiln", (), ("kiln_autoscaler", "kiln_router")),
+        ("kiln_autoscaler", ("kiln.api", "kiln.common"), ("kiln", "kiln_router")),
+        ("kiln_engine", (), ("kiln", "kiln_autoscaler", "kiln_router")),
+        # The router reads the engine's metric names and nothing else of another part (it runs from
+        # the control-plane image, which has no torch).
+        ("kiln_router", ("kiln_engine.metric_names",), ("kiln", "kiln_autoscaler", "kiln_engine")),
     ],
 )
 def test_components_import_one_way(package: str, allowed: tuple[str, ...], denied: tuple[str, ...]) -> None:
