@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+from pathlib import Path
 
 import pytest
 from pydantic import ValidationError
@@ -85,3 +86,36 @@ def test_event_reasons() -> None:
     assert event_reason(4, 2) == "ScaledDown"
     assert event_reason(1, 0) == "ScaledToZero"
     assert event_reason(0, 1) == "ScaledFromZero"
+
+
+def _autoscaling_rule_failures(autoscaling: dict) -> list[str]:
+    """Messages of the generated CRD's autoscaling CEL rules that `autoscaling` breaks."""
+    import celpy
+    import yaml
+
+    crd = yaml.safe_load(
+        (Path(__file__).resolve().parents[3] / "crds" / "kiln.dev_llmdeployments.yaml").read_text()
+    )
+    [version] = crd["spec"]["versions"]
+    schema = version["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"]["autoscaling"]
+    env = celpy.Environment()
+    value = {"minReplicas": 1, "maxReplicas": 4, "ttftP50TargetMs": 500, "scaleToZero": False} | autoscaling
+    return [
+        rule["message"]
+        for rule in schema["x-kubernetes-validations"]
+        if not bool(env.program(env.compile(rule["rule"])).evaluate({"self": celpy.json_to_cel(value)}))
+    ]
+
+
+def test_cel_orders_the_percentile_targets() -> None:
+    assert _autoscaling_rule_failures({}) == []
+    assert _autoscaling_rule_failures({"ttftP95TargetMs": 800}) == []
+    assert (
+        _autoscaling_rule_failures({"ttftP90TargetMs": 700, "ttftP95TargetMs": 800, "itlTargetMs": 30}) == []
+    )
+    assert _autoscaling_rule_failures({"ttftP95TargetMs": 400}) == [
+        "ttftP95TargetMs must be >= ttftP50TargetMs"
+    ]
+    assert _autoscaling_rule_failures({"ttftP90TargetMs": 900, "ttftP95TargetMs": 800}) == [
+        "ttftP95TargetMs must be >= ttftP90TargetMs"
+    ]
