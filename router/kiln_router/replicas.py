@@ -11,7 +11,7 @@ from dataclasses import dataclass, replace
 
 import aiohttp
 
-from kiln_engine import metric_names as engine_names
+import kiln_engine.metric_names as engine_names
 from kiln_router.pick import ReplicaState
 
 log = logging.getLogger(__name__)
