@@ -15,7 +15,13 @@ import torch
 
 from kiln_engine.config import EngineConfig
 from kiln_engine.interface import TokenLogprob
-from kiln_engine.layers.attention import FP8_KV_DTYPE, AttentionMetadata, kv_cache_torch_dtype, make_backend
+from kiln_engine.layers.attention import (
+    FP8_KV_DTYPE,
+    AttentionMetadata,
+    check_fp8_kv_support,
+    kv_cache_torch_dtype,
+    make_backend,
+)
 from kiln_engine.loader import load_model, load_model_config
 from kiln_engine.lora_layers import LoraRuntime
 from kiln_engine.pipeline import PipelineExecutor
@@ -76,6 +82,9 @@ class ModelRunner:
         # fuses the elementwise work between GEMMs.
         use_fused_kernels(self.model, self.backend.name == "triton")
         self.kv_dtype = kv_cache_torch_dtype(config.kv_cache_dtype, self.dtype)
+        if self.kv_dtype == FP8_KV_DTYPE:
+            cap = torch.cuda.get_device_capability(self.device) if self.device.type == "cuda" else None
+            check_fp8_kv_support(self.backend.name, self.device.type, cap)
         self.num_blocks = config.num_kv_blocks or self._auto_num_blocks()
         first = layers[0]
         # With decode graphs, one extra block past the managed ones absorbs the padding rows' writes.

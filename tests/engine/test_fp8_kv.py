@@ -254,3 +254,13 @@ def test_fp8_kv_build_records_it_and_serve_reads_it(tmp_path: Path) -> None:
     assert torch_backend.artifact_kv_cache_dtype(TINY_CHAT) == "auto"  # a checkpoint: the model dtype
     engine = torch_backend.engine_for_artifact_dir(art, opts)  # the engine the build measured
     assert engine.runner.kv_cache.dtype == torch.float8_e4m3fn
+
+
+def test_fp8_kv_on_a_gpu_without_fp8_is_refused_up_front() -> None:
+    from kiln_engine.layers.attention import check_fp8_kv_support
+
+    with pytest.raises(ValueError, match=r"compute capability 8\.9 or newer \(this one: 8\.0\)"):
+        check_fp8_kv_support("triton", "cuda", (8, 0))
+    check_fp8_kv_support("triton", "cuda", (9, 0))  # Hopper
+    check_fp8_kv_support("torch", "cuda", (8, 0))  # the reference converts with torch ops
+    check_fp8_kv_support("torch", "cpu", None)

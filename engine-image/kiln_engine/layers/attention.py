@@ -81,6 +81,16 @@ def kv_cache_torch_dtype(name: str, model_dtype: torch.dtype) -> torch.dtype:
     return KV_CACHE_DTYPES[name] or model_dtype
 
 
+def check_fp8_kv_support(backend: str, device_type: str, capability: tuple[int, int] | None) -> None:
+    """An fp8 cache read by the Triton kernels needs e4m3 in hardware (compute capability 8.9+:
+    Ada, Hopper); say so before loading anything rather than fail compiling the first kernel."""
+    if backend == "triton" and device_type == "cuda" and capability is not None and capability < (8, 9):
+        raise ValueError(
+            f"an fp8 KV cache needs a GPU of compute capability 8.9 or newer (this one: "
+            f"{capability[0]}.{capability[1]}); serve with --kv-cache-dtype auto"
+        )
+
+
 def quantize_kv(x: torch.Tensor, scale: torch.Tensor | None, cache_dtype: torch.dtype) -> torch.Tensor:
     """[T, Hkv, D] in the cache's dtype: divided by the per-head scale and saturated when it is fp8."""
     if scale is None:
