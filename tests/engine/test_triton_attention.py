@@ -134,7 +134,7 @@ import torch.nn.functional as F
 from kiln_engine.config import RopeConfig
 from kiln_engine.layers import fused
 from kiln_engine.layers.attention import write_kv
-from kiln_engine.layers.norm import RMSNorm
+from kiln_engine.layers.norm import GemmaRMSNorm, RMSNorm
 from kiln_engine.layers.rotary import RotaryEmbedding
 from kiln_engine.quantization import FP8_DTYPE, FP8_MAX
 
@@ -158,6 +158,14 @@ for dtype, tol in ((torch.float32, 1e-6), (torch.float16, 2e-3)):
     h = torch.randn(5, 2 * 1500, generator=g).to(dtype)
     gate, up = h.chunk(2, dim=-1)
     assert rel(fused.silu_and_mul(h), F.silu(gate) * up) < tol, "silu_and_mul"
+    # Gemma: the (1 + w) float32 weight after normalizing (with the residual add), GeGLU (tanh gelu)
+    gemma_norm = GemmaRMSNorm(96, 1e-6)
+    gemma_norm.load("w", torch.randn(96, generator=g) * 0.5)
+    ref_out, ref_res = gemma_norm.add_forward(x, r)
+    out, res = fused.rms_norm(x, gemma_norm.weight, 1e-6, r, weight_in_fp32=True)
+    assert rel(res, ref_res) == 0.0 and rel(out, ref_out) < tol, ("gemma norm", dtype, rel(out, ref_out))
+    geglu = F.gelu(gate, approximate="tanh") * up
+    assert rel(fused.silu_and_mul(h, gelu_tanh=True), geglu) < tol, ("geglu", dtype)
     # RoPE (llama3 scaling) on strided q/k views of a fused qkv, K/V written to a paged cache
     hq, hk, d, T = 4, 2, 16, 6
     rope = RotaryEmbedding(RopeConfig(theta=10000.0, rope_type="llama3", factor=8.0,

@@ -27,7 +27,12 @@ class GeluAndMul(nn.Module):
     def __init__(self, approximate: str = "tanh") -> None:
         super().__init__()
         self.approximate = approximate
+        self.fused = False  # set by the model runner: one Triton pass (tanh approximation only)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fused and self.approximate == "tanh":
+            from kiln_engine.layers.fused import silu_and_mul
+
+            return silu_and_mul(x, gelu_tanh=True)
         gate, up = x.chunk(2, dim=-1)
         return F.gelu(gate, approximate=self.approximate) * up

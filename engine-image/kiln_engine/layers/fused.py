@@ -36,6 +36,7 @@ def _rmsnorm_kernel(  # type: ignore[no-untyped-def]
     n,
     eps,
     HAS_RES: tl.constexpr,
+    WEIGHT_IN_FP32: tl.constexpr,
     BLOCK: tl.constexpr,
     USE_PDL: tl.constexpr,
 ):
@@ -52,14 +53,25 @@ def _rmsnorm_kernel(  # type: ignore[no-untyped-def]
         tl.store(res_out_ptr + row * stride_ro + offs, x, mask=mask)
     xf = x.to(tl.float32)
     var = tl.sum(xf * xf, axis=0) / n
-    y = (xf * tl.rsqrt(var + eps)).to(dtype)
-    tl.store(out_ptr + row * stride_o + offs, (w.to(tl.float32) * y.to(tl.float32)).to(dtype), mask=mask)
+    if WEIGHT_IN_FP32:  # Gemma: x / rms * w in float32, rounded once
+        out = xf * tl.rsqrt(var + eps) * w.to(tl.float32)
+    else:  # Llama: x / rms rounded to the model dtype before the weight
+        y = (xf * tl.rsqrt(var + eps)).to(dtype)
+        out = w.to(tl.float32) * y.to(tl.float32)
+    tl.store(out_ptr + row * stride_o + offs, out.to(dtype), mask=mask)
 
 
 def rms_norm(
-    x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    eps: float,
+    residual: torch.Tensor | None = None,
+    weight_in_fp32: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(norm(x [+ residual]) * weight, x [+ residual] or None), each in x's dtype."""
+    """(norm(x [+ residual]) * weight, x [+ residual] or None), each in x's dtype.
+
+    `weight_in_fp32`: Gemma's order (the weight multiplies the float32 normalized value), not
+    Llama's (normalized value rounded to x's dtype first)."""
     shape = x.shape
     n = shape[-1]
     x2 = x.reshape(-1, n)
@@ -81,6 +93,7 @@ def rms_norm(
             n,
             eps,
             HAS_RES=residual is not None,
+            WEIGHT_IN_FP32=weight_in_fp32,
             BLOCK=block,
             num_warps=min(16, max(1, block // 256)),
             **pdl.launch_args(x2),
@@ -89,7 +102,9 @@ def rms_norm(
 
 
 @triton.jit
-def _silu_mul_kernel(x_ptr, out_ptr, stride_x, stride_o, n, BLOCK: tl.constexpr, USE_PDL: tl.constexpr):  # type: ignore[no-untyped-def]
+def _silu_mul_kernel(  # type: ignore[no-untyped-def]
+    x_ptr, out_ptr, stride_x, stride_o, n, BLOCK: tl.constexpr, USE_PDL: tl.constexpr, GELU_TANH: tl.constexpr
+):
     wait_then_release(USE_PDL)
     row = tl.program_id(0).to(tl.int64)
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
@@ -97,21 +112,33 @@ def _silu_mul_kernel(x_ptr, out_ptr, stride_x, stride_o, n, BLOCK: tl.constexpr,
     gate = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0)
     up = tl.load(x_ptr + row * stride_x + n + offs, mask=mask, other=0.0)
     g = gate.to(tl.float32)
-    act = (g / (1.0 + tl.exp(-g))).to(gate.dtype)
+    if GELU_TANH:  # GeGLU (Gemma): 0.5 g (1 + tanh(sqrt(2/pi) (g + 0.044715 g^3))), tanh from exp
+        z = 0.7978845608028654 * (g + 0.044715 * g * g * g)
+        act = (0.5 * g * (2.0 - 2.0 / (tl.exp(2.0 * z) + 1.0))).to(gate.dtype)
+    else:
+        act = (g / (1.0 + tl.exp(-g))).to(gate.dtype)
     tl.store(
         out_ptr + row * stride_o + offs, (act.to(tl.float32) * up.to(tl.float32)).to(gate.dtype), mask=mask
     )
 
 
-def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
-    """silu(x[..., :n]) * x[..., n:] for x [..., 2n]."""
+def silu_and_mul(x: torch.Tensor, gelu_tanh: bool = False) -> torch.Tensor:
+    """silu(x[..., :n]) * x[..., n:] for x [..., 2n] (`gelu_tanh`: gelu, tanh approximation)."""
     n = x.shape[-1] // 2
     x2 = x.reshape(-1, 2 * n)
     out = torch.empty(x2.shape[0], n, dtype=x.dtype, device=x.device)
     block = 1024
     if x2.shape[0]:
         _silu_mul_kernel[(x2.shape[0], triton.cdiv(n, block))](
-            x2, out, x2.stride(0), out.stride(0), n, BLOCK=block, num_warps=4, **pdl.launch_args(x2)
+            x2,
+            out,
+            x2.stride(0),
+            out.stride(0),
+            n,
+            BLOCK=block,
+            GELU_TANH=gelu_tanh,
+            num_warps=4,
+            **pdl.launch_args(x2),
         )
     return out.view(*x.shape[:-1], n)
 

@@ -84,8 +84,9 @@ class GemmaDecoderLayer(nn.Module):
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         """The residual stream in and out; each sublayer's output is normed before it is added."""
-        x = x + self.post_attention_layernorm(self.self_attn(positions, self.input_layernorm(x), meta))
-        return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
+        h = self.post_attention_layernorm(self.self_attn(positions, self.input_layernorm(x), meta))
+        h, x = self.pre_feedforward_layernorm.add_forward(h, x)  # one kernel for add and norm
+        return x + self.post_feedforward_layernorm(self.mlp(h))
 
 
 class GemmaModel(nn.Module):
