@@ -8,8 +8,12 @@
 #   OUT=results bash bench/engine_gpu.sh breakdown       # batch-1 decode: GEMVs, graph, host
 #                                 (BREAKDOWN_ARGS=--no-linears skips the per-shape GEMV table)
 #   OUT=results bash bench/engine_gpu.sh serve           # kiln-engine build + serve on the GPU, over HTTP
-#   OUT=results bash bench/engine_gpu.sh trtllm          # issue 18: TensorRT-LLM's perf-overview method
-#                                 (gate first, then 5 rows, fp8 weights + fp8 KV; TRTLLM_ARGS adds options)
+#   OUT=results bash bench/engine_gpu.sh trtllm-gate trtllm-a   # issue 18: TensorRT-LLM's perf-overview
+#   OUT=results bash bench/engine_gpu.sh trtllm-b        #   method, fp8 weights + fp8 KV: the gate, then
+#   OUT=results bash bench/engine_gpu.sh trtllm-c        #   its 5 rows in processes that each fit a 600 s
+#   OUT=results bash bench/engine_gpu.sh trtllm-d        #   call (a: 128/128 + 2048/128, b: 128/2048,
+#                                                        #   c: 500/2000, d: 1000/1000); every row file
+#                                                        #   carries the gate (--gate-file); TRTLLM_ARGS adds options
 #
 # Runs from the repository root with the machine's python3 (torch, triton, transformers). The
 # topology and serve stages need packages the machine lacks (pydantic, nvidia-ml-py, fastapi,
@@ -42,9 +46,17 @@ for stage in "$@"; do
       timeout 380 $PY $B --modes bf16,fp8 --workloads 128/128,2048/128 --profile --out "$OUT/short.json" 2>&1 \
         | tee "$OUT/short.log" | grep -v -E '^-{5}|^ *$' | tail -100
       ;;
-    trtllm)
-      timeout "${TRTLLM_TIMEOUT:-590}" $PY $B --method trtllm ${TRTLLM_ARGS:-} --out "$OUT/trtllm.json" 2>&1 \
-        | tee "$OUT/trtllm.log" | grep -v -E '^ |^[{}]' | tail -40
+    trtllm-gate)
+      timeout 300 $PY $B --method trtllm --check ${TRTLLM_ARGS:-} --out "$OUT/trtllm-gate.json" 2>&1 \
+        | tee "$OUT/trtllm-gate.log" | tail -40
+      ;;
+    trtllm-a|trtllm-b|trtllm-c|trtllm-d)
+      case $stage in
+        trtllm-a) rows=128/128,2048/128 ;; trtllm-b) rows=128/2048 ;;
+        trtllm-c) rows=500/2000 ;; trtllm-d) rows=1000/1000 ;;
+      esac
+      timeout "${TRTLLM_TIMEOUT:-540}" $PY $B --method trtllm --rows $rows --gate-file "$OUT/trtllm-gate.json" \
+        ${TRTLLM_ARGS:-} --out "$OUT/$stage.json" 2>&1 | tee "$OUT/$stage.log" | grep -v -E '^ |^[{}]' | tail -30
       ;;
     long)
       timeout 420 $PY $B --modes bf16,fp8 --workloads 128/2048 --no-baseline --out "$OUT/long.json" 2>&1 \

@@ -747,20 +747,22 @@ def trtllm_rows(results: dict[str, Any], scale: int) -> list[dict[str, Any]]:
     for mode, r in results.get("modes", {}).items():
         for row in TRTLLM_ROWS:
             w = r["workloads"].get(scaled_workload(row.workload, scale).name)
-            rate = w["output_tokens_per_s"] if w else None
+            if w is None:  # not among --rows
+                continue
+            rate = w["output_tokens_per_s"]
             rows.append(
                 {
                     "mode": mode,
                     "workload": row.workload,
-                    "requests": w["requests"] if w else None,
+                    "requests": w["requests"],
                     "output_tokens_per_s": rate,
                     "trtllm_published": row.published,
                     "trtllm_source": row.published_source,
                     "ratio_to_trtllm": rate / row.published if rate else None,
                     "target": row.target,
                     "meets_target": rate >= row.target if rate else False,
-                    "max_running": w["max_running"] if w else None,
-                    "preemptions": w["preemptions"] if w else None,
+                    "max_running": w["max_running"],
+                    "preemptions": w["preemptions"],
                 }
             )
     return rows
@@ -774,7 +776,8 @@ def trtllm_table(results: dict[str, Any]) -> str:
         f"device: {dev['name']} | measured copy bandwidth {bw:.0f} GB/s"
         f" | torch {dev['torch']} | KV cache {results['kv_cache_dtype']} | max {results['max_num_seqs']} seqs"
         + (" | SMOKE (tiny model on the host: plumbing, not speed)" if results.get("smoke") else ""),
-        f"correctness gate: {'passed' if gate.get('ok') else 'FAILED: no throughput reported'}",
+        f"correctness gate: {'passed' if gate.get('ok') else 'FAILED: no throughput reported'}"
+        + (f" (measured by {results['check_from']})" if "check_from" in results else ""),
         f"{'mode':5} {'workload':10} {'requests':>8} {'out tok/s':>10} {'TRT-LLM':>8} {'ratio':>6} "
         f"{'target':>7} {'met':>4} {'batch':>6} {'preempt':>7}  TRT-LLM source",
     ]
@@ -858,6 +861,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--smoke", action="store_true", help="with --method trtllm: a tiny CPU run of the same plumbing"
     )
+    ap.add_argument("--rows", help="with --method trtllm: only these rows (e.g. 128/128,2048/128)")
+    ap.add_argument(
+        "--gate-file",
+        type=Path,
+        help="with --method trtllm: take the correctness gate from this results file (--check of the same "
+        "session) instead of running it again; a failed gate there reports no throughput here",
+    )
     ap.add_argument(
         "--kv-cache-dtype",
         choices=("auto", "bf16", "fp16", "fp8"),
@@ -884,6 +894,14 @@ def main(argv: list[str] | None = None) -> int:
         if "workloads" in given or "num_requests" in given or args.tp > 1:
             ap.error("--method trtllm fixes the workloads and request counts, on one GPU")
         workloads = apply_trtllm_preset(args, given)
+        if args.rows:  # a subset, for runs that must fit a time limit per process
+            names = {r.workload: w for r, w in zip(TRTLLM_ROWS, workloads, strict=True)}
+            unknown = [r for r in args.rows.split(",") if r not in names]
+            if unknown:
+                ap.error(f"--rows {unknown}: the preset's rows are {', '.join(names)}")
+            workloads = [names[r] for r in args.rows.split(",")]
+    elif args.rows or args.gate_file:
+        ap.error("--rows and --gate-file belong to --method trtllm")
     args.bandwidth_bytes = 2 << 30
     if args.smoke:  # seconds on a CPU: the tiny model, short TTFT/ITL probes, no transformers
         args.tiny, args.no_baseline = True, True
@@ -927,7 +945,14 @@ def main(argv: list[str] | None = None) -> int:
         return run_tensor_parallel(args, cfg, workloads, results)
     with tempfile.TemporaryDirectory(prefix="kiln-bench-") as tmp:
         root = Path(tmp)
-        if args.check or args.method == "trtllm":
+        if args.gate_file:  # this run's gate, measured by an earlier process of the same session
+            results["check"] = json.loads(args.gate_file.read_text())["check"]
+            results["check_from"] = str(args.gate_file)
+            if not results["check"].get("ok"):
+                save()
+                print(trtllm_table(results))
+                return 1
+        elif args.check or args.method == "trtllm":
             results["check"] = run_check(args, root)
             save()
             print(json.dumps(results["check"], indent=1))

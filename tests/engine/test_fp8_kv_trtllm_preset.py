@@ -72,3 +72,16 @@ def test_a_failed_gate_reports_no_throughput(tmp_path: Path, monkeypatch: pytest
     assert et.main(["--method", "trtllm", "--smoke", "--device", "cpu", "--out", str(out)]) == 1
     res = json.loads(out.read_text())
     assert res["check"] == {"ok": False} and "modes" not in res and "trtllm_rows" not in res
+
+
+def test_rows_run_under_a_gate_measured_by_an_earlier_process(tmp_path: Path) -> None:
+    et = bench()
+    gate = tmp_path / "gate.json"
+    gate.write_text(json.dumps({"check": {"ok": False, "tiny_chat": {"fast_equals_reference": False}}}))
+    out = tmp_path / "rows.json"
+    argv = ["--method", "trtllm", "--smoke", "--device", "cpu", "--rows", "128/128", "--gate-file", str(gate)]
+    assert et.main([*argv, "--out", str(out)]) == 1
+    res = json.loads(out.read_text())
+    assert res["check"]["ok"] is False and "modes" not in res  # a failed gate: no throughput
+    with pytest.raises(SystemExit):
+        et.main(["--method", "trtllm", "--smoke", "--rows", "64/64"])  # not a preset row
