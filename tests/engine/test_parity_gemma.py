@@ -65,10 +65,12 @@ def engine_run(path: Path, prompts: list[list[int]], dtype: str) -> list[tuple[l
     return [got[str(i)] for i in range(len(prompts))]
 
 
-@pytest.mark.parametrize(("dtype", "tol"), [("float32", 1e-4), ("bfloat16", 0.15)])
+# measured: float32 within 1.5e-6, bfloat16 within 2.1e-2 (both archs, every step, top 5)
+@pytest.mark.parametrize(("dtype", "tol"), [("float32", 1e-5), ("bfloat16", 0.06)])
 def test_logprobs_match_transformers(gemma: Path, dtype: str, tol: float) -> None:
     """Each generated position's top-5 log-probabilities (final soft-cap included) match a full
-    transformers forward over prompt + generated tokens; float32 tokens are identical."""
+    transformers forward over prompt + generated tokens; float32 tokens are identical, bfloat16's
+    first ones."""
     torch_dtype = getattr(torch, dtype)
     hf = hf_model(gemma, torch_dtype)
     tok = Tokenizer.from_dir(gemma)
@@ -79,10 +81,8 @@ def test_logprobs_match_transformers(gemma: Path, dtype: str, tol: float) -> Non
             want = ref[len(prompt) - 1 + step]
             if dtype == "float32" or step == 0:  # bf16 rounding may flip later near-ties
                 assert tokens[step] == int(want.argmax()), (len(prompt), step)
-            for token_id, value in lp.top.items():
+            for token_id, value in lp.top.items():  # teacher-forced: valid even after a flip
                 assert abs(value - float(want[token_id])) < tol, (len(prompt), step, token_id)
-            if dtype != "float32":
-                break
 
 
 def test_the_sliding_window_and_soft_caps_change_the_reference(gemma: Path) -> None:
