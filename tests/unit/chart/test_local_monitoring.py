@@ -1,6 +1,6 @@
 """The local cluster's Prometheus (kiln.local.monitoring) against the chart: the Prometheus object
 selects every monitor and rule the chart renders, in the release's namespace; and the pure parts
-that adapt upstream's operator manifests and package Debian's Prometheus."""
+that adapt upstream's operator manifests and build Prometheus from its Go module."""
 
 from __future__ import annotations
 
