@@ -3,9 +3,9 @@
 The tiny Gemmas have head_dim != hidden / heads, a query scale of their own, an 8-token sliding
 window on their local layers (every prompt here but two is longer), soft-caps and tied embeddings.
 Both run test_parity's matrix folded into two engine runs, and per-position log-probabilities
-against transformers in float32 and bfloat16; then tensor parallel 2 against 1, `kiln-engine
-build`, and the clear refusal of the Gemma variants not served. The Triton kernel's soft-cap is
-checked in test_triton_attention.
+against transformers in float32 and bfloat16; then tensor x pipeline parallel 2 x 2 against one
+rank, `kiln-engine build`, and the clear refusal of the Gemma variants not served. The Triton
+kernels' soft-cap, Gemma norm and GeGLU are checked in test_triton_attention.
 """
 
 from __future__ import annotations
@@ -121,17 +121,16 @@ def test_greedy_tokens_through_chunking_prefix_cache_preemption_and_padded_decod
 
 
 @pytest.mark.slow
-def test_tp2_gemma_matches_tp1(tmp_path: Path) -> None:
-    """Two gloo ranks (vocab-split tied embeddings, one KV head each) give one rank's tokens."""
-    from kiln_engine.testing.tp_worker import PROMPTS
-    from tests.engine.test_tensor_parallel import run_ranks
+def test_tp2_by_pp2_gemma_matches_one_rank(tmp_path: Path) -> None:
+    """Four gloo ranks, two tensor-parallel ranks (vocab-split tied embeddings, one KV head each) in
+    each of two pipeline stages (2 + 1 layers, the last stage holding the tied LM head), give one
+    rank's tokens."""
+    from tests.engine.test_pipeline_parallel import run_ranks, tp1_tokens
 
     path = make_tiny_checkpoint(tmp_path / "ckpt", "gemma3")
-    engine = LLMEngine(path, EngineConfig(num_kv_blocks=64, block_size=4))
-    assert engine.tokenizer is not None
-    twelve = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)  # as tp_worker asks
-    ref = engine.generate([engine.tokenizer.encode(p) for p in PROMPTS], twelve)
-    assert run_ranks(path, 2, tmp_path / "tp2.json") == ref
+    ref = tp1_tokens(path)
+    assert len({tuple(t) for t in ref}) == len(ref)
+    assert run_ranks(path, 4, 2, tmp_path / "tp2pp2.json") == ref
 
 
 def test_kiln_engine_build_of_a_tiny_gemma_serves_its_tokens(tmp_path: Path) -> None:
