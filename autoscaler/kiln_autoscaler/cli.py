@@ -160,7 +160,13 @@ def run(
 
 
 @autoscaler.command("simulate")
-@click.option("--trace", "trace_name", default="bursty", show_default=True, help="steady|diurnal|step|bursty|flash-crowd")
+@click.option(
+    "--trace",
+    "trace_name",
+    default="bursty",
+    show_default=True,
+    help="steady|diurnal|step|bursty|flash-crowd",
+)
 @click.option("--azure", type=click.Path(exists=True, dir_okay=False), help="Replay an Azure-format CSV.")
 @click.option("--policy", "policy_name", type=click.Choice(["kiln", "hpa", "static"]), default="kiln")
 @click.option("--replicas", type=int, default=8, show_default=True, help="Static count (--policy static).")
