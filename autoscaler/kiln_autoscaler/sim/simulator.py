@@ -298,7 +298,8 @@ class Simulation:
         self.prompt_total = 0.0
         self.output_total = 0.0
         self.finished_total = 0.0
-        self.snapshots: deque[tuple[float, float, float, float]] = deque()
+        # Counters start at zero when the trace starts, so the first pass has a full window of rates.
+        self.snapshots: deque[tuple[float, float, float, float]] = deque([(0.0, 0.0, 0.0, 0.0)])
         self.history = History()
         self.timeline: list[tuple[float, int, int, str]] = []
         self.finished = 0
@@ -507,6 +508,9 @@ class Simulation:
         initial = self.config.initial_replicas
         if initial is None:
             initial = max(targets.min_replicas, 1)
+        # As the controller does for a deployment it first sees: hold the current count for the
+        # scale-down window (the warm start stands for a deployment that was already serving).
+        self.history = History(recommendations=((0.0, initial),), last_active=0.0)
         for _ in range(initial):
             replica = _Replica(len(self.replicas), 0.0)
             replica.state = _READY

@@ -137,3 +137,20 @@ def test_the_chart_draws_each_policy_of_a_trace_as_a_png(tmp_path: Path) -> None
     results = [simulate(trace, policy, config) for policy in (StaticPolicy(2), KilnPolicy())]
     path = draw(trace, results, config.targets, tmp_path / "chart.png")
     assert path.read_bytes().startswith(b"\x89PNG") and path.stat().st_size > 10_000
+
+
+def test_the_first_pass_sees_the_first_minute_and_holds_the_warm_start() -> None:
+    seen: list[tuple[float, float, int]] = []
+
+    def recording(targets, signals, replicas, capacity, history, now):  # type: ignore[no-untyped-def]
+        seen.append((signals.request_rate, signals.prompt_token_rate, len(history.recommendations)))
+        return KilnPolicy()(targets, signals, replicas, capacity, history, now)
+
+    recording.name = "recording"  # type: ignore[attr-defined]
+    trace = steady(rate=4.0, duration_s=120.0, seed=3)
+    result = simulate(trace, recording, SimConfig(TARGETS, SERVING, initial_replicas=3))  # type: ignore[arg-type]
+    first_minute = sum(1 for r in trace.requests if r.arrival_s < 60)
+    # most of the first minute's requests finished by t=60: the rate is over the whole minute
+    assert seen[0][0] == pytest.approx(first_minute / 60, rel=0.15) and seen[0][1] > 1000
+    assert seen[0][2] == 1  # the warm start's count, as the controller seeds a new deployment
+    assert result.timeline[0][1] == 3  # not scaled down on the first pass
