@@ -269,9 +269,9 @@ def serve(
     liveness = None
     if layout.world > 1:
         lockstep.join_group(rank, layout.world, serve_device)
-        liveness = group.Liveness(
-            rank, layout.world, followers, on_leave=group.drain_self if rank == 0 else None
-        )
+        ready_url = f"http://{host}:{port}/ready"
+        on_leave = (lambda: group.drain_self(ready_url)) if rank == 0 else None
+        liveness = group.Liveness(rank, layout.world, followers, on_leave=on_leave)
         if 0 < rank == layout.local_ranks.start:  # a follower pod's first rank gets the pod's SIGTERM
             group.leave_on_termination(liveness)
     try:
