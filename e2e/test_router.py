@@ -1,0 +1,117 @@
+"""Kiln routers on the real node, as a user turns them on: the tiny CPU example with
+`spec.router.enabled`, installed Kiln's way (the chart's RBAC, the control-plane image).
+
+The operator runs two routers from the control-plane image in containerd; their ServiceAccount
+reads the engines' EndpointSlices through the RoleBinding the operator made; a pod asks the model
+by the Service's DNS name (kube-proxy → a router → an engine); a conversation sent turn by turn
+through either router stays on one engine replica (the engines' own request counters show it).
+The engine is the one test_tiny_chat's deployment uses (same key): nothing is built again.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import pytest
+import yaml
+from prometheus_client.parser import text_string_to_metric_families
+
+from kiln.demo.kube import Kubectl, ready_endpoints, wait_for
+from kiln.demo.stack import NODE, Stack, repo_root
+from kiln.demo.steps import Progress
+from kiln.demo.story import Story, ask_in_cluster, wait_serving
+
+pytestmark = [pytest.mark.cluster, pytest.mark.slow, pytest.mark.engine]
+
+NAME = "tiny-routed"
+ENGINE_SELECTOR = f"app.kubernetes.io/component=serving,kiln.dev/deployment={NAME}"
+ROUTER_SELECTOR = f"app.kubernetes.io/component=router,kiln.dev/deployment={NAME}"
+SYSTEM = "You are the Kiln assistant. You answer questions about running language models on GPUs."
+
+
+def quiet() -> Progress:
+    return Progress(total=1, echo=lambda line: None)
+
+
+@pytest.fixture(scope="module")
+def routed(kiln_stack: Stack, kubectl: Kubectl, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Story]:
+    manifest = yaml.safe_load((repo_root() / "examples" / "tiny-cpu.yaml").read_text())
+    manifest["metadata"]["name"] = NAME
+    manifest["spec"]["replicas"] = 2
+    manifest["spec"]["autoscaling"] = {"enabled": False}
+    manifest["spec"]["router"] = {
+        "enabled": True,
+        "replicas": 2,
+        "nodeSelector": {"kiln.dev/real-node": "true"},
+    }
+    path = tmp_path_factory.mktemp("router") / "tiny-routed.yaml"
+    path.write_text(yaml.safe_dump(manifest))
+    story = Story(kiln_stack, path)
+    kubectl("apply", "-f", str(path))
+    try:
+        wait_serving(story, quiet(), timeout=600)
+        yield story
+    finally:
+        kubectl.run(
+            "delete", "llmdeployment", NAME, "--wait=true", "--timeout=120s", check=False, timeout=150
+        )
+
+
+def pods(kubectl: Kubectl, selector: str) -> list[dict[str, Any]]:
+    return kubectl.items("pods", "-l", selector)
+
+
+def ok_requests(endpoint: str) -> float:
+    """The engine's own count of requests it answered (kiln_engine_requests_total{status="ok"})."""
+    text = httpx.get(f"{endpoint}/metrics", timeout=10).text
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == "kiln_engine_requests_total" and sample.labels.get("status") == "ok":
+                return sample.value
+    return 0.0
+
+
+def test_routers_run_from_the_control_plane_image_and_the_service_reaches_the_model(
+    routed: Story, kubectl: Kubectl, kiln_stack: Stack
+) -> None:
+    status = routed.deployment()["status"]
+    assert status["routerReadyReplicas"] == 2, status
+    routers = pods(kubectl, ROUTER_SELECTOR)
+    assert len(routers) == 2
+    operator = kubectl.items("pods", "-n", "kiln-system", "-l", "app.kubernetes.io/component=operator")
+    for pod in routers:
+        assert pod["spec"]["nodeName"] == NODE
+        (container,) = pod["status"]["containerStatuses"]
+        assert container["containerID"].startswith("containerd://") and container["ready"]
+        assert container["image"] == operator[0]["spec"]["containers"][0]["image"]
+    # The Service sends to the routers; a pod asks by its DNS name.
+    assert {endpoint for endpoint in routed.ready_pod_endpoints()} == set(
+        ready_endpoints(routers, routed.port)
+    )
+    assert ask_in_cluster(routed, quiet())
+
+
+def test_a_conversation_stays_on_one_engine_through_either_router(routed: Story, kubectl: Kubectl) -> None:
+    routers = ready_endpoints(pods(kubectl, ROUTER_SELECTOR), routed.port)
+    engines = ready_endpoints(pods(kubectl, ENGINE_SELECTOR), routed.port)
+    assert len(routers) == 2 and len(engines) == 2
+    before = {engine: ok_requests(engine) for engine in engines}
+    messages: list[dict[str, str]] = [{"role": "system", "content": SYSTEM}]
+    questions = ["What is Kiln?", "How does it scale?", "And on GPUs?"]
+    with httpx.Client(timeout=120) as client:
+        for turn, question in enumerate(questions):
+            messages.append({"role": "user", "content": question})
+            router = routers[turn % len(routers)]
+            body = {"model": routed.served_name, "messages": messages, "max_tokens": 8, "temperature": 0}
+            response = client.post(f"{router}/v1/chat/completions", json=body)
+            assert response.status_code == 200, response.text
+            messages.append(
+                {"role": "assistant", "content": response.json()["choices"][0]["message"]["content"]}
+            )
+    wait_for(
+        lambda: sum(ok_requests(e) - before[e] for e in engines) == len(questions), 30, "the engines' counts"
+    )
+    answered = sorted(ok_requests(engine) - before[engine] for engine in engines)
+    assert answered == [0, len(questions)], answered
