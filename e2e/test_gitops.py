@@ -7,17 +7,21 @@ example. The tests run in order on the shared deployment: first sync (Progressin
 waits for its build node, Healthy once it serves); a quantization commit rolled over under a
 request loop; a commit whose model cannot be built (Degraded with Kiln's reason, the old replicas
 keep serving); the autoscaler's replica count under automated sync with self-heal, without and
-with the ignoreDifferences docs/gitops.md prescribes; deleting the Application deletes everything.
+(under a real burst) with the ignoreDifferences docs/gitops.md prescribes; deleting the
+Application deletes everything.
 
 Set KILN_GITOPS_RESULTS to a file path to write the measured times there as JSON.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import copy
 import json
 import os
 import re
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -28,10 +32,12 @@ import pytest
 import yaml
 
 from e2e.test_tiny_chat import RequestLoop, serving_engines
+from kiln.demo import manifests
 from kiln.demo.kube import Kubectl, wait_for
+from kiln.demo.load import Load
 from kiln.demo.stack import NODE, Stack, repo_root
 from kiln.demo.steps import Progress
-from kiln.demo.story import Story, ask
+from kiln.demo.story import LOAD_QUESTION, Story, ask
 from kiln.local import argocd, gitops
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow, pytest.mark.engine]
@@ -44,8 +50,12 @@ NEW_QUANTIZATION = "int8-weight"
 RESULTS_ENV = "KILN_GITOPS_RESULTS"
 SYNC_POLICY: dict[str, Any] = {"automated": {"prune": True, "selfHeal": True}}
 GITOPS_DOC = repo_root() / "docs" / "gitops.md"
-# How long the autoscaler's count must survive self-heal (the example scales down after 60 s idle).
-HOLD_SECONDS = 40.0
+# How long the autoscaler's count must survive self-heal while the burst goes on. The issue asks
+# for 5 minutes: a run with KILN_GITOPS_HOLD_SECONDS=300 is committed (gitops_e2e-run3.json); the
+# suite holds one minute to keep the test command's time.
+HOLD_SECONDS = float(os.environ.get("KILN_GITOPS_HOLD_SECONDS", "60"))
+BURST_CLIENTS = 32  # 2x the example's maxBatchSize: TTFT climbs past its target on one replica
+SCALE_UP_TIMEOUT = 300.0
 
 
 def documented_application(flow: GitOps, ignore: bool) -> dict[str, Any]:
@@ -287,6 +297,48 @@ def test_unbuildable_model_is_degraded_with_kilns_reason_and_old_replicas_keep_s
     flow.record("revert_commit_to_healthy_s", round(seen[-1].at - started, 1))
 
 
+class Burst(threading.Thread):
+    """Clients posting completions back to back to the ready replicas (followed each second, the way
+    a Service's endpoints move), so that the autoscaler running in the cluster sees TTFT rise."""
+
+    def __init__(self, story: Story, clients: int) -> None:
+        super().__init__(daemon=True)
+        self.story = story
+        self.clients = clients
+        self.urls: list[str] = []
+        self.loop = asyncio.new_event_loop()
+        body = manifests.completion_request(story.served_name, LOAD_QUESTION, max_tokens=48)
+        body.pop("stop", None)
+        self.load = Load(lambda: self.urls, {**body, "ignore_eos": True}, clients)
+
+    def follow_endpoints(self) -> None:
+        with contextlib.suppress(Exception):
+            self.urls = [f"{endpoint}/v1/completions" for endpoint in self.story.ready_pod_endpoints()]
+
+    async def _run(self) -> None:
+        async def refresh() -> None:
+            while True:
+                await asyncio.to_thread(self.follow_endpoints)
+                await asyncio.sleep(1.0)
+
+        refresher = asyncio.create_task(refresh())
+        try:
+            await self.load.run()
+        finally:
+            refresher.cancel()
+
+    def run(self) -> None:
+        try:
+            self.loop.run_until_complete(self._run())
+        finally:
+            self.loop.close()
+
+    def halt(self) -> None:
+        with contextlib.suppress(RuntimeError):  # the loop already ended
+            self.loop.call_soon_threadsafe(self.load.stop)
+        self.join(timeout=180)
+
+
 def autoscaler_writes_replicas(flow: GitOps, replicas: int) -> float:
     """Scale the way the autoscaler does (its own Kube.scale: server-side apply, forced); return when."""
     from kubernetes import config as kube_config
@@ -326,19 +378,31 @@ def test_self_heal_reverts_the_autoscalers_replicas_unless_ignored(flow: GitOps)
     )
     flow.record("self_heal_reverted_autoscaler_after_s", round(time.monotonic() - written, 1))
 
-    # The documented Application: Argo CD leaves spec.replicas to the autoscaler.
+    # The documented Application: Argo CD leaves spec.replicas to the autoscaler. A real burst makes
+    # the autoscaler in the cluster add a replica, and the burst goes on while Argo CD is watched.
     flow.kubectl.apply([documented_application(flow, ignore=True)])
     flow.argo.refresh(APP)
-    autoscaler_writes_replicas(flow, scaled)
-    deadline = time.monotonic() + HOLD_SECONDS
+    wait_for(lambda: live_replicas(flow) == git_replicas, 180, "the autoscaler back at git's count")
+    burst = Burst(flow.story, BURST_CLIENTS)
+    burst.start()
     looks: list[Seen] = []
-    while time.monotonic() < deadline:
-        looks.append(flow.look())
-        # The running autoscaler may scale down on its own; Argo CD must never be the writer.
-        assert replicas_managers(flow) == {"kiln-autoscaler"}, (replicas_managers(flow), looks[-3:])
-        time.sleep(1.0)
+    try:
+        started = time.monotonic()
+        wait_for(lambda: live_replicas(flow) > git_replicas, SCALE_UP_TIMEOUT, "a scale-up under the burst")
+        flow.record("burst_to_autoscaler_scale_up_s", round(time.monotonic() - started, 1))
+        deadline = time.monotonic() + HOLD_SECONDS
+        while time.monotonic() < deadline:
+            looks.append(flow.look())
+            # Argo CD must never write replicas back, and the count must not flap while the load lasts.
+            assert replicas_managers(flow) == {"kiln-autoscaler"}, (replicas_managers(flow), looks[-3:])
+            assert live_replicas(flow) > git_replicas, ("scaled back during the burst", looks[-3:])
+            time.sleep(1.0)
+    finally:
+        burst.halt()
     assert {look.sync for look in looks} == {"Synced"}, looks
-    flow.record("ignored_replicas_held_s", HOLD_SECONDS)
+    stats = burst.load.stats
+    flow.record("ignored_replicas_held_under_burst_s", HOLD_SECONDS)
+    flow.record("burst_requests", {"answered": stats.ok, "failed": stats.failed, "errors": stats.errors})
 
 
 def test_deleting_the_application_deletes_the_deployment_and_its_children(

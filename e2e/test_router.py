@@ -19,7 +19,7 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from kiln.demo.kube import Kubectl, ready_endpoints, wait_for
-from kiln.demo.stack import NODE, Stack, repo_root
+from kiln.demo.stack import CLIENT_POD, NODE, Stack, repo_root
 from kiln.demo.steps import Progress
 from kiln.demo.story import Story, ask_in_cluster, wait_serving
 
@@ -90,7 +90,10 @@ def test_routers_run_from_the_control_plane_image_and_the_service_reaches_the_mo
     assert {endpoint for endpoint in routed.ready_pod_endpoints()} == set(
         ready_endpoints(routers, routed.port)
     )
-    assert ask_in_cluster(routed, quiet())
+    try:
+        assert ask_in_cluster(routed, quiet())
+    finally:  # later e2e modules expect the namespace empty
+        kubectl("delete", "pod", CLIENT_POD, "--wait=true", "--timeout=60s")
 
 
 def test_a_conversation_stays_on_one_engine_through_either_router(routed: Story, kubectl: Kubectl) -> None:
