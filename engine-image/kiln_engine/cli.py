@@ -90,6 +90,15 @@ def main() -> None:
     help="A PEFT LoRA adapter (a directory, pvc://, hf:// or s3://), served as model NAME next to the "
     "base model (repeatable).",
 )
+@click.option(
+    "--lora-file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help='LoRA adapters listed in a JSON file, {"adapters": [{"name": ..., "source": ...}]}, looked at '
+    "again every --lora-poll-seconds: adapters added, replaced or removed there are served without a "
+    "restart (the operator mounts its ConfigMap here). Not with --lora.",
+)
+@click.option("--lora-poll-seconds", default=5.0, show_default=True, type=click.FloatRange(0.1, 3600))
 @click.option("--max-loras", default=4, show_default=True, type=click.IntRange(1, 256), help="Adapter slots.")
 @click.option("--max-lora-rank", default=16, show_default=True, type=click.IntRange(1, 1024))
 @click.option(
@@ -164,6 +173,8 @@ def serve(
     speculative: str | None,
     num_speculative_tokens: int,
     loras: tuple[str, ...],
+    lora_file: Path | None,
+    lora_poll_seconds: float,
     max_loras: int,
     max_lora_rank: int,
     tp: int | None,
@@ -180,8 +191,10 @@ def serve(
         raise click.UsageError("give exactly one of --artifact or --model")
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     api_key = read_api_key(api_key_file)
-    if loras and backend == "tensorrt-llm":
-        raise click.UsageError("--lora is served by the torch backend only")
+    if loras and lora_file is not None:
+        raise click.UsageError("give the adapters with --lora or --lora-file, not both")
+    if (loras or lora_file is not None) and backend == "tensorrt-llm":
+        raise click.UsageError("--lora and --lora-file are served by the torch backend only")
     if backend == "tensorrt-llm":
         _serve_tensorrt_llm(artifact, model_dir, served_model_name, host, port, max_num_seqs, max_model_len,
                             max_num_tokens, prefix_caching, chunked_prefill, kv_cache_dtype,
@@ -212,7 +225,7 @@ def serve(
         kv_cache_dtype = torch_backend.artifact_kv_cache_dtype(path)
     if speculative and tp * pp > 1:
         raise click.UsageError("--speculative runs on one rank only: not with --tp or --pp above 1")
-    lora_modules = _fetch_adapters(_lora_modules(loras, pp))
+    lora_file_text, lora_modules, lora_failed = _adapters_at_start(loras, lora_file, pp)
     try:
         layout = group.group_layout(tp * pp, group_size, group_index)
     except ValueError as exc:
@@ -254,7 +267,7 @@ def serve(
         speculative=speculative,
         num_speculative_tokens=num_speculative_tokens,
         lora_modules=lora_modules,
-        max_loras=max_loras if lora_modules else 0,
+        max_loras=max_loras if lora_modules or lora_file is not None else 0,
         max_lora_rank=max_lora_rank,
         tensor_parallel_size=tp,
         tensor_parallel_rank=tp_rank,
@@ -300,6 +313,10 @@ def serve(
             engine, control, liveness.stop if liveness else None, liveness.fail if liveness else None
         )
     model = torch_backend.served_model_for(engine, path, name)
+    model.failed_adapters = {**lora_failed, **model.failed_adapters}
+    if lora_file is not None:
+        model.adapter_file, model.adapter_file_text = lora_file, lora_file_text
+        model.adapter_poll_s = lora_poll_seconds
     settings = ServerSettings(api_key=api_key, drain_timeout_s=drain_timeout)
     try:
         serve_model(model, settings, host=host, port=port, log_level=log_level.lower())
@@ -323,15 +340,31 @@ def _lora_modules(specs: tuple[str, ...], pp: int) -> list[tuple[str, str]]:
     return modules
 
 
-def _fetch_adapters(modules: list[tuple[str, str]]) -> list[tuple[str, str]]:
-    """Each adapter's local directory: a path or pvc:// in place, hf:// and s3:// downloaded."""
-    from kiln_engine.build.source import SourceError, fetch, work_dir
+def _adapters_at_start(
+    loras: tuple[str, ...], lora_file: Path | None, pp: int
+) -> tuple[str | None, list[tuple[str, str]], dict[str, str]]:
+    """The adapter file's content (None without one), the adapters to load (name, local directory), and
+    those of the file that could not be fetched (they are reported, the rest served). A --lora that
+    cannot be fetched ends the process: the command line is wrong."""
+    from kiln_engine.lora import AdapterError
+    from kiln_engine.server.lora_watch import fetch_adapters, read_adapter_file
 
+    if lora_file is None:
+        modules = _lora_modules(loras, pp)
+        fetched, failed = fetch_adapters(modules)
+        if failed:
+            _fail(f"cannot fetch LoRA adapter: {'; '.join(failed.values())}", 1)
+        return None, fetched, {}
+    if pp > 1:
+        raise click.UsageError("--lora-file is not available with pipeline parallelism (--pp above 1)")
     try:
-        return [(name, str(fetch(uri, work_dir() / "lora" / name))) for name, uri in modules]
-    except (SourceError, OSError) as exc:
-        _fail(f"cannot fetch LoRA adapter: {exc}", 1)
+        text = lora_file.read_text()
+        modules = read_adapter_file(lora_file)
+    except (AdapterError, OSError) as exc:
+        _fail(f"--lora-file: {exc}", 1)
         raise  # unreachable: _fail exits
+    fetched, failed = fetch_adapters(modules)
+    return text, fetched, failed
 
 
 def _wait_for(procs: list[subprocess.Popen[bytes]]) -> None:

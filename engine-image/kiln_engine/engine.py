@@ -14,7 +14,7 @@ detokenized text, max tokens, context length) and returns what each request prod
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from kiln_engine import grammar
@@ -147,6 +147,17 @@ class LLMEngine:
         lora = self.runner.lora
         return {} if lora is None else dict(lora.failed)
 
+    def set_adapters(self, modules: list[tuple[str, str]]) -> dict[str, str]:
+        """Serve exactly these LoRA adapters (name, local directory) from the next step on; requests
+        in flight finish on the version they started with. Returns the adapters that failed to load,
+        with the reason (the others are served)."""
+        lora = self.runner.lora
+        if lora is None:
+            raise ValueError("this engine was started without LoRA adapter slots (max_loras 0)")
+        in_flight = {seq.params.adapter for seq in self.seqs.values() if seq.params.adapter is not None}
+        lora.set_adapters(modules, keep=in_flight)
+        return dict(lora.failed)
+
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None:
         if request_id in self.seqs:
             raise ValueError(f"request id {request_id!r} is already in use")
@@ -169,6 +180,8 @@ class LLMEngine:
         if params.adapter is not None and params.adapter not in self.adapters:
             served = ", ".join(sorted(self.adapters)) or "none"
             raise ValueError(f"unknown LoRA adapter {params.adapter!r}; this engine serves: {served}")
+        if params.adapter is not None and self.runner.lora is not None:  # the version served now
+            params = replace(params, adapter=self.runner.lora.key_of[params.adapter])
         if params.structured is not None:
             if self.grammars is None:
                 raise ValueError("structured outputs need the model's tokenizer and xgrammar")

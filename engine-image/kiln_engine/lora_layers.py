@@ -166,20 +166,50 @@ class LoraRuntime:
                     lora = LoraLinear(layer, subs, self.num_slots, self.max_rank, self.batch, dtype, device)
                     layer.lora = lora
                     self.layers[(i, path)] = lora
+        self.model_config = model_config
+        # The adapters served now, by name, and every loaded version by key ("name#n"): a request
+        # runs the version its name meant when it arrived (`key_of`), so replacing or removing an
+        # adapter never changes the weights under a request in flight.
         self.adapters: dict[str, LoraAdapter] = {}
+        self.key_of: dict[str, str] = {}
+        self.versions: dict[str, LoraAdapter] = {}
+        self.versions_read = 0  # the next key's number (the same on every rank: same calls, same order)
         # Adapters that cannot be served, and why: the base model and the other adapters keep
         # serving, and a request for one of these is refused with the reason.
         self.failed: dict[str, str] = {}
-        for name, path in config.lora_modules:
-            if name in self.adapters or name in self.failed:
-                raise AdapterError(f"adapter {name!r} is given twice")
+        self.loaded: list[str | None] = [None] * self.num_slots
+        self.loads_total = 0
+        self.set_adapters(config.lora_modules, keep=set())
+
+    def set_adapters(self, modules: list[tuple[str, str]], keep: set[str]) -> None:
+        """Serve exactly `modules` (name, local directory) from now on. An adapter whose directory is
+        unchanged stays as it is; a new or moved one is read and checked (a bad one lands in `failed`
+        and the rest are served); versions no longer served are dropped unless `keep` names their key
+        (requests in flight hold them)."""
+        names = [name for name, _ in modules]
+        if len(set(names)) != len(names):
+            raise AdapterError(f"adapter names must be unique, got {names}")
+        adapters: dict[str, LoraAdapter] = {}
+        self.failed = {}
+        for name, path in modules:
+            old = self.adapters.get(name)
+            if old is not None and old.path == path:
+                adapters[name] = old
+                continue
             try:
-                self.adapters[name] = self._checked(load_adapter(name, path, model_config, self.max_rank))
+                adapter = self._checked(load_adapter(name, path, self.model_config, self.max_rank))
             except AdapterError as exc:
                 log.error("not serving LoRA adapter %r: %s", name, exc)
                 self.failed[name] = str(exc)
-        self.loaded: list[str | None] = [None] * self.num_slots
-        self.loads_total = 0
+                continue
+            self.versions_read += 1
+            self.key_of[name] = f"{name}#{self.versions_read}"
+            self.versions[self.key_of[name]] = adapters[name] = adapter
+        self.adapters = adapters
+        self.key_of = {name: key for name, key in self.key_of.items() if name in adapters}
+        served = set(self.key_of.values()) | keep
+        self.versions = {key: a for key, a in self.versions.items() if key in served}
+        self.loaded = [key if key in self.versions else None for key in self.loaded]
 
     def _checked(self, adapter: LoraAdapter) -> LoraAdapter:
         """`adapter`, once every projection it targets is one of this model's dense projections."""
@@ -191,19 +221,20 @@ class LoraRuntime:
                 )
         return adapter
 
-    def ensure_loaded(self, slot: int, name: str) -> None:
-        """Copy adapter `name` into `slot` unless it is there already (the slot policy assigned it)."""
-        if self.loaded[slot] == name:
+    def ensure_loaded(self, slot: int, key: str) -> None:
+        """Copy adapter version `key` into `slot` unless it is there already (the slot policy assigned
+        it)."""
+        if self.loaded[slot] == key:
             return
-        adapter = self.adapters[name]
+        adapter = self.versions[key]
         parts: dict[tuple[int, str], dict[str | int | None, tuple[torch.Tensor, torch.Tensor]]] = {}
         for (layer_i, module), w in adapter.weights.items():
             path, sub = FUSED_TARGETS[module]
             parts.setdefault((layer_i, path), {})[sub] = (w.a.to(self.device), w.b.to(self.device))
         with torch.no_grad():
-            for key, lora in self.layers.items():
-                lora.load(slot, parts.get(key, {}))
-        self.loaded[slot] = name
+            for layer_key, lora in self.layers.items():
+                lora.load(slot, parts.get(layer_key, {}))
+        self.loaded[slot] = key
         self.loads_total += 1
 
     def slot_of(self, chunk: ScheduledChunk) -> int:

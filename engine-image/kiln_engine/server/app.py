@@ -6,6 +6,7 @@ with graceful drain. The engine itself is only ever touched by the EngineRunner'
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import functools
 import hmac
@@ -15,6 +16,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any, Protocol
 
 import uvicorn
@@ -33,6 +35,7 @@ from kiln_engine.server import responses as rs
 from kiln_engine.server import tool_calls as tc
 from kiln_engine.server.drain import DrainingServer, DrainState
 from kiln_engine.server.errors import OpenAIError, install_error_handlers, validation_error
+from kiln_engine.server.lora_watch import DEFAULT_POLL_SECONDS, AdapterFileWatch
 from kiln_engine.server.metrics import CONTENT_TYPE, ServerMetrics
 from kiln_engine.server.runner import EngineFailure, EngineRunner
 from kiln_engine.server.streaming import (
@@ -82,6 +85,11 @@ class ServedModel:
     # LoRA adapters served next to the base model: a request's `model` names one (kiln_engine.lora).
     adapters: tuple[str, ...] = ()
     failed_adapters: dict[str, str] = field(default_factory=dict)  # adapter -> why it is not served
+    # The adapter file the adapters above came from (kiln_engine.server.lora_watch), its content then,
+    # and how often it is looked at again; None: the adapters are fixed.
+    adapter_file: Path | None = None
+    adapter_file_text: str | None = None
+    adapter_poll_s: float = DEFAULT_POLL_SECONDS
 
 
 @dataclass
@@ -119,12 +127,27 @@ def create_app(model: ServedModel, settings: ServerSettings | None = None) -> Fa
         if callable(shutdown):
             shutdown()
 
+    async def apply_adapters(local: list[tuple[str, str]], fetch_failed: dict[str, str]) -> dict[str, str]:
+        set_adapters = model.engine.set_adapters  # type: ignore[attr-defined]  # torch engines only
+        failed = {**fetch_failed, **await asyncio.wrap_future(runner.call(lambda: set_adapters(local)))}
+        model.adapters = tuple(name for name, _ in local if name not in failed)
+        model.failed_adapters = failed
+        return failed
+
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         runner.start()
+        watch = None
+        if model.adapter_file is not None:
+            watcher = AdapterFileWatch(
+                model.adapter_file, apply_adapters, model.adapter_file_text, model.adapter_poll_s
+            )
+            watch = asyncio.create_task(watcher.run())
         try:
             yield
         finally:
+            if watch is not None:
+                watch.cancel()
             close()
 
     app = FastAPI(title="Kiln engine", version="1", lifespan=lifespan)
@@ -134,8 +157,8 @@ def create_app(model: ServedModel, settings: ServerSettings | None = None) -> Fa
     app.state.close = close
     app.state.model = model
     install_error_handlers(app)
-    adapters = frozenset(model.adapters)
-    names = {model.name, *model.aliases, *([BASE_MODEL_NAME] if adapters else [])}
+    serves_adapters = bool(model.adapters or model.failed_adapters or model.adapter_file)
+    names = {model.name, *model.aliases, *([BASE_MODEL_NAME] if serves_adapters else [])}
     templates: dict[str, str] = getattr(model.tokenizer, "templates", {})
     tool_format = model.tool_format or tc.family_of(templates.get("tool_use", templates.get("default", "")))
 
@@ -165,8 +188,8 @@ def create_app(model: ServedModel, settings: ServerSettings | None = None) -> Fa
                 param="model",
                 code="adapter_unavailable",
             )
-        if req.model not in names and req.model not in adapters:
-            served = "', '".join([model.name, *sorted(adapters)])
+        if req.model not in names and req.model not in model.adapters:
+            served = "', '".join([model.name, *sorted(model.adapters)])
             raise OpenAIError(
                 f"model '{req.model}' does not exist; this server serves '{served}'",
                 param="model",
@@ -175,7 +198,7 @@ def create_app(model: ServedModel, settings: ServerSettings | None = None) -> Fa
 
     def served_name(req: p.CompletionRequest | p.ChatCompletionRequest) -> str:
         """The `model` a response names: the adapter asked for, else the base model's name."""
-        return req.model if req.model in adapters else model.name
+        return req.model if req.model in model.adapters else model.name
 
     def prepare(prompt_ids: list[int], requested: int | None, default: int | None, param: str) -> _Prepared:
         limit = model.engine.max_model_len
@@ -515,7 +538,7 @@ def create_app(model: ServedModel, settings: ServerSettings | None = None) -> Fa
         rids = [rid] if req.n == 1 else [f"{rid}-{i}" for i in range(req.n)]
         request.state.submitted = True
         streams = []
-        adapter = req.model if req.model in adapters else None
+        adapter = req.model if req.model in model.adapters else None
         if adapter is not None:
             metrics.adapter_requests.labels(model.name, adapter).inc()
         for i, choice_rid in enumerate(rids):

@@ -27,7 +27,8 @@ log = logging.getLogger(__name__)
 CONTROL_TIMEOUT = timedelta(days=365)
 FOLLOWER_ENV = "KILN_TP_FOLLOWER"
 
-Command = tuple[Any, ...]  # ("add", request_id, prompt_ids, params) | ("abort", request_id)
+# ("add", request_id, prompt_ids, params) | ("abort", request_id) | ("adapters", [(name, directory)])
+Command = tuple[Any, ...]
 
 
 def control_group() -> Any:
@@ -65,6 +66,13 @@ class LockstepEngine:
     def abort_request(self, request_id: str) -> None:
         self.engine.abort_request(request_id)
         self._pending.append(("abort", request_id))
+
+    def set_adapters(self, modules: list[tuple[str, str]]) -> dict[str, str]:
+        """The LoRA adapters from now on, on every rank (the directories are this pod's, shared by its
+        ranks), in order with the adds around it so that every rank resolves a request alike."""
+        failed: dict[str, str] = self.engine.set_adapters(modules)  # type: ignore[attr-defined]
+        self._pending.append(("adapters", list(modules)))
+        return failed
 
     def has_unfinished(self) -> bool:
         return self.engine.has_unfinished()
@@ -104,6 +112,8 @@ def follow(engine: Engine, group: Any) -> None:
                 engine.add_request(cmd[1], cmd[2], cmd[3])
             elif cmd[0] == "abort":
                 engine.abort_request(cmd[1])
+            elif cmd[0] == "adapters":
+                engine.set_adapters(cmd[1])  # type: ignore[attr-defined]
         if kind == "stop":
             return
         engine.step()

@@ -5,6 +5,7 @@ outputs to the asyncio side through a per-request queue. It also times requests 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import logging
 import queue
@@ -12,6 +13,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from kiln_engine.interface import Engine, EngineStats, RequestOutput, SamplingParams
 from kiln_engine.server.metrics import ServerMetrics
@@ -62,6 +64,12 @@ class _Abort:
     status: str  # metrics status to record: "aborted" (client gone, drain timeout) or "ok" (stop string)
 
 
+@dataclass
+class _Call:
+    fn: Callable[[], Any]
+    result: concurrent.futures.Future[Any]
+
+
 class EngineRunner:
     """Drives `engine.step()` on a background thread while any request is unfinished."""
 
@@ -69,7 +77,7 @@ class EngineRunner:
         self.engine = engine
         self.metrics = metrics
         self._idle_poll_s = idle_poll_s
-        self._commands: queue.SimpleQueue[_Add | _Abort] = queue.SimpleQueue()
+        self._commands: queue.SimpleQueue[_Add | _Abort | _Call] = queue.SimpleQueue()
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._tracked: dict[str, _Tracked] = {}
@@ -118,6 +126,14 @@ class EngineRunner:
         self._commands.put(_Abort(request_id, status))
         self._wake.set()
 
+    def call(self, fn: Callable[[], Any]) -> concurrent.futures.Future[Any]:
+        """Run `fn` on the engine thread between two steps (the engine is single-threaded), in order
+        with the requests submitted before it; the future holds its result or exception."""
+        result: concurrent.futures.Future[Any] = concurrent.futures.Future()
+        self._commands.put(_Call(fn, result))
+        self._wake.set()
+        return result
+
     def abort_all(self) -> None:
         for request_id in list(self._tracked):
             self.abort(request_id)
@@ -150,6 +166,12 @@ class EngineRunner:
                 cmd = self._commands.get_nowait()
             except queue.Empty:
                 return
+            if isinstance(cmd, _Call):
+                try:
+                    cmd.result.set_result(cmd.fn())
+                except Exception as exc:
+                    cmd.result.set_exception(exc)
+                continue
             if isinstance(cmd, _Add):
                 rid = cmd.handle.request_id
                 try:
