@@ -223,6 +223,10 @@ def leftover_children(
     found = [f"Deployment/{d.metadata.name}" for d in apps_v1.list_namespaced_deployment(namespace).items]
     found += [f"Service/{s.metadata.name}" for s in core_v1.list_namespaced_service(namespace).items]
     found += [f"Job/{j.metadata.name}" for j in batch_v1.list_namespaced_job(namespace).items]
+    managed = core_v1.list_namespaced_config_map(
+        namespace, label_selector="app.kubernetes.io/managed-by=kiln"
+    )
+    found += [f"ConfigMap/{c.metadata.name}" for c in managed.items]
     found += [f"Pod/{p.metadata.name}" for p in core_v1.list_namespaced_pod(namespace).items]
     engines = custom.list_namespaced_custom_object(GROUP, VERSION, namespace, "llmengines")["items"]
     return found + [f"LLMEngine/{e['metadata']['name']}" for e in engines]

@@ -264,6 +264,12 @@ class EngineOptions(KubeModel):
                     ".lora",
                 ),
                 _cel(
+                    "!has(self.maxLoras) || has(self.lora)",
+                    "maxLoras sizes the LoRA adapter slots: it needs spec.engine.lora (an empty list "
+                    "serves none yet)",
+                    ".maxLoras",
+                ),
+                _cel(
                     "self.maxTokensPerStep >= self.maxBatchSize",
                     "maxTokensPerStep must be at least maxBatchSize (every running request decodes "
                     "one token per step)",
@@ -351,7 +357,9 @@ class EngineOptions(KubeModel):
             default=None,
             max_length=MAX_LORA_ADAPTERS,
             description="LoRA adapters served by every replica next to the base model (torch backend): "
-            "a request's `model` picks one, and one batch mixes adapters and the base model.",
+            "a request's `model` picks one, and one batch mixes adapters and the base model. "
+            "Replicas load changes to this list while they run (a pvc:// adapter on a claim no other "
+            "adapter uses adds a volume: that rolls the replicas).",
         ),
     ]
     max_lora_rank: Annotated[
@@ -362,6 +370,18 @@ class EngineOptions(KubeModel):
             le=256,
             description="Largest adapter rank the replicas accept (default 16); device memory and "
             "per-token work for adapters grow with it.",
+        ),
+    ]
+    max_loras: Annotated[
+        int | None,
+        Field(
+            default=None,
+            ge=1,
+            le=64,
+            description="Adapters a replica holds on its devices at once (default 4); others are "
+            "loaded when asked for, in place of the least recently used. Adding, replacing or "
+            "removing adapters in `lora` reaches running replicas without a restart; changing this "
+            "rolls them.",
         ),
     ]
 

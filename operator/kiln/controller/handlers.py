@@ -17,6 +17,7 @@ from kiln.controller.reconcile import Reconciler
 from kiln.render.capacity_job import CAPACITY_COMPONENT, DEPLOYMENT_ANNOTATION
 from kiln.render.common import BUILD_COMPONENT, SERVING_COMPONENT
 from kiln.render.router import ROUTER_COMPONENT
+from kiln.render.serving import LORA_COMPONENT
 
 MANAGED = {labels.MANAGED_BY: labels.MANAGED_BY_VALUE}
 
@@ -49,6 +50,14 @@ def _observe(memo: Any, event: kopf.RawEvent) -> bool:
 
 # The handlers only cache and queue (no API calls), so they are async and never hold up kopf's
 # event loop or thread pool; the reconcilers' workers do the rest.
+
+
+def _child_changed(memo: Any, event: kopf.RawEvent, body: kopf.Body, namespace: str | None) -> None:
+    """A child of an LLMDeployment changed: cache it and reconcile the deployment its label names."""
+    _observe(memo, event)
+    owner = body.metadata.labels.get(labels.DEPLOYMENT_LABEL)
+    if owner:
+        _reconciler(memo).deployment(_ns(namespace), owner)
 
 
 @kopf.on.event(GROUP, VERSION, "llmdeployments")
@@ -97,10 +106,7 @@ async def capacity_job_event(
 async def serving_deployment_event(
     event: kopf.RawEvent, body: kopf.Body, namespace: str | None, memo: Any, **_: Any
 ) -> None:
-    _observe(memo, event)
-    owner = body.metadata.labels.get(labels.DEPLOYMENT_LABEL)
-    if owner:
-        _reconciler(memo).deployment(_ns(namespace), owner)
+    _child_changed(memo, event, body, namespace)
 
 
 @kopf.on.event("apps", "v1", "deployments", labels={**MANAGED, labels.COMPONENT_LABEL: ROUTER_COMPONENT})
@@ -108,10 +114,7 @@ async def router_deployment_event(
     event: kopf.RawEvent, body: kopf.Body, namespace: str | None, memo: Any, **_: Any
 ) -> None:
     # The routers' readiness goes into the deployment's status; deleted by hand, they come back.
-    _observe(memo, event)
-    owner = body.metadata.labels.get(labels.DEPLOYMENT_LABEL)
-    if owner:
-        _reconciler(memo).deployment(_ns(namespace), owner)
+    _child_changed(memo, event, body, namespace)
 
 
 @kopf.on.event("", "v1", "services", labels={**MANAGED, labels.COMPONENT_LABEL: SERVING_COMPONENT})
@@ -119,10 +122,7 @@ async def serving_service_event(
     event: kopf.RawEvent, body: kopf.Body, namespace: str | None, memo: Any, **_: Any
 ) -> None:
     # A Service deleted by hand is created again.
-    _observe(memo, event)
-    owner = body.metadata.labels.get(labels.DEPLOYMENT_LABEL)
-    if owner:
-        _reconciler(memo).deployment(_ns(namespace), owner)
+    _child_changed(memo, event, body, namespace)
 
 
 @kopf.on.event(
@@ -134,10 +134,7 @@ async def serving_service_event(
 async def serving_lws_event(
     event: kopf.RawEvent, body: kopf.Body, namespace: str | None, memo: Any, **_: Any
 ) -> None:
-    _observe(memo, event)
-    owner = body.metadata.labels.get(labels.DEPLOYMENT_LABEL)
-    if owner:
-        _reconciler(memo).deployment(_ns(namespace), owner)
+    _child_changed(memo, event, body, namespace)
 
 
 @kopf.on.event("apps", "v1", "statefulsets", labels={**MANAGED, labels.COMPONENT_LABEL: SERVING_COMPONENT})
@@ -145,10 +142,15 @@ async def serving_statefulset_event(
     event: kopf.RawEvent, body: kopf.Body, namespace: str | None, memo: Any, **_: Any
 ) -> None:
     # The pod groups of multi-node replicas where LeaderWorkerSet is not installed.
-    _observe(memo, event)
-    owner = body.metadata.labels.get(labels.DEPLOYMENT_LABEL)
-    if owner:
-        _reconciler(memo).deployment(_ns(namespace), owner)
+    _child_changed(memo, event, body, namespace)
+
+
+@kopf.on.event("", "v1", "configmaps", labels={**MANAGED, labels.COMPONENT_LABEL: LORA_COMPONENT})
+async def lora_adapters_event(
+    event: kopf.RawEvent, body: kopf.Body, namespace: str | None, memo: Any, **_: Any
+) -> None:
+    # The adapter list the serving pods poll: edited or deleted by hand, it is put back.
+    _child_changed(memo, event, body, namespace)
 
 
 @kopf.on.event("", "v1", "nodes")

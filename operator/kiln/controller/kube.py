@@ -60,6 +60,7 @@ DEPLOYMENTS = Kind("apps/v1", "Deployment", "deployments")
 LEADERWORKERSETS = Kind("leaderworkerset.x-k8s.io/v1", "LeaderWorkerSet", "leaderworkersets")
 STATEFULSETS = Kind("apps/v1", "StatefulSet", "statefulsets")  # pod groups without LeaderWorkerSet
 SERVICES = Kind("v1", "Service", "services")
+CONFIGMAPS = Kind("v1", "ConfigMap", "configmaps")  # LoRA adapter lists the serving pods poll
 SERVICEACCOUNTS = Kind("v1", "ServiceAccount", "serviceaccounts")  # routers' identity
 ROLEBINDINGS = Kind("rbac.authorization.k8s.io/v1", "RoleBinding", "rolebindings")
 PODDISRUPTIONBUDGETS = Kind("policy/v1", "PodDisruptionBudget", "poddisruptionbudgets")
@@ -77,6 +78,7 @@ KINDS = {
         LEADERWORKERSETS,
         STATEFULSETS,
         SERVICES,
+        CONFIGMAPS,
         SERVICEACCOUNTS,
         ROLEBINDINGS,
         PODDISRUPTIONBUDGETS,

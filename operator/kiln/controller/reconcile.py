@@ -33,6 +33,7 @@ from kiln import labels
 from kiln.api.enginekey import build_setting_conflicts
 from kiln.api.v1alpha1 import LLMDeployment, LLMEngine
 from kiln.controller.kube import (
+    CONFIGMAPS,
     DEPLOYMENTS,
     FIELD_MANAGER,
     JOBS,
@@ -357,6 +358,7 @@ class Reconciler:
             (DEPLOYMENTS, f"{SERVING_COMPONENT},{render_router.ROUTER_COMPONENT}"),
             (STATEFULSETS, SERVING_COMPONENT),
             (SERVICES, SERVING_COMPONENT),
+            (CONFIGMAPS, render_serving.LORA_COMPONENT),
             (JOBS, BUILD_COMPONENT),
         ):
             if kind.kind in self._complete:
@@ -621,6 +623,7 @@ class Reconciler:
         lws = multi_node and self._lws_installed()
         inputs = render_serving.ServingInputs(deployment, engine, placement, self.settings)
         running_name = _engine_of(current)
+        self._apply_lora_adapters(obj, deployment)  # before the pods that mount it
         if multi_node and not lws:
             workload = self._apply_groups(inputs)
             manifest: dict[str, Any] = workload
@@ -657,6 +660,19 @@ class Reconciler:
             else:
                 self.kube.delete(DEPLOYMENTS, namespace, name)
         return workload
+
+    def _apply_lora_adapters(self, obj: Mapping[str, Any], deployment: LLMDeployment) -> None:
+        """Apply the adapter list the serving pods poll (a change reaches running pods, no rollout);
+        delete it once the deployment serves no LoRA (pods still on the old template keep the file
+        they have)."""
+        namespace, name = str(deployment.metadata.namespace), str(deployment.metadata.name)
+        wanted = render_serving.lora_config_map(deployment)
+        config_name = render_serving.lora_config_map_name(name)
+        live = self._get(CONFIGMAPS, namespace, config_name)
+        if wanted is not None:
+            self._apply_if_changed(wanted, live, obj)
+        elif live is not None:
+            self.kube.delete(CONFIGMAPS, namespace, config_name)
 
     def _apply_router(self, obj: Mapping[str, Any], deployment: LLMDeployment, multi_node: bool) -> None:
         """Apply the routers of a deployment that asks for them; delete those of one that no longer

@@ -8,6 +8,7 @@ before it is Ready) and KILN_RENDEZVOUS_PORT. Groups made of core objects live i
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Any
 
@@ -47,6 +48,12 @@ RENDEZVOUS_PORT = 29500  # torch.distributed's customary port
 RENDEZVOUS_PORT_NAME = "rendezvous"
 DRAIN_MARGIN_SECONDS = 5  # left of the grace period after the engine's drain, for it to exit
 STARTUP_PROBE_BUDGET_SECONDS = 1800  # loading a large model may take this long before liveness applies
+# LoRA adapters reach the engine as a file it polls (--lora-file), from a ConfigMap: a change to the
+# list updates the mounted file in running pods instead of the pod template (no rollout).
+LORA_COMPONENT = "lora-adapters"
+LORA_MOUNT = "/etc/kiln/lora"
+LORA_FILE = "adapters.json"
+DEFAULT_MAX_LORAS = 4
 
 
 class WorkloadUnavailable(Exception):
@@ -131,10 +138,9 @@ def engine_args(inputs: ServingInputs) -> list[str]:
     if options.speculative is not None:
         args += ["--speculative", options.speculative.method]
         args += ["--num-speculative-tokens", str(options.speculative.num_tokens)]
-    if options.lora:  # every adapter keeps a device slot: all stay loaded
-        for adapter in options.lora:
-            args += ["--lora", f"{adapter.name}={adapter.source}"]
-        args += ["--max-loras", str(len(options.lora))]
+    if options.lora is not None:
+        args += ["--lora-file", f"{LORA_MOUNT}/{LORA_FILE}"]
+        args += ["--max-loras", str(options.max_loras or DEFAULT_MAX_LORAS)]
     if options.max_lora_rank is not None:
         args += ["--max-lora-rank", str(options.max_lora_rank)]
     if spec.gpu is None:
@@ -269,9 +275,14 @@ def pod_template(
     name = str(deployment.metadata.name)
     gpus = placement.gpus_per_node if (placement is not None and spec.gpu is not None) else 0
     container = _engine_container(inputs, gpus, member)
-    volumes, mounts = pvc_volumes({artifact_location(inputs.engine): True}, inputs.settings.pvc_root)
+    adapters = spec.engine.lora
+    read_only = {artifact_location(inputs.engine): True, **{a.source: True for a in adapters or []}}
+    volumes, mounts = pvc_volumes(read_only, inputs.settings.pvc_root)
     volumes.append({"name": "tmp", "emptyDir": {}})
     mounts.append({"name": "tmp", "mountPath": TMP_MOUNT})
+    if adapters is not None:
+        volumes.append({"name": "lora", "configMap": {"name": lora_config_map_name(name)}})
+        mounts.append({"name": "lora", "mountPath": LORA_MOUNT, "readOnly": True})
     if gpus > 1:  # NCCL and tensor-parallel ranks exchange through shared memory
         volumes.append({"name": "dshm", "emptyDir": {"medium": "Memory"}})
         mounts.append({"name": "dshm", "mountPath": "/dev/shm"})
@@ -307,6 +318,27 @@ def pod_template(
         # The selector must keep matching whatever the override did to the labels.
         template["metadata"]["labels"].update(selector_labels(name))
     return template
+
+
+def lora_config_map_name(name: str) -> str:
+    return f"{name}-adapters"
+
+
+def lora_config_map(deployment: LLMDeployment) -> Manifest | None:
+    """The adapter list the serving pods poll (--lora-file); None when the deployment serves no LoRA."""
+    adapters = deployment.spec.engine.lora
+    if adapters is None:
+        return None
+    listed = {"adapters": [{"name": a.name, "source": a.source} for a in adapters]}
+    name = str(deployment.metadata.name)
+    metadata = _metadata(deployment, managed_labels(LORA_COMPONENT, **{labels.DEPLOYMENT_LABEL: name}))
+    metadata["name"] = lora_config_map_name(name)
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": metadata,
+        "data": {LORA_FILE: json.dumps(listed, indent=2) + "\n"},
+    }
 
 
 def _metadata(deployment: LLMDeployment, kind_labels: dict[str, str]) -> dict[str, Any]:

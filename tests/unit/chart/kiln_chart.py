@@ -34,6 +34,8 @@ OPERATOR_VERBS = {
     # multi-node pod groups where LeaderWorkerSet is not installed
     ("apps", "statefulsets"): {"get", "list", "watch", "create", "patch", "delete"},
     ("", "services"): {"get", "list", "watch", "create", "patch", "delete"},
+    # the LoRA adapter list of a deployment (spec.engine.lora), which its serving pods mount
+    ("", "configmaps"): {"get", "list", "watch", "create", "patch", "delete"},
     # build pods: read their state and termination message, tail their logs on failure; delete:
     # a multi-node group left on an old template is recreated whole
     ("", "pods"): {"get", "list", "watch", "delete"},
