@@ -7,8 +7,8 @@ SECONDS=0
 source e2e/setup.sh
 setup_s=$SECONDS
 
-# What the later tests need and a fresh machine lacks (the real node's, MinIO's, Prometheus' and
-# Argo CD's Go builds, Kiln's images from this checkout) is built in the background while lint and the first
+# What the later tests need and a fresh machine lacks (the real node's, MinIO's, Prometheus',
+# cyclonus' and Argo CD's Go builds, Kiln's images from this checkout) is built in the background while lint and the first
 # tests run: on a cold machine that takes the second core for most of the unit tests instead of
 # adding its time to theirs; on a warm one it finds everything cached and only rebuilds the image
 # layers this checkout changed. Every build takes a lock, so a test
@@ -22,7 +22,7 @@ timed() {
   echo "kiln-timing: $* took $((SECONDS - started)) s"
 }
 (
-  timed kiln local build --real-node --s3 --monitoring
+  timed kiln local build --real-node --s3 --monitoring --netpol
   timed python -m kiln.local.argocd
   timed kiln images build
 ) >"$prebuild_log" 2>&1 &

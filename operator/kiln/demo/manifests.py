@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 MODELS_CLAIM = "kiln-models"  # examples/tiny-cpu.yaml reads pvc://kiln-models/tiny-chat
 CACHE_CLAIM = "kiln-engine-cache"  # ... and writes its engine to pvc://kiln-engine-cache
@@ -67,6 +68,13 @@ def real_node_values(node_selector: dict[str, str]) -> dict[str, Any]:
         "operator": {"nodeSelector": dict(node_selector)},
         "autoscaler": {"nodeSelector": dict(node_selector)},
     }
+
+
+def api_server_values(server: str) -> dict[str, Any]:
+    """NetworkPolicy values letting Kiln's pods reach this cluster's API server: the chart's ports
+    (443, 6443) plus the one the local API server listens on (policies see the port after NAT)."""
+    port = urlsplit(server).port or 443
+    return {"networkPolicy": {"apiServer": {"ports": sorted({443, 6443, port})}}}
 
 
 def client_pod(name: str, namespace: str, image: str, node_selector: dict[str, str]) -> dict[str, Any]:

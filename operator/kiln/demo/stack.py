@@ -252,6 +252,8 @@ class Stack:
     def helm_values(self) -> dict[str, Any]:
         """The chart's values here: only what the local cluster needs, plus the tests' overrides."""
         values = manifests.real_node_values({realnode.NODE_LABEL: "true"})
+        if self.state is not None:  # the local API server listens on a free port, not 443 or 6443
+            values = manifests.merge(values, manifests.api_server_values(self.state.server))
         if self.autoscaler_interval is not None:
             values = manifests.merge(values, {"autoscaler": {"interval": int(self.autoscaler_interval) or 1}})
         if self.engine_retention is not None:

@@ -9,7 +9,7 @@ from pathlib import Path
 import click
 
 from kiln.local import build as build_module
-from kiln.local import cluster, monitoring, nodeimages, realnode, topology
+from kiln.local import cluster, monitoring, netpol, nodeimages, realnode, topology
 
 DIR_OPTION = click.option(
     "--dir",
@@ -62,7 +62,10 @@ def local() -> None:
     help="Also build the Prometheus Operator, its config reloader and Prometheus.",
 )
 @click.option("--s3", "with_s3", is_flag=True, help="Also build MinIO, the S3 server of the S3 tests.")
-def build(real_node: bool, with_monitoring: bool, with_s3: bool) -> None:
+@click.option(
+    "--netpol", "with_netpol", is_flag=True, help="Also build cyclonus, which evaluates NetworkPolicies."
+)
+def build(real_node: bool, with_monitoring: bool, with_s3: bool, with_netpol: bool) -> None:
     """Build (or reuse) the control-plane binaries from the pinned Go module."""
     try:
         directory = build_module.build(progress=_echo)
@@ -74,6 +77,8 @@ def build(real_node: bool, with_monitoring: bool, with_s3: bool) -> None:
                 build_module.build(progress=_echo, toolset=toolset)
         if with_s3:
             build_module.build(progress=_echo, toolset=build_module.MINIO)
+        if with_netpol:
+            build_module.build(progress=_echo, toolset=netpol.TOOLSET)
     except build_module.BuildError as error:
         raise click.ClickException(str(error)) from error
     click.echo(f"export PATH={directory}:$PATH   # to run helm, etcd, kwok, ... directly")
