@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 
 import click
 from aiohttp import web
@@ -13,6 +14,60 @@ from kiln_router.discovery import EndpointSliceWatch, parse_endpoints
 from kiln_router.pick import Policy
 from kiln_router.replicas import Replicas
 from kiln_router.server import Router, Settings
+
+# The router's knobs: (flag, type, default, help), each shown with its default in --help.
+TUNING: tuple[tuple[str, click.ParamType, float, str], ...] = (
+    ("--block-chars", click.IntRange(min=1), Policy.block_chars, "Characters per prompt block hash."),
+    (
+        "--affinity-blocks",
+        click.IntRange(min=1),
+        Policy.affinity_blocks,
+        "Leading blocks that decide the replica (the affinity prefix).",
+    ),
+    (
+        "--max-queue",
+        click.FloatRange(min=0),
+        Policy.max_queue,
+        "Engine queue depth over which a replica is overloaded.",
+    ),
+    (
+        "--max-kv-usage",
+        click.FloatRange(0, 1, min_open=True),
+        Policy.max_kv_usage,
+        "Engine KV-cache usage over which a replica is overloaded.",
+    ),
+    (
+        "--load-factor",
+        click.FloatRange(min=1),
+        Policy.load_factor,
+        "Requests in flight on a replica over this times the mean (plus slack) overload it.",
+    ),
+    (
+        "--max-attempts",
+        click.IntRange(min=1),
+        Settings.max_attempts,
+        "Replicas one request may try before it fails.",
+    ),
+    (
+        "--scrape-interval",
+        click.FloatRange(min=0.05),
+        1.0,
+        "Seconds between scrapes of the replicas' /metrics.",
+    ),
+    (
+        "--drain-timeout",
+        click.FloatRange(min=0),
+        25.0,
+        "Seconds requests in flight get to finish after SIGTERM.",
+    ),
+)
+
+
+def tuning_options(command: Callable[..., None]) -> Callable[..., None]:
+    """`command` with an option for each row of TUNING."""
+    for flag, kind, default, text in reversed(TUNING):
+        command = click.option(flag, type=kind, default=default, show_default=True, help=text)(command)
+    return command
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -27,62 +82,7 @@ def main() -> None:
 @click.option("--endpoints", help="Route to these replicas instead: http://host:port,... (tests, benches).")
 @click.option("--host", default="0.0.0.0", show_default=True)
 @click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True)
-@click.option(
-    "--block-chars",
-    type=click.IntRange(min=1),
-    default=Policy.block_chars,
-    show_default=True,
-    help="Characters per prompt block hash.",
-)
-@click.option(
-    "--affinity-blocks",
-    type=click.IntRange(min=1),
-    default=Policy.affinity_blocks,
-    show_default=True,
-    help="Leading blocks that decide the replica (the affinity prefix).",
-)
-@click.option(
-    "--max-queue",
-    type=click.FloatRange(min=0),
-    default=Policy.max_queue,
-    show_default=True,
-    help="Engine queue depth over which a replica is overloaded.",
-)
-@click.option(
-    "--max-kv-usage",
-    type=click.FloatRange(0, 1, min_open=True),
-    default=Policy.max_kv_usage,
-    show_default=True,
-    help="Engine KV-cache usage over which a replica is overloaded.",
-)
-@click.option(
-    "--load-factor",
-    type=click.FloatRange(min=1),
-    default=Policy.load_factor,
-    show_default=True,
-    help="Requests in flight on a replica over this times the mean (plus slack) overload it.",
-)
-@click.option(
-    "--max-attempts",
-    type=click.IntRange(min=1),
-    default=Settings.max_attempts,
-    show_default=True,
-    help="Replicas one request may try before it fails.",
-)
-@click.option(
-    "--scrape-interval",
-    type=click.FloatRange(min=0.05),
-    default=1.0,
-    show_default=True,
-    help="Seconds between scrapes of the replicas' /metrics.",
-)
-@click.option(
-    "--drain-timeout",
-    type=click.FloatRange(min=0),
-    default=25.0,
-    show_default=True,
-    help="Seconds requests in flight get to finish after SIGTERM.",
-)
+@tuning_options
 @click.option("--log-level", default="info", show_default=True)
 def serve(
     service: str | None,
