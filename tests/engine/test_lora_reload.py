@@ -7,8 +7,6 @@ the tiny checkpoint; the server under real uvicorn on loopback with the OpenAI c
 from __future__ import annotations
 
 import json
-import socket
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -32,6 +30,7 @@ from kiln_engine.lora_testing import make_tiny_adapter  # noqa: E402
 from kiln_engine.server.app import ServerSettings, create_app  # noqa: E402
 from kiln_engine.server.lora_watch import read_adapter_file  # noqa: E402
 from kiln_engine.testing import make_tiny_checkpoint  # noqa: E402
+from tests.engine.test_server import AppServer  # noqa: E402
 
 MODEL = "tiny-llama"
 PROMPT_IDS = [5, 17, 42, 9, 3, 77]
@@ -153,20 +152,8 @@ def server(tiny: tuple[Path, dict[str, str]], tmp_path: Path) -> Iterator[tuple[
     config = EngineConfig(device="cpu", max_model_len=128, max_loras=2, max_lora_rank=8, lora_modules=[])
     model = served_model(base, MODEL, config)
     model.adapter_file, model.adapter_file_text, model.adapter_poll_s = adapter_file, None, 0.1
-    app = create_app(model, ServerSettings())
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = int(s.getsockname()[1])
-    uv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=uv.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not uv.started:
-        assert time.monotonic() < deadline, "server did not start"
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}", adapter_file
-    uv.should_exit = True
-    thread.join(10)
+    with AppServer(create_app(model, ServerSettings())) as served:
+        yield served.url, adapter_file
 
 
 def models_become(client: openai.OpenAI, wanted: set[str], timeout: float = 20.0) -> None:

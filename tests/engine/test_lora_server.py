@@ -5,9 +5,6 @@ on a loopback port, the real engine and the OpenAI client; `kiln-engine serve --
 
 from __future__ import annotations
 
-import socket
-import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -30,6 +27,7 @@ from kiln_engine.interface import SamplingParams  # noqa: E402
 from kiln_engine.lora_testing import make_tiny_adapter  # noqa: E402
 from kiln_engine.server.app import ServerSettings, create_app  # noqa: E402
 from kiln_engine.testing import make_tiny_checkpoint  # noqa: E402
+from tests.engine.test_server import AppServer  # noqa: E402
 
 MODEL = "tiny-llama"
 PROMPT = "The quick brown fox"
@@ -44,20 +42,8 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path,
     config = EngineConfig(
         device="cpu", max_model_len=128, max_loras=1, max_lora_rank=8, lora_modules=[*loras, too_big]
     )
-    app = create_app(served_model(base, MODEL, config), ServerSettings())
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = int(s.getsockname()[1])
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert time.monotonic() < deadline, "server did not start"
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}", base, loras
-    server.should_exit = True
-    thread.join(10)
+    with AppServer(create_app(served_model(base, MODEL, config), ServerSettings())) as served:
+        yield served.url, base, loras
 
 
 def offline_text(engine: LLMEngine, ids: list[int], adapter: str | None) -> str:

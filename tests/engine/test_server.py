@@ -10,6 +10,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any, Self
 
 import httpx
 import pytest
@@ -37,13 +38,11 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-class ThreadServer:
-    """uvicorn serving the app on a loopback port in a background thread."""
+class AppServer:
+    """uvicorn serving an app on a loopback port in a background thread."""
 
-    def __init__(self, checkpoint: Path, settings: ServerSettings, **engine: int | bool) -> None:
-        config = EngineConfig(device="cpu", **engine)  # type: ignore[arg-type]
-        self.model = served_model(checkpoint, MODEL, config)
-        self.app = create_app(self.model, settings)
+    def __init__(self, app: Any) -> None:
+        self.app = app
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.server = uvicorn.Server(
@@ -51,7 +50,7 @@ class ThreadServer:
         )
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
-    def __enter__(self) -> ThreadServer:
+    def __enter__(self) -> Self:
         self.thread.start()
         deadline = time.monotonic() + 30
         while not self.server.started:
@@ -62,6 +61,15 @@ class ThreadServer:
     def __exit__(self, *exc: object) -> None:
         self.server.should_exit = True
         self.thread.join(10)
+
+
+class ThreadServer(AppServer):
+    """The tiny model's app (CPU engine with these options) served by `AppServer`."""
+
+    def __init__(self, checkpoint: Path, settings: ServerSettings, **engine: int | bool) -> None:
+        config = EngineConfig(device="cpu", **engine)  # type: ignore[arg-type]
+        self.model = served_model(checkpoint, MODEL, config)
+        super().__init__(create_app(self.model, settings))
 
 
 @pytest.fixture(scope="module")
