@@ -10,6 +10,7 @@ apply naming `replicas` would silently replace the autoscaler's count instead of
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -67,6 +68,16 @@ def scaled_from_object(obj: dict[str, Any]) -> Scaled | None:
     )
 
 
+# The latencies the autoscaler reports on the deployment's status (ms there, seconds in Signals).
+LATENCY_STATUS_FIELDS: tuple[tuple[str, Callable[[Signals], float | None]], ...] = (
+    ("ttftP50Ms", lambda s: s.ttft_p50_s),
+    ("ttftP90Ms", lambda s: s.ttft_p90_s),
+    ("ttftP95Ms", lambda s: s.ttft_p95_s),
+    ("itlP50Ms", lambda s: s.itl_p50_s),
+    ("itlP95Ms", lambda s: s.itl_p95_s),
+)
+
+
 def decision_status(
     decision: Decision, current: int, signals: Signals | None, now: dt.datetime
 ) -> dict[str, Any]:
@@ -80,8 +91,9 @@ def decision_status(
             "reason": decision.reason[:1024],
         }
     if signals is not None:
-        status["ttftP50Ms"] = None if signals.ttft_p50_s is None else round(signals.ttft_p50_s * 1000, 1)
-        status["ttftP90Ms"] = None if signals.ttft_p90_s is None else round(signals.ttft_p90_s * 1000, 1)
+        for field, seconds in LATENCY_STATUS_FIELDS:
+            value = seconds(signals)
+            status[field] = None if value is None else round(value * 1000, 1)
     return {"status": status}
 
 

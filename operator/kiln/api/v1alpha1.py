@@ -994,6 +994,13 @@ class LLMDeploymentStatus(KubeModel):
     ]
     ttft_p50_ms: Annotated[float | None, Field(default=None, description="Last observed TTFT p50, ms.")]
     ttft_p90_ms: Annotated[float | None, Field(default=None, description="Last observed TTFT p90, ms.")]
+    ttft_p95_ms: Annotated[float | None, Field(default=None, description="Last observed TTFT p95, ms.")]
+    itl_p50_ms: Annotated[
+        float | None, Field(default=None, description="Last observed inter-token latency p50, ms.")
+    ]
+    itl_p95_ms: Annotated[
+        float | None, Field(default=None, description="Last observed inter-token latency p95, ms.")
+    ]
     last_scale_decision: Annotated[ScaleDecision | None, Field(default=None, description="Autoscaler.")]
 
 

@@ -25,7 +25,14 @@ LOG_TAIL_CHARS = 4000
 MESSAGE_CHARS = 1024
 
 # Fields of LLMDeployment status that others own (the autoscaler): never written by the operator.
-FOREIGN_DEPLOYMENT_FIELDS = ("ttftP50Ms", "ttftP90Ms", "lastScaleDecision")
+FOREIGN_DEPLOYMENT_FIELDS = (
+    "ttftP50Ms",
+    "ttftP90Ms",
+    "ttftP95Ms",
+    "itlP50Ms",
+    "itlP95Ms",
+    "lastScaleDecision",
+)
 
 
 def timestamp(now: datetime) -> str:

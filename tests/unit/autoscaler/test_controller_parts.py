@@ -6,11 +6,15 @@ import datetime as dt
 from pathlib import Path
 
 import pytest
+import yaml
 from pydantic import ValidationError
 
+from kiln.render.status import FOREIGN_DEPLOYMENT_FIELDS
 from kiln_autoscaler.controller import event_reason
 from kiln_autoscaler.data import Capacity, Decision, Signals, capacity_from_api, targets_from_api
 from kiln_autoscaler.kube import decision_status, scaled_from_object
+
+ROOT = Path(__file__).resolve().parents[3]
 
 
 def deployment(autoscaling: dict, replicas: int = 2, ready: int = 1) -> dict:
@@ -79,6 +83,20 @@ def test_status_patch_records_changes_and_observed_ttft() -> None:
     assert changed["ttftP50Ms"] == 123.4 and changed["ttftP90Ms"] is None
     held = decision_status(Decision(2, "steady", 2), 2, None, now)["status"]
     assert held == {}
+
+
+def test_every_status_field_the_autoscaler_writes_is_in_the_crd_and_left_alone_by_the_operator() -> None:
+    # A status field the CRD's schema lacks is pruned by the API server without a word.
+    crd = yaml.safe_load((ROOT / "crds" / "kiln.dev_llmdeployments.yaml").read_text())
+    [version] = crd["spec"]["versions"]
+    status_schema = version["schema"]["openAPIV3Schema"]["properties"]["status"]["properties"]
+    signals = Signals(
+        observed_at=0.0, ttft_p50_s=0.1, ttft_p90_s=0.2, ttft_p95_s=0.3, itl_p50_s=0.01, itl_p95_s=0.02
+    )
+    written = decision_status(Decision(3, "up", 3), 2, signals, dt.datetime.now(dt.UTC))["status"]
+    assert written["ttftP95Ms"] == 300.0 and written["itlP95Ms"] == 20.0
+    assert set(written) <= set(status_schema)
+    assert set(written) <= set(FOREIGN_DEPLOYMENT_FIELDS)
 
 
 def test_event_reasons() -> None:
