@@ -119,15 +119,29 @@ def parse_verdicts(output: str) -> list[bool]:
     return [verdict == "TRUE" for verdict in _VERDICT.findall(output)]
 
 
+def bare_policy(policy: Mapping[str, Any]) -> dict[str, Any]:
+    """A NetworkPolicy as the API serves it, down to what decides traffic (cyclonus parses strictly)."""
+    meta = policy.get("metadata") or {}
+    return {
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": {"name": meta["name"], "namespace": meta.get("namespace") or "default"},
+        "spec": policy["spec"],
+    }
+
+
 def evaluate(binary: Path, policies: Sequence[Mapping[str, Any]], flows: Sequence[Flow]) -> list[bool]:
     """Whether `policies` allow each flow, as cyclonus decides it."""
     with tempfile.TemporaryDirectory(prefix="kiln-netpol-") as tmp:
         folder = Path(tmp)
-        (folder / "policies.yaml").write_text(yaml.safe_dump_all(list(policies)))
+        # cyclonus reads one policy per file (a second YAML document in a file is ignored), strictly.
+        (folder / "policies").mkdir()
+        for i, policy in enumerate(policies):
+            (folder / "policies" / f"{i:03d}.yaml").write_text(yaml.safe_dump(bare_policy(policy)))
         (folder / "traffic.json").write_text(json.dumps(traffic(flows)))
         done = subprocess.run(
             [str(binary), "analyze", "--mode", "query-traffic", "--policy-path",
-             str(folder / "policies.yaml"), "--traffic-path", str(folder / "traffic.json")],
+             str(folder / "policies"), "--traffic-path", str(folder / "traffic.json")],
             capture_output=True, text=True, timeout=120,
         )  # fmt: skip
     verdicts = parse_verdicts(done.stdout)

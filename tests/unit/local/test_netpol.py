@@ -13,6 +13,7 @@ from kiln.local.netpol import (
     Flow,
     NetpolError,
     Peer,
+    bare_policy,
     container_port,
     parse_verdicts,
     pod_peer,
@@ -73,3 +74,19 @@ def test_the_local_api_servers_port_joins_the_charts() -> None:
         "networkPolicy": {"apiServer": {"ports": [443, 6443, 38211]}}
     }
     assert api_server_values("https://10.0.0.1:6443")["networkPolicy"]["apiServer"]["ports"] == [443, 6443]
+
+
+def test_a_served_policy_is_cut_down_to_what_cyclonus_parses() -> None:
+    served = {
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": {"name": "p", "namespace": "kiln-system", "uid": "u", "managedFields": [{}]},
+        "spec": {"podSelector": {}, "policyTypes": ["Ingress"]},
+        "status": {},
+    }
+    assert bare_policy(served) == {
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": {"name": "p", "namespace": "kiln-system"},
+        "spec": {"podSelector": {}, "policyTypes": ["Ingress"]},
+    }
