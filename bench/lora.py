@@ -3,6 +3,7 @@ model and several rank-r adapters, in one run on one device (random weights; a c
 measure). Rows:
 
 * `base`: an engine without LoRA;
+* `base-eager`: the same without CUDA graphs (the baseline of `mixed-segments`; equal to `base` off a GPU);
 * `base-lora-on`: LoRA slots allocated, every request on the base model (the cost of having them);
 * `mixed-segments`: requests round-robin over the base model and the adapters, eager steps
   (per-adapter segments: two small GEMMs per adapter per projection);
@@ -107,6 +108,8 @@ def main() -> None:
     graphs = args.device.startswith("cuda")
     rows = {
         "base": (EngineConfig(**common, cuda_graphs=graphs), plain),  # type: ignore[arg-type]
+        # The eager baseline of mixed-segments (eager steps run without CUDA graphs, as prefill does).
+        "base-eager": (EngineConfig(**common, cuda_graphs=False), plain),  # type: ignore[arg-type]
         "base-lora-on": (EngineConfig(**common, **lora, cuda_graphs=graphs), plain),  # type: ignore[arg-type]
         "mixed-segments": (EngineConfig(**common, **lora, cuda_graphs=False), mixed),  # type: ignore[arg-type]
         "mixed-mask": (EngineConfig(**common, **lora, cuda_graphs=True), mixed),  # type: ignore[arg-type]
