@@ -60,6 +60,13 @@ TUNING: tuple[tuple[str, click.ParamType, float, str], ...] = (
         25.0,
         "Seconds requests in flight get to finish after SIGTERM.",
     ),
+    (
+        "--hold-timeout",
+        click.FloatRange(min=0),
+        Settings.hold_timeout_s,
+        "Seconds a request waits for a ready replica when there is none (0: a 503 at once).",
+    ),
+    ("--max-held", click.IntRange(min=0), Settings.max_held, "Requests that may wait for a replica at once."),
 )
 
 
@@ -99,6 +106,8 @@ def serve(
     max_attempts: int,
     scrape_interval: float,
     drain_timeout: float,
+    hold_timeout: float,
+    max_held: int,
     log_level: str,
 ) -> None:
     """Serve /v1/completions, /v1/chat/completions, /v1/models, /health, /ready and /metrics."""
@@ -120,7 +129,10 @@ def serve(
     )
     replicas = Replicas(interval=scrape_interval)
     replicas.set_endpoints(urls)
-    router = Router(replicas, Settings(policy=policy, max_attempts=max_attempts))
+    settings = Settings(
+        policy=policy, max_attempts=max_attempts, hold_timeout_s=hold_timeout, max_held=max_held
+    )
+    router = Router(replicas, settings)
     app = router.app()
     if service:
         assert namespace is not None

@@ -13,12 +13,15 @@ UPSTREAM_ERRORS = "kiln_router_upstream_errors_total"  # counter, label `phase`:
 REQUESTS = "kiln_router_requests_total"  # counter, label `code`: the HTTP status the client got
 IN_FLIGHT = "kiln_router_in_flight_requests"  # gauge: requests this router is proxying now
 REPLICAS = "kiln_router_replicas"  # gauge, label `state`: ready | unhealthy
+HELD = "kiln_router_held_requests"  # gauge: requests waiting for a ready replica (there is none)
+HOLDS = "kiln_router_holds_total"  # counter, label `outcome`: released | timed_out | refused
 PROMPT_CHARS = "kiln_router_prompt_chars_total"  # counter: characters of routed prompts
 PREFIX_HIT_CHARS = "kiln_router_prefix_hit_chars_total"  # counter: of those, sent where this router sent
 # the same affinity prefix before (an estimate of the engines' prefix-cache hits)
 
 RETRY_CAUSES = ("connect", "unavailable", "first_byte")
 ERROR_PHASES = ("before_first_byte", "streaming")
+HOLD_OUTCOMES = ("released", "timed_out", "refused")
 DECISION_BUCKETS = (0.00005, 0.0001, 0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01)
 
 
@@ -43,6 +46,12 @@ class RouterMetrics:
         self.requests = Counter(REQUESTS, "Requests answered, by HTTP status.", ["code"], registry=r)
         self.in_flight = Gauge(IN_FLIGHT, "Requests being proxied.", registry=r)
         self.replicas = Gauge(REPLICAS, "Replicas known, by state.", ["state"], registry=r)
+        self.held = Gauge(HELD, "Requests waiting for a ready replica.", registry=r)
+        self.holds = Counter(
+            HOLDS, "Requests that waited for a replica, by outcome.", ["outcome"], registry=r
+        )
+        for outcome in HOLD_OUTCOMES:
+            self.holds.labels(outcome)
         self.prompt_chars = Counter(PROMPT_CHARS, "Characters of routed prompts.", registry=r)
         self.prefix_hit_chars = Counter(
             PREFIX_HIT_CHARS, "Prompt characters whose affinity prefix went where it went before.", registry=r

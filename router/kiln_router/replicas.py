@@ -48,6 +48,7 @@ class Replicas:
         self.interval = interval
         self.timeout = timeout
         self._replicas: dict[str, _Replica] = {}
+        self._available = asyncio.Event()  # set while the set is not empty
         self._task: asyncio.Task[None] | None = None
         self._session: aiohttp.ClientSession | None = None
 
@@ -60,6 +61,17 @@ class Replicas:
             self._replicas[url] = _Replica(ReplicaState())
             if self._session is not None:  # fill in its load at once rather than at the next round
                 asyncio.get_running_loop().create_task(self._scrape(url))
+        if self._replicas:
+            self._available.set()
+        else:
+            self._available.clear()
+
+    async def wait_available(self, timeout: float) -> bool:
+        """Wait up to `timeout` s for the set to hold a replica; whether it does."""
+        if not self._replicas:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._available.wait(), timeout)
+        return bool(self._replicas)
 
     def snapshot(self) -> Mapping[str, ReplicaState]:
         return {url: replace(r.state, in_flight=r.in_flight) for url, r in self._replicas.items()}

@@ -43,6 +43,10 @@ class Settings:
     connect_timeout_s: float = 5.0
     # below uvicorn's 5 s keep-alive, so the router never reuses a connection the engine is closing
     keepalive_s: float = 4.0
+    # With no ready replica (a rollout's gap, replicas still starting) a request waits this long for
+    # one, at most `max_held` at a time; then, or beyond that, it gets a 503 with Retry-After.
+    hold_timeout_s: float = 30.0
+    max_held: int = 256
 
 
 class Router:
@@ -53,6 +57,7 @@ class Router:
         self.settings = settings
         self.metrics = metrics or RouterMetrics()
         self.draining = False
+        self.held = 0
         self._seen: OrderedDict[tuple[str, bytes], None] = OrderedDict()
         self._session: aiohttp.ClientSession | None = None
 
@@ -89,11 +94,17 @@ class Router:
         return web.Response(text="ok")
 
     async def ready(self, _: web.Request) -> web.Response:
+        """Ready unless draining: with no replica ready it still takes requests and holds them (a
+        router that left the Service then would leave its clients nothing to connect to), unless
+        holding is off."""
         if self.draining:
             return web.Response(status=503, text="draining")
-        if not len(self.replicas):
+        if not len(self.replicas) and not self._holds():
             return web.Response(status=503, text="no ready replica")
         return web.Response(text="ok")
+
+    def _holds(self) -> bool:
+        return self.settings.hold_timeout_s > 0 and self.settings.max_held > 0
 
     async def prometheus(self, _: web.Request) -> web.Response:
         healthy, unhealthy = self.replicas.counts()
@@ -109,8 +120,9 @@ class Router:
 
     async def models(self, request: web.Request) -> web.StreamResponse:
         """Any replica's model list (they serve the same model): the least loaded one answers."""
-        if not len(self.replicas):
-            return self._error(503, "no ready replica", "service_unavailable")
+        refused = await self._await_replica()
+        if refused is not None:
+            return refused
         return await self._forward(request, pick("", self.replicas.snapshot(), self.settings.policy), None)
 
     # ------------------------------------------------------------------------------- proxying
@@ -126,8 +138,9 @@ class Router:
             prompt = render(body)
         except (ValueError, PromptError) as e:  # JSONDecodeError is a ValueError
             return self._error(400, f"bad request body: {e}", "invalid_request_error")
-        if not len(self.replicas):
-            return self._error(503, "no ready replica", "service_unavailable")
+        refused = await self._await_replica()
+        if refused is not None:
+            return refused
         start = time.perf_counter()
         decision = pick(
             prompt.text, self.replicas.snapshot(), self.settings.policy, prompt.conversation_chars
@@ -136,6 +149,29 @@ class Router:
         self.metrics.decisions.labels(decision.reason).inc()
         self._estimate_prefix_hit(decision, len(prompt.text))
         return await self._forward(request, decision, raw)
+
+    async def _await_replica(self) -> web.Response | None:
+        """None once a replica is ready; else the 503 to answer. With none ready a request waits for
+        one (`Settings.hold_timeout_s`, at most `max_held` at once), so replicas that are starting
+        take it over instead of the client getting an error."""
+        if len(self.replicas):
+            return None
+        if self.draining or not self._holds() or self.held >= self.settings.max_held:
+            self.metrics.holds.labels("refused").inc()
+            return self._error(503, "no ready replica", "service_unavailable")
+        self.held += 1
+        self.metrics.held.set(self.held)
+        try:
+            ready = await self.replicas.wait_available(self.settings.hold_timeout_s)
+        finally:
+            self.held -= 1
+            self.metrics.held.set(self.held)
+        if ready and not self.draining:
+            self.metrics.holds.labels("released").inc()
+            return None
+        self.metrics.holds.labels("timed_out").inc()
+        waited = f"{self.settings.hold_timeout_s:g}"
+        return self._error(503, f"no ready replica within {waited} s", "service_unavailable")
 
     def _estimate_prefix_hit(self, decision: Decision, prompt_chars: int) -> None:
         """Count the affinity prefix as a hit when this router sent the same prefix there before."""

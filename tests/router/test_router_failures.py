@@ -11,7 +11,7 @@ import httpx
 import pytest
 from aiohttp import web
 
-from kiln_router.metrics import RETRIES
+from kiln_router.metrics import HELD, HOLDS, RETRIES
 from kiln_router.pick import Policy, block_hashes, rank
 from kiln_router.replicas import Replicas
 from kiln_router.server import Router, Settings
@@ -147,3 +147,73 @@ async def test_when_no_replica_takes_it_the_client_gets_a_503_to_retry_later(clu
         response = await post(client, router, prompt_for(urls[0], urls))
     assert response.status_code == 503 and response.headers["retry-after"]
     assert response.json()["error"]["type"] == "service_unavailable"
+
+
+def metric(text: str, name: str) -> float:
+    line = next(x for x in text.splitlines() if x.startswith(name + " ") or x.startswith(name + "{"))
+    return float(line.rsplit(" ", 1)[1])
+
+
+@pytest.fixture()
+async def empty_router(request: pytest.FixtureRequest) -> AsyncIterator[tuple[str, Replicas, str]]:
+    """The router with no replica yet (Settings from the `indirect` parameter), and one upstream
+    that is not in its set: (router URL, its replica set, the upstream's URL)."""
+    upstream_runner, upstream = await serve(Upstream(good).app)
+    replicas = Replicas(interval=0.1)
+    runner, router = await serve(Router(replicas, request.param).app())
+    yield router, replicas, upstream
+    await runner.cleanup()
+    await upstream_runner.cleanup()
+
+
+@pytest.mark.parametrize("empty_router", [Settings(policy=POLICY, hold_timeout_s=30.0)], indirect=True)
+async def test_with_no_replica_a_request_waits_for_the_first_to_appear(empty_router) -> None:
+    router, replicas, upstream = empty_router
+    async with httpx.AsyncClient(timeout=10) as client:
+        waiting = asyncio.create_task(post(client, router, "a prompt that waits " * 8))
+        for _ in range(100):
+            await asyncio.sleep(0.02)
+            if metric((await client.get(router + "/metrics")).text, HELD) == 1:
+                break
+        assert not waiting.done()  # held, not refused
+        replicas.set_endpoints([upstream])  # a replica became ready (discovery does this)
+        response = await waiting
+        assert response.status_code == 200 and response.content == b"".join(EVENTS)
+        text = (await client.get(router + "/metrics")).text
+    assert metric(text, HELD) == 0
+    assert metric(text, f'{HOLDS}{{outcome="released"}}') == 1
+
+
+@pytest.mark.parametrize("empty_router", [Settings(policy=POLICY, hold_timeout_s=0.3)], indirect=True)
+async def test_a_held_request_times_out_with_a_503_to_retry_later(empty_router) -> None:
+    router, _, _ = empty_router
+    async with httpx.AsyncClient(timeout=10) as client:
+        response = await post(client, router, "nobody comes " * 8)
+        text = (await client.get(router + "/metrics")).text
+    assert response.status_code == 503 and response.headers["retry-after"]
+    assert "no ready replica within 0.3 s" in response.json()["error"]["message"]
+    assert metric(text, f'{HOLDS}{{outcome="timed_out"}}') == 1
+
+
+@pytest.mark.parametrize("empty_router", [Settings(policy=POLICY, max_held=0)], indirect=True)
+async def test_beyond_the_hold_queue_a_request_is_refused_at_once(empty_router) -> None:
+    router, _, _ = empty_router
+    async with httpx.AsyncClient(timeout=10) as client:
+        response = await post(client, router, "too many " * 8)
+        text = (await client.get(router + "/metrics")).text
+    assert response.status_code == 503
+    assert metric(text, f'{HOLDS}{{outcome="refused"}}') == 1
+
+
+@pytest.mark.parametrize(
+    ("empty_router", "status"),
+    [(Settings(policy=POLICY), 200), (Settings(policy=POLICY, hold_timeout_s=0), 503)],
+    indirect=["empty_router"],
+    ids=["holding", "not-holding"],
+)
+async def test_with_no_replica_the_router_is_ready_only_when_it_holds_requests(
+    empty_router, status: int
+) -> None:
+    router, _, _ = empty_router
+    async with httpx.AsyncClient(timeout=10) as client:
+        assert (await client.get(router + "/ready")).status_code == status
