@@ -152,6 +152,18 @@ _HINTS: dict[FieldPath, st.SearchStrategy[Any]] = {
     ("parallelism", "tensor"): st.sampled_from([1, 2, 4, 8, 16, 32, 64]) | st.integers(1, 64),
     ("parallelism", "pipeline"): st.sampled_from([1, 1, 2, 4]) | st.integers(1, 16),
     ("engine", "kvCacheDtype"): st.sampled_from(["auto", "bf16", "fp16", "fp8"]),
+    # Adapters as a user lists them (a list of free objects would be refused as unknown fields); the
+    # names sometimes repeat or say `base`, which the CEL rules refuse.
+    ("engine", "lora"): st.lists(
+        st.fixed_dictionaries(
+            {
+                "name": st.sampled_from(["sql", "chat", "base"])
+                | st.from_regex(r"[a-z][a-z0-9.-]{0,10}", fullmatch=True),
+                "source": st.sampled_from(["hf://acme/sql-lora@v1", "s3://adapters/chat", "pvc://loras/a"]),
+            }
+        ),
+        max_size=2,
+    ),
     ("autoscaling", "scaleToZero"): st.sampled_from([False, False, True]),
     ("serving", "env"): st.lists(
         st.fixed_dictionaries(
