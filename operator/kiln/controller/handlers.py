@@ -41,11 +41,13 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     settings.execution.max_workers = 16
 
 
-def _observe(memo: Any, event: kopf.RawEvent) -> bool:
-    """Cache the event's object; True when it was deleted."""
-    deleted = event.get("type") == "DELETED"
-    _reconciler(memo).observe(event["object"], deleted=deleted)
-    return deleted
+def _observe(memo: Any, event: kopf.RawEvent) -> float:
+    """Cache the event's object; when to reconcile once more (0: no need), see Reconciler.observe."""
+    return _reconciler(memo).observe(event["object"], deleted=_deleted(event))
+
+
+def _deleted(event: kopf.RawEvent) -> bool:
+    return event.get("type") == "DELETED"
 
 
 # The handlers only cache and queue (no API calls), so they are async and never hold up kopf's
@@ -54,41 +56,43 @@ def _observe(memo: Any, event: kopf.RawEvent) -> bool:
 
 def _child_changed(memo: Any, event: kopf.RawEvent, body: kopf.Body, namespace: str | None) -> None:
     """A child of an LLMDeployment changed: cache it and reconcile the deployment its label names."""
-    _observe(memo, event)
+    again = _observe(memo, event)
     owner = body.metadata.labels.get(labels.DEPLOYMENT_LABEL)
     if owner:
-        _reconciler(memo).deployment(_ns(namespace), owner)
+        _reconciler(memo).deployment(_ns(namespace), owner, again)
 
 
 @kopf.on.event(GROUP, VERSION, "llmdeployments")
 async def llmdeployment_event(
     event: kopf.RawEvent, name: str, namespace: str | None, memo: Any, **_: Any
 ) -> None:
-    if _observe(memo, event):
+    again = _observe(memo, event)
+    if _deleted(event):
         _reconciler(memo).forget_deployment(_ns(namespace), name)
     else:
-        _reconciler(memo).deployment(_ns(namespace), name)
+        _reconciler(memo).deployment(_ns(namespace), name, again)
 
 
 @kopf.on.event(GROUP, VERSION, "llmengines")
 async def llmengine_event(
     event: kopf.RawEvent, name: str, namespace: str | None, memo: Any, **_: Any
 ) -> None:
-    if _observe(memo, event):
+    again = _observe(memo, event)
+    if _deleted(event):
         # Deleting an engine is how a user retries a failed build: its users ask for a new one now.
         _reconciler(memo).engine_deleted(_ns(namespace), name)
     else:
-        _reconciler(memo).engine(_ns(namespace), name)
+        _reconciler(memo).engine(_ns(namespace), name, again)
 
 
 @kopf.on.event("batch", "v1", "jobs", labels={**MANAGED, labels.COMPONENT_LABEL: BUILD_COMPONENT})
 async def build_job_event(
     event: kopf.RawEvent, body: kopf.Body, namespace: str | None, memo: Any, **_: Any
 ) -> None:
-    _observe(memo, event)
+    again = _observe(memo, event)
     engine = body.metadata.labels.get(labels.ENGINE_LABEL)
     if engine:
-        _reconciler(memo).engine(_ns(namespace), engine)
+        _reconciler(memo).engine(_ns(namespace), engine, again)
 
 
 @kopf.on.event("batch", "v1", "jobs", labels={**MANAGED, labels.COMPONENT_LABEL: CAPACITY_COMPONENT})
@@ -96,10 +100,10 @@ async def capacity_job_event(
     event: kopf.RawEvent, body: kopf.Body, namespace: str | None, memo: Any, **_: Any
 ) -> None:
     # The deployment whose replica it measures copies the result into its engine's status.
-    _observe(memo, event)
+    again = _observe(memo, event)
     owner = body.metadata.annotations.get(DEPLOYMENT_ANNOTATION)
     if owner:
-        _reconciler(memo).deployment(_ns(namespace), owner)
+        _reconciler(memo).deployment(_ns(namespace), owner, again)
 
 
 @kopf.on.event("apps", "v1", "deployments", labels={**MANAGED, labels.COMPONENT_LABEL: SERVING_COMPONENT})

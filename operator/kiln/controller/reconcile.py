@@ -104,11 +104,14 @@ SEEN_VERSIONS = 16
 @dataclass
 class _Held:
     obj: dict[str, Any]
-    # The API answered with this copy (a write, get or list) and the watch has not delivered its
-    # version yet: until it does, the stream's events are older than what we hold.
+    # The API answered a write of ours with this copy and the watch has not delivered its version
+    # yet: until it does, the stream's events are older than what we hold.
     awaiting: str | None = None
     since: float = 0.0
     seen: deque[str] = field(default_factory=lambda: deque(maxlen=SEEN_VERSIONS))  # by the watch
+    # The last event the stream delivered while we held our answer: the newest copy once the
+    # confirm window has passed without our version (the watch re-listed past it).
+    later: dict[str, Any] | None = None
 
 
 class ObjectCache:
@@ -134,34 +137,52 @@ class ObjectCache:
         return (str(obj.get("kind")), str(meta.get("namespace") or ""), str(meta.get("name")))
 
     def put(self, obj: Mapping[str, Any]) -> None:
-        """An answer of the API (write, get, list): the freshest copy, until the watch catches up."""
+        """The API's answer to a write of ours: the freshest copy, until the watch catches up."""
         key, version = self._key(obj), _version(obj)
         with self._lock:
             held = self._objects.get(key)
             if held is None or _uid(held.obj) != _uid(obj):
                 self._objects[key] = _Held(dict(obj), awaiting=version, since=self._clock())
             elif version in held.seen:
-                return  # the watch gave this version already (a resync), or has moved past it
+                return  # the watch gave this version already, or has moved past it
             elif version != _version(held.obj):
-                held.obj, held.awaiting, held.since = dict(obj), version, self._clock()
+                held.obj, held.awaiting, held.since, held.later = dict(obj), version, self._clock(), None
 
-    def observe(self, obj: Mapping[str, Any]) -> None:
-        """A watch event: it replaces the copy, unless that copy is an answer the stream has not reached."""
+    def put_read(self, obj: Mapping[str, Any]) -> None:
+        """The API's answer to a read (get, list): kept only where the watch has given nothing yet,
+        and replaced by the watch's next event. A read can be older than an event in flight, and
+        its version one the watch never delivers (a watch that started after it)."""
         key = self._key(obj)
         with self._lock:
             held = self._objects.get(key)
-            if (
-                held is not None
-                and held.awaiting is not None
-                and held.awaiting != _version(obj)
-                and self._clock() - held.since < self._confirm_seconds
-            ):
-                return  # an event from before our answer's version
+            if held is None or _uid(held.obj) != _uid(obj):
+                self._objects[key] = _Held(dict(obj))
+
+    def observe(self, obj: Mapping[str, Any]) -> bool:
+        """A watch event: it replaces the copy, unless that copy is an answer the stream has not
+        reached. False when it did not (the event is kept: `get` returns it once the confirm window
+        has passed without our version, so the caller looks again then)."""
+        key, version = self._key(obj), _version(obj)
+        with self._lock:
+            held = self._objects.get(key)
             if held is None or _uid(held.obj) != _uid(obj):
                 held = self._objects[key] = _Held(dict(obj))
-            held.obj, held.awaiting = dict(obj), None
-            if (version := _version(obj)) is not None:
+            elif held.awaiting is not None and held.awaiting != version and not self._expired(held):
+                held.later = dict(obj)  # from before our answer's version, or past it: time tells
+                if version is not None:
+                    held.seen.append(version)
+                return False
+            held.obj, held.awaiting, held.later = dict(obj), None, None
+            if version is not None:
                 held.seen.append(version)
+            return True
+
+    def _expired(self, held: _Held) -> bool:
+        return self._clock() - held.since >= self._confirm_seconds
+
+    @property
+    def confirm_seconds(self) -> float:
+        return self._confirm_seconds
 
     def drop(self, kind: str, namespace: str, name: str) -> None:
         with self._lock:
@@ -170,11 +191,16 @@ class ObjectCache:
     def get(self, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
         with self._lock:
             held = self._objects.get((kind, namespace, name))
-            return None if held is None else held.obj
+            if held is None:
+                return None
+            if held.later is not None and self._expired(held):
+                held.obj, held.awaiting, held.later = held.later, None, None
+            return held.obj
 
     def items(self, kind: str) -> list[dict[str, Any]]:
         with self._lock:
-            return [held.obj for (k, _, _), held in self._objects.items() if k == kind]
+            keys = [key for key in self._objects if key[0] == kind]
+        return [obj for key in keys if (obj := self.get(*key)) is not None]
 
 
 def _version(obj: Mapping[str, Any]) -> str | None:
@@ -293,21 +319,27 @@ class Reconciler:
         self.queue.stop()
         self._log_pool.shutdown(wait=False, cancel_futures=True)
 
-    def deployment(self, namespace: str, name: str) -> None:
-        """Queue an LLMDeployment for reconciling."""
+    def deployment(self, namespace: str, name: str, again_after: float = 0.0) -> None:
+        """Queue an LLMDeployment for reconciling (and once more after `again_after` s, if set)."""
         self.queue.add(("LLMDeployment", namespace, name))
+        if again_after:
+            self.queue.add(("LLMDeployment", namespace, name), delay=again_after)
 
-    def engine(self, namespace: str, name: str) -> None:
-        """Queue an LLMEngine for reconciling."""
+    def engine(self, namespace: str, name: str, again_after: float = 0.0) -> None:
+        """Queue an LLMEngine for reconciling (and once more after `again_after` s, if set)."""
         self.queue.add(("LLMEngine", namespace, name))
+        if again_after:
+            self.queue.add(("LLMEngine", namespace, name), delay=again_after)
 
-    def observe(self, obj: Mapping[str, Any], deleted: bool = False) -> None:
-        """A watch event's object: keep the cache current."""
+    def observe(self, obj: Mapping[str, Any], deleted: bool = False) -> float:
+        """A watch event's object: keep the cache current. Returns when to reconcile once more: 0, or
+        just after the cache's confirm window when it kept an answer of ours over this event (the
+        event is the newest copy if the watch never delivers our version, and no event may follow)."""
         meta = obj.get("metadata") or {}
         if deleted:
             self.cache.drop(str(obj.get("kind")), str(meta.get("namespace") or ""), str(meta.get("name")))
-        else:
-            self.cache.observe(obj)
+            return 0.0
+        return 0.0 if self.cache.observe(obj) else self.cache.confirm_seconds + 1.0
 
     def node_changed(self, event_type: str | None, node: Mapping[str, Any]) -> None:
         """Keep the node cache current from the Node watch."""
@@ -344,11 +376,11 @@ class Reconciler:
                 self._index.set((meta["namespace"], meta["name"]), self._engines_named_by(obj))
             self._index.synced = True
         for obj in self._list(LLMENGINES):
-            self.cache.put(obj)
+            self.cache.put_read(obj)
             meta = obj["metadata"]
             self.engine(meta["namespace"], meta["name"])
         for obj in deployments:
-            self.cache.put(obj)
+            self.cache.put_read(obj)
             meta = obj["metadata"]
             self.deployment(meta["namespace"], meta["name"])
         # Once Kiln's children are listed, the watches keep them current: a child missing from the
@@ -366,7 +398,7 @@ class Reconciler:
             managed = f"{labels.MANAGED_BY}={labels.MANAGED_BY_VALUE}"
             selector = f"{managed},{labels.COMPONENT_LABEL} in ({components})"
             for obj in self._list(kind, selector):
-                self.cache.put(obj)
+                self.cache.put_read(obj)
             with self._lock:
                 self._complete.add(kind.kind)
 
@@ -428,7 +460,7 @@ class Reconciler:
             return held
         found = self.kube.get(kind, namespace, name)
         if found is not None:
-            self.cache.put(found)
+            self.cache.put_read(found)
         return found
 
     def _wrote(self, obj: Mapping[str, Any]) -> dict[str, Any]:

@@ -52,6 +52,43 @@ def test_the_watch_wins_again_if_it_never_delivers_our_write() -> None:
     assert phase(cache) == "Failed"
 
 
+def test_an_event_held_back_becomes_the_copy_once_the_window_passes_with_no_event_after_it() -> None:
+    """The watch re-listed past our write and the object then stayed still: the event held back
+    is the newest copy, and the caller is told to look again when the window has passed."""
+    clock = Clock()
+    cache = ObjectCache(clock=clock, confirm_seconds=30.0)
+    cache.put(obj("ours", phase="Deploying"))
+    assert cache.observe(obj("relisted", phase="Ready")) is False  # held back: look again later
+    assert phase(cache) == "Deploying"
+    clock.now = 30.0
+    assert phase(cache) == "Ready"
+    assert [o["status"]["phase"] for o in cache.items("LLMEngine")] == ["Ready"]
+    cache.observe(obj("ours", phase="Deploying"))  # a stream this late would still win
+    assert phase(cache) == "Deploying"
+
+
+def test_the_event_for_our_write_drops_what_was_held_back_before_it() -> None:
+    clock = Clock()
+    cache = ObjectCache(clock=clock, confirm_seconds=30.0)
+    cache.put(obj("ours", phase="Ready"))
+    cache.observe(obj("older", phase="Building"))  # from before our write
+    assert cache.observe(obj("ours", phase="Ready")) is True
+    clock.now = 60.0
+    assert phase(cache) == "Ready"
+
+
+def test_a_read_answer_never_holds_back_the_watch() -> None:
+    """A get or list can be older than the watch's first event and carry a version the watch never
+    delivers (it started after it): the operator's restart, when its resync lists everything."""
+    cache = ObjectCache()
+    cache.put_read(obj("listed", phase="Building"))
+    assert phase(cache) == "Building"
+    assert cache.observe(obj("watch-start", phase="Ready")) is True
+    assert phase(cache) == "Ready"
+    cache.put_read(obj("listed-late", phase="Building"))  # the watch has it: a read changes nothing
+    assert phase(cache) == "Ready"
+
+
 def test_a_resync_of_an_unchanged_object_does_not_hold_back_the_watch() -> None:
     cache = ObjectCache()
     cache.observe(obj("v1", phase="Pending"))
