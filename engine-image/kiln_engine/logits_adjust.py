@@ -93,9 +93,12 @@ class GrammarMasks:
         """The [R, ceil(V/32)] int32 bitmask of allowed tokens, on the logits' device."""
         bitmask = grammar.allocate_bitmask(self.num_rows, self.vocab_size)
         pending = self.pending() if self.pending is not None else None
-        for i, r, state in self.states:
-            last = pending[r.row] if pending is not None else None
-            state.fill_mask(r.token_ids, r.num_prompt_tokens, bitmask, i, last)
+        grammar.fill_masks(
+            [(i, state) for i, _, state in self.states],
+            bitmask,
+            [(r.token_ids, r.num_prompt_tokens, pending[r.row] if pending is not None else None)
+             for _, r, _ in self.states],
+        )  # fmt: skip
         return self.to_device(bitmask, torch.int32)
 
 
