@@ -6,6 +6,7 @@ the tiny checkpoint; the server under real uvicorn on loopback with the OpenAI c
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from collections.abc import Iterator
@@ -27,8 +28,9 @@ from kiln_engine.engine import LLMEngine  # noqa: E402
 from kiln_engine.interface import SamplingParams  # noqa: E402
 from kiln_engine.lora import AdapterError  # noqa: E402
 from kiln_engine.lora_testing import make_tiny_adapter  # noqa: E402
+from kiln_engine.server import lora_watch  # noqa: E402
 from kiln_engine.server.app import ServerSettings, create_app  # noqa: E402
-from kiln_engine.server.lora_watch import read_adapter_file  # noqa: E402
+from kiln_engine.server.lora_watch import AdapterFileWatch, read_adapter_file  # noqa: E402
 from kiln_engine.testing import make_tiny_checkpoint  # noqa: E402
 from tests.engine.test_server import AppServer  # noqa: E402
 
@@ -205,3 +207,35 @@ def test_the_served_adapters_follow_the_file_without_dropping_a_stream(
         time.sleep(0.1)
     again = client.completions.create(model="b", prompt=PROMPT_IDS, max_tokens=24, temperature=0)
     assert again.choices[0].text == b.choices[0].text
+
+
+def test_a_changed_file_fetches_only_the_adapters_it_adds_or_changes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each look at a changed file downloads the new sources only; adapters it still lists keep the
+    directories they were fetched to (a remote source is never asked again)."""
+    asked: list[str] = []
+
+    def fetch(name: str, source: str) -> Path:
+        asked.append(source)
+        return tmp_path / source.rsplit("/", 1)[-1]
+
+    monkeypatch.setattr(lora_watch, "fetch_adapter", fetch)
+    applied: list[list[tuple[str, str]]] = []
+
+    async def apply(fetched: list[tuple[str, str]], failed: dict[str, str]) -> dict[str, str]:
+        applied.append(fetched)
+        return {}
+
+    adapter_file = tmp_path / "adapters.json"
+    watch = AdapterFileWatch(adapter_file, apply, None, 1.0)
+    for adapters in (
+        {"a": "s3://bucket/a1"},
+        {"a": "s3://bucket/a1", "b": "s3://bucket/b1"},  # b added
+        {"a": "s3://bucket/a2", "b": "s3://bucket/b1"},  # a replaced
+        {"b": "s3://bucket/b1", "a": "s3://bucket/a1"},  # a back to its first source: fetched again
+    ):
+        write_adapters(adapter_file, adapters)
+        assert asyncio.run(watch.check())
+    assert asked == ["s3://bucket/a1", "s3://bucket/b1", "s3://bucket/a2", "s3://bucket/a1"]
+    assert applied[-1] == [("b", str(tmp_path / "b1")), ("a", str(tmp_path / "a1"))]

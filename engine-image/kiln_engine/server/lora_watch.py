@@ -52,13 +52,20 @@ def fetch_adapter(name: str, source: str) -> Path:
     return fetch(source, work_dir() / "lora" / f"{name}-{digest}")
 
 
-def fetch_adapters(modules: list[tuple[str, str]]) -> tuple[list[tuple[str, str]], dict[str, str]]:
-    """(name, local directory) of each adapter that could be fetched, and why the others could not."""
+def fetch_adapters(
+    modules: list[tuple[str, str]], known: dict[tuple[str, str], str] | None = None
+) -> tuple[list[tuple[str, str]], dict[str, str]]:
+    """(name, local directory) of each adapter that could be fetched, and why the others could not.
+    `known`: the directories of (name, source) pairs fetched before, reused without asking the
+    source again (a source is immutable: a changed adapter is a new source)."""
     from kiln_engine.build.source import SourceError
 
     fetched: list[tuple[str, str]] = []
     failed: dict[str, str] = {}
     for name, source in modules:
+        if known is not None and (name, source) in known:
+            fetched.append((name, known[(name, source)]))
+            continue
         try:
             fetched.append((name, str(fetch_adapter(name, source))))
         except (SourceError, OSError) as exc:
@@ -81,6 +88,7 @@ class AdapterFileWatch:
         self.interval_s = interval_s
         self.seen_text = served_text  # the content served now (read at start)
         self.error: str | None = None  # why the newest content was not applied
+        self.fetched: dict[tuple[str, str], str] = {}  # (name, source) -> local directory
 
     async def run(self) -> None:
         while True:
@@ -107,7 +115,9 @@ class AdapterFileWatch:
             log.error("not applying LoRA adapter file: %s", exc)
             return False
         self.error = None
-        fetched, fetch_failed = await asyncio.to_thread(fetch_adapters, modules)
+        fetched, fetch_failed = await asyncio.to_thread(fetch_adapters, modules, self.fetched)
+        sources = dict(modules)
+        self.fetched = {(name, sources[name]): directory for name, directory in fetched}
         failed = await self.apply(fetched, fetch_failed)
         served = sorted(name for name, _ in fetched if name not in failed)
         unserved = f"; not served: {sorted(failed)}" if failed else ""
