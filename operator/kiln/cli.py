@@ -13,7 +13,6 @@ SUBCOMMANDS: dict[str, str] = {
     "crds": "kiln.api.crdgen:crds",
     "local": "kiln.local.cli:local",
     "operator": "kiln.controller.cli:operator_command",
-    "process-node": "kiln.processnode.cli:process_node",
     "topology-agent": "kiln.topology.agent:topology_agent",
     "autoscaler": "kiln_autoscaler.cli:autoscaler",
     "demo": "kiln.demo:demo",

@@ -22,5 +22,5 @@ DEPLOYMENT_LABEL = "kiln.dev/deployment"
 ENGINE_LABEL = "kiln.dev/engine"
 COMPONENT_LABEL = "app.kubernetes.io/component"
 
-# Process node for the local demo (pods there run as real local processes).
-PROCESS_NODE_LABEL = "kiln.dev/process-node"
+# The local cluster's real node (kubelet + containerd; `kiln local up --real-node`).
+REAL_NODE_LABEL = "kiln.dev/real-node"

@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import uuid
@@ -16,22 +15,19 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 import yaml
 from kubernetes import client
 from kubernetes.client.rest import ApiException
 
-from kiln.local.testing import LocalCluster, ProcessNode, running_process_node, wait_for
+from kiln.local.testing import LocalCluster, wait_for
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "unit" / "chart"))
 from kiln_chart import (
     AUTOSCALER_VERBS,
     CHART,
     FULL_VALUES,
-    LOCAL_VALUES,
     OPERATOR_VERBS,
-    ROOT,
     TOPOLOGY_AGENT_VERBS,
     Helm,
     find_helm,
@@ -192,7 +188,7 @@ def test_install_brings_up_kiln(
 ) -> None:
     namespace = namespaces["release"]
     release = f"kiln-{namespace.rsplit('-', 1)[1]}"
-    # KWOK fakes these pods; on a process node (another test's) they would really run.
+    # KWOK fakes these pods: the local control plane has no node that runs them.
     on_kwok = ["--set", "operator.nodeSelector.type=kwok", "--set", "autoscaler.nodeSelector.type=kwok"]
     installed = helm.run(
         "install", release, str(CHART), "--namespace", namespace, *on_kwok, "--wait", "--timeout", "180s"
@@ -355,110 +351,3 @@ def test_invalid_values_are_rejected_before_anything_is_applied(
     ).items
     listed = helm.run("list", "--namespace", namespace, "--all", "--short").stdout
     assert "kiln-bad" not in listed
-
-
-@pytest.fixture(scope="module")
-def chart_process_node(
-    local_cluster: LocalCluster, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[ProcessNode]:
-    """A process node of this module's own, stopped (and its Node deleted) after it."""
-    directory = tmp_path_factory.mktemp("chart-process-node")
-    with running_process_node(local_cluster, directory, name="chart-process-node") as node:
-        yield node
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def pod_log_tail(node: ProcessNode, pod: Any) -> str:
-    path = node.pod_log(pod.metadata.namespace, pod.metadata.name, pod.spec.containers[0].name)
-    return path.read_text()[-2000:] if path.is_file() else "(no log)"
-
-
-def metric(text: str, name: str) -> float | None:
-    """The value of an unlabelled sample `name` in a Prometheus text exposition."""
-    found = re.search(rf"^{re.escape(name)} (\S+)$", text, flags=re.MULTILINE)
-    return float(found.group(1)) if found else None
-
-
-def test_local_values_run_kiln_on_the_process_node_and_an_example_goes_ready(
-    helm: Helm,
-    kubectl: str,
-    core_v1: client.CoreV1Api,
-    apps_v1: client.AppsV1Api,
-    local_cluster: LocalCluster,
-    chart_process_node: ProcessNode,
-    namespaces: dict[str, str],
-) -> None:
-    """ci/local-values.yaml: both controllers become available as real processes on the process
-    node, running as their ServiceAccounts (the process node hands pods a kubeconfig with their
-    token), serve health and metrics on their pod IPs only, and the operator, with only the chart's
-    permissions, takes an example LLMDeployment to Ready (build Job and GPU pods on KWOK nodes)."""
-    namespace = namespaces["release"]
-    release = f"kiln-{namespace.rsplit('-', 1)[1]}"
-    # Free ports, so a `kiln demo` running on the same machine (same values) cannot collide.
-    ports = {key: free_port() for key in ("operator.metricsPort", "operator.healthPort",
-                                          "autoscaler.metricsPort", "autoscaler.healthPort")}  # fmt: skip
-    settings = [arg for key, port in ports.items() for arg in ("--set", f"{key}={port}")]
-    try:
-        done = helm.run(
-            "install", release, str(CHART), "--namespace", namespace, "--values", str(LOCAL_VALUES),
-            *settings, "--wait", "--timeout", "180s", check=False,
-        )  # fmt: skip
-        pods = core_v1.list_namespaced_pod(namespace).items
-        tails = {p.metadata.name: pod_log_tail(chart_process_node, p) for p in pods}
-        assert done.returncode == 0, f"{done.stderr}\n{tails}"
-        for component in ("operator", "autoscaler"):
-            deployment = apps_v1.read_namespaced_deployment(f"{release}-{component}", namespace)
-            assert deployment.status.available_replicas == 1, component
-        assert {p.spec.node_name for p in pods} == {chart_process_node.name}, tails
-        by_component = {p.metadata.labels["app.kubernetes.io/component"]: p for p in pods}
-        for component, leader_metric in (("operator", "kiln_operator_leader"),
-                                         ("autoscaler", "kiln_autoscaler_leader")):  # fmt: skip
-            ip = by_component[component].status.pod_ip
-            health = httpx.get(f"http://{ip}:{ports[f'{component}.healthPort']}/healthz", timeout=5)
-            assert health.status_code == 200, (component, health.text)
-            exposition = httpx.get(f"http://{ip}:{ports[f'{component}.metricsPort']}/metrics", timeout=5).text
-            assert metric(exposition, leader_metric) == 1, (component, exposition[:2000])
-            # Bound to the pod IP only (--bind-address=$(POD_IP)), so a second install's pods, each
-            # on an IP of its own, could take the same ports.
-            assert ip != "127.0.0.1"
-            for port in (ports[f"{component}.healthPort"], ports[f"{component}.metricsPort"]):
-                with socket.socket() as sock:
-                    assert sock.connect_ex(("127.0.0.1", port)) != 0, (component, port)
-
-        serving = namespaces["team-a"]
-        core_v1.create_namespaced_secret(  # the example reads its credentials from hf-token
-            serving,
-            client.V1Secret(metadata=client.V1ObjectMeta(name="hf-token"), string_data={"HF_TOKEN": "x"}),
-        )
-        example = yaml.safe_load((ROOT / "examples" / "llama-3-70b-fp8-tp4.yaml").read_text())
-        custom = client.CustomObjectsApi(local_cluster.api_client)
-        custom.create_namespaced_custom_object("kiln.dev", "v1alpha1", serving, "llmdeployments", example)
-        name = example["metadata"]["name"]
-        waited = run(
-            [
-                kubectl,
-                "wait",
-                "-n",
-                serving,
-                f"llmdeployment/{name}",
-                "--for=condition=Ready",
-                "--timeout=150s",
-            ],
-            check=False,
-        )
-        operator_log = pod_log_tail(chart_process_node, by_component["operator"])
-        assert waited.returncode == 0, f"{waited.stderr}\noperator log:\n{operator_log}"
-        status = custom.get_namespaced_custom_object("kiln.dev", "v1alpha1", serving, "llmdeployments", name)
-        assert status["status"]["phase"] == "Ready" and status["status"]["readyReplicas"] >= 1, status[
-            "status"
-        ]
-        assert "forbidden" not in operator_log.lower(), operator_log
-        autoscaler_log = pod_log_tail(chart_process_node, by_component["autoscaler"])
-        assert "forbidden" not in autoscaler_log.lower() and "failed" not in autoscaler_log, autoscaler_log
-    finally:
-        helm.run("uninstall", release, "--namespace", namespace, "--wait", "--timeout", "120s", check=False)

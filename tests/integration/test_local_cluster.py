@@ -86,8 +86,8 @@ def test_kwok_leaves_nodes_without_its_label_alone(core_v1: client.CoreV1Api) ->
         return client.V1Node(metadata=client.V1ObjectMeta(name=name, labels=node_labels))
 
     suffix = uuid.uuid4().hex[:6]
-    simulated, real = f"sim-{suffix}", f"process-{suffix}"
-    core_v1.create_node(node(real, {labels.PROCESS_NODE_LABEL: "true"}))
+    simulated, real = f"sim-{suffix}", f"real-{suffix}"
+    core_v1.create_node(node(real, {labels.REAL_NODE_LABEL: "true"}))
     core_v1.create_node(node(simulated, {"type": "kwok"}))
     try:
 

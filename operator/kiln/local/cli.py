@@ -101,11 +101,6 @@ def build(real_node: bool, with_monitoring: bool, with_s3: bool, with_netpol: bo
 )
 @click.option("--timeout", default=90.0, show_default=True, help="Seconds to wait for each component.")
 @click.option(
-    "--process-node",
-    is_flag=True,
-    help="Also start `kiln process-node`: a real node whose pods run as local processes.",
-)
-@click.option(
     "--real-node",
     is_flag=True,
     help="Also start a real node (containerd, kubelet, kube-proxy) and cluster DNS; needs root.",
@@ -128,7 +123,6 @@ def up(
     directory: Path | None,
     crds: Path | None,
     timeout: float,
-    process_node: bool,
     real_node: bool,
     images: tuple[Path, ...],
     with_monitoring: bool,
@@ -146,9 +140,7 @@ def up(
     if real_node and os.geteuid() != 0:
         raise click.ClickException("--real-node needs root (it runs containerd and creates network links)")
     _binaries(real_node, with_monitoring)
-    local_cluster = cluster.Cluster(
-        directory, topology_name, crds, process_node=process_node, real_node=real_node
-    )
+    local_cluster = cluster.Cluster(directory, topology_name, crds, real_node=real_node)
     try:
         state = local_cluster.start(progress=_echo, timeout=timeout)
         if images:
@@ -209,7 +201,6 @@ def status(directory: Path | None) -> None:
     running = cluster.alive(state)
     for name in [
         *cluster.COMPONENTS,
-        *([cluster.PROCESS_NODE] if cluster.PROCESS_NODE in state.pids else []),
         *(name for name in cluster.REAL_NODE_COMPONENTS if name in state.pids),
     ]:
         pid = state.pids.get(name)

@@ -24,7 +24,6 @@ import signal
 import socket
 import ssl
 import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -47,9 +46,6 @@ PR_SET_PDEATHSIG = 1  # prctl(2) option
 
 # Start order (see STOP_TIERS for the stop order).
 COMPONENTS = ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "kwok")
-# Optional: `kiln process-node`, a real node whose pods run as local processes (`up --process-node`).
-PROCESS_NODE = "process-node"
-PROCESS_NODE_NAME = "kiln-process-node"
 # Optional: a real node (containerd, kubelet, kube-proxy, CoreDNS; `up --real-node`), see realnode.py.
 REAL_NODE_COMPONENTS = realnode.COMPONENTS
 
@@ -346,18 +342,15 @@ class Cluster:
         crds: Path | None = None,
         *,
         die_with_parent: bool = False,
-        process_node: bool = False,
         real_node: bool = False,
     ) -> None:
         """`die_with_parent`: components get SIGKILL if this process dies without stopping them
         (tests use it, so a killed test run leaves nothing behind; `kiln local up` does not).
-        `process_node`: also start `kiln process-node` (node `kiln-process-node`).
         `real_node`: also start a real node (`kiln-real-node`) and cluster DNS (realnode.py)."""
         self.directory = (directory or default_dir()).resolve()
         self.topology_name = topology_name
         self.crds = crds if crds is not None else paths.crds_dir()
         self.die_with_parent = die_with_parent
-        self.process_node = process_node
         self.real_node = real_node
         self.state: State | None = None
         self._processes: dict[str, subprocess.Popen[bytes]] = {}
@@ -435,16 +428,6 @@ class Cluster:
                     timeout,
                     "the default service account",
                 )
-                if self.process_node:
-                    self.state.commands[PROCESS_NODE] = process_node_command(self.directory)
-                    self._launch(PROCESS_NODE, self.state.commands[PROCESS_NODE])
-                    self._wait_until(
-                        PROCESS_NODE,
-                        lambda: node_ready(client, server, PROCESS_NODE_NAME),
-                        timeout,
-                        f"node {PROCESS_NODE_NAME} to become Ready",
-                    )
-                    progress(f"process node {PROCESS_NODE_NAME} Ready; log {self.state.log(PROCESS_NODE)}")
                 if self.real_node:
                     self.state.commands.update(
                         realnode.start(
@@ -515,7 +498,7 @@ class Cluster:
 # Stop order: clients of the API server first, then the API server, then its storage (an API
 # server whose etcd is gone does not finish its graceful shutdown).
 STOP_TIERS = (
-    ("kwok", "kube-scheduler", "kube-controller-manager", PROCESS_NODE, *REAL_NODE_COMPONENTS),
+    ("kwok", "kube-scheduler", "kube-controller-manager", *REAL_NODE_COMPONENTS),
     ("kube-apiserver",),
     ("etcd",),
 )
@@ -635,18 +618,6 @@ def create_runtime_classes(client: httpx.Client, server: str, classes: list[dict
         if response.status_code != 409 and not response.is_success:
             name = runtime_class["metadata"]["name"]
             raise StartError(f"creating RuntimeClass {name} failed: {api_error(response)}")
-
-
-def process_node_command(directory: Path) -> list[str]:
-    """`kiln process-node` for the cluster in `directory` (argv[0] is the interpreter, for `alive`)."""
-    return [
-        sys.executable,
-        "-m",
-        "kiln.processnode",
-        f"--kubeconfig={directory / 'kubeconfig'}",
-        f"--name={PROCESS_NODE_NAME}",
-        f"--state-dir={directory / PROCESS_NODE}",
-    ]
 
 
 def node_ready(client: httpx.Client, server: str, name: str) -> bool:

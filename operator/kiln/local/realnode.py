@@ -40,6 +40,7 @@ from typing import Any
 import httpx
 import yaml
 
+from kiln import labels
 from kiln.local import build, nodeimages, pki
 
 NODE_NAME = "kiln-real-node"
@@ -51,7 +52,7 @@ NODE_POD_CIDR = "10.244.0.0/24"  # a slice of the cluster's POD_CIDR
 CLUSTER_DNS_IP = "10.96.0.10"  # in the cluster's SERVICE_CIDR
 CLUSTER_DOMAIN = "cluster.local"
 KUBELET_PORT = 10250  # on NODE_IP, which is ours alone
-NODE_LABEL = "kiln.dev/real-node"
+NODE_LABEL = labels.REAL_NODE_LABEL
 OWNER_FILE = Path("/run/kiln-real-node")
 # Components in start order; `teardown` stops them in its own order.
 COMPONENTS = ("containerd", "kubelet", "kube-proxy")

@@ -4,17 +4,13 @@ Import the fixture into a conftest.py to use it (tests/conftest.py does):
 
     from kiln.local.testing import local_cluster  # noqa: F401
 
-Tests that take `local_cluster` must be marked `@pytest.mark.cluster`. `process_node` (and the
-`running_process_node` context manager) add a process node whose pods run as local processes.
+Tests that take `local_cluster` must be marked `@pytest.mark.cluster`. Its nodes are KWOK's: pods
+are scheduled and reported Running, but nothing runs; e2e/ runs pods on a real node.
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
-import signal
-import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -95,112 +91,3 @@ def local_cluster(
         local.stop()
         survivors = [name for name, is_alive in cluster.alive(state).items() if is_alive]
         assert not survivors, f"local cluster processes survived teardown: {survivors}"
-
-
-@dataclass
-class ProcessNode:
-    """A running `kiln process-node` agent: its Node's name, state folder and log."""
-
-    name: str
-    state_dir: Path
-    log: Path
-    pid: int
-
-    def pod_log(self, namespace: str, pod: str, container: str) -> Path:
-        return self.state_dir / "pods" / f"{namespace}_{pod}" / f"{container}.log"
-
-
-def _processes_under(folder: Path) -> list[int]:
-    """Pids whose working directory lies in `folder` (pods' processes start in their pod folder)."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                cwd = Path(os.readlink(entry / "cwd"))
-            except OSError:
-                continue
-            if cwd == folder or folder in cwd.parents:
-                found.append(int(entry.name))
-    return found
-
-
-@contextlib.contextmanager
-def running_process_node(
-    local: LocalCluster,
-    directory: Path,
-    name: str = "kiln-process-node",
-    extra_args: tuple[str, ...] = (),
-    delete_node: bool = True,
-) -> Iterator[ProcessNode]:
-    """Start `kiln process-node` against `local` for a `with` block; stop it and delete its Node after
-    (unless `delete_node` is False: a later agent of the same name and folder resumes its pods).
-
-    Teardown fails if the agent does not exit cleanly on SIGTERM or leaves a process behind.
-    """
-    from kubernetes import client as kube_client
-
-    core = kube_client.CoreV1Api(local.api_client)
-    state_dir = directory / "state"
-    log = directory / "process-node.log"
-    command = [
-        sys.executable,
-        "-m",
-        "kiln.processnode",
-        f"--kubeconfig={local.kubeconfig}",
-        f"--name={name}",
-        f"--state-dir={state_dir}",
-        "--backoff=1",
-        *extra_args,
-    ]
-    with log.open("wb") as output:
-        process = subprocess.Popen(
-            command,
-            stdin=subprocess.DEVNULL,
-            stdout=output,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-            preexec_fn=cluster._kill_me_with_parent,
-        )
-
-    def ready() -> bool:
-        if process.poll() is not None:
-            raise AssertionError(f"kiln process-node exited ({process.returncode}):\n{cluster.log_tail(log)}")
-        try:
-            node = core.read_node(name)
-        except kube_client.ApiException:
-            return False
-        conditions = (node.status.conditions if node.status else None) or []
-        return any(c.type == "Ready" and c.status == "True" for c in conditions)
-
-    try:
-        wait_for(ready, 60, f"node {name} to become Ready")
-        yield ProcessNode(name, state_dir, log, process.pid)
-    finally:
-        if process.poll() is None:
-            os.kill(process.pid, signal.SIGTERM)
-        try:
-            code = process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            code = process.wait()
-        if delete_node:
-            with contextlib.suppress(kube_client.ApiException):
-                core.delete_node(name)
-        survivors = _processes_under(state_dir)
-        for pid in survivors:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-        assert code == 0, f"kiln process-node exited with {code}:\n{cluster.log_tail(log)}"
-        assert not survivors, f"processes of the process node's pods survived its exit: {survivors}"
-
-
-@pytest.fixture(scope="session")
-def process_node(
-    local_cluster: LocalCluster, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[ProcessNode]:
-    """A process node (`kiln process-node`) on the session's local cluster; stopped after the session.
-
-    Import it next to `local_cluster` in a conftest.py (or a test module) to use it.
-    """
-    with running_process_node(local_cluster, tmp_path_factory.mktemp("process-node")) as node:
-        yield node

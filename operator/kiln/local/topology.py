@@ -292,8 +292,8 @@ def node_summary(nodes: list[dict[str, Any]]) -> list[str]:
         count = node_labels.get(labels.GPU_COUNT)
         if product:
             kind = f"{product} x{count}" if count else product
-        elif node_labels.get(labels.PROCESS_NODE_LABEL) == "true":
-            kind = "process node (CPU, pods run as local processes)"
+        elif node_labels.get(labels.REAL_NODE_LABEL) == "true":
+            kind = "real node (CPU, pods run in containers)"
         else:
             kind = "CPU"
         ready = any(

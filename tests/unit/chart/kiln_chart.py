@@ -15,7 +15,6 @@ import yaml
 ROOT = Path(__file__).resolve().parents[3]
 CHART = ROOT / "charts" / "kiln"
 FULL_VALUES = CHART / "ci" / "full-values.yaml"
-LOCAL_VALUES = CHART / "ci" / "local-values.yaml"  # the local cluster: controllers on the process node
 
 # Every permission each component's ServiceAccount gets: (apiGroup, resource, verb). Growing this
 # list is a security review: the integration test checks it against `kubectl auth can-i --list`.

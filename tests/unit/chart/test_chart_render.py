@@ -12,7 +12,6 @@ from kiln_chart import (
     AUTOSCALER_VERBS,
     CHART,
     FULL_VALUES,
-    LOCAL_VALUES,
     OPERATOR_VERBS,
     ROOT,
     TOPOLOGY_AGENT_VERBS,
@@ -22,8 +21,6 @@ from kiln_chart import (
 )
 
 VALUE_SETS = {"default": [], "full": [FULL_VALUES]}
-# the local cluster's values switch components off, so only the checks that hold for any values
-LINT_SETS = {**VALUE_SETS, "local": [LOCAL_VALUES]}
 WORKLOAD_KINDS = ("Deployment", "DaemonSet")
 MONITORING_API = "monitoring.coreos.com/v1"
 MONITORING_KINDS = {"PodMonitor", "ServiceMonitor", "PrometheusRule"}
@@ -61,7 +58,7 @@ def granted(objects: list[dict[str, Any]], service_account: str) -> dict[tuple[s
     return result
 
 
-@pytest.mark.parametrize("values", LINT_SETS.values(), ids=LINT_SETS.keys())
+@pytest.mark.parametrize("values", VALUE_SETS.values(), ids=VALUE_SETS.keys())
 def test_lint_passes_strict(helm: Helm, values: list[Path]) -> None:
     args = ["lint", str(CHART), "--strict"]
     for path in values:
@@ -69,7 +66,7 @@ def test_lint_passes_strict(helm: Helm, values: list[Path]) -> None:
     helm.run(*args)
 
 
-@pytest.mark.parametrize("values", LINT_SETS.values(), ids=LINT_SETS.keys())
+@pytest.mark.parametrize("values", VALUE_SETS.values(), ids=VALUE_SETS.keys())
 def test_every_object_is_labelled_and_namespaced(helm: Helm, values: list[Path]) -> None:
     cluster_scoped = {
         "ClusterRole",
@@ -269,35 +266,6 @@ def test_full_values_reach_the_manifests(helm: Helm) -> None:
         "matchNames": ["team-a"]
     }
     assert all(obj["metadata"]["labels"]["cost-center"] == "ml-platform" for obj in objects)
-
-
-def test_local_values_run_the_controllers_on_the_process_node(helm: Helm) -> None:
-    from kiln import labels
-
-    objects = helm.render(values=[LOCAL_VALUES])
-    deployments = {d["metadata"]["name"]: d for d in by_kind(objects, "Deployment")}
-    assert set(deployments) == {"kiln-operator", "kiln-autoscaler"}
-    assert not by_kind(objects, "DaemonSet") and not by_kind(objects, "NetworkPolicy")
-    assert not {obj["kind"] for obj in objects} & MONITORING_KINDS
-    ports: list[int] = []
-    for name, deployment in deployments.items():
-        assert deployment["spec"]["replicas"] == 1, name
-        spec = deployment["spec"]["template"]["spec"]
-        assert spec["nodeSelector"] == {labels.PROCESS_NODE_LABEL: "true"}, name
-        container = spec["containers"][0]
-        # the process node runs the args with the entrypoint named by the image: `kiln`
-        assert "kiln" in container["image"] and "kiln-engine" not in container["image"], name
-        assert not any(arg.startswith("--leader-election") for arg in container["args"]), name
-        ports += [port["containerPort"] for port in container["ports"]]
-    # pods on the process node share the host's ports
-    assert len(ports) == len(set(ports)), ports
-    operator = deployments["kiln-operator"]["spec"]["template"]["spec"]["containers"][0]["args"]
-    assert "--all-namespaces" in operator
-    engine_image = [arg.split("=", 1)[1] for arg in operator if arg.startswith("--engine-image=")]
-    assert len(engine_image) == 1 and "kiln-engine" in engine_image[0]
-    autoscaler = deployments["kiln-autoscaler"]["spec"]["template"]["spec"]["containers"][0]["args"]
-    assert "--metrics-source=pods" in autoscaler
-    assert not any(arg.startswith("--prometheus-url") for arg in autoscaler)
 
 
 INVALID_VALUES = [

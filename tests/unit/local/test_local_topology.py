@@ -187,8 +187,8 @@ def test_node_summary_counts_nodes_by_gpu_product_and_readiness() -> None:
     ready = {"status": {"conditions": [{"type": "Ready", "status": "True"}]}}
     gpu_index = next(i for i, n in enumerate(nodes) if labels.GPU_PRODUCT in n["metadata"]["labels"])
     nodes[gpu_index] = gpu_node = {**nodes[gpu_index], **ready}
-    process_node = {"metadata": {"labels": {labels.PROCESS_NODE_LABEL: "true"}}, **ready}
-    lines = node_summary([*nodes, process_node])
+    real_node = {"metadata": {"labels": {labels.REAL_NODE_LABEL: "true"}}, **ready}
+    lines = node_summary([*nodes, real_node])
 
     assert lines[-1].split() == [str(len(nodes) + 1), "nodes", "2", "Ready", "in", "all"]
     first_product = gpu_node["metadata"]["labels"][labels.GPU_PRODUCT]
@@ -201,4 +201,4 @@ def test_node_summary_counts_nodes_by_gpu_product_and_readiness() -> None:
     ]
     row = next(line for line in lines if line.endswith(f"{first_product} x{first_count}"))
     assert row.split()[:4] == [str(len(same_kind)), "nodes", "1", "Ready"]
-    assert any(line.split()[:4] == ["1", "nodes", "1", "Ready"] and "process node" in line for line in lines)
+    assert any(line.split()[:4] == ["1", "nodes", "1", "Ready"] and "real node" in line for line in lines)
