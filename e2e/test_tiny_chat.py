@@ -1,8 +1,9 @@
 """The main job as a story, driven through kubectl and HTTP on one shared cluster whose real node
 runs Kiln's images (the chart's pods, the build Jobs and serving pods) in containers.
 
-Apply the tiny CPU example, wait for Ready, ask it through its Service (by DNS name from a pod,
-and through the API server's service proxy); change the quantization
+Apply the tiny CPU example, follow its build (the build Job's progress shows in LLMEngine status and
+events before Ready), wait for Ready, ask it through its Service (by DNS name from a pod, and
+through the API server's service proxy); change the quantization
 (a new engine is built and rolled over while a client keeps asking, and no request fails); scale by
 hand; autoscale under load; delete (nothing is left: pods, Deployments, Services, Jobs, engines,
 engine processes in the node's containers). The tests run in this order and share the deployment.
@@ -12,8 +13,11 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import threading
+import time
 from collections.abc import Iterator
+from typing import Any
 
 import httpx
 import pytest
@@ -32,6 +36,9 @@ NAME = "tiny-chat"
 # A weight format the CPU torch backend builds and serves (fp8/int4 need a GPU: CRD rule).
 NEW_QUANTIZATION = os.environ.get("KILN_E2E_QUANTIZATION", "int8-weight")
 PRINTER_COLUMNS = ("NAME", "MODEL", "QUANT", "READY", "PHASE")
+# The engines examples/tiny-cpu.yaml builds (`<model>-<quantization>-tp1-cpu-<key>`, see
+# kiln.api.enginekey.engine_name), whatever their key.
+ENGINE_PREFIX = f"{NAME}-none-tp1-cpu-"
 
 
 def quiet() -> Progress:
@@ -41,8 +48,47 @@ def quiet() -> Progress:
 
 @pytest.fixture(scope="module")
 def story(kiln_stack: Stack, kubectl: Kubectl) -> Iterator[Story]:
+    story = Story(kiln_stack, EXAMPLE)
+    start_from_an_empty_cache(story, kubectl)
     kubectl("apply", "-f", str(EXAMPLE))
-    yield Story(kiln_stack, EXAMPLE)
+    yield story
+
+
+def start_from_an_empty_cache(story: Story, kubectl: Kubectl) -> None:
+    """Make this module's first build a real one: an earlier e2e module of the session may have
+    built the same engine, and a build that finds its artifact published goes straight to done,
+    with no step to report. Waits for that module's unused LLMEngines to be collected (the e2e
+    retention is seconds), then removes their artifacts from the engine cache."""
+
+    def engines() -> list[str]:
+        return [
+            e["metadata"]["name"]
+            for e in kubectl.items("llmengines", "-n", story.namespace)
+            if e["metadata"]["name"].startswith(ENGINE_PREFIX)
+        ]
+
+    wait_for(lambda: not engines(), 120, f"earlier {ENGINE_PREFIX}* LLMEngines to be collected", interval=1.0)
+    for artifact in story.stack.cache_dir.glob(f"{ENGINE_PREFIX}*"):
+        shutil.rmtree(artifact)
+
+
+def follow_build(story: Story, timeout: float = 600.0) -> dict[str, list[tuple[Any, Any, Any]]]:
+    """Each LLMEngine's (phase, progress, step), every change in order, read every 0.5 s until the
+    engines seen have all left Building (Ready or Failed) or `timeout` passes."""
+    seen: dict[str, list[tuple[Any, Any, Any]]] = {}
+    path = f"/apis/kiln.dev/v1alpha1/namespaces/{story.namespace}/llmengines"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for engine in story.get(path).get("items", []):
+            status = engine.get("status") or {}
+            observed = (status.get("phase"), status.get("progress"), status.get("step"))
+            history = seen.setdefault(engine["metadata"]["name"], [])
+            if not history or history[-1] != observed:
+                history.append(observed)
+        if seen and all(history[-1][0] in ("Ready", "Failed") for history in seen.values()):
+            break
+        time.sleep(0.5)
+    return seen
 
 
 def wait_ready(kubectl: Kubectl, timeout: float = 600.0) -> None:
@@ -119,10 +165,23 @@ class RequestLoop(threading.Thread):
 
 
 def test_apply_wait_ready_and_answer_through_the_service(story: Story, kubectl: Kubectl) -> None:
+    seen = follow_build(story)
     wait_ready(kubectl)
     deployment = story.deployment()
-    engine = kubectl.json("get", "llmengine", deployment["status"]["engine"]["name"])
+    name = deployment["status"]["engine"]["name"]
+    engine = kubectl.json("get", "llmengine", name)
     assert engine["status"]["phase"] == "Ready"
+    # The build Job's `kiln-engine build` reports its steps; the operator copied them into the
+    # engine's status while it was Building (progress strictly between 0 and 100, and a step),
+    # and recorded a BuildProgress event.
+    statuses = seen.get(name, [])
+    building = [(progress, step) for phase, progress, step in statuses if phase == "Building"]
+    assert any(p is not None and 0 < p < 100 for p, _ in building), f"statuses seen: {statuses}"
+    assert any(step for _, step in building), f"statuses seen: {statuses}"
+    selector = f"involvedObject.name={name},reason=BuildProgress"
+    progress_events = kubectl.items("events", "-n", story.namespace, "--field-selector", selector)
+    assert progress_events, f"no BuildProgress event for {name}; statuses seen: {statuses}"
+    print(f"build statuses seen: {statuses}")
     assert engine["status"]["artifact"]["uri"].startswith("pvc://kiln-engine-cache")
     story.endpoints = story.ready_pod_endpoints()
     assert len(story.endpoints) == 1
