@@ -3,7 +3,7 @@
 KWOK runs no containers: build Job pods succeed (or fail, with `kiln.dev/simulate-fail`) after
 `kiln.dev/simulate-duration`, and serving pods turn Ready about a second after they are bound. So
 these tests prove the control loop (engines, Jobs, workloads, rollovers, status, restarts), not the
-engine; the e2e scenarios on the process node run real engines.
+engine; the e2e scenarios on the real node (e2e/) run real engines.
 """
 
 from __future__ import annotations
