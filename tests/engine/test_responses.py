@@ -145,7 +145,40 @@ def test_a_tool_round_trip(client: openai.OpenAI) -> None:
     assert second.usage.input_tokens - first.usage.input_tokens >= len(rendered) // 4
 
 
+def test_included_logprobs_are_the_chat_paths_streamed_or_not(client: openai.OpenAI) -> None:
+    """include: ["message.output_text.logprobs"] gives one entry per output token, with its
+    top_logprobs alternatives: the chat path's for the same conversation; the stream's deltas
+    carry them in order, and its done event all of them. Without include, none."""
+    prompt, include = "Tell me a story.", ["message.output_text.logprobs"]
+    whole = create(client, input=prompt, max_output_tokens=16, include=include, top_logprobs=3)
+    part = whole.output[0].content[0]
+    chat = client.chat.completions.create(
+        model=MODEL, max_tokens=16, temperature=0, logprobs=True, top_logprobs=3,
+        messages=[{"role": "user", "content": prompt}],
+    )  # fmt: skip
+    assert chat.choices[0].logprobs is not None
+
+    def entries(logprobs: Any) -> list[tuple[str, float, list[tuple[str, float]]]]:
+        return [
+            (e.token, round(e.logprob, 4), [(t.token, round(t.logprob, 4)) for t in e.top_logprobs])
+            for e in logprobs
+        ]
+
+    assert len(part.logprobs) == whole.usage.output_tokens == 16
+    assert entries(part.logprobs) == entries(chat.choices[0].logprobs.content)
+    assert all(len(e.top_logprobs) == 3 and e.logprob <= 0 for e in part.logprobs)
+    stream = events(client, input=prompt, max_output_tokens=16, include=include, top_logprobs=3)
+    streamed = [e for event in stream if event.type == "response.output_text.delta" for e in event.logprobs]
+    done = next(event for event in stream if event.type == "response.output_text.done")
+    assert entries(streamed) == entries(done.logprobs) == entries(part.logprobs)
+    assert create(client, input=prompt, max_output_tokens=4).output[0].content[0].logprobs == []
+
+
 BAD: list[tuple[dict[str, Any], str]] = [
+    ({"include": ["reasoning.encrypted_content"]}, "include.0"),
+    ({"top_logprobs": 2}, "top_logprobs"),
+    ({"include": ["message.output_text.logprobs"], "top_logprobs": 21}, "top_logprobs"),
+    ({"include": ["message.output_text.logprobs"], "tools": [NOTE_TOOL]}, "include"),
     ({"previous_response_id": "resp_1"}, "previous_response_id"),
     ({"background": True}, "background"),
     ({"store": True}, "store"),

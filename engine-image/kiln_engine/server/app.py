@@ -386,7 +386,10 @@ def create_app(model: ServedModel, settings: ServerSettings | None = None) -> Fa
             raise rs.with_responses_param(validation_error(RequestValidationError(exc.errors()))) from exc
         except OpenAIError as exc:
             raise rs.with_responses_param(exc) from exc
-        build = rs.ResponseBuilder.start(req, model.name, tools.parser() if tools else None)
+        build = rs.ResponseBuilder.start(
+            req, model.name, tools.parser() if tools else None,
+            lambda d: _chat_logprobs(d.logprobs, model.tokenizer),
+        )  # fmt: skip
         if req.stream:
 
             async def events() -> AsyncIterator[bytes]:

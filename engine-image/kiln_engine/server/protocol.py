@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import re
 import time
+from collections.abc import Sequence
 from typing import Annotated, Any, Literal
 
 from pydantic import (
@@ -59,12 +60,12 @@ UNSUPPORTED_PARAMETERS: dict[str, str] = {
     "previous_response_id": "responses are not stored (send the whole conversation as input)",
     "conversation": "conversations are not stored (send the whole conversation as input)",
     "background": "background responses are not supported",
-    "include": "extra output data (include) is not supported",
+    "include": "extra output data (include) is only supported by /v1/responses",
     "reasoning": "reasoning options are not supported",
     "prompt": "stored prompt templates are not supported",
     "truncation": "truncating the input is not supported (a too long input is an error)",
     "max_tool_calls": "max_tool_calls is not supported",
-    "top_logprobs": "top_logprobs is only supported by /v1/chat/completions",
+    "top_logprobs": "top_logprobs is only supported by /v1/chat/completions and /v1/responses",
     "prompt_cache_key": "prompt cache keys are not supported (prefix caching is automatic)",
     "safety_identifier": "safety identifiers are not supported",
 }
@@ -561,3 +562,7 @@ class ErrorResponse(BaseModel):
 def dump(model: BaseModel) -> dict[str, Any]:
     """A response model as a JSON-ready dict."""
     return model.model_dump(mode="json")
+
+
+def dump_list(models: Sequence[BaseModel]) -> list[dict[str, Any]]:
+    return [dump(m) for m in models]

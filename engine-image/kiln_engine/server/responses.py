@@ -5,7 +5,8 @@ chat path's deltas.
 
 The subset applications use: `input` as text or message / `function_call` / `function_call_output`
 items, `instructions`, `max_output_tokens`, `temperature`, `top_p`, `text.format`, function `tools`,
-`tool_choice`, `parallel_tool_calls`, `stream`. Nothing is stored, so what needs stored responses
+`tool_choice`, `parallel_tool_calls`, `stream`, and the output text's token logprobs (`include:
+["message.output_text.logprobs"]`, `top_logprobs`). Nothing is stored, so what needs stored responses
 (`previous_response_id`, `store: true`, `background`, conversations) is a 400, as are built-in tools.
 """
 
@@ -15,6 +16,7 @@ import json
 import re
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal
 
@@ -27,6 +29,7 @@ from pydantic import (
     StrictInt,
     StrictStr,
     Tag,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -156,6 +159,9 @@ class TextConfig(_Request):
     format: TextFormat
 
 
+LOGPROBS = "message.output_text.logprobs"  # the one `include` value served
+
+
 class ResponsesRequest(_Request):
     """POST /v1/responses."""
 
@@ -176,6 +182,30 @@ class ResponsesRequest(_Request):
     stream: StrictBool = False
     store: StrictBool | None = Field(default=None, description="Only false: responses are not stored.")
     user: StrictStr | None = Field(default=None, description="Accepted and ignored.")
+    include: list[Literal["message.output_text.logprobs"]] | None = Field(
+        default=None, description="Extra output: only the output text's token logprobs."
+    )
+    top_logprobs: StrictInt | None = Field(default=None, ge=0, le=p.MAX_TOP_LOGPROBS)
+
+    @property
+    def wants_logprobs(self) -> bool:
+        return LOGPROBS in (self.include or [])
+
+    @field_validator("include")
+    @classmethod
+    def _no_logprobs_with_tools(cls, include: list[str] | None, info: ValidationInfo) -> list[str] | None:
+        if include and info.data.get("tools"):
+            # The tool-call parser turns the model's text into calls and text outside them: its
+            # tokens no longer line up with the output text.
+            raise ValueError(f"include {LOGPROBS!r} cannot be combined with tools")
+        return include
+
+    @field_validator("top_logprobs")
+    @classmethod
+    def _top_logprobs_need_include(cls, top: int | None, info: ValidationInfo) -> int | None:
+        if top is not None and LOGPROBS not in (info.data.get("include") or []):
+            raise ValueError(f"top_logprobs needs include: [{LOGPROBS!r}]")
+        return top
 
     @field_validator("store")
     @classmethod
@@ -195,6 +225,8 @@ class ResponsesRequest(_Request):
             "stream": self.stream,
             "user": self.user,
         }
+        if self.wants_logprobs:
+            chat["logprobs"], chat["top_logprobs"] = True, self.top_logprobs or 0
         if self.text is not None:
             chat["response_format"] = self.text.format.response_format()
         if self.tools is not None:
@@ -270,6 +302,7 @@ class OutputText(BaseModel):
     type: Literal["output_text"] = "output_text"
     text: str
     annotations: list[Any] = Field(default_factory=list)
+    logprobs: list[p.ChatTokenLogprob] = Field(default_factory=list)  # with include: one per token
 
 
 class OutputMessage(BaseModel):
@@ -354,12 +387,21 @@ class ResponseBuilder:
 
     response: ResponseObject
     parser: tc.ToolCallParser | None
+    # The chat path's logprobs of a delta's tokens, when the request includes them.
+    logprobs_of: Callable[[Delta], list[p.ChatTokenLogprob]] | None = None
     events: list[dict[str, Any]] = field(default_factory=list)
     _sequence: int = 0
     _open: OutputMessage | FunctionCallItem | None = None
+    _logprobs: list[p.ChatTokenLogprob] = field(default_factory=list)  # of tokens with no text yet
 
     @classmethod
-    def start(cls, req: ResponsesRequest, model: str, parser: tc.ToolCallParser | None) -> ResponseBuilder:
+    def start(
+        cls,
+        req: ResponsesRequest,
+        model: str,
+        parser: tc.ToolCallParser | None,
+        logprobs_of: Callable[[Delta], list[p.ChatTokenLogprob]] | None = None,
+    ) -> ResponseBuilder:
         response = ResponseObject(
             id=_item_id("resp"),
             created_at=int(time.time()),
@@ -376,7 +418,7 @@ class ResponseBuilder:
             text={"format": (req.text.format.model_dump(by_alias=True, exclude_none=True) if req.text
                              else {"type": "text"})},
         )  # fmt: skip
-        builder = cls(response, parser)
+        builder = cls(response, parser, logprobs_of if req.wants_logprobs else None)
         builder._emit("response.created", response=p.dump(response))
         builder._emit("response.in_progress", response=p.dump(response))
         return builder
@@ -388,6 +430,8 @@ class ResponseBuilder:
 
     def feed(self, d: Delta) -> list[dict[str, Any]]:
         """The events `d` adds (the last delta, with its finish reason, ends the response)."""
+        if self.logprobs_of is not None:
+            self._logprobs += self.logprobs_of(d)
         if self.parser is None:
             items: list[str | tc.CallPiece] = [d.text]
         else:
@@ -426,9 +470,11 @@ class ResponseBuilder:
             self._emit("response.content_part.added", **self._where(self._open), content_index=0,
                        part=p.dump(OutputText(text="")))  # fmt: skip
         assert isinstance(self._open, OutputMessage)
+        logprobs, self._logprobs = self._logprobs, []  # a token's text can come with a later one's
         self._open.content[0].text += text
+        self._open.content[0].logprobs += logprobs
         self._emit("response.output_text.delta", **self._where(self._open), content_index=0, delta=text,
-                   logprobs=[])  # fmt: skip
+                   logprobs=p.dump_list(logprobs))  # fmt: skip
 
     def _call_piece(self, piece: tc.CallPiece) -> None:
         if piece.name is not None:
@@ -450,7 +496,9 @@ class ResponseBuilder:
         where = self._where(item)
         if isinstance(item, OutputMessage):
             part = item.content[0]
-            self._emit("response.output_text.done", **where, content_index=0, text=part.text, logprobs=[])
+            part.logprobs, self._logprobs = part.logprobs + self._logprobs, []  # tokens with no text
+            self._emit("response.output_text.done", **where, content_index=0, text=part.text,
+                       logprobs=p.dump_list(part.logprobs))  # fmt: skip
             self._emit("response.content_part.done", **where, content_index=0, part=p.dump(part))
         else:
             self._emit("response.function_call_arguments.done", **where, arguments=item.arguments)
