@@ -178,7 +178,8 @@ class GrammarState:
 def _batch_matcher() -> Any:
     """xgrammar's batch matcher, on the calling thread: its pool cost more than it saved at 128 rows
     on an H100 host's 16 cores (JSON object schema: 68 us with 1 thread, 336 us with 2, 2,269 us
-    with 'auto'; a 1,000-character string schema: 819, 720 and 1,823 us)."""
+    with 'auto'; a 1,000-character string schema: 819, 720 and 1,823 us; bench/grammar_fill.py,
+    bench/results-committed/structured_outputs-h100-run2-profile.txt)."""
     import xgrammar as xgr
 
     return xgr.BatchGrammarMatcher(max_threads=1)
