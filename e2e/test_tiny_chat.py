@@ -57,8 +57,11 @@ def story(kiln_stack: Stack, kubectl: Kubectl) -> Iterator[Story]:
 def start_from_an_empty_cache(story: Story, kubectl: Kubectl) -> None:
     """Make this module's first build a real one: an earlier e2e module of the session may have
     built the same engine, and a build that finds its artifact published goes straight to done,
-    with no step to report. Waits for that module's unused LLMEngines to be collected (the e2e
-    retention is seconds), then removes their artifacts from the engine cache."""
+    with no step to report. Deletes the deployment an earlier module left (test_replica_fault
+    leaves this very one, Ready, as the story would find it), waits for the unused LLMEngines to be
+    collected (the e2e retention is seconds), then removes their artifacts from the engine cache."""
+    kubectl("delete", "llmdeployment", NAME, "-n", story.namespace, "--ignore-not-found", "--wait=true",
+            "--timeout=120s", timeout=150)  # fmt: skip
 
     def engines() -> list[str]:
         return [
