@@ -191,7 +191,7 @@ def fill_masks(
     tokens: Sequence[tuple[Sequence[int], int, int | None]],
 ) -> None:
     """Advance each row's grammar by its new tokens (`tokens[k]`: token_ids, num_prompt_tokens,
-    pending, as `GrammarState.advance` takes them) and write the tokens allowed next into
+    pending, as `GrammarState.new_tokens` takes them) and write the tokens allowed next into
     `bitmask[row]`. Batched: xgrammar accepts the tokens and fills the rows in one call each, and
     each vocabulary mask goes to all its rows in one tensor operation (row by row in Python, the
     per-row calls and tensor operations cost more than xgrammar's own work)."""
@@ -275,10 +275,6 @@ class VocabMasks:
         }
         last = [text[-1] if text else -1 for text in vocab] + [-1] * (vocab_size - len(vocab))
         return cls(_bitmask_row(ok, vocab_size), after_lead, last)
-
-    def after(self, token: int) -> torch.Tensor:
-        """The row of tokens allowed after `token` (-1: at the start)."""
-        return self.table[self.choice(token)]
 
     def choice(self, token: int) -> int:
         """Which row of `table` holds the tokens allowed after `token` (-1: at the start)."""
