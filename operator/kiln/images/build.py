@@ -156,7 +156,10 @@ def build_image(
     else:
         say(f"{image.name}: writing {archive}")
         partial = archive.with_suffix(".partial")
-        partial.unlink(missing_ok=True)
+        # The old archive goes first: keeping it while the new one is written doubled the peak disk
+        # use (the engine's is 6.7 GB), and a CI run ran out of space in that write.
+        for stale in (partial, archive, stamp):
+            stale.unlink(missing_ok=True)
         stream(plan.archive_command(image, partial, storage), say, env)
         partial.rename(archive)
         stamp.write_text(built_id)
