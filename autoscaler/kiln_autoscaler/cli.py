@@ -39,6 +39,13 @@ def _serve_health(address: str, port: int, healthy: Any) -> HTTPServer:
 @autoscaler.command("run")
 @click.option("--interval", type=float, default=15.0, show_default=True, help="Seconds between passes.")
 @click.option(
+    "--wake-interval",
+    type=float,
+    default=1.0,
+    show_default=True,
+    help="Seconds between asks, between passes, whether the routers of a deployment at zero hold requests.",
+)
+@click.option(
     "--metrics-source", type=click.Choice(["pods", "prometheus"]), default="pods", show_default=True
 )
 @click.option(
@@ -64,6 +71,7 @@ def _serve_health(address: str, port: int, healthy: Any) -> HTTPServer:
 @click.option("--once", is_flag=True, help="One pass, print the decisions as JSON, exit.")
 def run(
     interval: float,
+    wake_interval: float,
     metrics_source: str,
     prometheus_url: str | None,
     prometheus_window: str,
@@ -154,7 +162,12 @@ def run(
                 logging.getLogger(__name__).info("leading: scaling autoscaled LLMDeployments")
             controller.tick()
         was_leader = leading
-        stop.wait(interval)
+        next_pass = time.monotonic() + interval
+        # Between passes, a deployment at zero whose routers hold requests starts a pass at once:
+        # its cold start should not wait out the interval.
+        while not stop.wait(max(0.0, min(wake_interval, next_pass - time.monotonic()))):
+            if time.monotonic() >= next_pass or (leading and controller.woken()):
+                break
     if elector is not None:
         elector.stop()
 

@@ -17,10 +17,13 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
+import httpx
+
 from kiln_autoscaler.data import DEFAULT_TUNING, Decision, History, Signals, Tuning, capacity_for
 from kiln_autoscaler.kube import Kube, Scaled, decision_status
 from kiln_autoscaler.metrics import AutoscalerMetrics
 from kiln_autoscaler.policy import decide
+from kiln_autoscaler.sources import held_requests
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +78,9 @@ class Controller:
         self.clock = clock
         self.histories: dict[tuple[str, str], History] = {}
         self.last_pass: float | None = None
+        self.router_client = httpx.Client(timeout=2.0)
+        # Routed deployments the last pass left at zero: `woken` asks their routers between passes.
+        self.at_zero: list[Scaled] = []
 
     def tick(self) -> list[Outcome]:
         """One pass over all deployments; errors on one deployment do not stop the others."""
@@ -87,19 +93,44 @@ class Controller:
             return []
         outcomes: list[Outcome] = []
         seen = set()
+        at_zero = []
         for scaled in deployments:
             seen.add((scaled.namespace, scaled.name))
             try:
-                outcomes.append(self.reconcile(scaled, self.clock()))
+                outcome = self.reconcile(scaled, self.clock())
             except Exception as error:
                 self.metrics.errors.labels("reconcile").inc()
                 log.warning("autoscaling %s/%s failed: %s", scaled.namespace, scaled.name, error)
+                continue
+            outcomes.append(outcome)
+            if scaled.routed and outcome.decision.desired == 0:
+                at_zero.append(scaled)
+        self.at_zero = at_zero
         for key in set(self.histories) - seen:
             del self.histories[key]
             self.metrics.forget(*key)
         self.last_pass = self.clock()
         self.metrics.loop_seconds.observe(self.last_pass - started)
         return outcomes
+
+    def held(self, scaled: Scaled) -> int:
+        """Requests the deployment's routers hold for want of a ready replica (0 without routers)."""
+        if not scaled.routed:
+            return 0
+        urls = self.kube.pod_metrics_urls(scaled.namespace, scaled.router_selector, self.pod_port)
+        return held_requests(self.router_client, urls)
+
+    def woken(self) -> bool:
+        """Between passes: True when a routed deployment left at zero has requests waiting at its
+        routers, so the caller runs a pass now instead of at the next interval."""
+        for scaled in self.at_zero:
+            try:
+                if self.held(scaled) > 0:
+                    return True
+            except Exception as error:
+                self.metrics.errors.labels("signals").inc()
+                log.warning("asking the routers of %s/%s failed: %s", scaled.namespace, scaled.name, error)
+        return False
 
     def reconcile(self, scaled: Scaled, now: float) -> Outcome:
         """Decide and act for one deployment."""
@@ -118,7 +149,10 @@ class Controller:
             self.metrics.errors.labels("signals").inc()
             log.warning("reading signals of %s/%s failed: %s", scaled.namespace, scaled.name, error)
             signals = None
-        decision = decide(scaled.targets, signals, scaled.replicas, capacity, history, now, self.tuning)
+        held = self.held(scaled) if current == 0 else 0
+        decision = decide(
+            scaled.targets, signals, scaled.replicas, capacity, history, now, self.tuning, held=held
+        )
         self.histories[key] = history.record(now, decision, signals, current)
 
         stamp = dt.datetime.fromtimestamp(now, dt.UTC)

@@ -17,6 +17,7 @@ from typing import Any
 from kubernetes import client
 
 from kiln.api.v1alpha1 import GROUP, VERSION
+from kiln.render.router import router_labels
 from kiln_autoscaler.data import (
     Capacity,
     Decision,
@@ -44,6 +45,12 @@ class Scaled:
     replicas: Replicas
     selector: str | None
     engine: str | None
+    routed: bool = False  # spec.router.enabled: Kiln routers front it (and hold requests at zero)
+
+    @property
+    def router_selector(self) -> str:
+        """The label selector of this deployment's router pods."""
+        return ",".join(f"{key}={value}" for key, value in router_labels(self.name).items())
 
 
 def scaled_from_object(obj: dict[str, Any]) -> Scaled | None:
@@ -65,6 +72,7 @@ def scaled_from_object(obj: dict[str, Any]) -> Scaled | None:
         replicas=Replicas(current=current, ready=min(ready, current) if current else ready),
         selector=status.get("selector"),
         engine=engine,
+        routed=bool((spec.get("router") or {}).get("enabled")),
     )
 
 

@@ -3,7 +3,9 @@
 How it decides (docs/autoscaler.md has the long form):
 
 1. No fresh signals: hold (missing or stale metrics never scale down).
-2. At zero replicas: scale to one (or what capacity says) on the first queued request.
+2. At zero replicas: scale to one (or what capacity says) on the first queued request, or at once
+   when the deployment's routers hold requests for want of a ready replica (read from the routers
+   themselves: at zero there are no engine series to read).
 3. Feed-forward: the load the deployment carries (token rates ÷ measured per-replica capacity,
    and requests in flight ÷ the concurrency a replica holds within the TTFT target), divided by
    the target utilization, is the replica count that would carry it with headroom.
@@ -140,11 +142,19 @@ def decide(
     history: History,
     now: float,
     tuning: Tuning = DEFAULT_TUNING,
+    held: int = 0,
 ) -> Decision:
-    """The replica count a deployment should have now, and why (pure: same inputs, same answer)."""
+    """The replica count a deployment should have now, and why (pure: same inputs, same answer).
+
+    `held`: requests the deployment's routers hold because no replica is ready."""
     current = replicas.current
     high = max(targets.max_replicas, targets.min_replicas)
     low = targets.min_replicas
+
+    if current == 0 and held > 0:
+        wanted = _clamp(1, max(low, 1), high)
+        why = f"scale from zero: {held} requests held by the router"
+        return Decision(wanted, why, wanted, fast_path=True)
 
     if signals is None or not is_fresh(signals, now, tuning):
         held = _clamp(current, low, high)

@@ -15,11 +15,13 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import httpx
+from prometheus_client.parser import text_string_to_metric_families
 
 from kiln.common.histogram import bucket_delta, histogram_quantile
 from kiln.common.scrape import COUNTERS, PodSample, parse_metrics
 from kiln_autoscaler.data import Signals, finite_or_none
 from kiln_engine import metric_names as names
+from kiln_router import metrics as router_metrics
 
 DEFAULT_DEPLOYMENT_LABEL = "llmdeployment"
 
@@ -219,3 +221,19 @@ class PodScrapeSource:
         previous = self.previous.get(key, {})
         self.previous[key] = current
         return signals_from_samples(current, previous)
+
+
+def held_requests(client: httpx.Client, urls: Sequence[str]) -> int:
+    """Requests the routers at `urls` (their /metrics) hold for want of a ready replica; a router
+    that does not answer counts as holding none."""
+    held = 0.0
+    for url in urls:
+        try:
+            response = client.get(url)
+            response.raise_for_status()
+        except httpx.HTTPError:
+            continue
+        for family in text_string_to_metric_families(response.text):
+            if family.name == router_metrics.HELD:
+                held += sum(sample.value for sample in family.samples)
+    return round(held)

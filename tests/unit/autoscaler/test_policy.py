@@ -182,6 +182,19 @@ def test_scale_from_zero_on_the_first_queued_request() -> None:
     assert run(idle, current=0, targets=targets).desired == 0
 
 
+def test_requests_held_by_the_router_wake_a_deployment_at_zero_without_engine_series() -> None:
+    # At zero there is no engine to scrape: the signals are missing, and only the router knows.
+    targets = replace(TARGETS, min_replicas=0, scale_to_zero=True)
+    at_zero = Replicas(0, 0)
+    woken = decide(targets, None, at_zero, CAPACITY, History(), NOW, held=3)
+    assert (woken.desired, woken.fast_path) == (1, True)
+    assert "3 requests held by the router" in woken.reason
+    assert decide(targets, None, at_zero, CAPACITY, History(), NOW, held=0).desired == 0
+    # a replica already asked for (starting, not ready) is not added to by held requests
+    starting = decide(targets, None, Replicas(1, 0), CAPACITY, History(), NOW, held=3)
+    assert starting.desired == 1
+
+
 def test_scale_to_zero_only_after_the_idle_period() -> None:
     targets = replace(TARGETS, min_replicas=0, scale_to_zero=True, idle_seconds_before_zero=900.0)
     idle = signals(ttft_p50_s=None, ttft_p90_s=None, running=0.0, request_rate=0.0, prompt_token_rate=0.0,

@@ -6,12 +6,14 @@ import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, HTTPServer
 
+import httpx
 import pytest
 from prometheus_client import generate_latest
 
 from kiln.common.scrape import parse_metrics
 from kiln_autoscaler.sources import (
     PodScrapeSource,
+    held_requests,
     queries,
     scalar_from_vector,
     selector,
@@ -20,6 +22,7 @@ from kiln_autoscaler.sources import (
 )
 from kiln_engine.interface import EngineStats
 from kiln_engine.server.metrics import ServerMetrics
+from kiln_router.metrics import RouterMetrics
 
 
 def test_selector_matches_namespace_and_deployment_and_escapes_quotes() -> None:
@@ -174,3 +177,35 @@ def test_pod_scrape_source_reads_real_endpoints_and_skips_dead_ones(
     assert s.request_rate == pytest.approx(1.0)
     assert s.queue_depth == 2
     assert s.ttft_p50_s is not None and 0.2 < s.ttft_p50_s <= 0.3
+
+
+@pytest.fixture
+def router_endpoint() -> Iterator[tuple[str, RouterMetrics]]:
+    """A real HTTP endpoint serving a router's own metrics registry."""
+    metrics = RouterMetrics()
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            body = metrics.render()
+            self.send_response(200)
+            self.send_header("Content-Type", "text/plain; version=0.0.4")
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = HTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_port}/metrics", metrics
+    server.shutdown()
+
+
+def test_held_requests_sums_what_the_routers_hold_and_skips_dead_ones(
+    router_endpoint: tuple[str, RouterMetrics],
+) -> None:
+    url, metrics = router_endpoint
+    with httpx.Client(timeout=2.0) as client:
+        assert held_requests(client, [url]) == 0
+        metrics.held.set(3)
+        assert held_requests(client, [url, url, "http://127.0.0.1:9/metrics"]) == 6

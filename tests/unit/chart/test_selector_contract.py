@@ -14,8 +14,10 @@ from kiln_chart import Helm, by_kind
 
 from kiln.placement import ReplicaShape, plan
 from kiln.render import build_job as render_build_job
+from kiln.render import router as render_router
 from kiln.render import serving as render_serving
 from kiln.render.common import Settings
+from kiln_autoscaler.kube import scaled_from_object
 from kiln_autoscaler.sources import DEFAULT_DEPLOYMENT_LABEL
 from tests.unit.render.render_helpers import engine_for, example, matches, nodes, ready
 
@@ -159,3 +161,50 @@ def test_autoscaler_network_policy_lets_it_scrape_every_serving_pod(helm: Helm, 
         ]
         assert allowed, f"the autoscaler's NetworkPolicy blocks its scrape of {where} ({labels})"
         assert any(ports & port_names(template) for ports in allowed), f"no allowed port on {where}"
+
+
+def router_template() -> dict[str, Any]:
+    """The pod template of the routers the operator renders for the tiny example with a router."""
+    deployment = example("tiny-cpu.yaml", namespace=SERVING_NAMESPACE)
+    deployment.spec.router.enabled = True
+    router = render_router.router_deployment(deployment, Settings())
+    template: dict[str, Any] = router["spec"]["template"]
+    template["metadata"]["namespace"] = router["metadata"]["namespace"]
+    return template
+
+
+@pytest.mark.parametrize(
+    "source",
+    [["autoscaler.metricsSource=pods"],
+     ["autoscaler.metricsSource=prometheus", "autoscaler.prometheus.url=http://prometheus:9090"]],
+    ids=["pods", "prometheus"],
+)  # fmt: skip
+def test_autoscaler_network_policy_lets_it_ask_the_routers_what_they_hold(
+    helm: Helm, source: list[str]
+) -> None:
+    # At zero replicas the routers' held requests are the only sign of demand, whatever the source.
+    template = router_template()
+    labels = template["metadata"]["labels"]
+    allowed = [
+        ports
+        for namespaces, pods, ports in autoscaler_engine_peers(chart(helm, *source))
+        if namespaces is not None
+        and matches(namespaces, namespace_labels(template))
+        and matches(pods, labels)
+    ]
+    assert any(ports & port_names(template) for ports in allowed), f"blocked from routers ({labels})"
+
+
+def test_the_autoscalers_router_selector_selects_the_router_pods_and_no_engine() -> None:
+    template = router_template()
+    scaled = scaled_from_object(
+        {
+            "metadata": {"namespace": SERVING_NAMESPACE, "name": "tiny-chat", "uid": "u"},
+            "spec": {"autoscaling": {"enabled": True}, "router": {"enabled": True}},
+        }
+    )
+    assert scaled is not None and scaled.routed
+    selector = dict(pair.split("=", 1) for pair in scaled.router_selector.split(","))
+    assert matches({"matchLabels": selector}, template["metadata"]["labels"])
+    for where, engine in serving_templates():
+        assert not matches({"matchLabels": selector}, engine["metadata"]["labels"]), where
