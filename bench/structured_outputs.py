@@ -107,8 +107,16 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--samples", type=int, default=20)
     parser.add_argument("--out", type=Path)
+    parser.add_argument(
+        "--seeded-noise",
+        choices=("counter", "generator"),
+        default="counter",
+        help="Seeded rows' noise: one counter-based kernel (the CUDA default) or a generator per request.",
+    )
     args = parser.parse_args()
     engine = engine_for(args.device)
+    sampler = engine.runner.sampler
+    sampler.counter_noise = sampler.counter_noise and args.seeded_noise == "counter"
     checked = gates(engine, args.samples)
     print(
         f"gates: mixed batch equals alone: {checked['mixed_equals_alone']}; "
@@ -135,6 +143,7 @@ def main() -> None:
         "tokens": args.tokens,
         "reps": args.reps,
         "gates": checked,
+        "seeded_noise": "counter" if sampler.counter_noise else "generator",
         "rows": rows,
     }
     if args.out:

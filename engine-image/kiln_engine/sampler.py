@@ -3,9 +3,11 @@ after the logit adjustments some requests ask for (penalties, logit_bias, min_to
 
 Batched over rows with per-row parameters as tensors; sampling uses the exponential-race trick
 (argmax of p / Exp(1) noise), which needs no host sync. A request with a seed draws its noise from
-its own generator, so its tokens do not depend on what else is in the batch. The only host transfer
-is the final `.tolist()` of chosen tokens (and logprobs when asked for), which `sample_async` leaves
-to the caller, so the next step can be enqueued before this one's tokens are read.
+its own stream, so its tokens do not depend on what else is in the batch: on CUDA a counter-based
+one (seeded_noise: every seeded row of a step in one kernel), elsewhere a generator per request.
+The only host transfer is the final `.tolist()` of chosen tokens (and logprobs when asked for),
+which `sample_async` leaves to the caller, so the next step can be enqueued before this one's
+tokens are read.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from kiln_engine import seeded_noise
 from kiln_engine.grammar import Grammars, GrammarState
 from kiln_engine.interface import SamplingParams, TokenLogprob
 from kiln_engine.logits_adjust import AdjustRow, LogitsAdjustment, build
@@ -39,7 +42,9 @@ class SamplingBatch:
     needs_filter: bool
     logprobs: list[int | None]  # per row; empty when no row wants logprobs
     max_logprobs: int
-    seeded: list[tuple[int, torch.Generator]] = field(default_factory=list)
+    seeded: list[tuple[int, torch.Generator]] = field(default_factory=list)  # (row, its generator)
+    seeded_rows: torch.Tensor | None = None  # counter-based instead (CUDA): the rows and their keys
+    seed_keys: torch.Tensor | None = None
     temperatures: torch.Tensor | None = None
     greedy_mask: torch.Tensor | None = None
     top_ks: torch.Tensor | None = None
@@ -108,9 +113,12 @@ class Sampler:
         self.grammar_states: dict[str, GrammarState] = {}
         self.generator = torch.Generator(device=device).manual_seed(seed)
         self.seeded: dict[str, torch.Generator] = {}
+        self.counter_noise = seeded_noise.available(device)
+        self.draws: dict[str, int] = {}  # rows each seeded request has drawn (counter-based noise)
 
     def release(self, request_id: str) -> None:
         self.seeded.pop(request_id, None)
+        self.draws.pop(request_id, None)
         self.grammar_states.pop(request_id, None)
 
     def _grammar_state(self, req: SampleRequest) -> GrammarState:
@@ -128,6 +136,23 @@ class Sampler:
             g = torch.Generator(device=self.device).manual_seed(req.params.seed)
             self.seeded[req.request_id] = g
         return g
+
+    def _seed_key(self, req: SampleRequest) -> int:
+        draw = self.draws.get(req.request_id, 0)
+        self.draws[req.request_id] = draw + 1
+        assert req.params.seed is not None
+        return seeded_noise.draw_key(req.params.seed, draw)
+
+    def _seed_streams(self, batch: SamplingBatch, requests: list[SampleRequest]) -> None:
+        """Give each seeded row its own noise stream: keys for the counter-based kernel, or generators."""
+        rows = [i for i, r in enumerate(requests) if r.params.seed is not None]
+        if not rows:
+            return
+        if self.counter_noise:
+            batch.seeded_rows = self._to_device(rows, torch.int64)
+            batch.seed_keys = self._to_device([self._seed_key(requests[i]) for i in rows], torch.int64)
+        else:
+            batch.seeded = [(i, self._generator(requests[i])) for i in rows]
 
     def prepare(
         self, requests: list[SampleRequest], vocab_size: int, follows: SampledTokens | None = None
@@ -154,8 +179,8 @@ class Sampler:
             needs_filter=any(k < vocab_size for k in top_ks) or any(p < 1.0 for p in top_ps),
             logprobs=want,
             max_logprobs=max(0, *(w or 0 for w in want)) if want else 0,
-            seeded=[(i, self._generator(r)) for i, r in enumerate(requests) if r.params.seed is not None],
         )
+        self._seed_streams(batch, requests)
         if any(p.adjusts_logits for p in distinct):
             adjusted = [
                 AdjustRow(i, r.params, r.token_ids, r.num_prompt_tokens)
@@ -226,6 +251,8 @@ class Sampler:
         assert batch.greedy_mask is not None
         probs = self.probs(logits, batch)
         noise = torch.empty_like(probs).exponential_(generator=self.generator)
+        if batch.seeded_rows is not None and batch.seed_keys is not None:
+            seeded_noise.fill_rows(noise, batch.seeded_rows, batch.seed_keys)
         for row, g in batch.seeded:  # its own stream, independent of the batch
             noise[row].exponential_(generator=g)
         sampled = (probs / noise).argmax(dim=-1)
