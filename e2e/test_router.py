@@ -10,7 +10,9 @@ The engine is the one test_tiny_chat's deployment uses (same key): nothing is bu
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -35,18 +37,21 @@ def quiet() -> Progress:
     return Progress(total=1, echo=lambda line: None)
 
 
-@pytest.fixture(scope="module")
-def routed(kiln_stack: Stack, kubectl: Kubectl, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Story]:
+@contextlib.contextmanager
+def tiny_with_routers(
+    kiln_stack: Stack, kubectl: Kubectl, folder: Path, name: str, spec: dict[str, Any]
+) -> Iterator[Story]:
+    """The tiny CPU example named `name`, with two routers on the real node and `spec` merged into
+    its spec, applied and Ready; deleted afterwards."""
     manifest = yaml.safe_load((repo_root() / "examples" / "tiny-cpu.yaml").read_text())
-    manifest["metadata"]["name"] = NAME
-    manifest["spec"]["replicas"] = 2
-    manifest["spec"]["autoscaling"] = {"enabled": False}
+    manifest["metadata"]["name"] = name
+    manifest["spec"].update(spec)
     manifest["spec"]["router"] = {
         "enabled": True,
         "replicas": 2,
         "nodeSelector": {"kiln.dev/real-node": "true"},
     }
-    path = tmp_path_factory.mktemp("router") / "tiny-routed.yaml"
+    path = folder / f"{name}.yaml"
     path.write_text(yaml.safe_dump(manifest))
     story = Story(kiln_stack, path)
     kubectl("apply", "-f", str(path))
@@ -55,8 +60,15 @@ def routed(kiln_stack: Stack, kubectl: Kubectl, tmp_path_factory: pytest.TempPat
         yield story
     finally:
         kubectl.run(
-            "delete", "llmdeployment", NAME, "--wait=true", "--timeout=120s", check=False, timeout=150
+            "delete", "llmdeployment", name, "--wait=true", "--timeout=120s", check=False, timeout=150
         )
+
+
+@pytest.fixture(scope="module")
+def routed(kiln_stack: Stack, kubectl: Kubectl, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Story]:
+    spec = {"replicas": 2, "autoscaling": {"enabled": False}}
+    with tiny_with_routers(kiln_stack, kubectl, tmp_path_factory.mktemp("router"), NAME, spec) as story:
+        yield story
 
 
 def pods(kubectl: Kubectl, selector: str) -> list[dict[str, Any]]:

@@ -20,12 +20,11 @@ from typing import Any
 
 import httpx
 import pytest
-import yaml
 
+from e2e.test_router import tiny_with_routers
 from kiln.demo.kube import Kubectl, ready_endpoints, wait_for
-from kiln.demo.stack import Stack, repo_root
-from kiln.demo.steps import Progress
-from kiln.demo.story import Story, wait_serving
+from kiln.demo.stack import Stack
+from kiln.demo.story import Story
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow, pytest.mark.engine]
 
@@ -43,32 +42,17 @@ COLD_START_BOUND_S = 30.0
 def scaled_to_zero(
     kiln_stack: Stack, kubectl: Kubectl, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Story]:
-    manifest = yaml.safe_load((repo_root() / "examples" / "tiny-cpu.yaml").read_text())
-    manifest["metadata"]["name"] = NAME
-    manifest["spec"]["replicas"] = 1
-    manifest["spec"]["autoscaling"] = {
+    autoscaling = {
         "enabled": True,
         "minReplicas": 0,
         "maxReplicas": 1,
         "scaleToZero": True,
         "idleSecondsBeforeZero": IDLE_SECONDS,
     }
-    manifest["spec"]["router"] = {
-        "enabled": True,
-        "replicas": 2,
-        "nodeSelector": {"kiln.dev/real-node": "true"},
-    }
-    path = tmp_path_factory.mktemp("zero") / f"{NAME}.yaml"
-    path.write_text(yaml.safe_dump(manifest))
-    story = Story(kiln_stack, path)
-    kubectl("apply", "-f", str(path))
-    try:
-        wait_serving(story, Progress(total=1, echo=lambda line: None), timeout=600)
+    folder = tmp_path_factory.mktemp("zero")
+    spec = {"replicas": 1, "autoscaling": autoscaling}
+    with tiny_with_routers(kiln_stack, kubectl, folder, NAME, spec) as story:
         yield story
-    finally:
-        kubectl.run(
-            "delete", "llmdeployment", NAME, "--wait=true", "--timeout=120s", check=False, timeout=150
-        )
 
 
 def pods(kubectl: Kubectl, selector: str) -> list[dict[str, Any]]:

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, HTTPServer
 
 import httpx
@@ -138,13 +139,13 @@ def test_first_scrape_and_restarts_give_no_rates() -> None:
     assert signals_from_samples({}, {"a": sample}) is None
 
 
-@pytest.fixture
-def engine_endpoint() -> Iterator[tuple[str, ServerMetrics]]:
-    metrics = engine_metrics([0.2] * 5, waiting=2, running=1, prompt=100, generated=10)
+@contextlib.contextmanager
+def metrics_endpoint(render: Callable[[], bytes]) -> Iterator[str]:
+    """A real HTTP server answering every GET with `render()` as Prometheus text; yields its URL."""
 
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self) -> None:
-            body = generate_latest(metrics.registry)
+            body = render()
             self.send_response(200)
             self.send_header("Content-Type", "text/plain; version=0.0.4")
             self.end_headers()
@@ -154,10 +155,18 @@ def engine_endpoint() -> Iterator[tuple[str, ServerMetrics]]:
             return
 
     server = HTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_port}/metrics", metrics
-    server.shutdown()
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_port}/metrics"
+    finally:
+        server.shutdown()
+
+
+@pytest.fixture
+def engine_endpoint() -> Iterator[tuple[str, ServerMetrics]]:
+    metrics = engine_metrics([0.2] * 5, waiting=2, running=1, prompt=100, generated=10)
+    with metrics_endpoint(lambda: generate_latest(metrics.registry)) as url:
+        yield url, metrics
 
 
 def test_pod_scrape_source_reads_real_endpoints_and_skips_dead_ones(
@@ -183,22 +192,8 @@ def test_pod_scrape_source_reads_real_endpoints_and_skips_dead_ones(
 def router_endpoint() -> Iterator[tuple[str, RouterMetrics]]:
     """A real HTTP endpoint serving a router's own metrics registry."""
     metrics = RouterMetrics()
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:
-            body = metrics.render()
-            self.send_response(200)
-            self.send_header("Content-Type", "text/plain; version=0.0.4")
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *args: object) -> None:
-            pass
-
-    server = HTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_port}/metrics", metrics
-    server.shutdown()
+    with metrics_endpoint(metrics.render) as url:
+        yield url, metrics
 
 
 def test_held_requests_sums_what_the_routers_hold_and_skips_dead_ones(
