@@ -8,22 +8,31 @@ and every constrained output parses and meets its schema.
 Tiny random Llama checkpoint (made here), 128 requests x 128 new tokens, best of 3. The 'long'
 schema (a string of at least 1,000 characters) keeps every constrained request going to max_tokens,
 so each row decodes the same number of tokens.
+
+`--model llama3-8b-shape` (GPU): the tiny model's forward takes almost no time and its tokenizer has
+384 tokens, so its ratio is host overhead against an empty step. This model has Llama 3 8B's
+layers with random bf16 weights (`load_format: dummy`, nothing downloaded) and a byte-level BPE
+of 128,000 tokens trained here on this machine's Python standard library sources, so both the
+forward and the grammar engine's per-token work are the size users' are.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sysconfig
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from kiln_engine import grammar
 from kiln_engine.config import EngineConfig
 from kiln_engine.engine import LLMEngine
 from kiln_engine.interface import SamplingParams
-from kiln_engine.testing.tiny import make_tiny_checkpoint
+from kiln_engine.testing.tiny import SPECIAL_TOKENS, make_tiny_checkpoint
 
 OBJECT_SCHEMA = {
     "type": "object",
@@ -39,17 +48,68 @@ LONG_SCHEMA = {"type": "string", "minLength": 1000}
 SHARES = (0.0, 0.25, 1.0)
 
 
-def engine_for(device: str) -> LLMEngine:
+LARGE_VOCAB = 128_000
+LLAMA3_8B_LAYERS = {
+    "hidden_size": 4096,
+    "intermediate_size": 14336,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 8,
+    "head_dim": 128,
+    "rope_theta": 500000.0,
+    "torch_dtype": "bfloat16",
+}
+
+
+def large_vocab_tokenizer(vocab_size: int) -> Tokenizer:
+    """A byte-level BPE of `vocab_size` tokens with the tiny model's special tokens at the same ids,
+    trained on this machine's Python standard library sources (about 30 MB, sorted: reproducible)."""
+    files = sorted(Path(sysconfig.get_paths()["stdlib"]).rglob("*.py"))
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train([str(f) for f in files], trainer=trainer)
+    return tok
+
+
+def engine_for(device: str, model: str = "tiny") -> LLMEngine:
     checkpoint = make_tiny_checkpoint("/tmp/kiln-so-ckpt", "llama", seed=3, max_position_embeddings=1024)
     fast = {"cuda_graphs": True, "lookahead_decode": True} if device == "cuda" else {}
+    extra: dict[str, Any] = {}
+    if model == "llama3-8b-shape":
+        started = time.perf_counter()
+        tok = large_vocab_tokenizer(LARGE_VOCAB)
+        (checkpoint / "tokenizer.json").write_text(tok.to_str())
+        config = json.loads((checkpoint / "config.json").read_text())
+        config.update(LLAMA3_8B_LAYERS, vocab_size=tok.get_vocab_size())
+        (checkpoint / "config.json").write_text(json.dumps(config, indent=1))
+        (checkpoint / "model.safetensors").unlink()
+        extra = {"load_format": "dummy", "dtype": "bfloat16"}
+        print(f"{tok.get_vocab_size()}-token tokenizer trained in {time.perf_counter() - started:.0f} s")
     config = EngineConfig(
-        device=device, max_model_len=1024, num_kv_blocks=4096, block_size=16, max_num_seqs=256, **fast
+        device=device,
+        max_model_len=1024,
+        num_kv_blocks=4096,
+        block_size=16,
+        max_num_seqs=256,
+        **fast,
+        **extra,
     )
     return LLMEngine(checkpoint, config)
 
 
-def gates(engine: LLMEngine, samples: int) -> dict[str, Any]:
-    """Mixed batch == each request alone; every sampled schema output valid."""
+def gates(engine: LLMEngine, samples: int, check_mixed: bool = True) -> dict[str, Any]:
+    """Mixed batch == each request alone (when `check_mixed`); every sampled schema output valid.
+
+    The llama3-8b-shape model skips the first: its bf16 matrix products round differently at
+    other batch sizes, and random weights leave near-ties that flip, whatever the masks do; the
+    tiny float32 model holds that gate."""
     prompt = engine.tokenizer.encode("Hello")
     schema = json.dumps(OBJECT_SCHEMA)
     cases = [
@@ -58,8 +118,10 @@ def gates(engine: LLMEngine, samples: int) -> dict[str, Any]:
         SamplingParams(max_tokens=200, temperature=1.0, seed=3, structured=("json_schema", schema)),
         SamplingParams(max_tokens=200, temperature=0, structured=("json_object", "")),
     ]
-    alone = [engine.generate([prompt], case)[0] for case in cases]
-    together = engine.generate([prompt] * len(cases), cases)
+    same = None
+    if check_mixed:
+        alone = [engine.generate([prompt], case)[0] for case in cases]
+        same = engine.generate([prompt] * len(cases), cases) == alone
     valid = 0
     for seed in range(samples):
         params = SamplingParams(
@@ -68,7 +130,7 @@ def gates(engine: LLMEngine, samples: int) -> dict[str, Any]:
         value = json.loads(engine.tokenizer.decode(engine.generate([prompt], params)[0]))
         if set(value) == {"a", "b", "c"} and 0 <= value["a"] <= 99 and len(value["b"]) <= 6:
             valid += len(value["c"]) <= 3
-    return {"mixed_equals_alone": together == alone, "valid": valid, "samples": samples}
+    return {"mixed_equals_alone": same, "valid": valid, "samples": samples}
 
 
 def throughput(engine: LLMEngine, share: float, device: str, requests: int, tokens: int, reps: int) -> float:
@@ -113,11 +175,16 @@ def main() -> None:
         default="counter",
         help="Seeded rows' noise: one counter-based kernel (the CUDA default) or a generator per request.",
     )
+    parser.add_argument("--model", choices=("tiny", "llama3-8b-shape"), default="tiny")
+    parser.add_argument(
+        "--fill-threads", type=int, default=grammar.FILL_THREADS, help="xgrammar's batch fill."
+    )
     args = parser.parse_args()
-    engine = engine_for(args.device)
+    grammar.FILL_THREADS = args.fill_threads
+    engine = engine_for(args.device, args.model)
     sampler = engine.runner.sampler
     sampler.counter_noise = sampler.counter_noise and args.seeded_noise == "counter"
-    checked = gates(engine, args.samples)
+    checked = gates(engine, args.samples, check_mixed=args.model == "tiny")
     print(
         f"gates: mixed batch equals alone: {checked['mixed_equals_alone']}; "
         f"schema outputs valid: {checked['valid']}/{checked['samples']}",
@@ -142,6 +209,9 @@ def main() -> None:
         "requests": args.requests,
         "tokens": args.tokens,
         "reps": args.reps,
+        "model": args.model,
+        "fill_threads": args.fill_threads,
+        "vocab_size": engine.model_config.vocab_size,
         "gates": checked,
         "seeded_noise": "counter" if sampler.counter_noise else "generator",
         "rows": rows,

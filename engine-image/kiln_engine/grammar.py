@@ -182,7 +182,10 @@ def _batch_matcher() -> Any:
     bench/results-committed/structured_outputs-h100-run2-profile.txt)."""
     import xgrammar as xgr
 
-    return xgr.BatchGrammarMatcher(max_threads=1)
+    return xgr.BatchGrammarMatcher(max_threads=FILL_THREADS)
+
+
+FILL_THREADS = 1  # read once, at the first fill (bench/structured_outputs.py --fill-threads sets it)
 
 
 def fill_masks(
