@@ -70,8 +70,15 @@ SYSCTLS = (
 DNS_LABELS = {"k8s-app": "kube-dns"}
 # Folders the kubelet, containerd and CNI create whatever they are told (container log links, the
 # device-plugin socket, shim sockets, CNI results): `teardown` removes them, if `up` did not find
-# them, as far as they hold only folders and sockets.
-HOST_FOLDERS = ("/var/log/containers", "/var/lib/kubelet", "/run/containerd", "/var/lib/cni")
+# them, as far as they hold only folders and sockets. The shim-socket folder is listed on its own:
+# another containerd (a test's private one, the host's) may have made /run/containerd without it.
+HOST_FOLDERS = (
+    "/var/log/containers",
+    "/var/lib/kubelet",
+    "/run/containerd",
+    "/run/containerd/s",
+    "/var/lib/cni",
+)
 CGROUP_PARENT = "k8s.io"  # where containerd puts pod cgroups when the kubelet names no parent
 
 
