@@ -17,7 +17,7 @@ from typing import Any
 from kubernetes import client
 
 from kiln.api.v1alpha1 import GROUP, VERSION
-from kiln.render.router import router_labels
+from kiln.labels import COMPONENT_LABEL, DEPLOYMENT_LABEL, MANAGED_BY, MANAGED_BY_VALUE, ROUTER_COMPONENT
 from kiln_autoscaler.data import (
     Capacity,
     Decision,
@@ -50,7 +50,12 @@ class Scaled:
     @property
     def router_selector(self) -> str:
         """The label selector of this deployment's router pods."""
-        return ",".join(f"{key}={value}" for key, value in router_labels(self.name).items())
+        selected = {
+            MANAGED_BY: MANAGED_BY_VALUE,
+            COMPONENT_LABEL: ROUTER_COMPONENT,
+            DEPLOYMENT_LABEL: self.name,
+        }
+        return ",".join(f"{key}={value}" for key, value in selected.items())
 
 
 def scaled_from_object(obj: dict[str, Any]) -> Scaled | None:

@@ -21,9 +21,11 @@ from kiln.common.histogram import bucket_delta, histogram_quantile
 from kiln.common.scrape import COUNTERS, PodSample, parse_metrics
 from kiln_autoscaler.data import Signals, finite_or_none
 from kiln_engine import metric_names as names
-from kiln_router import metrics as router_metrics
 
 DEFAULT_DEPLOYMENT_LABEL = "llmdeployment"
+# The routers' gauge of requests waiting for a ready replica (kiln_router.metrics.HELD; the
+# autoscaler may not import the router: tests read it from a real router registry).
+ROUTER_HELD_REQUESTS = "kiln_router_held_requests"
 
 
 # ---------------------------------------------------------------------------------------- PromQL
@@ -234,6 +236,6 @@ def held_requests(client: httpx.Client, urls: Sequence[str]) -> int:
         except httpx.HTTPError:
             continue
         for family in text_string_to_metric_families(response.text):
-            if family.name == router_metrics.HELD:
+            if family.name == ROUTER_HELD_REQUESTS:
                 held += sum(sample.value for sample in family.samples)
     return round(held)

@@ -21,6 +21,7 @@ MANAGED_BY_VALUE = "kiln"
 DEPLOYMENT_LABEL = "kiln.dev/deployment"
 ENGINE_LABEL = "kiln.dev/engine"
 COMPONENT_LABEL = "app.kubernetes.io/component"
+ROUTER_COMPONENT = "router"  # the component of Kiln router pods (the autoscaler selects them by it)
 
 # The local cluster's real node (kubelet + containerd; `kiln local up --real-node`).
 REAL_NODE_LABEL = "kiln.dev/real-node"

@@ -25,7 +25,7 @@ from kiln.render.common import (
 )
 from kiln.render.serving import deployment_owner, leader_selector, selector_labels
 
-ROUTER_COMPONENT = "router"
+ROUTER_COMPONENT = labels.ROUTER_COMPONENT
 ROUTER_CONTAINER = "router"
 ROUTER_COMMAND = "kiln-router"
 # Requests of a router pod when the spec names none: routing is light, but it must be scheduled

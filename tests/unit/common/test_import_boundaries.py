@@ -1,5 +1,6 @@
 """Each component's imports read one way: the operator (`kiln`) never imports the autoscaler, the
-autoscaler uses only the operator's API and the shared `kiln.common`, the engine imports neither,
+autoscaler uses only the operator's API, its label names (`kiln.labels`, constants: the autoscaler
+selects router pods by them) and the shared `kiln.common`, the engine imports neither,
 `kiln.common` depends on no other part of `kiln`, the router reads only the engine's metric names,
 and nothing imports the router. Read from the source (ast), so a new import anywhere, even one
 inside a function, breaks the build."""
@@ -58,7 +59,7 @@ def forbidden(package: str, allowed: tuple[str, ...], denied: tuple[str, ...]) -
     ("package", "allowed", "denied"),
     [
         ("kiln", (), ("kiln_autoscaler", "kiln_router")),
-        ("kiln_autoscaler", ("kiln.api", "kiln.common"), ("kiln", "kiln_router")),
+        ("kiln_autoscaler", ("kiln.api", "kiln.common", "kiln.labels"), ("kiln", "kiln_router")),
         ("kiln_engine", (), ("kiln", "kiln_autoscaler", "kiln_router")),
         # The router reads the engine's metric names and nothing else of another part (it runs from
         # the control-plane image, which has no torch).
