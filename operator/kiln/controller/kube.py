@@ -12,7 +12,7 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, TypeVar
@@ -158,7 +158,13 @@ class Kube:
         self, kind: Kind, namespace: str | None = None, label_selector: str | None = None
     ) -> list[dict[str, Any]]:
         """Every object of `kind` in `namespace` (all namespaces when None), following continue tokens."""
-        items: list[dict[str, Any]] = []
+        return list(self.iterate(kind, namespace, label_selector))
+
+    def iterate(
+        self, kind: Kind, namespace: str | None = None, label_selector: str | None = None
+    ) -> Iterator[dict[str, Any]]:
+        """`list`, a page at a time: only the page being read is held, so a caller that keeps a
+        little of each object (the node cache) never holds thousands of whole ones at once."""
         token: str | None = None
         while True:
             page = self._call(
@@ -170,10 +176,10 @@ class Kube:
             for item in page.get("items") or []:
                 item.setdefault("apiVersion", kind.api_version)
                 item.setdefault("kind", kind.kind)
-                items.append(item)
+                yield item
             token = (page.get("metadata") or {}).get("continue")
             if not token:
-                return items
+                return
 
     def pod_log(
         self, namespace: str, name: str, container: str, tail_lines: int = 50, limit_bytes: int = 64 * 1024

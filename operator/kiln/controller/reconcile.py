@@ -52,6 +52,7 @@ from kiln.controller.kube import (
     Kube,
 )
 from kiln.controller.metrics import Metrics
+from kiln.controller.nodes import NodeCache
 from kiln.controller.workqueue import WorkQueue
 from kiln.drift import Drift, drifted
 from kiln.placement import LWS_GROUP_KEY, NodeTopology, Placement, PlacementPolicy, ReplicaShape, plan
@@ -301,7 +302,7 @@ class Reconciler:
         self.cache = ObjectCache()
         self.queue: WorkQueue[tuple[str, str, str]] = WorkQueue(self._handle, self.options.workers)
         self._lock = threading.Lock()
-        self._nodes: dict[str, NodeTopology] | None = None
+        self._nodes = NodeCache(lambda: self.kube.iterate(NODES))
         self._index = _Index()
         self._no_logs: dict[str, float] = {}  # "ns/pod" -> when its node last served no log
         self._logs: dict[str, tuple[float, str]] = {}  # "ns/pod" -> (fetched at, log tail)
@@ -343,14 +344,7 @@ class Reconciler:
 
     def node_changed(self, event_type: str | None, node: Mapping[str, Any]) -> None:
         """Keep the node cache current from the Node watch."""
-        name = str((node.get("metadata") or {}).get("name") or "")
-        with self._lock:
-            if self._nodes is None:
-                return  # loaded in full on first use
-            if event_type == "DELETED":
-                self._nodes.pop(name, None)
-            else:
-                self._nodes[name] = NodeTopology.from_node(node)
+        self._nodes.changed(event_type, node)
 
     def forget_deployment(self, namespace: str, name: str) -> None:
         """A deleted LLMDeployment: its children go with it (owner references); its engines lose a user."""
@@ -478,14 +472,7 @@ class Reconciler:
         ]
 
     def _node_topologies(self) -> list[NodeTopology]:
-        with self._lock:
-            if self._nodes is not None:
-                return list(self._nodes.values())
-        loaded = {node["metadata"]["name"]: NodeTopology.from_node(node) for node in self.kube.list(NODES)}
-        with self._lock:
-            if self._nodes is None:
-                self._nodes = loaded
-            return list(self._nodes.values())
+        return self._nodes.all()
 
     def _lws_installed(self) -> bool:
         if not self.settings.lws_installed and time.monotonic() - self._lws_checked > 30:
