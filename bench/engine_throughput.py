@@ -820,6 +820,20 @@ def apply_trtllm_preset(args: argparse.Namespace, given: set[str]) -> list[Workl
     return workloads
 
 
+def options_given(ap: argparse.ArgumentParser, argv: list[str] | None) -> set[str]:
+    """The options named on the command line, including those given their default value: the
+    preset keeps `--kv-cache-dtype auto` as asked instead of taking it for unset."""
+    actions = [a for a in ap._actions if a.dest != "help"]
+    defaults = [a.default for a in actions]
+    for action in actions:
+        action.default = argparse.SUPPRESS  # a name absent from the command line stays absent
+    try:
+        return set(vars(ap.parse_args(argv)))
+    finally:
+        for action, default in zip(actions, defaults, strict=True):
+            action.default = default
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--modes", default="bf16,fp8", help="comma-separated: bf16, fp8")
@@ -881,8 +895,7 @@ def main(argv: list[str] | None = None) -> int:
         help="tensor parallelism: one process per GPU over NCCL, every rank runs the same steps",
     )
     args = ap.parse_args(argv)
-    defaults = vars(ap.parse_args([]))
-    given = {k for k, v in vars(args).items() if v != defaults[k]}  # options set away from their default
+    given = options_given(ap, argv)
     args.modes = [m for m in args.modes.split(",") if m]
     for m in args.modes:
         if m not in TARGETS:

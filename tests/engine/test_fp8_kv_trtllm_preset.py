@@ -74,6 +74,16 @@ def test_a_failed_gate_reports_no_throughput(tmp_path: Path, monkeypatch: pytest
     assert res["check"] == {"ok": False} and "modes" not in res and "trtllm_rows" not in res
 
 
+def test_an_option_given_its_default_value_is_kept(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # `--kv-cache-dtype auto` is the option's default: the preset took it for unset and ran fp8.
+    et = bench()
+    monkeypatch.setattr(et, "run_check", lambda args, root: {"ok": False})  # stop after the settings
+    out = tmp_path / "trtllm.json"
+    argv = ["--method", "trtllm", "--smoke", "--device", "cpu", "--kv-cache-dtype", "auto", "--out", str(out)]
+    et.main(argv)
+    assert json.loads(out.read_text())["kv_cache_dtype"] == "auto"
+
+
 def test_rows_run_under_a_gate_measured_by_an_earlier_process(tmp_path: Path) -> None:
     et = bench()
     gate = tmp_path / "gate.json"
