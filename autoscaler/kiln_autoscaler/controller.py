@@ -22,8 +22,8 @@ import httpx
 from kiln_autoscaler.data import DEFAULT_TUNING, Decision, History, Signals, Tuning, capacity_for
 from kiln_autoscaler.kube import Kube, Scaled, decision_status
 from kiln_autoscaler.metrics import AutoscalerMetrics
-from kiln_autoscaler.policy import decide
-from kiln_autoscaler.sources import held_requests
+from kiln_autoscaler.policy import decide, with_router_in_flight
+from kiln_autoscaler.sources import RouterLoad, router_load
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +32,15 @@ class SignalSource(Protocol):
     """Prometheus or direct pod scraping (kiln_autoscaler.sources)."""
 
     def read(self, namespace: str, deployment: str, pods: Sequence[str] = ()) -> Signals | None: ...
+
+
+@dataclass(frozen=True)
+class RoutedView:
+    """A routed deployment as the last pass left it."""
+
+    scaled: Scaled
+    desired: int  # the replicas that pass asked for
+    in_flight: float  # requests in flight that pass counted (the routers' count where higher)
 
 
 @dataclass(frozen=True)
@@ -79,8 +88,8 @@ class Controller:
         self.histories: dict[tuple[str, str], History] = {}
         self.last_pass: float | None = None
         self.router_client = httpx.Client(timeout=2.0)
-        # Routed deployments the last pass left at zero: `woken` asks their routers between passes.
-        self.at_zero: list[Scaled] = []
+        # Routed deployments as the last pass left them: `woken` asks their routers between passes.
+        self.routed: list[RoutedView] = []
 
     def tick(self) -> list[Outcome]:
         """One pass over all deployments; errors on one deployment do not stop the others."""
@@ -93,7 +102,7 @@ class Controller:
             return []
         outcomes: list[Outcome] = []
         seen = set()
-        at_zero = []
+        routed = []
         for scaled in deployments:
             seen.add((scaled.namespace, scaled.name))
             try:
@@ -103,9 +112,10 @@ class Controller:
                 log.warning("autoscaling %s/%s failed: %s", scaled.namespace, scaled.name, error)
                 continue
             outcomes.append(outcome)
-            if scaled.routed and outcome.decision.desired == 0:
-                at_zero.append(scaled)
-        self.at_zero = at_zero
+            if scaled.routed:
+                counted = 0.0 if outcome.signals is None else outcome.signals.in_flight
+                routed.append(RoutedView(scaled, outcome.decision.desired, counted))
+        self.routed = routed
         for key in set(self.histories) - seen:
             del self.histories[key]
             self.metrics.forget(*key)
@@ -113,24 +123,35 @@ class Controller:
         self.metrics.loop_seconds.observe(self.last_pass - started)
         return outcomes
 
-    def held(self, scaled: Scaled) -> int:
-        """Requests the deployment's routers hold for want of a ready replica (0 without routers)."""
+    def router_load(self, scaled: Scaled) -> RouterLoad:
+        """What the deployment's routers hold now (nothing without routers)."""
         if not scaled.routed:
-            return 0
+            return RouterLoad()
         urls = self.kube.pod_metrics_urls(scaled.namespace, scaled.router_selector, self.pod_port)
-        return held_requests(self.router_client, urls)
+        return router_load(self.router_client, urls)
 
     def woken(self) -> bool:
-        """Between passes: True when a routed deployment left at zero has requests waiting at its
-        routers, so the caller runs a pass now instead of at the next interval."""
-        for scaled in self.at_zero:
-            try:
-                if self.held(scaled) > 0:
-                    return True
-            except Exception as error:
-                self.metrics.errors.labels("signals").inc()
-                log.warning("asking the routers of %s/%s failed: %s", scaled.namespace, scaled.name, error)
+        """Between passes: True when a routed deployment needs a pass now rather than at the next
+        interval: left at zero, its routers hold requests; running, its routers have taken a burst's
+        worth of requests per ready replica more than the last pass counted (engine series show
+        them only after a scrape interval and a rate window)."""
+        for view in self.routed:
+            load = self._routers_now(view.scaled)
+            if view.desired == 0 and load.held > 0:
+                return True
+            burst = self.tuning.burst_queue_per_replica * max(view.scaled.replicas.ready, 1)
+            if view.desired > 0 and load.in_flight - view.in_flight >= burst:
+                return True
         return False
+
+    def _routers_now(self, scaled: Scaled) -> RouterLoad:
+        """`router_load`, or nothing when the routers cannot be listed or asked."""
+        try:
+            return self.router_load(scaled)
+        except Exception as error:  # the engines' series still decide; the next pass asks again
+            self.metrics.errors.labels("signals").inc()
+            log.warning("asking the routers of %s/%s failed: %s", scaled.namespace, scaled.name, error)
+            return RouterLoad()
 
     def reconcile(self, scaled: Scaled, now: float) -> Outcome:
         """Decide and act for one deployment."""
@@ -149,7 +170,10 @@ class Controller:
             self.metrics.errors.labels("signals").inc()
             log.warning("reading signals of %s/%s failed: %s", scaled.namespace, scaled.name, error)
             signals = None
-        held = self.held(scaled) if current == 0 else 0
+        load = self._routers_now(scaled)
+        held = load.held if current == 0 else 0
+        if signals is not None and current > 0:
+            signals = with_router_in_flight(signals, load.in_flight)
         decision = decide(
             scaled.targets, signals, scaled.replicas, capacity, history, now, self.tuning, held=held
         )

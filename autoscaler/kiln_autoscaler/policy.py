@@ -17,12 +17,17 @@ How it decides (docs/autoscaler.md has the long form):
    highest of the down window; step limits bound each change. A burst (queue per replica
    over a threshold, or demand jumping over its recent minimum) skips the up window and step
    limit, because a replica takes minutes to start and the queue grows meanwhile.
-6. Scale to zero after `idle_seconds_before_zero` without any request, when enabled.
+6. Routed deployments: the routers' count of requests in flight, read at each pass and between
+   passes, stands in for the engines' where it is higher (what the engines do not show yet counts
+   as running), so a burst at the routers is sized, and between passes starts one, without waiting
+   for the engine series.
+7. Scale to zero after `idle_seconds_before_zero` without any request, when enabled.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 from kiln_autoscaler.data import (
     DEFAULT_TUNING,
@@ -44,6 +49,15 @@ def _ceil(value: float) -> int:
 
 def _clamp(value: int, low: int, high: int) -> int:
     return max(low, min(high, value))
+
+
+def with_router_in_flight(signals: Signals, router_in_flight: float) -> Signals:
+    """The signals with the routers' count of requests in flight where it is above the engines':
+    the routers count a request when it arrives, the engines' series reach the autoscaler a scrape
+    interval and a rate window later. The requests they do not show yet are at the engines, in a
+    batch or waiting for one: they count as running, so sizing by concurrency sees them."""
+    unseen = router_in_flight - signals.in_flight
+    return signals if unseen <= 0 else replace(signals, running=signals.running + unseen)
 
 
 def is_fresh(signals: Signals | None, now: float, tuning: Tuning) -> bool:

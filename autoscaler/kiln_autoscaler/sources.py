@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import httpx
@@ -23,9 +24,11 @@ from kiln_autoscaler.data import Signals, finite_or_none
 from kiln_engine import metric_names as names
 
 DEFAULT_DEPLOYMENT_LABEL = "llmdeployment"
-# The routers' gauge of requests waiting for a ready replica (kiln_router.metrics.HELD; the
-# autoscaler may not import the router: tests read it from a real router registry).
+# The routers' gauges of requests waiting for a ready replica and of requests being proxied to one
+# (kiln_router.metrics.HELD and IN_FLIGHT; the autoscaler may not import the router: tests read
+# them from a real router registry).
 ROUTER_HELD_REQUESTS = "kiln_router_held_requests"
+ROUTER_IN_FLIGHT = "kiln_router_in_flight_requests"
 
 
 # ---------------------------------------------------------------------------------------- PromQL
@@ -205,12 +208,8 @@ class PodScrapeSource:
 
     def scrape(self, url: str) -> PodSample | None:
         """One pod's sample, or None when it does not answer."""
-        try:
-            response = self.client.get(url)
-            response.raise_for_status()
-        except httpx.HTTPError:
-            return None
-        return parse_metrics(response.text, self.clock())
+        text = fetch_metrics(self.client, url)
+        return None if text is None else parse_metrics(text, self.clock())
 
     def read(self, namespace: str, deployment: str, pods: Sequence[str] = ()) -> Signals | None:
         """Scrape `pods` (their /metrics URLs) and turn the deltas since the last call into signals."""
@@ -225,17 +224,34 @@ class PodScrapeSource:
         return signals_from_samples(current, previous)
 
 
-def held_requests(client: httpx.Client, urls: Sequence[str]) -> int:
-    """Requests the routers at `urls` (their /metrics) hold for want of a ready replica; a router
-    that does not answer counts as holding none."""
-    held = 0.0
+def fetch_metrics(client: httpx.Client, url: str) -> str | None:
+    """The text of one /metrics endpoint, or None when it does not answer."""
+    try:
+        response = client.get(url)
+        response.raise_for_status()
+    except httpx.HTTPError:
+        return None
+    return response.text
+
+
+@dataclass(frozen=True)
+class RouterLoad:
+    """What a deployment's routers hold now, summed over them: fresher than any engine series,
+    which reach the autoscaler through a scrape interval and a rate window."""
+
+    held: int = 0  # requests waiting for a ready replica (there is none)
+    in_flight: int = 0  # requests being proxied to replicas, waiting or running there
+
+
+def router_load(client: httpx.Client, urls: Sequence[str]) -> RouterLoad:
+    """The load at the routers at `urls` (their /metrics); a router that does not answer counts as
+    holding nothing."""
+    totals = {ROUTER_HELD_REQUESTS: 0.0, ROUTER_IN_FLIGHT: 0.0}
     for url in urls:
-        try:
-            response = client.get(url)
-            response.raise_for_status()
-        except httpx.HTTPError:
+        text = fetch_metrics(client, url)
+        if text is None:
             continue
-        for family in text_string_to_metric_families(response.text):
-            if family.name == ROUTER_HELD_REQUESTS:
-                held += sum(sample.value for sample in family.samples)
-    return round(held)
+        for family in text_string_to_metric_families(text):
+            if family.name in totals:
+                totals[family.name] += sum(sample.value for sample in family.samples)
+    return RouterLoad(held=round(totals[ROUTER_HELD_REQUESTS]), in_flight=round(totals[ROUTER_IN_FLIGHT]))

@@ -16,7 +16,7 @@ from kiln_autoscaler.data import (
     Targets,
     Tuning,
 )
-from kiln_autoscaler.policy import decide, load_in_replicas
+from kiln_autoscaler.policy import decide, load_in_replicas, with_router_in_flight
 
 NOW = 10_000.0
 TARGETS = Targets(min_replicas=1, max_replicas=20, ttft_p50_target_s=0.5, scale_down_window_s=300.0)
@@ -162,6 +162,21 @@ def test_a_demand_jump_over_the_last_minute_is_a_burst() -> None:
     jump = signals(ttft_p50_s=0.5, running=40.0, prompt_token_rate=60_000.0, output_token_rate=6000.0)
     assert run(jump, current=2, history=history).fast_path
     assert not run(jump, current=2).fast_path
+
+
+def test_requests_the_routers_count_before_the_engines_do_size_the_deployment() -> None:
+    # The engines' series (a scrape and a rate window old) show 2 replicas at ease; 30 more requests
+    # have reached the routers since: at the engines, they count as running.
+    calm = signals(ttft_p50_s=0.2, running=8.0, queue_depth=0.0)
+    assert run(calm, current=2).desired == 2
+    merged = with_router_in_flight(calm, 38.0)
+    assert (merged.queue_depth, merged.running) == (0.0, 38.0)
+    assert run(merged, current=2).desired == 4  # 38 / 16 per replica at 60% utilization
+    # after a calm minute that jump is a burst: no scale-up window, no step limit
+    history = History(demand=((NOW - 30, 8.0, 4.0), (NOW - 15, 8.0, 4.0)))
+    assert run(merged, current=2, history=history).fast_path
+    # routers that count fewer (requests sent around them, or finished since) change nothing
+    assert with_router_in_flight(calm, 5.0) == calm
 
 
 def test_tolerance_ignores_small_changes() -> None:

@@ -14,8 +14,9 @@ from prometheus_client import generate_latest
 from kiln.common.scrape import parse_metrics
 from kiln_autoscaler.sources import (
     PodScrapeSource,
-    held_requests,
+    RouterLoad,
     queries,
+    router_load,
     scalar_from_vector,
     selector,
     signals_from_samples,
@@ -196,11 +197,13 @@ def router_endpoint() -> Iterator[tuple[str, RouterMetrics]]:
         yield url, metrics
 
 
-def test_held_requests_sums_what_the_routers_hold_and_skips_dead_ones(
+def test_router_load_sums_what_the_routers_hold_and_proxy_and_skips_dead_ones(
     router_endpoint: tuple[str, RouterMetrics],
 ) -> None:
-    url, metrics = router_endpoint
+    url, metrics = router_endpoint  # a real router registry: the gauges' names are the router's own
     with httpx.Client(timeout=2.0) as client:
-        assert held_requests(client, [url]) == 0
+        assert router_load(client, [url]) == RouterLoad(held=0, in_flight=0)
         metrics.held.set(3)
-        assert held_requests(client, [url, url, "http://127.0.0.1:9/metrics"]) == 6
+        metrics.in_flight.set(5)
+        dead = "http://127.0.0.1:9/metrics"
+        assert router_load(client, [url, url, dead]) == RouterLoad(held=6, in_flight=10)
