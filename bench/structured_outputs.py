@@ -61,10 +61,19 @@ LLAMA3_8B_LAYERS = {
 }
 
 
+def _is_utf8(path: Path) -> bool:
+    try:
+        path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
 def large_vocab_tokenizer(vocab_size: int) -> Tokenizer:
     """A byte-level BPE of `vocab_size` tokens with the tiny model's special tokens at the same ids,
-    trained on this machine's Python standard library sources (about 30 MB, sorted: reproducible)."""
-    files = sorted(Path(sysconfig.get_paths()["stdlib"]).rglob("*.py"))
+    trained on this machine's Python standard library sources (about 30 MB, sorted: reproducible;
+    the few that are not UTF-8, which the trainer refuses, left out)."""
+    files = [f for f in sorted(Path(sysconfig.get_paths()["stdlib"]).rglob("*.py")) if _is_utf8(f)]
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()

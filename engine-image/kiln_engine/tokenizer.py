@@ -18,6 +18,7 @@ import jinja2
 import jinja2.ext
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer as HFTokenizer
+from tokenizers.decoders import DecodeStream
 
 TOKENIZER_FILES: tuple[str, ...] = (
     "tokenizer.json",
@@ -182,8 +183,10 @@ class Tokenizer:
 class IncrementalDetokenizer:
     """Turns a growing list of generated ids into text deltas, never splitting a multi-byte character.
 
-    Decodes a short window (a few prompt tokens of context plus the unread tokens) rather than the
-    whole output each step, like vLLM; text that ends in U+FFFD waits for the next token.
+    tokenizers' own DecodeStream (as vLLM uses it), started on a few prompt tokens of context so
+    the first token's leading space comes out as a whole decode would give it; text that ends in
+    U+FFFD waits for the next token. One call per token: the batched decode it replaces woke
+    tokenizers' thread pool every engine step, which cost more than the decoding (bench/detokenize.py).
     """
 
     CONTEXT = 5
@@ -192,41 +195,17 @@ class IncrementalDetokenizer:
         self, tokenizer: Tokenizer, prompt_ids: Sequence[int], skip_special_tokens: bool = True
     ) -> None:
         self.tokenizer = tokenizer
-        self.skip_special_tokens = skip_special_tokens
-        self.ids: list[int] = list(prompt_ids[-self.CONTEXT :])
-        self.prefix_offset = 0
-        self.read_offset = len(self.ids)
         self.text = ""
-
-    def windows(self, token_id: int) -> tuple[list[int], list[int]]:
-        """Append one id; return the (already read, everything) id windows to decode."""
-        self.ids.append(token_id)
-        return self.ids[self.prefix_offset : self.read_offset], self.ids[self.prefix_offset :]
-
-    def commit(self, prefix: str, full: str) -> str:
-        """Given the decoded windows, return the newly completed text (possibly empty)."""
-        if len(full) <= len(prefix) or full.endswith("\ufffd"):
-            return ""
-        delta = full[len(prefix) :]
-        self.ids = self.ids[self.read_offset :]  # keep only what the next window needs
-        self.prefix_offset, self.read_offset = 0, len(self.ids)
-        self.text += delta
-        return delta
+        context = list(prompt_ids[-self.CONTEXT :])
+        self._stream = DecodeStream(context, skip_special_tokens=skip_special_tokens)
 
     def add(self, token_id: int) -> str:
         """Append one id; return the text it completes (possibly empty)."""
-        prefix, full = self.windows(token_id)
-        decode = self.tokenizer.decode
-        return self.commit(decode(prefix, self.skip_special_tokens), decode(full, self.skip_special_tokens))
+        delta = self._stream.step(self.tokenizer.tk, token_id) or ""
+        self.text += delta
+        return delta
 
     @staticmethod
     def add_batch(detoks: list[IncrementalDetokenizer], token_ids: list[int]) -> list[str]:
-        """`add` for many sequences with two batched decode calls (the engine's per-step path)."""
-        if not detoks:
-            return []
-        windows = [d.windows(t) for d, t in zip(detoks, token_ids, strict=True)]
-        tk, skip = detoks[0].tokenizer.tk, detoks[0].skip_special_tokens
-        assert all(d.tokenizer.tk is tk and d.skip_special_tokens == skip for d in detoks)
-        texts = tk.decode_batch([w[0] for w in windows] + [w[1] for w in windows], skip_special_tokens=skip)
-        n = len(detoks)
-        return [d.commit(texts[i], texts[n + i]) for i, d in enumerate(detoks)]
+        """`add` for many sequences (the engine's per-step path)."""
+        return [d.add(t) for d, t in zip(detoks, token_ids, strict=True)]
