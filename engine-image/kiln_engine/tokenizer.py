@@ -18,7 +18,6 @@ import jinja2
 import jinja2.ext
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer as HFTokenizer
-from tokenizers.decoders import DecodeStream
 
 TOKENIZER_FILES: tuple[str, ...] = (
     "tokenizer.json",
@@ -196,6 +195,10 @@ class IncrementalDetokenizer:
     ) -> None:
         self.tokenizer = tokenizer
         self.text = ""
+        # Imported here: the TensorRT-LLM image keeps the tokenizers its transformers pins (older
+        # than DecodeStream's `ids`) and never detokenizes in Kiln's process.
+        from tokenizers.decoders import DecodeStream
+
         context = list(prompt_ids[-self.CONTEXT :])
         self._stream = DecodeStream(context, skip_special_tokens=skip_special_tokens)
 
