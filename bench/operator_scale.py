@@ -13,6 +13,8 @@ with its own model, so each builds its own engine; `--shared` makes them share o
     .venv/bin/python bench/operator_scale.py --nodes 2000 --deployments 100
     .venv/bin/python bench/operator_scale.py --nodes 2000 --deployments 1000
 
+`--memray FILE` runs the operator under memray, for where its memory goes.
+
 Results are printed as JSON and written to bench/results/operator_scale-<nodes>-<n>.json.
 """
 
@@ -118,6 +120,12 @@ def main() -> None:
     parser.add_argument("--deployments", type=int, default=100)
     parser.add_argument("--shared", action="store_true", help="all deployments share one engine")
     parser.add_argument("--timeout", type=float, default=1800.0)
+    parser.add_argument(
+        "--memray",
+        type=Path,
+        help="run the operator under memray (pip install memray), writing its capture here; "
+        "`memray stats FILE` then names the allocations at the peak (the peak RSS includes memray's own)",
+    )
     args = parser.parse_args()
 
     from kubernetes import client, config
@@ -144,8 +152,10 @@ def main() -> None:
         metrics_port = free_port()
         env = {**os.environ, "KUBECONFIG": str(cluster.kubeconfig)}
         log = (work / "operator.log").open("wb")
+        profiler = [str(Path(sys.executable).parent / "memray"), "run", "-q", "-o", str(args.memray)]
         operator = subprocess.Popen(
-            [str(Path(sys.executable).parent / "kiln"), "operator", "run", "--all-namespaces",
+            [*(profiler if args.memray else []), str(Path(sys.executable).parent / "kiln"), "operator", "run",
+             "--all-namespaces",
              f"--metrics-port={metrics_port}", "--health-port=0", "--log-format=json", "--log-level=INFO"],
             stdout=log, stderr=subprocess.STDOUT, env=env,
         )  # fmt: skip
