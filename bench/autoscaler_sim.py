@@ -35,6 +35,9 @@ TARGETS = Targets(
 # The p50 target plus tail targets: every row is judged by these, and `kiln-tail` is given them.
 TAIL_TARGETS = replace(TARGETS, ttft_p95_target_s=1.0, itl_target_s=0.025, itl_percentile=90)
 PROFILE = ReplicaProfile(start_delay_s=30.0)
+# `kiln-routed`: Kiln's policy with routers in front, whose in-flight count the autoscaler reads
+# every second between passes (its `--wake-interval`), running a pass at once on a burst.
+ROUTER_WAKE_S = 1.0
 PLOTTED_POLICIES = ("static-peak", "hpa-conc@30%", "kiln", "kiln-tail")  # more lines would not read
 TARGET_UTILIZATION = 0.7  # warm starts size for the first minute at this utilization
 HPA_TARGETS = (0.7, 0.5, 0.3)  # HPA target in-flight per pod, as a fraction of the measured max concurrency
@@ -81,6 +84,7 @@ def policies_for(trace: Trace, profile: ReplicaProfile) -> list[tuple[Policy, Ta
         ),
         (KilnPolicy(), TARGETS),
         (KilnPolicy(name="kiln-tail"), TAIL_TARGETS),
+        (KilnPolicy(name="kiln-routed", router_wake_s=ROUTER_WAKE_S), TARGETS),
     ]
 
 

@@ -48,6 +48,9 @@ class KilnPolicy:
 
     tuning: Tuning = DEFAULT_TUNING
     name: str = "kiln"
+    # Routed (Kiln routers in front): the simulator reads the routers' in-flight count this often
+    # between passes and runs a pass at once on a burst, as the controller's `woken` does.
+    router_wake_s: float | None = None
 
     def __call__(
         self,

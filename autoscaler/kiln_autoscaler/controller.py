@@ -22,7 +22,7 @@ import httpx
 from kiln_autoscaler.data import DEFAULT_TUNING, Decision, History, Signals, Tuning, capacity_for
 from kiln_autoscaler.kube import Kube, Scaled, decision_status
 from kiln_autoscaler.metrics import AutoscalerMetrics
-from kiln_autoscaler.policy import decide, with_router_in_flight
+from kiln_autoscaler.policy import decide, router_burst, with_router_in_flight
 from kiln_autoscaler.sources import RouterLoad, router_load
 
 log = logging.getLogger(__name__)
@@ -139,8 +139,8 @@ class Controller:
             load = self._routers_now(view.scaled)
             if view.desired == 0 and load.held > 0:
                 return True
-            burst = self.tuning.burst_queue_per_replica * max(view.scaled.replicas.ready, 1)
-            if view.desired > 0 and load.in_flight - view.in_flight >= burst:
+            ready = view.scaled.replicas.ready
+            if view.desired > 0 and router_burst(load.in_flight, view.in_flight, ready, self.tuning):
                 return True
         return False
 

@@ -60,6 +60,12 @@ def with_router_in_flight(signals: Signals, router_in_flight: float) -> Signals:
     return signals if unseen <= 0 else replace(signals, running=signals.running + unseen)
 
 
+def router_burst(router_in_flight: float, counted: float, ready: int, tuning: Tuning) -> bool:
+    """Between passes: the routers have taken a burst's worth of requests per ready replica (the
+    fast path's queue threshold) more than the last pass counted, so a pass should run now."""
+    return router_in_flight - counted >= tuning.burst_queue_per_replica * max(ready, 1)
+
+
 def is_fresh(signals: Signals | None, now: float, tuning: Tuning) -> bool:
     """True when `signals` exist and are recent enough to act on."""
     return signals is not None and now - signals.observed_at <= tuning.stale_after_s

@@ -10,7 +10,9 @@ with no ready replica, requests wait at the gateway (this queue is visible to th
 scale from zero). New replicas are ready after `start_delay_s`; removed replicas drain (finish what
 they hold, take nothing new), so no request is lost. Every `control_interval_s` the simulator
 computes the signals the engine's metrics would give over `window_s` (TTFT quantiles through the
-engine's histogram buckets, token and request rates, queue and running gauges) and runs the policy.
+engine's histogram buckets, token and request rates, queue and running gauges) and runs the policy;
+a routed policy (`KilnPolicy.router_wake_s`) is also run between passes when the requests in
+flight jump, as the controller does when Kiln's routers count them.
 """
 
 from __future__ import annotations
@@ -26,7 +28,8 @@ from typing import Any
 
 from kiln.common.histogram import cumulative, histogram_quantile
 from kiln_autoscaler.baselines import Policy
-from kiln_autoscaler.data import Capacity, History, Replicas, Signals, Targets
+from kiln_autoscaler.data import DEFAULT_TUNING, Capacity, History, Replicas, Signals, Targets, Tuning
+from kiln_autoscaler.policy import router_burst
 from kiln_autoscaler.sim.traces import Trace
 from kiln_engine.metric_names import INTER_TOKEN_BUCKETS, LATENCY_BUCKETS
 
@@ -230,7 +233,7 @@ def weighted_cumulative(
 
 
 _STARTING, _READY, _DRAINING, _GONE = range(4)
-_ARRIVAL, _STEP, _READY_EVENT, _TICK = range(4)
+_ARRIVAL, _STEP, _READY_EVENT, _TICK, _WAKE = range(5)
 
 
 class _Request:
@@ -303,6 +306,9 @@ class Simulation:
         self.history = History()
         self.timeline: list[tuple[float, int, int, str]] = []
         self.finished = 0
+        self.counted_in_flight = 0.0  # what the last pass counted (for the router wake)
+        self.wake_s: float | None = getattr(policy, "router_wake_s", None)
+        self.tuning: Tuning = getattr(policy, "tuning", DEFAULT_TUNING)
 
     # ------------------------------------------------------------------ plumbing
     def _push(self, time: float, kind: int, a: Any = None, b: Any = None) -> None:
@@ -491,6 +497,11 @@ class Simulation:
         )
 
     def _on_tick(self) -> None:
+        self._decide()
+        if self.now + self.config.control_interval_s < self.trace.duration_s:
+            self._push(self.now + self.config.control_interval_s, _TICK)
+
+    def _decide(self) -> None:
         signals = self.signals()
         active = self._active()
         replicas = Replicas(current=len(active), ready=sum(1 for r in active if r.state == _READY))
@@ -498,8 +509,18 @@ class Simulation:
         self.history = self.history.record(self.now, decision, signals, replicas.current)
         self._scale_to(decision.desired)
         self.timeline.append((self.now, decision.desired, replicas.ready, decision.reason))
-        if self.now + self.config.control_interval_s < self.trace.duration_s:
-            self._push(self.now + self.config.control_interval_s, _TICK)
+        self.counted_in_flight = signals.in_flight
+
+    def _on_wake(self) -> None:
+        """The routers' count between passes (requests waiting or running at the replicas, and at the
+        gateway): a burst over what the last pass counted runs a pass now."""
+        serving = [r for r in self.replicas if r.state in (_READY, _DRAINING)]
+        in_flight = sum(len(r.queue) + r.in_flight for r in serving) + len(self.gateway)
+        ready = sum(1 for r in self._active() if r.state == _READY)
+        if router_burst(in_flight, self.counted_in_flight, ready, self.tuning):
+            self._decide()
+        if self.wake_s is not None and self.now + self.wake_s < self.trace.duration_s:
+            self._push(self.now + self.wake_s, _WAKE)
 
     # ------------------------------------------------------------------ run
     def run(self) -> SimResult:
@@ -518,6 +539,8 @@ class Simulation:
         for request in self.requests:
             self._push(request.arrival, _ARRIVAL, request)
         self._push(self.config.window_s, _TICK)  # act on a full window of metrics
+        if self.wake_s is not None:
+            self._push(self.config.window_s + self.wake_s, _WAKE)
         while self.events:
             time, _, kind, a, b = heapq.heappop(self.events)
             self.now = time
@@ -529,6 +552,8 @@ class Simulation:
                 self._on_ready(a)
             elif kind == _TICK:
                 self._on_tick()
+            elif kind == _WAKE:
+                self._on_wake()
             if self.finished == len(self.requests) and self.now >= self.trace.duration_s:
                 break
         if self.finished != len(self.requests) or self.gateway:

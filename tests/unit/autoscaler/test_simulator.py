@@ -154,3 +154,18 @@ def test_the_first_pass_sees_the_first_minute_and_holds_the_warm_start() -> None
     assert seen[0][0] == pytest.approx(first_minute / 60, rel=0.15) and seen[0][1] > 1000
     assert seen[0][2] == 1  # the warm start's count, as the controller seeds a new deployment
     assert result.timeline[0][1] == 3  # not scaled down on the first pass
+
+
+def test_a_routed_deployment_scales_up_within_seconds_of_a_step_not_at_the_next_pass() -> None:
+    # Passes at 60 s + every 15 s (540, 555, ...); the step starts at 546 s.
+    trace = step(low=1.0, high=8.0, duration_s=1638.0, seed=2)
+    onset = 1638.0 / 3
+
+    def first_scale_up(policy: KilnPolicy) -> float:
+        result = simulate(trace, policy, SimConfig(TARGETS, SERVING, initial_replicas=1))
+        before = [d for t, d, _, _ in result.timeline if t < onset][-1]
+        return next(t for t, d, _, _ in result.timeline if t >= onset and d > before)
+
+    routed = first_scale_up(KilnPolicy(router_wake_s=1.0))
+    assert first_scale_up(KilnPolicy()) >= 555.0  # the next pass after the onset
+    assert routed < onset + 5.0  # a burst at the routers runs a pass at once
