@@ -353,7 +353,7 @@ class LLMEngine:
 
     # -- helpers -----------------------------------------------------------------------------------
     def _detokenize(self, seqs: list[Sequence], tokens: list[int]) -> None:
-        """Extend each sequence's text by its new token, in one batched decode."""
+        """Extend each sequence's text by its new token."""
         states = [
             (self.texts[s.request_id], t)
             for s, t in zip(seqs, tokens, strict=True)

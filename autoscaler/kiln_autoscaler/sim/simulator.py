@@ -475,10 +475,9 @@ class Simulation:
         if self.token_gaps:
             gaps = weighted_cumulative(INTER_TOKEN_BUCKETS, ((gap, n) for _, gap, n in self.token_gaps))
             itl = {q: histogram_quantile(q, gaps) for q in itl}
-        serving = [r for r in self.replicas if r.state in (_READY, _DRAINING)]
-        queue = sum(len(r.queue) for r in serving) + len(self.gateway)
-        running = sum(r.in_flight for r in serving)
-        kv = sum(r.in_flight for r in serving) / (len(serving) * self.profile.max_batch) if serving else None
+        serving = self._serving()
+        queue, running = self._queued_and_running(serving)
+        kv = running / (len(serving) * self.profile.max_batch) if serving else None
         return Signals(
             observed_at=self.now,
             ttft_p50_s=p50,
@@ -495,6 +494,13 @@ class Simulation:
             kv_cache_usage=kv,
             pods=len(serving),
         )
+
+    def _serving(self) -> list[_Replica]:
+        return [r for r in self.replicas if r.state in (_READY, _DRAINING)]
+
+    def _queued_and_running(self, serving: list[_Replica]) -> tuple[int, int]:
+        """Requests waiting (at `serving` replicas and at the gateway) and running, now."""
+        return sum(len(r.queue) for r in serving) + len(self.gateway), sum(r.in_flight for r in serving)
 
     def _on_tick(self) -> None:
         self._decide()
@@ -514,8 +520,7 @@ class Simulation:
     def _on_wake(self) -> None:
         """The routers' count between passes (requests waiting or running at the replicas, and at the
         gateway): a burst over what the last pass counted runs a pass now."""
-        serving = [r for r in self.replicas if r.state in (_READY, _DRAINING)]
-        in_flight = sum(len(r.queue) + r.in_flight for r in serving) + len(self.gateway)
+        in_flight = sum(self._queued_and_running(self._serving()))
         ready = sum(1 for r in self._active() if r.state == _READY)
         if router_burst(in_flight, self.counted_in_flight, ready, self.tuning):
             self._decide()
