@@ -354,15 +354,11 @@ class LLMEngine:
     # -- helpers -----------------------------------------------------------------------------------
     def _detokenize(self, seqs: list[Sequence], tokens: list[int]) -> None:
         """Extend each sequence's text by its new token."""
-        states = [
-            (self.texts[s.request_id], t)
-            for s, t in zip(seqs, tokens, strict=True)
-            if s.request_id in self.texts
-        ]
-        deltas = IncrementalDetokenizer.add_batch([st.detok for st, _ in states], [t for _, t in states])
-        for (state, _), delta in zip(states, deltas, strict=True):
-            state.prev_len = len(state.text)
-            state.text += delta
+        for seq, token in zip(seqs, tokens, strict=True):
+            state = self.texts.get(seq.request_id)
+            if state is not None:
+                state.prev_len = len(state.text)
+                state.text += state.detok.add(token)
 
     def _check_stop(self, seq: Sequence, token: int) -> str | None:
         p = seq.params

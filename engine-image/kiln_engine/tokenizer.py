@@ -207,8 +207,3 @@ class IncrementalDetokenizer:
         delta = self._stream.step(self.tokenizer.tk, token_id) or ""
         self.text += delta
         return delta
-
-    @staticmethod
-    def add_batch(detoks: list[IncrementalDetokenizer], token_ids: list[int]) -> list[str]:
-        """`add` for many sequences (the engine's per-step path)."""
-        return [d.add(t) for d, t in zip(detoks, token_ids, strict=True)]

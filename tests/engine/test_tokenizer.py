@@ -76,16 +76,3 @@ def test_incremental_detokenization_reassembles_text(ckpt: Path) -> None:
         deltas = [detok.add(i) for i in ids]
         assert "".join(deltas) == text
         assert not any("\ufffd" in d for d in deltas)  # multi-byte characters are never split
-
-
-def test_batched_detokenization_equals_one_by_one(ckpt: Path) -> None:
-    tok = Tokenizer.from_dir(ckpt)
-    streams = [tok.encode(t, add_special_tokens=False) for t in TEXTS]
-    single = [IncrementalDetokenizer(tok, [1, 2]) for _ in streams]
-    batched = [IncrementalDetokenizer(tok, [1, 2]) for _ in streams]
-    for step in range(max(len(s) for s in streams)):
-        live = [i for i, s in enumerate(streams) if step < len(s)]
-        want = [single[i].add(streams[i][step]) for i in live]
-        got = IncrementalDetokenizer.add_batch([batched[i] for i in live], [streams[i][step] for i in live])
-        assert got == want
-    assert [d.text for d in batched] == TEXTS

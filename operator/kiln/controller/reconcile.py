@@ -55,7 +55,7 @@ from kiln.controller.metrics import Metrics
 from kiln.controller.nodes import NodeCache
 from kiln.controller.workqueue import WorkQueue
 from kiln.drift import Drift, drifted
-from kiln.placement import LWS_GROUP_KEY, NodeTopology, Placement, PlacementPolicy, ReplicaShape, plan
+from kiln.placement import LWS_GROUP_KEY, Placement, PlacementPolicy, ReplicaShape, plan
 from kiln.placement.planner import cpu_placement
 from kiln.render import build_job as render_build
 from kiln.render import capacity_job as render_capacity
@@ -490,9 +490,6 @@ class Reconciler:
             for item in self.kube.list(kind, namespace, selector)
         ]
 
-    def _node_topologies(self) -> list[NodeTopology]:
-        return self._nodes.all()
-
     def _lws_installed(self) -> bool:
         if not self.settings.lws_installed and time.monotonic() - self._lws_checked > 30:
             self._lws_checked = time.monotonic()
@@ -807,7 +804,7 @@ class Reconciler:
         group_key = LWS_GROUP_KEY if self._lws_installed() else render_groups.GROUP_LABEL
         if gpu is None:
             return cpu_placement(shape, group_key)
-        return plan(shape, self._node_topologies(), PlacementPolicy.from_spec(deployment.spec, group_key))
+        return plan(shape, self._nodes.all(), PlacementPolicy.from_spec(deployment.spec, group_key))
 
     def _write_deployment_status(
         self,
@@ -900,7 +897,7 @@ class Reconciler:
         job_name = render_build.job_name(name)
         job = self._get(JOBS, namespace, job_name)
         if job is None:
-            gpus = render_build.build_gpus(engine, self._node_topologies() if engine.spec.gpu_product else ())
+            gpus = render_build.build_gpus(engine, self._nodes.all() if engine.spec.gpu_product else ())
             job, created = self.kube.create(render_build.build_job(engine, self.settings, gpus))
             self._wrote(job)
             if created:
