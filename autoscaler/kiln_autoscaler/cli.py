@@ -163,11 +163,13 @@ def run(
             controller.tick()
         was_leader = leading
         next_pass = time.monotonic() + interval
-        # Between passes, a deployment at zero whose routers hold requests starts a pass at once:
-        # its cold start should not wait out the interval.
+        # Between passes, a routed deployment whose routers hold requests at zero, or have taken a
+        # burst, gets a pass at once (one that only scales up): it should not wait out the interval.
         while not stop.wait(max(0.0, min(wake_interval, next_pass - time.monotonic()))):
-            if time.monotonic() >= next_pass or (leading and controller.woken()):
+            if time.monotonic() >= next_pass:
                 break
+            if leading and (woken := controller.woken()):
+                controller.wake(woken)
     if elector is not None:
         elector.stop()
 

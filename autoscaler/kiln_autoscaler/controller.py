@@ -14,7 +14,7 @@ import logging
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Protocol
 
 import httpx
@@ -41,6 +41,15 @@ class RoutedView:
     scaled: Scaled
     desired: int  # the replicas that pass asked for
     in_flight: float  # requests in flight that pass counted (the routers' count where higher)
+    router_urls: tuple[str, ...] = ()  # the routers that pass found (listed once per pass, not per wake)
+
+    @staticmethod
+    def after(scaled: Scaled, outcome: Outcome) -> RoutedView:
+        """The view once `outcome`'s pass has scaled: a later woken pass starts from its count."""
+        counted = 0.0 if outcome.signals is None else outcome.signals.in_flight
+        desired = outcome.decision.desired
+        scaled = replace(scaled, replicas=replace(scaled.replicas, current=desired))
+        return RoutedView(scaled, desired, counted, outcome.router_urls)
 
 
 @dataclass(frozen=True)
@@ -52,6 +61,7 @@ class Outcome:
     current: int
     decision: Decision
     signals: Signals | None
+    router_urls: tuple[str, ...] = ()  # the ready routers' /metrics, asked between passes
 
 
 def event_reason(current: int, desired: int) -> str:
@@ -111,10 +121,11 @@ class Controller:
                 self.metrics.errors.labels("reconcile").inc()
                 log.warning("autoscaling %s/%s failed: %s", scaled.namespace, scaled.name, error)
                 continue
+            if outcome is None:  # only a woken pass leaves no outcome
+                continue
             outcomes.append(outcome)
             if scaled.routed:
-                counted = 0.0 if outcome.signals is None else outcome.signals.in_flight
-                routed.append(RoutedView(scaled, outcome.decision.desired, counted))
+                routed.append(RoutedView.after(scaled, outcome))
         self.routed = routed
         for key in set(self.histories) - seen:
             del self.histories[key]
@@ -123,38 +134,69 @@ class Controller:
         self.metrics.loop_seconds.observe(self.last_pass - started)
         return outcomes
 
-    def router_load(self, scaled: Scaled) -> RouterLoad:
-        """What the deployment's routers hold now (nothing without routers)."""
+    def router_urls(self, scaled: Scaled) -> tuple[str, ...]:
+        """The /metrics URLs of the deployment's ready routers (none without routers)."""
         if not scaled.routed:
-            return RouterLoad()
-        urls = self.kube.pod_metrics_urls(scaled.namespace, scaled.router_selector, self.pod_port)
-        return router_load(self.router_client, urls)
+            return ()
+        return tuple(self.kube.pod_metrics_urls(scaled.namespace, scaled.router_selector, self.pod_port))
 
-    def woken(self) -> bool:
-        """Between passes: True when a routed deployment needs a pass now rather than at the next
-        interval: left at zero, its routers hold requests; running, its routers have taken a burst's
-        worth of requests per ready replica more than the last pass counted (engine series show
-        them only after a scrape interval and a rate window)."""
+    def woken(self) -> list[Scaled]:
+        """Between passes: the routed deployments that need a pass now rather than at the next
+        interval: left at zero, their routers hold requests; running, their routers have taken a
+        burst's worth of requests per ready replica more than the last pass counted (engine series
+        show them only after a scrape interval and a rate window)."""
+        woken = []
         for view in self.routed:
-            load = self._routers_now(view.scaled)
-            if view.desired == 0 and load.held > 0:
-                return True
+            load = self._routers_now(view.scaled, view.router_urls)  # the pass's list: no API call
             ready = view.scaled.replicas.ready
-            if view.desired > 0 and router_burst(load.in_flight, view.in_flight, ready, self.tuning):
-                return True
-        return False
+            if (view.desired == 0 and load.held > 0) or (
+                view.desired > 0 and router_burst(load.in_flight, view.in_flight, ready, self.tuning)
+            ):
+                woken.append(view.scaled)
+        return woken
 
-    def _routers_now(self, scaled: Scaled) -> RouterLoad:
-        """`router_load`, or nothing when the routers cannot be listed or asked."""
+    def wake(self, woken: Sequence[Scaled]) -> list[Outcome]:
+        """A pass for each woken deployment that acts only to scale up (`reconcile`'s `up_only`);
+        the regular passes keep their interval."""
+        outcomes = []
+        for scaled in woken:
+            try:
+                outcome = self.reconcile(scaled, self.clock(), up_only=True)
+            except Exception as error:
+                self.metrics.errors.labels("reconcile").inc()
+                log.warning("autoscaling %s/%s failed: %s", scaled.namespace, scaled.name, error)
+                continue
+            if outcome is not None:
+                outcomes.append(outcome)
+                self.routed = [
+                    RoutedView.after(scaled, outcome) if view.scaled.uid == scaled.uid else view
+                    for view in self.routed
+                ]
+        return outcomes
+
+    def _routers_now(self, scaled: Scaled, urls: Sequence[str]) -> RouterLoad:
+        """What the deployment's routers at `urls` hold, or nothing when they cannot be asked."""
         try:
-            return self.router_load(scaled)
+            return router_load(self.router_client, urls)
         except Exception as error:  # the engines' series still decide; the next pass asks again
             self.metrics.errors.labels("signals").inc()
             log.warning("asking the routers of %s/%s failed: %s", scaled.namespace, scaled.name, error)
             return RouterLoad()
 
-    def reconcile(self, scaled: Scaled, now: float) -> Outcome:
-        """Decide and act for one deployment."""
+    def _router_urls_now(self, scaled: Scaled) -> tuple[str, ...]:
+        """`router_urls`, or none when the router pods cannot be listed."""
+        try:
+            return self.router_urls(scaled)
+        except Exception as error:  # as above: the engines' series decide this pass
+            self.metrics.errors.labels("signals").inc()
+            log.warning("listing the routers of %s/%s failed: %s", scaled.namespace, scaled.name, error)
+            return ()
+
+    def reconcile(self, scaled: Scaled, now: float, up_only: bool = False) -> Outcome | None:
+        """Decide and act for one deployment. `up_only` (a pass the routers woke): act only when
+        the decision scales up, and otherwise leave no trace (None). Such a pass runs when the
+        routers' count peaks; recorded, its samples would bias the scale-down window's highest
+        recommendation and the arrival-rate estimate upward (docs/autoscaler.md measures it)."""
         key = (scaled.namespace, scaled.name)
         current = scaled.replicas.current
         history = self.histories.get(key)
@@ -170,13 +212,16 @@ class Controller:
             self.metrics.errors.labels("signals").inc()
             log.warning("reading signals of %s/%s failed: %s", scaled.namespace, scaled.name, error)
             signals = None
-        load = self._routers_now(scaled)
+        router_urls = self._router_urls_now(scaled)
+        load = self._routers_now(scaled, router_urls)
         held = load.held if current == 0 else 0
         if signals is not None and current > 0:
             signals = with_router_in_flight(signals, load.in_flight)
         decision = decide(
             scaled.targets, signals, scaled.replicas, capacity, history, now, self.tuning, held=held
         )
+        if up_only and decision.desired <= current:
+            return None
         self.histories[key] = history.record(now, decision, signals, current)
 
         stamp = dt.datetime.fromtimestamp(now, dt.UTC)
@@ -214,4 +259,4 @@ class Controller:
             ):
                 if value is not None:
                     self.metrics.observed_ttft.labels(*labels, quantile).set(value)
-        return Outcome(scaled.namespace, scaled.name, current, decision, signals)
+        return Outcome(scaled.namespace, scaled.name, current, decision, signals, router_urls)

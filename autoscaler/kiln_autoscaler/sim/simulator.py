@@ -507,11 +507,15 @@ class Simulation:
         if self.now + self.config.control_interval_s < self.trace.duration_s:
             self._push(self.now + self.config.control_interval_s, _TICK)
 
-    def _decide(self) -> None:
+    def _decide(self, up_only: bool = False) -> None:
+        """A pass; `up_only` (woken by the routers): act only to scale up, else leave no trace, as
+        the controller's `wake` does."""
         signals = self.signals()
         active = self._active()
         replicas = Replicas(current=len(active), ready=sum(1 for r in active if r.state == _READY))
         decision = self.policy(self.config.targets, signals, replicas, self.capacity, self.history, self.now)
+        if up_only and decision.desired <= replicas.current:
+            return
         self.history = self.history.record(self.now, decision, signals, replicas.current)
         self._scale_to(decision.desired)
         self.timeline.append((self.now, decision.desired, replicas.ready, decision.reason))
@@ -519,11 +523,11 @@ class Simulation:
 
     def _on_wake(self) -> None:
         """The routers' count between passes (requests waiting or running at the replicas, and at the
-        gateway): a burst over what the last pass counted runs a pass now."""
+        gateway): a burst over what the last pass counted runs a pass now, one that only scales up."""
         in_flight = sum(self._queued_and_running(self._serving()))
         ready = sum(1 for r in self._active() if r.state == _READY)
         if router_burst(in_flight, self.counted_in_flight, ready, self.tuning):
-            self._decide()
+            self._decide(up_only=True)
         if self.wake_s is not None and self.now + self.wake_s < self.trace.duration_s:
             self._push(self.now + self.wake_s, _WAKE)
 

@@ -33,6 +33,7 @@ class Cluster:
         self.scaled = Scaled("prod", "chat", "u-1", TARGETS, ready, "sel", "e1", routed=True)
         self.router_url = router_url
         self.scaled_to: list[int] = []
+        self.router_lists = 0  # API calls for the router pods
 
     def list_scaled(self, namespaces: list[str] | None = None) -> list[Scaled]:
         return [self.scaled]
@@ -41,7 +42,10 @@ class Cluster:
         return CAPACITY
 
     def pod_metrics_urls(self, namespace: str, selector: str | None, port: int | str) -> list[str]:
-        return [self.router_url] if selector == self.scaled.router_selector else []
+        if selector != self.scaled.router_selector:
+            return []
+        self.router_lists += 1
+        return [self.router_url]
 
     def scale(self, namespace: str, name: str, replicas: int, uid: str = "") -> None:
         self.scaled_to.append(replicas)
@@ -81,12 +85,44 @@ def test_a_burst_at_the_routers_starts_a_pass_that_sizes_for_it(router: tuple[st
     control.tick()
     assert cluster.scaled_to == [] and not control.woken()
     metrics.in_flight.set(11)  # fewer than 2 more per ready replica: the next pass will do
+    lists = cluster.router_lists
     assert not control.woken()
+    assert cluster.router_lists == lists  # between passes the routers the pass found are asked
     metrics.in_flight.set(40)  # 32 requests the engines' series do not show yet
     assert control.woken()
-    control.tick()
+    control.wake(control.woken())
     assert cluster.scaled_to == [5]  # 40 in flight / 16 per replica at 60 % utilization
     assert not control.woken()  # counted by that pass: no pass again until more arrive
+
+
+def test_a_woken_pass_that_would_not_scale_up_leaves_no_trace(router: tuple[str, RouterMetrics]) -> None:
+    url, metrics = router
+    cluster = Cluster(replicas=6, router_url=url)
+    control = controller(cluster, Engines(replace(CALM, pods=6)))
+    metrics.in_flight.set(8)
+    control.tick()
+    history = control.histories[("prod", "chat")]
+    metrics.in_flight.set(20)  # 2 more per ready replica: woken, yet 6 replicas carry 20 with ease
+    assert control.woken()
+    assert control.wake(control.woken()) == []
+    assert cluster.scaled_to == []
+    assert control.histories[("prod", "chat")] is history  # the peak it saw holds nothing up later
+
+
+def test_a_second_burst_starts_from_what_the_first_asked_for(
+    router: tuple[str, RouterMetrics],
+) -> None:
+    url, metrics = router
+    cluster = Cluster(replicas=2, router_url=url)
+    control = controller(cluster, Engines(CALM))
+    metrics.in_flight.set(8)
+    control.tick()
+    metrics.in_flight.set(60)  # 60 / 16 / 0.6: 7 replicas
+    control.wake(control.woken())
+    metrics.in_flight.set(40)  # lower than the first burst, yet 2 per ready replica over 8 counted...
+    control.routed = [replace(view, in_flight=8.0) for view in control.routed]  # ...as if counted so
+    control.wake(control.woken())
+    assert cluster.scaled_to == [7]  # never down to 5 from a view that still says 2 replicas
 
 
 def test_requests_held_at_zero_wake_the_deployment(router: tuple[str, RouterMetrics]) -> None:
