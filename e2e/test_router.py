@@ -4,14 +4,22 @@
 The operator runs two routers from the control-plane image in containerd; their ServiceAccount
 reads the engines' EndpointSlices through the RoleBinding the operator made; a pod asks the model
 by the Service's DNS name (kube-proxy → a router → an engine); a conversation sent turn by turn
-through either router stays on one engine replica (the engines' own request counters show it).
+through either router stays on one engine replica (the engines' own request counters show it); an
+engine SIGKILLed under streamed load fails no request that had not begun streaming (the router
+sends it to the other replica).
 The engine is the one test_tiny_chat's deployment uses (same key): nothing is built again.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
+import signal
+import threading
+import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +28,8 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from kiln.demo.kube import Kubectl, ready_endpoints, wait_for
+from e2e.test_replica_fault import engine_pid, restarts
+from kiln.demo.kube import Kubectl, pod_ready, ready_endpoints, wait_for
 from kiln.demo.stack import CLIENT_POD, NODE, Stack, repo_root
 from kiln.demo.steps import Progress
 from kiln.demo.story import Story, ask_in_cluster, wait_serving
@@ -130,3 +139,84 @@ def test_a_conversation_stays_on_one_engine_through_either_router(routed: Story,
     )
     answered = sorted(ok_requests(engine) - before[engine] for engine in engines)
     assert answered == [0, len(questions)], answered
+
+
+@dataclass
+class StreamedLoad:
+    """Clients that stream chat requests through one router until stopped; each outcome is
+    (started, ok, whether a body byte had arrived, error)."""
+
+    url: str
+    body: dict[str, Any]
+    clients: int
+    outcomes: list[tuple[float, bool, bool, str]] = field(default_factory=list)
+    stop: threading.Event = field(default_factory=threading.Event)
+
+    def one(self, client: httpx.Client) -> tuple[float, bool, bool, str]:
+        started, first_byte = time.monotonic(), False
+        try:
+            with client.stream("POST", f"{self.url}/v1/chat/completions", json=self.body) as response:
+                if response.status_code != 200:
+                    return started, False, False, f"HTTP {response.status_code} {response.read()[:120]!r}"
+                for line in response.iter_lines():
+                    first_byte = True
+                    if line.strip() == "data: [DONE]":
+                        return started, True, True, ""
+        except httpx.HTTPError as error:
+            return started, False, first_byte, f"{type(error).__name__}: {error}"
+        return started, False, first_byte, "stream ended without [DONE]"
+
+    def client(self) -> None:
+        with httpx.Client(timeout=httpx.Timeout(120.0, connect=5.0)) as client:
+            while not self.stop.is_set():
+                self.outcomes.append(self.one(client))
+
+
+def running_or_queued(endpoint: str) -> float:
+    text = httpx.get(f"{endpoint}/metrics", timeout=10).text
+    names = ("kiln_engine_running_requests", "kiln_engine_queue_depth")
+    return sum(s.value for f in text_string_to_metric_families(text) for s in f.samples if s.name in names)
+
+
+def test_an_engine_killed_under_load_fails_no_request_that_had_not_begun_streaming(
+    routed: Story, kubectl: Kubectl
+) -> None:
+    (router, *_) = ready_endpoints(pods(kubectl, ROUTER_SELECTOR), routed.port)
+    body = {
+        "model": routed.served_name,
+        "messages": [{"role": "system", "content": SYSTEM}, {"role": "user", "content": "What is Kiln?"}],
+        "max_tokens": 24,
+        "stream": True,
+    }
+    load = StreamedLoad(router, body, clients=8)
+    with ThreadPoolExecutor(load.clients) as pool:
+        for _ in range(load.clients):
+            pool.submit(load.client)
+        try:
+            time.sleep(5.0)
+            engines = [p for p in pods(kubectl, ENGINE_SELECTOR) if pod_ready(p)]
+            busy = {p["metadata"]["name"]: running_or_queued(f"http://{p['status']['podIP']}:{routed.port}")
+                    for p in engines}  # fmt: skip
+            victim = max(engines, key=lambda p: busy[p["metadata"]["name"]])
+            name, before = victim["metadata"]["name"], restarts(victim)
+            os.kill(engine_pid(routed, victim), signal.SIGKILL)
+            killed_at = time.monotonic()
+
+            def back() -> bool:
+                pod = {p["metadata"]["name"]: p for p in pods(kubectl, ENGINE_SELECTOR)}.get(name)
+                return pod is None or (restarts(pod) > before and pod_ready(pod))
+
+            wait_for(back, 180, f"{name}'s engine back after the SIGKILL", interval=1.0)
+            time.sleep(3.0)
+        finally:
+            load.stop.set()
+    failed = [o for o in load.outcomes if not o[1]]
+    before_first_byte = [o for o in failed if not o[2]]
+    answered_after = sum(1 for started, ok, _, _ in load.outcomes if ok and started > killed_at)
+    print(
+        f"SIGKILL of {name} (running + queued per engine: {busy}): {len(load.outcomes)} requests, "
+        f"{len(failed)} failed ({len(before_first_byte)} before their first byte): {failed[:5]}"
+    )
+    assert busy[name] > 0, "the killed engine had no request: the kill tested nothing"
+    assert not before_first_byte, f"not sent to the other engine: {before_first_byte[:5]}"
+    assert answered_after > 0
