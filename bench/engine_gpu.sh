@@ -13,7 +13,9 @@
 #   OUT=results bash bench/engine_gpu.sh trtllm-c        #   its 5 rows in processes that each fit a 600 s
 #   OUT=results bash bench/engine_gpu.sh trtllm-d        #   call (a: 128/128 + 2048/128, b: 128/2048,
 #                                                        #   c: 500/2000, d: 1000/1000); every row file
-#                                                        #   carries the gate (--gate-file); TRTLLM_ARGS adds options
+#                                                        #   carries the gate (--gate-file; TRTLLM_GATE names one
+#                                                        #   from an earlier call); TRTLLM_ARGS adds options
+#   OUT=results bash bench/engine_gpu.sh so-8b           # issue 20: structured outputs at the Llama-3-8B shape
 #
 # Runs from the repository root with the machine's python3 (torch, triton, transformers). The
 # topology and serve stages need packages the machine lacks (pydantic, nvidia-ml-py, fastapi,
@@ -55,8 +57,13 @@ for stage in "$@"; do
         trtllm-a) rows=128/128,2048/128 ;; trtllm-b) rows=128/2048 ;;
         trtllm-c) rows=500/2000 ;; trtllm-d) rows=1000/1000 ;;
       esac
-      timeout "${TRTLLM_TIMEOUT:-540}" $PY $B --method trtllm --rows $rows --gate-file "$OUT/trtllm-gate.json" \
+      timeout "${TRTLLM_TIMEOUT:-540}" $PY $B --method trtllm --rows $rows --gate-file "${TRTLLM_GATE:-$OUT/trtllm-gate.json}" \
         ${TRTLLM_ARGS:-} --out "$OUT/$stage.json" 2>&1 | tee "$OUT/$stage.log" | grep -v -E '^ |^[{}]' | tail -30
+      ;;
+    so-8b)
+      install_wheels
+      PYTHONPATH=engine-image:/tmp/site timeout "${SO_TIMEOUT:-400}" $PY bench/structured_outputs.py --device cuda \
+        --model llama3-8b-shape --samples 4 --reps 2 --out "$OUT/so-8b.json" 2>&1 | tee "$OUT/so-8b.log" | tail -30
       ;;
     long)
       timeout 420 $PY $B --modes bf16,fp8 --workloads 128/2048 --no-baseline --out "$OUT/long.json" 2>&1 \
