@@ -36,7 +36,8 @@ TARGETS = Targets(
 TAIL_TARGETS = replace(TARGETS, ttft_p95_target_s=1.0, itl_target_s=0.025, itl_percentile=90)
 PROFILE = ReplicaProfile(start_delay_s=30.0)
 # `kiln-routed`: Kiln's policy with routers in front, whose in-flight count the autoscaler reads
-# every second between passes (its `--wake-interval`), running a pass at once on a burst.
+# every second between passes (its `--wake-interval`), running a pass at once on a burst (one that
+# only scales up).
 ROUTER_WAKE_S = 1.0
 PLOTTED_POLICIES = ("static-peak", "hpa-conc@30%", "kiln", "kiln-tail")  # more lines would not read
 TARGET_UTILIZATION = 0.7  # warm starts size for the first minute at this utilization

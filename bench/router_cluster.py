@@ -58,7 +58,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # the e2e helpers: `e2e.test_router`, `e2e.test_replica_fault`
 
 from e2e.test_replica_fault import engine_pid, restarts  # noqa: E402
-from e2e.test_router import tiny_with_routers  # noqa: E402
+from e2e.test_router import engine_loads, tiny_with_routers  # noqa: E402
 from kiln.demo.kube import pod_ready, ready_endpoints, wait_for  # noqa: E402
 from kiln.demo.stack import Stack, build_images, container_processes, image_archives  # noqa: E402
 from kiln.demo.story import Story  # noqa: E402
@@ -80,8 +80,6 @@ TURNS = (3, 4)  # turns per conversation (more would not fit 512 tokens)
 PROMPT_TOKENS = "kiln_engine_prompt_tokens_total"
 HIT_TOKENS = "kiln_engine_prefix_cache_hit_tokens_total"
 GENERATION_TOKENS = "kiln_engine_generation_tokens_total"
-RUNNING = "kiln_engine_running_requests"
-QUEUED = "kiln_engine_queue_depth"
 
 STARTED = time.monotonic()
 
@@ -494,18 +492,8 @@ class Bench:
     def busiest(self) -> dict[str, Any]:
         """The ready serving pod with the most requests running or queued (its engine's gauges), so
         that the kill hits a replica in use on either path."""
-        load: dict[str, float] = {}
         pods = [p for p in self.pods(ENGINE_SELECTOR) if pod_ready(p)]
-        with httpx.Client(timeout=5) as http:
-            for pod in pods:
-                endpoint = f"http://{pod['status']['podIP']}:{self.story.port}"
-                text = http.get(f"{endpoint}/metrics").text
-                load[pod["metadata"]["name"]] = sum(
-                    sample.value
-                    for family in text_string_to_metric_families(text)
-                    for sample in family.samples
-                    if sample.name in (RUNNING, QUEUED)
-                )
+        load = engine_loads(pods, self.story.port)
         busiest = max(pods, key=lambda p: load[p["metadata"]["name"]])
         busiest["bench_load"] = load
         return busiest

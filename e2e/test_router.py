@@ -172,10 +172,16 @@ class StreamedLoad:
                 self.outcomes.append(self.one(client))
 
 
-def running_or_queued(endpoint: str) -> float:
-    text = httpx.get(f"{endpoint}/metrics", timeout=10).text
+def engine_loads(engines: list[dict[str, Any]], port: int) -> dict[str, float]:
+    """Requests running or queued on each engine pod, by pod name (the engine's own gauges)."""
     names = ("kiln_engine_running_requests", "kiln_engine_queue_depth")
-    return sum(s.value for f in text_string_to_metric_families(text) for s in f.samples if s.name in names)
+    loads = {}
+    with httpx.Client(timeout=10) as http:
+        for pod in engines:
+            text = http.get(f"http://{pod['status']['podIP']}:{port}/metrics").text
+            samples = (s for f in text_string_to_metric_families(text) for s in f.samples)
+            loads[pod["metadata"]["name"]] = sum(s.value for s in samples if s.name in names)
+    return loads
 
 
 def test_an_engine_killed_under_load_fails_no_request_that_had_not_begun_streaming(
@@ -195,8 +201,7 @@ def test_an_engine_killed_under_load_fails_no_request_that_had_not_begun_streami
         try:
             time.sleep(5.0)
             engines = [p for p in pods(kubectl, ENGINE_SELECTOR) if pod_ready(p)]
-            busy = {p["metadata"]["name"]: running_or_queued(f"http://{p['status']['podIP']}:{routed.port}")
-                    for p in engines}  # fmt: skip
+            busy = engine_loads(engines, routed.port)
             victim = max(engines, key=lambda p: busy[p["metadata"]["name"]])
             name, before = victim["metadata"]["name"], restarts(victim)
             os.kill(engine_pid(routed, victim), signal.SIGKILL)

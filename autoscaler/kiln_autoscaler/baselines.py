@@ -49,7 +49,8 @@ class KilnPolicy:
     tuning: Tuning = DEFAULT_TUNING
     name: str = "kiln"
     # Routed (Kiln routers in front): the simulator reads the routers' in-flight count this often
-    # between passes and runs a pass at once on a burst, as the controller's `woken` does.
+    # between passes and on a burst runs a pass at once that only scales up, as the controller's
+    # `woken` and `wake` do.
     router_wake_s: float | None = None
 
     def __call__(

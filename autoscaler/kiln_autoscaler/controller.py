@@ -115,13 +115,8 @@ class Controller:
         routed = []
         for scaled in deployments:
             seen.add((scaled.namespace, scaled.name))
-            try:
-                outcome = self.reconcile(scaled, self.clock())
-            except Exception as error:
-                self.metrics.errors.labels("reconcile").inc()
-                log.warning("autoscaling %s/%s failed: %s", scaled.namespace, scaled.name, error)
-                continue
-            if outcome is None:  # only a woken pass leaves no outcome
+            outcome = self._reconcile_or_log(scaled)
+            if outcome is None:
                 continue
             outcomes.append(outcome)
             if scaled.routed:
@@ -160,12 +155,7 @@ class Controller:
         the regular passes keep their interval."""
         outcomes = []
         for scaled in woken:
-            try:
-                outcome = self.reconcile(scaled, self.clock(), up_only=True)
-            except Exception as error:
-                self.metrics.errors.labels("reconcile").inc()
-                log.warning("autoscaling %s/%s failed: %s", scaled.namespace, scaled.name, error)
-                continue
+            outcome = self._reconcile_or_log(scaled, up_only=True)
             if outcome is not None:
                 outcomes.append(outcome)
                 self.routed = [
@@ -173,6 +163,16 @@ class Controller:
                     for view in self.routed
                 ]
         return outcomes
+
+    def _reconcile_or_log(self, scaled: Scaled, up_only: bool = False) -> Outcome | None:
+        """`reconcile` now; None when it failed (counted and logged: the others go on) or, woken,
+        it did not scale up."""
+        try:
+            return self.reconcile(scaled, self.clock(), up_only=up_only)
+        except Exception as error:
+            self.metrics.errors.labels("reconcile").inc()
+            log.warning("autoscaling %s/%s failed: %s", scaled.namespace, scaled.name, error)
+            return None
 
     def _routers_now(self, scaled: Scaled, urls: Sequence[str]) -> RouterLoad:
         """What the deployment's routers at `urls` hold, or nothing when they cannot be asked."""
