@@ -9,6 +9,7 @@ head_dim]` in `EngineConfig.kv_cache_dtype`; each attention layer holds views of
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import torch
@@ -27,6 +28,8 @@ from kiln_engine.lora_layers import LoraRuntime
 from kiln_engine.pipeline import PipelineExecutor
 from kiln_engine.sampler import SampledTokens, Sampler, SampleRequest
 from kiln_engine.scheduler import ScheduledChunk
+
+log = logging.getLogger(__name__)
 
 
 def runner_device(config: EngineConfig) -> torch.device:
@@ -157,15 +160,16 @@ class ModelRunner:
         return int(blocks)
 
     def _activation_reserve(self) -> int:
-        """Rough peak activation memory of one step (logits and MLP intermediates dominate)."""
+        """Rough peak memory outside the KV cache: one eager step (MLP intermediates, logits and
+        sampling's float copies dominate) plus the decode graphs' pool, which keeps the largest
+        graph's intermediates and the logits buffer they share."""
         cfg = self.model_config
-        tokens = self.config.max_tokens_per_step
         elem = torch.empty((), dtype=self.dtype).element_size()
-        return (
-            tokens * (4 * cfg.hidden_size + 3 * cfg.intermediate_size) * elem
-            + self.config.max_num_seqs * cfg.vocab_size * 4 * 3
-            + (512 << 20)
-        )
+        per_token = (4 * cfg.hidden_size + 3 * cfg.intermediate_size) * elem
+        seqs, vocab = self.config.max_num_seqs, cfg.vocab_size
+        eager = self.config.max_tokens_per_step * per_token + seqs * vocab * (elem + 4 * 3)
+        graphs = seqs * (per_token + vocab * (elem + 4 + 4)) if self.config.cuda_graphs else 0
+        return eager + graphs + (512 << 20)
 
     def _prepare(
         self, chunks: list[ScheduledChunk]
@@ -327,7 +331,10 @@ class DecodeGraphs:
             for bs in self.sizes
         }
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self.outputs: dict[int, torch.Tensor] = {}
+        # Every graph writes its logits into this one buffer. A graph's own output would stay
+        # allocated in the shared pool for the graph's life, so 60 sizes up to 4,096 sequences
+        # would hold 60 logits tensors (tens of GB at a 128k vocabulary) and run out of memory.
+        self.logits = torch.empty(0, device=dev)  # allocated by _capture
         # A step's inputs cross to the device through one pinned buffer that lives as long as the
         # graphs: pinning fresh memory every step cost more host time than the rest of a batch-1 step.
         self.staging_host = torch.empty(0, dtype=i64)
@@ -350,15 +357,25 @@ class DecodeGraphs:
 
     @torch.inference_mode()
     def _capture(self) -> None:
+        vocab = self.runner.model_config.vocab_size
+        self.logits = torch.empty(self.sizes[-1], vocab, dtype=torch.float32, device=self.runner.device)
         pool = None
         for bs in reversed(self.sizes):  # largest first, so smaller graphs reuse its memory pool
             self._forward(bs)  # warm-up: kernel compilation, library workspaces
             torch.cuda.synchronize(self.runner.device)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=pool):
-                self.outputs[bs] = self._forward(bs)
+                self.logits[:bs].copy_(self._forward(bs))
             pool = graph.pool()
             self.graphs[bs] = graph
+        stats = torch.cuda.memory_stats(self.runner.device)
+        log.info(
+            "captured %d decode graphs up to %d sequences; memory reserved %.2f GiB, peak %.2f GiB",
+            len(self.graphs),
+            self.sizes[-1],
+            stats["reserved_bytes.all.current"] / 2**30,
+            stats["allocated_bytes.all.peak"] / 2**30,
+        )
 
     def _stage(self, values: list[int]) -> torch.Tensor:
         """`values` on the device, in one host-to-device copy that does not wait for the device."""
@@ -445,4 +462,4 @@ class DecodeGraphs:
         if graph is None:
             return self._forward(bs)[:n]
         graph.replay()
-        return self.outputs[bs][:n]
+        return self.logits[:n]
