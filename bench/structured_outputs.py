@@ -186,7 +186,10 @@ def main() -> None:
     )
     parser.add_argument("--model", choices=("tiny", "llama3-8b-shape"), default="tiny")
     parser.add_argument(
-        "--fill-threads", type=int, default=grammar.FILL_THREADS, help="xgrammar's batch fill."
+        "--fill-threads",
+        type=int,
+        default=grammar.FILL_THREADS,
+        help="xgrammar's batch fill; by default the engine's choice (grammar.FillThreads)",
     )
     args = parser.parse_args()
     grammar.FILL_THREADS = args.fill_threads

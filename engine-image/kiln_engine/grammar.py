@@ -17,8 +17,10 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import re
 import threading
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -175,17 +177,53 @@ class GrammarState:
 
 
 @functools.cache
-def _batch_matcher() -> Any:
-    """xgrammar's batch matcher, on the calling thread: its pool cost more than it saved at 128 rows
-    on an H100 host's 16 cores (JSON object schema: 68 us with 1 thread, 336 us with 2, 2,269 us
-    with 'auto'; a 1,000-character string schema: 819, 720 and 1,823 us; bench/grammar_fill.py,
-    bench/results-committed/structured_outputs-h100-run2-profile.txt)."""
+def _batch_matcher(threads: int) -> Any:
+    """xgrammar's batch matcher with `threads` threads (1: on the calling thread)."""
     import xgrammar as xgr
 
-    return xgr.BatchGrammarMatcher(max_threads=FILL_THREADS)
+    return xgr.BatchGrammarMatcher(max_threads=threads)
 
 
-FILL_THREADS = 1  # read once, at the first fill (bench/structured_outputs.py --fill-threads sets it)
+FILL_THREADS: int | None = None  # None: FillThreads decides per fill (bench --fill-threads fixes it)
+MULTI_THREAD_ABOVE_S = 2e-3  # a serial fill slower than this is spread over threads
+PROBE_EVERY = 64  # fills: while threaded, every 64th fill runs serially to measure the serial cost
+MAX_FILL_THREADS = 8
+
+
+def threads_for_fill(serial_s: float, cpus: int) -> int:
+    """Threads for a batch fill whose serial cost was `serial_s`. xgrammar's pool costs 0.3-2 ms a
+    call, more than a cheap fill (a small JSON object at 128 rows: 68 us with 1 thread, 336 us with
+    2; bench/results-committed/structured_outputs-h100-run2-profile.txt), but free-text states at a
+    128,000-token vocabulary cost 130-260 us a row, 17-35 ms at 128 rows, and threads divide that
+    (1.8x with 2 threads on 2 cores). One core stays for the engine loop."""
+    if serial_s < MULTI_THREAD_ABOVE_S or cpus < 3:
+        return 1
+    return min(MAX_FILL_THREADS, cpus - 1)
+
+
+class FillThreads:
+    """The thread count of each batch fill: serial while fills are cheap, threaded once one is not,
+    with a serial fill every PROBE_EVERY fills to notice when they turn cheap again."""
+
+    def __init__(self, cpus: int) -> None:
+        self.cpus = cpus
+        self.serial_s = 0.0
+        self.fills = 0
+
+    def next(self) -> int:
+        if FILL_THREADS is not None:
+            return FILL_THREADS
+        if self.fills % PROBE_EVERY == 0:
+            return 1
+        return threads_for_fill(self.serial_s, self.cpus)
+
+    def took(self, threads: int, seconds: float) -> None:
+        if threads == 1:
+            self.serial_s = seconds
+        self.fills += 1
+
+
+_fill_threads = FillThreads(len(os.sched_getaffinity(0)))
 
 
 def fill_masks(
@@ -221,9 +259,12 @@ def fill_masks(
                 live.append((row, state))
     if not live:
         return
-    _batch_matcher().batch_fill_next_token_bitmask(
+    threads = _fill_threads.next()
+    started = time.perf_counter()
+    _batch_matcher(threads).batch_fill_next_token_bitmask(
         [state.matcher for _, state in live], bitmask, [row for row, _ in live]
     )
+    _fill_threads.took(threads, time.perf_counter() - started)
     by_masks: dict[int, tuple[VocabMasks, list[int], list[int]]] = {}
     for row, state in live:
         _, at, choices = by_masks.setdefault(id(state.masks), (state.masks, [], []))

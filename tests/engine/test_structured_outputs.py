@@ -297,3 +297,26 @@ def test_constrained_requests_decode_with_lookahead_steps_as_with_plain_ones(che
     assert results["lookahead"] == results["plain"]
     assert engine.tokenizer is not None
     assert re.fullmatch(r"[a-z]{3,9}( [a-z]{3,9}){5}", engine.tokenizer.decode(results["plain"]["r1"]))
+
+
+def test_a_threaded_mask_fill_gives_the_tokens_a_serial_one_does(
+    checkpoint: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The engine spreads costly fills over threads (grammar.FillThreads): the masks, and so the
+    sampled tokens, must not depend on how many threads filled them."""
+    from kiln_engine import grammar
+
+    engine = LLMEngine(checkpoint, EngineConfig(num_kv_blocks=512, block_size=4, max_model_len=512))
+    assert engine.tokenizer is not None
+    prompts = [engine.tokenizer.encode(f"Request {i}") for i in range(8)]
+    schema = json.dumps({"type": "object", "properties": {"name": {"type": "string"}}, "required": ["name"]})
+    params = [
+        SamplingParams(max_tokens=96, temperature=1.0, seed=i, structured=("json_schema", schema))
+        for i in range(8)
+    ]
+    outputs = {}
+    for threads in (1, 2):
+        monkeypatch.setattr(grammar, "FILL_THREADS", threads)
+        outputs[threads] = engine.generate(prompts, params)
+    assert outputs[1] == outputs[2]
+    assert len({tuple(o) for o in outputs[1]}) > 1  # seeded rows differ, so the masks were exercised
