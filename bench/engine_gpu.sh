@@ -16,6 +16,7 @@
 #                                                        #   carries the gate (--gate-file; TRTLLM_GATE names one
 #                                                        #   from an earlier call); TRTLLM_ARGS adds options
 #   OUT=results bash bench/engine_gpu.sh so-8b           # issue 20: structured outputs at the Llama-3-8B shape
+#   OUT=results bash bench/engine_gpu.sh lora            # issue 19: 8 rank-16 adapters mixed vs the base model
 #
 # Runs from the repository root with the machine's python3 (torch, triton, transformers). The
 # topology and serve stages need packages the machine lacks (pydantic, nvidia-ml-py, fastapi,
@@ -64,6 +65,11 @@ for stage in "$@"; do
       install_wheels
       PYTHONPATH=engine-image:/tmp/site timeout "${SO_TIMEOUT:-400}" $PY bench/structured_outputs.py --device cuda \
         --model llama3-8b-shape --samples 4 --reps 2 --out "$OUT/so-8b.json" 2>&1 | tee "$OUT/so-8b.log" | tail -30
+      ;;
+    lora)
+      install_wheels
+      PYTHONPATH=engine-image:/tmp/site timeout "${LORA_TIMEOUT:-240}" $PY bench/lora.py --device cuda --adapters 8 \
+        --rank 16 --hidden 4096 --layers 8 --batch 64 --out "$OUT/lora.json" 2>&1 | tee "$OUT/lora.log" | tail -30
       ;;
     long)
       timeout 420 $PY $B --modes bf16,fp8 --workloads 128/2048 --no-baseline --out "$OUT/long.json" 2>&1 \

@@ -7,7 +7,8 @@ measure). Rows:
 * `base-lora-on`: LoRA slots allocated, every request on the base model (the cost of having them);
 * `mixed-segments`: requests round-robin over the base model and the adapters, eager steps
   (per-adapter segments: two small GEMMs per adapter per projection);
-* `mixed-mask`: the same on padded decode steps (the CUDA-graph path, eager off a GPU: every token
+* `mixed-graphs` (`mixed-mask` in results before the batched kernels): the same on padded decode
+  steps (the CUDA-graph path: on a GPU, layers/lora_kernels.py; eager off a GPU: every token
   runs all slots' A and B, masked to its own);
 * `one-adapter`: every request on one adapter.
 
@@ -112,7 +113,7 @@ def main() -> None:
         "base-eager": (EngineConfig(**common, cuda_graphs=False), plain),  # type: ignore[arg-type]
         "base-lora-on": (EngineConfig(**common, **lora, cuda_graphs=graphs), plain),  # type: ignore[arg-type]
         "mixed-segments": (EngineConfig(**common, **lora, cuda_graphs=False), mixed),  # type: ignore[arg-type]
-        "mixed-mask": (EngineConfig(**common, **lora, cuda_graphs=True), mixed),  # type: ignore[arg-type]
+        "mixed-graphs": (EngineConfig(**common, **lora, cuda_graphs=True), mixed),  # type: ignore[arg-type]
         "one-adapter": (
             EngineConfig(**common, **lora, cuda_graphs=graphs),  # type: ignore[arg-type]
             [replace(greedy, adapter=names[0])] * args.batch,
@@ -124,7 +125,7 @@ def main() -> None:
         print(f"{name:16s} {results[name]['tok_per_s']:10.1f} tok/s", flush=True)
     same = {
         "base-lora-on == base": results["base-lora-on"]["tokens"] == results["base"]["tokens"],
-        "mixed-mask == mixed-segments": results["mixed-mask"]["tokens"]
+        "mixed-graphs == mixed-segments": results["mixed-graphs"]["tokens"]
         == results["mixed-segments"]["tokens"],
         "mixed base rows == base": all(
             results["mixed-segments"]["tokens"][i] == results["base"]["tokens"][i]

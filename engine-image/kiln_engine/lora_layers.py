@@ -14,8 +14,9 @@ partial sums before their all-reduce.
 A step's tokens reach the layers through one shared `LoraBatch`, in one of two forms:
 * segments (eager steps): per slot in use, the rows of its tokens; each segment is two small GEMMs
   added into its rows, and rows of the base model cost nothing;
-* a one-hot token x slot mask (decode graphs, where shapes and control flow are fixed): x @ A of all
-  slots, masked to each token's slot, @ B; two GEMMs of width slots * K for every token.
+* each token's slot, -1 for the base model (decode graphs, where shapes and control flow are fixed):
+  on GPU two Triton kernels per projection (layers/lora_kernels.py) run each token through its own
+  slot only; elsewhere x @ A of all slots, masked to each token's slot, @ B.
 """
 
 from __future__ import annotations
@@ -24,9 +25,11 @@ import logging
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 
 from kiln_engine.config import EngineConfig, ModelConfig
 from kiln_engine.layers.linear import LinearBase, RowParallelLinear, load_slice
+from kiln_engine.layers.lora_kernels import add_lora_delta
 from kiln_engine.lora import AdapterError, LoraAdapter, load_adapter
 from kiln_engine.scheduler import ScheduledChunk
 
@@ -55,14 +58,14 @@ class LoraBatch:
     """Which LoRA slot each token of the running step uses (shared by every `LoraLinear`)."""
 
     segments: list[tuple[int, torch.Tensor | None]] = field(default_factory=list)  # (slot, rows | all)
-    mask: torch.Tensor | None = None  # [tokens, slots, 1] one-hot; all zeros for base-model tokens
+    slots: torch.Tensor | None = None  # [tokens] int32: each token's slot, -1 for the base model
 
     def clear(self) -> None:
-        self.segments, self.mask = [], None
+        self.segments, self.slots = [], None
 
     def set_segments(self, token_slots: list[int], device: torch.device) -> None:
         """Eager steps: rows grouped by slot (-1: base model, no LoRA)."""
-        self.mask = None
+        self.slots = None
         used = sorted(set(token_slots) - {-1})
         if len(used) == 1 and -1 not in token_slots:
             self.segments = [(used[0], None)]
@@ -73,8 +76,8 @@ class LoraBatch:
                 rows[s].append(i)
         self.segments = [(s, torch.tensor(rows[s], dtype=torch.int64, device=device)) for s in used]
 
-    def set_mask(self, mask: torch.Tensor) -> None:
-        self.segments, self.mask = [], mask
+    def set_slots(self, slots: torch.Tensor) -> None:
+        self.segments, self.slots = [], slots
 
 
 class LoraLinear:
@@ -127,8 +130,11 @@ class LoraLinear:
     def add_delta(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         """`out` + this step's LoRA delta of `x` (in place; `out` is the base layer's fresh output)."""
         batch = self.batch
-        if batch.mask is not None:
-            h = (x @ self.a.t()).view(x.shape[0], self.num_slots, self.k) * batch.mask
+        if batch.slots is not None:
+            if x.is_cuda:
+                return add_lora_delta(x, out, self.a, self.b, batch.slots, self.k)
+            mask = F.one_hot(batch.slots.long() + 1, self.num_slots + 1)[:, 1:, None].to(x.dtype)
+            h = (x @ self.a.t()).view(x.shape[0], self.num_slots, self.k) * mask
             return out.addmm_(h.view(x.shape[0], -1), self.b.t())
         k = self.k
         for slot, rows in batch.segments:
@@ -254,12 +260,6 @@ class LoraRuntime:
             [s for s, c in zip(slots, chunks, strict=True) for _ in range(c.num_tokens)], self.device
         )
 
-    def mask_for(self, chunks: list[ScheduledChunk], rows: int) -> torch.Tensor:
-        """A decode step padded to `rows`: one-hot [rows, slots, 1] (zeros for base and padding rows)."""
-        slots = [self.slot_of(c) for c in chunks] + [-1] * (rows - len(chunks))
-        idx = torch.tensor([s if s >= 0 else self.num_slots for s in slots], dtype=torch.int64)
-        mask = torch.nn.functional.one_hot(idx, self.num_slots + 1)[:, : self.num_slots]
-        return mask.to(device=self.device, dtype=self.layers_dtype()).unsqueeze(-1)
-
-    def layers_dtype(self) -> torch.dtype:
-        return next(iter(self.layers.values())).a.dtype
+    def slots_for(self, chunks: list[ScheduledChunk], rows: int) -> list[int]:
+        """A decode step padded to `rows`: each row's slot, -1 for base-model and padding rows."""
+        return [self.slot_of(c) for c in chunks] + [-1] * (rows - len(chunks))

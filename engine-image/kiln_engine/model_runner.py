@@ -341,17 +341,15 @@ class DecodeGraphs:
         self.staging_device = torch.empty(0, dtype=i64, device=dev)
         self.staged = torch.cuda.Event() if dev.type == "cuda" else None
         lora = runner.lora
-        self.lora_mask = (
-            None if lora is None else torch.zeros(max_bs, lora.num_slots, 1, dtype=runner.dtype, device=dev)
-        )
+        self.lora_slots = None if lora is None else torch.full((max_bs,), -1, dtype=i32, device=dev)
         if dev.type == "cuda":
             self._capture()
 
     def _forward(self, bs: int) -> torch.Tensor:
         meta = self.metas[bs]
         self.runner.backend.prepare(meta)
-        if self.runner.lora is not None and self.lora_mask is not None:
-            self.runner.lora.batch.set_mask(self.lora_mask[:bs])
+        if self.runner.lora is not None and self.lora_slots is not None:
+            self.runner.lora.batch.set_slots(self.lora_slots[:bs])
         model = self.runner.model
         return model.compute_logits(model(self.input_ids[:bs], self.positions[:bs], meta))
 
@@ -444,6 +442,10 @@ class DecodeGraphs:
         flat += slots + [self.scratch_block * bsz] * pad
         flat += lens + [1] * pad
         flat += rows + [self.scratch_row] * pad
+        lora = self.runner.lora
+        if lora is not None:
+            flat += lora.slots_for(chunks, bs)
+        lora_rows = bs if lora is not None else 0
         flat += up_rows + up_cols + up_vals
         dev = self._stage(flat)
         self.input_ids[:bs].copy_(dev[0:bs])
@@ -452,12 +454,12 @@ class DecodeGraphs:
         self.positions[:bs].copy_(dev[bs : 2 * bs])
         self.slot_mapping[:bs].copy_(dev[2 * bs : 3 * bs])
         self.seq_lens[:bs].copy_(dev[3 * bs : 4 * bs])
+        if self.lora_slots is not None:
+            self.lora_slots[:bs].copy_(dev[5 * bs : 6 * bs])
         if u:
-            upd = dev[5 * bs :].view(3, u)
+            upd = dev[5 * bs + lora_rows :].view(3, u)
             self.table_store.index_put_((upd[0], upd[1]), upd[2].to(torch.int32))
         torch.index_select(self.table_store, 0, dev[4 * bs : 5 * bs], out=self.block_tables[:bs])
-        if self.runner.lora is not None and self.lora_mask is not None:
-            self.lora_mask[:bs].copy_(self.runner.lora.mask_for(chunks, bs), non_blocking=True)
         graph = self.graphs.get(bs)
         if graph is None:
             return self._forward(bs)[:n]

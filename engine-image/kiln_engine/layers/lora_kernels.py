@@ -1,0 +1,120 @@
+"""Batched LoRA for decode graphs (Punica's BGMV, in Triton): each token's delta through its own
+adapter slot only, in two kernels per projection, with base-model tokens costing nothing.
+
+The masked form (every token through every slot's A and B, masked to its own) is three library
+kernels per projection whose cost grows with the number of slots; on an H100 it took a batch of 64
+mixed over 8 adapters to 0.67x the base model, and LoRA slots with no adapter in the batch to 0.79x
+(bench/results-committed/lora-h100.json). Here:
+
+* shrink: h[t] = x[t] @ A[slot(t)]^T, one program per token, reading only its slot's A rows (a
+  base-model token's program loops zero times);
+* expand: out[t] += h[t] @ B[:, slot(t)]^T, one program per (slot, block of output channels): it
+  reads that B tile once and applies it to every token of its slot.
+
+Slots are int32 per token, -1 for the base model (and for a graph's padding rows). A is
+[slots * k, in], B is [out, slots * k], as `LoraLinear` stacks them.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _shrink_kernel(  # type: ignore[no-untyped-def]
+    x_ptr,
+    a_ptr,
+    slot_ptr,
+    h_ptr,
+    IN,
+    K,
+    stride_x,
+    stride_a,
+    stride_h,
+    BLOCK_K: tl.constexpr,
+    BLOCK_IN: tl.constexpr,
+):
+    t = tl.program_id(0)
+    slot = tl.load(slot_ptr + t)
+    offs_k = tl.arange(0, BLOCK_K)
+    rows = slot * K + offs_k
+    acc = tl.zeros([BLOCK_K], dtype=tl.float32)
+    n_in = tl.where(slot >= 0, IN, 0)  # a base-model token reads nothing
+    for i in range(0, n_in, BLOCK_IN):
+        offs_i = i + tl.arange(0, BLOCK_IN)
+        in_mask = offs_i < IN
+        x = tl.load(x_ptr + t * stride_x + offs_i, mask=in_mask, other=0.0).to(tl.float32)
+        a = tl.load(
+            a_ptr + rows[:, None] * stride_a + offs_i[None, :],
+            mask=(offs_k < K)[:, None] & in_mask[None, :],
+            other=0.0,
+        ).to(tl.float32)
+        acc += tl.sum(a * x[None, :], axis=1)
+    tl.store(h_ptr + t * stride_h + offs_k, acc, mask=offs_k < K)
+
+
+@triton.jit
+def _expand_kernel(  # type: ignore[no-untyped-def]
+    h_ptr,
+    b_ptr,
+    slot_ptr,
+    out_ptr,
+    T,
+    N,
+    K,
+    stride_h,
+    stride_b,
+    stride_out,
+    BLOCK_K: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    slot = tl.program_id(0)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    n_mask = offs_n < N
+    k_mask = offs_k < K
+    b = tl.load(
+        b_ptr + offs_n[:, None] * stride_b + (slot * K + offs_k)[None, :],
+        mask=n_mask[:, None] & k_mask[None, :],
+        other=0.0,
+    ).to(tl.float32)
+    for t in range(0, T):
+        if tl.load(slot_ptr + t) == slot:
+            h = tl.load(h_ptr + t * stride_h + offs_k, mask=k_mask, other=0.0)
+            delta = tl.sum(b * h[None, :], axis=1)
+            ptrs = out_ptr + t * stride_out + offs_n
+            y = tl.load(ptrs, mask=n_mask, other=0.0).to(tl.float32) + delta
+            tl.store(ptrs, y.to(out_ptr.dtype.element_ty), mask=n_mask)
+
+
+def add_lora_delta(
+    x: torch.Tensor, out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, slots: torch.Tensor, k: int
+) -> torch.Tensor:
+    """`out` [T, N] += each token's LoRA delta of `x` [T, IN] through its slot (`slots` [T] int32,
+    -1: none), in place. `a` [S * k, IN] and `b` [N, S * k] hold S slots of width k."""
+    tokens, width = x.shape
+    n = out.shape[1]
+    num_slots = a.shape[0] // k
+    block_k = max(16, triton.next_power_of_2(k))
+    h = torch.empty(tokens, k, dtype=torch.float32, device=x.device)
+    _shrink_kernel[(tokens,)](
+        x, a, slots, h, width, k, x.stride(0), a.stride(0), h.stride(0), BLOCK_K=block_k, BLOCK_IN=128
+    )
+    block_n = 64
+    _expand_kernel[(num_slots, triton.cdiv(n, block_n))](
+        h,
+        b,
+        slots,
+        out,
+        tokens,
+        n,
+        k,
+        h.stride(0),
+        b.stride(0),
+        out.stride(0),
+        BLOCK_K=block_k,
+        BLOCK_N=block_n,
+    )
+    return out
