@@ -41,6 +41,7 @@ def case(tokens, width, n, num_slots, k, slots):
 
 case(5, 200, 70, 3, 16, [0, -1, 2, 2, 1])  # widths not multiples of the blocks
 case(4, 64, 64, 1, 8, [0, 0, 0, 0])  # one slot, every token
+case(5, 2000, 70, 3, 16, [2, 0, -1, 2, 1])  # input channels in 3 shares, the last one short
 case(6, 96, 130, 4, 48, [3, -1, -1, 1, 3, 0])  # a fused qkv's k = 3 x rank 16
 case(3, 64, 64, 2, 16, [-1, -1, -1])  # no adapter in the batch: out unchanged
 print("ok")

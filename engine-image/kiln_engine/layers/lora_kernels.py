@@ -6,10 +6,11 @@ kernels per projection whose cost grows with the number of slots; on an H100 it 
 mixed over 8 adapters to 0.67x the base model, and LoRA slots with no adapter in the batch to 0.79x
 (bench/results-committed/lora-h100.json). Here:
 
-* shrink: h[t] = x[t] @ A[slot(t)]^T, one program per token, reading only its slot's A rows (a
-  base-model token's program loops zero times);
+* shrink: h[t] = x[t] @ A[slot(t)]^T, one program per (token, share of the input channels), reading
+  only its slot's A rows (a base-model token's programs loop zero times); the shares' partial sums
+  go to separate rows, so the result does not depend on the order programs finish;
 * expand: out[t] += h[t] @ B[:, slot(t)]^T, one program per (slot, block of output channels): it
-  reads that B tile once and applies it to every token of its slot.
+  reads that B tile once, sums each of its tokens' partial h and applies the tile to it.
 
 Slots are int32 per token, -1 for the base model (and for a graph's padding rows). A is
 [slots * k, in], B is [out, slots * k], as `LoraLinear` stacks them.
@@ -21,6 +22,12 @@ import torch
 import triton
 import triton.language as tl
 
+# The shrink splits a token's input channels into shares of at least SHARE_MIN_WIDTH, at most
+# MAX_SHARES of them: one program per token would leave most of a GPU idle on a batch of 64 and
+# walk a 14,336-wide down projection serially.
+SHARE_MIN_WIDTH = 512
+MAX_SHARES = 16
+
 
 @triton.jit
 def _shrink_kernel(  # type: ignore[no-untyped-def]
@@ -30,19 +37,23 @@ def _shrink_kernel(  # type: ignore[no-untyped-def]
     h_ptr,
     IN,
     K,
+    CHUNK,  # input channels per share, a multiple of BLOCK_IN
     stride_x,
     stride_a,
+    stride_h_split,
     stride_h,
     BLOCK_K: tl.constexpr,
     BLOCK_IN: tl.constexpr,
 ):
     t = tl.program_id(0)
+    share = tl.program_id(1)
     slot = tl.load(slot_ptr + t)
     offs_k = tl.arange(0, BLOCK_K)
     rows = slot * K + offs_k
     acc = tl.zeros([BLOCK_K], dtype=tl.float32)
-    n_in = tl.where(slot >= 0, IN, 0)  # a base-model token reads nothing
-    for i in range(0, n_in, BLOCK_IN):
+    start = share * CHUNK
+    end = tl.where(slot >= 0, tl.minimum(start + CHUNK, IN), start)  # a base-model token reads nothing
+    for i in range(start, end, BLOCK_IN):
         offs_i = i + tl.arange(0, BLOCK_IN)
         in_mask = offs_i < IN
         x = tl.load(x_ptr + t * stride_x + offs_i, mask=in_mask, other=0.0).to(tl.float32)
@@ -52,7 +63,7 @@ def _shrink_kernel(  # type: ignore[no-untyped-def]
             other=0.0,
         ).to(tl.float32)
         acc += tl.sum(a * x[None, :], axis=1)
-    tl.store(h_ptr + t * stride_h + offs_k, acc, mask=offs_k < K)
+    tl.store(h_ptr + share * stride_h_split + t * stride_h + offs_k, acc, mask=offs_k < K)
 
 
 @triton.jit
@@ -64,6 +75,8 @@ def _expand_kernel(  # type: ignore[no-untyped-def]
     T,
     N,
     K,
+    SHARES,
+    stride_h_split,
     stride_h,
     stride_b,
     stride_out,
@@ -82,7 +95,9 @@ def _expand_kernel(  # type: ignore[no-untyped-def]
     ).to(tl.float32)
     for t in range(0, T):
         if tl.load(slot_ptr + t) == slot:
-            h = tl.load(h_ptr + t * stride_h + offs_k, mask=k_mask, other=0.0)
+            h = tl.zeros([BLOCK_K], dtype=tl.float32)
+            for share in range(0, SHARES):
+                h += tl.load(h_ptr + share * stride_h_split + t * stride_h + offs_k, mask=k_mask, other=0.0)
             delta = tl.sum(b * h[None, :], axis=1)
             ptrs = out_ptr + t * stride_out + offs_n
             y = tl.load(ptrs, mask=n_mask, other=0.0).to(tl.float32) + delta
@@ -98,23 +113,18 @@ def add_lora_delta(
     n = out.shape[1]
     num_slots = a.shape[0] // k
     block_k = max(16, triton.next_power_of_2(k))
-    h = torch.empty(tokens, k, dtype=torch.float32, device=x.device)
-    _shrink_kernel[(tokens,)](
-        x, a, slots, h, width, k, x.stride(0), a.stride(0), h.stride(0), BLOCK_K=block_k, BLOCK_IN=128
-    )
+    block_in = 128
+    shares = max(1, min(MAX_SHARES, width // SHARE_MIN_WIDTH))
+    chunk = triton.cdiv(triton.cdiv(width, shares), block_in) * block_in
+    shares = triton.cdiv(width, chunk)
+    h = torch.empty(shares, tokens, k, dtype=torch.float32, device=x.device)
+    _shrink_kernel[(tokens, shares)](
+        x, a, slots, h, width, k, chunk, x.stride(0), a.stride(0), h.stride(0), h.stride(1),
+        BLOCK_K=block_k, BLOCK_IN=block_in,
+    )  # fmt: skip
     block_n = 64
     _expand_kernel[(num_slots, triton.cdiv(n, block_n))](
-        h,
-        b,
-        slots,
-        out,
-        tokens,
-        n,
-        k,
-        h.stride(0),
-        b.stride(0),
-        out.stride(0),
-        BLOCK_K=block_k,
-        BLOCK_N=block_n,
-    )
+        h, b, slots, out, tokens, n, k, shares, h.stride(0), h.stride(1), b.stride(0), out.stride(0),
+        BLOCK_K=block_k, BLOCK_N=block_n,
+    )  # fmt: skip
     return out
