@@ -87,20 +87,26 @@ def large_vocab_tokenizer(vocab_size: int) -> Tokenizer:
     return tok
 
 
+def with_large_vocab(checkpoint: Path, layers: dict[str, Any]) -> None:
+    """Give `checkpoint` the large-vocabulary tokenizer and `layers`' shape; its weights go (load it
+    with `load_format: dummy`)."""
+    started = time.perf_counter()
+    tok = large_vocab_tokenizer(LARGE_VOCAB)
+    (checkpoint / "tokenizer.json").write_text(tok.to_str())
+    config = json.loads((checkpoint / "config.json").read_text())
+    config.update(layers, vocab_size=tok.get_vocab_size())
+    (checkpoint / "config.json").write_text(json.dumps(config, indent=1))
+    (checkpoint / "model.safetensors").unlink(missing_ok=True)
+    print(f"{tok.get_vocab_size()}-token tokenizer trained in {time.perf_counter() - started:.0f} s")
+
+
 def engine_for(device: str, model: str = "tiny") -> LLMEngine:
     checkpoint = make_tiny_checkpoint("/tmp/kiln-so-ckpt", "llama", seed=3, max_position_embeddings=1024)
     fast = {"cuda_graphs": True, "lookahead_decode": True} if device == "cuda" else {}
     extra: dict[str, Any] = {}
     if model == "llama3-8b-shape":
-        started = time.perf_counter()
-        tok = large_vocab_tokenizer(LARGE_VOCAB)
-        (checkpoint / "tokenizer.json").write_text(tok.to_str())
-        config = json.loads((checkpoint / "config.json").read_text())
-        config.update(LLAMA3_8B_LAYERS, vocab_size=tok.get_vocab_size())
-        (checkpoint / "config.json").write_text(json.dumps(config, indent=1))
-        (checkpoint / "model.safetensors").unlink()
+        with_large_vocab(checkpoint, LLAMA3_8B_LAYERS)
         extra = {"load_format": "dummy", "dtype": "bfloat16"}
-        print(f"{tok.get_vocab_size()}-token tokenizer trained in {time.perf_counter() - started:.0f} s")
     config = EngineConfig(
         device=device,
         max_model_len=1024,
