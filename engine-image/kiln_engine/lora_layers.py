@@ -25,11 +25,10 @@ import logging
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 
 from kiln_engine.config import EngineConfig, ModelConfig
 from kiln_engine.layers.linear import LinearBase, RowParallelLinear, load_slice
-from kiln_engine.layers.lora_kernels import add_lora_delta
+from kiln_engine.layers.lora_kernels import add_lora_delta, add_masked_lora_delta, check_lora_kernels
 from kiln_engine.lora import AdapterError, LoraAdapter, load_adapter
 from kiln_engine.scheduler import ScheduledChunk
 
@@ -59,6 +58,7 @@ class LoraBatch:
 
     segments: list[tuple[int, torch.Tensor | None]] = field(default_factory=list)  # (slot, rows | all)
     slots: torch.Tensor | None = None  # [tokens] int32: each token's slot, -1 for the base model
+    kernels: bool = False  # slots go through layers/lora_kernels.py (GPU, once they pass their check)
 
     def clear(self) -> None:
         self.segments, self.slots = [], None
@@ -131,11 +131,9 @@ class LoraLinear:
         """`out` + this step's LoRA delta of `x` (in place; `out` is the base layer's fresh output)."""
         batch = self.batch
         if batch.slots is not None:
-            if x.is_cuda:
+            if batch.kernels:
                 return add_lora_delta(x, out, self.a, self.b, batch.slots, self.k)
-            mask = F.one_hot(batch.slots.long() + 1, self.num_slots + 1)[:, 1:, None].to(x.dtype)
-            h = (x @ self.a.t()).view(x.shape[0], self.num_slots, self.k) * mask
-            return out.addmm_(h.view(x.shape[0], -1), self.b.t())
+            return add_masked_lora_delta(x, out, self.a, self.b, batch.slots, self.k)
         k = self.k
         for slot, rows in batch.segments:
             a, b = self.a[slot * k : (slot + 1) * k], self.b[:, slot * k : (slot + 1) * k]
@@ -161,6 +159,11 @@ class LoraRuntime:
         self.max_rank = config.max_lora_rank
         self.device = device
         self.batch = LoraBatch()
+        if device.type == "cuda":
+            failed = check_lora_kernels(device, dtype)
+            self.batch.kernels = failed is None
+            if failed is not None:
+                log.error("LoRA kernels failed their check, decode graphs use the masked form: %s", failed)
         self.layers: dict[tuple[int, str], LoraLinear] = {}
         for i, decoder in enumerate(getattr(model.model, "layers", [])):
             for path, subs in SUBS.items():

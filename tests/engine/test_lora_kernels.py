@@ -1,6 +1,7 @@
 """The decode graphs' batched LoRA kernels (layers/lora_kernels.py) against the masked torch form
 they replace, under Triton's interpreter on CPU: each token gets its own slot's delta, base-model
-and padding tokens (slot -1) none, at several slot counts, ranks and widths."""
+and padding tokens (slot -1) none, at several slot counts, ranks and widths; and the startup check
+that falls back to the masked form when the kernels fail."""
 
 from __future__ import annotations
 
@@ -44,6 +45,16 @@ case(4, 64, 64, 1, 8, [0, 0, 0, 0])  # one slot, every token
 case(5, 2000, 70, 3, 16, [2, 0, -1, 2, 1])  # input channels in 3 shares, the last one short
 case(6, 96, 130, 4, 48, [3, -1, -1, 1, 3, 0])  # a fused qkv's k = 3 x rank 16
 case(3, 64, 64, 2, 16, [-1, -1, -1])  # no adapter in the batch: out unchanged
+
+# The startup check passes the kernels, and refuses them when they fail or compute wrongly.
+import kiln_engine.layers.lora_kernels as lk
+assert lk.check_lora_kernels(torch.device("cpu"), torch.float32) is None
+def fails(*args):
+    raise RuntimeError("no kernel")
+lk.add_lora_delta = fails
+assert lk.check_lora_kernels(torch.device("cpu"), torch.float32) == "RuntimeError: no kernel"
+lk.add_lora_delta = lambda x, out, *rest: out  # no delta at all
+assert "relative error" in lk.check_lora_kernels(torch.device("cpu"), torch.float32)
 print("ok")
 """
 

@@ -19,6 +19,7 @@ Slots are int32 per token, -1 for the base model (and for a graph's padding rows
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
 
@@ -128,3 +129,37 @@ def add_lora_delta(
         BLOCK_K=block_k, BLOCK_N=block_n,
     )  # fmt: skip
     return out
+
+
+def add_masked_lora_delta(
+    x: torch.Tensor, out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, slots: torch.Tensor, k: int
+) -> torch.Tensor:
+    """`add_lora_delta` in library kernels: every token through every slot's A, masked to its own
+    slot, then through B (the CPU path, and the reference the kernels are checked against)."""
+    num_slots = a.shape[0] // k
+    mask = F.one_hot(slots.long() + 1, num_slots + 1)[:, 1:, None].to(x.dtype)
+    h = (x @ a.t()).view(x.shape[0], num_slots, k) * mask
+    return out.addmm_(h.view(x.shape[0], -1), b.t())
+
+
+def check_lora_kernels(device: torch.device, dtype: torch.dtype) -> str | None:
+    """Why the kernels cannot serve on `device` (they fail to run, or disagree with the masked form
+    on a small batch), or None. Run once at startup: a Triton or driver problem then costs speed,
+    reported, instead of every LoRA request's output."""
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    tokens, width, n, num_slots, k = 24, 1024, 384, 4, 32
+    x = torch.randn(tokens, width, generator=gen).to(device, dtype)
+    a = (torch.randn(num_slots * k, width, generator=gen) / width**0.5).to(device, dtype)
+    b = torch.randn(n, num_slots * k, generator=gen).to(device, dtype)
+    out = torch.randn(tokens, n, generator=gen).to(device, dtype)
+    slots = torch.tensor([i % (num_slots + 1) - 1 for i in range(tokens)], dtype=torch.int32, device=device)
+    try:
+        got = add_lora_delta(x, out.clone(), a, b, slots, k).float()
+    except Exception as exc:
+        return f"{type(exc).__name__}: {exc}"
+    want = add_masked_lora_delta(x.float(), out.float(), a.float(), b.float(), slots, k)
+    err = ((got - want).norm() / want.norm()).item()
+    return None if err < CHECK_TOLERANCE else f"relative error {err:.2e} against the masked form"
+
+
+CHECK_TOLERANCE = 2e-2  # bf16 outputs: rounding alone is ~4e-3
