@@ -120,8 +120,12 @@ def main() -> None:
         ),
     }
     results = {}
+    decode_lora = "none"
     for name, (cfg, params) in rows.items():
-        results[name] = timed(LLMEngine(base, cfg), prompts, params, args.repeats)
+        engine = LLMEngine(base, cfg)
+        if name == "mixed-graphs" and engine.runner.lora is not None:
+            decode_lora = "kernels" if engine.runner.lora.batch.kernels else "masked"
+        results[name] = timed(engine, prompts, params, args.repeats)
         print(f"{name:16s} {results[name]['tok_per_s']:10.1f} tok/s", flush=True)
     same = {
         "base-lora-on == base": results["base-lora-on"]["tokens"] == results["base"]["tokens"],
@@ -153,6 +157,7 @@ def main() -> None:
             for k, v in results.items()
         },
         "same_tokens": same,
+        "mixed_graphs_lora": decode_lora,  # kernels (layers/lora_kernels.py) or the masked form
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(record, indent=2) + "\n")
