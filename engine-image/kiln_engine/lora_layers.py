@@ -159,7 +159,7 @@ class LoraRuntime:
         self.max_rank = config.max_lora_rank
         self.device = device
         self.batch = LoraBatch()
-        if device.type == "cuda":
+        if device.type == "cuda" and config.cuda_graphs:  # the kernels serve decode graphs only
             failed = check_lora_kernels(device, dtype)
             self.batch.kernels = failed is None
             if failed is not None:
