@@ -193,9 +193,10 @@ MAX_FILL_THREADS = 8
 def threads_for_fill(serial_s: float, cpus: int) -> int:
     """Threads for a batch fill whose serial cost was `serial_s`. xgrammar's pool costs 0.3-2 ms a
     call, more than a cheap fill (a small JSON object at 128 rows: 68 us with 1 thread, 336 us with
-    2; bench/results-committed/structured_outputs-h100-run2-profile.txt), but free-text states at a
-    128,000-token vocabulary cost 130-260 us a row, 17-35 ms at 128 rows, and threads divide that
-    (1.8x with 2 threads on 2 cores). One core stays for the engine loop."""
+    2; bench/results-committed/structured_outputs-h100-run2-profile.txt), but a free-text state at a
+    128,000-token vocabulary costs about 200 us a row, 27.6 ms at 128 rows, and threads divide that
+    (14.6 ms with 2 threads on 2 cores; bench/results-committed/grammar_fill-large-vocab-cpu.txt).
+    One core stays for the engine loop."""
     if serial_s < MULTI_THREAD_ABOVE_S or cpus < 3:
         return 1
     return min(MAX_FILL_THREADS, cpus - 1)
