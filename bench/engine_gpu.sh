@@ -17,6 +17,7 @@
 #                                                        #   from an earlier call); TRTLLM_ARGS adds options
 #   OUT=results bash bench/engine_gpu.sh so-8b           # issue 20: structured outputs at the Llama-3-8B shape
 #   OUT=results bash bench/engine_gpu.sh lora            # issue 19: 8 rank-16 adapters mixed vs the base model
+#   OUT=results bash bench/engine_gpu.sh lora-ops        #   and one 8B layer's LoRA delta: kernels vs masked form
 #
 # Runs from the repository root with the machine's python3 (torch, triton, transformers). The
 # topology and serve stages need packages the machine lacks (pydantic, nvidia-ml-py, fastapi,
@@ -70,6 +71,9 @@ for stage in "$@"; do
       install_wheels
       PYTHONPATH=engine-image:/tmp/site timeout "${LORA_TIMEOUT:-240}" $PY bench/lora.py --device cuda --adapters 8 \
         --rank 16 --hidden 4096 --layers 8 --batch 64 --out "$OUT/lora.json" 2>&1 | tee "$OUT/lora.log" | tail -30
+      ;;
+    lora-ops)
+      timeout "${LORA_OPS_TIMEOUT:-120}" $PY bench/lora_kernels.py --out "$OUT/lora-ops.json" 2>&1 | tee "$OUT/lora-ops.log" | tail -30
       ;;
     long)
       timeout 420 $PY $B --modes bf16,fp8 --workloads 128/2048 --no-baseline --out "$OUT/long.json" 2>&1 \

@@ -10,6 +10,8 @@ measure). Rows:
 * `mixed-graphs` (`mixed-mask` in results before the batched kernels): the same on padded decode
   steps (the CUDA-graph path: on a GPU, layers/lora_kernels.py; eager off a GPU: every token
   runs all slots' A and B, masked to its own);
+* `mixed-graphs-masked`: `mixed-graphs` with the kernels turned off (`lora_kernels=False`): the
+  masked form in the graphs, the baseline the kernels must beat;
 * `one-adapter`: every request on one adapter.
 
 Each row decodes the same prompts greedily; rows with the same adapter assignment must give the
@@ -114,6 +116,10 @@ def main() -> None:
         "base-lora-on": (EngineConfig(**common, **lora, cuda_graphs=graphs), plain),  # type: ignore[arg-type]
         "mixed-segments": (EngineConfig(**common, **lora, cuda_graphs=False), mixed),  # type: ignore[arg-type]
         "mixed-graphs": (EngineConfig(**common, **lora, cuda_graphs=True), mixed),  # type: ignore[arg-type]
+        "mixed-graphs-masked": (
+            EngineConfig(**common, **lora, cuda_graphs=True, lora_kernels=False),  # type: ignore[arg-type]
+            mixed,
+        ),
         "one-adapter": (
             EngineConfig(**common, **lora, cuda_graphs=graphs),  # type: ignore[arg-type]
             [replace(greedy, adapter=names[0])] * args.batch,
@@ -125,11 +131,15 @@ def main() -> None:
         engine = LLMEngine(base, cfg)
         if name == "mixed-graphs" and engine.runner.lora is not None:
             decode_lora = "kernels" if engine.runner.lora.batch.kernels else "masked"
+        if name == "mixed-graphs-masked" and engine.runner.lora is not None:
+            assert not engine.runner.lora.batch.kernels
         results[name] = timed(engine, prompts, params, args.repeats)
         print(f"{name:16s} {results[name]['tok_per_s']:10.1f} tok/s", flush=True)
     same = {
         "base-lora-on == base": results["base-lora-on"]["tokens"] == results["base"]["tokens"],
         "mixed-graphs == mixed-segments": results["mixed-graphs"]["tokens"]
+        == results["mixed-segments"]["tokens"],
+        "mixed-graphs-masked == mixed-segments": results["mixed-graphs-masked"]["tokens"]
         == results["mixed-segments"]["tokens"],
         "mixed base rows == base": all(
             results["mixed-segments"]["tokens"][i] == results["base"]["tokens"][i]
@@ -137,6 +147,7 @@ def main() -> None:
         ),
     }
     base_rate = results["base"]["tok_per_s"]
+    segments = results["mixed-segments"]["tokens"]
     record = {
         "what": "bench/lora.py: output tok/s, base model alone vs mixed with LoRA adapters, one run",
         "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
@@ -157,6 +168,11 @@ def main() -> None:
             for k, v in results.items()
         },
         "same_tokens": same,
+        # How many sequences differ, where a pair above does not agree.
+        "differing_sequences": {
+            name: sum(x != y for x, y in zip(results[name]["tokens"], segments, strict=True))
+            for name in ("mixed-graphs", "mixed-graphs-masked")
+        },
         "mixed_graphs_lora": decode_lora,  # kernels (layers/lora_kernels.py) or the masked form
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)

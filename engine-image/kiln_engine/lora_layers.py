@@ -28,7 +28,12 @@ import torch
 
 from kiln_engine.config import EngineConfig, ModelConfig
 from kiln_engine.layers.linear import LinearBase, RowParallelLinear, load_slice
-from kiln_engine.layers.lora_kernels import add_lora_delta, add_masked_lora_delta, check_lora_kernels
+from kiln_engine.layers.lora_kernels import (
+    add_lora_delta,
+    add_masked_lora_delta,
+    check_lora_kernels,
+    slot_mask,
+)
 from kiln_engine.lora import AdapterError, LoraAdapter, load_adapter
 from kiln_engine.scheduler import ScheduledChunk
 
@@ -59,13 +64,18 @@ class LoraBatch:
     segments: list[tuple[int, torch.Tensor | None]] = field(default_factory=list)  # (slot, rows | all)
     slots: torch.Tensor | None = None  # [tokens] int32: each token's slot, -1 for the base model
     kernels: bool = False  # slots go through layers/lora_kernels.py (GPU, once they pass their check)
+    num_slots: int = 0
+    dtype: torch.dtype = torch.float32  # the activations'
+    # The masked form's [tokens, slots, 1] selector, made once per step rather than per projection
+    # (7 projections a layer would otherwise build it 4 times each, a few kernels every time).
+    mask: torch.Tensor | None = None
 
     def clear(self) -> None:
-        self.segments, self.slots = [], None
+        self.segments, self.slots, self.mask = [], None, None
 
     def set_segments(self, token_slots: list[int], device: torch.device) -> None:
         """Eager steps: rows grouped by slot (-1: base model, no LoRA)."""
-        self.slots = None
+        self.slots, self.mask = None, None
         used = sorted(set(token_slots) - {-1})
         if len(used) == 1 and -1 not in token_slots:
             self.segments = [(used[0], None)]
@@ -78,6 +88,7 @@ class LoraBatch:
 
     def set_slots(self, slots: torch.Tensor) -> None:
         self.segments, self.slots = [], slots
+        self.mask = None if self.kernels else slot_mask(slots, self.num_slots, self.dtype)
 
 
 class LoraLinear:
@@ -131,9 +142,9 @@ class LoraLinear:
         """`out` + this step's LoRA delta of `x` (in place; `out` is the base layer's fresh output)."""
         batch = self.batch
         if batch.slots is not None:
-            if batch.kernels:
+            if batch.mask is None:
                 return add_lora_delta(x, out, self.a, self.b, batch.slots, self.k)
-            return add_masked_lora_delta(x, out, self.a, self.b, batch.slots, self.k)
+            return add_masked_lora_delta(x, out, self.a, self.b, batch.mask, self.k)
         k = self.k
         for slot, rows in batch.segments:
             a, b = self.a[slot * k : (slot + 1) * k], self.b[:, slot * k : (slot + 1) * k]
@@ -158,8 +169,9 @@ class LoraRuntime:
         self.num_slots = config.max_loras
         self.max_rank = config.max_lora_rank
         self.device = device
-        self.batch = LoraBatch()
-        if device.type == "cuda" and config.cuda_graphs:  # the kernels serve decode graphs only
+        self.batch = LoraBatch(num_slots=self.num_slots, dtype=dtype)
+        # The kernels serve decode graphs only.
+        if device.type == "cuda" and config.cuda_graphs and config.lora_kernels:
             failed = check_lora_kernels(device, dtype)
             self.batch.kernels = failed is None
             if failed is not None:

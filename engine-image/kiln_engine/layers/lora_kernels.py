@@ -9,8 +9,11 @@ mixed over 8 adapters to 0.67x the base model, and LoRA slots with no adapter in
 * shrink: h[t] = x[t] @ A[slot(t)]^T, one program per (token, share of the input channels), reading
   only its slot's A rows (a base-model token's programs loop zero times); the shares' partial sums
   go to separate rows, so the result does not depend on the order programs finish;
-* expand: out[t] += h[t] @ B[:, slot(t)]^T, one program per (slot, block of output channels): it
-  reads that B tile once, sums each of its tokens' partial h and applies the tile to it.
+* expand: out[t] += h[t] @ B[:, slot(t)]^T, one program per (token, block of output channels): it
+  sums the token's partial h, rounds it as the eager path does, and applies its slot's B tile
+  (tokens of one slot read the same tiles, which stay in L2). The first version had one program per
+  (slot, block) walking all tokens in turn; that serial walk made it slower than the masked form on
+  an H100 (bench/results-committed/lora-h100-run2-kernels.json).
 
 Slots are int32 per token, -1 for the base model (and for a graph's padding rows). A is
 [slots * k, in], B is [out, slots * k], as `LoraLinear` stacks them.
@@ -73,7 +76,6 @@ def _expand_kernel(  # type: ignore[no-untyped-def]
     b_ptr,
     slot_ptr,
     out_ptr,
-    T,
     N,
     K,
     SHARES,
@@ -84,25 +86,28 @@ def _expand_kernel(  # type: ignore[no-untyped-def]
     BLOCK_K: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
-    slot = tl.program_id(0)
-    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_k = tl.arange(0, BLOCK_K)
-    n_mask = offs_n < N
-    k_mask = offs_k < K
-    b = tl.load(
-        b_ptr + offs_n[:, None] * stride_b + (slot * K + offs_k)[None, :],
-        mask=n_mask[:, None] & k_mask[None, :],
-        other=0.0,
-    ).to(tl.float32)
-    for t in range(0, T):
-        if tl.load(slot_ptr + t) == slot:
-            h = tl.zeros([BLOCK_K], dtype=tl.float32)
-            for share in range(0, SHARES):
-                h += tl.load(h_ptr + share * stride_h_split + t * stride_h + offs_k, mask=k_mask, other=0.0)
-            delta = tl.sum(b * h[None, :], axis=1)
-            ptrs = out_ptr + t * stride_out + offs_n
-            y = tl.load(ptrs, mask=n_mask, other=0.0).to(tl.float32) + delta
-            tl.store(ptrs, y.to(out_ptr.dtype.element_ty), mask=n_mask)
+    t = tl.program_id(0)
+    slot = tl.load(slot_ptr + t)
+    if slot >= 0:  # a base-model (or padding) token's programs end here
+        offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_k = tl.arange(0, BLOCK_K)
+        n_mask = offs_n < N
+        k_mask = offs_k < K
+        h = tl.zeros([BLOCK_K], dtype=tl.float32)
+        for share in range(0, SHARES):
+            h += tl.load(h_ptr + share * stride_h_split + t * stride_h + offs_k, mask=k_mask, other=0.0)
+        # Rounded to the activations' dtype as the eager path's x @ A is, so that a token's output
+        # does not depend on whether its step ran eager or in a graph.
+        h = h.to(out_ptr.dtype.element_ty).to(tl.float32)
+        b = tl.load(
+            b_ptr + offs_n[:, None] * stride_b + (slot * K + offs_k)[None, :],
+            mask=n_mask[:, None] & k_mask[None, :],
+            other=0.0,
+        ).to(tl.float32)
+        delta = tl.sum(b * h[None, :], axis=1)
+        ptrs = out_ptr + t * stride_out + offs_n
+        y = tl.load(ptrs, mask=n_mask, other=0.0).to(tl.float32) + delta
+        tl.store(ptrs, y.to(out_ptr.dtype.element_ty), mask=n_mask)
 
 
 def add_lora_delta(
@@ -112,7 +117,6 @@ def add_lora_delta(
     -1: none), in place. `a` [S * k, IN] and `b` [N, S * k] hold S slots of width k."""
     tokens, width = x.shape
     n = out.shape[1]
-    num_slots = a.shape[0] // k
     block_k = max(16, triton.next_power_of_2(k))
     block_in = 128
     shares = max(1, min(MAX_SHARES, width // SHARE_MIN_WIDTH))
@@ -123,22 +127,26 @@ def add_lora_delta(
         x, a, slots, h, width, k, chunk, x.stride(0), a.stride(0), h.stride(0), h.stride(1),
         BLOCK_K=block_k, BLOCK_IN=block_in,
     )  # fmt: skip
-    block_n = 64
-    _expand_kernel[(num_slots, triton.cdiv(n, block_n))](
-        h, b, slots, out, tokens, n, k, shares, h.stride(0), h.stride(1), b.stride(0), out.stride(0),
+    block_n = 128
+    _expand_kernel[(tokens, triton.cdiv(n, block_n))](
+        h, b, slots, out, n, k, shares, h.stride(0), h.stride(1), b.stride(0), out.stride(0),
         BLOCK_K=block_k, BLOCK_N=block_n,
     )  # fmt: skip
     return out
 
 
+def slot_mask(slots: torch.Tensor, num_slots: int, dtype: torch.dtype) -> torch.Tensor:
+    """[T, num_slots, 1]: 1 where a token uses the slot (`slots` [T], -1 for none), else 0."""
+    return F.one_hot(slots.long() + 1, num_slots + 1)[:, 1:, None].to(dtype)
+
+
 def add_masked_lora_delta(
-    x: torch.Tensor, out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, slots: torch.Tensor, k: int
+    x: torch.Tensor, out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor, k: int
 ) -> torch.Tensor:
     """`add_lora_delta` in library kernels: every token through every slot's A, masked to its own
-    slot, then through B (the CPU path, and the reference the kernels are checked against)."""
-    num_slots = a.shape[0] // k
-    mask = F.one_hot(slots.long() + 1, num_slots + 1)[:, 1:, None].to(x.dtype)
-    h = (x @ a.t()).view(x.shape[0], num_slots, k) * mask
+    slot (`mask` from `slot_mask`, made once per step), then through B (the CPU path, and the
+    reference the kernels are checked against)."""
+    h = (x @ a.t()).view(x.shape[0], mask.shape[1], k) * mask
     return out.addmm_(h.view(x.shape[0], -1), b.t())
 
 
@@ -157,7 +165,8 @@ def check_lora_kernels(device: torch.device, dtype: torch.dtype) -> str | None:
         got = add_lora_delta(x, out.clone(), a, b, slots, k).float()
     except Exception as exc:
         return f"{type(exc).__name__}: {exc}"
-    want = add_masked_lora_delta(x.float(), out.float(), a.float(), b.float(), slots, k)
+    mask = slot_mask(slots, num_slots, torch.float32)
+    want = add_masked_lora_delta(x.float(), out.float(), a.float(), b.float(), mask, k)
     err = ((got - want).norm() / want.norm()).item()
     return None if err < CHECK_TOLERANCE else f"relative error {err:.2e} against the masked form"
 

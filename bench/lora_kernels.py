@@ -1,0 +1,128 @@
+"""The decode graphs' LoRA delta, op by op, on a GPU: the batched kernels (layers/lora_kernels.py)
+against the masked form they replace, on one Llama-3-8B decoder layer's four LoRA projections
+(qkv, o, gate_up, down; rank 16), next to the same layer's base GEMMs, all timed inside CUDA graphs
+as decode runs them. Tokens are spread round-robin over the base model and the slots (`mixed`) or
+all on slot 0 (`one`); every row also gives the kernels' relative error against the masked form in
+fp32.
+
+    python3 bench/lora_kernels.py --out bench/results/lora_kernels.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from kiln_engine.layers.lora_kernels import add_lora_delta, add_masked_lora_delta, slot_mask
+
+# (name, input width, output width, sub-projections): Llama-3-8B at tensor parallel 1.
+PROJECTIONS = [
+    ("qkv", 4096, 6144, 3),
+    ("o", 4096, 4096, 1),
+    ("gate_up", 4096, 28672, 2),
+    ("down", 14336, 4096, 1),
+]
+CALLS_PER_GRAPH = 20
+
+
+def graph_time_us(fn: Callable[[], object], replays: int = 10) -> float:
+    """Microseconds per call of `fn`, captured CALLS_PER_GRAPH times in one CUDA graph."""
+    fn()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(CALLS_PER_GRAPH):
+            fn()
+    graph.replay()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(replays):
+        graph.replay()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) * 1000 / (replays * CALLS_PER_GRAPH)
+
+
+def slots_of(tokens: int, num_slots: int, mix: str) -> torch.Tensor:
+    values = [0] * tokens if mix == "one" else [i % (num_slots + 1) - 1 for i in range(tokens)]
+    return torch.tensor(values, dtype=torch.int32, device="cuda")
+
+
+def time_projection(
+    x: torch.Tensor, w: torch.Tensor, a: torch.Tensor, b: torch.Tensor, slots: torch.Tensor, k: int
+) -> dict[str, float]:
+    """Microseconds of one projection's base GEMM, masked-form delta and kernels' delta, and the
+    kernels' relative error against the masked form in fp32."""
+    out = torch.zeros(x.shape[0], w.shape[0], device=x.device, dtype=x.dtype)
+    mask = slot_mask(slots, a.shape[0] // k, x.dtype)
+    times = {
+        "base": graph_time_us(lambda: torch.mm(x, w.t(), out=out)),
+        "masked": graph_time_us(lambda: add_masked_lora_delta(x, out, a, b, mask, k)),
+        "kernels": graph_time_us(lambda: add_lora_delta(x, out, a, b, slots, k)),
+    }
+    got = add_lora_delta(x, torch.zeros_like(out), a, b, slots, k).float()
+    zeros = torch.zeros_like(out, dtype=torch.float32)
+    want = add_masked_lora_delta(x.float(), zeros, a.float(), b.float(), mask.float(), k)
+    norm = want.norm().item()
+    return {**times, "rel_err": (got - want).norm().item() / norm if norm > 0 else 0.0}
+
+
+def measure(tokens: int, num_slots: int, mix: str, rank: int) -> dict[str, float]:
+    """One decoder layer: its projections' times summed, their worst relative error."""
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    slots = slots_of(tokens, num_slots, mix)
+    row = {"base": 0.0, "masked": 0.0, "kernels": 0.0, "max_rel_err": 0.0}
+
+    def randn(rows: int, cols: int, scale: float) -> torch.Tensor:
+        return torch.randn(rows, cols, device="cuda", generator=gen, dtype=torch.bfloat16) * scale
+
+    for _name, width, n, subs in PROJECTIONS:
+        k = subs * rank
+        x = randn(tokens, width, 1.0)
+        w, a = randn(n, width, width**-0.5), randn(num_slots * k, width, width**-0.5)
+        r = time_projection(x, w, a, randn(n, num_slots * k, k**-0.5), slots, k)
+        for key in ("base", "masked", "kernels"):
+            row[key] += r[key]
+        row["max_rel_err"] = max(row["max_rel_err"], r["rel_err"])
+    return {key: value if key == "max_rel_err" else round(value, 2) for key, value in row.items()}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--tokens", default="1,16,64,256")
+    ap.add_argument("--slots", default="8,32")
+    ap.add_argument("--rank", type=int, default=16)
+    ap.add_argument("--out", type=Path, default=Path("bench/results/lora_kernels.json"))
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("bench/lora_kernels.py times CUDA graphs: it needs a GPU")
+    rows = []
+    print(f"{'tokens':>6} {'slots':>5} {'mix':5} {'base us':>8} {'masked us':>9} {'kernels us':>10} "
+          f"{'kern/mask':>9} {'rel err':>8}")  # fmt: skip
+    for tokens in map(int, args.tokens.split(",")):
+        for num_slots in map(int, args.slots.split(",")):
+            for mix in ("mixed", "one"):
+                r = measure(tokens, num_slots, mix, args.rank)
+                rows.append({"tokens": tokens, "slots": num_slots, "mix": mix, **r})
+                print(f"{tokens:6d} {num_slots:5d} {mix:5} {r['base']:8.1f} {r['masked']:9.1f} "
+                      f"{r['kernels']:10.1f} {r['kernels'] / r['masked']:8.2f}x {r['max_rel_err']:8.1e}",
+                      flush=True)  # fmt: skip
+    record = {
+        "what": "bench/lora_kernels.py: one Llama-3-8B layer's LoRA delta (qkv, o, gate_up, down), "
+        "microseconds per call in CUDA graphs: masked form vs batched kernels, next to the base GEMMs",
+        "device": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "rank": args.rank,
+        "rows": rows,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(record, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
