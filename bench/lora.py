@@ -130,7 +130,7 @@ def main() -> None:
     for name, (cfg, params) in rows.items():
         engine = LLMEngine(base, cfg)
         if name == "mixed-graphs" and engine.runner.lora is not None:
-            decode_lora = "kernels" if engine.runner.lora.batch.kernels else "masked"
+            decode_lora = "kernels" if engine.runner.lora.batch.uses_kernels(args.batch) else "masked"
         if name == "mixed-graphs-masked" and engine.runner.lora is not None:
             assert not engine.runner.lora.batch.kernels
         results[name] = timed(engine, prompts, params, args.repeats)

@@ -15,8 +15,9 @@ A step's tokens reach the layers through one shared `LoraBatch`, in one of two f
 * segments (eager steps): per slot in use, the rows of its tokens; each segment is two small GEMMs
   added into its rows, and rows of the base model cost nothing;
 * each token's slot, -1 for the base model (decode graphs, where shapes and control flow are fixed):
-  on GPU two Triton kernels per projection (layers/lora_kernels.py) run each token through its own
-  slot only; elsewhere x @ A of all slots, masked to each token's slot, @ B.
+  on GPU, in graphs of up to KERNELS_UP_TO_TOKENS rows, two Triton kernels per projection
+  (layers/lora_kernels.py) run each token through its own slot only; in larger graphs and off a
+  GPU, x @ A of all slots, masked to each token's slot, @ B (the mask made once per step).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import torch
 from kiln_engine.config import EngineConfig, ModelConfig
 from kiln_engine.layers.linear import LinearBase, RowParallelLinear, load_slice
 from kiln_engine.layers.lora_kernels import (
+    KERNELS_UP_TO_TOKENS,
     add_lora_delta,
     add_masked_lora_delta,
     check_lora_kernels,
@@ -86,9 +88,14 @@ class LoraBatch:
                 rows[s].append(i)
         self.segments = [(s, torch.tensor(rows[s], dtype=torch.int64, device=device)) for s in used]
 
+    def uses_kernels(self, tokens: int) -> bool:
+        """Whether a decode graph of `tokens` rows runs the kernels (else the masked form)."""
+        return self.kernels and tokens <= KERNELS_UP_TO_TOKENS
+
     def set_slots(self, slots: torch.Tensor) -> None:
         self.segments, self.slots = [], slots
-        self.mask = None if self.kernels else slot_mask(slots, self.num_slots, self.dtype)
+        kernels = self.uses_kernels(slots.shape[0])
+        self.mask = None if kernels else slot_mask(slots, self.num_slots, self.dtype)
 
 
 class LoraLinear:

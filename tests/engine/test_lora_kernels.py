@@ -1,7 +1,7 @@
 """The decode graphs' batched LoRA kernels (layers/lora_kernels.py) against the masked torch form
 they replace, under Triton's interpreter on CPU: each token gets its own slot's delta, base-model
-and padding tokens (slot -1) none, at several slot counts, ranks and widths; and the startup check
-that falls back to the masked form when the kernels fail."""
+and padding tokens (slot -1) none, at several slot counts, ranks and widths; which graph sizes take
+them; and the startup check that falls back to the masked form when the kernels fail."""
 
 from __future__ import annotations
 
@@ -45,6 +45,23 @@ case(4, 64, 64, 1, 8, [0, 0, 0, 0])  # one slot, every token
 case(5, 2000, 70, 3, 16, [2, 0, -1, 2, 1])  # input channels in 3 shares, the last one short
 case(6, 96, 130, 4, 48, [3, -1, -1, 1, 3, 0])  # a fused qkv's k = 3 x rank 16
 case(3, 64, 64, 2, 16, [-1, -1, -1])  # no adapter in the batch: out unchanged
+
+# Decode graphs take the kernels up to KERNELS_UP_TO_TOKENS rows and the masked form above, whose
+# mask then gives the same delta.
+from kiln_engine.layers.lora_kernels import KERNELS_UP_TO_TOKENS, add_masked_lora_delta
+from kiln_engine.lora_layers import LoraBatch
+batch = LoraBatch(kernels=True, num_slots=3, dtype=torch.float32)
+for rows in (1, KERNELS_UP_TO_TOKENS, KERNELS_UP_TO_TOKENS + 1, 4 * KERNELS_UP_TO_TOKENS):
+    slots = torch.tensor([i % 4 - 1 for i in range(rows)], dtype=torch.int32)
+    batch.set_slots(slots)
+    assert (batch.mask is None) == (rows <= KERNELS_UP_TO_TOKENS), rows
+    if batch.mask is not None:
+        x, a, b, out = torch.randn(rows, 64), torch.randn(48, 64), torch.randn(32, 48), torch.randn(rows, 32)
+        want = add_lora_delta(x, out.clone(), a, b, slots, 16)
+        assert torch.allclose(add_masked_lora_delta(x, out, a, b, batch.mask, 16), want, atol=1e-4)
+batch.kernels = False
+batch.set_slots(torch.tensor([0], dtype=torch.int32))
+assert batch.mask is not None  # kernels off (failed check, lora_kernels=False): masked at every size
 
 # The startup check passes the kernels, and refuses them when they fail or compute wrongly.
 import kiln_engine.layers.lora_kernels as lk

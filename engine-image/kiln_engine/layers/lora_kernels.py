@@ -17,6 +17,13 @@ mixed over 8 adapters to 0.67x the base model, and LoRA slots with no adapter in
 
 Slots are int32 per token, -1 for the base model (and for a graph's padding rows). A is
 [slots * k, in], B is [out, slots * k], as `LoraLinear` stacks them.
+
+Numerics: the kernels sum in fp32 in another order than cuBLAS does, so their outputs agree with the
+eager path's to bf16 rounding, not bit for bit (the masked form, on cuBLAS, did agree bit for bit).
+On random weights at batch 64 that was enough to change 54 of 64 greedy sequences over 32 tokens
+(bench/results-committed/lora-h100-run3-per-token-expand.json): each 1-ulp difference can flip a
+near-tie among random logits, and every later token follows. They serve small graphs only
+(KERNELS_UP_TO_TOKENS), where they are faster.
 """
 
 from __future__ import annotations
@@ -31,6 +38,13 @@ import triton.language as tl
 # walk a 14,336-wide down projection serially.
 SHARE_MIN_WIDTH = 512
 MAX_SHARES = 16
+
+# Decode graphs of up to this many rows use the kernels, larger ones the masked form. On an H100,
+# per Llama-3-8B layer (bench/results-committed/lora_kernels-h100-run1.json), the kernels took
+# 0.12-0.77x the masked form's time at 1 and 16 tokens (8 and 32 slots) but 1.05-1.23x at 64 mixed
+# tokens and 1.7-2.9x at 256: the masked form's two GEMMs grow slowly with tokens, while every
+# token re-reads its slot's B. Sizes between 16 and 64 were not measured.
+KERNELS_UP_TO_TOKENS = 16
 
 
 @triton.jit
