@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 from kubernetes import client
 
+from kiln.controller.kube import Kube
 from kiln.local.testing import wait_for
 from tests.integration import test_operator as base
 from tests.integration.test_operator import Operator, create, example, get, with_secret
@@ -33,6 +34,26 @@ def engine_container(apps_v1: client.AppsV1Api, namespace: str, name: str) -> di
 def reasons_and_messages(core_v1: client.CoreV1Api, namespace: str, name: str) -> list[tuple[str, str]]:
     events = core_v1.list_namespaced_event(namespace, field_selector=f"involvedObject.name={name}").items
     return [(e.reason, e.message) for e in events]
+
+
+def test_an_apply_over_a_version_is_refused_once_the_object_moved_on(
+    core_v1: client.CoreV1Api, namespace: str
+) -> None:
+    """What drift reverting stands on: the API applies over the copy Kiln diffed, or answers 409
+    (then Kiln re-reads, so no edit is reverted without being named)."""
+    kube = Kube(core_v1.api_client)
+
+    def config_map(value: str) -> dict[str, Any]:
+        meta = {"name": "drift-precondition", "namespace": namespace}
+        return {"apiVersion": "v1", "kind": "ConfigMap", "metadata": meta, "data": {"k": value}}
+
+    first = kube.apply(config_map("1"))["metadata"]["resourceVersion"]
+    second = kube.apply(config_map("2"), over_version=first)
+    assert second["data"] == {"k": "2"}
+    with pytest.raises(client.ApiException) as refused:
+        kube.apply(config_map("3"), over_version=first)
+    assert refused.value.status == 409
+    assert core_v1.read_namespaced_config_map("drift-precondition", namespace).data == {"k": "2"}
 
 
 def test_hand_edits_of_the_serving_deployment_are_reverted_and_named(

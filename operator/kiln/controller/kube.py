@@ -226,23 +226,28 @@ class Kube:
             raise client.ApiException(status=409, reason="created and deleted concurrently")
         return existing, False
 
-    def apply(self, manifest: Mapping[str, Any]) -> dict[str, Any]:
-        """Server-side apply `manifest` as `kiln-operator` (forcing Kiln's fields), returning the object."""
+    def apply(self, manifest: Mapping[str, Any], over_version: str | None = None) -> dict[str, Any]:
+        """Server-side apply `manifest` as `kiln-operator` (forcing Kiln's fields), returning the object.
+        With `over_version` the API applies only over that resourceVersion of the object and answers
+        409 otherwise (not retried: the caller looks at the newer object first)."""
         kind = KINDS[manifest["kind"]]
         metadata = manifest["metadata"]
+        body = manifest
+        if over_version is not None:
+            body = {**manifest, "metadata": {**metadata, "resourceVersion": over_version}}
 
         def attempt() -> dict[str, Any]:
             applied: dict[str, Any] = self._call(
                 "PATCH",
                 kind.path(metadata.get("namespace"), metadata["name"]),
-                body=manifest,
+                body=body,
                 query={"fieldManager": FIELD_MANAGER, "force": "true"},
                 content_type="application/apply-patch+yaml",
                 resource=kind.plural,
             )
             return applied
 
-        return self._retry_conflicts(attempt)
+        return attempt() if over_version is not None else self._retry_conflicts(attempt)
 
     def patch_status(
         self, kind: Kind, namespace: str, name: str, status: Mapping[str, Any]

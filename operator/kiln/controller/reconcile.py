@@ -37,6 +37,7 @@ from kiln.controller.kube import (
     DEPLOYMENTS,
     FIELD_MANAGER,
     JOBS,
+    KINDS,
     LEADERWORKERSETS,
     LLMDEPLOYMENTS,
     LLMENGINES,
@@ -100,6 +101,9 @@ class Options:
 CONFIRM_SECONDS = 30.0
 # Versions of an object the watch delivered, remembered so a late answer of the API is seen as old.
 SEEN_VERSIONS = 16
+# Applies over a diffed copy of a drifted child before applying over whatever is there (edits
+# landing faster than a re-read for this many rounds).
+DRIFT_APPLY_ATTEMPTS = 3
 
 
 @dataclass(frozen=True)
@@ -785,12 +789,37 @@ class Reconciler:
             replicas_kept = (live.get("spec") or {}).get("replicas") == wanted_replicas
             if same and not drift and replicas_kept:
                 return dict(live)
-        applied = self._wrote(self.kube.apply(manifest))
-        if drift and owner is not None:
+        if not drift or owner is None or live is None:
+            return self._wrote(self.kube.apply(manifest))
+        applied, drift = self._revert_drift(manifest, live, drift)
+        if drift:
             edits = "; ".join(d.describe() for d in drift)
             what = f"{manifest['kind']} {manifest['metadata']['name']}"
             self.kube.event(owner, "DriftReverted", f"{what}: put back {edits}", "Warning")
         return applied
+
+    def _revert_drift(
+        self, manifest: dict[str, Any], live: Mapping[str, Any], drift: list[Drift]
+    ) -> tuple[dict[str, Any], list[Drift]]:
+        """Apply over exactly the copy whose drift the event will name. The forced apply takes back
+        every foreign field of the object as it is then, so applying over a newer version than the
+        one diffed (the watch cache lags quick edits) would revert an edit the event never names;
+        the API refuses that (409), and the newer object is read and diffed instead."""
+        kind = KINDS[manifest["kind"]]
+        namespace, name = manifest["metadata"].get("namespace"), manifest["metadata"]["name"]
+        for _ in range(DRIFT_APPLY_ATTEMPTS):
+            version = (live.get("metadata") or {}).get("resourceVersion")
+            try:
+                return self._wrote(self.kube.apply(manifest, over_version=version)), drift
+            except client.ApiException as error:
+                if error.status != 409:
+                    raise
+            fresh = self.kube.get(kind, namespace, name)
+            if fresh is None:
+                break
+            live = fresh
+            drift = drifted(live, manifest, FIELD_MANAGER)
+        return self._wrote(self.kube.apply(manifest)), drift
 
     def _placement(self, deployment: LLMDeployment, engine: LLMEngine) -> Placement | None:
         gpu = deployment.spec.gpu
