@@ -77,11 +77,18 @@ def main() -> None:
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option(
     "--speculative",
-    type=click.Choice(["ngram"]),
+    type=click.Choice(["ngram", "draft"]),
     default=None,
-    help="Speculative decoding: ngram = prompt lookup (greedy requests; one rank only; off by default).",
+    help="Speculative decoding: ngram = prompt lookup, draft = a smaller model with the same tokenizer "
+    "(--draft-model); one rank only; off by default.",
 )
 @click.option("--num-speculative-tokens", default=4, show_default=True, type=click.IntRange(1, 64))
+@click.option(
+    "--draft-model",
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    default=None,
+    help="The draft checkpoint directory for --speculative draft.",
+)
 @click.option(
     "--lora",
     "loras",
@@ -172,6 +179,7 @@ def serve(
     seed: int,
     speculative: str | None,
     num_speculative_tokens: int,
+    draft_model: Path | None,
     loras: tuple[str, ...],
     lora_file: Path | None,
     lora_poll_seconds: float,
@@ -225,6 +233,10 @@ def serve(
         kv_cache_dtype = torch_backend.artifact_kv_cache_dtype(path)
     if speculative and tp * pp > 1:
         raise click.UsageError("--speculative runs on one rank only: not with --tp or --pp above 1")
+    if (speculative == "draft") != (draft_model is not None):
+        raise click.UsageError(
+            "--draft-model goes with --speculative draft, and --speculative draft needs it"
+        )
     lora_file_text, lora_modules, lora_failed = _adapters_at_start(loras, lora_file, pp)
     try:
         layout = group.group_layout(tp * pp, group_size, group_index)
@@ -266,6 +278,7 @@ def serve(
         seed=seed,
         speculative=speculative,
         num_speculative_tokens=num_speculative_tokens,
+        draft_model=str(draft_model) if draft_model is not None else None,
         lora_modules=lora_modules,
         max_loras=max_loras if lora_modules or lora_file is not None else 0,
         max_lora_rank=max_lora_rank,

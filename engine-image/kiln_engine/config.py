@@ -77,10 +77,15 @@ class EngineConfig:
     # took the host's share of a batch-1 step from 0.35-0.75 ms to under 0.1 ms
     # (docs/engine-speed.md, run 6); the CPU tests run it both ways.
     lookahead_decode: bool = True
-    # Speculative decoding: None (off) | "ngram" (prompt lookup: kiln_engine.speculative). Steps that
+    # Speculative decoding: None (off) | "ngram" (prompt lookup: kiln_engine.speculative) | "draft"
+    # (a smaller model with the same tokenizer at `draft_model`: kiln_engine.draft). Steps that
     # verify drafts run eagerly (no decode graph) and speculation turns lookahead decode off.
     speculative: str | None = None
     num_speculative_tokens: int = 4
+    draft_model: str | None = None  # a local checkpoint directory
+    # The share of the GPU the draft engine may fill (weights and its KV cache); it loads first and
+    # the target's gpu_memory_utilization then counts it as used.
+    draft_gpu_memory_utilization: float = 0.15
     # Multi-LoRA (kiln_engine.lora): adapters (name, PEFT directory) served next to the base model in
     # `max_loras` device slots of rank up to `max_lora_rank`; 0 slots: LoRA off.
     lora_modules: list[tuple[str, str]] = field(default_factory=list)
@@ -114,8 +119,12 @@ class EngineConfig:
             )
         if self.pipeline_parallel_size > 1 and self.cuda_graphs:
             raise ValueError("decode CUDA graphs cover the whole model: off under pipeline parallelism")
-        if self.speculative not in (None, "ngram"):
-            raise ValueError(f"speculative must be ngram (or unset), not {self.speculative!r}")
+        if self.speculative not in (None, "ngram", "draft"):
+            raise ValueError(f"speculative must be ngram or draft (or unset), not {self.speculative!r}")
+        if (self.speculative == "draft") != (self.draft_model is not None):
+            raise ValueError("draft_model goes with speculative='draft', and speculative='draft' needs it")
+        if not 0.0 < self.draft_gpu_memory_utilization < 1.0:
+            raise ValueError("draft_gpu_memory_utilization must be between 0 and 1")
         if self.speculative is not None:
             if self.num_speculative_tokens < 1:
                 raise ValueError(

@@ -20,6 +20,7 @@ from pathlib import Path
 from kiln_engine import grammar
 from kiln_engine.block_manager import BlockManager
 from kiln_engine.config import EngineConfig, ModelConfig
+from kiln_engine.draft import DraftModel
 from kiln_engine.grammar import Grammars
 from kiln_engine.interface import EngineStats, RequestOutput, SamplingParams, TokenLogprob
 from kiln_engine.model_runner import ModelRunner
@@ -97,6 +98,8 @@ class LLMEngine:
     def __init__(self, model_path: str | Path, config: EngineConfig | None = None) -> None:
         self.config = config or EngineConfig()
         self.config.validate()
+        # A draft model loads first, so that the target's cache is sized around it.
+        draft = DraftModel(self.config) if self.config.speculative == "draft" else None
         self.runner = ModelRunner(model_path, self.config)
         self.model_config: ModelConfig = self.runner.model_config
         self.block_manager = BlockManager(
@@ -129,6 +132,11 @@ class LLMEngine:
         self.speculator: SpeculativeDecoder | None = None
         if self.config.speculative == "ngram":
             self.speculator = SpeculativeDecoder(self.config.num_speculative_tokens, self._max_model_len)
+        if draft is not None:
+            draft.check_matches(self.tokenizer, self.model_config.vocab_size)
+            self.speculator = SpeculativeDecoder(
+                self.config.num_speculative_tokens, self._max_model_len, proposer=draft.propose
+            )
 
     # -- Engine protocol ---------------------------------------------------------------------------
     @property

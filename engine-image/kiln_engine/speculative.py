@@ -20,6 +20,7 @@ never speculate: they decode one token per step in the same batches.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import torch
@@ -32,6 +33,9 @@ from kiln_engine.sequence import Sequence
 
 MAX_NGRAM = 3  # longest suffix looked up; shorter ones are tried when it has no earlier match
 MIN_NGRAM = 1
+
+# Drafts for a batch: (context tokens, most drafts wanted) in, each context's drafts out.
+Proposer = Callable[[list[tuple[list[int], int]]], list[list[int]]]
 
 
 def propose_ngram(tokens: list[int], k: int, max_n: int = MAX_NGRAM, min_n: int = MIN_NGRAM) -> list[int]:
@@ -58,6 +62,11 @@ def accept_greedy(drafts: list[int], targets: list[int]) -> list[int]:
     while accepted < len(drafts) and drafts[accepted] == targets[accepted]:
         accepted += 1
     return targets[: accepted + 1]
+
+
+def ngram_proposer(requests: list[tuple[list[int], int]]) -> list[list[int]]:
+    """`propose_ngram` for each (context, budget)."""
+    return [propose_ngram(tokens, budget) for tokens, budget in requests]
 
 
 def accept_sampled(drafts: list[int], probs: torch.Tensor, generator: torch.Generator) -> list[int]:
@@ -99,11 +108,12 @@ class Verified:
 class SpeculativeDecoder:
     """Owns the drafts of the step in progress and the proposed / accepted token totals."""
 
-    def __init__(self, num_tokens: int, max_model_len: int) -> None:
+    def __init__(self, num_tokens: int, max_model_len: int, proposer: Proposer = ngram_proposer) -> None:
         if num_tokens < 1:
             raise ValueError(f"num_speculative_tokens must be at least 1, got {num_tokens}")
         self.num_tokens = num_tokens
         self.max_model_len = max_model_len
+        self.proposer = proposer
         self.drafts: dict[str, list[int]] = {}  # request id -> drafts appended to its token_ids
         self.proposed_total = 0
         self.accepted_total = 0
@@ -120,7 +130,9 @@ class SpeculativeDecoder:
     def propose(self, running: list[Sequence], bm: BlockManager, step_budget: int) -> None:
         """Append drafts to the running sequences, only when the scheduler can then run every one of
         them whole this step (no preemption, no split chunk): drafts never reach a waiting queue."""
-        proposals = {seq.request_id: propose_ngram(seq.token_ids, self.draft_budget(seq)) for seq in running}
+        # Copies of the contexts: a proposer may keep what it is given (a draft engine's requests do).
+        batch = self.proposer([(list(seq.token_ids), self.draft_budget(seq)) for seq in running])
+        proposals = {seq.request_id: d for seq, d in zip(running, batch, strict=True)}
         tokens = sum(seq.num_uncomputed_tokens + len(proposals[seq.request_id]) for seq in running)
         blocks = sum(
             bm.blocks_needed(seq, seq.num_uncomputed_tokens + len(proposals[seq.request_id]))

@@ -3,6 +3,7 @@ batches; rejected drafts roll the paged KV cache (and the prefix cache) back; co
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -151,6 +152,8 @@ def test_serve_refuses_speculation_with_parallelism(tmp_path: Path) -> None:
 
     out = CliRunner().invoke(main, ["serve", "--model", str(tmp_path), "--speculative", "ngram", "--tp", "2"])
     assert out.exit_code == 2 and "one rank only" in out.output
+    out = CliRunner().invoke(main, ["serve", "--model", str(tmp_path), "--speculative", "draft"])
+    assert out.exit_code == 2 and "--draft-model" in out.output
 
 
 def test_metrics_export_proposed_and_accepted_tokens() -> None:
@@ -163,3 +166,53 @@ def test_metrics_export_proposed_and_accepted_tokens() -> None:
     text = m.render().decode()
     assert 'kiln_engine_spec_decode_proposed_tokens_total{model="m"} 25.0' in text
     assert 'kiln_engine_spec_decode_accepted_tokens_total{model="m"} 9.0' in text
+
+
+def _draft_with_another_tokenizer(ckpt: Path, out: Path) -> Path:
+    """`ckpt` copied, two vocabulary entries swapped: same sizes, other text."""
+    import shutil
+
+    shutil.copytree(ckpt, out)
+    tok = json.loads((out / "tokenizer.json").read_text())
+    vocab = tok["model"]["vocab"]
+    a, b = [name for name in vocab if name.isalpha()][:2]
+    vocab[a], vocab[b] = vocab[b], vocab[a]
+    (out / "tokenizer.json").write_text(json.dumps(tok))
+    return out
+
+
+def test_greedy_outputs_equal_decoding_without_a_draft_model(ckpt: Path, tmp_path: Path) -> None:
+    prompts = [[3, 4, 5, 6, 3, 4, 5, 6, 3, 4], [7, 8, 9, 10, 11, 12, 13], [30, 31, 32, 33, 34, 35, 36]]
+    greedy = SamplingParams(max_tokens=30, temperature=0, ignore_eos=True)
+    sampled = SamplingParams(max_tokens=20, temperature=0.8, top_k=5, ignore_eos=True)
+    base, _ = _generate(ckpt, prompts, [greedy] * 3)
+    # The target as its own draft: every draft is the target's own greedy token, so all are kept
+    # (up to ties the draft engine's batch shapes break otherwise).
+    same, engine = _generate(ckpt, prompts, [greedy] * 3, speculative="draft", draft_model=str(ckpt),
+                             num_speculative_tokens=3)  # fmt: skip
+    assert same == base
+    stats = engine.stats()
+    assert stats.spec_proposed_tokens_total > 0
+    assert stats.spec_accepted_tokens_total >= 0.9 * stats.spec_proposed_tokens_total
+    # A different model (other weights, one layer) with the same tokenizer: drafts are rejected
+    # too, the KV rolls back, and greedy outputs still equal the target's alone.
+    arch = json.loads((ckpt / "config.json").read_text())["model_type"]
+    other = make_tiny_checkpoint(tmp_path / "draft", arch, seed=5, num_hidden_layers=1)
+    got, engine = _generate(ckpt, prompts, [greedy, greedy, sampled], speculative="draft",
+                            draft_model=str(other), num_speculative_tokens=4)  # fmt: skip
+    assert got[:2] == base[:2] and len(got[2]) == 20
+    stats = engine.stats()
+    assert stats.spec_accepted_tokens_total < stats.spec_proposed_tokens_total
+    assert engine.block_manager.num_used_blocks == 0
+
+
+def test_a_draft_model_with_another_tokenizer_is_refused(ckpt: Path, tmp_path: Path) -> None:
+    bad = _draft_with_another_tokenizer(ckpt, tmp_path / "bad")
+    with pytest.raises(ValueError, match="tokenizer differs"):
+        LLMEngine(
+            ckpt, EngineConfig(num_kv_blocks=16, block_size=4, speculative="draft", draft_model=str(bad))
+        )
+    with pytest.raises(ValueError, match="draft_model"):
+        EngineConfig(speculative="draft").validate()
+    with pytest.raises(ValueError, match="draft_model"):
+        EngineConfig(speculative="ngram", draft_model=str(ckpt)).validate()
