@@ -132,6 +132,7 @@ class LLMEngine:
         self.speculator: SpeculativeDecoder | None = None
         if self.config.speculative == "ngram":
             self.speculator = SpeculativeDecoder(self.config.num_speculative_tokens, self._max_model_len)
+        self.draft = draft
         if draft is not None:
             draft.check_matches(self.tokenizer, self.model_config.vocab_size)
             self.speculator = SpeculativeDecoder(

@@ -194,6 +194,8 @@ def test_greedy_outputs_equal_decoding_without_a_draft_model(ckpt: Path, tmp_pat
     stats = engine.stats()
     assert stats.spec_proposed_tokens_total > 0
     assert stats.spec_accepted_tokens_total >= 0.9 * stats.spec_proposed_tokens_total
+    # The draft engine reads each context's KV back from its prefix cache rather than recomputing it.
+    assert engine.draft is not None and engine.draft.engine.stats().prefix_cache_hit_tokens_total > 0
     # A different model (other weights, one layer) with the same tokenizer: drafts are rejected
     # too, the KV rolls back, and greedy outputs still equal the target's alone.
     arch = json.loads((ckpt / "config.json").read_text())["model_type"]
