@@ -233,9 +233,14 @@ def serve(
         kv_cache_dtype = torch_backend.artifact_kv_cache_dtype(path)
     if speculative and tp * pp > 1:
         raise click.UsageError("--speculative runs on one rank only: not with --tp or --pp above 1")
+    if speculative == "draft" and draft_model is None and artifact:  # the one the build carried
+        from kiln_engine.draft import DRAFT_DIR
+
+        carried = Path(path) / DRAFT_DIR
+        draft_model = carried if carried.is_dir() else None
     if (speculative == "draft") != (draft_model is not None):
         raise click.UsageError(
-            "--draft-model goes with --speculative draft, and --speculative draft needs it"
+            "--draft-model goes with --speculative draft, which needs it (or an artifact built with one)"
         )
     lora_file_text, lora_modules, lora_failed = _adapters_at_start(loras, lora_file, pp)
     try:
@@ -507,6 +512,12 @@ def _trt_engine_artifact(artifact: str, verify: bool) -> Path:
     default=None,
     help="Write the outcome as one JSON object (< 4 KiB) here, e.g. /dev/termination-log.",
 )
+@click.option(
+    "--draft-model",
+    default=None,
+    help="A draft checkpoint for speculative decoding (same sources as --model, same tokenizer), "
+    "carried in the artifact and served with `serve --speculative draft`.",
+)
 def build(
     model: str,
     output: str,
@@ -527,6 +538,7 @@ def build(
     fp8_scales: str,
     progress_bar: bool | None,
     result_file: str | None,
+    draft_model: str | None,
 ) -> None:
     """Build an artifact: fetch, quantize, shard, measure capacity, publish with a manifest (written last)."""
     from kiln_engine.build import result
@@ -558,6 +570,7 @@ def build(
         capacity_time_budget_s=capacity_budget_seconds,
         device=device,
         fp8_scales=fp8_scales,
+        draft_model=draft_model,
     )
     if backend == "tensorrt-llm":
         from kiln_engine.build.trt import build_trt_artifact

@@ -21,6 +21,8 @@ from kiln_engine.config import EngineConfig
 from kiln_engine.interface import SamplingParams
 from kiln_engine.tokenizer import Tokenizer
 
+DRAFT_DIR = "draft"  # an artifact's draft model, as `kiln-engine build --draft-model` carried it
+
 
 class DraftModel:
     """A draft engine and the proposals it makes for a batch of contexts."""

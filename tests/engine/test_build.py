@@ -24,7 +24,7 @@ from safetensors import safe_open  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
 from kiln_engine.build.manifest import VerificationError, read_manifest, verify_artifact  # noqa: E402
-from kiln_engine.build.pipeline import BuildError, BuildOptions, run_build  # noqa: E402
+from kiln_engine.build.pipeline import INVALID_OPTIONS, BuildError, BuildOptions, run_build  # noqa: E402
 from kiln_engine.build.progress import Progress, parse_line  # noqa: E402
 from kiln_engine.cli import main  # noqa: E402
 from kiln_engine.config import EngineConfig  # noqa: E402
@@ -548,3 +548,43 @@ def test_int4_checkpoints_are_loaded_as_published(tmp_path: Path, method: str) -
             measure_capacity=False,
         )
     assert e.value.reason == "InvalidOptions" and not (tmp_path / "bad").exists()
+
+
+def test_a_draft_model_rides_in_the_artifact_and_serves_speculation(checkpoint: Path, tmp_path: Path) -> None:
+    draft = make_tiny_checkpoint(tmp_path / "draft", "llama", seed=3, num_hidden_layers=1)
+    art, progress = build(checkpoint, tmp_path / "art", measure_capacity=False, draft_model=str(draft))
+    manifest = verify_artifact(art)  # the draft's files are checksummed with the rest
+    assert {"draft/config.json", "draft/tokenizer.json", "draft/model.safetensors"} <= {
+        f.path for f in manifest.files
+    }
+    assert any("draft model" in p["message"] for p in progress)
+    params = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
+    config = EngineConfig(
+        device="cpu", max_model_len=256, speculative="draft", draft_model=str(art / "draft")
+    )
+    engine = LLMEngine(art, config)
+    assert engine.generate(PROMPTS, params) == greedy(checkpoint)
+    assert engine.stats().spec_proposed_tokens_total > 0
+    # The same build again is reused; another draft is another artifact.
+    again, _ = build(checkpoint, tmp_path / "art", measure_capacity=False, draft_model=str(draft))
+    assert verify_artifact(again).created_at == manifest.created_at
+    other = make_tiny_checkpoint(tmp_path / "other", "llama", seed=4, num_hidden_layers=1)
+    rebuilt, _ = build(checkpoint, tmp_path / "art", measure_capacity=False, draft_model=str(other))
+    assert verify_artifact(rebuilt).source_fingerprint != manifest.source_fingerprint
+
+
+def test_a_draft_with_another_tokenizer_fails_the_build(checkpoint: Path, tmp_path: Path) -> None:
+    import json
+    import shutil
+
+    bad = shutil.copytree(checkpoint, tmp_path / "bad")
+    tok = json.loads((bad / "tokenizer.json").read_text())
+    vocab = tok["model"]["vocab"]
+    a, b = [name for name in vocab if name.isalpha()][:2]
+    vocab[a], vocab[b] = vocab[b], vocab[a]
+    (bad / "tokenizer.json").write_text(json.dumps(tok))
+    with pytest.raises(BuildError, match="tokenizer differs") as failed:
+        build(checkpoint, tmp_path / "art", measure_capacity=False, draft_model=str(bad))
+    assert failed.value.reason == INVALID_OPTIONS
+    with pytest.raises(BuildError, match="one rank"):
+        build(checkpoint, tmp_path / "art2", draft_model=str(checkpoint), tensor_parallel_size=2)

@@ -44,6 +44,7 @@ from kiln_engine.build.manifest import (
 )
 from kiln_engine.build.progress import Progress
 from kiln_engine.config import ModelConfig, UnsupportedModelError
+from kiln_engine.draft import DRAFT_DIR
 
 QUANTIZATIONS = ("none", "bf16", "fp16", "fp8", "int8-weight", "int4-awq", "int4-gptq")
 KV_CACHE_DTYPES = ("auto", "bf16", "fp16", "fp8")
@@ -93,6 +94,7 @@ class BuildOptions:
     device: str | None = None
     fp8_scales: str = "channel"  # per output channel, or one per tensor
     capacity_time_budget_s: float = 300.0
+    draft_model: str | None = None  # speculative decoding's draft, carried in DRAFT_DIR as fetched
 
 
 @dataclass(frozen=True)
@@ -127,6 +129,10 @@ def validate_options(opts: BuildOptions) -> None:
         raise bad("max batch size, max num tokens and the TTFT target must be positive")
     if opts.ttft_percentile not in TTFT_PERCENTILES:
         raise bad(f"TTFT percentile {opts.ttft_percentile}: use one of {TTFT_PERCENTILES}")
+    if opts.draft_model is not None and opts.backend != "torch":
+        raise bad("a draft model is served by the torch backend only")
+    if opts.draft_model is not None and opts.tensor_parallel_size * opts.pipeline_parallel_size > 1:
+        raise bad("a draft model speculates on one rank only: not with tensor or pipeline parallelism")
 
 
 def conversion_mode(quantization: str, checkpoint_method: str, source: str) -> str:
@@ -395,6 +401,32 @@ def fetch_checkpoint(uri: str, progress: Progress) -> tuple[src.Location, Path]:
     return loc, path
 
 
+def fetch_draft(uri: str, checkpoint: Path, progress: Progress) -> tuple[Path, str]:
+    """The draft checkpoint and its fingerprint, once it is known to be one the engine can run next
+    to `checkpoint`: a supported architecture with weights, and the same tokenizer."""
+    progress.update("fetch", 0.0, f"fetching the draft model {uri}")
+    loc, draft = fetch_checkpoint(uri, progress)
+    read_checkpoint_config(draft)
+    check_weights(draft)
+    if vocabulary(draft) != vocabulary(checkpoint):
+        raise BuildError(
+            f"draft model {uri}: its tokenizer differs from the model's; a draft must share it",
+            INVALID_OPTIONS,
+        )
+    return draft, source_fingerprint(loc, draft)
+
+
+def vocabulary(checkpoint: Path) -> dict[str, int] | None:
+    """The tokenizer's token -> id map (tokenizer.json), or None without one."""
+    path = checkpoint / "tokenizer.json"
+    if not path.is_file():
+        return None
+    from tokenizers import Tokenizer as HFTokenizer
+
+    vocab: dict[str, int] = HFTokenizer.from_file(str(path)).get_vocab(with_added_tokens=True)
+    return vocab
+
+
 def reusable(
     target: Target, source: str, fingerprint: str, gpu_arch: str, opts: BuildOptions
 ) -> Manifest | None:
@@ -568,6 +600,10 @@ def _build(opts: BuildOptions, progress: Progress) -> BuildOutcome:
     mode = conversion_mode(opts.quantization, model_config.quant.method, opts.model)
     check_parallelism(model_config, opts.tensor_parallel_size, opts.pipeline_parallel_size)
     fingerprint = source_fingerprint(loc, checkpoint)
+    draft = None
+    if opts.draft_model is not None:
+        draft, draft_fingerprint = fetch_draft(opts.draft_model, checkpoint, progress)
+        fingerprint = hashlib.sha256(json.dumps([fingerprint, draft_fingerprint]).encode()).hexdigest()
     if target.remote:
         remote = remote_reusable(target, opts.model, fingerprint, gpu_arch, opts)
         if remote is not None:
@@ -600,6 +636,9 @@ def _build(opts: BuildOptions, progress: Progress) -> BuildOutcome:
         progress.update("tokenizer", 0.0, "copying tokenizer files")
         copied = copy_tokenizer_files(checkpoint, partial)
         progress.update("tokenizer", 1.0, ", ".join(copied) or "no tokenizer files in the checkpoint")
+        if draft is not None:
+            shutil.copytree(draft, partial / DRAFT_DIR, ignore=shutil.ignore_patterns(".*"))
+            progress.update("write", 1.0, f"draft model {opts.draft_model} carried in {DRAFT_DIR}/")
         manifest = Manifest(
             runtime=runtime_info(),
             backend="torch",
