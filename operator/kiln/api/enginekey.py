@@ -57,6 +57,12 @@ def capacity_target(spec: LLMDeploymentSpec) -> tuple[int, int]:
     return 50, autoscaling.ttft_p50_target_ms
 
 
+def draft_model(spec: LLMDeploymentSpec) -> str | None:
+    """The draft checkpoint the engine carries for speculative decoding, if any."""
+    speculative = spec.engine.speculative
+    return speculative.draft_model if speculative is not None and speculative.method == "draft" else None
+
+
 def artifact_inputs(spec: LLMDeploymentSpec, runtime_version: str) -> dict[str, object]:
     """Everything that changes the built artifact, as a plain JSON-able dict."""
     engine = spec.engine
@@ -73,6 +79,8 @@ def artifact_inputs(spec: LLMDeploymentSpec, runtime_version: str) -> dict[str, 
         "image": engine.image,
         "cache": spec.build.cache,
     }
+    if draft_model(spec) is not None:
+        inputs["draftModel"] = draft_model(spec)
     if measures_capacity(spec):
         percentile, target_ms = capacity_target(spec)
         inputs["capacityTtftPercentile"] = percentile
@@ -144,6 +152,7 @@ def engine_spec(spec: LLMDeploymentSpec, runtime_version: str) -> LLMEngineSpec:
             tokenizer=spec.model.tokenizer,
             credentials_secret=spec.model.credentials_secret,
         ),
+        draft_model=draft_model(spec),
         backend=spec.engine.backend,
         quantization=spec.engine.quantization,
         kv_cache_dtype=spec.engine.kv_cache_dtype,

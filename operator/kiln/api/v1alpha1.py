@@ -185,14 +185,27 @@ class SpeculativeDecoding(KubeModel):
     """Speculative decoding: cheap drafts of the next tokens, verified by the model in one step."""
 
     method: Annotated[
-        Literal["ngram"],
+        Literal["ngram", "draft"],
         Field(
             description="`ngram`: prompt lookup, drafts copied from earlier text of the same request "
-            "(no extra model; pays off when outputs repeat their prompt: code edits, extraction, RAG).",
+            "(no extra model; pays off when outputs repeat their prompt: code edits, extraction, RAG). "
+            "`draft`: a smaller model with the same tokenizer (`draftModel`) proposes the drafts.",
         ),
     ]
     num_tokens: Annotated[
         int, Field(default=4, ge=1, le=16, description="Most draft tokens verified per request per step.")
+    ]
+    draft_model: Annotated[
+        str | None,
+        Field(
+            default=None,
+            pattern=SOURCE_PATTERN,
+            max_length=1024,
+            description="The draft checkpoint for `method: draft` (same URI forms and credentials as "
+            "spec.model.source). The engine build fetches it, checks that its tokenizer is the model's "
+            "and carries it in the engine; it is part of the engine key.",
+            examples=["hf://meta-llama/Llama-3.2-1B-Instruct@9213176"],
+        ),
     ]
 
 
@@ -252,6 +265,12 @@ class EngineOptions(KubeModel):
                     "!has(self.speculative) || self.backend == 'torch'",
                     "speculative decoding needs the torch backend",
                     ".speculative",
+                ),
+                _cel(
+                    "!has(self.speculative) || "
+                    "(self.speculative.method == 'draft') == has(self.speculative.draftModel)",
+                    "speculative.draftModel goes with method draft, which needs it",
+                    ".speculative.draftModel",
                 ),
                 _cel(
                     "!has(self.lora) || self.backend == 'torch'",
@@ -1158,6 +1177,15 @@ class LLMEngineSpec(KubeModel):
 
     key: Annotated[str, Field(pattern=r"^[a-f0-9]{16,64}$", description="Engine key (content hash).")]
     model: Annotated[EngineModel, Field(description="Checkpoint.")]
+    draft_model: Annotated[
+        str | None,
+        Field(
+            default=None,
+            pattern=SOURCE_PATTERN,
+            max_length=1024,
+            description="Speculative decoding's draft checkpoint, carried in the engine.",
+        ),
+    ]
     backend: Annotated[Backend, Field(default="torch", description="Runtime.")]
     quantization: Annotated[Quantization, Field(default="none", description="Weight format.")]
     kv_cache_dtype: Annotated[KVCacheDtype, Field(default="auto", description="KV-cache element type.")]

@@ -89,6 +89,8 @@ def build_args(engine: LLMEngine, settings: Settings) -> list[str]:
         args += ["--ttft-percentile", str(spec.capacity_ttft_percentile)]
     if not spec.gpu_product:
         args += ["--device", "cpu"]
+    if spec.draft_model is not None:
+        args += ["--draft-model", local_uri(spec.draft_model, settings.pvc_root)]
     return [*args, "--no-progress-bar", "--result-file", TERMINATION_LOG]
 
 
@@ -104,7 +106,10 @@ def build_job(engine: LLMEngine, settings: Settings, gpus: int) -> Manifest:
     spec = engine.spec
     name = str(engine.metadata.name)
     pod_labels = managed_labels(BUILD_COMPONENT, **{labels.ENGINE_LABEL: name})
-    volumes, mounts = pvc_volumes({spec.model.source: True, artifact_uri(engine): False}, settings.pvc_root)
+    sources = {spec.model.source: True, artifact_uri(engine): False}
+    if spec.draft_model is not None:
+        sources[spec.draft_model] = True
+    volumes, mounts = pvc_volumes(sources, settings.pvc_root)
     volumes.append({"name": "tmp", "emptyDir": {}})
     mounts.append({"name": "tmp", "mountPath": TMP_MOUNT})
     env, env_from = credentials_env(spec.model.credentials_secret, spec.model.source)

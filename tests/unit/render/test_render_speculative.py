@@ -9,9 +9,10 @@ from typing import Any
 import celpy
 import pytest
 import yaml
-from render_helpers import example, ready
+from render_helpers import engine_for, example, ready
 
 from kiln.api.v1alpha1 import LLMDeployment
+from kiln.render import build_job as render_build
 from kiln.render import serving as render_serving
 from kiln.render.common import Settings
 
@@ -79,3 +80,64 @@ def test_speculation_renders_into_the_serve_flags() -> None:
         else:
             i = args.index("--speculative")
             assert [args[i + 1], args[args.index("--num-speculative-tokens") + 1]] == want
+
+
+DRAFT = "hf://meta-llama/Llama-3.2-1B-Instruct@9213176"
+
+
+def _torch(speculative: dict[str, Any] | None) -> LLMDeployment:
+    return _deployment(backend="torch", quantization="none", speculative=speculative)
+
+
+def test_a_draft_model_is_built_into_the_engine_and_served() -> None:
+    d = _deployment(
+        backend="torch", quantization="none", speculative={"method": "draft", "draftModel": DRAFT}
+    )
+    assert _broken_rules(_spec_json(d)) == []
+    engine = engine_for(d)
+    assert engine.spec.draft_model == DRAFT
+    args = render_build.build_args(engine, Settings())
+    assert args[args.index("--draft-model") + 1] == DRAFT
+    serve = render_serving.engine_args(render_serving.ServingInputs(d, ready(d), None, Settings()))
+    assert serve[serve.index("--speculative") + 1] == "draft"
+    # The draft is part of what the engine is: another draft (or none) is another engine.
+    keys = {
+        engine_for(x).spec.key
+        for x in (
+            d,
+            _deployment(
+                backend="torch",
+                quantization="none",
+                speculative={"method": "draft", "draftModel": DRAFT + "x"},
+            ),
+            _torch({"method": "ngram"}),
+        )
+    }
+    assert len(keys) == 3
+    ngram = _torch({"method": "ngram"})
+    assert engine_for(ngram).spec.key == engine_for(_torch(None)).spec.key
+    assert "--draft-model" not in render_build.build_args(engine_for(ngram), Settings())
+
+
+def test_a_pvc_draft_is_mounted_read_only_in_the_build() -> None:
+    draft = "pvc://drafts/llama-1b"
+    d = _deployment(
+        backend="torch", quantization="none", speculative={"method": "draft", "draftModel": draft}
+    )
+    job = render_build.build_job(engine_for(d), Settings(), gpus=1)
+    pod = job["spec"]["template"]["spec"]
+    claims = {v["persistentVolumeClaim"]["claimName"]: v["persistentVolumeClaim"]["readOnly"]
+              for v in pod["volumes"] if "persistentVolumeClaim" in v}  # fmt: skip
+    assert claims.get("drafts") is True
+    args = pod["containers"][0]["args"]
+    mounted = args[args.index("--draft-model") + 1]
+    assert not mounted.startswith("pvc://") and mounted.endswith("/llama-1b")
+
+
+def test_cel_pairs_the_draft_method_with_its_model() -> None:
+    d = _torch({"method": "ngram"})
+    spec = _spec_json(d)
+    spec["engine"]["speculative"] = {"method": "draft", "numTokens": 4}
+    assert "speculative.draftModel goes with method draft, which needs it" in _broken_rules(spec)
+    spec["engine"]["speculative"] = {"method": "ngram", "numTokens": 4, "draftModel": DRAFT}
+    assert "speculative.draftModel goes with method draft, which needs it" in _broken_rules(spec)
