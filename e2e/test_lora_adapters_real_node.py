@@ -17,8 +17,7 @@ import pytest
 from kiln.demo import manifests
 from kiln.demo.kube import Kubectl
 from kiln.demo.stack import Stack, repo_root
-from kiln.demo.steps import Progress
-from kiln.demo.story import Story, wait_serving
+from kiln.demo.story import Story, serving_example
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow, pytest.mark.engine]
 openai = pytest.importorskip("openai")
@@ -33,14 +32,9 @@ PROPAGATION_S = 180.0
 
 
 @pytest.fixture(scope="module")
-def story(kiln_stack: Stack, kubectl: Kubectl) -> Iterator[Story]:
-    kubectl("apply", "-f", str(EXAMPLE))
-    story = Story(kiln_stack, EXAMPLE)
-    try:
-        wait_serving(story, Progress(total=1, echo=lambda line: None), timeout=600)
+def story(kiln_stack: Stack) -> Iterator[Story]:
+    with serving_example(kiln_stack, EXAMPLE) as story:
         yield story
-    finally:
-        kubectl.run("delete", "-f", str(EXAMPLE), "--wait=true", "--timeout=120s", check=False, timeout=150)
 
 
 def client_of(story: Story) -> Any:

@@ -181,6 +181,11 @@ class Parallelism(KubeModel):
     ]
 
 
+def DraftSource(**field: Any) -> Any:
+    """An optional checkpoint URI field, as spec.model.source takes them."""
+    return Field(default=None, pattern=SOURCE_PATTERN, max_length=1024, **field)
+
+
 class SpeculativeDecoding(KubeModel):
     """Speculative decoding: cheap drafts of the next tokens, verified by the model in one step."""
 
@@ -197,10 +202,7 @@ class SpeculativeDecoding(KubeModel):
     ]
     draft_model: Annotated[
         str | None,
-        Field(
-            default=None,
-            pattern=SOURCE_PATTERN,
-            max_length=1024,
+        DraftSource(
             description="The draft checkpoint for `method: draft` (same URI forms and credentials as "
             "spec.model.source). The engine build fetches it, checks that its tokenizer is the model's "
             "and carries it in the engine; it is part of the engine key.",
@@ -1178,13 +1180,7 @@ class LLMEngineSpec(KubeModel):
     key: Annotated[str, Field(pattern=r"^[a-f0-9]{16,64}$", description="Engine key (content hash).")]
     model: Annotated[EngineModel, Field(description="Checkpoint.")]
     draft_model: Annotated[
-        str | None,
-        Field(
-            default=None,
-            pattern=SOURCE_PATTERN,
-            max_length=1024,
-            description="Speculative decoding's draft checkpoint, carried in the engine.",
-        ),
+        str | None, DraftSource(description="Speculative decoding's draft checkpoint, carried in the engine.")
     ]
     backend: Annotated[Backend, Field(default="torch", description="Runtime.")]
     quantization: Annotated[Quantization, Field(default="none", description="Weight format.")]

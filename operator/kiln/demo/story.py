@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import json
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -220,6 +221,19 @@ def build_log_progress(story: Story, job: str) -> str | None:
         return None
     message = f": {found['message']}" if found.get("message") else ""
     return f"{float(found.get('percent', 0)):.0f}% {found.get('step', '?')}{message}"
+
+
+@contextlib.contextmanager
+def serving_example(stack: Stack, example: Path, timeout: float = 600.0) -> Iterator[Story]:
+    """Apply `example`, wait until it serves, and delete it again on the way out."""
+    kubectl = stack.kubectl
+    kubectl("apply", "-f", str(example))
+    story = Story(stack, example)
+    try:
+        wait_serving(story, Progress(total=1, echo=lambda line: None), timeout=timeout)
+        yield story
+    finally:
+        kubectl.run("delete", "-f", str(example), "--wait=true", "--timeout=120s", check=False, timeout=150)
 
 
 def wait_serving(story: Story, p: Progress, timeout: float = 300.0) -> None:
