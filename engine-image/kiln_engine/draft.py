@@ -74,7 +74,6 @@ class DraftModel:
             if budget > 0 and len(context) < limit
         ]
         drafts: list[list[int]] = [[] for _ in requests]
-        wanted = [w for w in wanted if w[2] > 0]
         if not wanted:
             return drafts
         params = [SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True) for _, _, n in wanted]

@@ -633,12 +633,12 @@ def _build(opts: BuildOptions, progress: Progress) -> BuildOutcome:
         progress.update("write", 0.0, "writing config.json")
         write_json_durably(partial / CONFIG_NAME, out_config)
         progress.update("write", 1.0, f"{sum(len(v) for v in weight_files.values())} weight files written")
+        if draft is not None:  # still the write step: the tokenizer step follows it
+            shutil.copytree(draft, partial / DRAFT_DIR, ignore=shutil.ignore_patterns(".*"))
+            progress.update("write", 1.0, f"draft model {opts.draft_model} carried in {DRAFT_DIR}/")
         progress.update("tokenizer", 0.0, "copying tokenizer files")
         copied = copy_tokenizer_files(checkpoint, partial)
         progress.update("tokenizer", 1.0, ", ".join(copied) or "no tokenizer files in the checkpoint")
-        if draft is not None:
-            shutil.copytree(draft, partial / DRAFT_DIR, ignore=shutil.ignore_patterns(".*"))
-            progress.update("write", 1.0, f"draft model {opts.draft_model} carried in {DRAFT_DIR}/")
         manifest = Manifest(
             runtime=runtime_info(),
             backend="torch",

@@ -79,8 +79,9 @@ def artifact_inputs(spec: LLMDeploymentSpec, runtime_version: str) -> dict[str, 
         "image": engine.image,
         "cache": spec.build.cache,
     }
-    if draft_model(spec) is not None:
-        inputs["draftModel"] = draft_model(spec)
+    draft = draft_model(spec)
+    if draft is not None:
+        inputs["draftModel"] = draft
     if measures_capacity(spec):
         percentile, target_ms = capacity_target(spec)
         inputs["capacityTtftPercentile"] = percentile
