@@ -18,6 +18,11 @@
 #   OUT=results bash bench/engine_gpu.sh so-8b           # issue 20: structured outputs at the Llama-3-8B shape
 #   OUT=results bash bench/engine_gpu.sh lora            # issue 19: 8 rank-16 adapters mixed vs the base model
 #   OUT=results bash bench/engine_gpu.sh lora-ops        #   and one 8B layer's LoRA delta: kernels vs masked form
+#   OUT=results bash bench/engine_gpu.sh moe-check moe-qwen3 moe-mixtral   # issue 22: MoE gate, then rows
+#                                 (MOE_ARGS adds options; the transformers baseline is Qwen3's alone:
+#                                 bf16 Mixtral does not fit beside anything on one H100)
+#   OUT=results bash bench/engine_gpu.sh moe-tune moe-probe   # the expert GEMMs' tile sweep; which
+#                                 kernel moves the tiny Qwen3-MoE off float32's tokens
 #
 # Runs from the repository root with the machine's python3 (torch, triton, transformers). The
 # topology and serve stages need packages the machine lacks (pydantic, nvidia-ml-py, fastapi,
@@ -74,6 +79,30 @@ for stage in "$@"; do
       ;;
     lora-ops)
       timeout "${LORA_OPS_TIMEOUT:-120}" $PY bench/lora_kernels.py --out "$OUT/lora-ops.json" 2>&1 | tee "$OUT/lora-ops.log" | tail -30
+      ;;
+    moe-check)
+      timeout 200 $PY bench/moe_throughput.py --check --out "$OUT/moe-check.json" 2>&1 | tee "$OUT/moe-check.log" \
+        | grep -E '"(ok|same_tokens|fast_as_close_as_reference)"|T=' | head -40
+      ;;
+    moe-qwen3)
+      timeout "${MOE_TIMEOUT:-420}" $PY bench/moe_throughput.py --models qwen3-30b-a3b --modes fp8 \
+        --workloads 128/128,2048/128,1000/1000 --num-requests 1024 --max-num-seqs 1024 --no-baseline ${MOE_ARGS:-} \
+        --out "$OUT/moe-qwen3.json" 2>&1 | tee "$OUT/moe-qwen3.log" | grep -v -E '^ |^[{}]' | tail -30
+      timeout "${MOE_BASELINE_TIMEOUT:-200}" $PY bench/moe_throughput.py --models qwen3-30b-a3b --modes bf16 \
+        --workloads 128/128,2048/128 ${MOE_ARGS:-} --out "$OUT/moe-qwen3-bf16.json" 2>&1 \
+        | tee "$OUT/moe-qwen3-bf16.log" | grep -v -E '^ |^[{}]' | tail -30
+      ;;
+    moe-mixtral)
+      timeout "${MOE_TIMEOUT:-420}" $PY bench/moe_throughput.py --models mixtral-8x7b --modes fp8 \
+        --workloads 128/128,2048/128 --num-requests 1024 --max-num-seqs 1024 --no-baseline ${MOE_ARGS:-} \
+        --out "$OUT/moe-mixtral.json" 2>&1 | tee "$OUT/moe-mixtral.log" | grep -v -E '^ |^[{}]' | tail -30
+      ;;
+    moe-tune)
+      timeout "${MOE_TUNE_TIMEOUT:-560}" $PY bench/moe_tune.py --deadline 480 ${MOE_TUNE_ARGS:-} \
+        --out "$OUT/moe-tune.json" 2>&1 | tee "$OUT/moe-tune.log" | tail -30
+      ;;
+    moe-probe)
+      timeout 150 $PY bench/moe_gate_probe.py --out "$OUT/moe-gate-probe.json" 2>&1 | grep 'agreeing'
       ;;
     long)
       timeout 420 $PY $B --modes bf16,fp8 --workloads 128/2048 --no-baseline --out "$OUT/long.json" 2>&1 \

@@ -44,7 +44,9 @@ def quantize(w, fn):
     return torch.stack(q), torch.stack(s)
 
 E, H, I = 8, 64, 48
-for tokens, top_k in ((1, 2), (5, 3), (70, 2)):  # one block per pair at 1 token, sorted otherwise
+# One block per pair at 1 token, sorted otherwise; rows per expert 0.25, 1.9, 17.5, 50 and 100
+# reach each of `_tiles`' four row blocks (16, 32, 64, 128).
+for tokens, top_k in ((1, 2), (5, 3), (70, 2), (200, 2), (400, 2)):
     x = torch.randn(tokens, H, generator=g)
     w13 = torch.randn(E, 2 * I, H, generator=g) * 0.1
     w2 = torch.randn(E, H, I, generator=g) * 0.1

@@ -116,14 +116,25 @@ def one_block_per_pair(ids: torch.Tensor, block_m: int) -> tuple[torch.Tensor, t
     return sorted_ids.view(-1), flat.to(torch.int32), total
 
 
-def _blocks(rows_per_expert: float, n: int) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, BLOCK_K, warps): small row blocks when decode leaves experts few tokens
-    (the GEMM streams weights), large tiles when prefill fills them (the GEMM is compute bound)."""
-    if rows_per_expert <= 16:
-        return 16, (32 if n <= 4096 else 64), 128, 4
-    if rows_per_expert <= 48:
-        return 32, 64, 128, 4
-    return 64, 128, 64, 8
+Tile = tuple[int, int, int, int, int]  # (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages)
+
+
+def _tiles(rows_per_expert: float, fp8: bool) -> tuple[Tile, Tile]:
+    """(gate/up tile, down tile), sharing the row block the layout is padded to.
+
+    From `bench/moe_tune.py` on an H100 (Qwen3-30B-A3B and Mixtral-8x7B shapes, bf16 and fp8;
+    `bench/results-committed/moe_tune-h100-run1-*.json`): decode, where experts see a few rows,
+    streams weights through long K tiles; prefill fills 128-row blocks and is compute bound, with
+    wider N tiles for bf16 weights (fp8 ones are widened in registers, which wants narrower tiles).
+    """
+    if rows_per_expert <= 8:
+        return (16, 64, 256, 4, 3), (16, 32, 128, 4, 3)
+    if rows_per_expert <= 32:
+        return (32, 128, 128, 4, 3), (32, 64, 128, 4, 4)
+    if rows_per_expert <= 96:
+        return (64, 128, 64, 4, 4), (64, 128, 64, 4, 4)
+    wide = 128 if fp8 else 256
+    return (128, wide, 64, 8, 3), (128, wide, 64, 8, 3)
 
 
 def _gemm(
@@ -134,10 +145,10 @@ def _gemm(
     weights: torch.Tensor | None,
     layout: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
     token_div: int,
-    blocks: tuple[int, int, int, int],
+    blocks: Tile,
 ) -> None:
     sorted_ids, block_expert, total = layout
-    bm, bn, bk, warps = blocks
+    bm, bn, bk, warps, stages = blocks
     n, k = b.shape[1], b.shape[2]
     assert a.stride(-1) == 1 and b.stride(-1) == 1 and out.stride(-1) == 1
     grid = (block_expert.numel(), triton.cdiv(n, bn))
@@ -165,7 +176,7 @@ def _gemm(
         BLOCK_N=bn,
         BLOCK_K=bk,
         num_warps=warps,
-        num_stages=3,
+        num_stages=stages,
     )
 
 
@@ -185,15 +196,14 @@ def fused_experts(
     if tokens == 0:
         return torch.zeros_like(x)
     x = x.contiguous()
-    blocks = _blocks(tokens * top_k / num_experts, two_inter)
+    up_tile, down_tile = _tiles(tokens * top_k / num_experts, w13.dtype.itemsize == 1)
     if tokens * top_k * 4 <= num_experts:  # few pairs among many experts: they rarely share one
-        layout = one_block_per_pair(ids, blocks[0])
+        layout = one_block_per_pair(ids, up_tile[0])
     else:
-        layout = align_by_expert(ids, num_experts, blocks[0])
+        layout = align_by_expert(ids, num_experts, up_tile[0])
     up = torch.empty(tokens * top_k, two_inter, dtype=x.dtype, device=x.device)
-    _gemm(x, w13, up, w13_scale, None, layout, top_k, blocks)
+    _gemm(x, w13, up, w13_scale, None, layout, top_k, up_tile)
     act = silu_and_mul(up)
     down = torch.empty(tokens * top_k, hidden, dtype=x.dtype, device=x.device)
-    blocks2 = _blocks(tokens * top_k / num_experts, hidden)  # the same BLOCK_M: the layout is shared
-    _gemm(act, w2, down, w2_scale, weights.reshape(-1).contiguous(), layout, 1, blocks2)
+    _gemm(act, w2, down, w2_scale, weights.reshape(-1).contiguous(), layout, 1, down_tile)
     return down.view(tokens, top_k, hidden).sum(dim=1)
