@@ -40,11 +40,11 @@ SHARE_MIN_WIDTH = 512
 MAX_SHARES = 16
 
 # Decode graphs of up to this many rows use the kernels, larger ones the masked form. On an H100,
-# per Llama-3-8B layer (bench/results-committed/lora_kernels-h100-run1.json), the kernels took
-# 0.12-0.77x the masked form's time at 1 and 16 tokens (8 and 32 slots) but 1.05-1.23x at 64 mixed
-# tokens and 1.7-2.9x at 256: the masked form's two GEMMs grow slowly with tokens, while every
-# token re-reads its slot's B. Sizes between 16 and 64 were not measured.
-KERNELS_UP_TO_TOKENS = 16
+# per Llama-3-8B layer, the kernels took 0.12-0.77x the masked form's time at 1 and 16 tokens (8 and
+# 32 slots; bench/results-committed/lora_kernels-h100-run1.json), 0.54-0.97x at 24 and 32 tokens,
+# but 1.07x at 48 and 1.23x at 64 tokens on 8 slots (lora_kernels-h100-run2-gap.json), 1.7-2.9x at
+# 256: the masked form's two GEMMs grow slowly with tokens, while every token re-reads its slot's B.
+KERNELS_UP_TO_TOKENS = 32
 
 
 @triton.jit
