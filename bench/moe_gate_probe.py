@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 from engine_throughput import free, make_engine
+from moe_throughput import common_prefix
 
 from kiln_engine.interface import SamplingParams
 from kiln_engine.layers.moe import FusedMoE
@@ -39,13 +40,6 @@ MODES: dict[str, tuple[dict[str, Any], tuple[type, bool] | None]] = {
     "triton_eager+torch_rope_and_kv_store": (EAGER, (LlamaAttention, False)),
     "fast": ({"attention_backend": "auto", "cuda_graphs": True}, None),
 }
-
-
-def agreement(a: list[int], b: list[int]) -> int:
-    n = 0
-    while n < min(len(a), len(b)) and a[n] == b[n]:
-        n += 1
-    return n
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -71,9 +65,8 @@ def main(argv: list[str] | None = None) -> int:
             tokens[mode] = engine.generate(prompts * 3, greedy)
             del engine
             free()
-    agree = {
-        m: [agreement(t, e) for t, e in zip(toks, tokens["exact"], strict=True)] for m, toks in tokens.items()
-    }
+    exact = tokens["exact"]
+    agree = {m: [common_prefix(t, e) for t, e in zip(toks, exact, strict=True)] for m, toks in tokens.items()}
     for mode, counts in agree.items():
         print(f"{args.arch} {mode:38} tokens agreeing with float32: {counts}")
     args.out.parent.mkdir(parents=True, exist_ok=True)

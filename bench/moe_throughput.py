@@ -319,7 +319,7 @@ def run_check(args: argparse.Namespace, root: Path) -> dict[str, Any]:
         # Both bf16 paths approximate the float32 function and round differently, so on a random
         # tiny model a near-tie may flip a token in either; the gate is that the fast path follows
         # the float32 tokens as far as the reference path does, prompt by prompt.
-        agree = {m: [_common_prefix(t, e) for t, e in zip(tokens[m], tokens["exact"], strict=True)]
+        agree = {m: [common_prefix(t, e) for t, e in zip(tokens[m], tokens["exact"], strict=True)]
                  for m in ("reference", "fast")}  # fmt: skip
         out["engine"][arch] = {
             "same_tokens": tokens["reference"] == tokens["fast"],
@@ -335,7 +335,7 @@ def run_check(args: argparse.Namespace, root: Path) -> dict[str, Any]:
     return out
 
 
-def _common_prefix(a: list[int], b: list[int]) -> int:
+def common_prefix(a: list[int], b: list[int]) -> int:
     n = 0
     while n < min(len(a), len(b)) and a[n] == b[n]:
         n += 1
