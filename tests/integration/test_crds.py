@@ -78,7 +78,11 @@ def test_every_example_is_accepted_with_defaults_applied(
         ),
         ({"model__source": "ftp://nowhere/model"}, "spec.model.source", "should match"),
         ({"engine__quantization": "int3"}, "spec.engine.quantization", "Unsupported value"),
-        ({"engine__backend": "torch", "engine__kvCacheDtype": "fp8"}, "spec.engine.kvCacheDtype", "backend"),
+        (
+            {"gpu__product": "NVIDIA-A100-SXM4-80GB", "engine__kvCacheDtype": "fp8"},
+            "spec.engine.kvCacheDtype",
+            "compute capability 8.9",
+        ),
         ({"parallelism__tensor": 64, "parallelism__pipeline": 16}, "spec.parallelism.pipeline", "256"),
         ({"autoscaling__scaleToZero": True}, "spec.autoscaling.scaleToZero", "minReplicas: 0"),
         (
@@ -114,6 +118,24 @@ def test_invalid_specs_are_rejected_naming_the_field(
     message = json.loads(error.value.body)["message"]
     assert field in message, message
     assert words in message, message
+
+
+def test_an_fp8_kv_cache_is_accepted_for_both_backends_on_gpus_with_e4m3(
+    custom: client.CustomObjectsApi, namespace: str
+) -> None:
+    """Where the GPU has e4m3 in hardware (Ada and newer; an Ada label that also reads like an
+    Ampere one included) both backends take an fp8 KV cache; the refusal above is the A100's."""
+    for i, (product, backend) in enumerate(
+        (
+            ("NVIDIA-H100-80GB-HBM3", "torch"),
+            ("NVIDIA-L40S", "tensorrt-llm"),
+            ("NVIDIA-RTX-A6000-Ada", "torch"),
+        )
+    ):
+        body = deployment(
+            f"fp8kv{i}", gpu__product=product, engine__backend=backend, engine__kvCacheDtype="fp8"
+        )
+        assert create(custom, namespace, body)["spec"]["engine"]["kvCacheDtype"] == "fp8"
 
 
 def test_cpu_deployment_may_split_into_pipeline_stages(

@@ -14,33 +14,10 @@ import hashlib
 import json
 import re
 
+from kiln.api.gpus import gpu_arch
 from kiln.api.v1alpha1 import EngineModel, LLMDeploymentSpec, LLMEngineSpec
 
 KEY_LENGTH = 20  # hex characters (80 bits): collisions are not a practical concern
-
-# GPU Feature Discovery product label → CUDA architecture. First match wins.
-_GPU_ARCHITECTURES: tuple[tuple[str, str], ...] = (
-    (r"GB200|B200|B100", "sm100"),
-    (r"H100|H200|H800|H20\b|GH200", "sm90"),
-    (r"L40|L4\b|L20|RTX-?\d*-?ADA|RTX-4\d{3}|6000-Ada", "sm89"),
-    (r"A10G?\b|A40|A16|A2\b|RTX-A\d+|RTX-3\d{3}", "sm86"),
-    (r"A100|A30|A800", "sm80"),
-    (r"T4\b|RTX-2\d{3}", "sm75"),
-    (r"V100", "sm70"),
-)
-
-
-def gpu_arch(product: str | None) -> str:
-    """The CUDA architecture of a GPU product label; `cpu` without a GPU.
-
-    Unknown products map to their own sanitised name, so they still get a distinct, stable key.
-    """
-    if not product:
-        return "cpu"
-    for pattern, arch in _GPU_ARCHITECTURES:
-        if re.search(pattern, product, flags=re.IGNORECASE):
-            return arch
-    return "gpu-" + re.sub(r"[^a-z0-9]+", "-", product.lower()).strip("-")
 
 
 def measures_capacity(spec: LLMDeploymentSpec) -> bool:

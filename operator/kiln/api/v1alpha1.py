@@ -15,6 +15,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from pydantic.alias_generators import to_camel
 from pydantic.json_schema import JsonDict
 
+from kiln.api.gpus import products_pattern
+
 GROUP = "kiln.dev"
 VERSION = "v1alpha1"
 API_VERSION = f"{GROUP}/{VERSION}"
@@ -39,10 +41,6 @@ BACKEND_QUANTIZATIONS: dict[str, tuple[str, ...]] = {
     "tensorrt-llm": ("none", "bf16", "fp16", "fp8", "int8-weight", "int4-awq", "int4-gptq"),
 }
 # Kiln's torch runtime keeps its KV cache in the activation dtype; fp8 KV needs TensorRT-LLM.
-BACKEND_KV_CACHE_DTYPES: dict[str, tuple[str, ...]] = {
-    "torch": ("auto", "bf16", "fp16"),
-    "tensorrt-llm": ("auto", "bf16", "fp16", "fp8"),
-}
 
 
 def _backend_table_rule(field: str, table: dict[str, tuple[str, ...]]) -> str:
@@ -257,11 +255,6 @@ class EngineOptions(KubeModel):
                     _backend_table_rule("quantization", BACKEND_QUANTIZATIONS),
                     "quantization is not supported by this backend",
                     ".quantization",
-                ),
-                _cel(
-                    _backend_table_rule("kvCacheDtype", BACKEND_KV_CACHE_DTYPES),
-                    "kvCacheDtype is not supported by this backend (fp8 KV cache needs tensorrt-llm)",
-                    ".kvCacheDtype",
                 ),
                 _cel(
                     "!has(self.speculative) || self.backend == 'torch'",
@@ -1075,6 +1068,14 @@ class LLMDeploymentSpec(KubeModel):
                     "(self.parallelism.tensor == 1 && self.parallelism.pipeline == 1)",
                     "speculative decoding runs on one GPU per replica (no tensor or pipeline parallelism)",
                     ".engine.speculative",
+                ),
+                _cel(
+                    "!has(self.gpu) || self.engine.kvCacheDtype != 'fp8' || "
+                    f"!self.gpu.product.matches(r'{products_pattern(fp8=False)}') || "
+                    f"self.gpu.product.matches(r'{products_pattern(fp8=True)}')",
+                    "an fp8 KV cache needs e4m3 in hardware: a GPU of compute capability 8.9 or newer "
+                    "(Ada, Hopper, Blackwell), not this spec.gpu.product",
+                    ".engine.kvCacheDtype",
                 ),
                 _cel(
                     "has(self.gpu) || self.engine.backend == 'torch'",

@@ -7,7 +7,8 @@ import sys
 
 import pytest
 
-from kiln.api.enginekey import engine_key, engine_name, engine_spec, gpu_arch
+from kiln.api.enginekey import engine_key, engine_name, engine_spec
+from kiln.api.gpus import gpu_arch
 from kiln.api.v1alpha1 import LLMDeploymentSpec
 
 BASE: dict[str, object] = {
