@@ -356,6 +356,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-num-seqs", type=int, default=256)
     ap.add_argument("--max-tokens-per-step", type=int, default=8192)
     ap.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    ap.add_argument(
+        "--kv-cache-dtype", default="auto", choices=["auto", "bf16", "fp16", "fp8"], help="KV cache type"
+    )
     ap.add_argument("--no-baseline", action="store_true", help="skip transformers")
     ap.add_argument("--tiny", action="store_true", help="toy sizes of both shapes (checks the bench on CPU)")
     ap.add_argument(
@@ -378,6 +381,7 @@ def main(argv: list[str] | None = None) -> int:
     dev = torch.device(args.device)
     results: dict[str, Any] = {
         "what": "MoE engine vs transformers, random weights" + (" (tiny shapes)" if args.tiny else ""),
+        "kv_cache_dtype": args.kv_cache_dtype,
         "argv": sys.argv[1:] if argv is None else argv,
         "host": platform.node(),
         "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
