@@ -163,6 +163,34 @@ class GrammarState:
             self.took(token, self.matcher.accept_token(token))
         return not self.ended
 
+    def fill_draft_masks(
+        self,
+        token_ids: Sequence[int],
+        num_prompt_tokens: int,
+        drafts: Sequence[int],
+        bitmask: torch.Tensor,
+        first_row: int,
+    ) -> None:
+        """For a verify step (speculative decoding): row `first_row + j` of `bitmask` gets the tokens
+        allowed after the real tokens (`token_ids` less the trailing `drafts`) and the first j drafts.
+        The drafts are fed to the matcher and rolled back, so it stays at the real tokens. Rows past
+        a draft the grammar refuses, or past its end, keep every token: greedy acceptance stops
+        before them, since the refused draft is not allowed in the row before it."""
+        real = token_ids[: len(token_ids) - len(drafts)]
+        if not self.advance(self.new_tokens(real, num_prompt_tokens, None)):
+            return
+        fed, last = 0, self.last
+        for j in range(len(drafts) + 1):
+            self.matcher.fill_next_token_bitmask(bitmask, first_row + j)
+            bitmask[first_row + j] &= self.masks.table[self.masks.choice(last)]
+            if j == len(drafts) or not self.matcher.accept_token(drafts[j]):
+                break
+            fed, last = fed + 1, drafts[j]
+            if self.matcher.is_terminated():
+                break
+        if fed:
+            self.matcher.rollback(fed)
+
     def fill_mask(
         self,
         token_ids: Sequence[int],

@@ -121,7 +121,8 @@ class Sampler:
         self.draws.pop(request_id, None)
         self.grammar_states.pop(request_id, None)
 
-    def _grammar_state(self, req: SampleRequest) -> GrammarState:
+    def grammar_state(self, req: SampleRequest) -> GrammarState:
+        """The grammar state of a structured request, made on its first use."""
         state = self.grammar_states.get(req.request_id)
         if state is None:
             assert self.grammars is not None and req.params.structured is not None
@@ -187,7 +188,7 @@ class Sampler:
                 for i, r in enumerate(requests)
                 if r.params.adjusts_logits
             ]
-            states = {a.row: self._grammar_state(requests[a.row]) for a in adjusted if a.params.structured}
+            states = {a.row: self.grammar_state(requests[a.row]) for a in adjusted if a.params.structured}
             pending = (lambda: follows.resolve()[0]) if follows is not None and states else None
             batch.adjustment = build(
                 adjusted, vocab_size, self.eos_token_ids, self._to_device, states, pending

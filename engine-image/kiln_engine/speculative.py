@@ -14,8 +14,12 @@ distribution: emitted tokens keep the target's distribution, `accept_sampled`).
 accepted drafts stays, rejected positions count as uncomputed, and prefix-cache entries published
 for blocks that held rejected drafts are withdrawn before anyone can reuse them.
 
-Requests with logprobs, a seed or logit adjustments (penalties, logit_bias, min_tokens, grammars)
-never speculate: they decode one token per step in the same batches.
+A greedy request under a grammar (structured outputs) speculates too: each of its verify rows is
+masked with what the grammar allows after the drafts before it (`GrammarState.fill_draft_masks`),
+so a draft the grammar refuses is rejected and the target's token after the accepted drafts is one
+the grammar allows, as without drafts. Requests with logprobs, a seed, other logit adjustments
+(penalties, logit_bias, min_tokens) or a grammar with sampling never speculate: they decode one
+token per step in the same batches.
 """
 
 from __future__ import annotations
@@ -25,9 +29,11 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from kiln_engine import grammar
 from kiln_engine.block_manager import BlockManager
 from kiln_engine.interface import RequestOutput, SamplingParams, TokenLogprob
 from kiln_engine.model_runner import ModelRunner
+from kiln_engine.sampler import SampleRequest
 from kiln_engine.scheduler import ScheduledChunk
 from kiln_engine.sequence import Sequence
 
@@ -90,10 +96,23 @@ def accept_sampled(drafts: list[int], probs: torch.Tensor, generator: torch.Gene
 
 
 def speculates(params: SamplingParams) -> bool:
-    """Whether a request takes drafts: greedy, or plain sampling whose distribution `accept_sampled`
-    can reproduce (no logprobs, no seed, no logit adjustment)."""
+    """Whether a request takes drafts: greedy (under a grammar or not), or plain sampling whose
+    distribution `accept_sampled` can reproduce (no logprobs, no seed, no logit adjustment)."""
     plain_sampling = not params.adjusts_logits and params.logprobs is None and params.seed is None
-    return params.plain_greedy or plain_sampling
+    return params.plain_greedy or plain_sampling or _greedy_under_grammar(params)
+
+
+def _greedy_under_grammar(params: SamplingParams) -> bool:
+    """Greedy, no logprobs or seed, and the grammar the only logit adjustment."""
+    others = (
+        params.presence_penalty
+        or params.frequency_penalty
+        or params.repetition_penalty != 1.0
+        or params.logit_bias
+        or params.min_tokens
+    )
+    plain = params.temperature <= 0.0 and params.logprobs is None and params.seed is None
+    return params.structured is not None and plain and not others
 
 
 @dataclass
@@ -183,6 +202,7 @@ class SpeculativeDecoder:
             return result
         index = torch.tensor(spec_rows, dtype=torch.int64, device=runner.device)
         logits = runner.model.compute_logits(hidden.index_select(0, index))
+        self._constrain(runner, spans, sample_reqs, logits)
         argmax = logits.argmax(dim=-1).tolist()
         for i, drafts, first in spans:
             span = slice(first, first + len(drafts) + 1)
@@ -197,6 +217,24 @@ class SpeculativeDecoder:
                 result.tokens[i] = accept_sampled(drafts, probs, runner.sampler.generator)
             self.accepted_total += len(result.tokens[i]) - 1
         return result
+
+    @staticmethod
+    def _constrain(
+        runner: ModelRunner,
+        spans: list[tuple[int, list[int], int]],
+        requests: list[SampleRequest],
+        logits: torch.Tensor,
+    ) -> None:
+        """Mask the verify rows of the spans whose request has a grammar, in place."""
+        constrained = [(i, drafts, first) for i, drafts, first in spans if requests[i].params.structured]
+        if not constrained:
+            return
+        bitmask = grammar.allocate_bitmask(logits.shape[0], runner.model_config.vocab_size)
+        for i, drafts, first in constrained:
+            req = requests[i]
+            state = runner.sampler.grammar_state(req)
+            state.fill_draft_masks(req.token_ids, req.num_prompt_tokens, drafts, bitmask, first)
+        grammar.apply_bitmask(logits, bitmask.to(logits.device))
 
     def settle(self, seq: Sequence, bm: BlockManager) -> None:
         """Take `seq`'s drafts out of its tokens and roll its KV back to the last real token."""
