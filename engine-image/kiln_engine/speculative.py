@@ -14,12 +14,12 @@ distribution: emitted tokens keep the target's distribution, `accept_sampled`).
 accepted drafts stays, rejected positions count as uncomputed, and prefix-cache entries published
 for blocks that held rejected drafts are withdrawn before anyone can reuse them.
 
-A greedy request under a grammar (structured outputs) speculates too: each of its verify rows is
-masked with what the grammar allows after the drafts before it (`GrammarState.fill_draft_masks`),
-so a draft the grammar refuses is rejected and the target's token after the accepted drafts is one
-the grammar allows, as without drafts. Requests with logprobs, a seed, other logit adjustments
-(penalties, logit_bias, min_tokens) or a grammar with sampling never speculate: they decode one
-token per step in the same batches.
+A request under a grammar (structured outputs) speculates too: each of its verify rows is masked
+with what the grammar allows after the drafts before it (`GrammarState.fill_draft_masks`), so a
+draft the grammar refuses is rejected (its probability is zero) and the token after the accepted
+drafts is one the grammar allows, greedy or sampled from the masked distribution as without
+drafts. Requests with logprobs, a seed or other logit adjustments (penalties, logit_bias,
+min_tokens) never speculate: they decode one token per step in the same batches.
 """
 
 from __future__ import annotations
@@ -96,14 +96,15 @@ def accept_sampled(drafts: list[int], probs: torch.Tensor, generator: torch.Gene
 
 
 def speculates(params: SamplingParams) -> bool:
-    """Whether a request takes drafts: greedy (under a grammar or not), or plain sampling whose
-    distribution `accept_sampled` can reproduce (no logprobs, no seed, no logit adjustment)."""
+    """Whether a request takes drafts: greedy, or plain sampling whose distribution `accept_sampled`
+    can reproduce (no logprobs, no seed, no logit adjustment but a grammar's, which `verify` applies
+    to the drafts' rows itself)."""
     plain_sampling = not params.adjusts_logits and params.logprobs is None and params.seed is None
-    return params.plain_greedy or plain_sampling or _greedy_under_grammar(params)
+    return params.plain_greedy or plain_sampling or _plain_under_grammar(params)
 
 
-def _greedy_under_grammar(params: SamplingParams) -> bool:
-    """Greedy, no logprobs or seed, and the grammar the only logit adjustment."""
+def _plain_under_grammar(params: SamplingParams) -> bool:
+    """A grammar the only logit adjustment, no logprobs, no seed."""
     others = (
         params.presence_penalty
         or params.frequency_penalty
@@ -111,7 +112,7 @@ def _greedy_under_grammar(params: SamplingParams) -> bool:
         or params.logit_bias
         or params.min_tokens
     )
-    plain = params.temperature <= 0.0 and params.logprobs is None and params.seed is None
+    plain = params.logprobs is None and params.seed is None
     return params.structured is not None and plain and not others
 
 
@@ -210,8 +211,10 @@ class SpeculativeDecoder:
             if params.temperature <= 0:
                 result.tokens[i] = accept_greedy(drafts, argmax[span])
             else:
+                # The rows are masked by the grammar already (`_constrain`): sample them plainly.
+                plain_req = replace(sample_reqs[i], params=replace(params, structured=None))
                 batch = runner.sampler.prepare(
-                    [sample_reqs[i]] * (len(drafts) + 1), runner.model_config.vocab_size
+                    [plain_req] * (len(drafts) + 1), runner.model_config.vocab_size
                 )
                 probs = runner.sampler.probs(logits[span].float(), batch)
                 result.tokens[i] = accept_sampled(drafts, probs, runner.sampler.generator)
