@@ -26,7 +26,8 @@
 #
 # Runs from the repository root with the machine's python3 (torch, triton, transformers). The
 # topology and serve stages need packages the machine lacks (pydantic, nvidia-ml-py, fastapi,
-# uvicorn): wheels in .whl/ are installed to /tmp/site first.
+# uvicorn, xgrammar): wheels in .whl/ (made by bench/device_wheels.sh, passed in `carry`) are
+# installed to /tmp/site first.
 set -uo pipefail
 OUT=${OUT:-bench/results}
 mkdir -p "$OUT"
