@@ -364,19 +364,38 @@ def replicas_managers(flow: GitOps) -> set[str]:
     }
 
 
+AUTOSCALER = ("deployment/kiln-autoscaler", "-n", "kiln-system")
+
+
+@contextlib.contextmanager
+def autoscaler_paused(flow: GitOps) -> Iterator[None]:
+    """The in-cluster autoscaler scaled to zero, then back. Idle, it would itself restore git's count
+    after the write this test makes in its name, racing Argo CD's self-heal to the same value; when
+    it won, Argo CD had nothing to write back (CI, 2026-12-06: timed out waiting for Argo CD)."""
+    flow.kubectl("scale", *AUTOSCALER, "--replicas=0")
+    selector = ("-n", "kiln-system", "-l", "app.kubernetes.io/component=autoscaler")
+    wait_for(lambda: not flow.kubectl.items("pods", *selector), 120, "the autoscaler's pod to stop")
+    try:
+        yield
+    finally:
+        flow.kubectl("scale", *AUTOSCALER, "--replicas=1")
+        flow.kubectl("rollout", "status", *AUTOSCALER, "--timeout=180s", timeout=200)
+
+
 def test_self_heal_reverts_the_autoscalers_replicas_unless_ignored(flow: GitOps) -> None:
     git_replicas = int(flow.manifest["spec"]["replicas"])
     scaled = git_replicas + 1
     # Automated sync with self-heal and nothing ignored: Argo CD writes git's count back.
-    flow.kubectl.apply([documented_application(flow, ignore=False)])
-    written = autoscaler_writes_replicas(flow, scaled)
-    wait_for(
-        lambda: live_replicas(flow) == git_replicas and "argocd-controller" in replicas_managers(flow),
-        120,
-        "self-heal to write git's replicas back",
-        interval=0.5,
-    )
-    flow.record("self_heal_reverted_autoscaler_after_s", round(time.monotonic() - written, 1))
+    with autoscaler_paused(flow):
+        flow.kubectl.apply([documented_application(flow, ignore=False)])
+        written = autoscaler_writes_replicas(flow, scaled)
+        wait_for(
+            lambda: live_replicas(flow) == git_replicas and "argocd-controller" in replicas_managers(flow),
+            120,
+            "self-heal to write git's replicas back",
+            interval=0.5,
+        )
+        flow.record("self_heal_reverted_autoscaler_after_s", round(time.monotonic() - written, 1))
 
     # The documented Application: Argo CD leaves spec.replicas to the autoscaler. A real burst makes
     # the autoscaler in the cluster add a replica, and the burst goes on while Argo CD is watched.
