@@ -37,19 +37,20 @@ class SamplingParams:
     adjusts_logits: bool = field(init=False, repr=False, compare=False)  # logits change before picking
     uses_history: bool = field(init=False, repr=False, compare=False)  # the change reads generated tokens
     plain_greedy: bool = field(init=False, repr=False, compare=False)  # argmax alone: the fast path
+    # A grammar is the only change (speculative decoding masks the drafts' rows with it itself).
+    adjusts_by_grammar_alone: bool = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        history = bool(
-            self.presence_penalty
-            or self.frequency_penalty
-            or self.repetition_penalty != 1.0
-            or self.structured  # the grammar state advances with each generated token
-        )
-        adjusts = history or bool(self.logit_bias or self.min_tokens)
+        penalties = bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0)
+        # The grammar state advances with each generated token, as penalties read them.
+        history = penalties or bool(self.structured)
+        besides_grammar = penalties or bool(self.logit_bias or self.min_tokens)
+        adjusts = history or besides_grammar
         plain = self.temperature <= 0.0 and self.logprobs is None and self.seed is None and not adjusts
         object.__setattr__(self, "uses_history", history)
         object.__setattr__(self, "adjusts_logits", adjusts)
         object.__setattr__(self, "plain_greedy", plain)
+        object.__setattr__(self, "adjusts_by_grammar_alone", bool(self.structured) and not besides_grammar)
 
 
 @dataclass

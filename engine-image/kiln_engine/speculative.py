@@ -99,21 +99,8 @@ def speculates(params: SamplingParams) -> bool:
     """Whether a request takes drafts: greedy, or plain sampling whose distribution `accept_sampled`
     can reproduce (no logprobs, no seed, no logit adjustment but a grammar's, which `verify` applies
     to the drafts' rows itself)."""
-    plain_sampling = not params.adjusts_logits and params.logprobs is None and params.seed is None
-    return params.plain_greedy or plain_sampling or _plain_under_grammar(params)
-
-
-def _plain_under_grammar(params: SamplingParams) -> bool:
-    """A grammar the only logit adjustment, no logprobs, no seed."""
-    others = (
-        params.presence_penalty
-        or params.frequency_penalty
-        or params.repetition_penalty != 1.0
-        or params.logit_bias
-        or params.min_tokens
-    )
     plain = params.logprobs is None and params.seed is None
-    return params.structured is not None and plain and not others
+    return params.plain_greedy or (plain and (not params.adjusts_logits or params.adjusts_by_grammar_alone))
 
 
 @dataclass
