@@ -123,6 +123,12 @@ def expert_shape(cfg: dict[str, Any]) -> tuple[int, int, int, int]:
     return experts, int(cfg["num_experts_per_tok"]), int(cfg["hidden_size"]), inter
 
 
+def quantize_experts(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp8 weights and per-output-channel scales of every expert of `w` [E, out, in], stacked."""
+    q, scales = zip(*(quantize_fp8(w[e]) for e in range(w.shape[0])), strict=True)
+    return torch.stack(q), torch.stack(scales)
+
+
 def time_call(fn: Any, device: torch.device, reps: int) -> float:
     """Median seconds of `fn()`: replays of a CUDA graph of it on GPU (launches as in a decode step)."""
     fn()
@@ -172,9 +178,8 @@ def kernel_bench(
         "bf16": (w13, w2, None, None)
     }
     if fp8:
-        q13, s13 = zip(*(quantize_fp8(w13[e]) for e in range(experts)), strict=True)
-        q2, s2 = zip(*(quantize_fp8(w2[e]) for e in range(experts)), strict=True)
-        variants["fp8"] = (torch.stack(q13), torch.stack(q2), torch.stack(s13), torch.stack(s2))
+        (q13, s13), (q2, s2) = quantize_experts(w13), quantize_experts(w2)
+        variants["fp8"] = (q13, q2, s13, s2)
     out: dict[str, Any] = {"experts": experts, "top_k": top_k, "hidden": hidden, "intermediate": inter}
     for name, (a, b, sa, sb) in variants.items():
         res: dict[str, Any] = {}
@@ -282,9 +287,7 @@ def run_check(args: argparse.Namespace, root: Path) -> dict[str, Any]:
             hidden, inter = 64, 32
         w13 = torch.randn(experts, 2 * inter, hidden, device=dev, dtype=dtype, generator=g) * 0.02
         w2 = torch.randn(experts, hidden, inter, device=dev, dtype=dtype, generator=g) * 0.02
-        q = [quantize_fp8(w13[e]) for e in range(experts)], [quantize_fp8(w2[e]) for e in range(experts)]
-        s13, s2 = torch.stack([s for _, s in q[0]]), torch.stack([s for _, s in q[1]])
-        q13, q2 = torch.stack([w for w, _ in q[0]]), torch.stack([w for w, _ in q[1]])
+        (q13, s13), (q2, s2) = quantize_experts(w13), quantize_experts(w2)
         for tokens in (1, 7, 300):
             x = torch.randn(tokens, hidden, device=dev, dtype=dtype, generator=g)
             weights, ids = route(torch.randn(tokens, experts, device=dev, generator=g), top_k, True)

@@ -22,12 +22,11 @@ from typing import Any
 import torch
 import triton
 from lora_kernels import graph_time_us
-from moe_throughput import MODELS, expert_shape
+from moe_throughput import MODELS, expert_shape, quantize_experts
 
 from kiln_engine.layers.fused import silu_and_mul
 from kiln_engine.layers.fused_moe import Tile, _gemm, _tiles, align_by_expert, one_block_per_pair
 from kiln_engine.layers.moe import route
-from kiln_engine.quantization import quantize_fp8
 
 # (BLOCK_N, BLOCK_K, warps, stages) tried with each row block; row blocks by rows per expert.
 NKWS = [
@@ -62,9 +61,8 @@ def weights_of(cfg: dict[str, Any], dtype: str, g: torch.Generator) -> tuple[tor
     w2 = torch.randn(experts, hidden, inter, device="cuda", dtype=torch.bfloat16, generator=g) * 0.02
     if dtype == "bf16":
         return w13, w2, None, None
-    q13, s13 = zip(*(quantize_fp8(w13[e]) for e in range(experts)), strict=True)
-    q2, s2 = zip(*(quantize_fp8(w2[e]) for e in range(experts)), strict=True)
-    return torch.stack(q13), torch.stack(q2), torch.stack(s13), torch.stack(s2)
+    (q13, s13), (q2, s2) = quantize_experts(w13), quantize_experts(w2)
+    return q13, q2, s13, s2
 
 
 def timed(fn: Any) -> float:
