@@ -40,7 +40,6 @@ BACKEND_QUANTIZATIONS: dict[str, tuple[str, ...]] = {
     "torch": ("none", "bf16", "fp16", "fp8", "int8-weight", "int4-awq", "int4-gptq"),
     "tensorrt-llm": ("none", "bf16", "fp16", "fp8", "int8-weight", "int4-awq", "int4-gptq"),
 }
-# Kiln's torch runtime keeps its KV cache in the activation dtype; fp8 KV needs TensorRT-LLM.
 
 
 def _backend_table_rule(field: str, table: dict[str, tuple[str, ...]]) -> str:
