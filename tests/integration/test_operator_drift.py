@@ -16,7 +16,7 @@ from kubernetes import client
 from kiln.controller.kube import Kube
 from kiln.local.testing import wait_for
 from tests.integration import test_operator as base
-from tests.integration.test_operator import Operator, create, example, get, with_secret
+from tests.integration.test_operator import GROUP, VERSION, Operator, create, example, get, with_secret
 
 # The operator, API client and kubectl fixtures of test_operator.py.
 operator, custom, kubectl = base.operator, base.custom, base.kubectl
@@ -117,3 +117,44 @@ def test_hand_edits_of_the_serving_deployment_are_reverted_and_named(
         timeout=30, what="the second deployment's engine",
     )  # fmt: skip
     assert second["name"] == first_engine
+
+
+def test_a_hand_edit_taken_back_by_a_new_rendering_is_named(
+    operator: Operator,
+    custom: client.CustomObjectsApi,
+    core_v1: client.CoreV1Api,
+    apps_v1: client.AppsV1Api,
+    namespace: str,
+    kubectl: Callable[..., str],
+) -> None:
+    """A hand edit and a spec change that renders another Deployment meet in one apply (here: both
+    made while the operator is down): that apply takes the edit back, so the event names it."""
+    with_secret(core_v1, namespace)
+    body = example("llama-3-70b-fp8-tp4.yaml")
+    create(custom, namespace, body)
+    name = body["metadata"]["name"]
+    kubectl("wait", "-n", namespace, f"llmdeployment/{name}", "--for=condition=Ready", "--timeout=90s",
+            timeout=100)  # fmt: skip
+    rendered_image = engine_container(apps_v1, namespace, name)["image"]
+
+    operator.stop()
+    kubectl("set", "image", "-n", namespace, f"deployment/{name}", "engine=registry.example/evil:1")
+    spec_change = {"spec": {"serving": {"terminationGracePeriodSeconds": 120}}}
+    custom.patch_namespaced_custom_object(GROUP, VERSION, namespace, "llmdeployments", name, spec_change)
+    operator.start()
+
+    def applied() -> bool:
+        grace = apps_v1.read_namespaced_deployment(
+            name, namespace
+        ).spec.template.spec.termination_grace_period_seconds
+        return grace == 120 and engine_container(apps_v1, namespace, name)["image"] == rendered_image
+
+    wait_for(applied, timeout=60, what="the new rendering, with Kiln's image back")
+    said = wait_for(
+        lambda: " ".join(
+            m for r, m in reasons_and_messages(core_v1, namespace, name) if r == "DriftReverted"
+        ),
+        timeout=30,
+        what="a DriftReverted event",
+    )
+    assert "containers[name=engine].image" in said and "kubectl-set" in said, said

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 from kiln.local import build, cluster, nodeimages, realnode
@@ -302,3 +303,22 @@ def test_down_leaves_nothing_behind(real: RealCluster) -> None:
     assert after.files - real.before.files == set()
     assert after.cgroups == real.before.cgroups
     assert not realnode.OWNER_FILE.exists()
+
+
+def test_links_no_cluster_here_owns_are_neither_taken_over_nor_torn_down(tmp_path: Path) -> None:
+    """Another container's real node sharing this network namespace (its cluster folder and
+    OWNER_FILE out of sight): `up` refuses before launching anything, `down` leaves its links."""
+    assert not realnode.OWNER_FILE.exists()  # the module's node is down (the test above)
+    subprocess.run(["ip", "link", "add", realnode.NODE_LINK, "type", "bridge"], check=True)
+    try:
+
+        def never(*args: object) -> None:
+            raise AssertionError(f"called {args} although another node's links are there")
+
+        with pytest.raises(realnode.NodeError, match=f"links {realnode.NODE_LINK} exist"):
+            realnode.start(tmp_path, "https://127.0.0.1:1", httpx.Client(), never, never, never, 1.0)
+        assert realnode.teardown(tmp_path, never) == []
+        assert (Path("/sys/class/net") / realnode.NODE_LINK).exists()
+        assert not realnode.OWNER_FILE.exists()
+    finally:
+        subprocess.run(["ip", "link", "del", realnode.NODE_LINK], check=False)

@@ -783,7 +783,9 @@ class Reconciler:
         drift: list[Drift] = []
         if live is not None:
             same = ((live.get("metadata") or {}).get("annotations") or {}).get(APPLIED_ANNOTATION) == digest
-            drift = drifted(live, manifest, FIELD_MANAGER) if same else []
+            # Diffed even when the rendering changed: the forced apply of a new rendering takes back
+            # every hand edit too, and an edit it takes back must be named.
+            drift = drifted(live, manifest, FIELD_MANAGER)
             # Someone scaling the child directly is drift the next apply undoes.
             wanted_replicas = (manifest.get("spec") or {}).get("replicas")  # ServiceAccounts have no spec
             replicas_kept = (live.get("spec") or {}).get("replicas") == wanted_replicas

@@ -443,9 +443,9 @@ def start(
     Ready; returns the components' command lines (launched through `launch`)."""
     from kiln.local import cluster
 
+    _claim(cluster_dir)
     node = layout(cluster_dir)
     bins = build.node_binary_paths()
-    _claim(cluster_dir)
     started = time.monotonic()
     for folder in (node.state, node.kubelet_root, node.pod_logs, node.cni_ipam_dir):
         _remove_tree(folder)
@@ -507,14 +507,23 @@ def _deployment_ready(client: httpx.Client, server: str, namespace: str, name: s
 def _claim(cluster_dir: Path) -> None:
     """Record this cluster as the machine's real node; refuse if another cluster's node runs."""
     owner = _owner()
+    unowned = [link for link in (NODE_LINK, BRIDGE) if _link_exists(link)]
+    if owner is None and unowned:
+        # No cluster of this machine claimed them, so a real node of another mount namespace
+        # (another container sharing this network namespace) made them: taking them over would
+        # cut that node's pods off.
+        raise NodeError(
+            f"links {', '.join(unowned)} exist but no Kiln cluster of this machine owns them "
+            f"({OWNER_FILE} is absent): another real node shares this network namespace; stop it, or "
+            f"if they are stale, `ip link del` them"
+        )
     if owner is not None and owner != cluster_dir and _containerd_running(layout(owner)):
         raise NodeError(
             f"a real node of the cluster in {owner} runs on this machine (only one can): "
             f"`kiln local down --dir {owner}` first"
         )
     if owner is not None and owner != cluster_dir:
-        OWNER_FILE.unlink()
-        teardown(owner, lambda name: None)  # a stale node: clean up after it first
+        teardown(owner, lambda name: None)  # a stale node: clean up after it first (frees OWNER_FILE)
     OWNER_FILE.write_text(f"{cluster_dir}\n")
 
 
@@ -572,9 +581,10 @@ def teardown(cluster_dir: Path, stop: Callable[[str], None]) -> list[str]:
     stops one recorded component. Returns what it removed itself, beyond the runtime's own
     cleanup (for logs); safe to run again."""
     node = layout(cluster_dir)
-    owner = _owner()
-    if owner is not None and owner != cluster_dir:
-        return []  # the host's node objects belong to another cluster's running node
+    if _owner() != cluster_dir:
+        # Nothing of this cluster is on the host (torn down already, or refused by _claim before it
+        # launched anything), or another cluster's node owns the host's links and chains.
+        return []
     forced: list[str] = []
     stop("kubelet")
     crictl = build.bin_dir(build.CRITOOLS) / "crictl"
