@@ -42,6 +42,10 @@ class _TextState:
 
 
 _PENDING_TOKEN = -1  # stands for a token the device has sampled and the host has not read yet
+# A lookahead step's grammar masks are filled on the sampler's fill thread while this thread does the
+# bookkeeping of the step before (Sampler.sample_async); bench/structured_outputs.py turns it off for
+# its baseline row, the fill then runs on this thread before that bookkeeping.
+DEFER_GRAMMAR_MASKS = True
 
 
 @dataclass
@@ -254,6 +258,8 @@ class LLMEngine:
         self.in_flight = self._lookahead(flight)
         tokens, logprobs = flight.sampled.resolve()
         outputs.extend(self._apply(flight.sampling, tokens, logprobs))
+        if self.in_flight is not None:
+            self.in_flight.sampled.finish()  # its grammar masks were filled during the _apply above
         return outputs
 
     def _speculative_step(self, sched: SchedulerOutput, spec: SpeculativeDecoder) -> list[RequestOutput]:
@@ -316,7 +322,9 @@ class LLMEngine:
         if [c.seq for c in nxt.chunks] != flight.sampling or nxt.preempted:
             raise RuntimeError("lookahead decode step does not match the step it follows")
         flight.sampled.copy_to_host()  # before the next step is enqueued, so reading waits for this one only
-        sampled = self.runner.execute_async(nxt.chunks, inputs_from=flight.sampled)
+        sampled = self.runner.execute_async(
+            nxt.chunks, inputs_from=flight.sampled, defer_masks=DEFER_GRAMMAR_MASKS
+        )
         return _Flight(nxt, list(flight.sampling), sampled)
 
     def _apply(

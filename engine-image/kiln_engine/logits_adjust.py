@@ -5,17 +5,19 @@ ops over the rows that ask for them.
 `build` runs on the host before the forward pass and only copies small tensors to the device
 (asynchronously); `apply` enqueues the ops. Grammar masks are the exception: they are filled in
 `apply`, which the sampler calls once the forward pass is enqueued, so the host walks the grammars
-while the device computes the logits (and, for a lookahead step, after the tokens of the step before
-are read). A step whose rows ask for none of this never builds one, so the greedy fast path and plain
-sampling keep their cost. The order follows the usual semantics:
-penalties act on the model's raw logits, then logit_bias is added, then min_tokens masks the stop
+while the device computes the logits. A lookahead step's are filled on the sampler's fill thread
+(`GrammarMasks.start`) once the tokens of the step before are read, while the engine's thread does
+that step's bookkeeping. A step whose rows ask for none of this never builds one, so the greedy
+fast path and plain sampling keep their cost. The order follows the usual semantics: penalties act
+on the model's raw logits, then logit_bias is added, then min_tokens masks the stop
 tokens of rows that have not generated enough yet, then the grammar keeps only the tokens it allows.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from concurrent.futures import Executor, Future
+from dataclasses import dataclass, field
 
 import torch
 
@@ -89,8 +91,20 @@ class GrammarMasks:
     # hold as placeholders (reading them waits for that step's sampling only).
     pending: Callable[[], list[int]] | None = None
 
+    _host: Future[torch.Tensor] | None = field(default=None, init=False, repr=False)
+
+    def start(self, executor: Executor) -> None:
+        """Fill the host bitmask on `executor`'s thread, so the calling thread goes on meanwhile
+        (xgrammar's fill does not hold the GIL); `fill` then waits for it. Host work only there: the
+        copy to the device is enqueued by the thread that calls `fill`, on its stream."""
+        self._host = executor.submit(self._fill_host)
+
     def fill(self) -> torch.Tensor:
         """The [R, ceil(V/32)] int32 bitmask of allowed tokens, on the logits' device."""
+        host = self._host.result() if self._host is not None else self._fill_host()
+        return self.to_device(host, torch.int32)
+
+    def _fill_host(self) -> torch.Tensor:
         bitmask = grammar.allocate_bitmask(self.num_rows, self.vocab_size)
         pending = self.pending() if self.pending is not None else None
         grammar.fill_masks(
@@ -99,7 +113,7 @@ class GrammarMasks:
             [(r.token_ids, r.num_prompt_tokens, pending[r.row] if pending is not None else None)
              for _, r, _ in self.states],
         )  # fmt: skip
-        return self.to_device(bitmask, torch.int32)
+        return bitmask
 
 
 def build(

@@ -235,13 +235,20 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute_async(
-        self, chunks: list[ScheduledChunk], inputs_from: SampledTokens | None = None
+        self,
+        chunks: list[ScheduledChunk],
+        inputs_from: SampledTokens | None = None,
+        defer_masks: bool = False,
     ) -> SampledTokens:
         """Enqueue one step and its sampling without waiting for the device.
 
         `inputs_from`: the still unread tokens of the step before, one per chunk in the same order,
         which are this decode step's input tokens (their places in `token_ids` hold placeholders).
+        `defer_masks`: a decode step replaying a graph leaves its sampling under grammar masks to
+        the returned tokens' `finish()` (Sampler.sample_async), which must come before the next step.
         """
+        if inputs_from is not None:
+            inputs_from.finish()
         if self.pipeline is not None:
             return self.pipeline.execute(chunks)
         graphs = self.decode_graphs
@@ -252,7 +259,7 @@ class ModelRunner:
             ]
             sampling = self.sampler.prepare(reqs, self.model_config.vocab_size, inputs_from)
             logits = graphs.run(chunks, None if inputs_from is None else inputs_from.tokens)
-            return self.sampler.sample_async(logits, sampling)
+            return self.sampler.sample_async(logits, sampling, defer_masks)
         if inputs_from is not None:
             raise ValueError("only a decode step that replays a graph can take device-resident inputs")
         input_ids, positions, meta, sample_rows, sample_reqs = self._prepare(chunks)

@@ -12,7 +12,8 @@ tokens are read.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import torch
@@ -54,12 +55,25 @@ class SamplingBatch:
 
 @dataclass
 class SampledTokens:
-    """One step's sampled tokens, still on the device (`tokens` [rows] int64) until `resolve()`."""
+    """One step's sampled tokens, still on the device (`tokens` [rows] int64) until `resolve()`.
+
+    A deferred one (`later`) has its sampling enqueued only by `finish()`: until then `tokens` and
+    `packed` hold nothing, so every reader here finishes it first."""
 
     tokens: torch.Tensor
     packed: torch.Tensor | None  # token, its logprob, top values, top ids per row, when logprobs are wanted
     batch: SamplingBatch
     host: tuple[torch.Tensor, torch.Tensor | None, torch.cuda.Event] | None = None
+    later: Callable[[], SampledTokens] | None = None
+
+    def finish(self) -> None:
+        """Enqueue the sampling a deferred step left for later (nothing once done)."""
+        if self.later is None:
+            return
+        later, self.later = self.later, None
+        with torch.inference_mode():
+            done = later()
+        self.tokens, self.packed = done.tokens, done.packed
 
     def copy_to_host(self) -> None:
         """Enqueue the copies to the host now, right behind the sampling kernels.
@@ -67,6 +81,7 @@ class SampledTokens:
         `resolve()` then waits for these copies only. Without them it reads with `.tolist()`, which
         waits for everything enqueued on the stream so far, including a step enqueued after this one.
         """
+        self.finish()
         if self.host is not None or not self.tokens.is_cuda:
             return
         tokens = torch.empty(self.tokens.shape, dtype=self.tokens.dtype, pin_memory=True)
@@ -81,6 +96,7 @@ class SampledTokens:
 
     def resolve(self) -> tuple[list[int], list[TokenLogprob | None]]:
         """Wait for the device and return (token per row, logprob info per row or None)."""
+        self.finish()
         tokens, packed = self.tokens, self.packed
         if self.host is not None:
             tokens, packed, done = self.host
@@ -115,6 +131,9 @@ class Sampler:
         self.seeded: dict[str, torch.Generator] = {}
         self.counter_noise = seeded_noise.available(device)
         self.draws: dict[str, int] = {}  # rows each seeded request has drawn (counter-based noise)
+        self._mask_filler: ThreadPoolExecutor | None = (
+            None  # deferred steps' grammar fills, made on first use
+        )
 
     def release(self, request_id: str) -> None:
         self.seeded.pop(request_id, None)
@@ -221,12 +240,27 @@ class Sampler:
         return self.sample_async(logits, batch).resolve()
 
     @torch.no_grad()
-    def sample_async(self, logits: torch.Tensor, batch: SamplingBatch) -> SampledTokens:
+    def sample_async(
+        self, logits: torch.Tensor, batch: SamplingBatch, defer_masks: bool = False
+    ) -> SampledTokens:
         """Enqueue the sampling of every row; nothing waits for the device until `resolve()`.
 
         Everything that reads `logits` is enqueued here, so the caller may reuse their memory (a
-        decode graph's output buffer) for the next step right away.
+        decode graph's output buffer) for the next step right away. Unless `defer_masks` and the
+        batch has grammar masks: then their fill starts on the sampler's fill thread and the sampling
+        is enqueued by the returned tokens' `finish()`, so the caller's host work in between overlaps
+        the fill; `logits` must stay as they are until then.
         """
+        masks = batch.adjustment.grammar if batch.adjustment is not None else None
+        if defer_masks and masks is not None:
+            if self._mask_filler is None:
+                self._mask_filler = ThreadPoolExecutor(1, thread_name_prefix="kiln-grammar-fill")
+            masks.start(self._mask_filler)
+            nothing_yet = torch.empty(0, dtype=torch.int64, device=logits.device)
+            return SampledTokens(nothing_yet, None, batch, later=lambda: self._enqueue(logits, batch))
+        return self._enqueue(logits, batch)
+
+    def _enqueue(self, logits: torch.Tensor, batch: SamplingBatch) -> SampledTokens:
         if batch.adjustment is not None:
             logits = batch.adjustment.apply(logits)
         tokens = logits.argmax(dim=-1)

@@ -6,8 +6,10 @@ model: whatever the model would say, every constrained output parses and validat
 
 from __future__ import annotations
 
+import collections
 import json
 import re
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -23,6 +25,7 @@ jsonschema_rs = pytest.importorskip("jsonschema_rs")
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
+from kiln_engine import grammar  # noqa: E402
 from kiln_engine.config import EngineConfig  # noqa: E402
 from kiln_engine.engine import LLMEngine  # noqa: E402
 from kiln_engine.interface import SamplingParams  # noqa: E402
@@ -267,10 +270,21 @@ def test_json_strings_get_no_control_characters_and_no_invalid_utf8(checkpoint: 
     assert (words[fine // 32] >> (fine % 32)) & 1 and not (words[surrogate // 32] >> (surrogate % 32)) & 1
 
 
-def test_constrained_requests_decode_with_lookahead_steps_as_with_plain_ones(checkpoint: Path) -> None:
+def test_constrained_requests_decode_with_lookahead_steps_as_with_plain_ones(
+    checkpoint: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Grammar masks are filled when sampling, after the forward pass is enqueued; under lookahead
-    decoding (eager on CPU) they read the token of the step before once it is sampled, so constrained
+    decoding (eager on CPU) they read the token of the step before once it is sampled, on the
+    sampler's fill thread while the engine's thread does that step's bookkeeping, so constrained
     requests keep lookahead on and get the tokens of plain steps."""
+    fill_threads: list[str] = []
+    fill_masks = grammar.fill_masks
+
+    def recording_fill(*args: Any) -> None:
+        fill_threads.append(threading.current_thread().name)
+        fill_masks(*args)
+
+    monkeypatch.setattr(grammar, "fill_masks", recording_fill)
     schema = json.dumps({"type": "array", "items": {"type": "integer", "minimum": 0, "maximum": 99}})
     cases = [
         SamplingParams(max_tokens=60, temperature=1.0, seed=3, structured=("json_schema", schema)),
@@ -279,7 +293,9 @@ def test_constrained_requests_decode_with_lookahead_steps_as_with_plain_ones(che
         SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True),  # a free row in the batch
     ]
     results = {}
+    threads = {}
     for mode, cfg in {"plain": {}, "lookahead": {"cuda_graphs": True, "lookahead_decode": True}}.items():
+        fill_threads.clear()
         engine = LLMEngine(
             checkpoint, EngineConfig(num_kv_blocks=256, block_size=4, max_model_len=512, **cfg)
         )
@@ -293,8 +309,11 @@ def test_constrained_requests_decode_with_lookahead_steps_as_with_plain_ones(che
                 tokens.setdefault(out.request_id, []).extend(out.new_token_ids)
             looked_ahead += engine.in_flight is not None
         results[mode] = tokens
+        threads[mode] = collections.Counter(name.split("_")[0] for name in fill_threads)
         assert (looked_ahead > 10) == (mode == "lookahead"), (mode, looked_ahead)
     assert results["lookahead"] == results["plain"]
+    assert set(threads["plain"]) == {"MainThread"}, threads
+    assert threads["lookahead"]["kiln-grammar-fill"] > 10, threads
     assert engine.tokenizer is not None
     assert re.fullmatch(r"[a-z]{3,9}( [a-z]{3,9}){5}", engine.tokenizer.decode(results["plain"]["r1"]))
 
