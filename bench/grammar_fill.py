@@ -18,6 +18,7 @@ import argparse
 import json
 import os
 import sys
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -75,7 +76,37 @@ def fills(engine: LLMEngine, name: str) -> torch.Tensor:
         print(f"{name:7s} batch, {threads!s:4s} threads {cost:7.0f} us")
     one = median_us(lambda: matchers[0].fill_next_token_bitmask(bitmask, 0), 200)
     print(f"{name:7s} one row           {one:7.1f} us")
+    main_thread_beside_fills(name, matchers, bitmask)
     return bitmask
+
+
+def main_thread_beside_fills(name: str, matchers: list[Any], bitmask: torch.Tensor) -> None:
+    """Whether a batch fill on another thread lets this one run (the engine's fill thread relies on
+    it): this thread's longest pause during 20 serial fills, against one fill's time. Holding the GIL,
+    the fill would pause it for about a fill each time."""
+    batch = xgr.BatchGrammarMatcher(max_threads=1)
+    fill_us = median_us(lambda: batch.batch_fill_next_token_bitmask(matchers, bitmask), 5)
+    done = threading.Event()
+
+    def fills() -> None:
+        for _ in range(20):
+            batch.batch_fill_next_token_bitmask(matchers, bitmask)
+        done.set()
+
+    pauses = []
+    worker = threading.Thread(target=fills)
+    worker.start()
+    last = time.perf_counter()
+    while not done.is_set():
+        now = time.perf_counter()
+        pauses.append(now - last)
+        last = now
+    worker.join()
+    longer = sum(p * 1e6 > fill_us / 2 for p in pauses)
+    print(
+        f"{name:7s} beside a fill thread: main thread ran {len(pauses)} rounds, longest pause "
+        f"{max(pauses) * 1e6:.0f} us, {longer} pauses over half a fill ({fill_us:.0f} us)"
+    )
 
 
 def applies(bitmask: torch.Tensor, vocab: int) -> None:
