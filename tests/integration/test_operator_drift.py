@@ -36,6 +36,19 @@ def reasons_and_messages(core_v1: client.CoreV1Api, namespace: str, name: str) -
     return [(e.reason, e.message) for e in events]
 
 
+def ready_example(
+    custom: client.CustomObjectsApi, core_v1: client.CoreV1Api, namespace: str, kubectl: Callable[..., str]
+) -> str:
+    """The Llama 3 70B example, created and Ready; its name."""
+    with_secret(core_v1, namespace)
+    body = example("llama-3-70b-fp8-tp4.yaml")
+    create(custom, namespace, body)
+    name = str(body["metadata"]["name"])
+    kubectl("wait", "-n", namespace, f"llmdeployment/{name}", "--for=condition=Ready", "--timeout=90s",
+            timeout=100)  # fmt: skip
+    return name
+
+
 def test_an_apply_over_a_version_is_refused_once_the_object_moved_on(
     core_v1: client.CoreV1Api, namespace: str
 ) -> None:
@@ -64,12 +77,7 @@ def test_hand_edits_of_the_serving_deployment_are_reverted_and_named(
     namespace: str,
     kubectl: Callable[..., str],
 ) -> None:
-    with_secret(core_v1, namespace)
-    body = example("llama-3-70b-fp8-tp4.yaml")
-    create(custom, namespace, body)
-    name = body["metadata"]["name"]
-    kubectl("wait", "-n", namespace, f"llmdeployment/{name}", "--for=condition=Ready", "--timeout=90s",
-            timeout=100)  # fmt: skip
+    name = ready_example(custom, core_v1, namespace, kubectl)
     rendered = engine_container(apps_v1, namespace, name)
 
     # Four edits by three field managers, none of which touches Kiln's applied-hash annotation.
@@ -129,12 +137,7 @@ def test_a_hand_edit_taken_back_by_a_new_rendering_is_named(
 ) -> None:
     """A hand edit and a spec change that renders another Deployment meet in one apply (here: both
     made while the operator is down): that apply takes the edit back, so the event names it."""
-    with_secret(core_v1, namespace)
-    body = example("llama-3-70b-fp8-tp4.yaml")
-    create(custom, namespace, body)
-    name = body["metadata"]["name"]
-    kubectl("wait", "-n", namespace, f"llmdeployment/{name}", "--for=condition=Ready", "--timeout=90s",
-            timeout=100)  # fmt: skip
+    name = ready_example(custom, core_v1, namespace, kubectl)
     rendered_image = engine_container(apps_v1, namespace, name)["image"]
 
     operator.stop()
