@@ -495,9 +495,9 @@ def capture_logits(engine: LLMEngine) -> list[torch.Tensor]:
     sampler = engine.runner.sampler
     original: Callable[..., Any] = sampler.sample_async
 
-    def sample_async(logits: torch.Tensor, batch: Any) -> Any:
+    def sample_async(logits: torch.Tensor, batch: Any, *args: Any, **kwargs: Any) -> Any:
         seen.append(logits.detach().float().cpu())
-        return original(logits, batch)
+        return original(logits, batch, *args, **kwargs)
 
     sampler.sample_async = sample_async  # type: ignore[method-assign]
     return seen

@@ -6,6 +6,9 @@ loops, which is where the drafts get accepted; not a speed claim for real models
     PYTHONPATH=engine-image .venv/bin/python bench/speculative.py --device cpu \
         --out bench/results-committed/speculative-cpu.json    # the committed CPU record
 
+Per row: plain decoding, speculation, and speculation with its verify steps run eagerly (the way
+before verify steps replayed the decode graphs; `speculative.VERIFY_IN_GRAPHS`), in the same run.
+
 bfloat16 batches may differ from plain decoding in a few tokens: verifying 1 + k positions runs other
 GEMM and attention shapes than decoding one, and bf16 rounds differently there (float32 matches).
 """
@@ -20,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from kiln_engine import speculative
 from kiln_engine.config import EngineConfig
 from kiln_engine.engine import LLMEngine
 from kiln_engine.interface import SamplingParams
@@ -73,6 +77,9 @@ def main() -> None:
             for batch in (1, 16):
                 base = run(ckpt, dtype, batch, False, args.device)
                 spec = run(ckpt, dtype, batch, True, args.device)
+                speculative.VERIFY_IN_GRAPHS = False
+                eager = run(ckpt, dtype, batch, True, args.device)
+                speculative.VERIFY_IN_GRAPHS = True
                 same = sum(a == b for a, b in zip(base["tokens"], spec["tokens"], strict=True))
                 row = {
                     "arch": arch,
@@ -83,6 +90,7 @@ def main() -> None:
                     "accepted": spec["accepted"],
                     "plain_ms_per_token": round(float(base["ms_per_step_token"]), 3),  # type: ignore[arg-type]
                     "spec_ms_per_token": round(float(spec["ms_per_step_token"]), 3),  # type: ignore[arg-type]
+                    "spec_eager_verify_ms_per_token": round(float(eager["ms_per_step_token"]), 3),  # type: ignore[arg-type]
                 }
                 print(row, flush=True)
                 rows.append(row)

@@ -78,8 +78,9 @@ class EngineConfig:
     # (docs/engine-speed.md, run 6); the CPU tests run it both ways.
     lookahead_decode: bool = True
     # Speculative decoding: None (off) | "ngram" (prompt lookup: kiln_engine.speculative) | "draft"
-    # (a smaller model with the same tokenizer at `draft_model`: kiln_engine.draft). Steps that
-    # verify drafts run eagerly (no decode graph) and speculation turns lookahead decode off.
+    # (a smaller model with the same tokenizer at `draft_model`: kiln_engine.draft). With CUDA
+    # graphs, a verify step replays a decode graph with a row per token (DecodeGraphs.run_tails,
+    # captured up to max_num_seqs * (1 + K) rows); speculation turns lookahead decode off.
     speculative: str | None = None
     num_speculative_tokens: int = 4
     draft_model: str | None = None  # a local checkpoint directory

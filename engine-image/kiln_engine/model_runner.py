@@ -115,7 +115,7 @@ class ModelRunner:
         self.sampler = Sampler(self.device, config.seed, frozenset(self.model_config.eos_token_ids))
         self.decode_graphs: DecodeGraphs | None = None
         if config.cuda_graphs:
-            self.decode_graphs = DecodeGraphs(self, capture_sizes(config.max_num_seqs))
+            self.decode_graphs = DecodeGraphs(self, capture_sizes(graph_rows(config)))
         self.pipeline: PipelineExecutor | None = None
         if config.pipeline_parallel_size > 1:
             self.pipeline = PipelineExecutor(self)
@@ -168,7 +168,8 @@ class ModelRunner:
         per_token = (4 * cfg.hidden_size + 3 * cfg.intermediate_size) * elem
         seqs, vocab = self.config.max_num_seqs, cfg.vocab_size
         eager = self.config.max_tokens_per_step * per_token + seqs * vocab * (elem + 4 * 3)
-        graphs = seqs * (per_token + vocab * (elem + 4 + 4)) if self.config.cuda_graphs else 0
+        rows = graph_rows(self.config)
+        graphs = rows * (per_token + vocab * (elem + 4 + 4)) if self.config.cuda_graphs else 0
         return eager + graphs + (512 << 20)
 
     def _prepare(
@@ -259,7 +260,7 @@ class ModelRunner:
             ]
             sampling = self.sampler.prepare(reqs, self.model_config.vocab_size, inputs_from)
             logits = graphs.run(chunks, None if inputs_from is None else inputs_from.tokens)
-            return self.sampler.sample_async(logits, sampling, defer_masks)
+            return self.sampler.sample_async(logits, sampling, defer_masks=defer_masks)
         if inputs_from is not None:
             raise ValueError("only a decode step that replays a graph can take device-resident inputs")
         input_ids, positions, meta, sample_rows, sample_reqs = self._prepare(chunks)
@@ -276,6 +277,12 @@ class ModelRunner:
         self.sampler.release(request_id)
         if self.decode_graphs is not None:
             self.decode_graphs.release(request_id)
+
+
+def graph_rows(config: EngineConfig) -> int:
+    """The most rows a decode graph runs: a row per sequence, or with speculation a row per token of
+    a verify step (1 + K per sequence; DecodeGraphs.run_tails)."""
+    return config.max_num_seqs * (1 + (config.num_speculative_tokens if config.speculative else 0))
 
 
 def capture_sizes(max_num_seqs: int) -> list[int]:
@@ -402,6 +409,25 @@ class DecodeGraphs:
         return len(chunks) <= self.sizes[-1] and all(
             c.num_tokens == 1 and c.start + 1 == len(c.seq.token_ids) for c in chunks
         )
+
+    def can_run_tails(self, chunks: list[ScheduledChunk]) -> bool:
+        """Whether `run_tails` takes these chunks: each the last tokens of its sequence, all of them
+        fitting the largest graph, and no adapters (a graph's LoRA slots are one per sequence)."""
+        return (
+            self.runner.lora is None
+            and sum(c.num_tokens for c in chunks) <= self.sizes[-1]
+            and all(c.start + c.num_tokens == len(c.seq.token_ids) for c in chunks)
+        )
+
+    def run_tails(self, chunks: list[ScheduledChunk]) -> torch.Tensor:
+        """Logits [tokens, vocab] of every token of `chunks`, in order, for chunks that end their
+        sequences (a verify step: each sequence's last real token and its drafts). Each token is a
+        row of a decode step, attending through its sequence's block table up to its own position;
+        every layer writes the step's K/V before it attends, so a token sees those before it in its
+        chunk, as in a causal forward pass of the chunk. Attention reads a sequence's context once
+        per token instead of once per chunk, which costs little next to the weights at verify sizes."""
+        rows = [ScheduledChunk(c.seq, p, 1) for c in chunks for p in range(c.start, c.start + c.num_tokens)]
+        return self.run(rows)
 
     def release(self, request_id: str) -> None:
         row = self.rows.pop(request_id, None)

@@ -24,6 +24,7 @@ min_tokens) never speculate: they decode one token per step in the same batches.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
@@ -37,6 +38,9 @@ from kiln_engine.sampler import SampleRequest
 from kiln_engine.scheduler import ScheduledChunk
 from kiln_engine.sequence import Sequence
 
+# Verify steps replay decode graphs where they can (`SpeculativeDecoder._forward`); bench/speculative.py
+# turns it off for its eager-verify baseline.
+VERIFY_IN_GRAPHS = True
 MAX_NGRAM = 3  # longest suffix looked up; shorter ones are tried when it has no earlier match
 MIN_NGRAM = 1
 
@@ -124,6 +128,7 @@ class SpeculativeDecoder:
         self.drafts: dict[str, list[int]] = {}  # request id -> drafts appended to its token_ids
         self.proposed_total = 0
         self.accepted_total = 0
+        self.graph_verifies = 0  # verify steps that replayed a decode graph (`_forward`)
 
     def draft_budget(self, seq: Sequence) -> int:
         """How many drafts `seq` may take: none unless it decodes plainly greedily from a fully
@@ -162,18 +167,14 @@ class SpeculativeDecoder:
     @torch.inference_mode()
     def verify(self, runner: ModelRunner, chunks: list[ScheduledChunk]) -> Verified:
         """Run `chunks` once; greedy-accept each speculating sequence's drafts, sample the others."""
-        input_ids, positions, meta, sample_rows, sample_reqs = runner._prepare(chunks)
-        runner.backend.prepare(meta)
-        hidden = runner.model(input_ids, positions, meta)
+        logits_of, sample_rows, sample_reqs = self._forward(runner, chunks)
         sampling_chunks = [c for c in chunks if c.samples]
         plain = [i for i, c in enumerate(sampling_chunks) if c.seq.request_id not in self.drafts]
         result = Verified([[] for _ in sampling_chunks], [None] * len(sampling_chunks))
         if plain:
             batch = runner.sampler.prepare([sample_reqs[i] for i in plain], runner.model_config.vocab_size)
             rows = torch.tensor([sample_rows[i] for i in plain], dtype=torch.int64, device=runner.device)
-            tokens, logprobs = runner.sampler.sample_async(
-                runner.model.compute_logits(hidden.index_select(0, rows)), batch
-            ).resolve()
+            tokens, logprobs = runner.sampler.sample_async(logits_of(rows), batch).resolve()
             for i, token, lp in zip(plain, tokens, logprobs, strict=True):
                 result.tokens[i] = [token]
                 result.logprobs[i] = lp
@@ -188,8 +189,7 @@ class SpeculativeDecoder:
                 spec_rows.extend(range(sample_rows[i] - len(drafts), sample_rows[i] + 1))
         if not spans:
             return result
-        index = torch.tensor(spec_rows, dtype=torch.int64, device=runner.device)
-        logits = runner.model.compute_logits(hidden.index_select(0, index))
+        logits = logits_of(torch.tensor(spec_rows, dtype=torch.int64, device=runner.device))
         self._constrain(runner, spans, sample_reqs, logits)
         argmax = logits.argmax(dim=-1).tolist()
         for i, drafts, first in spans:
@@ -207,6 +207,31 @@ class SpeculativeDecoder:
                 result.tokens[i] = accept_sampled(drafts, probs, runner.sampler.generator)
             self.accepted_total += len(result.tokens[i]) - 1
         return result
+
+    def _forward(
+        self, runner: ModelRunner, chunks: list[ScheduledChunk]
+    ) -> tuple[Callable[[torch.Tensor], torch.Tensor], list[int], list[SampleRequest]]:
+        """The step's forward pass: how to get the logits of some of its token rows, which row ends
+        each sampling chunk, and those chunks' requests. A step of at most 1 + k tokens per sequence,
+        every chunk ending its sequence, replays a decode graph with a row per token; others (a
+        longer prefill chunk, a chunk that does not reach its sequence's end) run eagerly."""
+        graphs = runner.decode_graphs if VERIFY_IN_GRAPHS else None
+        short = all(c.num_tokens <= 1 + self.num_tokens for c in chunks)
+        if graphs is not None and short and graphs.can_run_tails(chunks):
+            logits = graphs.run_tails(chunks)
+            ends = list(itertools.accumulate(c.num_tokens for c in chunks))
+            rows = [end - 1 for c, end in zip(chunks, ends, strict=True) if c.samples]
+            requests = [
+                SampleRequest(c.seq.request_id, c.seq.params, c.seq.token_ids, c.seq.num_prompt_tokens)
+                for c in chunks
+                if c.samples
+            ]
+            self.graph_verifies += 1
+            return (lambda index: logits.index_select(0, index)), rows, requests
+        input_ids, positions, meta, rows, requests = runner._prepare(chunks)
+        runner.backend.prepare(meta)
+        hidden = runner.model(input_ids, positions, meta)
+        return (lambda index: runner.model.compute_logits(hidden.index_select(0, index))), rows, requests
 
     @staticmethod
     def _constrain(

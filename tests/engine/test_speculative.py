@@ -91,7 +91,7 @@ def _generate(
 
 
 # Decode graphs (eager on CPU, with the same padding and device-resident block tables) replay the
-# steps without drafts; verify steps run eagerly next to them, on block tables a rollback never shrinks.
+# steps without drafts and, a row per token, the verify steps, on block tables a rollback never shrinks.
 @pytest.mark.parametrize("graphs", [False, True], ids=["plain", "graphs"])
 def test_greedy_outputs_equal_decoding_without_speculation(ckpt: Path, graphs: bool) -> None:
     vocab_prompts = [
@@ -108,6 +108,8 @@ def test_greedy_outputs_equal_decoding_without_speculation(ckpt: Path, graphs: b
         ckpt, vocab_prompts, params, cuda_graphs=graphs, speculative="ngram", num_speculative_tokens=3
     )
     assert spec == base
+    assert engine.speculator is not None
+    assert (engine.speculator.graph_verifies > 10) == graphs, engine.speculator.graph_verifies
     stats = engine.stats()
     assert stats.spec_proposed_tokens_total > 0
     # some drafts accepted and some rejected: the KV rollback ran
