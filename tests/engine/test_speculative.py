@@ -223,7 +223,10 @@ def test_a_draft_model_with_another_tokenizer_is_refused(ckpt: Path, tmp_path: P
         EngineConfig(speculative="ngram", draft_model=str(ckpt)).validate()
 
 
-def test_greedy_requests_under_a_grammar_speculate_and_equal_decoding_without_it(tmp_path: Path) -> None:
+@pytest.mark.parametrize("graphs", [False, True], ids=["plain", "graphs"])
+def test_greedy_requests_under_a_grammar_speculate_and_equal_decoding_without_it(
+    tmp_path: Path, graphs: bool
+) -> None:
     """A JSON schema's fixed keys repeat, so n-gram drafts are proposed and accepted; every verify row
     is masked by the grammar after the drafts before it, so the greedy outputs equal constrained
     decoding without speculation, and every output, a sampled one's too, stays valid."""
@@ -237,7 +240,7 @@ def test_greedy_requests_under_a_grammar_speculate_and_equal_decoding_without_it
     greedy = SamplingParams(max_tokens=300, temperature=0, structured=structured)
     sampled = SamplingParams(max_tokens=300, temperature=1.0, structured=structured)
     params = [greedy, greedy, sampled]
-    cfg = dict(num_kv_blocks=256, max_model_len=512)
+    cfg = dict(num_kv_blocks=256, max_model_len=512, cuda_graphs=graphs)
     engine = LLMEngine(ckpt, EngineConfig(block_size=4, max_num_seqs=8, **cfg))  # type: ignore[arg-type]
     assert engine.tokenizer is not None
     prompts = [engine.tokenizer.encode(t) for t in ("List three users", "Users?", "Three users please")]
@@ -249,6 +252,8 @@ def test_greedy_requests_under_a_grammar_speculate_and_equal_decoding_without_it
         assert len(users) == 3 and all(set(u) == {"name", "id"} for u in users), users
     stats = spec_engine.stats()
     assert 0 < stats.spec_accepted_tokens_total <= stats.spec_proposed_tokens_total
+    assert spec_engine.speculator is not None
+    assert (spec_engine.speculator.graph_verifies > 0) == graphs
     for tokens in spec_engine.generate(prompts, [sampled] * 3):  # sampled alone: they speculate too
         assert len(json.loads(engine.tokenizer.decode(tokens))) == 3
     assert spec_engine.stats().spec_proposed_tokens_total > stats.spec_proposed_tokens_total
