@@ -265,7 +265,8 @@ class Int8LinearMethod(LinearMethod):
 
 
 class AwqLinearMethod(LinearMethod):
-    """AWQ int4 (GEMM layout); unpacked to a dense weight per call (a fused kernel comes later)."""
+    """AWQ int4 (GEMM layout): the packed weight goes straight into a Triton GEMM on the fast path
+    (layers/int4_gemm.py); the reference unpacks a dense weight per call."""
 
     name = "awq"
 
@@ -288,12 +289,17 @@ class AwqLinearMethod(LinearMethod):
         }
 
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        w = unpack_awq(_get(layer, "qweight"), _get(layer, "qzeros"), _get(layer, "scales")).to(x.dtype)
-        return F.linear(x, w, bias)
+        qweight, qzeros, scales = _get(layer, "qweight"), _get(layer, "qzeros"), _get(layer, "scales")
+        if _fast(layer):
+            from kiln_engine.layers.int4_gemm import int4_linear  # Triton: only where the fast path runs
+
+            return int4_linear(x, qweight, qzeros, scales, bias)
+        return F.linear(x, unpack_awq(qweight, qzeros, scales).to(x.dtype), bias)
 
 
 class GptqLinearMethod(LinearMethod):
-    """GPTQ int4 (v1 zeros, optional act-order g_idx); unpacked to a dense weight per call."""
+    """GPTQ int4 (v1 zeros, optional act-order g_idx): packed into a Triton GEMM on the fast path
+    (layers/int4_gemm.py); the reference unpacks a dense weight per call."""
 
     name = "gptq"
 
@@ -320,10 +326,18 @@ class GptqLinearMethod(LinearMethod):
         }
 
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        w = unpack_gptq(
-            _get(layer, "qweight"), _get(layer, "qzeros"), _get(layer, "scales"), _get(layer, "g_idx")
-        ).to(x.dtype)
-        return F.linear(x, w, bias)
+        qweight, qzeros, scales = _get(layer, "qweight"), _get(layer, "qzeros"), _get(layer, "scales")
+        g_idx = _get(layer, "g_idx")
+        if _fast(layer):
+            from kiln_engine.layers.int4_gemm import int4_linear  # Triton: only where the fast path runs
+
+            return int4_linear(x, qweight, qzeros, scales, bias, g_idx)
+        return F.linear(x, unpack_gptq(qweight, qzeros, scales, g_idx).to(x.dtype), bias)
+
+
+def _fast(layer: nn.Module) -> bool:
+    """Whether the model runner turned the layer's Triton fast path on (LinearBase.fused)."""
+    return bool(getattr(layer, "fused", False))
 
 
 def linear_method(quant: QuantConfig) -> LinearMethod:
