@@ -18,7 +18,7 @@
 #   OUT=results bash bench/engine_gpu.sh so-8b           # issue 20: structured outputs at the Llama-3-8B shape
 #   OUT=results bash bench/engine_gpu.sh lora            # issue 19: 8 rank-16 adapters mixed vs the base model
 #   OUT=results bash bench/engine_gpu.sh lora-ops        #   and one 8B layer's LoRA delta: kernels vs masked form
-#   OUT=results bash bench/engine_gpu.sh int4            # issue 18: AWQ/GPTQ int4 kernel vs unpack vs bf16
+#   OUT=results bash bench/engine_gpu.sh weight-only     # issue 18: AWQ/GPTQ int4, int8 kernels vs dense refs, bf16
 #   OUT=results bash bench/engine_gpu.sh moe-check moe-qwen3 moe-mixtral   # issue 22: MoE gate, then rows
 #                                 (MOE_ARGS adds options; the transformers baseline is Qwen3's alone:
 #                                 bf16 Mixtral does not fit beside anything on one H100)
@@ -82,8 +82,9 @@ for stage in "$@"; do
     lora-ops)
       timeout "${LORA_OPS_TIMEOUT:-120}" $PY bench/lora_kernels.py --out "$OUT/lora-ops.json" 2>&1 | tee "$OUT/lora-ops.log" | tail -30
       ;;
-    int4)
-      timeout "${INT4_TIMEOUT:-240}" $PY bench/int4_gemm.py --out "$OUT/int4-gemm.json" 2>&1 | tee "$OUT/int4-gemm.log" | tail -40
+    weight-only)
+      timeout "${WEIGHT_ONLY_TIMEOUT:-300}" $PY bench/weight_only_gemm.py --out "$OUT/weight-only-gemm.json" 2>&1 \
+        | tee "$OUT/weight-only-gemm.log" | tail -60
       ;;
     moe-check)
       timeout 200 $PY bench/moe_throughput.py --check --out "$OUT/moe-check.json" 2>&1 | tee "$OUT/moe-check.log" \

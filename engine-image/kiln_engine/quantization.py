@@ -243,7 +243,8 @@ def _fp8_scaled_mm(
 
 
 class Int8LinearMethod(LinearMethod):
-    """int8 weight-only: (x @ W_int8^T) * scale, as in gpt-fast."""
+    """int8 weight-only: (x @ W_int8^T) * scale, as in gpt-fast; on the fast path a Triton GEMM that
+    converts the int8 tiles in registers (layers/weight_only_gemm.py), small batches streamed (gemv)."""
 
     name = "int8"
 
@@ -260,13 +261,18 @@ class Int8LinearMethod(LinearMethod):
         return _get(layer, "weight"), _get(layer, "weight_scale")
 
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        out = F.linear(x, _get(layer, "weight").to(x.dtype)) * _get(layer, "weight_scale").to(x.dtype)
+        weight, scale = _get(layer, "weight"), _get(layer, "weight_scale")
+        if _fast(layer):
+            from kiln_engine.layers.weight_only_gemm import int8_linear  # Triton: only on the fast path
+
+            return int8_linear(x, weight, scale, bias)
+        out = F.linear(x, weight.to(x.dtype)) * scale.to(x.dtype)
         return out + bias if bias is not None else out
 
 
 class AwqLinearMethod(LinearMethod):
     """AWQ int4 (GEMM layout): the packed weight goes straight into a Triton GEMM on the fast path
-    (layers/int4_gemm.py); the reference unpacks a dense weight per call."""
+    (layers/weight_only_gemm.py); the reference unpacks a dense weight per call."""
 
     name = "awq"
 
@@ -291,7 +297,9 @@ class AwqLinearMethod(LinearMethod):
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         qweight, qzeros, scales = _get(layer, "qweight"), _get(layer, "qzeros"), _get(layer, "scales")
         if _fast(layer):
-            from kiln_engine.layers.int4_gemm import int4_linear  # Triton: only where the fast path runs
+            from kiln_engine.layers.weight_only_gemm import (
+                int4_linear,
+            )  # Triton: only where the fast path runs
 
             return int4_linear(x, qweight, qzeros, scales, bias)
         return F.linear(x, unpack_awq(qweight, qzeros, scales).to(x.dtype), bias)
@@ -299,7 +307,7 @@ class AwqLinearMethod(LinearMethod):
 
 class GptqLinearMethod(LinearMethod):
     """GPTQ int4 (v1 zeros, optional act-order g_idx): packed into a Triton GEMM on the fast path
-    (layers/int4_gemm.py); the reference unpacks a dense weight per call."""
+    (layers/weight_only_gemm.py); the reference unpacks a dense weight per call."""
 
     name = "gptq"
 
@@ -329,7 +337,9 @@ class GptqLinearMethod(LinearMethod):
         qweight, qzeros, scales = _get(layer, "qweight"), _get(layer, "qzeros"), _get(layer, "scales")
         g_idx = _get(layer, "g_idx")
         if _fast(layer):
-            from kiln_engine.layers.int4_gemm import int4_linear  # Triton: only where the fast path runs
+            from kiln_engine.layers.weight_only_gemm import (
+                int4_linear,
+            )  # Triton: only where the fast path runs
 
             return int4_linear(x, qweight, qzeros, scales, bias, g_idx)
         return F.linear(x, unpack_gptq(qweight, qzeros, scales, g_idx).to(x.dtype), bias)

@@ -1,5 +1,6 @@
-"""The int4 GEMM reads AWQ's and GPTQ's packed tensors and equals the product with the unpacked
-weight (quantization.unpack_awq / unpack_gptq), alone and as a quantized Linear's fast path.
+"""The weight-only GEMMs equal the references' products: int4 read from AWQ's and GPTQ's packed
+tensors against the unpacked weight (quantization.unpack_awq / unpack_gptq), int8 against the
+weight cast to the activations' dtype; alone, as a quantized Linear's fast path, and in engines.
 
 Runs on CPU under Triton's interpreter, in a fresh process (the interpreter must be chosen before
 triton is imported).
@@ -22,10 +23,10 @@ import torch
 import torch.nn.functional as F
 torch.set_num_threads(1)
 from kiln_engine.config import QuantConfig
-from kiln_engine.layers.int4_gemm import int4_linear
+from kiln_engine.layers.weight_only_gemm import int4_linear, int8_linear
 from kiln_engine.layers.linear import ColumnParallelLinear
 from kiln_engine.layers.parallel import TPGroup
-from kiln_engine.quantization import unpack_awq, unpack_gptq
+from kiln_engine.quantization import quantize_int8, unpack_awq, unpack_gptq
 from tests.engine.test_quantization import pack_awq_cols, pack_gptq_cols, pack_gptq_rows, random_int4
 
 k, n, group = 128, 96, 32  # 96 outputs: not a multiple of the 64-wide tile
@@ -62,6 +63,22 @@ for fmt in ("awq", "gptq", "gptq-act-order"):
     reference = layer(x)
     layer.fused = True  # the model runner's fast path
     torch.testing.assert_close(layer(x), reference, rtol=1e-5, atol=1e-4)
+for rows in (1, 5, 40):  # int8: the product of the weight cast to x's dtype, times the scales
+    w8, scale = quantize_int8(torch.randn(n, k))
+    x, bias = torch.randn(rows, k), torch.randn(n)
+    reference = F.linear(x, w8.float()) * scale
+    torch.testing.assert_close(int8_linear(x, w8, scale, None), reference, rtol=1e-5, atol=1e-4)
+    with_bias = int8_linear(x[None], w8, scale, bias)
+    torch.testing.assert_close(with_bias, (reference + bias)[None], rtol=1e-5, atol=1e-4)
+    checked += 1
+assert int8_linear(torch.empty(0, k), w8, scale, None).shape == (0, n)
+layer = ColumnParallelLinear(k, n, False, QuantConfig(method="int8"), torch.float32, TPGroup())
+layer.load("weight", w8)
+layer.load("weight_scale", scale)
+x = torch.randn(40, k)  # past the 16 rows that gemv streams
+reference = layer(x)
+layer.fused = True
+torch.testing.assert_close(layer(x), reference, rtol=1e-5, atol=1e-4)
 print("ok", checked)
 """
 
@@ -70,7 +87,8 @@ import sys
 from pathlib import Path
 import torch
 torch.set_num_threads(1)
-import kiln_engine.layers.int4_gemm as int4_gemm
+import kiln_engine.layers.weight_only_gemm as weight_only_gemm
+from kiln_engine.testing.tiny import make_tiny_artifact
 from kiln_engine.config import EngineConfig
 from kiln_engine.engine import LLMEngine
 from kiln_engine.interface import SamplingParams
@@ -78,26 +96,34 @@ from kiln_engine.testing import make_tiny_checkpoint
 from tests.engine.test_build import make_int4_checkpoint
 
 calls = []
-original = int4_gemm.int4_linear
-def counting(*args, **kwargs):
-    calls.append(args[0].shape)
-    return original(*args, **kwargs)
-int4_gemm.int4_linear = counting
+def counting(original):
+    def counted(*args, **kwargs):
+        calls.append(args[0].shape)
+        return original(*args, **kwargs)
+    return counted
+weight_only_gemm.int4_linear = counting(weight_only_gemm.int4_linear)
+weight_only_gemm.int8_linear = counting(weight_only_gemm.int8_linear)
 
 root = Path(sys.argv[1])
 base = make_tiny_checkpoint(root / "base", "llama", seed=5)
 greedy = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
-for method in ("awq", "gptq"):
-    ckpt = make_int4_checkpoint(base, root / method, method, group=16)
+for method in ("awq", "gptq", "int8"):
+    if method == "int8":
+        ckpt = make_tiny_artifact(base, root / method, quantization="int8")
+    else:
+        ckpt = make_int4_checkpoint(base, root / method, method, group=16)
     outs = {}
     for backend, graphs in (("torch", False), ("triton", True)):
         calls.clear()
         e = LLMEngine(ckpt, EngineConfig(num_kv_blocks=64, block_size=4, max_tokens_per_step=32,
                                          attention_backend=backend, cuda_graphs=graphs, max_num_seqs=4,
                                          max_model_len=64))
-        prompts = [e.tokenizer.encode(t) for t in ("Hello, world! How are you today?", "A", "The quick")]
+        texts = ("Hello, world! How are you today? Fine, thank you.", "A", "The quick brown fox jumps")
+        prompts = [e.tokenizer.encode(t) for t in texts]
+        assert sum(map(len, prompts)) > 16  # a prefill past what gemv streams
         outs[backend] = e.generate(prompts, greedy)
-        # the reference path unpacks; the fast path multiplies the packed weights, prefill and decode
+        # the reference path makes dense weights; the fast path multiplies the stored ones (int8's
+        # prefill chunks: its decode steps stream through gemv)
         assert (len(calls) == 0) == (backend == "torch"), (backend, len(calls))
     assert outs["torch"] == outs["triton"], (method, outs)
 print("ok")
@@ -111,12 +137,12 @@ def run_interpreted(script: str, *args: str) -> subprocess.CompletedProcess[str]
     )
 
 
-def test_int4_gemm_equals_the_unpacked_product() -> None:
+def test_weight_only_gemms_equal_the_reference_products() -> None:
     r = run_interpreted(SCRIPT)
-    assert r.returncode == 0 and r.stdout.strip() == "ok 9", r.stdout[-2000:] + r.stderr[-4000:]
+    assert r.returncode == 0 and r.stdout.strip() == "ok 12", r.stdout[-2000:] + r.stderr[-4000:]
 
 
 @pytest.mark.slow
-def test_int4_engines_keep_their_tokens_on_the_fast_path(tmp_path: os.PathLike[str]) -> None:
+def test_weight_only_engines_keep_their_tokens_on_the_fast_path(tmp_path: os.PathLike[str]) -> None:
     r = run_interpreted(ENGINE_SCRIPT, str(tmp_path))
     assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stdout[-2000:] + r.stderr[-4000:]
