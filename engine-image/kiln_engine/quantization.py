@@ -242,6 +242,13 @@ def _fp8_scaled_mm(
     return out.reshape(*shape[:-1], weight.shape[0])
 
 
+# Above this many rows an int8 product casts the weight and calls the GEMM library: the cast costs
+# one pass over the weight, small next to a large batch's GEMM, where the library's tuned tiles beat
+# the Triton kernel's fixed ones. Below it the cast costs as much as the product. A first guess, to be
+# set from `bench/weight_only_gemm.py` on a GPU (not run yet).
+INT8_KERNEL_MAX_ROWS = 256
+
+
 class Int8LinearMethod(LinearMethod):
     """int8 weight-only: (x @ W_int8^T) * scale, as in gpt-fast; on the fast path a Triton GEMM that
     converts the int8 tiles in registers (layers/weight_only_gemm.py), small batches streamed (gemv)."""
@@ -262,7 +269,7 @@ class Int8LinearMethod(LinearMethod):
 
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         weight, scale = _get(layer, "weight"), _get(layer, "weight_scale")
-        if _fast(layer):
+        if _fast(layer) and x.numel() // x.shape[-1] <= INT8_KERNEL_MAX_ROWS:
             from kiln_engine.layers.weight_only_gemm import int8_linear  # Triton: only on the fast path
 
             return int8_linear(x, weight, scale, bias)
