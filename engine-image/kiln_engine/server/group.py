@@ -177,13 +177,18 @@ class Liveness:
             timeout=timedelta(seconds=max(5.0, self.timeout_s / 2)),
             wait_for_workers=False,
         )
-        threading.Thread(target=self._run, name="kiln-group-liveness", daemon=True).start()
+        self._watcher = threading.Thread(target=self._run, name="kiln-group-liveness", daemon=True)
+        self._watcher.start()
 
     def stop(self) -> None:
-        """The group is shutting down on purpose: stop watching (and tell the others, best effort)."""
+        """The group is shutting down on purpose: stop watching (and tell the others, best effort).
+        Returns once the watcher is out of its store calls, so none is in flight when the process
+        exits and rank 0's store goes away under it (a C++ exception in a thread aborts the process)."""
         self.stopping.set()
         with contextlib.suppress(Exception):  # rank 0 may be gone already: nobody is watching then
             self.store.set(_STOPPING_KEY, "1")
+        if threading.current_thread() is not self._watcher:
+            self._watcher.join(timeout=2 * HEARTBEAT_INTERVAL_S + 5.0)
 
     def leave(self) -> None:
         """This pod is going away: ask rank 0 to drain and stop the group (it keeps stepping till then)."""
