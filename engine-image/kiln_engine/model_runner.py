@@ -201,9 +201,7 @@ class ModelRunner:
             tables.append(table)
             if c.samples:
                 sample_rows.append(query_start[-1] - 1)
-                sample_reqs.append(
-                    SampleRequest(seq.request_id, seq.params, seq.token_ids, seq.num_prompt_tokens)
-                )
+                sample_reqs.append(SampleRequest.of(seq))
         width = max(len(t) for t in tables)
         padded = [t + [0] * (width - len(t)) for t in tables]
         if self.lora is not None:  # every forward of these chunks (verify steps too) runs their adapters
@@ -254,10 +252,7 @@ class ModelRunner:
             return self.pipeline.execute(chunks)
         graphs = self.decode_graphs
         if graphs is not None and graphs.can_run(chunks):
-            reqs = [
-                SampleRequest(c.seq.request_id, c.seq.params, c.seq.token_ids, c.seq.num_prompt_tokens)
-                for c in chunks
-            ]
+            reqs = [SampleRequest.of(c.seq) for c in chunks]
             sampling = self.sampler.prepare(reqs, self.model_config.vocab_size, inputs_from)
             logits = graphs.run(chunks, None if inputs_from is None else inputs_from.tokens)
             return self.sampler.sample_async(logits, sampling, defer_masks=defer_masks)

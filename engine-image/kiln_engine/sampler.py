@@ -15,6 +15,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -22,6 +23,9 @@ from kiln_engine import seeded_noise
 from kiln_engine.grammar import Grammars, GrammarState
 from kiln_engine.interface import SamplingParams, TokenLogprob
 from kiln_engine.logits_adjust import AdjustRow, LogitsAdjustment, build
+
+if TYPE_CHECKING:
+    from kiln_engine.sequence import Sequence as EngineSequence
 
 
 @dataclass
@@ -32,6 +36,11 @@ class SampleRequest:
     params: SamplingParams
     token_ids: Sequence[int] = ()  # prompt + generated so far; read only when params adjust logits
     num_prompt_tokens: int = 0
+
+    @classmethod
+    def of(cls, seq: EngineSequence) -> SampleRequest:
+        """The request of a scheduler Sequence (request_id, params, token_ids, num_prompt_tokens)."""
+        return cls(seq.request_id, seq.params, seq.token_ids, seq.num_prompt_tokens)
 
 
 @dataclass
@@ -131,9 +140,8 @@ class Sampler:
         self.seeded: dict[str, torch.Generator] = {}
         self.counter_noise = seeded_noise.available(device)
         self.draws: dict[str, int] = {}  # rows each seeded request has drawn (counter-based noise)
-        self._mask_filler: ThreadPoolExecutor | None = (
-            None  # deferred steps' grammar fills, made on first use
-        )
+        # The thread of deferred steps' grammar fills, made on first use.
+        self._mask_filler: ThreadPoolExecutor | None = None
 
     def release(self, request_id: str) -> None:
         self.seeded.pop(request_id, None)

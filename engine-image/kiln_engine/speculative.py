@@ -221,11 +221,7 @@ class SpeculativeDecoder:
             logits = graphs.run_tails(chunks)
             ends = list(itertools.accumulate(c.num_tokens for c in chunks))
             rows = [end - 1 for c, end in zip(chunks, ends, strict=True) if c.samples]
-            requests = [
-                SampleRequest(c.seq.request_id, c.seq.params, c.seq.token_ids, c.seq.num_prompt_tokens)
-                for c in chunks
-                if c.samples
-            ]
+            requests = [SampleRequest.of(c.seq) for c in chunks if c.samples]
             self.graph_verifies += 1
             return (lambda index: logits.index_select(0, index)), rows, requests
         input_ids, positions, meta, rows, requests = runner._prepare(chunks)
