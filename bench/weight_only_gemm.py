@@ -83,7 +83,9 @@ def time_ms(fn: Callable[[], Any]) -> float:
 def kernel_product(x: torch.Tensor, t: dict[str, torch.Tensor]) -> torch.Tensor:
     if "weight" in t:
         return int8_linear(x, t["weight"], t["weight_scale"], None)
-    return int4_linear(x, t["qweight"], t["qzeros"], t["scales"], None, t.get("g_idx"))
+    # GPTQ without act-order: groups follow the input rows (g_idx is arange // G, the kernel's
+    # ordered path); the reference reads g_idx all the same
+    return int4_linear(x, t["qweight"], t["qzeros"], t["scales"], None, gptq="g_idx" in t)
 
 
 def reference_product(x: torch.Tensor, t: dict[str, torch.Tensor]) -> torch.Tensor:

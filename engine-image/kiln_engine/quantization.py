@@ -348,8 +348,23 @@ class GptqLinearMethod(LinearMethod):
                 int4_linear,
             )  # Triton: only where the fast path runs
 
-            return int4_linear(x, qweight, qzeros, scales, bias, g_idx)
+            act_order = g_idx if _act_order(layer, g_idx) else None
+            return int4_linear(x, qweight, qzeros, scales, bias, gptq=True, g_idx=act_order)
         return F.linear(x, unpack_gptq(qweight, qzeros, scales, g_idx).to(x.dtype), bias)
+
+
+def _act_order(layer: nn.Module, g_idx: torch.Tensor) -> bool:
+    """Whether a GPTQ layer's input rows are permuted across groups (act-order), decided on its first
+    fast-path call and kept: the runner's warm-up makes that call before any CUDA graph capture,
+    where reading the answer back from the device could not run."""
+    known = layer.__dict__.get("gptq_act_order")
+    if known is None and g_idx.numel() == 0:
+        known = layer.__dict__["gptq_act_order"] = False
+    if known is None:
+        group = g_idx.numel() // max(1, int(_get(layer, "qzeros").shape[0]))
+        plain = torch.arange(g_idx.numel(), device=g_idx.device) // group
+        known = layer.__dict__["gptq_act_order"] = bool((g_idx != plain).any())
+    return bool(known)
 
 
 def _fast(layer: nn.Module) -> bool:

@@ -29,40 +29,54 @@ from kiln_engine.layers.parallel import TPGroup
 from kiln_engine.quantization import quantize_int8, unpack_awq, unpack_gptq
 from tests.engine.test_quantization import pack_awq_cols, pack_gptq_cols, pack_gptq_rows, random_int4
 
-k, n, group = 128, 96, 32  # 96 outputs: not a multiple of the 64-wide tile
+from kiln_engine.layers.weight_only_gemm import split_k
+
+n = 96  # not a multiple of the 64-wide tile
 checked = 0
-for fmt in ("awq", "gptq", "gptq-act-order"):
-    q, z, s = random_int4(k, n, group, seed=checked)
-    if fmt == "awq":
-        packed = {"qweight": pack_awq_cols(q), "qzeros": pack_awq_cols(z), "scales": s}
-        dense = unpack_awq(packed["qweight"], packed["qzeros"], s)
-    else:
-        g_idx = np.arange(k) // group
-        if fmt == "gptq-act-order":
-            g_idx = np.random.default_rng(5).permutation(g_idx)
-        packed = {"qweight": pack_gptq_rows(q), "qzeros": pack_gptq_cols(z - 1), "scales": s,
-                  "g_idx": torch.from_numpy(g_idx).int()}
-        dense = unpack_gptq(packed["qweight"], packed["qzeros"], s, packed["g_idx"])
-    args = (packed["qweight"], packed["qzeros"], s)
-    for rows in (1, 5, 40):
-        x = torch.randn(rows, k)
-        bias = torch.randn(n)
-        got = int4_linear(x, *args, None, packed.get("g_idx"))
-        torch.testing.assert_close(got, F.linear(x, dense), rtol=1e-5, atol=1e-4)
-        got = int4_linear(x[None], *args, bias, packed.get("g_idx"))
-        assert got.shape == (1, rows, n)
-        torch.testing.assert_close(got, F.linear(x[None], dense, bias), rtol=1e-5, atol=1e-4)
-        checked += 1
-    assert int4_linear(torch.empty(0, k), *args, None, packed.get("g_idx")).shape == (0, n)
-    method = "awq" if fmt == "awq" else "gptq"
-    layer = ColumnParallelLinear(k, n, False, QuantConfig(method=method, bits=4, group_size=group),
-                                 torch.float32, TPGroup())
-    for name, value in packed.items():
-        layer.load(name, value)
-    x = torch.randn(3, k)
-    reference = layer(x)
-    layer.fused = True  # the model runner's fast path
-    torch.testing.assert_close(layer(x), reference, rtol=1e-5, atol=1e-4)
+# (inputs, group): a small group; a K that decode batches split into 4 parts (the parts' partial
+# sums added after); a group no power-of-two tile of 32 divides
+cases = [(128, 32), (1024, 128), (192, 48)]
+assert [split_k(1, n, k) for k, _ in cases] == [1, 4, 1] and split_k(65, n, 1024) == 1
+for k, group in cases:
+    for fmt in ("awq", "gptq", "gptq-act-order"):
+        q, z, s = random_int4(k, n, group, seed=checked)
+        g_idx = None
+        if fmt == "awq":
+            packed = {"qweight": pack_awq_cols(q), "qzeros": pack_awq_cols(z), "scales": s}
+            dense = unpack_awq(packed["qweight"], packed["qzeros"], s)
+        else:
+            groups = np.arange(k) // group
+            if fmt == "gptq-act-order":
+                groups = np.random.default_rng(5).permutation(groups)
+                g_idx = torch.from_numpy(groups).int()
+            packed = {"qweight": pack_gptq_rows(q), "qzeros": pack_gptq_cols(z - 1), "scales": s,
+                      "g_idx": torch.from_numpy(groups).int()}
+            dense = unpack_gptq(packed["qweight"], packed["qzeros"], s, packed["g_idx"])
+        args = (packed["qweight"], packed["qzeros"], s)
+        gptq = fmt != "awq"
+        for rows in (1, 5, 40):
+            x = torch.randn(rows, k)
+            bias = torch.randn(n)
+            got = int4_linear(x, *args, None, gptq, g_idx)
+            torch.testing.assert_close(got, F.linear(x, dense), rtol=1e-5, atol=1e-4)
+            got = int4_linear(x[None], *args, bias, gptq, g_idx)
+            assert got.shape == (1, rows, n)
+            torch.testing.assert_close(got, F.linear(x[None], dense, bias), rtol=1e-5, atol=1e-4)
+            checked += 1
+        assert int4_linear(torch.empty(0, k), *args, None, gptq, g_idx).shape == (0, n)
+        if k > 128:
+            continue
+        method = "awq" if fmt == "awq" else "gptq"
+        layer = ColumnParallelLinear(k, n, False, QuantConfig(method=method, bits=4, group_size=group),
+                                     torch.float32, TPGroup())
+        for name, value in packed.items():
+            layer.load(name, value)
+        x = torch.randn(3, k)
+        reference = layer(x)
+        layer.fused = True  # the model runner's fast path
+        torch.testing.assert_close(layer(x), reference, rtol=1e-5, atol=1e-4)
+        assert layer.__dict__.get("gptq_act_order") == ({"awq": None, "gptq": False}.get(fmt, True))
+k = 128
 for rows in (1, 5, 40):  # int8: the product of the weight cast to x's dtype, times the scales
     w8, scale = quantize_int8(torch.randn(n, k))
     x, bias = torch.randn(rows, k), torch.randn(n)
@@ -139,7 +153,7 @@ def run_interpreted(script: str, *args: str) -> subprocess.CompletedProcess[str]
 
 def test_weight_only_gemms_equal_the_reference_products() -> None:
     r = run_interpreted(SCRIPT)
-    assert r.returncode == 0 and r.stdout.strip() == "ok 12", r.stdout[-2000:] + r.stderr[-4000:]
+    assert r.returncode == 0 and r.stdout.strip() == "ok 30", r.stdout[-2000:] + r.stderr[-4000:]
 
 
 @pytest.mark.slow
