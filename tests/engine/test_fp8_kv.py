@@ -22,12 +22,11 @@ Bounds, fixed before the first run:
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+
+from tests.engine.interpreted import interpret
 
 torch = pytest.importorskip("torch")
 pytestmark = pytest.mark.engine
@@ -126,17 +125,8 @@ print("ok")
 """
 
 
-def _interpret(script: str, *args: str) -> str:
-    env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1"}
-    r = subprocess.run(
-        [sys.executable, "-c", script, *args], env=env, capture_output=True, text=True, timeout=300
-    )
-    assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stdout[-2000:] + r.stderr[-4000:]
-    return r.stdout
-
-
 def test_triton_kernels_with_fp8_cache_match_torch_reference() -> None:
-    _interpret(KERNEL_SCRIPT)
+    interpret(KERNEL_SCRIPT, timeout=300)
 
 
 PROMPTS = ("What is Kiln?", "Hello", "Tell me about the operator and its engine.")
@@ -308,7 +298,7 @@ print("ok")
 def test_engine_with_fp8_cache_through_triton_kernels_and_decode_graphs() -> None:
     # (Prefix-cache hits with fp8 blocks: the torch-backend test above; the kernels over a cached
     # prefix: the kernel test's chunks.)
-    _interpret(ENGINE_SCRIPT, str(TINY_CHAT))
+    interpret(ENGINE_SCRIPT, str(TINY_CHAT), timeout=300)
 
 
 def test_fp8_kv_build_records_it_and_serve_reads_it(tmp_path: Path) -> None:

@@ -7,12 +7,11 @@ experts; then a tiny Qwen3-MoE served with the Triton backend gives the torch ba
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+
+from tests.engine.interpreted import interpret
 
 pytestmark = pytest.mark.engine
 pytest.importorskip("triton")
@@ -91,17 +90,9 @@ print("ok")
 """
 
 
-def _run(script: str, *args: str) -> None:
-    env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1"}
-    r = subprocess.run(
-        [sys.executable, "-c", script, *args], env=env, capture_output=True, text=True, timeout=600
-    )
-    assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stdout[-2000:] + r.stderr[-4000:]
-
-
 def test_fused_experts_match_the_reference() -> None:
-    _run(KERNEL_SCRIPT)
+    interpret(KERNEL_SCRIPT, timeout=600)
 
 
 def test_engine_with_fused_experts_generates_the_same_tokens(tmp_path: Path) -> None:
-    _run(ENGINE_SCRIPT, str(tmp_path))
+    interpret(ENGINE_SCRIPT, str(tmp_path), timeout=600)

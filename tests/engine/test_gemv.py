@@ -7,10 +7,10 @@ triton is imported).
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 
 import pytest
+
+from tests.engine.interpreted import interpret
 
 pytestmark = pytest.mark.engine
 pytest.importorskip("triton")
@@ -91,19 +91,11 @@ print("ok")
 """
 
 
-def run_interpreted(script: str, *args: str) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1"}
-    return subprocess.run(
-        [sys.executable, "-c", script, *args], env=env, capture_output=True, text=True, timeout=900
-    )
-
-
 def test_small_m_linear_matches_reference_product() -> None:
-    r = run_interpreted(KERNEL_SCRIPT)
-    assert r.returncode == 0 and r.stdout.strip() == "ok 12", r.stdout[-2000:] + r.stderr[-4000:]
+    out = interpret(KERNEL_SCRIPT, timeout=900)
+    assert out.strip() == "ok 12", out[-2000:]
 
 
 @pytest.mark.slow
 def test_quantized_engine_streams_small_batches_and_keeps_its_tokens(tmp_path: os.PathLike[str]) -> None:
-    r = run_interpreted(ENGINE_SCRIPT, str(tmp_path))
-    assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stdout[-2000:] + r.stderr[-4000:]
+    interpret(ENGINE_SCRIPT, str(tmp_path), timeout=900)

@@ -5,11 +5,9 @@ them; and the startup check that falls back to the masked form when the kernels 
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import pytest
+
+from tests.engine.interpreted import interpret
 
 pytestmark = pytest.mark.engine
 
@@ -77,6 +75,4 @@ print("ok")
 
 
 def test_batched_lora_kernels_match_the_masked_form() -> None:
-    env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1"}
-    r = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stdout[-2000:] + r.stderr[-4000:]
+    interpret(SCRIPT, timeout=600)

@@ -5,11 +5,8 @@ for the same seed whatever else is in the batch."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 from kiln_engine.seeded_noise import draw_key
+from tests.engine.interpreted import interpret
 
 SCRIPT = r"""
 import math
@@ -70,8 +67,5 @@ def test_draw_keys_differ_by_seed_and_draw_and_fit_int64() -> None:
 
 
 def test_seeded_noise_kernel_and_sampler_race_under_the_interpreter() -> None:
-    env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(
-        [sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=600
-    )
-    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stdout[-2000:] + done.stderr[-4000:]
+    out = interpret(SCRIPT, timeout=600)
+    assert out.strip() == "ok", out[-2000:]

@@ -7,10 +7,10 @@ before triton is imported).
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 
 import pytest
+
+from tests.engine.interpreted import interpret
 
 pytestmark = pytest.mark.engine
 pytest.importorskip("triton")
@@ -87,9 +87,7 @@ print("ok")
 
 
 def test_triton_kernel_matches_torch_reference() -> None:
-    env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1"}
-    r = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stdout[-2000:] + r.stderr[-4000:]
+    interpret(SCRIPT, timeout=600)
 
 
 ENGINE_SCRIPT = r"""
@@ -116,15 +114,7 @@ print("ok")
 
 @pytest.mark.slow
 def test_engine_with_triton_backend_generates_the_same_tokens(tmp_path: os.PathLike[str]) -> None:
-    env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1"}
-    r = subprocess.run(
-        [sys.executable, "-c", ENGINE_SCRIPT, str(tmp_path)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stdout[-2000:] + r.stderr[-4000:]
+    interpret(ENGINE_SCRIPT, str(tmp_path), timeout=600)
 
 
 FUSED_SCRIPT = r"""
@@ -204,8 +194,4 @@ print("ok")
 
 
 def test_fused_kernels_match_torch_reference() -> None:
-    env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1"}
-    r = subprocess.run(
-        [sys.executable, "-c", FUSED_SCRIPT], env=env, capture_output=True, text=True, timeout=600
-    )
-    assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stdout[-2000:] + r.stderr[-4000:]
+    interpret(FUSED_SCRIPT, timeout=600)

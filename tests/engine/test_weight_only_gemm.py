@@ -9,10 +9,10 @@ triton is imported).
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 
 import pytest
+
+from tests.engine.interpreted import interpret
 
 pytestmark = pytest.mark.engine
 pytest.importorskip("triton")
@@ -144,19 +144,11 @@ print("ok")
 """
 
 
-def run_interpreted(script: str, *args: str) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1"}
-    return subprocess.run(
-        [sys.executable, "-c", script, *args], env=env, capture_output=True, text=True, timeout=900
-    )
-
-
 def test_weight_only_gemms_equal_the_reference_products() -> None:
-    r = run_interpreted(SCRIPT)
-    assert r.returncode == 0 and r.stdout.strip() == "ok 30", r.stdout[-2000:] + r.stderr[-4000:]
+    out = interpret(SCRIPT, timeout=900)
+    assert out.strip() == "ok 30", out[-2000:]
 
 
 @pytest.mark.slow
 def test_weight_only_engines_keep_their_tokens_on_the_fast_path(tmp_path: os.PathLike[str]) -> None:
-    r = run_interpreted(ENGINE_SCRIPT, str(tmp_path))
-    assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stdout[-2000:] + r.stderr[-4000:]
+    interpret(ENGINE_SCRIPT, str(tmp_path), timeout=900)

@@ -13,6 +13,13 @@ input row's group) and feeds the tile to `tl.dot`; nothing dense reaches memory.
   plain nibble order, stored minus one; scales [K/G, N]; input row k's group is g_idx[k] (act-order
   checkpoints permute it).
 
+Int4 tiles: the packed words are loaded once and spread over the columns (AWQ) or rows (GPTQ) they
+hold with `tl.interleave`; where groups follow the input rows (AWQ, GPTQ without act-order) one row
+of zeros and scales serves each K tile. Batches of up to 64 rows also split K across programs
+(`split_k`), so that a decode step has enough programs to stream the weight; the parts' fp32 sums
+are added in a fixed order after. On CUDA the tile shape is autotuned per shape and row bucket on
+first use (the model runner's warm-up, before any graph capture).
+
 Int8: weight [N, K] with one float32 scale per output channel, applied to the fp32 sums. Batches of
 up to 16 rows stream the int8 weight through `layers/gemv.py` instead; this kernel serves larger ones.
 
