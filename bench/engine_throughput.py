@@ -11,8 +11,10 @@ In one process, on one GPU, it measures (issue 6):
   at batch 256 for 128/128 and at batch 1.
 
 Modes: `bf16` (bf16 weights) and `fp8` (fp8 e4m3 weights with per-channel scales, activations
-quantized per token, GEMMs through `torch._scaled_mm`). Speed does not depend on the weights'
-values, so no checkpoint is downloaded: the engine loads random weights (`load_format="dummy"`).
+quantized per token, GEMMs through `torch._scaled_mm`); the weight-only modes `awq`, `gptq` (int4,
+groups of 128) and `int8` (per-channel scales), read by layers/weight_only_gemm.py and layers/gemv.py.
+Speed does not depend on the weights' values, so no checkpoint is downloaded: the engine loads random
+weights (`load_format="dummy"`).
 
 `--check` runs the correctness gate on the GPU instead: the fast path (Triton kernels, fused
 layers, CUDA graphs) must produce the reference path's (torch ops, eager) greedy tokens on a fixed
@@ -98,6 +100,13 @@ SMOKE = {**TINY, "hidden_size": 64, "intermediate_size": 128, "num_attention_hea
          "num_key_value_heads": 1, "vocab_size": 256}  # fmt: skip
 
 TARGETS = {"bf16": 12_000.0, "fp8": 16_700.0}  # output tokens/s at 128/128 (issue 6)
+# Weight-only modes (issue 18: their own rows, no target): the checkpoint's quantization_config.
+# Random packed int4 words and int8 weights cost what real ones do (loader.init_dummy_weights).
+WEIGHT_ONLY = {
+    "awq": {"quant_method": "awq", "bits": 4, "group_size": 128, "zero_point": True, "version": "gemm"},
+    "gptq": {"quant_method": "gptq", "bits": 4, "group_size": 128, "desc_act": False, "sym": True},
+    "int8": {"quant_method": "int8"},
+}
 
 
 @dataclass(frozen=True)
@@ -209,6 +218,8 @@ def write_model_dir(root: Path, cfg: dict[str, Any], mode: str) -> Path:
     data = dict(cfg)
     if mode == "fp8":
         data["quantization_config"] = {"quant_method": "fp8"}
+    elif mode in WEIGHT_ONLY:
+        data["quantization_config"] = WEIGHT_ONLY[mode]
     (d / "config.json").write_text(json.dumps(data, indent=1))
     return d
 
@@ -836,7 +847,7 @@ def options_given(ap: argparse.ArgumentParser, argv: list[str] | None) -> set[st
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--modes", default="bf16,fp8", help="comma-separated: bf16, fp8")
+    ap.add_argument("--modes", default="bf16,fp8", help="comma-separated: bf16, fp8, awq, gptq, int8")
     ap.add_argument(
         "--workloads", default="128/128,128/2048,2048/128", help="comma-separated input/output lengths"
     )
@@ -898,7 +909,7 @@ def main(argv: list[str] | None = None) -> int:
     given = options_given(ap, argv)
     args.modes = [m for m in args.modes.split(",") if m]
     for m in args.modes:
-        if m not in TARGETS:
+        if m not in TARGETS and m not in WEIGHT_ONLY:
             ap.error(f"unknown mode {m!r}")
     workloads = [Workload.parse(w) for w in args.workloads.split(",") if w]
     if args.smoke and args.method != "trtllm":

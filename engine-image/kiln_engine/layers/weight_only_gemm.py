@@ -144,12 +144,13 @@ _INT4_CONFIGS = [
 
 
 def _prune_int4(
-    configs: list[triton.Config], named_args: dict[str, object], **_: object
+    configs: list[triton.Config], named_args: dict[str, object], **constexprs: object
 ) -> list[triton.Config]:
     """Row tiles no taller than twice the batch; with ordered groups no K tile crossing a group."""
-    rows = int(named_args["M_BUCKET"])  # type: ignore[call-overload]
-    group = int(named_args["GROUP"])  # type: ignore[call-overload]
-    ordered = bool(named_args["ORDERED"])
+    given = {**named_args, **constexprs}  # Triton passes the launch's keyword arguments apart
+    rows = int(given["M_BUCKET"])  # type: ignore[call-overload]
+    group = int(given["GROUP"])  # type: ignore[call-overload]
+    ordered = bool(given["ORDERED"])
     kept = [
         c
         for c in configs
