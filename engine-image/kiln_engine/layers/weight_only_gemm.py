@@ -204,9 +204,28 @@ def int4_linear(
         _int4_gemm_kernel[grid](*args, partial, *dims, *strides, **flags, SPLIT_K=split,
                                 BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k)  # fmt: skip
     if split > 1:
-        summed = partial.sum(0)
-        out.copy_(summed if bias is None else summed + bias)
+        block = 1024
+        _sum_parts_kernel[(triton.cdiv(m * n, block),)](
+            partial, unread if bias is None else bias, out, m * n, n,
+            PARTS=split, HAS_BIAS=bias is not None, BLOCK=block,
+        )  # fmt: skip
     return out.reshape(*x.shape[:-1], n)
+
+
+@triton.jit
+def _sum_parts_kernel(  # type: ignore[no-untyped-def]  # Triton reads annotations
+    partial_ptr, bias_ptr, out_ptr, SIZE, N, PARTS: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr
+):
+    """out = the split-K parts' fp32 sums [PARTS, M, N] added in part order (+ bias), in out's dtype:
+    one launch where torch took a sum, an add and a cast."""
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    inside = offs < SIZE
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    for part in tl.static_range(PARTS):
+        acc += tl.load(partial_ptr + part * SIZE + offs, mask=inside, other=0.0)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs % N, mask=inside, other=0.0).to(tl.float32)
+    tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=inside)
 
 
 def split_k(rows: int, n: int, k: int) -> int:
