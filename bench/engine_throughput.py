@@ -99,6 +99,7 @@ TINY = {
 SMOKE = {**TINY, "hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 2, "head_dim": 32,
          "num_key_value_heads": 1, "vocab_size": 256}  # fmt: skip
 
+TINY_CHAT = Path(__file__).resolve().parent.parent / "examples" / "tiny-chat"  # the gate's trained model
 TARGETS = {"bf16": 12_000.0, "fp8": 16_700.0}  # output tokens/s at 128/128 (issue 6)
 # Weight-only modes (issue 18: their own rows, no target): the checkpoint's quantization_config.
 # Random packed int4 words and int8 weights cost what real ones do (loader.init_dummy_weights).
@@ -514,9 +515,24 @@ def capture_logits(engine: LLMEngine) -> list[torch.Tensor]:
     return seen
 
 
+def tiny_chat_engine(device: str, dtype: str, kv_cache_dtype: str, **overrides: Any) -> LLMEngine:
+    """The gate's engine of examples/tiny-chat (bench/fp8_kv_divergence.py builds the same one)."""
+    return LLMEngine(
+        TINY_CHAT,
+        EngineConfig(
+            device=device,
+            dtype=dtype,
+            num_kv_blocks=256,
+            max_num_seqs=8,
+            max_model_len=256,
+            kv_cache_dtype=kv_cache_dtype,
+            **overrides,
+        ),
+    )
+
+
 def run_check(args: argparse.Namespace, root: Path) -> dict[str, Any]:
     """Fast path vs reference path on the same weights: tokens (trained tiny model) and logits (8B shape)."""
-    repo = Path(__file__).resolve().parent.parent
     greedy = SamplingParams(max_tokens=args.check_tokens, temperature=0.0, ignore_eos=True)
     dtype = "bfloat16" if args.device != "cpu" else "float32"
     fast_backend = "auto"
@@ -524,24 +540,12 @@ def run_check(args: argparse.Namespace, root: Path) -> dict[str, Any]:
     result: dict[str, Any] = {}
 
     # 1. The trained tiny checkpoint: identical greedy tokens, and transformers' for comparison.
-    tiny = repo / "examples" / "tiny-chat"
     outs = {}
     for name, over in (
         ("reference", ref),
         ("fast", {"attention_backend": fast_backend, "cuda_graphs": True}),
     ):
-        e = LLMEngine(
-            tiny,
-            EngineConfig(
-                device=args.device,
-                dtype=dtype,
-                num_kv_blocks=256,
-                max_num_seqs=8,
-                max_model_len=256,
-                kv_cache_dtype=args.kv_cache_dtype,
-                **over,
-            ),
-        )
+        e = tiny_chat_engine(args.device, dtype, args.kv_cache_dtype, **over)
         assert e.tokenizer is not None
         prompts = [e.tokenizer.encode(t) for t in CHECK_PROMPTS]
         outs[name] = e.generate(prompts, greedy)
@@ -553,7 +557,8 @@ def run_check(args: argparse.Namespace, root: Path) -> dict[str, Any]:
             raise RuntimeError("not in a smoke run")
         from transformers import AutoModelForCausalLM
 
-        hf = AutoModelForCausalLM.from_pretrained(tiny, dtype=getattr(torch, dtype)).to(args.device).eval()
+        hf = AutoModelForCausalLM.from_pretrained(TINY_CHAT, dtype=getattr(torch, dtype))
+        hf = hf.to(args.device).eval()
         hf_tokens = []
         with torch.inference_mode():
             for p in prompts:

@@ -19,31 +19,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from engine_throughput import CHECK_PROMPTS, capture_logits
+from engine_throughput import CHECK_PROMPTS, capture_logits, tiny_chat_engine
 
-from kiln_engine.config import EngineConfig
-from kiln_engine.engine import LLMEngine
 from kiln_engine.interface import SamplingParams
 
-TINY_CHAT = Path(__file__).resolve().parent.parent / "examples" / "tiny-chat"
 TOKENS = 32
 
 
 def run(kv: str, backend: str, graphs: bool) -> tuple[list[list[int]], list[torch.Tensor]]:
     """Greedy tokens of every check prompt, and the logits each step sampled from (batch order)."""
-    engine = LLMEngine(
-        TINY_CHAT,
-        EngineConfig(
-            device="cuda",
-            dtype="bfloat16",
-            num_kv_blocks=256,
-            max_num_seqs=8,
-            max_model_len=256,
-            kv_cache_dtype=kv,
-            attention_backend=backend,
-            cuda_graphs=graphs,
-        ),
-    )
+    engine = tiny_chat_engine("cuda", "bfloat16", kv, attention_backend=backend, cuda_graphs=graphs)
     assert engine.tokenizer is not None
     seen = capture_logits(engine)
     prompts = [engine.tokenizer.encode(t) for t in CHECK_PROMPTS]

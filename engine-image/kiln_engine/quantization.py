@@ -358,11 +358,9 @@ def _act_order(layer: nn.Module, g_idx: torch.Tensor) -> bool:
     fast-path call and kept: the runner's warm-up makes that call before any CUDA graph capture,
     where reading the answer back from the device could not run."""
     known = layer.__dict__.get("gptq_act_order")
-    if known is None and g_idx.numel() == 0:
-        known = layer.__dict__["gptq_act_order"] = False
     if known is None:
-        group = g_idx.numel() // max(1, int(_get(layer, "qzeros").shape[0]))
-        plain = torch.arange(g_idx.numel(), device=g_idx.device) // group
+        rows = g_idx.numel()
+        plain = torch.arange(rows, device=g_idx.device) // max(1, rows // int(_get(layer, "qzeros").shape[0]))
         known = layer.__dict__["gptq_act_order"] = bool((g_idx != plain).any())
     return bool(known)
 
