@@ -58,7 +58,7 @@ def dense_std(e: LLMEngine) -> float:
     layer = e.runner.model.model.layers[0].self_attn.o_proj
     eye = torch.eye(layer.in_features, dtype=torch.float32)
     with torch.inference_mode():
-        return layer.quant_method.apply(layer, eye, None).std().item()
+        return layer.method.apply(layer, eye, None).std().item()
 
 
 def measure(mode: str, root: Path) -> dict[str, Any]:
