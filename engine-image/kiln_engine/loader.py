@@ -207,15 +207,26 @@ def manifest_stage(manifest: dict[str, Any], default: PPStage) -> PPStage:
     return default
 
 
+# The std of a uniform random int8 in [-127, 127], and of the difference of two uniform random nibbles
+# (an int4 weight minus its zero point): dividing by these makes dequantized weights spread like N(0, std).
+INT8_SPREAD = 73.6
+INT4_MINUS_ZERO_SPREAD = 6.52
+
+
 @torch.no_grad()
 def init_dummy_weights(model: torch.nn.Module, seed: int = 0, std: float = 0.02) -> None:
     """Random weights in place, on the model's device: for speed benchmarks, where values do not matter.
 
-    Float weights ~ N(0, std), norms 1; fp8/int8 weights random with unit-scale-ish scales; int4
-    packed words random. Only config.json is needed, so an 8B-shaped model needs no 16 GB download.
+    Float weights ~ N(0, std), norms 1; int8 and AWQ/GPTQ int4 weights random with positive scales
+    that make their dequantized values spread about as N(0, std) does (a checkpoint's quantized
+    weights spread like its float ones; wider random weights make a model so ill-conditioned that
+    bf16 rounding alone moves its logits by more than the engine check's bound:
+    bench/dummy_weight_spread.py); fp8 weights N(0, 1) with scales std / 4. Only config.json is
+    needed, so an 8B-shaped model needs no 16 GB download.
     """
     g = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
-    for name, p in model.named_parameters():
+    params = dict(model.named_parameters())
+    for name, p in params.items():
         if name.endswith("norm.weight"):
             p.fill_(1.0)
         elif p.dtype.is_floating_point and p.element_size() >= 2:
@@ -229,5 +240,10 @@ def init_dummy_weights(model: torch.nn.Module, seed: int = 0, std: float = 0.02)
             p.copy_(
                 torch.randint(lo, hi, p.shape, generator=g, device=p.device, dtype=torch.int64).to(p.dtype)
             )
-        if name.endswith("weight_scale"):
-            p.fill_(std / 4)
+        # Scales are drawn above like any float (so every other weight's values stay what they were
+        # before these fills were added), then set.
+        if name.endswith("scales"):  # AWQ/GPTQ group scales
+            p.fill_(std / INT4_MINUS_ZERO_SPREAD)
+        elif name.endswith("weight_scale"):
+            fp8 = params[name.removesuffix("_scale")].dtype == torch.float8_e4m3fn
+            p.fill_(std / 4 if fp8 else std / INT8_SPREAD)

@@ -164,6 +164,32 @@ def test_dummy_weights_need_only_config_json(tmp_path: Path, ckpt: Path) -> None
     assert 0.01 < float(q.std()) < 0.03
 
 
+@pytest.mark.parametrize(
+    "quantization_config",
+    [
+        {"quant_method": "fp8"},
+        {"quant_method": "int8"},
+        {"quant_method": "awq", "bits": 4, "group_size": 32, "zero_point": True, "version": "gemm"},
+        {"quant_method": "gptq", "bits": 4, "group_size": 32, "desc_act": False, "sym": True},
+    ],
+    ids=lambda c: c["quant_method"],
+)
+def test_dummy_quantized_weights_spread_like_float_ones(
+    tmp_path: Path, ckpt: Path, quantization_config: dict[str, object]
+) -> None:
+    """Random quantized weights as wide as a checkpoint's would make the speed benchmarks' models so
+    ill-conditioned that bf16 rounding alone breaks the check's bound (bench/dummy_weight_spread.py):
+    dequantized, every format stays within a few times the float weights' std (0.02)."""
+    config = json.loads((ckpt / "config.json").read_text())
+    config["quantization_config"] = quantization_config
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    engine = LLMEngine(tmp_path, EngineConfig(num_kv_blocks=32, block_size=4, load_format="dummy"))
+    layer = engine.runner.model.model.layers[0].self_attn.o_proj
+    with torch.inference_mode():
+        dense = layer.method.apply(layer, torch.eye(layer.in_features), None)
+    assert 0.004 < float(dense.std()) < 0.03, quantization_config["quant_method"]
+
+
 def test_bfloat16_serving_agrees_with_float32(ckpt: Path) -> None:
     f32 = LLMEngine(ckpt, CFG)
     bf16 = LLMEngine(ckpt, EngineConfig(num_kv_blocks=32, block_size=4, dtype="bfloat16"))
