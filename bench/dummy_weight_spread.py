@@ -25,7 +25,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from engine_throughput import LLAMA3_8B, capture_logits, free, random_prompts, write_model_dir
+from engine_throughput import (
+    LLAMA3_8B,
+    capture_logits,
+    free,
+    logit_errors_while_agreeing,
+    random_prompts,
+    write_model_dir,
+)
 
 from kiln_engine.config import EngineConfig
 from kiln_engine.engine import LLMEngine
@@ -76,12 +83,7 @@ def measure(mode: str, root: Path) -> dict[str, Any]:
         del e
         free()
     (tb, lb), (tf, lf) = runs["bfloat16"], runs["float32"]
-    errs = []
-    for t, (b, f) in enumerate(zip(lb, lf, strict=False)):
-        rows = [i for i in range(len(prompts)) if tb[i][:t] == tf[i][:t]]
-        if not rows:
-            break
-        errs.append(((b[rows] - f[rows]).norm() / f[rows].norm()).item())
+    errs = logit_errors_while_agreeing(lb, lf, tb, tf)
     return {
         "o_proj_dense_std": std,
         "bf16_vs_fp32_logits_rel_err": errs,

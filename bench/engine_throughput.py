@@ -531,6 +531,27 @@ def tiny_chat_engine(device: str, dtype: str, kv_cache_dtype: str, **overrides: 
     )
 
 
+def logit_errors_while_agreeing(
+    logits: list[torch.Tensor],
+    ref_logits: list[torch.Tensor],
+    tokens: list[list[int]],
+    ref_tokens: list[list[int]],
+) -> list[float]:
+    """Relative logit error per step against the reference, over the rows whose tokens so far agree.
+
+    Step t's row i is prompt i (all are admitted at once and run in order). A row counts only while
+    its tokens agree: after a near-tie flips one token, that row's inputs differ and its logits say
+    nothing about the kernels. Stops at the first step with no such row (or a batch shape apart).
+    """
+    errs = []
+    for t, (a, b) in enumerate(zip(logits, ref_logits, strict=False)):
+        rows = [i for i in range(len(tokens)) if tokens[i][:t] == ref_tokens[i][:t]]
+        if a.shape != b.shape or not rows:
+            break
+        errs.append(((a[rows] - b[rows]).norm() / b[rows].norm()).item())
+    return errs
+
+
 def run_check(args: argparse.Namespace, root: Path) -> dict[str, Any]:
     """Fast path vs reference path on the same weights: tokens (trained tiny model) and logits (8B shape)."""
     greedy = SamplingParams(max_tokens=args.check_tokens, temperature=0.0, ignore_eos=True)
@@ -618,16 +639,9 @@ def run_check(args: argparse.Namespace, root: Path) -> dict[str, Any]:
                 logits[name] = seen
                 del e
                 free()
-            # Step t's row i is prompt i (all are admitted at once and run in order). Compare a row
-            # only while its tokens so far agree: after a near-tie flips one token, that row's
-            # inputs differ and its logits say nothing about the kernels.
-            errs = []
-            fast_t, ref_t = tokens["fast"], tokens["reference"]
-            for t, (a, b) in enumerate(zip(logits["fast"], logits["reference"], strict=False)):
-                rows = [i for i in range(len(prompts8)) if fast_t[i][:t] == ref_t[i][:t]]
-                if a.shape != b.shape or not rows:
-                    break
-                errs.append(((a[rows] - b[rows]).norm() / b[rows].norm()).item())
+            errs = logit_errors_while_agreeing(
+                logits["fast"], logits["reference"], tokens["fast"], tokens["reference"]
+            )
             agree = sum(x == y for x, y in zip(tokens["fast"], tokens["reference"], strict=True))
             first = sum(x[0] == y[0] for x, y in zip(tokens["fast"], tokens["reference"], strict=True))
             # fp8 quantizes activations per token, so a rounding difference upstream can move a
