@@ -10,7 +10,9 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -126,6 +128,10 @@ def real(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RealCluster]:
     started = time.monotonic()
     for toolset in (build.CONTROL_PLANE, *build.NODE_TOOLSETS):
         build.build(progress=lambda line: None, toolset=toolset)
+    # `up` would clear a killed run's leftovers itself; clear them first, so that the
+    # snapshot holds what the host had without any Kiln node, and `down` must restore exactly it.
+    if stale := realnode.clear_stale_node():
+        print(f"cleared the stale real node of {stale}")
     before = snapshot()
     local = cluster.Cluster(
         tmp_path_factory.mktemp("real-node") / "cluster", "mixed", die_with_parent=True, real_node=True
@@ -322,3 +328,33 @@ def test_links_no_cluster_here_owns_are_neither_taken_over_nor_torn_down(tmp_pat
         assert not realnode.OWNER_FILE.exists()
     finally:
         subprocess.run(["ip", "link", "del", realnode.NODE_LINK], check=False)
+
+
+def test_what_a_killed_run_left_is_cleared_before_the_next_one(tmp_path: Path) -> None:
+    """`kiln local up` SIGKILLed with its real node running (a CI job cancelled, an OOM kill):
+    its links, chains and cgroups stay behind; clearing the stale node restores the host."""
+    assert not realnode.OWNER_FILE.exists()  # the module's node is down (the tests above)
+    before = snapshot()
+    cluster_dir = tmp_path / "killed"
+    script = (
+        "import os, signal, sys\n"
+        "from pathlib import Path\n"
+        "from kiln.local import cluster\n"
+        "local = cluster.Cluster(Path(sys.argv[1]), 'mixed', die_with_parent=True, real_node=True)\n"
+        "local.start(progress=lambda line: None, timeout=120)\n"
+        "os.kill(os.getpid(), signal.SIGKILL)\n"
+    )
+    killed = subprocess.run([sys.executable, "-c", script, str(cluster_dir)], timeout=300, check=False)
+    assert killed.returncode == -signal.SIGKILL
+    assert (Path("/sys/class/net") / realnode.NODE_LINK).exists()  # what it left
+    assert realnode.OWNER_FILE.read_text().strip() == str(cluster_dir)
+
+    assert realnode.clear_stale_node() == cluster_dir
+    after = snapshot()
+    assert realnode.node_processes(realnode.layout(cluster_dir)) == []
+    assert realnode.mounts_under(cluster_dir) == []
+    assert (after.links, after.netns, after.chains) == (before.links, before.netns, before.chains)
+    assert (after.sysctls, after.cgroups) == (before.sysctls, before.cgroups)
+    assert after.files - before.files == set()
+    assert not realnode.OWNER_FILE.exists()
+    assert realnode.clear_stale_node() is None  # nothing left to clear

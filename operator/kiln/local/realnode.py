@@ -523,8 +523,21 @@ def _claim(cluster_dir: Path) -> None:
             f"`kiln local down --dir {owner}` first"
         )
     if owner is not None and owner != cluster_dir:
-        teardown(owner, lambda name: None)  # a stale node: clean up after it first (frees OWNER_FILE)
+        clear_stale_node()
     OWNER_FILE.write_text(f"{cluster_dir}\n")
+
+
+def clear_stale_node() -> Path | None:
+    """Tear down what a killed cluster's real node left (links, chains, cgroups, OWNER_FILE).
+
+    A node is stale when OWNER_FILE names a cluster whose containerd no longer runs (its
+    `kiln local` process was killed before `down`). Returns that cluster's folder, or None.
+    """
+    owner = _owner()
+    if owner is None or _containerd_running(layout(owner)):
+        return None
+    teardown(owner, lambda name: None)  # frees OWNER_FILE
+    return owner
 
 
 def _containerd_running(node: Layout) -> bool:

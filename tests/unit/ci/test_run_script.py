@@ -14,12 +14,16 @@ def exit_trap() -> str:
     return traps[0]
 
 
-def run_with_trap(background: str, status: int) -> int:
+def run_with_trap(background: str, status: int, wait: bool = True) -> int:
+    """The trap over the script's two background queues, each running `background`."""
+    waits = 'wait "$go_builds" || true; wait "$images" || true' if wait else ""
     script = f"""set -euo pipefail
 ( {background} ) &
-prebuild=$!
+go_builds=$!
+( {background} ) &
+images=$!
 {exit_trap()}
-wait "$prebuild" || true
+{waits}
 exit {status}
 """
     return subprocess.run(["bash", "-c", script], check=False, timeout=30).returncode
@@ -36,3 +40,10 @@ def test_a_failing_test_run_still_fails() -> None:
 
 def test_a_failed_background_build_does_not_change_the_exit_status() -> None:
     assert run_with_trap("exit 7", 0) == 0
+
+
+def test_both_background_queues_are_stopped_when_the_tests_end_first(tmp_path: Path) -> None:
+    marker = tmp_path / "still-running"
+    assert run_with_trap(f"sleep 5 && touch {marker}", 0, wait=False) == 0
+    subprocess.run(["sleep", "6"], check=True)
+    assert not marker.exists()
