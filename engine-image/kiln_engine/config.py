@@ -236,6 +236,13 @@ class ModelConfig:
     quant: QuantConfig = field(default_factory=QuantConfig)
     moe: MoeConfig | None = None
     gemma: GemmaConfig | None = None
+    # The share of each head's dimensions RoPE rotates (the first ones; the rest pass through):
+    # Phi-4-mini rotates 3/4.
+    partial_rotary_factor: float = 1.0
+
+    @property
+    def rotary_dim(self) -> int:
+        return int(self.head_dim * self.partial_rotary_factor)
 
     def layer_sliding_window(self, layer: int) -> int | None:
         """The attention window of one layer (Qwen applies it only from `max_window_layers` on,
@@ -267,14 +274,11 @@ class ModelConfig:
         quant = str((cfg.get("quantization_config") or {}).get("quant_method", "none")).lower()
         if arch == "Phi3ForCausalLM" and quant in ("awq", "gptq"):
             raise UnsupportedModelError(f"{quant} Phi-3 checkpoints (fused q/k/v in int4) are not supported")
-        if rotary != 1.0:
-            raise UnsupportedModelError(
-                f"partial rotary embeddings (partial_rotary_factor {rotary}) are not supported"
-            )
         heads = int(cfg["num_attention_heads"])
         hidden = int(cfg["hidden_size"])
         gemma = parse_gemma(arch, cfg)
         head_dim = cfg.get("head_dim") or (256 if gemma else hidden // heads)  # Gemma's default
+        _check_partial_rotary(arch, rotary, int(head_dim))
         is_qwen2 = arch == "Qwen2ForCausalLM"
         is_qwen3 = arch in ("Qwen3ForCausalLM", "Qwen3MoeForCausalLM")
         if is_qwen2 or is_qwen3:
@@ -309,11 +313,29 @@ class ModelConfig:
             quant=parse_quant(cfg.get("quantization_config")),
             moe=parse_moe(arch, cfg),
             gemma=gemma,
+            partial_rotary_factor=rotary,
         )
 
     @classmethod
     def from_file(cls, path: str | Path) -> ModelConfig:
         return cls.from_dict(json.loads(Path(path).read_text()))
+
+
+def _check_partial_rotary(arch: str, factor: float, head_dim: int) -> None:
+    """Partial RoPE as transformers applies it: only its Phi-3 attention rotates part of a head."""
+    if factor == 1.0:
+        return
+    if arch != "Phi3ForCausalLM":
+        raise UnsupportedModelError(
+            f"partial rotary embeddings (partial_rotary_factor {factor}) are supported for "
+            f"Phi3ForCausalLM checkpoints (Phi-4-mini) only, not {arch}"
+        )
+    rotary_dim = int(head_dim * factor)
+    if not 0.0 < factor < 1.0 or rotary_dim % 2:
+        raise UnsupportedModelError(
+            f"partial_rotary_factor {factor} of head_dim {head_dim} gives {rotary_dim} rotated "
+            f"dimensions; it must be in (0, 1] and give an even number"
+        )
 
 
 def parse_rope(cfg: dict[str, Any]) -> RopeConfig:

@@ -73,6 +73,17 @@ def test_rope_parameters_and_rope_scaling_forms_agree() -> None:
         parse_rope({"rope_scaling": {"type": "longrope", "long_factor": [1.0]}})
 
 
+def test_partial_rotary_only_where_transformers_applies_it(ckpt: Path) -> None:
+    base = json.loads((ckpt / "config.json").read_text())  # llama, head_dim 16
+    with pytest.raises(UnsupportedModelError, match=r"Phi3ForCausalLM checkpoints .* not LlamaForCausalLM"):
+        ModelConfig.from_dict({**base, "partial_rotary_factor": 0.75})
+    phi3 = {**base, "architectures": ["Phi3ForCausalLM"], "model_type": "phi3"}
+    assert ModelConfig.from_dict({**phi3, "partial_rotary_factor": 0.75}).rotary_dim == 12
+    assert ModelConfig.from_dict({**phi3, "rope_parameters": {"partial_rotary_factor": 0.5}}).rotary_dim == 8
+    with pytest.raises(UnsupportedModelError, match=r"partial_rotary_factor 0\.3125 .* 5 rotated"):
+        ModelConfig.from_dict({**phi3, "partial_rotary_factor": 0.3125})
+
+
 def test_quantization_configs() -> None:
     assert parse_quant(None).method == "none"
     awq = parse_quant({"quant_method": "awq", "bits": 4, "group_size": 128, "zero_point": True})

@@ -104,8 +104,9 @@ def test_build_refuses_a_tp_size_the_experts_do_not_split_into(tmp_path: Path) -
 
 def test_phi3_build_splits_fused_tensors_and_serves_the_checkpoints_tokens(tmp_path: Path) -> None:
     """Phi-3's fused qkv_proj/gate_up_proj become Llama's q/k/v and gate/up in the artifact, so
-    they shard (and quantize) like every other Llama-family weight."""
-    ckpt = make_tiny_checkpoint(tmp_path / "ckpt", "phi3")
+    they shard (and quantize) like every other Llama-family weight; Phi-4-mini's partial rotary
+    factor goes through the build with them."""
+    ckpt = make_tiny_checkpoint(tmp_path / "ckpt", "phi3", partial_rotary_factor=0.75)
     two = build(ckpt, tmp_path / "tp2", "--tp", "2")
     rank1 = load_file(str(two / "rank-1/model.safetensors"))
     assert not [n for n in rank1 if "qkv_proj" in n or "gate_up_proj" in n]

@@ -78,6 +78,21 @@ ROPE_VARIANTS: dict[str, tuple[str, dict, int | None]] = {
         },
         128,
     ),
+    # Phi-4-mini style: 3/4 of each head rotated, LongRoPE factors for those dimensions (its tied
+    # embeddings left out: a tiny random model with them repeats its input whatever RoPE does)
+    "phi4-mini-partial-rotary": (
+        "phi3",
+        {
+            "partial_rotary_factor": 0.75,
+            "original_max_position_embeddings": 128,
+            "rope_scaling": {
+                "type": "longrope",
+                "short_factor": [1.0 + 0.4 * i for i in range(6)],
+                "long_factor": [4.0] * 6,
+            },
+        },
+        128,
+    ),
     # Phi-3 style: the pretraining length at the top level of config.json
     "phi3-longrope": (
         "phi3",

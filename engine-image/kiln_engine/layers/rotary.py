@@ -48,7 +48,11 @@ def rope_inv_freq(
 
 
 class RotaryEmbedding(nn.Module):
-    """Applies RoPE (the rotate-half layout of Llama/Qwen checkpoints) to q and k in place of copies."""
+    """Applies RoPE (the rotate-half layout of Llama/Qwen checkpoints) to q and k in place of copies.
+
+    `head_dim` is the number of dimensions rotated: all of a head's, or with a partial rotary
+    factor (Phi-4-mini) its first ones, the others passing through unchanged.
+    """
 
     cos_sin: torch.Tensor
 
@@ -56,6 +60,7 @@ class RotaryEmbedding(nn.Module):
         self, rope: RopeConfig, head_dim: int, max_position_embeddings: int, max_positions: int
     ) -> None:
         super().__init__()
+        self.rotary_dim = head_dim
         scale = 1.0
         if rope.rope_type == "yarn":
             inv_freq, scale = rope_scaling.yarn(rope, head_dim, max_position_embeddings)
@@ -75,7 +80,14 @@ class RotaryEmbedding(nn.Module):
         """q [T, Hq, D], k [T, Hk, D], positions [T] -> rotated q, k."""
         cos = self.cos_sin[0].index_select(0, positions).unsqueeze(1).to(q.dtype)
         sin = self.cos_sin[1].index_select(0, positions).unsqueeze(1).to(q.dtype)
-        return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+        if self.rotary_dim == q.shape[-1]:
+            return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+        return _rotate_part(q, cos, sin, self.rotary_dim), _rotate_part(k, cos, sin, self.rotary_dim)
+
+
+def _rotate_part(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, dim: int) -> torch.Tensor:
+    rotated, passed = x[..., :dim], x[..., dim:]
+    return torch.cat((rotated * cos + _rotate_half(rotated) * sin, passed), dim=-1)
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:

@@ -80,7 +80,8 @@ class LlamaAttention(nn.Module):
         v = v.view(-1, self.num_kv_heads, self.head_dim)
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
-        if self.fused:
+        # The fused kernel rotates whole heads; a partial rotary (Phi-4-mini) takes the torch path.
+        if self.fused and self.rotary_emb.rotary_dim == self.head_dim:
             from kiln_engine.layers.fused import rope_and_store_kv
 
             attn = self.attn
@@ -147,7 +148,7 @@ class LlamaModel(nn.Module):
         self.embed_tokens = (
             VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, dtype, tp) if keep_embed else PPMissing()
         )
-        rotary = RotaryEmbedding(cfg.rope, cfg.head_dim, cfg.max_position_embeddings, max_positions)
+        rotary = RotaryEmbedding(cfg.rope, cfg.rotary_dim, cfg.max_position_embeddings, max_positions)
         self.layers = nn.ModuleList(
             LlamaDecoderLayer(cfg, i, rotary, dtype, tp) if pp.holds_layer(i) else PPMissing()
             for i in range(cfg.num_hidden_layers)
