@@ -271,9 +271,6 @@ class ModelConfig:
                 "partial_rotary_factor", (cfg.get("rope_parameters") or {}).get("partial_rotary_factor", 1.0)
             )
         )
-        quant = str((cfg.get("quantization_config") or {}).get("quant_method", "none")).lower()
-        if arch == "Phi3ForCausalLM" and quant in ("awq", "gptq"):
-            raise UnsupportedModelError(f"{quant} Phi-3 checkpoints (fused q/k/v in int4) are not supported")
         heads = int(cfg["num_attention_heads"])
         hidden = int(cfg["hidden_size"])
         gemma = parse_gemma(arch, cfg)

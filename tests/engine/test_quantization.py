@@ -204,18 +204,28 @@ def test_quantized_artifact_logits_close_to_float(
     assert (got.argmax(-1) == ref.argmax(-1)).float().mean() > 0.8
 
 
+@pytest.mark.parametrize("arch", ["llama", "phi3"])
 @pytest.mark.parametrize("method", ["awq", "gptq"])
-def test_int4_checkpoint_equals_its_dequantized_float_twin(base: Path, tmp_path: Path, method: str) -> None:
-    """An AWQ/GPTQ checkpoint serves the same tokens as a float checkpoint holding its dequantized weights."""
+def test_int4_checkpoint_equals_its_dequantized_float_twin(
+    base: Path, tmp_path: Path, method: str, arch: str
+) -> None:
+    """An AWQ/GPTQ checkpoint serves the same tokens as a float checkpoint holding its dequantized
+    weights; Phi-3's fused qkv_proj/gate_up_proj are quantized whole, as its int4 checkpoints are,
+    and split by the loader and by `kiln-engine build` alike."""
+    from click.testing import CliRunner
     from safetensors.torch import load_file, save_file
 
+    from kiln_engine.cli import main
+
+    if arch == "phi3":
+        base = make_tiny_checkpoint(tmp_path / "phi3", "phi3")
     group = 16
     float_dir, q_dir = tmp_path / "float", tmp_path / "int4"
     weights = load_file(str(base / "model.safetensors"))
     deq: dict[str, torch.Tensor] = {}
     packed: dict[str, torch.Tensor] = {}
     for i, (name, w) in enumerate(sorted(weights.items())):
-        if not is_quantizable(name):
+        if not (is_quantizable(name) or name.endswith(("qkv_proj.weight", "gate_up_proj.weight"))):
             deq[name] = packed[name] = w
             continue
         out_f, in_f = w.shape
@@ -232,6 +242,7 @@ def test_int4_checkpoint_equals_its_dequantized_float_twin(base: Path, tmp_path:
             packed[prefix + "qweight"] = pack_gptq_rows(q)
             packed[prefix + "qzeros"] = pack_gptq_cols(z - 1)
             packed[prefix + "g_idx"] = torch.from_numpy(g_idx).int()
+    assert any("qkv_proj.qweight" in n for n in packed) == (arch == "phi3")
     cfg = json.loads((base / "config.json").read_text())
     for d, tensors, qcfg in (
         (float_dir, deq, None),
@@ -249,4 +260,11 @@ def test_int4_checkpoint_equals_its_dequantized_float_twin(base: Path, tmp_path:
     assert f_engine.tokenizer is not None
     prompt = f_engine.tokenizer.encode("Hello, world! How are you")
     assert torch.allclose(prompt_logits(q_engine, prompt), prompt_logits(f_engine, prompt), atol=1e-4)
-    assert q_engine.generate([prompt], greedy) == f_engine.generate([prompt], greedy)
+    want = f_engine.generate([prompt], greedy)
+    assert q_engine.generate([prompt], greedy) == want
+    if arch == "phi3":
+        args = ["build", "--model", str(q_dir), "--output", str(tmp_path / "art"), "--device", "cpu"]
+        result = CliRunner().invoke(main, [*args, "--no-measure-capacity", "--no-progress-bar"])
+        assert result.exit_code == 0, result.output
+        built = LLMEngine(tmp_path / "art", EngineConfig(num_kv_blocks=32, block_size=4))
+        assert built.generate([prompt], greedy) == want
