@@ -20,6 +20,7 @@ SUPPORTED_ARCHITECTURES: tuple[str, ...] = (
     "Phi3ForCausalLM",
     "Gemma2ForCausalLM",
     "Gemma3ForCausalLM",
+    "GptOssForCausalLM",
 )
 
 # Architectures near a supported one that are refused with a pointer to what is served instead.
@@ -191,6 +192,11 @@ class MoeConfig:
     intermediate_size: int  # of one expert
     renormalize: bool  # top-k weights divided by their sum (Mixtral always; Qwen3-MoE: norm_topk_prob)
     sparse_layers: tuple[int, ...]  # decoder layers with the expert block; the others keep a dense MLP
+    # gpt-oss: biased router and experts, and its clamped SwiGLU on the experts' gate/up
+    # (gate clamped above at `swiglu_limit`, up on both sides; gate * sigmoid(alpha * gate) * (up + 1)).
+    biased: bool = False
+    swiglu_limit: float | None = None
+    swiglu_alpha: float = 1.0
 
     def is_sparse(self, layer: int) -> bool:
         return layer in self.sparse_layers
@@ -236,6 +242,9 @@ class ModelConfig:
     quant: QuantConfig = field(default_factory=QuantConfig)
     moe: MoeConfig | None = None
     gemma: GemmaConfig | None = None
+    # Per layer "sliding_attention" | "full_attention" where the window alternates (gpt-oss).
+    layer_types: tuple[str, ...] = ()
+    attention_sinks: bool = False  # a learned per-head logit in every softmax's denominator (gpt-oss)
     # The share of each head's dimensions RoPE rotates (the first ones; the rest pass through):
     # Phi-4-mini rotates 3/4.
     partial_rotary_factor: float = 1.0
@@ -250,6 +259,8 @@ class ModelConfig:
         if self.sliding_window is None:
             return None
         if self.gemma is not None and self.gemma.layer_types[layer] != "sliding_attention":
+            return None
+        if self.layer_types and self.layer_types[layer] != "sliding_attention":
             return None
         if self.model_type in ("qwen2", "qwen3", "qwen3_moe") and layer < self.max_window_layers:
             return None
@@ -307,9 +318,11 @@ class ModelConfig:
             torch_dtype=str(cfg.get("torch_dtype") or cfg.get("dtype") or "float32"),
             bos_token_id=cfg.get("bos_token_id"),
             eos_token_ids=eos_ids,
-            quant=parse_quant(cfg.get("quantization_config")),
+            quant=parse_quant(_served_quantization(arch, cfg.get("quantization_config"))),
             moe=parse_moe(arch, cfg),
             gemma=gemma,
+            layer_types=parse_layer_types(cfg) if arch == "GptOssForCausalLM" else (),
+            attention_sinks=arch == "GptOssForCausalLM",
             partial_rotary_factor=rotary,
         )
 
@@ -376,6 +389,18 @@ def parse_rope(cfg: dict[str, Any]) -> RopeConfig:
     )
 
 
+def parse_layer_types(cfg: dict[str, Any], pattern: int = 2) -> tuple[str, ...]:
+    """Which layers slide: config.json's `layer_types`, else every `pattern`-th layer is full."""
+    layers = int(cfg["num_hidden_layers"])
+    default_types = ["sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(layers)]
+    types = tuple(cfg.get("layer_types") or default_types)
+    if len(types) != layers or not set(types) <= {"sliding_attention", "full_attention"}:
+        raise UnsupportedModelError(
+            f"layer_types must name sliding_attention or full_attention for each of {layers} layers"
+        )
+    return types
+
+
 def parse_gemma(arch: str, cfg: dict[str, Any]) -> GemmaConfig | None:
     """Gemma 2/3's options with transformers' defaults where config.json leaves them out."""
     if arch not in ("Gemma2ForCausalLM", "Gemma3ForCausalLM"):
@@ -383,14 +408,7 @@ def parse_gemma(arch: str, cfg: dict[str, Any]) -> GemmaConfig | None:
     gemma2 = arch == "Gemma2ForCausalLM"
     if cfg.get("use_bidirectional_attention"):
         raise UnsupportedModelError(f"{arch} with use_bidirectional_attention (an embedding model)")
-    layers = int(cfg["num_hidden_layers"])
-    pattern = 2 if gemma2 else int(cfg.get("sliding_window_pattern", 6))
-    default_types = ["sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(layers)]
-    types = tuple(cfg.get("layer_types") or default_types)
-    if len(types) != layers or not set(types) <= {"sliding_attention", "full_attention"}:
-        raise UnsupportedModelError(
-            f"layer_types must name sliding_attention or full_attention for each of {layers} layers"
-        )
+    types = parse_layer_types(cfg, 2 if gemma2 else int(cfg.get("sliding_window_pattern", 6)))
     act = str(cfg.get("hidden_activation") or cfg.get("hidden_act") or "gelu_pytorch_tanh")
     approximate = {"gelu_pytorch_tanh": "tanh", "gelu_python_tanh": "tanh", "gelu": "none"}.get(act)
     if approximate is None:
@@ -435,8 +453,8 @@ def parse_gemma_rope(cfg: dict[str, Any]) -> tuple[RopeConfig, RopeConfig]:
 
 
 def parse_moe(arch: str, cfg: dict[str, Any]) -> MoeConfig | None:
-    """The expert block of Mixtral and Qwen3-MoE configs; None for dense architectures."""
-    if arch not in ("MixtralForCausalLM", "Qwen3MoeForCausalLM"):
+    """The expert block of Mixtral, Qwen3-MoE and gpt-oss configs; None for dense architectures."""
+    if arch not in ("MixtralForCausalLM", "Qwen3MoeForCausalLM", "GptOssForCausalLM"):
         return None
     quant = str((cfg.get("quantization_config") or {}).get("quant_method", "none")).lower()
     if quant in ("awq", "gptq"):
@@ -444,6 +462,17 @@ def parse_moe(arch: str, cfg: dict[str, Any]) -> MoeConfig | None:
             f"{quant} mixture-of-experts checkpoints are not supported; use fp8, int8-weight or none"
         )
     layers = int(cfg["num_hidden_layers"])
+    if arch == "GptOssForCausalLM":  # softmax over the top k logits: the renormalised top k
+        return MoeConfig(
+            num_experts=int(cfg.get("num_local_experts", 128)),
+            top_k=int(cfg.get("num_experts_per_tok", 4)),
+            intermediate_size=int(cfg["intermediate_size"]),
+            renormalize=True,
+            sparse_layers=tuple(range(layers)),
+            biased=True,
+            swiglu_limit=float(cfg.get("swiglu_limit", 7.0)),
+            swiglu_alpha=float(cfg.get("swiglu_alpha", 1.702)),
+        )
     if arch == "MixtralForCausalLM":
         return MoeConfig(
             num_experts=int(cfg.get("num_local_experts", 8)),
@@ -464,6 +493,16 @@ def parse_moe(arch: str, cfg: dict[str, Any]) -> MoeConfig | None:
             i for i in range(layers) if i not in dense and experts > 0 and (i + 1) % step == 0
         ),
     )
+
+
+def _served_quantization(arch: str, qcfg: dict[str, Any] | None) -> dict[str, Any] | None:
+    """gpt-oss's MXFP4 experts are dequantized as they load (`models.gpt_oss`): served unquantized."""
+    method = str((qcfg or {}).get("quant_method", "")).lower()
+    if method != "mxfp4":
+        return qcfg
+    if arch != "GptOssForCausalLM":
+        raise UnsupportedModelError(f"mxfp4 quantization is supported for GptOssForCausalLM only, not {arch}")
+    return None
 
 
 def parse_quant(qcfg: dict[str, Any] | None) -> QuantConfig:

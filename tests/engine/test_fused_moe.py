@@ -20,7 +20,7 @@ KERNEL_SCRIPT = r"""
 import torch
 torch.set_num_threads(1)
 from kiln_engine.layers.fused_moe import align_by_expert, fused_experts
-from kiln_engine.layers.moe import experts_reference, route
+from kiln_engine.layers.moe import clamped_swiglu, experts_reference, route
 from kiln_engine.quantization import quantize_fp8, quantize_int8
 
 g = torch.Generator().manual_seed(0)
@@ -62,6 +62,13 @@ for tokens, top_k in ((1, 2), (5, 3), (70, 2), (200, 2), (400, 2)):
         got_q = fused_experts(x, weights, ids, q13, q2, s13, s2)
         assert rel(got_q, ref_q) < 1e-5, (fn.__name__, tokens, rel(got_q, ref_q))
         assert rel(got_q, ref) < 0.1  # and still the same function, give or take quantization
+    # gpt-oss: a gate/up bias per expert and the clamped SwiGLU (a clamp that bites)
+    b13 = torch.randn(E, 2 * I, generator=g) * 0.5
+    act = lambda h: clamped_swiglu(h, limit=0.5, alpha=1.702)
+    ref_b = experts_reference(x, weights, ids, w13, w2, w13_bias=b13, activation=act)
+    assert rel(ref_b, experts_reference(x, weights, ids, w13, w2, w13_bias=b13)) > 0.05
+    got_b = fused_experts(x, weights, ids, w13, w2, w13_bias=b13, activation=act)
+    assert rel(got_b, ref_b) < 1e-5, ("gpt-oss", tokens, rel(got_b, ref_b))
 print("ok")
 """
 
@@ -75,7 +82,8 @@ from kiln_engine.interface import SamplingParams
 from kiln_engine.layers.moe import FusedMoE
 from kiln_engine.testing import make_tiny_checkpoint
 
-path = make_tiny_checkpoint(sys.argv[1], "qwen3_moe", num_hidden_layers=1)
+arch = sys.argv[2]
+path = make_tiny_checkpoint(sys.argv[1], arch, num_hidden_layers=1 if arch == "qwen3_moe" else 2)
 greedy = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
 outs = {}
 for backend in ("torch", "triton"):
@@ -94,5 +102,8 @@ def test_fused_experts_match_the_reference() -> None:
     interpret(KERNEL_SCRIPT, timeout=600)
 
 
-def test_engine_with_fused_experts_generates_the_same_tokens(tmp_path: Path) -> None:
-    interpret(ENGINE_SCRIPT, str(tmp_path), timeout=600)
+@pytest.mark.parametrize("arch", ["qwen3_moe", "gpt_oss"])
+def test_engine_with_fused_experts_generates_the_same_tokens(tmp_path: Path, arch: str) -> None:
+    """gpt-oss adds attention sinks (in the Triton attention kernel), biased experts and its
+    clamped SwiGLU (around the grouped GEMMs) to the fused path."""
+    interpret(ENGINE_SCRIPT, str(tmp_path), arch, timeout=600)

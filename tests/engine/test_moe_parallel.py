@@ -130,3 +130,24 @@ def test_phi3_build_splits_fused_tensors_and_serves_the_checkpoints_tokens(tmp_p
     art = build(ckpt, tmp_path / "tp1")
     cfg = EngineConfig(num_kv_blocks=32, block_size=4)
     assert LLMEngine(art, cfg).generate(prompts, params) == LLMEngine(ckpt, cfg).generate(prompts, params)
+
+
+@pytest.mark.slow
+def test_gpt_oss_built_at_tp2_serves_the_checkpoints_tokens(tmp_path: Path) -> None:
+    """gpt-oss's stacked experts become one tensor per expert and projection in the artifact;
+    at TP=2 each rank holds half of every expert's gate/up rows (and their biases) and half of the
+    heads' sinks, adds the down bias once after the all-reduce, and serves TP=1's tokens."""
+    ckpt = make_tiny_checkpoint(tmp_path / "ckpt", "gpt_oss")
+    ref = run_ranks(ckpt, 1, tmp_path / "tp1.json")
+    assert len({tuple(r) for r in ref}) > 1
+    two = build(ckpt, tmp_path / "tp2", "--tp", "2")
+    rank1 = load_file(str(two / "rank-1/model.safetensors"))
+    assert not [n for n in rank1 if "gate_up_proj" in n or "router" in n]
+    stacked = load_file(str(ckpt / "model.safetensors"))["model.layers.0.mlp.experts.gate_up_proj_bias"]
+    up_bias = rank1["model.layers.0.mlp.experts.3.up_proj.bias"]
+    assert torch.equal(up_bias, stacked[3, 1::2].chunk(2)[1])  # interleaved: up is every odd column
+    assert run_ranks(two, 2, tmp_path / "tp2.json") == ref
+    fp8 = build(ckpt, tmp_path / "fp8", "--quantization", "fp8")
+    weights = load_file(str(fp8 / "rank-0/model.safetensors"))
+    assert weights["model.layers.1.mlp.experts.0.down_proj.weight"].dtype == torch.float8_e4m3fn
+    assert len(run_ranks(fp8, 1, tmp_path / "fp8.json")) == len(ref)

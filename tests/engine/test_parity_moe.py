@@ -42,6 +42,8 @@ MOE_VARIANTS: dict[str, tuple[str, dict]] = {
         {"norm_topk_prob": False, "num_hidden_layers": 3, "mlp_only_layers": [1]},
     ),
     "phi3-sliding-window": ("phi3", {"sliding_window": 8}),  # fused q/k/v and gate/up in the checkpoint
+    # sinks, a window on every other layer, YaRN, biased router and experts, the clamped SwiGLU
+    "gpt-oss": ("gpt_oss", {}),
 }
 
 ROPE_VARIANTS: dict[str, tuple[str, dict, int | None]] = {
@@ -151,3 +153,42 @@ def test_expert_weights_decide_the_output(tmp_path: Path) -> None:
     first = LLMEngine(path, EngineConfig(num_kv_blocks=32, block_size=4)).generate(prompts, params)
     second = LLMEngine(other, EngineConfig(num_kv_blocks=32, block_size=4)).generate(prompts, params)
     assert first != second
+
+
+def test_gpt_oss_mxfp4_checkpoint_matches_transformers(tmp_path: Path) -> None:
+    """OpenAI's checkpoint format: expert weights in MXFP4 blocks and exponents. Kiln dequantizes
+    them as they load, and in the build, and serves transformers' tokens (its own MXFP4
+    dequantization, `Mxfp4Config(dequantize=True)`)."""
+    import json
+
+    from click.testing import CliRunner
+    from safetensors.torch import load_file, save_file
+
+    from kiln_engine.cli import main
+
+    path = make_tiny_checkpoint(tmp_path / "mxfp4", "gpt_oss", hidden_size=64, intermediate_size=64)
+    weights = load_file(str(path / "model.safetensors"))
+    g = torch.Generator().manual_seed(0)
+    for name in [n for n in weights if n.endswith(("experts.gate_up_proj", "experts.down_proj"))]:
+        experts, inputs, outputs = weights.pop(name).shape
+        shape = (experts, outputs, inputs // 32)
+        weights[name + "_blocks"] = torch.randint(0, 256, (*shape, 16), generator=g, dtype=torch.uint8)
+        weights[name + "_scales"] = torch.randint(119, 124, shape, generator=g, dtype=torch.uint8)
+    save_file(weights, str(path / "model.safetensors"))
+    config = json.loads((path / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "mxfp4"}
+    (path / "config.json").write_text(json.dumps(config))
+
+    hf = transformers.AutoModelForCausalLM.from_pretrained(
+        path, quantization_config=transformers.Mxfp4Config(dequantize=True), dtype=torch.float32
+    ).eval()
+    tok = Tokenizer.from_dir(path)
+    prompts = [tok.encode(t) for t in TEXTS[:4]]
+    refs = [hf_greedy(hf, p) for p in prompts]
+    assert len({tuple(r) for r in refs}) > 2
+    cfg = EngineConfig(num_kv_blocks=128, block_size=4)
+    assert LLMEngine(path, cfg).generate(prompts, GREEDY) == refs
+    args = ["build", "--model", str(path), "--output", str(tmp_path / "art"), "--device", "cpu"]
+    result = CliRunner().invoke(main, [*args, "--no-measure-capacity", "--no-progress-bar"])
+    assert result.exit_code == 0, result.output
+    assert LLMEngine(tmp_path / "art", cfg).generate(prompts, GREEDY) == refs

@@ -23,7 +23,7 @@ from kiln_engine.layers.attention import AttentionMetadata, TorchAttentionBacken
 from kiln_engine.layers.triton_attention import TritonAttentionBackend
 
 def case(chunks, block_size, heads, kv_heads, head_dim, window, seed,
-         dtype=torch.float32, tol=1e-4, split_keys=10**9, prefill_m=16, softcap=None):
+         dtype=torch.float32, tol=1e-4, split_keys=10**9, prefill_m=16, softcap=None, sinks=False):
     # chunks: (cached_prefix_len, new_tokens) per sequence
     g = torch.Generator().manual_seed(seed)
     num_blocks = sum(-(-(c + n) // block_size) for c, n in chunks) + 3
@@ -55,13 +55,14 @@ def case(chunks, block_size, heads, kv_heads, head_dim, window, seed,
     ref_backend.prepare(meta)
     scale = head_dim ** -0.5
     qf, kf, vf = q.float(), k_cache.float(), v_cache.float()
-    ref = ref_backend.forward(qf, kf, vf, meta, scale, window, softcap=softcap)
-    if softcap is not None:  # the cap must matter for this input
+    sink = (torch.randn(heads, generator=g) * 2).to(dtype) if sinks else None
+    ref = ref_backend.forward(qf, kf, vf, meta, scale, window, softcap=softcap, sinks=sink)
+    if softcap is not None or sinks:  # the cap or the sinks must matter for this input
         assert (ref - ref_backend.forward(qf, kf, vf, meta, scale, window)).abs().max() > 0.1
     backend = TritonAttentionBackend(block_m=16, block_n=16, max_splits=4, split_min_keys=split_keys,
                                      prefill_block_m=prefill_m, prefill_block_n=16)
     assert (backend.num_splits(meta, kv_heads) > 1) == (split_keys < 10**9)
-    got = backend.forward(q, k_cache, v_cache, meta, scale, window, softcap=softcap)
+    got = backend.forward(q, k_cache, v_cache, meta, scale, window, softcap=softcap, sinks=sink)
     assert got.dtype == dtype
     err = (got.float() - ref).abs().max().item()
     assert err < tol, (chunks, block_size, window, dtype, err)
@@ -82,6 +83,9 @@ case([(50, 1), (9, 1)], 4, 4, 2, 16, 8, 8, split_keys=12)
 # Gemma 2's tanh soft-cap on the scores: chunks over a window, and split-K decode
 case([(10, 30), (60, 1), (0, 9)], 4, 4, 2, 32, 8, 9, softcap=0.5)
 case([(50, 1), (9, 1)], 4, 4, 2, 16, None, 10, split_keys=12, softcap=0.5)
+# gpt-oss's per-head sinks: prefill chunks with a window, and split-K decode (the merge adds them)
+case([(10, 30), (60, 1), (0, 9)], 4, 4, 2, 16, 8, 11, sinks=True)
+case([(50, 1), (9, 1), (0, 1)], 4, 4, 2, 16, None, 12, split_keys=12, sinks=True)
 print("ok")
 """
 

@@ -21,7 +21,7 @@ from kiln_engine.build.manifest import PipelineStage
 from kiln_engine.config import ModelConfig
 from kiln_engine.layers.sharding import in_pp_stage, pp_layer_range, shard_tensor
 from kiln_engine.loader import RANK_DIR, RANK_WEIGHTS_FILE, weight_files
-from kiln_engine.models.phi3 import unfuse
+from kiln_engine.models import checkpoint_tensors
 from kiln_engine.quantization import is_quantizable, quantize_fp8, quantize_int8
 
 CAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -111,15 +111,19 @@ def write_rank_shards(
             for tp_rank in range(tp):
                 rank = stage * tp + tp_rank
                 part: dict[str, torch.Tensor] = {}
+                pending: dict[str, torch.Tensor] = {}
                 for name in per_stage[stage]:
-                    # fused checkpoint tensors (Phi-3) are split first: sharded and quantized as Llama's
-                    for plain, whole in unfuse(name, ckpt.get(name), config):
+                    # fused (Phi-3) and stacked (gpt-oss) checkpoint tensors are split first:
+                    # sharded and quantized as Llama's and Qwen3-MoE's
+                    for plain, whole in checkpoint_tensors(name, ckpt.get(name), config, pending):
                         for out_name, t in convert_tensor(plain, whole, mode, per_channel, device).items():
                             part[out_name] = shard_tensor(
                                 out_name, t, tp_rank, tp, config.num_key_value_heads
                             ).contiguous()
                     done += 1
                     progress(done / total, f"rank {rank}: {name}")
+                if pending:
+                    raise ValueError(f"checkpoint tensors without their other half: {sorted(pending)[:4]}")
                 rel = rank_file(rank)
                 (out / rel).parent.mkdir(parents=True, exist_ok=True)
                 save_file(part, str(out / rel), metadata={"format": "pt"})

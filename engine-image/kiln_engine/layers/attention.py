@@ -59,6 +59,7 @@ class AttentionBackend(Protocol):
         k_scale: torch.Tensor | None = None,
         v_scale: torch.Tensor | None = None,
         softcap: float | None = None,
+        sinks: torch.Tensor | None = None,
     ) -> torch.Tensor: ...
 
 
@@ -180,6 +181,7 @@ class TorchAttentionBackend:
         k_scale: torch.Tensor | None = None,
         v_scale: torch.Tensor | None = None,
         softcap: float | None = None,
+        sinks: torch.Tensor | None = None,
     ) -> torch.Tensor:
         st = meta.backend_state
         num_seqs, max_q = meta.seq_lens.shape[0], meta.max_query_len
@@ -192,27 +194,42 @@ class TorchAttentionBackend:
         k = dequantize_kv(k_cache.view(-1, kv_heads, head_dim)[slots], k_scale, q.dtype).transpose(1, 2)
         v = dequantize_kv(v_cache.view(-1, kv_heads, head_dim)[slots], v_scale, q.dtype).transpose(1, 2)
         mask = self._mask(meta, sliding_window)
-        if softcap is None:
+        if softcap is None and sinks is None:
             out = F.scaled_dot_product_attention(
                 q_pad, k, v, attn_mask=mask, scale=scale, enable_gqa=num_heads != kv_heads
             )
         else:
-            out = softcapped_attention(q_pad, k, v, mask, scale, softcap)
+            out = eager_attention(q_pad, k, v, mask, scale, softcap, sinks)
         out = out.transpose(1, 2).reshape(num_seqs * max_q, num_heads, head_dim)
         return out.index_select(0, st["pad_index"])
 
 
-def softcapped_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float, cap: float
+def eager_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor,
+    scale: float,
+    cap: float | None,
+    sinks: torch.Tensor | None,
 ) -> torch.Tensor:
-    """Attention whose scores pass through cap * tanh(s / cap) before the mask (Gemma 2), as
-    transformers' eager path computes it: SDPA has no soft-cap. q [B, H, M, D], k/v [B, Hkv, N, D]."""
+    """Attention as transformers' eager paths compute what SDPA cannot: scores through
+    cap * tanh(s / cap) before the mask (Gemma 2), and a learned per-head sink logit [H] that joins
+    every softmax's denominator and attends to nothing (gpt-oss). q [B, H, M, D], k/v [B, Hkv, N, D]."""
     if k.shape[1] != q.shape[1]:
         k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
         v = v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)
-    scores = torch.tanh(torch.matmul(q, k.transpose(-1, -2)) * scale / cap) * cap
+    scores = torch.matmul(q, k.transpose(-1, -2)) * scale
+    if cap is not None:
+        scores = torch.tanh(scores / cap) * cap
     scores = scores.masked_fill(~mask, float("-inf"))
-    return torch.matmul(torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype), v)
+    if sinks is not None:
+        sink = sinks.to(scores.dtype).view(1, -1, 1, 1).expand(*scores.shape[:-1], 1)
+        scores = torch.cat((scores, sink), dim=-1)
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32)
+    if sinks is not None:
+        probs = probs[..., :-1]
+    return torch.matmul(probs.to(q.dtype), v)
 
 
 def make_backend(name: str, device: torch.device) -> AttentionBackend:
@@ -260,13 +277,20 @@ class Attention(nn.Module):
         self.backend: AttentionBackend = TorchAttentionBackend()
 
     def forward(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        meta: AttentionMetadata,
+        sinks: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """q [T, Hq, D], k/v [T, Hkv, D] -> [T, Hq, D]."""
+        """q [T, Hq, D], k/v [T, Hkv, D] -> [T, Hq, D]; `sinks` [Hq]: the heads' sink logits."""
         write_kv(k, v, self.k_cache, self.v_cache, meta.slot_mapping, self.k_scale, self.v_scale)
-        return self.attend(q, meta)
+        return self.attend(q, meta, sinks)
 
-    def attend(self, q: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+    def attend(
+        self, q: torch.Tensor, meta: AttentionMetadata, sinks: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Attention over the cache alone, for callers that already stored this step's K/V."""
         return self.backend.forward(
             q,
@@ -278,4 +302,5 @@ class Attention(nn.Module):
             self.k_scale,
             self.v_scale,
             softcap=self.softcap,
+            sinks=sinks,
         )

@@ -14,6 +14,8 @@ decode step streams. On CPU the kernels run under TRITON_INTERPRET=1 (tests).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import triton
 import triton.language as tl
@@ -188,8 +190,13 @@ def fused_experts(
     w2: torch.Tensor,
     w13_scale: torch.Tensor | None = None,
     w2_scale: torch.Tensor | None = None,
+    w13_bias: torch.Tensor | None = None,
+    activation: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """The function of `layers.moe.experts_reference`: x [T, H], weights/ids [T, k] -> [T, H]."""
+    """The function of `layers.moe.experts_reference`: x [T, H], weights/ids [T, k] -> [T, H].
+
+    A gate/up bias (gpt-oss) is gathered per (token, k) row and added after the first GEMM, and an
+    activation other than SwiGLU runs as torch ops there: static shapes, so graphs still capture it."""
     tokens, hidden = x.shape
     top_k = ids.shape[1]
     num_experts, two_inter = w13.shape[0], w13.shape[1]
@@ -203,7 +210,9 @@ def fused_experts(
         layout = align_by_expert(ids, num_experts, up_tile[0])
     up = torch.empty(tokens * top_k, two_inter, dtype=x.dtype, device=x.device)
     _gemm(x, w13, up, w13_scale, None, layout, top_k, up_tile)
-    act = silu_and_mul(up)
+    if w13_bias is not None:
+        up += w13_bias[ids.reshape(-1)]
+    act = silu_and_mul(up) if activation is None else activation(up)
     down = torch.empty(tokens * top_k, hidden, dtype=x.dtype, device=x.device)
     _gemm(act, w2, down, w2_scale, weights.reshape(-1).contiguous(), layout, 1, down_tile)
     return down.view(tokens, top_k, hidden).sum(dim=1)

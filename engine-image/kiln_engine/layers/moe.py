@@ -14,11 +14,14 @@ projection over the tokens sorted by expert.
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kiln_engine.config import ModelConfig
+from kiln_engine.config import ModelConfig, MoeConfig
 from kiln_engine.layers.linear import load_slice
 from kiln_engine.layers.parallel import TPGroup, divide
 from kiln_engine.quantization import FP8_DTYPE
@@ -37,6 +40,26 @@ def route(logits: torch.Tensor, top_k: int, renormalize: bool) -> tuple[torch.Te
     return weights.to(logits.dtype), ids
 
 
+def swiglu(h: torch.Tensor) -> torch.Tensor:
+    """[n, 2I] (gate, then up) -> silu(gate) * up [n, I]."""
+    gate, up = h.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+def clamped_swiglu(h: torch.Tensor, limit: float, alpha: float) -> torch.Tensor:
+    """gpt-oss's expert activation, as transformers computes it, on [n, 2I] (gate, then up)."""
+    gate, up = h.chunk(2, dim=-1)
+    gate, up = gate.clamp(max=limit), up.clamp(min=-limit, max=limit)
+    return (up + 1) * (gate * torch.sigmoid(gate * alpha))
+
+
+def expert_activation(moe: MoeConfig) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """The experts' activation when it is not plain SwiGLU (which the fused path has a kernel for)."""
+    if moe.swiglu_limit is None:
+        return None
+    return functools.partial(clamped_swiglu, limit=moe.swiglu_limit, alpha=moe.swiglu_alpha)
+
+
 def experts_reference(
     x: torch.Tensor,
     weights: torch.Tensor,
@@ -45,10 +68,12 @@ def experts_reference(
     w2: torch.Tensor,
     w13_scale: torch.Tensor | None = None,
     w2_scale: torch.Tensor | None = None,
+    w13_bias: torch.Tensor | None = None,
+    activation: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """sum_k weights[t, k] * expert_{ids[t, k]}(x[t]) with SwiGLU experts, one expert at a time."""
+    """sum_k weights[t, k] * expert_{ids[t, k]}(x[t]) with gated experts, one expert at a time
+    (the down projection's bias, added once after any all-reduce, is `FusedMoE.down_bias`'s)."""
     out = torch.zeros_like(x)
-    inter = w2.shape[2]
     flat = ids.reshape(-1)
     for e in torch.unique(flat).tolist():
         token, slot = torch.where(ids == e)
@@ -56,8 +81,7 @@ def experts_reference(
         if w13_scale is not None and w2_scale is not None:
             up_w = (up_w.float() * w13_scale[e, :, None]).to(x.dtype)
             down_w = (down_w.float() * w2_scale[e, :, None]).to(x.dtype)
-        h = F.linear(x[token], up_w)
-        h = F.silu(h[:, :inter]) * h[:, inter:]
+        h = (activation or swiglu)(F.linear(x[token], up_w, None if w13_bias is None else w13_bias[e]))
         y = F.linear(h, down_w) * weights[token, slot, None]
         out.index_add_(0, token, y.to(out.dtype))
     return out
@@ -86,6 +110,11 @@ class FusedMoE(nn.Module):
         if self.quantized:
             self.w13_weight_scale = param(e, 2 * self.inter, dt=torch.float32)
             self.w2_weight_scale = param(e, h, dt=torch.float32)
+        self.biased = cfg.moe.biased
+        if self.biased:
+            self.w13_bias = param(e, 2 * self.inter, dt=dtype)
+            self.w2_bias = param(e, h, dt=dtype)
+        self.activation = expert_activation(cfg.moe)
         self.fused = False  # set by the model runner: the Triton grouped GEMMs
         self.loaded: set[tuple[str, int, int]] = set()
 
@@ -98,8 +127,8 @@ class FusedMoE(nn.Module):
         if name.startswith("w13"):
             dst = dst.narrow(0, part * self.inter, self.inter)
             dim: int | None = 0
-        else:
-            dim = 1 if name == "w2_weight" else None  # down's scale is per output channel: whole
+        else:  # down's scale and bias are per output channel: whole
+            dim = 1 if name == "w2_weight" else None
         load_slice(dst, tensor, dim, self.tp.rank, self.tp.size, f"experts.{expert}.{name}[{part}]")
         self.loaded.add((name, expert, part))
 
@@ -112,16 +141,29 @@ class FusedMoE(nn.Module):
         ]
         if self.quantized:
             need += [(n.replace("weight", "weight_scale"), e, p) for n, e, p in need]
+        if self.biased:
+            need += [(n.replace("weight", "bias"), e, p) for n, e, p in need if n.endswith("weight")]
         return [f"experts.{e}.{n}[{p}]" for n, e, p in need if (n, e, p) not in self.loaded]
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         s13 = self.w13_weight_scale if self.quantized else None
         s2 = self.w2_weight_scale if self.quantized else None
+        b13 = self.w13_bias if self.biased else None
         if self.fused:
             from kiln_engine.layers.fused_moe import fused_experts  # Triton: only where it runs
 
-            return fused_experts(x, weights, ids, self.w13_weight, self.w2_weight, s13, s2)
-        return experts_reference(x, weights, ids, self.w13_weight, self.w2_weight, s13, s2)
+            return fused_experts(
+                x, weights, ids, self.w13_weight, self.w2_weight, s13, s2, b13, self.activation
+            )
+        return experts_reference(
+            x, weights, ids, self.w13_weight, self.w2_weight, s13, s2, b13, self.activation
+        )
+
+    def down_bias(self, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor | None:
+        """sum_k weights[t, k] * down bias of expert ids[t, k], [T, H]; None without biases."""
+        if not self.biased:
+            return None
+        return (self.w2_bias[ids] * weights[..., None]).sum(dim=1)
 
 
 class SparseMoeBlock(nn.Module):
@@ -131,11 +173,13 @@ class SparseMoeBlock(nn.Module):
         super().__init__()
         assert cfg.moe is not None
         self.top_k, self.renormalize = cfg.moe.top_k, cfg.moe.renormalize
-        self.gate = nn.Linear(cfg.hidden_size, cfg.moe.num_experts, bias=False, dtype=dtype)
-        self.gate.weight.requires_grad_(False)
+        self.gate = nn.Linear(cfg.hidden_size, cfg.moe.num_experts, bias=cfg.moe.biased, dtype=dtype)
+        self.gate.requires_grad_(False)
         self.experts = FusedMoE(cfg, dtype, tp)
         self.tp = tp
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weights, ids = route(self.gate(x), self.top_k, self.renormalize)
-        return self.tp.all_reduce(self.experts(x, weights, ids))
+        out = self.tp.all_reduce(self.experts(x, weights, ids))
+        bias = self.experts.down_bias(weights, ids)
+        return out if bias is None else out + bias

@@ -14,7 +14,9 @@ It runs on CUDA (the GPU path of issue 6) and, with TRITON_INTERPRET=1, on CPU, 
 unit tests check it against `TorchAttentionBackend`. Decode fills GROUP of the BLOCK_M rows; when
 a decode batch has too few (sequence, KV head) programs to fill the GPU and long contexts, the key
 range is split across programs (split-K) and the partial softmax states are merged afterwards.
-Gemma 2's score soft-cap (softcap * tanh(s / softcap)) applies before the mask when given.
+Gemma 2's score soft-cap (softcap * tanh(s / softcap)) applies before the mask when given;
+gpt-oss's per-head sink logits join the softmax denominator when the output is normalised (in the
+split-K merge when the key range was split).
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ def _paged_attention_kernel(  # type: ignore[no-untyped-def]  # Triton reads ann
     v_cache_ptr,
     k_scale_ptr,
     v_scale_ptr,
+    sinks_ptr,
     out_ptr,
     part_m_ptr,
     part_l_ptr,
@@ -62,6 +65,7 @@ def _paged_attention_kernel(  # type: ignore[no-untyped-def]  # Triton reads ann
     BLOCK_N: tl.constexpr,
     USE_WINDOW: tl.constexpr,
     USE_SOFTCAP: tl.constexpr,
+    USE_SINKS: tl.constexpr,
     PRECISION: tl.constexpr,
     SPLITS: tl.constexpr,
     KV_SCALED: tl.constexpr,
@@ -137,6 +141,9 @@ def _paged_attention_kernel(  # type: ignore[no-untyped-def]  # Triton reads ann
         acc = acc * tl.load(v_scale_ptr + kv_head)
 
     if SPLITS == 1:
+        if USE_SINKS:  # exp(sink - m) joins the denominator; the sink attends to nothing
+            sink = tl.load(sinks_ptr + head, mask=mask_m, other=float("-inf")).to(tl.float32)
+            l_i = l_i + tl.exp(sink - tl.where(m_i == float("-inf"), 0.0, m_i))
         out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
         tl.store(
             out_ptr + (q_start + tok)[:, None] * stride_ot + head[:, None] * stride_oh + offs_d[None, :],
@@ -159,6 +166,7 @@ def _merge_splits_kernel(  # type: ignore[no-untyped-def]
     part_m_ptr,
     part_l_ptr,
     part_acc_ptr,
+    sinks_ptr,
     out_ptr,
     num_heads,
     stride_ot,
@@ -166,6 +174,7 @@ def _merge_splits_kernel(  # type: ignore[no-untyped-def]
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
     SPLITS: tl.constexpr,
+    USE_SINKS: tl.constexpr,
     USE_PDL: tl.constexpr,
 ):
     """One (token, head): combine its SPLITS partial softmax states; one launch, not a dozen ops."""
@@ -179,10 +188,12 @@ def _merge_splits_kernel(  # type: ignore[no-untyped-def]
     top = tl.max(m, axis=0)
     top = tl.where(top == float("-inf"), 0.0, top)
     w = tl.exp(m - top)  # empty splits: m = -inf -> weight 0
-    total = tl.maximum(tl.sum(w * denom, axis=0), 1e-30)
-    out = tl.sum(w[:, None] * acc, axis=0) / total
+    total = tl.sum(w * denom, axis=0)
     tok = row // num_heads
     head = row % num_heads
+    if USE_SINKS:
+        total += tl.exp(tl.load(sinks_ptr + head).to(tl.float32) - top)
+    out = tl.sum(w[:, None] * acc, axis=0) / tl.maximum(total, 1e-30)
     tl.store(
         out_ptr + tok * stride_ot + head * stride_oh + d, out.to(out_ptr.dtype.element_ty), mask=d < HEAD_DIM
     )
@@ -231,6 +242,7 @@ class TritonAttentionBackend:
         k_scale: torch.Tensor | None = None,
         v_scale: torch.Tensor | None = None,
         softcap: float | None = None,
+        sinks: torch.Tensor | None = None,
     ) -> torch.Tensor:
         _, num_heads, head_dim = q.shape
         kv_heads = k_cache.shape[2]
@@ -260,6 +272,7 @@ class TritonAttentionBackend:
             v_cache,
             out if k_scale is None else k_scale,  # unused when the cache is not scaled
             out if v_scale is None else v_scale,
+            out if sinks is None else sinks,  # unused without sinks
             out,
             part_m,
             part_l,
@@ -287,6 +300,7 @@ class TritonAttentionBackend:
             BLOCK_N=block_n,
             USE_WINDOW=sliding_window is not None,
             USE_SOFTCAP=softcap is not None,
+            USE_SINKS=sinks is not None,
             # bf16/fp16 run on tensor cores with fp32 accumulation; fp32 stays exact (no tf32).
             PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
             SPLITS=splits,
@@ -299,6 +313,7 @@ class TritonAttentionBackend:
                 part_m,
                 part_l,
                 part_acc,
+                out if sinks is None else sinks,
                 out,
                 num_heads,
                 out.stride(0),
@@ -306,6 +321,7 @@ class TritonAttentionBackend:
                 HEAD_DIM=head_dim,
                 BLOCK_D=block_d,
                 SPLITS=splits,
+                USE_SINKS=sinks is not None,
                 num_warps=4,
                 **pdl.launch_args(q),
             )

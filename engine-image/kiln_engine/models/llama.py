@@ -15,7 +15,12 @@ from kiln_engine.config import ModelConfig
 from kiln_engine.layers.activation import SiluAndMul
 from kiln_engine.layers.attention import Attention, AttentionMetadata
 from kiln_engine.layers.embedding import ParallelLMHead, VocabParallelEmbedding
-from kiln_engine.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
+from kiln_engine.layers.linear import (
+    MergedColumnParallelLinear,
+    QKVParallelLinear,
+    RowParallelLinear,
+    load_slice,
+)
 from kiln_engine.layers.moe import SparseMoeBlock
 from kiln_engine.layers.norm import RMSNorm
 from kiln_engine.layers.parallel import PPStage, TPGroup
@@ -63,6 +68,11 @@ class LlamaAttention(nn.Module):
             self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, dtype)
             self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, dtype)
         self.rotary_emb = rotary
+        self.tp = tp
+        # gpt-oss: each of this rank's heads has a learned logit in its softmax's denominator
+        self.sinks: nn.Parameter | None = None
+        if cfg.attention_sinks:
+            self.sinks = nn.Parameter(torch.zeros(self.num_heads, dtype=dtype), requires_grad=False)
         self.fused = False  # set by the model runner: RoPE and the K/V store in one Triton kernel
         self.attn = Attention(
             self.num_heads,
@@ -89,11 +99,17 @@ class LlamaAttention(nn.Module):
                 positions, q, k, v, self.rotary_emb.cos_sin, attn.k_cache, attn.v_cache, meta.slot_mapping,
                 attn.k_scale, attn.v_scale,
             )  # fmt: skip
-            out = attn.attend(q, meta)
+            out = attn.attend(q, meta, self.sinks)
         else:
             q, k = self.rotary_emb(positions, q, k)
-            out = self.attn(q, k, v, meta)
+            out = self.attn(q, k, v, meta, self.sinks)
         return self.o_proj(out.reshape(-1, self.q_size))
+
+    def load(self, name: str, tensor: torch.Tensor, shard: str | int | tuple[int, int] | None) -> None:
+        """The checkpoint's `self_attn.sinks` [heads], whole or this rank's heads."""
+        if name != "sinks" or self.sinks is None:
+            raise ValueError(f"checkpoint tensor self_attn.{name} does not belong to this model")
+        load_slice(self.sinks.data, tensor, 0, self.tp.rank, self.tp.size, "self_attn.sinks")
 
 
 class LlamaMLP(nn.Module):

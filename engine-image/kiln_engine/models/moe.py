@@ -31,7 +31,7 @@ EXPERT_PARTS: dict[str, tuple[str, int]] = {
     "up_proj": ("w13", 1),
     "down_proj": ("w2", 2),
 }
-_EXPERT = re.compile(r"^(.*\.experts)\.(\d+)\.(\w+)\.(weight|weight_scale)$")
+_EXPERT = re.compile(r"^(.*\.experts)\.(\d+)\.(\w+)\.(weight|weight_scale|bias)$")
 
 
 class MoeForCausalLM(LlamaForCausalLM):

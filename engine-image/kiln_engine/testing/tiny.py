@@ -56,6 +56,7 @@ ARCHS: dict[str, dict[str, Any]] = {
     "phi3": {"architectures": ["Phi3ForCausalLM"], "model_type": "phi3", "add_bos": True},
     "gemma2": {"architectures": ["Gemma2ForCausalLM"], "model_type": "gemma2", "add_bos": True},
     "gemma3": {"architectures": ["Gemma3ForCausalLM"], "model_type": "gemma3_text", "add_bos": True},
+    "gpt_oss": {"architectures": ["GptOssForCausalLM"], "model_type": "gpt_oss", "add_bos": True},
 }
 
 
@@ -144,6 +145,25 @@ def _config(arch: str, vocab: int, bos: int, eos: int, **overrides: Any) -> dict
             tie_word_embeddings=True,
             pad_token_id=eos,
         )
+    if arch == "gpt_oss":
+        # a window shorter than the test prompts on every other layer, YaRN as its checkpoints
+        # have it, and a SwiGLU clamp small enough to bite with these weights
+        cfg.update(
+            num_local_experts=4,
+            num_experts_per_tok=2,
+            sliding_window=8,
+            attention_bias=True,
+            swiglu_limit=0.3,
+            pad_token_id=eos,
+            rope_scaling={
+                "rope_type": "yarn",
+                "factor": 4.0,
+                "beta_fast": 32.0,
+                "beta_slow": 1.0,
+                "truncate": False,
+                "original_max_position_embeddings": 128,
+            },
+        )
     if arch == "gemma2":
         cfg.update(attn_logit_softcapping=3.0)  # layer_types left to the default (every other layer)
     if arch == "gemma3":
@@ -184,6 +204,9 @@ def random_weights(cfg: dict[str, Any], seed: int = 0, std: float = 0.1) -> dict
             w[p + "self_attn.q_proj.bias"] = rnd(heads * d)
             w[p + "self_attn.k_proj.bias"] = rnd(kv * d)
             w[p + "self_attn.v_proj.bias"] = rnd(kv * d)
+        if arch == "GptOssForCausalLM":
+            w[p + "self_attn.o_proj.bias"] = rnd(h)
+            w[p + "self_attn.sinks"] = rnd(heads, scale=2.0)  # large enough to change the outputs
         if arch in ("Qwen3ForCausalLM", "Qwen3MoeForCausalLM", "Gemma3ForCausalLM"):
             w[p + "self_attn.q_norm.weight"] = norm(d)
             w[p + "self_attn.k_norm.weight"] = norm(d)
@@ -218,6 +241,8 @@ def _mlp_weights(
     qwen_sparse = arch == "Qwen3MoeForCausalLM" and (
         layer not in cfg.get("mlp_only_layers", []) and (layer + 1) % cfg.get("decoder_sparse_step", 1) == 0
     )
+    if arch == "GptOssForCausalLM":
+        return _gpt_oss_experts(cfg, layer, rnd)
     if arch == "MixtralForCausalLM":
         block, names, experts, inter = "block_sparse_moe", ("w1", "w3", "w2"), cfg["num_local_experts"], None
     elif qwen_sparse:
@@ -239,6 +264,22 @@ def _mlp_weights(
         w[f"{p}{block}.experts.{e}.{up}.weight"] = rnd(inter, h)
         w[f"{p}{block}.experts.{e}.{down}.weight"] = rnd(h, inter)
     return w
+
+
+def _gpt_oss_experts(
+    cfg: dict[str, Any], layer: int, rnd: Callable[..., torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """gpt-oss's biased router and its experts stacked, gate/up interleaved, [E, in, out]."""
+    h, i, e = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_local_experts"]
+    p = f"model.layers.{layer}.mlp."
+    return {
+        p + "router.weight": rnd(e, h, scale=0.5),
+        p + "router.bias": rnd(e),
+        p + "experts.gate_up_proj": rnd(e, h, 2 * i),
+        p + "experts.gate_up_proj_bias": rnd(e, 2 * i),
+        p + "experts.down_proj": rnd(e, i, h),
+        p + "experts.down_proj_bias": rnd(e, h),
+    }
 
 
 def make_tiny_checkpoint(
