@@ -101,6 +101,41 @@ MODELS: dict[str, dict[str, Any]] = {
         "eos_token_id": 151645,
         "torch_dtype": "bfloat16",
     },
+    # openai/gpt-oss-20b's config.json (its MXFP4 experts are random bf16/fp8 weights here)
+    "gpt-oss-20b": {
+        "architectures": ["GptOssForCausalLM"],
+        "model_type": "gpt_oss",
+        "hidden_size": 2880,
+        "intermediate_size": 2880,
+        "num_hidden_layers": 24,
+        "num_attention_heads": 64,
+        "num_key_value_heads": 8,
+        "head_dim": 64,
+        "vocab_size": 201088,
+        "num_local_experts": 32,
+        "num_experts_per_tok": 4,
+        "sliding_window": 128,
+        "layer_types": ["sliding_attention", "full_attention"] * 12,
+        "attention_bias": True,
+        "swiglu_limit": 7.0,
+        "max_position_embeddings": 131072,
+        "rms_norm_eps": 1e-5,
+        "rope_scaling": {
+            "rope_type": "yarn",
+            "factor": 32.0,
+            "beta_fast": 32.0,
+            "beta_slow": 1.0,
+            "truncate": False,
+            "original_max_position_embeddings": 4096,
+        },
+        "rope_theta": 150000.0,
+        "hidden_act": "silu",
+        "tie_word_embeddings": False,
+        "bos_token_id": 199998,
+        "eos_token_id": 200002,
+        "pad_token_id": 199999,
+        "torch_dtype": "bfloat16",
+    },
 }
 # The same code paths at a size a CPU runs in a minute (checking the benchmark itself).
 TINY_OVERRIDES: dict[str, Any] = {
@@ -112,6 +147,7 @@ TINY_OVERRIDES: dict[str, Any] = {
     "num_key_value_heads": 2,
     "head_dim": 32,
     "vocab_size": 512,
+    "pad_token_id": None,  # a real id is past the tiny vocabulary
     "max_position_embeddings": 4096,
 }
 
@@ -305,7 +341,7 @@ def run_check(args: argparse.Namespace, root: Path) -> dict[str, Any]:
         del w13, w2, q13, q2
         free()
     greedy = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
-    for arch in ("qwen3_moe", "mixtral"):
+    for arch in ("qwen3_moe", "mixtral", "gpt_oss"):
         path = make_tiny_checkpoint(root / f"tiny-{arch}", arch, num_hidden_layers=3)
         tokens = {}
         for mode, overrides in (
@@ -411,6 +447,8 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="kiln-moe-bench-") as tmp:
         for name in names:
             cfg = {**MODELS[name], **(TINY_OVERRIDES if args.tiny else {})}
+            if "layer_types" in cfg:  # one per layer, also at the tiny size
+                cfg["layer_types"] = cfg["layer_types"][: cfg["num_hidden_layers"]]
             entry: dict[str, Any] = {"config": cfg}
             results["models"][name] = entry
             log(name)
