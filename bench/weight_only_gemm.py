@@ -7,8 +7,7 @@ measuring: bf16 accumulation order only).
 
     PYTHONPATH=engine-image python3 bench/weight_only_gemm.py --out bench/results/weight-only-gemm.json
 
-Int4 batches of one row take the GEMV kernel; the last column times the tl.dot kernel at the same
-batch (the GEMV's baseline in the same run). CUDA-graph replays of 20 calls (eager where a capture
+CUDA-graph replays of 20 calls (eager where a capture
 fails, said in the output), median of 5 runs; the bandwidth column counts the packed weight, zeros
 and scales once, the activations and the output.
 """
@@ -25,7 +24,6 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from kiln_engine.layers import weight_only_gemm
 from kiln_engine.layers.weight_only_gemm import int4_linear, int8_linear
 from kiln_engine.quantization import quantize_int8, unpack_awq, unpack_gptq
 
@@ -106,17 +104,6 @@ def unpacked(t: dict[str, torch.Tensor]) -> torch.Tensor:
     return unpack_awq(t["qweight"], t["qzeros"], t["scales"])
 
 
-def gemm_ms(x: torch.Tensor, t: dict[str, torch.Tensor]) -> float | None:
-    """The tl.dot kernel's time for an int4 batch small enough for the GEMV (its baseline, same run)."""
-    if "weight" in t or x.shape[0] > weight_only_gemm.GEMV_MAX_ROWS:
-        return None
-    saved, weight_only_gemm.GEMV_MAX_ROWS = weight_only_gemm.GEMV_MAX_ROWS, 0
-    try:
-        return round(time_ms(lambda: kernel_product(x, t)), 4)
-    finally:
-        weight_only_gemm.GEMV_MAX_ROWS = saved
-
-
 def measure(t: dict[str, torch.Tensor], dense: torch.Tensor, m: int) -> dict[str, Any]:
     """One shape at `m` rows: the kernel checked against the reference product, then the three timed."""
     k, n = dense.shape[1], dense.shape[0]
@@ -131,7 +118,6 @@ def measure(t: dict[str, torch.Tensor], dense: torch.Tensor, m: int) -> dict[str
     bf16 = time_ms(lambda: F.linear(x, dense))
     moved = sum(v.numel() * v.element_size() for v in t.values()) + 2 * m * (k + n)
     times = {"kernel_ms": round(kernel, 4), "unpack_ms": round(unpack, 4), "bf16_ms": round(bf16, 4)}
-    times["gemm_ms"] = gemm_ms(x, t)
     return {"k": k, "n": n, "rows": m, **times, "kernel_gb_s": round(moved / kernel / 1e6, 1), "rel_err": err}
 
 
@@ -141,7 +127,7 @@ def main() -> None:
     args = ap.parse_args()
     rows_out = []
     print(f"{'format':6} {'shape':8} {'rows':>5} {'kernel ms':>10} {'ref ms':>10} {'bf16 ms':>9} "
-          f"{'GB/s':>7} err      tl.dot kernel ms (int4 rows the GEMV takes)")  # fmt: skip
+          f"{'GB/s':>7} err")  # fmt: skip
     for fmt in ("awq", "gptq", "int8"):
         for name, (k, n) in SHAPES.items():
             t = packed(k, n, fmt)
@@ -149,11 +135,8 @@ def main() -> None:
             for m in ROWS:
                 row = {"format": fmt, "shape": name, **measure(t, dense, m)}
                 times = f"{row['kernel_ms']:>10.4f} {row['unpack_ms']:>10.4f} {row['bf16_ms']:>9.4f}"
-                print(
-                    f"{fmt:6} {name:8} {m:>5} {times} {row['kernel_gb_s']:>7.0f} {row['rel_err']:.1e}"
-                    f"  {row['gemm_ms'] if row['gemm_ms'] is not None else ''}",
-                    flush=True,
-                )
+                gb_s = row["kernel_gb_s"]
+                print(f"{fmt:6} {name:8} {m:>5} {times} {gb_s:>7.0f} {row['rel_err']:.1e}", flush=True)
                 rows_out.append(row)
     meta = {
         "device": torch.cuda.get_device_name(),

@@ -17,10 +17,10 @@ Int4 tiles: the packed words are loaded once and spread over the columns (AWQ) o
 hold with `tl.interleave`; where groups follow the input rows (AWQ, GPTQ without act-order) one row
 of zeros and scales serves each K tile. Batches of up to 64 rows also split K across programs
 (`split_k`), so that a decode step has enough programs to stream the weight; the parts' fp32 sums
-are added in a fixed order after. A single row (batch-1 decode) with ordered groups takes a GEMV
-kernel instead (`_int4_gemv_kernel`): no tl.dot tile padded to 16 rows and no spreading of words,
-the nibbles taken out as eight planes and summed in fp32. On CUDA the tile shape is autotuned per
-shape and row bucket on first use (the model runner's warm-up, before any graph capture).
+are added in a fixed order after. (A one-row GEMV kernel without tl.dot was tried and removed: on an
+H100 it was slower than this kernel for AWQ at all four Llama-3-8B shapes and for GPTQ at two,
+`bench/results-committed/weight-only-gemm-h100-run4-gemv-vs-dot.json`.) On CUDA the tile shape is
+autotuned per shape and row bucket on first use (the model runner's warm-up, before any graph capture).
 
 Int8: weight [N, K] with one float32 scale per output channel, applied to the fp32 sums. Batches of
 up to 16 rows stream the int8 weight through `layers/gemv.py` instead; this kernel serves larger ones.
@@ -190,10 +190,6 @@ def int4_linear(
     if g_idx is None and not ordered:
         g_idx = (torch.arange(k, device=x.device) // group).to(torch.int32)
     split = split_k(m, n, k)
-    if m <= GEMV_MAX_ROWS and ordered:
-        return _int4_gemv(x2, qweight, qzeros, scales, bias, out, gptq, group, split).reshape(
-            *x.shape[:-1], n
-        )
     partial = out if split == 1 else torch.empty(split, m, n, dtype=torch.float32, device=x.device)
     unread = qweight  # stands for g_idx when the groups are ordered, for the bias when there is none
     args = (x2, qweight, qzeros, scales, unread if g_idx is None else g_idx, unread if bias is None else bias)
@@ -221,140 +217,6 @@ def _sum_parts(partial: torch.Tensor, bias: torch.Tensor | None, out: torch.Tens
         partial, partial if bias is None else bias, out, size, out.shape[-1],
         PARTS=partial.shape[0], HAS_BIAS=bias is not None, BLOCK=block,
     )  # fmt: skip
-
-
-def _int4_gemv(
-    x: torch.Tensor,
-    qweight: torch.Tensor,
-    qzeros: torch.Tensor,
-    scales: torch.Tensor,
-    bias: torch.Tensor | None,
-    out: torch.Tensor,
-    gptq: bool,
-    group: int,
-    split: int,
-) -> torch.Tensor:
-    """One row [1, K] through _int4_gemv_kernel into `out` [1, N] (groups in input-row order)."""
-    n, k = out.shape[1], x.shape[1]
-    partial = out if split == 1 else torch.empty(split, 1, n, dtype=torch.float32, device=x.device)
-    args = (x, qweight, qzeros, scales, qweight if bias is None else bias, partial, n, k)
-    strides = (qweight.stride(0), qzeros.stride(0), scales.stride(0), partial.stride(0) if split > 1 else 0)
-    flags = {"GROUP": group, "GPTQ": gptq, "HAS_BIAS": bias is not None and split == 1, "SPLIT_K": split}
-    if x.is_cuda:
-        _tuned_int4_gemv[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), split)](*args, *strides, **flags)
-    else:  # Triton's interpreter: one fixed tile shape
-        block_k = min(32, group & -group)  # a power of two that divides the group
-        _int4_gemv_kernel[(triton.cdiv(n, 32), split)](*args, *strides, **flags, BLOCK_N=32, BLOCK_K=block_k)
-    if split > 1:
-        _sum_parts(partial, bias, out)
-    return out
-
-
-@triton.jit
-def _int4_gemv_kernel(  # type: ignore[no-untyped-def]  # Triton reads annotations
-    x_ptr,
-    qweight_ptr,
-    qzeros_ptr,
-    scales_ptr,
-    bias_ptr,
-    out_ptr,
-    N,
-    K,
-    stride_qw,
-    stride_qz,
-    stride_s,
-    stride_os,
-    GROUP: tl.constexpr,
-    GPTQ: tl.constexpr,
-    HAS_BIAS: tl.constexpr,
-    SPLIT_K: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-):
-    """One row of x times an int4 weight whose groups follow the input rows (K tiles inside a group).
-
-    No tl.dot and no spreading of words: the eight nibbles of the loaded words are eight planes of a
-    [8, ...] tile (shifts broadcast along a new axis), and the products are summed along K in fp32.
-    AWQ's plane j holds output columns 8 w + AWQ column of nibble j, so the sums are [8, BLOCK_N / 8]
-    stored with a stride of 8; GPTQ's plane j holds input rows 8 i + j, so x is loaded as [8, BLOCK_K
-    / 8] and the sums are [BLOCK_N].
-    """
-    nib = tl.arange(0, 8)
-    span = tl.cdiv(K, SPLIT_K * BLOCK_K) * BLOCK_K
-    k_lo = tl.program_id(1) * span
-    if GPTQ:
-        rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-        in_n = rn < N
-        acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
-        for k0 in range(k_lo, tl.minimum(k_lo + span, K), BLOCK_K):
-            ri = k0 // 8 + tl.arange(0, BLOCK_K // 8)  # word rows
-            words = tl.load(qweight_ptr + ri[:, None] * stride_qw + rn[None, :], mask=in_n[None, :], other=0)
-            q = (words[None, :, :] >> (nib * 4)[:, None, None]) & 0xF  # [8, BLOCK_K / 8, BLOCK_N]
-            x = tl.load(x_ptr + ri[None, :] * 8 + nib[:, None]).to(tl.float32)  # input row 8 i + j
-            group = k0 // GROUP
-            zw = tl.load(qzeros_ptr + group * stride_qz + rn // 8, mask=in_n, other=0)
-            z = ((zw >> ((rn % 8) * 4)) & 0xF) + 1
-            s = tl.load(scales_ptr + group * stride_s + rn, mask=in_n, other=0.0)
-            w = ((q - z[None, None, :]).to(tl.float32) * s.to(tl.float32)[None, None, :]).to(s.dtype)
-            acc += tl.sum(tl.sum(w.to(tl.float32) * x[:, :, None], axis=1), axis=0)
-        if HAS_BIAS:
-            acc += tl.load(bias_ptr + rn, mask=in_n, other=0.0).to(tl.float32)
-        tl.store(out_ptr + tl.program_id(1) * stride_os + rn, acc.to(out_ptr.dtype.element_ty), mask=in_n)
-    else:
-        rw = tl.program_id(0) * (BLOCK_N // 8) + tl.arange(0, BLOCK_N // 8)  # word columns
-        in_w = rw < N // 8
-        col = 8 * rw[None, :] + (2 * (nib % 4) + nib // 4)[:, None]  # [8, BLOCK_N / 8]: nibble j's column
-        acc = tl.zeros((8, BLOCK_N // 8), dtype=tl.float32)
-        for k0 in range(k_lo, tl.minimum(k_lo + span, K), BLOCK_K):
-            rk = k0 + tl.arange(0, BLOCK_K)
-            words = tl.load(qweight_ptr + rk[:, None] * stride_qw + rw[None, :], mask=in_w[None, :], other=0)
-            q = (words[None, :, :] >> (nib * 4)[:, None, None]) & 0xF  # [8, BLOCK_K, BLOCK_N / 8]
-            x = tl.load(x_ptr + rk).to(tl.float32)
-            group = k0 // GROUP
-            zw = tl.load(qzeros_ptr + group * stride_qz + rw, mask=in_w, other=0)
-            z = (zw[None, :] >> (nib * 4)[:, None]) & 0xF
-            s = tl.load(scales_ptr + group * stride_s + col, mask=in_w[None, :], other=0.0)
-            w = ((q - z[:, None, :]).to(tl.float32) * s.to(tl.float32)[:, None, :]).to(s.dtype)
-            acc += tl.sum(w.to(tl.float32) * x[None, :, None], axis=1)
-        if HAS_BIAS:
-            acc += tl.load(bias_ptr + col, mask=in_w[None, :], other=0.0).to(tl.float32)
-        tl.store(
-            out_ptr + tl.program_id(1) * stride_os + col, acc.to(out_ptr.dtype.element_ty), mask=in_w[None, :]
-        )
-
-
-GEMV_MAX_ROWS = 1  # batches this small take _int4_gemv_kernel (groups in input-row order)
-
-
-def _gemv_config(block_n: int, block_k: int, warps: int) -> triton.Config:
-    return triton.Config({"BLOCK_N": block_n, "BLOCK_K": block_k}, num_warps=warps, num_stages=3)
-
-
-def _prune_int4_gemv(
-    configs: list[triton.Config], named_args: dict[str, object], **constexprs: object
-) -> list[triton.Config]:
-    """K tiles that stay inside one group."""
-    group = int({**named_args, **constexprs}["GROUP"])  # type: ignore[call-overload]
-    kept = [c for c in configs if group % c.kwargs["BLOCK_K"] == 0]
-    return kept or [_gemv_config(64, 16, 4)]
-
-
-_tuned_int4_gemv = triton.autotune(
-    configs=[
-        _gemv_config(*c)
-        for c in [
-            (64, 64, 4),
-            (128, 32, 4),
-            (128, 64, 4),
-            (256, 32, 4),
-            (256, 64, 8),
-            (128, 128, 8),
-            (512, 32, 8),
-        ]
-    ],
-    key=["N", "K", "GROUP", "GPTQ", "SPLIT_K"],
-    prune_configs_by={"early_config_prune": _prune_int4_gemv},
-)(_int4_gemv_kernel)
 
 
 @triton.jit
