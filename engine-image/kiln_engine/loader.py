@@ -37,6 +37,7 @@ import torch
 from safetensors import safe_open
 
 from kiln_engine.config import EngineConfig, ModelConfig, QuantConfig
+from kiln_engine.dtypes import DTYPES, checkpoint_dtype
 from kiln_engine.layers.parallel import PPStage, global_rank, init_parallel, pipeline_stage
 from kiln_engine.layers.sharding import in_pp_stage, shard_tensor
 from kiln_engine.models import model_class
@@ -65,14 +66,6 @@ __all__ = [
     "load_tokenizer",
     "rank_weights_path",
 ]
-
-_DTYPES = {
-    "float32": torch.float32,
-    "float": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "float16": torch.float16,
-    "half": torch.float16,
-}
 
 
 def is_artifact(path: str | Path) -> bool:
@@ -112,12 +105,12 @@ def resolve_dtype(name: str, device: torch.device, model_config: ModelConfig) ->
     if name == "auto":
         if device.type == "cpu":
             return torch.float32
-        ckpt = _DTYPES.get(model_config.torch_dtype, torch.bfloat16)
+        ckpt = checkpoint_dtype(model_config.torch_dtype)
         return torch.bfloat16 if ckpt == torch.float32 else ckpt
     try:
-        return _DTYPES[name]
+        return DTYPES[name]
     except KeyError:
-        raise ValueError(f"unknown dtype {name!r}; choose from auto, {', '.join(_DTYPES)}") from None
+        raise ValueError(f"unknown dtype {name!r}; choose from auto, {', '.join(DTYPES)}") from None
 
 
 def weight_files(path: str | Path, rank: int = 0) -> list[Path]:

@@ -9,6 +9,7 @@ cover them.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -155,18 +156,13 @@ def test_expert_weights_decide_the_output(tmp_path: Path) -> None:
     assert first != second
 
 
-def test_gpt_oss_mxfp4_checkpoint_matches_transformers(tmp_path: Path) -> None:
-    """OpenAI's checkpoint format: expert weights in MXFP4 blocks and exponents. Kiln dequantizes
-    them as they load, and in the build, and serves transformers' tokens (its own MXFP4
-    dequantization, `Mxfp4Config(dequantize=True)`)."""
+def _mxfp4_checkpoint(path: Path) -> Path:
+    """A tiny gpt-oss checkpoint whose expert weights are MXFP4 blocks and exponents, as OpenAI's."""
     import json
 
-    from click.testing import CliRunner
     from safetensors.torch import load_file, save_file
 
-    from kiln_engine.cli import main
-
-    path = make_tiny_checkpoint(tmp_path / "mxfp4", "gpt_oss", hidden_size=64, intermediate_size=64)
+    path = make_tiny_checkpoint(path, "gpt_oss", hidden_size=64, intermediate_size=64)
     weights = load_file(str(path / "model.safetensors"))
     g = torch.Generator().manual_seed(0)
     for name in [n for n in weights if n.endswith(("experts.gate_up_proj", "experts.down_proj"))]:
@@ -178,7 +174,23 @@ def test_gpt_oss_mxfp4_checkpoint_matches_transformers(tmp_path: Path) -> None:
     config = json.loads((path / "config.json").read_text())
     config["quantization_config"] = {"quant_method": "mxfp4"}
     (path / "config.json").write_text(json.dumps(config))
+    return path
 
+
+def _build(model: Path, output: Path) -> Any:
+    from click.testing import CliRunner
+
+    from kiln_engine.cli import main
+
+    args = ["build", "--model", str(model), "--output", str(output), "--device", "cpu"]
+    return CliRunner().invoke(main, [*args, "--no-measure-capacity", "--no-progress-bar"])
+
+
+def test_gpt_oss_mxfp4_checkpoint_matches_transformers(tmp_path: Path) -> None:
+    """OpenAI's checkpoint format: expert weights in MXFP4 blocks and exponents. Kiln dequantizes
+    them as they load, and in the build, and serves transformers' tokens (its own MXFP4
+    dequantization, `Mxfp4Config(dequantize=True)`)."""
+    path = _mxfp4_checkpoint(tmp_path / "mxfp4")
     hf = transformers.AutoModelForCausalLM.from_pretrained(
         path, quantization_config=transformers.Mxfp4Config(dequantize=True), dtype=torch.float32
     ).eval()
@@ -188,7 +200,23 @@ def test_gpt_oss_mxfp4_checkpoint_matches_transformers(tmp_path: Path) -> None:
     assert len({tuple(r) for r in refs}) > 2
     cfg = EngineConfig(num_kv_blocks=128, block_size=4)
     assert LLMEngine(path, cfg).generate(prompts, GREEDY) == refs
-    args = ["build", "--model", str(path), "--output", str(tmp_path / "art"), "--device", "cpu"]
-    result = CliRunner().invoke(main, [*args, "--no-measure-capacity", "--no-progress-bar"])
+    result = _build(path, tmp_path / "art")
     assert result.exit_code == 0, result.output
     assert LLMEngine(tmp_path / "art", cfg).generate(prompts, GREEDY) == refs
+
+
+def test_mxfp4_blocks_without_their_scales_are_refused(tmp_path: Path) -> None:
+    """A checkpoint missing one half of an MXFP4 pair fails to load and to build, naming the other."""
+    from safetensors.torch import load_file, save_file
+
+    path = _mxfp4_checkpoint(tmp_path / "mxfp4")
+    weights = load_file(str(path / "model.safetensors"))
+    lone = next(n for n in sorted(weights) if n.endswith("_scales"))
+    del weights[lone]
+    save_file(weights, str(path / "model.safetensors"))
+    blocks = lone.removesuffix("_scales") + "_blocks"
+    with pytest.raises(ValueError, match="without their other half") as refused:
+        LLMEngine(path, EngineConfig(num_kv_blocks=32, block_size=4))
+    assert blocks in str(refused.value)
+    result = _build(path, tmp_path / "art")
+    assert result.exit_code != 0 and blocks in f"{result.output}{result.exception}"

@@ -8,7 +8,8 @@ are the same on every rank as in an unsharded build.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import itertools
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,7 @@ from kiln_engine.build.manifest import PipelineStage
 from kiln_engine.config import ModelConfig
 from kiln_engine.layers.sharding import in_pp_stage, pp_layer_range, shard_tensor
 from kiln_engine.loader import RANK_DIR, RANK_WEIGHTS_FILE, weight_files
-from kiln_engine.models import checkpoint_tensors
+from kiln_engine.models import model_class
 from kiln_engine.quantization import is_quantizable, quantize_fp8, quantize_int8
 
 CAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -83,6 +84,15 @@ class _Checkpoint:
         return tensor
 
 
+def _reading(
+    ckpt: _Checkpoint, names: list[str], handled: Callable[[str], None]
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """Each named checkpoint tensor in turn; `handled(name)` once its consumer asks for the next."""
+    for name in names:
+        yield name, ckpt.get(name)
+        handled(name)
+
+
 def write_rank_shards(
     checkpoint: Path,
     out: Path,
@@ -106,24 +116,21 @@ def write_rank_shards(
             for s in range(pp)
         ]
         total = sum(len(s) for s in per_stage) * tp or 1
-        done = 0
+        split = model_class(config).checkpoint_tensors
+        done = itertools.count(1)
         for stage in range(pp):
             for tp_rank in range(tp):
                 rank = stage * tp + tp_rank
                 part: dict[str, torch.Tensor] = {}
-                pending: dict[str, torch.Tensor] = {}
-                for name in per_stage[stage]:
-                    # fused (Phi-3) and stacked (gpt-oss) checkpoint tensors are split first:
-                    # sharded and quantized as Llama's and Qwen3-MoE's
-                    for plain, whole in checkpoint_tensors(name, ckpt.get(name), config, pending):
-                        for out_name, t in convert_tensor(plain, whole, mode, per_channel, device).items():
-                            part[out_name] = shard_tensor(
-                                out_name, t, tp_rank, tp, config.num_key_value_heads
-                            ).contiguous()
-                    done += 1
-                    progress(done / total, f"rank {rank}: {name}")
-                if pending:
-                    raise ValueError(f"checkpoint tensors without their other half: {sorted(pending)[:4]}")
+
+                handled = lambda name, rank=rank: progress(next(done) / total, f"rank {rank}: {name}")  # noqa: E731
+                tensors = _reading(ckpt, per_stage[stage], handled)
+                # fused (Phi-3) and stacked (gpt-oss) checkpoint tensors are split first: sharded and
+                # quantized as Llama's and Qwen3-MoE's
+                for plain, whole in split(tensors, config):
+                    for out_name, t in convert_tensor(plain, whole, mode, per_channel, device).items():
+                        shard = shard_tensor(out_name, t, tp_rank, tp, config.num_key_value_heads)
+                        part[out_name] = shard.contiguous()
                 rel = rank_file(rank)
                 (out / rel).parent.mkdir(parents=True, exist_ok=True)
                 save_file(part, str(out / rel), metadata={"format": "pt"})

@@ -2,16 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
-import torch
-
 from kiln_engine.config import SUPPORTED_ARCHITECTURES, ModelConfig, UnsupportedModelError
 from kiln_engine.models.gemma import GemmaForCausalLM
-from kiln_engine.models.gpt_oss import GptOssForCausalLM, split_experts
+from kiln_engine.models.gpt_oss import GptOssForCausalLM
 from kiln_engine.models.llama import LlamaForCausalLM
 from kiln_engine.models.moe import MixtralForCausalLM, Qwen3MoeForCausalLM
-from kiln_engine.models.phi3 import Phi3ForCausalLM, unfuse
+from kiln_engine.models.phi3 import Phi3ForCausalLM
 
 MODEL_REGISTRY: dict[str, type[LlamaForCausalLM]] = {
     "LlamaForCausalLM": LlamaForCausalLM,
@@ -26,19 +22,6 @@ MODEL_REGISTRY: dict[str, type[LlamaForCausalLM]] = {
     "GptOssForCausalLM": GptOssForCausalLM,
 }
 assert set(MODEL_REGISTRY) == set(SUPPORTED_ARCHITECTURES)
-
-
-def checkpoint_tensors(
-    name: str, tensor: torch.Tensor, config: ModelConfig, pending: dict[str, torch.Tensor]
-) -> Iterator[tuple[str, torch.Tensor]]:
-    """A checkpoint tensor as the tensors the loader and the build handle: Phi-3's fused q/k/v and
-    gate/up split, gpt-oss's stacked (or MXFP4) experts one per expert and projection, others as
-    they are. `pending` holds tensors waiting for their other half; empty after a whole pass."""
-    if config.architecture == "Phi3ForCausalLM":
-        return unfuse(name, tensor, config)
-    if config.architecture == "GptOssForCausalLM":
-        return split_experts(name, tensor, config, pending)
-    return iter(((name, tensor),))
 
 
 def model_class(config: ModelConfig) -> type[LlamaForCausalLM]:

@@ -18,11 +18,12 @@ model's dtype (or re-quantized by the build's `--quantization`).
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 
 import torch
 
 from kiln_engine.config import ModelConfig
+from kiln_engine.dtypes import checkpoint_dtype
 from kiln_engine.models.moe import MoeForCausalLM
 
 # stacked expert tensors of a float checkpoint -> (projection, parameter)
@@ -71,7 +72,7 @@ def split_experts(
         blocks, scales = (tensor, other) if half == "blocks" else (other, tensor)
         projection = stem.rpartition(".experts.")[2]
         for e in range(blocks.shape[0]):  # dense [out, in] per expert
-            dense = dequantize_mxfp4(blocks[e], scales[e], _dtype(cfg))
+            dense = dequantize_mxfp4(blocks[e], scales[e], checkpoint_dtype(cfg.torch_dtype))
             yield from _expert_parts(prefix, e, projection, "weight", dense)
     elif param in STACKED:
         projection, kind = STACKED[param]
@@ -96,16 +97,11 @@ def _expert_parts(
         raise ValueError(f"{prefix}experts: unknown expert projection {projection!r}")
 
 
-def _dtype(cfg: ModelConfig) -> torch.dtype:
-    dtype = getattr(torch, cfg.torch_dtype, None)
-    return dtype if isinstance(dtype, torch.dtype) else torch.bfloat16
-
-
 class GptOssForCausalLM(MoeForCausalLM):
     block_name = "mlp"
 
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
-        pending: dict[str, torch.Tensor] = {}
-        super().load_weights(pair for n, t in weights for pair in split_experts(n, t, self.config, pending))
-        if pending:
-            raise ValueError(f"checkpoint has MXFP4 tensors without their other half: {sorted(pending)[:4]}")
+    @staticmethod
+    def split_checkpoint_tensor(
+        name: str, tensor: torch.Tensor, config: ModelConfig, pending: dict[str, torch.Tensor]
+    ) -> Iterator[tuple[str, torch.Tensor]]:
+        return split_experts(name, tensor, config, pending)

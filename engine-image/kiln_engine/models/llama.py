@@ -6,7 +6,7 @@ Parameter names mirror Hugging Face's, except that q/k/v and gate/up are fused (
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 
 import torch
 from torch import nn
@@ -241,11 +241,32 @@ class LlamaForCausalLM(nn.Module):
             return f"{parent}.{fused}", param, shard
         return module_path, param, None
 
+    @staticmethod
+    def split_checkpoint_tensor(
+        name: str, tensor: torch.Tensor, config: ModelConfig, pending: dict[str, torch.Tensor]
+    ) -> Iterator[tuple[str, torch.Tensor]]:
+        """One checkpoint tensor as the tensors this class loads and the build shards and quantizes:
+        itself here; families whose checkpoints fuse or stack tensors split them. A tensor that needs
+        another one first waits in `pending` (one dict per pass over a checkpoint) and yields nothing."""
+        yield name, tensor
+
+    @classmethod
+    def checkpoint_tensors(
+        cls, weights: Iterable[tuple[str, torch.Tensor]], config: ModelConfig
+    ) -> Iterator[tuple[str, torch.Tensor]]:
+        """A pass over checkpoint tensors, each split by `split_checkpoint_tensor`; fails at its end if
+        a tensor still waits for its other half."""
+        pending: dict[str, torch.Tensor] = {}
+        for name, tensor in weights:
+            yield from cls.split_checkpoint_tensor(name, tensor, config, pending)
+        if pending:
+            raise ValueError(f"checkpoint tensors without their other half: {sorted(pending)[:4]}")
+
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Load checkpoint tensors by their Hugging Face names; fail on unknown or missing ones."""
         expected = {n for n, _ in self.named_parameters()}
         loaded: set[str] = set()
-        for name, tensor in weights:
+        for name, tensor in self.checkpoint_tensors(weights, self.config):
             if "rotary_emb." in name:
                 continue
             if name == "lm_head.weight" and self.config.tie_word_embeddings:

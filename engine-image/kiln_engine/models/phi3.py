@@ -8,7 +8,7 @@ LongRoPE lives in `layers.rope_scaling`; its sliding window is `ModelConfig.slid
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 
 import torch
 
@@ -57,5 +57,8 @@ def unfuse(name: str, tensor: torch.Tensor, cfg: ModelConfig) -> Iterator[tuple[
 
 
 class Phi3ForCausalLM(LlamaForCausalLM):
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
-        super().load_weights(pair for n, t in weights for pair in unfuse(n, t, self.config))
+    @staticmethod
+    def split_checkpoint_tensor(
+        name: str, tensor: torch.Tensor, config: ModelConfig, pending: dict[str, torch.Tensor]
+    ) -> Iterator[tuple[str, torch.Tensor]]:
+        return unfuse(name, tensor, config)
