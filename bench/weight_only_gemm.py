@@ -7,9 +7,8 @@ measuring: bf16 accumulation order only).
 
     PYTHONPATH=engine-image python3 bench/weight_only_gemm.py --out bench/results/weight-only-gemm.json
 
-CUDA-graph replays of 20 calls (eager where a capture
-fails, said in the output), median of 5 runs; the bandwidth column counts the packed weight, zeros
-and scales once, the activations and the output.
+CUDA-graph replays of 20 calls (eager where a capture fails, said in the output), median of 5 runs;
+the bandwidth column counts the packed weight, zeros and scales once, the activations and the output.
 """
 
 from __future__ import annotations

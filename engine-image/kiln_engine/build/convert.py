@@ -122,7 +122,6 @@ def write_rank_shards(
             for tp_rank in range(tp):
                 rank = stage * tp + tp_rank
                 part: dict[str, torch.Tensor] = {}
-
                 handled = lambda name, rank=rank: progress(next(done) / total, f"rank {rank}: {name}")  # noqa: E731
                 tensors = _reading(ckpt, per_stage[stage], handled)
                 # fused (Phi-3) and stacked (gpt-oss) checkpoint tensors are split first: sharded and
