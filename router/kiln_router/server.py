@@ -41,7 +41,8 @@ class Settings:
     policy: Policy = field(default_factory=Policy)
     max_attempts: int = 3  # replicas one request may try before the client gets a 503
     connect_timeout_s: float = 5.0
-    # below uvicorn's 5 s keep-alive, so the router never reuses a connection the engine is closing
+    # Far below the engines' 75 s keep-alive (kiln_engine.server.drain.KEEP_ALIVE_S), so the router
+    # never reuses a connection an engine is closing; short, so one to a vanished pod is soon dropped.
     keepalive_s: float = 4.0
     # With no ready replica (a rollout's gap, replicas still starting) a request waits this long for
     # one, at most `max_held` at a time; then, or beyond that, it gets a 503 with Retry-After.

@@ -1,9 +1,11 @@
 """SIGTERM drain of a real `kiln-engine serve` process: the in-flight stream completes, new requests
-and readiness get 503 while it drains, and the process exits 0. Also: a drain timeout aborts.
+and readiness get 503 while it drains, and the process exits 0. Also: a drain timeout aborts, and an
+idle keep-alive connection stays usable past what proxies in front reuse but does not delay the exit.
 """
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import signal
@@ -138,3 +140,33 @@ def test_idle_server_exits_zero_on_sigterm(checkpoint: Path, stopper: list) -> N
     stopper.append(proc)
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(20) == 0
+
+
+def test_idle_connection_is_kept_past_a_proxys_reuse_and_does_not_delay_exit(
+    checkpoint: Path, stopper: list
+) -> None:
+    proc, url = start_server(checkpoint, drain_timeout=30)
+    stopper.append(proc)
+    port = int(url.rsplit(":", 1)[1])
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+
+    def health() -> int:
+        connection.request("GET", "/health")
+        response = connection.getresponse()
+        response.read()
+        return response.status
+
+    assert health() == 200
+    assert connection.sock is not None
+    local = connection.sock.getsockname()
+    # Idle longer than uvicorn's default keep-alive (5 s, at which the server used to close it while
+    # clients still reused it), then the same socket must answer: http.client does not reconnect an
+    # open connection, so a server-side close shows as RemoteDisconnected here.
+    time.sleep(6.5)
+    assert health() == 200
+    assert connection.sock is not None and connection.sock.getsockname() == local
+    started = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(20) == 0
+    assert time.monotonic() - started < 10, "an idle keep-alive connection held up the exit"
+    connection.close()

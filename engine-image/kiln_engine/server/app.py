@@ -19,7 +19,6 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
 
-import uvicorn
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
@@ -33,7 +32,7 @@ from kiln_engine.lora import BASE_MODEL_NAME
 from kiln_engine.server import protocol as p
 from kiln_engine.server import responses as rs
 from kiln_engine.server import tool_calls as tc
-from kiln_engine.server.drain import DrainingServer, DrainState
+from kiln_engine.server.drain import DrainingServer, DrainState, server_config
 from kiln_engine.server.errors import OpenAIError, install_error_handlers, validation_error
 from kiln_engine.server.lora_watch import DEFAULT_POLL_SECONDS, AdapterFileWatch
 from kiln_engine.server.metrics import CONTENT_TYPE, ServerMetrics
@@ -891,14 +890,7 @@ def serve_model(
 ) -> None:
     """Run the app until SIGTERM/SIGINT has drained it; returns normally (exit status 0)."""
     app = create_app(model, settings)
-    config = uvicorn.Config(
-        app,
-        host=host,
-        port=port,
-        log_level=log_level,
-        timeout_graceful_shutdown=max(1, int(settings.drain_timeout_s)),
-        timeout_keep_alive=5,
-    )
+    config = server_config(app, host, port, log_level, settings.drain_timeout_s)
     server = DrainingServer(config, app.state.drain)
     try:
         server.run()

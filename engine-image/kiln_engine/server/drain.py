@@ -3,6 +3,7 @@ finish within the drain timeout, abort what is left, then let uvicorn exit with 
 
 uvicorn's own SIGTERM handling closes the listening socket at once and re-raises the signal after
 shutdown (exit status -15); we replace it so the pod keeps answering 503 while it drains.
+`server_config` is the one uvicorn configuration both servers (engine and proxy) run under.
 """
 
 from __future__ import annotations
@@ -32,6 +33,27 @@ class InFlight(Protocol):
 
 
 log = logging.getLogger(__name__)
+
+# How long an idle client connection stays open. A proxy in front (Kiln's router, an ingress, a cloud
+# load balancer) reuses idle upstream connections; if the server closes one just as the proxy sends on
+# it, that request fails with a reset the client sees (CI, 2026-12-07: 1 of 942 burst requests, a
+# ReadError, with both sides at 5 s). So the server waits longer than those proxies keep connections:
+# nginx's upstream keepalive_timeout and AWS ALB's idle timeout are 60 s, Kiln's router 4 s.
+KEEP_ALIVE_S = 75
+
+
+def server_config(
+    app: object, host: str, port: int, log_level: str, drain_timeout_s: float
+) -> uvicorn.Config:
+    """uvicorn's configuration for a Kiln server: the keep-alive above, shutdown bounded by the drain."""
+    return uvicorn.Config(
+        app,  # type: ignore[arg-type]  # any ASGI app
+        host=host,
+        port=port,
+        log_level=log_level,
+        timeout_keep_alive=KEEP_ALIVE_S,
+        timeout_graceful_shutdown=max(1, int(drain_timeout_s)),
+    )
 
 
 class DrainState:

@@ -35,6 +35,8 @@ from kiln_engine.server.metrics import CONTENT_TYPE, ServerMetrics
 
 log = logging.getLogger(__name__)
 
+UPSTREAM_KEEP_ALIVE_S = 4.0  # below trtllm-serve's 5 s (uvicorn's default); see the client below
+
 
 @dataclass
 class UpstreamSettings:
@@ -128,7 +130,11 @@ def create_proxy_app(
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        limits = httpx.Limits(max_connections=None, max_keepalive_connections=64)
+        # trtllm-serve runs uvicorn with its default 5 s keep-alive: reuse a connection for less than
+        # that, so no request is sent on one the upstream is closing (drain.KEEP_ALIVE_S says why).
+        limits = httpx.Limits(
+            max_connections=None, max_keepalive_connections=64, keepalive_expiry=UPSTREAM_KEEP_ALIVE_S
+        )
         app.state.http = httpx.AsyncClient(
             base_url=upstream.url, timeout=httpx.Timeout(upstream.timeout_s, connect=10.0), limits=limits,
             headers=headers,
@@ -356,13 +362,9 @@ def serve_proxy(
     log_level: str = "info",
 ) -> None:
     """Run the proxy under uvicorn with Kiln's drain (SIGTERM: 503 new work, finish, exit 0)."""
-    import uvicorn
-
-    from kiln_engine.server.drain import DrainingServer
+    from kiln_engine.server.drain import DrainingServer, server_config
 
     app = create_proxy_app(
         served_name, upstream, api_key=api_key, drain_timeout_s=drain_timeout_s, max_model_len=max_model_len
     )
-    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_keep_alive=5,
-                            timeout_graceful_shutdown=max(1, int(drain_timeout_s)))  # fmt: skip
-    DrainingServer(config, app.state.drain).run()
+    DrainingServer(server_config(app, host, port, log_level, drain_timeout_s), app.state.drain).run()
