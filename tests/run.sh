@@ -39,7 +39,8 @@ ruff format --check .
 mypy
 kiln crds generate --check
 status=0
-pytest "$@" || status=$?
+# The slowest tests, at the end of the log: where a cold or warm run's time goes.
+pytest --durations=30 "$@" || status=$?
 for log in "$prebuild_log" "$prebuild_log.images"; do
   job=$go_builds
   [[ $log == *.images ]] && job=$images
