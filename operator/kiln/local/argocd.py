@@ -2,7 +2,9 @@
 
 Dev tooling for the GitOps e2e (e2e/test_gitops.py), not part of the product. Argo CD v3 is one
 multi-call binary that runs the component named by the name it is invoked under, so the cache
-folder holds `argocd` plus one symlink per component, and the module's CRDs (`crds/`).
+folder holds `argocd` plus one symlink per component, and the module's CRDs (`crds/`). The binary
+is built from our own main (`gotools-argocd/main.go`), which links only those components: upstream's
+also links the CLI, the API server, Dex, notifications and the ApplicationSet controller.
 
 The module needs a newer Go than the host's, fetched through the module proxy by GOTOOLCHAIN.
 Its go.mod replaces the nested module `gitops-engine/v3` with `./gitops-engine`, a folder the
@@ -38,6 +40,9 @@ COMPONENTS = ("argocd-application-controller", "argocd-repo-server")
 # The repo server runs this script from $PATH on every commit it reads (its image ships it);
 # without it manifest generation fails with "permission denied".
 VERIFY_WRAPPER = "git-verify-wrapper.sh"
+# Our main, copied into the module's tree as MAIN_PACKAGE.
+MAIN_SOURCE = Path(__file__).resolve().parent / "gotools-argocd" / "main.go"
+MAIN_PACKAGE = "cmd/kiln-argocd"
 # `version` stamps what `argocd-application-controller --version` reports.
 LDFLAGS = f"-s -w -X github.com/argoproj/argo-cd/v3/common.version={VERSION.lstrip('v')}"
 
@@ -53,7 +58,7 @@ def build_command(output: Path) -> list[str]:
         f"-ldflags={LDFLAGS}",
         "-o",
         str(output),
-        "./cmd",
+        f"./{MAIN_PACKAGE}",
     ]
 
 
@@ -66,6 +71,7 @@ def cache_key(platform: str) -> str:
         NESTED_MODULE,
         GO_TOOLCHAIN,
         " ".join(build_command(Path(BINARY))),
+        MAIN_SOURCE.read_text(),
         platform,
     ):
         digest.update(part.encode())
@@ -160,6 +166,8 @@ def _build_into(directory: Path) -> None:
         if nested.exists():
             raise build.BuildError(f"{MODULE}@{VERSION} now ships {NESTED_DIR}/; drop the separate download")
         _writable_copy(_download(NESTED_MODULE, scratch, env), nested)
+        (tree / MAIN_PACKAGE).mkdir(parents=True)
+        shutil.copy(MAIN_SOURCE, tree / MAIN_PACKAGE / "main.go")
         partial = directory / f".{BINARY}.{os.getpid()}.partial"
         _go(build_command(partial), tree, env)
         crds = directory / "crds"
