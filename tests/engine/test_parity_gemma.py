@@ -80,7 +80,9 @@ def test_logprobs_match_transformers(gemma: Path, dtype: str, tol: float) -> Non
         for step, lp in enumerate(logprobs):
             want = ref[len(prompt) - 1 + step]
             if dtype == "float32" or step == 0:  # bf16 rounding may flip later near-ties
-                assert tokens[step] == int(want.argmax()), (len(prompt), step)
+                # One of the reference's maxima: bf16 logits can tie exactly, and argmax picks the
+                # lowest id (CI, 2026-12-07, gemma3: ids 171 and 320 tied at the first step).
+                assert float(want[tokens[step]]) == float(want.max()), (len(prompt), step, int(want.argmax()))
             for token_id, value in lp.top.items():  # teacher-forced: valid even after a flip
                 assert abs(value - float(want[token_id])) < tol, (len(prompt), step, token_id)
 
