@@ -213,6 +213,7 @@ def serve(
     from kiln_engine.config import EngineConfig
     from kiln_engine.server import group, lockstep
     from kiln_engine.server.app import ServerSettings, serve_model
+    from kiln_engine.server.drain import DrainRequest
 
     follower = os.environ.get(lockstep.FOLLOWER_ENV) == "1"
     try:
@@ -298,10 +299,10 @@ def serve(
         if rank == layout.local_ranks.start:  # the first rank of a follower pod answers its probes
             health = group.HealthServer(host, port, layout.local_ranks)
     liveness = None
+    drain_request = DrainRequest()  # rank 0's server drains when a follower pod of its group leaves
     if layout.world > 1:
         lockstep.join_group(rank, layout.world, serve_device)
-        ready_url = f"http://{host}:{port}/ready"
-        on_leave = (lambda: group.drain_self(ready_url)) if rank == 0 else None
+        on_leave = drain_request.ask if rank == 0 else None
         liveness = group.Liveness(rank, layout.world, followers, on_leave=on_leave)
         if 0 < rank == layout.local_ranks.start:  # a follower pod's first rank gets the pod's SIGTERM
             group.leave_on_termination(liveness)
@@ -337,7 +338,7 @@ def serve(
         model.adapter_poll_s = lora_poll_seconds
     settings = ServerSettings(api_key=api_key, drain_timeout_s=drain_timeout)
     try:
-        serve_model(model, settings, host=host, port=port, log_level=log_level.lower())
+        serve_model(model, settings, host, port, log_level.lower(), drain_request)
     finally:
         _wait_for(followers)
 

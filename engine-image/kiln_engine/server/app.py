@@ -32,7 +32,7 @@ from kiln_engine.lora import BASE_MODEL_NAME
 from kiln_engine.server import protocol as p
 from kiln_engine.server import responses as rs
 from kiln_engine.server import tool_calls as tc
-from kiln_engine.server.drain import DrainingServer, DrainState, server_config
+from kiln_engine.server.drain import DrainingServer, DrainRequest, DrainState, server_config
 from kiln_engine.server.errors import OpenAIError, install_error_handlers, validation_error
 from kiln_engine.server.lora_watch import DEFAULT_POLL_SECONDS, AdapterFileWatch
 from kiln_engine.server.metrics import CONTENT_TYPE, ServerMetrics
@@ -887,11 +887,15 @@ def serve_model(
     host: str = "0.0.0.0",
     port: int = 8000,
     log_level: str = "info",
+    drain_request: DrainRequest | None = None,
 ) -> None:
-    """Run the app until SIGTERM/SIGINT has drained it; returns normally (exit status 0)."""
+    """Run the app until SIGTERM/SIGINT (or `drain_request`) has drained it; returns normally (exit
+    status 0)."""
     app = create_app(model, settings)
     config = server_config(app, host, port, log_level, settings.drain_timeout_s)
     server = DrainingServer(config, app.state.drain)
+    if drain_request is not None:
+        drain_request.attach(server)
     try:
         server.run()
     finally:

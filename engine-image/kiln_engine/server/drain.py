@@ -13,6 +13,7 @@ import contextlib
 import logging
 import signal
 import socket
+import threading
 import time
 from collections.abc import Callable
 from types import FrameType
@@ -95,26 +96,46 @@ class DrainState:
 
 
 class DrainingServer(uvicorn.Server):
-    """A uvicorn server whose first SIGTERM/SIGINT drains before exiting; a second one forces exit."""
+    """A uvicorn server whose first SIGTERM/SIGINT drains before exiting; a second signal forces exit.
+    `request_drain` starts the same drain from any thread and never forces anything (rank 0 calls it
+    when a follower pod of its group leaves, and may get its own SIGTERM at about the same time)."""
 
     def __init__(self, config: uvicorn.Config, drain: DrainState) -> None:
         super().__init__(config)
         self.drain_state = drain
         self._drain_task: asyncio.Task[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._lock = threading.Lock()
+        self._drain_asked = False  # asked before the loop ran: drain as soon as it does
+        self._signals = 0
 
     async def serve(self, sockets: list[socket.socket] | None = None) -> None:
-        self._loop = asyncio.get_running_loop()
-        self.drain_state.bind(self._loop)
+        loop = asyncio.get_running_loop()
+        self.drain_state.bind(loop)
+        with self._lock:
+            self._loop = loop
+            if self._drain_asked:
+                loop.call_soon(self._start_drain)
         await super().serve(sockets)
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
-        if self._drain_task is not None or self._loop is None:
+        self._signals += 1
+        if self._signals > 1:
             self.force_exit = True
             self.should_exit = True
             return
         log.info("received %s: draining", signal.Signals(sig).name)
-        self._loop.call_soon_threadsafe(self._start_drain)
+        self.request_drain()
+
+    def request_drain(self) -> None:
+        """Drain, then exit; a no-op while draining already or once the server stopped."""
+        with self._lock:
+            if self._loop is None:
+                self._drain_asked = True
+                return
+            loop = self._loop
+        with contextlib.suppress(RuntimeError):  # the loop is closed: the server has stopped
+            loop.call_soon_threadsafe(self._start_drain)
 
     def _start_drain(self) -> None:
         if self._drain_task is None:
@@ -123,3 +144,27 @@ class DrainingServer(uvicorn.Server):
     async def _drain_then_exit(self) -> None:
         await self.drain_state.drain()
         self.should_exit = True
+
+
+class DrainRequest:
+    """A drain asked for before the server exists (rank 0's group watch starts before the model loads):
+    `ask` from any thread, any number of times; `attach` hands it to the server once there is one."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._asked = False
+        self._server: DrainingServer | None = None
+
+    def ask(self) -> None:
+        with self._lock:
+            self._asked = True
+            server = self._server
+        if server is not None:
+            server.request_drain()
+
+    def attach(self, server: DrainingServer) -> None:
+        with self._lock:
+            self._server = server
+            asked = self._asked
+        if asked:
+            server.request_drain()

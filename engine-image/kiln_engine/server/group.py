@@ -21,8 +21,6 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
@@ -241,23 +239,3 @@ def leave_on_termination(liveness: Liveness) -> None:
     """SIGTERM to a follower pod's first rank (its pod is being deleted) asks rank 0 to drain and stop
     the group, instead of leaving the group to find a dead rank after the grace period."""
     signal.signal(signal.SIGTERM, lambda signum, frame: liveness.leave())
-
-
-LEAVE_SETTLE_S = 2.0  # how long rank 0 waits for its own SIGTERM when a follower pod leaves
-
-
-def drain_self(ready_url: str, settle_s: float = LEAVE_SETTLE_S) -> None:
-    """Rank 0's answer to a leaving pod: the SIGTERM it would get itself (the server drains, then
-    tells every rank to stop), unless its server is draining already: when the whole group is
-    deleted, rank 0 gets its own SIGTERM too, and a second one would force the exit mid-drain. So
-    it gives that SIGTERM `settle_s` to arrive, then asks its own /ready (503 "draining")."""
-    time.sleep(settle_s)
-    try:
-        with urllib.request.urlopen(ready_url, timeout=5):
-            pass
-    except urllib.error.HTTPError as error:
-        if error.code == 503 and b"draining" in error.read():
-            return
-    except OSError:  # the server is not up (yet, or any more): a signal is still the way to stop
-        pass
-    os.kill(os.getpid(), signal.SIGTERM)
