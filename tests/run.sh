@@ -23,8 +23,12 @@ timed() {
 }
 # Two queues: the Go builds (CPU-bound) and the image build (on a cold machine mostly downloading
 # and unpacking torch's wheels) overlap instead of adding up.
+# In the order pytest reaches them: MinIO for tests/engine's S3 tests (built there in the foreground,
+# against the other builds, it took 194 s of a cold run: ci-cold-2026-12-07-d.txt), then the real
+# node's for tests/integration, the rest for e2e.
 (
-  timed kiln local build --real-node --s3 --monitoring --netpol
+  timed kiln local build --s3
+  timed kiln local build --real-node --monitoring --netpol
   timed python -m kiln.local.argocd
 ) >"$prebuild_log" 2>&1 &
 go_builds=$!
