@@ -58,7 +58,7 @@ from typing import Any
 
 import torch
 
-from kiln_engine.config import EngineConfig
+from kiln_engine.config import MXFP4_PACKED_KEY, EngineConfig
 from kiln_engine.engine import LLMEngine
 from kiln_engine.interface import SamplingParams
 
@@ -219,6 +219,8 @@ def write_model_dir(root: Path, cfg: dict[str, Any], mode: str) -> Path:
     data = dict(cfg)
     if mode == "fp8":
         data["quantization_config"] = {"quant_method": "fp8"}
+    elif mode == "mxfp4":  # gpt-oss's experts packed, as `kiln-engine build --quantization mxfp4` keeps them
+        data["quantization_config"] = {"quant_method": "mxfp4", MXFP4_PACKED_KEY: True}
     elif mode in WEIGHT_ONLY:
         data["quantization_config"] = WEIGHT_ONLY[mode]
     (d / "config.json").write_text(json.dumps(data, indent=1))

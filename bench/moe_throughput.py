@@ -23,7 +23,9 @@ written to `--out` after every stage, so a run cut short keeps what it measured.
 from __future__ import annotations
 
 import argparse
+import io
 import json
+import math
 import os
 import platform
 import statistics
@@ -49,6 +51,7 @@ from engine_throughput import (
 )
 
 from kiln_engine.layers.moe import experts_reference, route
+from kiln_engine.loader import MXFP4_SPREAD
 from kiln_engine.quantization import quantize_fp8
 
 MODELS: dict[str, dict[str, Any]] = {
@@ -165,6 +168,15 @@ def quantize_experts(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.stack(q), torch.stack(scales)
 
 
+def random_mxfp4(shape: torch.Size, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """MXFP4 experts of dense shape [E, out, in]: random bytes [E, out, in/2] and exponents [E, out,
+    in/32] that give them about N(0, 0.02)'s spread (`kiln_engine.loader.MXFP4_SPREAD`)."""
+    e, n, k = shape
+    packed = torch.randint(0, 256, (e, n, k // 2), generator=g, device=g.device, dtype=torch.uint8)
+    exponents = torch.full((e, n, k // 32), 127 + round(math.log2(0.02 / MXFP4_SPREAD)), dtype=torch.uint8)
+    return packed, exponents.to(g.device)
+
+
 def time_call(fn: Any, device: torch.device, reps: int) -> float:
     """Median seconds of `fn()`: replays of a CUDA graph of it on GPU (launches as in a decode step)."""
     fn()
@@ -216,6 +228,9 @@ def kernel_bench(
     if fp8:
         (q13, s13), (q2, s2) = quantize_experts(w13), quantize_experts(w2)
         variants["fp8"] = (q13, q2, s13, s2)
+    if hidden % 32 == 0 and inter % 32 == 0:
+        (m13, e13), (m2, e2) = random_mxfp4(w13.shape, g), random_mxfp4(w2.shape, g)
+        variants["mxfp4"] = (m13, m2, e13, e2)
     out: dict[str, Any] = {"experts": experts, "top_k": top_k, "hidden": hidden, "intermediate": inter}
     for name, (a, b, sa, sb) in variants.items():
         res: dict[str, Any] = {}
@@ -226,7 +241,9 @@ def kernel_bench(
             seconds = time_call(lambda: run(x, weights, ids, a, b, sa, sb), device, 50 if tokens == 1 else 10)  # noqa: B023
             used = int(torch.unique(ids).numel())
             per_expert = (a[0].numel() * a.element_size() + b[0].numel() * b.element_size()) + (
-                (sa[0].numel() + sb[0].numel()) * 4 if sa is not None and sb is not None else 0
+                sa[0].numel() * sa.element_size() + sb[0].numel() * sb.element_size()
+                if sa is not None and sb is not None
+                else 0
             )
             flop = 2 * tokens * top_k * 3 * hidden * inter
             entry = {
@@ -302,13 +319,30 @@ def baseline_bench(
     return res
 
 
+def tiny_model(root: Path, arch: str) -> Path:
+    """A tiny checkpoint of `arch`; gpt_oss_mxfp4: OpenAI's MXFP4 format, built with its experts packed."""
+    from kiln_engine.testing import make_tiny_checkpoint, make_tiny_mxfp4_checkpoint
+
+    if arch != "gpt_oss_mxfp4":
+        return make_tiny_checkpoint(root / f"tiny-{arch}", arch, num_hidden_layers=3)
+    from kiln_engine.build.pipeline import BuildOptions, run_build
+    from kiln_engine.build.progress import Progress
+
+    ckpt = make_tiny_mxfp4_checkpoint(root / "tiny-gpt-oss-mxfp4-checkpoint", num_hidden_layers=3)
+    out = root / f"tiny-{arch}"
+    opts = BuildOptions(
+        model=str(ckpt), output=str(out), quantization="mxfp4", measure_capacity=False, device="cpu"
+    )
+    run_build(opts, Progress(out=io.StringIO(), bar=False))
+    return out
+
+
 def run_check(args: argparse.Namespace, root: Path) -> dict[str, Any]:
     """The GPU gate: the Triton experts equal the torch reference on one layer of each shape (bf16
     and fp8), and a tiny Qwen3-MoE and Mixtral served through the fast path (Triton, CUDA graphs)
     produce the reference path's (torch, eager) greedy tokens, or follow the float32 tokens at
     least as far as the bf16 reference does."""
     from kiln_engine.interface import SamplingParams
-    from kiln_engine.testing import make_tiny_checkpoint
 
     dev = torch.device(args.device)
     fast = dev.type == "cuda"
@@ -324,11 +358,15 @@ def run_check(args: argparse.Namespace, root: Path) -> dict[str, Any]:
         w13 = torch.randn(experts, 2 * inter, hidden, device=dev, dtype=dtype, generator=g) * 0.02
         w2 = torch.randn(experts, hidden, inter, device=dev, dtype=dtype, generator=g) * 0.02
         (q13, s13), (q2, s2) = quantize_experts(w13), quantize_experts(w2)
+        (m13, e13), (m2, e2) = random_mxfp4(w13.shape, g), random_mxfp4(w2.shape, g)
+        variants = [("bf16", (w13, w2, None, None)), ("fp8", (q13, q2, s13, s2))]
+        if hidden % 32 == 0 and inter % 32 == 0:  # mxfp4: whole groups of 32 inputs
+            variants.append(("mxfp4", (m13, m2, e13, e2)))
         for tokens in (1, 7, 300):
             x = torch.randn(tokens, hidden, device=dev, dtype=dtype, generator=g)
             weights, ids = route(torch.randn(tokens, experts, device=dev, generator=g), top_k, True)
             weights = weights.to(dtype)
-            for variant, wts in (("bf16", (w13, w2, None, None)), ("fp8", (q13, q2, s13, s2))):
+            for variant, wts in variants:
                 ref = experts_reference(
                     x.float(),
                     weights.float(),
@@ -338,11 +376,11 @@ def run_check(args: argparse.Namespace, root: Path) -> dict[str, Any]:
                 got = fused_experts(x, weights, ids, *wts) if fast else ref
                 rel = ((got.float() - ref).norm() / ref.norm()).item()
                 out["kernel"][f"{name} {variant} T={tokens}"] = rel
-        del w13, w2, q13, q2
+        del w13, w2, q13, q2, m13, m2, variants
         free()
     greedy = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
-    for arch in ("qwen3_moe", "mixtral", "gpt_oss"):
-        path = make_tiny_checkpoint(root / f"tiny-{arch}", arch, num_hidden_layers=3)
+    for arch in ("qwen3_moe", "mixtral", "gpt_oss", "gpt_oss_mxfp4"):
+        path = tiny_model(root, arch)
         tokens = {}
         for mode, overrides in (
             ("reference", {"attention_backend": "torch", "cuda_graphs": False}),
@@ -386,7 +424,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--models", default="mixtral-8x7b,qwen3-30b-a3b", help=f"comma-separated: {', '.join(MODELS)}"
     )
-    ap.add_argument("--modes", default="bf16", help="engine weights, comma-separated: bf16, fp8")
+    ap.add_argument("--modes", default="bf16", help="engine weights, comma-separated: bf16, fp8, mxfp4")
     ap.add_argument("--workloads", default="128/128,2048/128", help="comma-separated input/output lengths")
     ap.add_argument("--num-requests", type=int, default=512, help="per 128-token workload; a quarter at 2048")
     ap.add_argument("--baseline-batch", type=int, default=64, help="transformers batch; a quarter at 2048")
@@ -412,7 +450,7 @@ def main(argv: list[str] | None = None) -> int:
         args.workloads = args.workloads.replace("128/128", "32/16").replace("2048/128", "256/16")
     workloads = [Workload.parse(w) for w in args.workloads.split(",") if w]
     modes = [m for m in args.modes.split(",") if m]
-    if unknown := [m for m in modes if m not in ("bf16", "fp8")]:
+    if unknown := [m for m in modes if m not in ("bf16", "fp8", "mxfp4")]:
         ap.error(f"unknown modes {unknown}")
     names = [m for m in args.models.split(",") if m]
     if unknown := [m for m in names if m not in MODELS]:

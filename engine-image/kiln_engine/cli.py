@@ -18,7 +18,7 @@ import click
 from kiln_engine import __version__
 from kiln_engine.backends import BACKENDS
 
-QUANTIZATIONS = ("none", "bf16", "fp16", "fp8", "int8-weight", "int4-awq", "int4-gptq")
+QUANTIZATIONS = ("none", "bf16", "fp16", "fp8", "int8-weight", "int4-awq", "int4-gptq", "mxfp4")
 KV_CACHE_DTYPES = ("auto", "bf16", "fp16", "fp8")
 
 

@@ -33,7 +33,10 @@ UNSUPPORTED_HINTS: dict[str, str] = {
 
 ROPE_TYPES: tuple[str, ...] = ("default", "linear", "dynamic", "llama3", "yarn", "longrope")
 
-QUANTIZATION_METHODS: tuple[str, ...] = ("none", "fp8", "int8", "awq", "gptq")
+QUANTIZATION_METHODS: tuple[str, ...] = ("none", "fp8", "int8", "awq", "gptq", "mxfp4")
+# Set in an artifact's quantization_config by `kiln-engine build --quantization mxfp4`: its gpt-oss
+# experts are stored packed and served so (OpenAI's own checkpoints are dequantized as they load).
+MXFP4_PACKED_KEY = "kiln_packed_experts"
 
 KV_CACHE_DTYPES: tuple[str, ...] = ("auto", "bf16", "fp16", "fp8")
 
@@ -173,7 +176,8 @@ class RopeConfig:
 
 @dataclass(frozen=True)
 class QuantConfig:
-    """How Linear weights are stored: none, fp8, int8 (weight-only), awq or gptq (int4)."""
+    """How Linear weights are stored: none, fp8, int8 (weight-only), awq or gptq (int4); mxfp4: the
+    experts only (gpt-oss), every other Linear unquantized."""
 
     method: str = "none"
     bits: int = 16
@@ -496,13 +500,14 @@ def parse_moe(arch: str, cfg: dict[str, Any]) -> MoeConfig | None:
 
 
 def _served_quantization(arch: str, qcfg: dict[str, Any] | None) -> dict[str, Any] | None:
-    """gpt-oss's MXFP4 experts are dequantized as they load (`models.gpt_oss`): served unquantized."""
+    """gpt-oss's MXFP4 experts are dequantized as they load (`models.gpt_oss`): served unquantized,
+    unless a Kiln build kept them packed (MXFP4_PACKED_KEY)."""
     method = str((qcfg or {}).get("quant_method", "")).lower()
     if method != "mxfp4":
         return qcfg
     if arch != "GptOssForCausalLM":
         raise UnsupportedModelError(f"mxfp4 quantization is supported for GptOssForCausalLM only, not {arch}")
-    return None
+    return qcfg if (qcfg or {}).get(MXFP4_PACKED_KEY) else None
 
 
 def parse_quant(qcfg: dict[str, Any] | None) -> QuantConfig:
@@ -520,6 +525,8 @@ def parse_quant(qcfg: dict[str, Any] | None) -> QuantConfig:
         raise UnsupportedModelError(
             "block-wise fp8 (weight_block_size) is not supported; use per-channel fp8"
         )
+    if method == "mxfp4":
+        return QuantConfig(method=method, bits=4, group_size=32)
     bits = int(qcfg.get("bits", qcfg.get("w_bit", {"fp8": 8, "int8": 8}.get(method, 4))))
     if method in ("awq", "gptq") and bits != 4:
         raise UnsupportedModelError(f"{method} with {bits} bits is not supported (only 4-bit)")

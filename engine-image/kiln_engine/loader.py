@@ -28,6 +28,7 @@ Quantized tensors per Linear `X` are described in `kiln_engine.quantization`.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -201,9 +202,11 @@ def manifest_stage(manifest: dict[str, Any], default: PPStage) -> PPStage:
 
 
 # The std of a uniform random int8 in [-127, 127], and of the difference of two uniform random nibbles
-# (an int4 weight minus its zero point): dividing by these makes dequantized weights spread like N(0, std).
+# (an int4 weight minus its zero point), and of an MXFP4 value: dividing by these (MXFP4: the power of
+# two nearest) makes dequantized weights spread like N(0, std).
 INT8_SPREAD = 73.6
 INT4_MINUS_ZERO_SPREAD = 6.52
+MXFP4_SPREAD = 2.93  # RMS of e2m1 values over uniformly random codes: sqrt(68.5 / 8)
 
 
 @torch.no_grad()
@@ -228,8 +231,8 @@ def init_dummy_weights(model: torch.nn.Module, seed: int = 0, std: float = 0.02)
             p.copy_(torch.empty(p.shape, device=p.device).normal_(0.0, 1.0, generator=g).to(p.dtype))
         elif name.endswith("g_idx"):
             continue
-        else:  # int8 weights, int4 packed words
-            lo, hi = (-127, 128) if p.dtype == torch.int8 else (-(2**31), 2**31 - 1)
+        else:  # int8 weights, int4 packed words, MXFP4 bytes
+            lo, hi = {torch.int8: (-127, 128), torch.uint8: (0, 256)}.get(p.dtype, (-(2**31), 2**31 - 1))
             p.copy_(
                 torch.randint(lo, hi, p.shape, generator=g, device=p.device, dtype=torch.int64).to(p.dtype)
             )
@@ -237,6 +240,8 @@ def init_dummy_weights(model: torch.nn.Module, seed: int = 0, std: float = 0.02)
         # before these fills were added), then set.
         if name.endswith("scales"):  # AWQ/GPTQ group scales
             p.fill_(std / INT4_MINUS_ZERO_SPREAD)
+        elif name.endswith("weight_scale") and p.dtype == torch.uint8:  # MXFP4 exponents
+            p.fill_(127 + round(math.log2(std / MXFP4_SPREAD)))
         elif name.endswith("weight_scale"):
             fp8 = params[name.removesuffix("_scale")].dtype == torch.float8_e4m3fn
             p.fill_(std / 4 if fp8 else std / INT8_SPREAD)

@@ -9,6 +9,10 @@ Stored layouts (per Linear `X`, as the artifact and published checkpoints hold t
         nibbles packed in AutoAWQ's order (0, 2, 4, 6, 1, 3, 5, 7). Real weight^T = (q - z) * s.
 * gptq: `X.qweight` int32 [in/8, out], `X.qzeros` int32 [in/g, out/8], `X.scales` [in/g, out],
         `X.g_idx` int32 [in]; nibbles in order; zeros stored minus one (GPTQ v1 format).
+* mxfp4 (gpt-oss experts only): `X.weight` uint8 [out, in/2], two e2m1 values a byte, low nibble
+        first; `X.weight_scale` uint8 [out, in/32], one e8m0 exponent (bias 127) per 32 inputs.
+        Real weight = e2m1 value * 2^(scale - 127). OpenAI's checkpoints hold the same bytes as
+        `*_blocks` [.., in/32, 16] and `*_scales`.
 
 Every method keeps scales per output channel internally (a per-tensor fp8 scale is broadcast when
 loaded), so q/k/v and gate/up projections can be merged into one matmul by concatenating along the
@@ -95,6 +99,26 @@ def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def dequantize_fp8(weight: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     s = scale.float().reshape(-1, 1) if scale.numel() > 1 else scale.float().reshape(())
     return (weight.float() * s).to(dtype)
+
+
+# e2m1: sign, two exponent bits, one mantissa bit; code i is FP4_VALUES[i]
+FP4_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
+MXFP4_BLOCK = 32  # values sharing one exponent
+
+
+def dequantize_mxfp4(packed: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """MXFP4 [..., out, in/2] uint8 values and [..., out, in/32] uint8 exponents -> [..., out, in].
+
+    Exact in bfloat16 and wider: every e2m1 value times a power of two is representable there."""
+    groups = scales.shape[-1]
+    if packed.shape[:-1] != scales.shape[:-1] or packed.shape[-1] != groups * MXFP4_BLOCK // 2:
+        raise ValueError(f"MXFP4 values {tuple(packed.shape)} do not match exponents {tuple(scales.shape)}")
+    lut = torch.tensor(FP4_VALUES, dtype=torch.float32, device=packed.device)
+    codes = packed.to(torch.uint8)
+    values = torch.stack((lut[(codes & 0x0F).long()], lut[(codes >> 4).long()]), dim=-1).flatten(-2)
+    values = values.unflatten(-1, (groups, MXFP4_BLOCK))
+    exponents = scales.to(torch.int32)[..., None] - 127
+    return torch.ldexp(values, exponents).flatten(-2).to(dtype)
 
 
 def _unpack_int4(packed: torch.Tensor, dim: int) -> torch.Tensor:
@@ -372,7 +396,7 @@ def _fast(layer: nn.Module) -> bool:
 
 def linear_method(quant: QuantConfig) -> LinearMethod:
     """The Linear implementation for a checkpoint's quantization."""
-    if quant.method == "none":
+    if quant.method in ("none", "mxfp4"):  # mxfp4: only the experts (`layers.moe`) are quantized
         return LinearMethod()
     if quant.method == "fp8":
         return Fp8LinearMethod()

@@ -2,7 +2,8 @@
 
 Runs on CPU under Triton's interpreter, in a fresh process (the interpreter must be chosen before
 triton is imported): the kernels alone over decode- and prefill-sized batches, dense, fp8 and int8
-experts; then a tiny Qwen3-MoE served with the Triton backend gives the torch backend's tokens.
+and MXFP4 experts; then tiny Qwen3-MoE and gpt-oss models (the latter with MXFP4 experts too)
+served with the Triton backend give the torch backend's tokens.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import torch
 torch.set_num_threads(1)
 from kiln_engine.layers.fused_moe import align_by_expert, fused_experts
 from kiln_engine.layers.moe import clamped_swiglu, experts_reference, route
-from kiln_engine.quantization import quantize_fp8, quantize_int8
+from kiln_engine.quantization import dequantize_mxfp4, quantize_fp8, quantize_int8
 
 g = torch.Generator().manual_seed(0)
 
@@ -69,6 +70,21 @@ for tokens, top_k in ((1, 2), (5, 3), (70, 2), (200, 2), (400, 2)):
     assert rel(ref_b, experts_reference(x, weights, ids, w13, w2, w13_bias=b13)) > 0.05
     got_b = fused_experts(x, weights, ids, w13, w2, w13_bias=b13, activation=act)
     assert rel(got_b, ref_b) < 1e-5, ("gpt-oss", tokens, rel(got_b, ref_b))
+    # MXFP4 (gpt-oss): bytes of two e2m1 codes, an exponent per 32 inputs; H = 96 leaves a part
+    # K tile after whole ones, and the reference is the dense dequantized weights' own product
+    m13 = torch.randint(0, 256, (E, 2 * 64, 48), generator=g, dtype=torch.uint8)  # I = 64
+    e13 = torch.randint(122, 126, (E, 2 * 64, 3), generator=g, dtype=torch.uint8)
+    m2 = torch.randint(0, 256, (E, 96, 32), generator=g, dtype=torch.uint8)
+    e2 = torch.randint(122, 126, (E, 96, 2), generator=g, dtype=torch.uint8)
+    x96 = torch.randn(tokens, 96, generator=g)
+    ref_m = experts_reference(x96, weights, ids, m13, m2, e13, e2)
+    dense = experts_reference(x96, weights, ids, dequantize_mxfp4(m13, e13, torch.float32),
+                              dequantize_mxfp4(m2, e2, torch.float32))  # fmt: skip
+    assert torch.equal(ref_m, dense)
+    got_m = fused_experts(x96, weights, ids, m13, m2, e13, e2)
+    assert rel(got_m, ref_m) < 1e-5, ("mxfp4", tokens, rel(got_m, ref_m))
+    half_m = fused_experts(x96.half(), weights.half(), ids, m13, m2, e13, e2)
+    assert rel(half_m, ref_m) < 2e-3, ("mxfp4 float16", tokens, rel(half_m, ref_m))
 print("ok")
 """
 
@@ -83,7 +99,18 @@ from kiln_engine.layers.moe import FusedMoE
 from kiln_engine.testing import make_tiny_checkpoint
 
 arch = sys.argv[2]
-path = make_tiny_checkpoint(sys.argv[1], arch, num_hidden_layers=1 if arch == "qwen3_moe" else 2)
+if arch == "gpt_oss_mxfp4":  # the experts kept packed by the build
+    import io
+    from pathlib import Path
+    from kiln_engine.build.pipeline import BuildOptions, run_build
+    from kiln_engine.build.progress import Progress
+    from kiln_engine.testing import make_tiny_mxfp4_checkpoint
+    ckpt = make_tiny_mxfp4_checkpoint(Path(sys.argv[1]) / "ckpt")
+    path = Path(sys.argv[1]) / "art"
+    run_build(BuildOptions(model=str(ckpt), output=str(path), device="cpu", quantization="mxfp4",
+                           measure_capacity=False), Progress(out=io.StringIO(), bar=False))
+else:
+    path = make_tiny_checkpoint(sys.argv[1], arch, num_hidden_layers=1 if arch == "qwen3_moe" else 2)
 greedy = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
 outs = {}
 for backend in ("torch", "triton"):
@@ -102,7 +129,7 @@ def test_fused_experts_match_the_reference() -> None:
     interpret(KERNEL_SCRIPT, timeout=600)
 
 
-@pytest.mark.parametrize("arch", ["qwen3_moe", "gpt_oss"])
+@pytest.mark.parametrize("arch", ["qwen3_moe", "gpt_oss", "gpt_oss_mxfp4"])
 def test_engine_with_fused_experts_generates_the_same_tokens(tmp_path: Path, arch: str) -> None:
     """gpt-oss adds attention sinks (in the Triton attention kernel), biased experts and its
     clamped SwiGLU (around the grouped GEMMs) to the fused path."""

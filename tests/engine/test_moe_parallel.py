@@ -20,7 +20,7 @@ from kiln_engine.engine import LLMEngine
 from kiln_engine.interface import SamplingParams
 from kiln_engine.layers.sharding import shard_tensor, tp_shard_dim
 from kiln_engine.quantization import is_quantizable
-from kiln_engine.testing import make_tiny_checkpoint
+from kiln_engine.testing import make_tiny_checkpoint, make_tiny_mxfp4_checkpoint
 from tests.engine.test_tensor_parallel import run_ranks
 
 pytestmark = pytest.mark.engine
@@ -151,3 +151,19 @@ def test_gpt_oss_built_at_tp2_serves_the_checkpoints_tokens(tmp_path: Path) -> N
     weights = load_file(str(fp8 / "rank-0/model.safetensors"))
     assert weights["model.layers.1.mlp.experts.0.down_proj.weight"].dtype == torch.float8_e4m3fn
     assert len(run_ranks(fp8, 1, tmp_path / "fp8.json")) == len(ref)
+
+
+@pytest.mark.slow
+def test_gpt_oss_mxfp4_experts_packed_at_tp2_serve_the_dequantized_tokens(tmp_path: Path) -> None:
+    """Packed MXFP4 experts split over two ranks: gate/up by output rows (bytes and exponents
+    alike), down by inputs, its exponents with them (32 inputs each); TP=2 then serves the tokens
+    of the checkpoint dequantized at TP=1."""
+    ckpt = make_tiny_mxfp4_checkpoint(tmp_path / "ckpt")  # experts' intermediate size 64: 32 per rank
+    ref = run_ranks(ckpt, 1, tmp_path / "tp1.json")
+    assert len({tuple(r) for r in ref}) > 1
+    two = build(ckpt, tmp_path / "tp2", "--tp", "2", "--quantization", "mxfp4")
+    rank1 = load_file(str(two / "rank-1/model.safetensors"))
+    scales = load_file(str(ckpt / "model.safetensors"))["model.layers.1.mlp.experts.down_proj_scales"]
+    assert torch.equal(rank1["model.layers.1.mlp.experts.2.down_proj.weight_scale"], scales[2][:, 1:])
+    assert rank1["model.layers.1.mlp.experts.2.down_proj.weight"].shape == (64, 16)  # [H, I/2/tp]
+    assert run_ranks(two, 2, tmp_path / "tp2.json") == ref

@@ -17,7 +17,7 @@ import torch
 from kiln_engine.config import EngineConfig
 from kiln_engine.engine import LLMEngine
 from kiln_engine.interface import SamplingParams
-from kiln_engine.testing import make_tiny_checkpoint
+from kiln_engine.testing import make_tiny_checkpoint, make_tiny_mxfp4_checkpoint
 from kiln_engine.tokenizer import Tokenizer
 from tests.engine.test_parity import (  # noqa: F401 (collected here, run against this module's fixture)
     GREEDY,
@@ -156,33 +156,12 @@ def test_expert_weights_decide_the_output(tmp_path: Path) -> None:
     assert first != second
 
 
-def _mxfp4_checkpoint(path: Path) -> Path:
-    """A tiny gpt-oss checkpoint whose expert weights are MXFP4 blocks and exponents, as OpenAI's."""
-    import json
-
-    from safetensors.torch import load_file, save_file
-
-    path = make_tiny_checkpoint(path, "gpt_oss", hidden_size=64, intermediate_size=64)
-    weights = load_file(str(path / "model.safetensors"))
-    g = torch.Generator().manual_seed(0)
-    for name in [n for n in weights if n.endswith(("experts.gate_up_proj", "experts.down_proj"))]:
-        experts, inputs, outputs = weights.pop(name).shape
-        shape = (experts, outputs, inputs // 32)
-        weights[name + "_blocks"] = torch.randint(0, 256, (*shape, 16), generator=g, dtype=torch.uint8)
-        weights[name + "_scales"] = torch.randint(119, 124, shape, generator=g, dtype=torch.uint8)
-    save_file(weights, str(path / "model.safetensors"))
-    config = json.loads((path / "config.json").read_text())
-    config["quantization_config"] = {"quant_method": "mxfp4"}
-    (path / "config.json").write_text(json.dumps(config))
-    return path
-
-
-def _build(model: Path, output: Path) -> Any:
+def _build(model: Path, output: Path, *options: str) -> Any:
     from click.testing import CliRunner
 
     from kiln_engine.cli import main
 
-    args = ["build", "--model", str(model), "--output", str(output), "--device", "cpu"]
+    args = ["build", "--model", str(model), "--output", str(output), "--device", "cpu", *options]
     return CliRunner().invoke(main, [*args, "--no-measure-capacity", "--no-progress-bar"])
 
 
@@ -190,7 +169,7 @@ def test_gpt_oss_mxfp4_checkpoint_matches_transformers(tmp_path: Path) -> None:
     """OpenAI's checkpoint format: expert weights in MXFP4 blocks and exponents. Kiln dequantizes
     them as they load, and in the build, and serves transformers' tokens (its own MXFP4
     dequantization, `Mxfp4Config(dequantize=True)`)."""
-    path = _mxfp4_checkpoint(tmp_path / "mxfp4")
+    path = make_tiny_mxfp4_checkpoint(tmp_path / "mxfp4")
     hf = transformers.AutoModelForCausalLM.from_pretrained(
         path, quantization_config=transformers.Mxfp4Config(dequantize=True), dtype=torch.float32
     ).eval()
@@ -205,11 +184,39 @@ def test_gpt_oss_mxfp4_checkpoint_matches_transformers(tmp_path: Path) -> None:
     assert LLMEngine(tmp_path / "art", cfg).generate(prompts, GREEDY) == refs
 
 
+def test_gpt_oss_mxfp4_experts_kept_packed_serve_the_same_tokens(tmp_path: Path) -> None:
+    """`--quantization mxfp4` keeps the experts' MXFP4 bytes and exponents in the artifact (a
+    quarter of bf16's bytes) and the engine serves them packed: transformers' tokens still. A
+    checkpoint without MXFP4 experts is refused for it."""
+    from safetensors.torch import load_file
+
+    from kiln_engine.layers.moe import FusedMoE
+
+    path = make_tiny_mxfp4_checkpoint(tmp_path / "mxfp4")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(
+        path, quantization_config=transformers.Mxfp4Config(dequantize=True), dtype=torch.float32
+    ).eval()
+    prompts = [Tokenizer.from_dir(path).encode(t) for t in TEXTS[:4]]
+    refs = [hf_greedy(hf, p) for p in prompts]
+    result = _build(path, tmp_path / "packed", "--quantization", "mxfp4")
+    assert result.exit_code == 0, result.output
+    stored = load_file(str(tmp_path / "packed" / "rank-0" / "model.safetensors"))
+    blocks = load_file(str(path / "model.safetensors"))["model.layers.0.mlp.experts.down_proj_blocks"]
+    assert torch.equal(stored["model.layers.0.mlp.experts.1.down_proj.weight"], blocks[1].flatten(-2))
+    engine = LLMEngine(tmp_path / "packed", EngineConfig(num_kv_blocks=128, block_size=4))
+    experts = [m for m in engine.runner.model.modules() if isinstance(m, FusedMoE)]
+    assert experts and all(m.w13_weight.dtype == torch.uint8 for m in experts)
+    assert engine.generate(prompts, GREEDY) == refs
+    plain_ckpt = make_tiny_checkpoint(tmp_path / "plain", "gpt_oss")
+    plain = _build(plain_ckpt, tmp_path / "no", "--quantization", "mxfp4")
+    assert plain.exit_code != 0 and "published in MXFP4" in f"{plain.output}{plain.exception}"
+
+
 def test_mxfp4_blocks_without_their_scales_are_refused(tmp_path: Path) -> None:
     """A checkpoint missing one half of an MXFP4 pair fails to load and to build, naming the other."""
     from safetensors.torch import load_file, save_file
 
-    path = _mxfp4_checkpoint(tmp_path / "mxfp4")
+    path = make_tiny_mxfp4_checkpoint(tmp_path / "mxfp4")
     weights = load_file(str(path / "model.safetensors"))
     lone = next(n for n in sorted(weights) if n.endswith("_scales"))
     del weights[lone]

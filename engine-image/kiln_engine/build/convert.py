@@ -48,10 +48,11 @@ def convert_tensor(
 ) -> dict[str, torch.Tensor]:
     """One checkpoint tensor -> the artifact tensors it becomes.
 
-    `mode`: "keep" (as published), "bf16"/"fp16" (cast floating tensors), "fp8"/"int8" (quantize
-    the decoder's Linear weights into `X.weight` + `X.weight_scale`; everything else kept).
+    `mode`: "keep" (as published; "mxfp4": gpt-oss's experts already split packed), "bf16"/"fp16"
+    (cast floating tensors), "fp8"/"int8" (quantize the decoder's Linear weights into `X.weight` +
+    `X.weight_scale`; everything else kept).
     """
-    if mode == "keep":
+    if mode in ("keep", "mxfp4"):
         return {name: tensor}
     if mode in CAST_DTYPES:
         return {name: tensor.to(CAST_DTYPES[mode]) if tensor.is_floating_point() else tensor}

@@ -43,17 +43,17 @@ from kiln_engine.build.manifest import (
     write_manifest,
 )
 from kiln_engine.build.progress import Progress
-from kiln_engine.config import ModelConfig, UnsupportedModelError
+from kiln_engine.config import MXFP4_PACKED_KEY, ModelConfig, UnsupportedModelError, parse_quant
 from kiln_engine.draft import DRAFT_DIR
 
-QUANTIZATIONS = ("none", "bf16", "fp16", "fp8", "int8-weight", "int4-awq", "int4-gptq")
+QUANTIZATIONS = ("none", "bf16", "fp16", "fp8", "int8-weight", "int4-awq", "int4-gptq", "mxfp4")
 KV_CACHE_DTYPES = ("auto", "bf16", "fp16", "fp8")
 BACKENDS = ("torch", "tensorrt-llm")
 FP8_SCALES = ("channel", "tensor")
 CONFIG_NAME = "config.json"
 DTYPE_NAMES = {"bf16": "bfloat16", "fp16": "float16"}
 # int4 quantizations load checkpoints published in that format: (config quant_method, display name).
-PUBLISHED_FORMATS = {"int4-awq": ("awq", "AWQ"), "int4-gptq": ("gptq", "GPTQ")}
+PUBLISHED_FORMATS = {"int4-awq": ("awq", "AWQ"), "int4-gptq": ("gptq", "GPTQ"), "mxfp4": ("mxfp4", "MXFP4")}
 
 # Failure reasons written to --result-file (CamelCase, as Kubernetes condition reasons).
 CHECKPOINT_NOT_FOUND = "CheckpointNotFound"
@@ -136,10 +136,13 @@ def validate_options(opts: BuildOptions) -> None:
 
 
 def conversion_mode(quantization: str, checkpoint_method: str, source: str) -> str:
-    """How tensors are converted: keep, bf16, fp16 (casts), fp8 or int8 (quantize).
+    """How tensors are converted: keep, bf16, fp16 (casts), fp8 or int8 (quantize), mxfp4 (gpt-oss's
+    MXFP4 experts kept packed).
 
     A checkpoint published quantized (AWQ, GPTQ, fp8, int8) is kept as published; asking to
     quantize it differently is an error, as is asking for int4 from an unquantized checkpoint.
+    gpt-oss's MXFP4 experts are dequantized as they are read unless kept (--quantization mxfp4), so
+    such a checkpoint converts like an unquantized one otherwise.
     """
     if quantization in PUBLISHED_FORMATS:
         method, fmt = PUBLISHED_FORMATS[quantization]
@@ -151,7 +154,9 @@ def conversion_mode(quantization: str, checkpoint_method: str, source: str) -> s
                 f"quantized with {fmt}, or --quantization fp8 / int8-weight to quantize this one",
                 INVALID_OPTIONS,
             )
-        return "keep"
+        return "mxfp4" if quantization == "mxfp4" else "keep"
+    if checkpoint_method == "mxfp4":
+        checkpoint_method = "none"
     if checkpoint_method != "none":
         target = {"fp8": "fp8", "int8-weight": "int8"}.get(quantization)
         if quantization == "none" or target == checkpoint_method:
@@ -164,6 +169,16 @@ def conversion_mode(quantization: str, checkpoint_method: str, source: str) -> s
     if quantization == "none":
         return "keep"
     return {"bf16": "bf16", "fp16": "fp16", "fp8": "fp8", "int8-weight": "int8"}[quantization]
+
+
+MXFP4_PACKED = {"quant_method": "mxfp4", MXFP4_PACKED_KEY: True}
+
+
+def checkpoint_quant_method(raw_config: dict[str, Any], model_config: ModelConfig) -> str:
+    """The checkpoint's quantization as published: mxfp4 for OpenAI's gpt-oss checkpoints, whose
+    model config reads unquantized (their experts are dequantized as they load)."""
+    published = str((raw_config.get("quantization_config") or {}).get("quant_method", "")).lower()
+    return "mxfp4" if published == "mxfp4" else model_config.quant.method
 
 
 def check_parallelism(cfg: ModelConfig, tp: int, pp: int) -> None:
@@ -181,7 +196,7 @@ def check_parallelism(cfg: ModelConfig, tp: int, pp: int) -> None:
             f"the experts' intermediate size {cfg.moe.intermediate_size} is not divisible by {tp}"
         )
     if not problems:
-        problems = int4_split_problems(cfg, tp)
+        problems = int4_split_problems(cfg, tp) + mxfp4_split_problems(cfg, tp)
     if problems:
         raise BuildError(
             f"tensor-parallel size {tp} does not fit the model: " + "; ".join(problems), INVALID_OPTIONS
@@ -217,6 +232,17 @@ def int4_split_problems(cfg: ModelConfig, tp: int) -> list[str]:
     return problems
 
 
+def mxfp4_split_problems(cfg: ModelConfig, tp: int) -> list[str]:
+    """Why packed MXFP4 experts (one exponent per 32 inputs) do not split over `tp` ranks."""
+    if cfg.quant.method != "mxfp4" or cfg.moe is None:
+        return []
+    inputs = (
+        ("hidden size", cfg.hidden_size),
+        ("experts' intermediate size per rank", cfg.moe.intermediate_size // tp),
+    )
+    return [f"mxfp4 groups 32 inputs, the {what} is {n}" for what, n in inputs if n % 32]
+
+
 def output_config(config: dict[str, Any], mode: str, fp8_scales: str = "channel") -> dict[str, Any]:
     """The artifact's config.json: the checkpoint's, with the dtype or quantization it was built with."""
     out = dict(config)
@@ -230,6 +256,8 @@ def output_config(config: dict[str, Any], mode: str, fp8_scales: str = "channel"
         }
     elif mode == "int8":
         out["quantization_config"] = {"quant_method": "int8", "bits": 8, "weight_only": True}
+    elif mode == "mxfp4":
+        out["quantization_config"] = dict(MXFP4_PACKED)
     return out
 
 
@@ -597,7 +625,9 @@ def _build(opts: BuildOptions, progress: Progress) -> BuildOutcome:
     progress.update("load", 0.0, f"reading {checkpoint / CONFIG_NAME}")
     raw_config, model_config = read_checkpoint_config(checkpoint)
     check_weights(checkpoint)
-    mode = conversion_mode(opts.quantization, model_config.quant.method, opts.model)
+    mode = conversion_mode(opts.quantization, checkpoint_quant_method(raw_config, model_config), opts.model)
+    if mode == "mxfp4":  # the experts are converted, sharded and checked packed
+        model_config = dataclasses.replace(model_config, quant=parse_quant(MXFP4_PACKED))
     check_parallelism(model_config, opts.tensor_parallel_size, opts.pipeline_parallel_size)
     fingerprint = source_fingerprint(loc, checkpoint)
     draft = None

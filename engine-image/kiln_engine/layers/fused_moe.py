@@ -9,7 +9,9 @@ sync), so a decode step with experts is captured in a CUDA graph like any other.
 
 fp8/int8 expert weights are converted to the activations' dtype in registers and their
 per-output-channel scales applied to the accumulator: a weight-only path that halves the bytes a
-decode step streams. On CPU the kernels run under TRITON_INTERPRET=1 (tests).
+decode step streams. MXFP4 experts (gpt-oss) are decoded in registers too: each byte's two e2m1
+codes become values, times two to the power of their group's exponent, a quarter of bf16's bytes.
+On CPU the kernels run under TRITON_INTERPRET=1 (tests).
 """
 
 from __future__ import annotations
@@ -21,6 +23,28 @@ import triton
 import triton.language as tl
 
 from kiln_engine.layers.fused import silu_and_mul
+
+
+@triton.jit
+def _e2m1(code):  # type: ignore[no-untyped-def]
+    """4-bit codes (sign, two exponent bits, one mantissa bit) -> their float32 values."""
+    magnitude = code & 7
+    exponent = (magnitude >> 1).to(tl.float32)
+    mantissa = (magnitude & 1).to(tl.float32)
+    value = tl.where(exponent == 0, 0.5 * mantissa, (1.0 + 0.5 * mantissa) * tl.exp2(exponent - 1.0))
+    return tl.where((code & 8) != 0, -value, value)
+
+
+@triton.jit
+def _mxfp4_tile(b_ptrs, s_ptrs, b_mask, s_mask, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):  # type: ignore[no-untyped-def]
+    """A [BLOCK_K, BLOCK_N] float32 weight tile from [BLOCK_N, BLOCK_K/2] bytes and their exponents
+    [BLOCK_N, BLOCK_K/32]; masked-out bytes (rows past N, inputs past K) are zeros, times one."""
+    packed = tl.load(b_ptrs, mask=b_mask, other=0).to(tl.int32)
+    values = tl.reshape(tl.join(_e2m1(packed & 15), _e2m1(packed >> 4)), (BLOCK_N, BLOCK_K))
+    exponents = tl.load(s_ptrs, mask=s_mask, other=127).to(tl.float32) - 127.0
+    scale = tl.reshape(tl.broadcast_to(tl.exp2(exponents)[:, :, None], (BLOCK_N, BLOCK_K // 32, 32)),
+                       (BLOCK_N, BLOCK_K))  # fmt: skip
+    return tl.trans(values * scale)
 
 
 @triton.jit
@@ -41,9 +65,11 @@ def _moe_gemm_kernel(  # type: ignore[no-untyped-def]
     stride_bn,
     stride_cm,
     stride_se,
+    stride_sn,
     TOKEN_DIV: tl.constexpr,  # rows of `a` per pair index: top_k for the first GEMM, 1 for the second
     MUL_WEIGHT: tl.constexpr,
     HAS_SCALE: tl.constexpr,
+    MXFP4: tl.constexpr,  # b: [E, N, K/2] bytes, scale: [E, N, K/32] exponents
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -61,16 +87,32 @@ def _moe_gemm_kernel(  # type: ignore[no-untyped-def]
     n_mask = offs_n < N
     offs_k = tl.arange(0, BLOCK_K)
     a_ptrs = a_ptr + row[:, None] * stride_am + offs_k[None, :]
-    b_ptrs = b_ptr + expert * stride_be + offs_n[None, :] * stride_bn + offs_k[:, None]
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        k_mask = (offs_k + k0) < K
-        a = tl.load(a_ptrs, mask=valid[:, None] & k_mask[None, :], other=0.0)
-        b = tl.load(b_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
-        acc = tl.dot(a, b.to(a.dtype), acc)
-        a_ptrs += BLOCK_K
-        b_ptrs += BLOCK_K
-    if HAS_SCALE:
+    if MXFP4:
+        offs_byte = tl.arange(0, BLOCK_K // 2)
+        offs_group = tl.arange(0, BLOCK_K // 32)
+        b_ptrs = b_ptr + expert * stride_be + offs_n[:, None] * stride_bn + offs_byte[None, :]
+        s_ptrs = scale_ptr + expert * stride_se + offs_n[:, None] * stride_sn + offs_group[None, :]
+        for k0 in range(0, K, BLOCK_K):
+            k_mask = (offs_k + k0) < K
+            a = tl.load(a_ptrs, mask=valid[:, None] & k_mask[None, :], other=0.0)
+            byte_mask = n_mask[:, None] & ((offs_byte + k0 // 2) < K // 2)[None, :]
+            group_mask = n_mask[:, None] & ((offs_group + k0 // 32) < K // 32)[None, :]
+            b = _mxfp4_tile(b_ptrs, s_ptrs, byte_mask, group_mask, BLOCK_N, BLOCK_K)
+            acc = tl.dot(a, b.to(a.dtype), acc)
+            a_ptrs += BLOCK_K
+            b_ptrs += BLOCK_K // 2
+            s_ptrs += BLOCK_K // 32
+    else:
+        b_ptrs = b_ptr + expert * stride_be + offs_n[None, :] * stride_bn + offs_k[:, None]
+        for k0 in range(0, K, BLOCK_K):
+            k_mask = (offs_k + k0) < K
+            a = tl.load(a_ptrs, mask=valid[:, None] & k_mask[None, :], other=0.0)
+            b = tl.load(b_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
+            acc = tl.dot(a, b.to(a.dtype), acc)
+            a_ptrs += BLOCK_K
+            b_ptrs += BLOCK_K
+    if HAS_SCALE and not MXFP4:
         acc = acc * tl.load(scale_ptr + expert * stride_se + offs_n, mask=n_mask, other=0.0)[None, :]
     if MUL_WEIGHT:
         acc = acc * tl.load(weight_ptr + pair, mask=valid, other=0.0).to(tl.float32)[:, None]
@@ -139,6 +181,11 @@ def _tiles(rows_per_expert: float, fp8: bool) -> tuple[Tile, Tile]:
     return (128, wide, 64, 8, 3), (128, wide, 64, 8, 3)
 
 
+def _at_least_k(tile: Tile, k: int) -> Tile:
+    bm, bn, bk, warps, stages = tile
+    return bm, bn, max(bk, k), warps, stages
+
+
 def _gemm(
     a: torch.Tensor,
     b: torch.Tensor,
@@ -151,7 +198,8 @@ def _gemm(
 ) -> None:
     sorted_ids, block_expert, total = layout
     bm, bn, bk, warps, stages = blocks
-    n, k = b.shape[1], b.shape[2]
+    mxfp4 = b.dtype == torch.uint8
+    n, k = b.shape[1], b.shape[2] * (2 if mxfp4 else 1)
     assert a.stride(-1) == 1 and b.stride(-1) == 1 and out.stride(-1) == 1
     grid = (block_expert.numel(), triton.cdiv(n, bn))
     _moe_gemm_kernel[grid](
@@ -171,9 +219,11 @@ def _gemm(
         b.stride(1),
         out.stride(0),
         scale.stride(0) if scale is not None else 0,
+        scale.stride(1) if scale is not None and scale.dim() == 3 else 0,
         TOKEN_DIV=token_div,
         MUL_WEIGHT=weights is not None,
         HAS_SCALE=scale is not None,
+        MXFP4=mxfp4,
         BLOCK_M=bm,
         BLOCK_N=bn,
         BLOCK_K=bk,
@@ -204,6 +254,8 @@ def fused_experts(
         return torch.zeros_like(x)
     x = x.contiguous()
     up_tile, down_tile = _tiles(tokens * top_k / num_experts, w13.dtype.itemsize == 1)
+    if w13.dtype == torch.uint8:  # MXFP4: whole exponent groups per K tile
+        up_tile, down_tile = (_at_least_k(up_tile, 32), _at_least_k(down_tile, 32))
     if tokens * top_k * 4 <= num_experts:  # few pairs among many experts: they rarely share one
         layout = one_block_per_pair(ids, up_tile[0])
     else:

@@ -5,7 +5,10 @@ expert's gate rows, then its up rows) and `w2_weight` [E, H, I/tp]. Under tensor
 rank holds every expert's 1/tp slice of the intermediate dimension (gate/up split by output rows,
 down by input columns, as the dense MLP), so the block's partial sums are all-reduced once.
 fp8 and int8 experts keep per-output-channel float32 scales (`w13_weight_scale` [E, 2*I/tp],
-`w2_weight_scale` [E, H]), the layout of `kiln_engine.quantization` per expert.
+`w2_weight_scale` [E, H]), the layout of `kiln_engine.quantization` per expert. MXFP4 experts
+(gpt-oss) keep two e2m1 values a byte along the input dimension and one exponent per 32 inputs:
+`w13_weight` uint8 [E, 2*I/tp, H/2] with `w13_weight_scale` [E, 2*I/tp, H/32], `w2_weight` [E, H,
+I/tp/2] with `w2_weight_scale` [E, H, I/tp/32] (so down's exponents split with its inputs).
 
 The torch path (CPU, tests, the reference) loops over the experts that received tokens, in the
 order transformers does; on GPU with `fused` set, `layers.fused_moe` runs one grouped GEMM per
@@ -24,7 +27,7 @@ from torch import nn
 from kiln_engine.config import ModelConfig, MoeConfig
 from kiln_engine.layers.linear import load_slice
 from kiln_engine.layers.parallel import TPGroup, divide
-from kiln_engine.quantization import FP8_DTYPE
+from kiln_engine.quantization import FP8_DTYPE, MXFP4_BLOCK, dequantize_mxfp4
 
 
 def route(logits: torch.Tensor, top_k: int, renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -77,14 +80,20 @@ def experts_reference(
     flat = ids.reshape(-1)
     for e in torch.unique(flat).tolist():
         token, slot = torch.where(ids == e)
-        up_w, down_w = w13[e], w2[e]
-        if w13_scale is not None and w2_scale is not None:
-            up_w = (up_w.float() * w13_scale[e, :, None]).to(x.dtype)
-            down_w = (down_w.float() * w2_scale[e, :, None]).to(x.dtype)
+        up_w, down_w = expert_weight(w13, w13_scale, e, x.dtype), expert_weight(w2, w2_scale, e, x.dtype)
         h = (activation or swiglu)(F.linear(x[token], up_w, None if w13_bias is None else w13_bias[e]))
         y = F.linear(h, down_w) * weights[token, slot, None]
         out.index_add_(0, token, y.to(out.dtype))
     return out
+
+
+def expert_weight(w: torch.Tensor, scale: torch.Tensor | None, e: int, dtype: torch.dtype) -> torch.Tensor:
+    """Expert `e`'s [out, in] weight in `dtype`: as stored, or dequantized (per channel, or MXFP4)."""
+    if scale is None:
+        return w[e]
+    if w.dtype == torch.uint8:
+        return dequantize_mxfp4(w[e], scale[e], dtype)
+    return (w[e].float() * scale[e, :, None]).to(dtype)
 
 
 class FusedMoE(nn.Module):
@@ -97,17 +106,27 @@ class FusedMoE(nn.Module):
         e, h = cfg.moe.num_experts, cfg.hidden_size
         self.inter = divide(cfg.moe.intermediate_size, tp.size)
         quant = cfg.quant.method
-        if quant not in ("none", "fp8", "int8"):
+        if quant not in ("none", "fp8", "int8", "mxfp4"):
             raise ValueError(f"{quant} experts are not supported")
         self.quantized = quant != "none"
-        wdtype = {"none": dtype, "fp8": FP8_DTYPE, "int8": torch.int8}[quant]
+        self.mxfp4 = quant == "mxfp4"
+        wdtype = {"none": dtype, "fp8": FP8_DTYPE, "int8": torch.int8, "mxfp4": torch.uint8}[quant]
 
         def param(*shape: int, dt: torch.dtype = wdtype) -> nn.Parameter:
             return nn.Parameter(torch.zeros(*shape, dtype=dt), requires_grad=False)
 
-        self.w13_weight = param(e, 2 * self.inter, h)
-        self.w2_weight = param(e, h, self.inter)
-        if self.quantized:
+        if self.mxfp4:
+            for what, inputs in (("hidden size", h), ("experts' intermediate size per rank", self.inter)):
+                if inputs % MXFP4_BLOCK:
+                    raise ValueError(f"MXFP4 experts need a {what} divisible by {MXFP4_BLOCK}, not {inputs}")
+            self.w13_weight = param(e, 2 * self.inter, h // 2)
+            self.w2_weight = param(e, h, self.inter // 2)
+            self.w13_weight_scale = param(e, 2 * self.inter, h // MXFP4_BLOCK)
+            self.w2_weight_scale = param(e, h, self.inter // MXFP4_BLOCK)
+        else:
+            self.w13_weight = param(e, 2 * self.inter, h)
+            self.w2_weight = param(e, h, self.inter)
+        if self.quantized and not self.mxfp4:
             self.w13_weight_scale = param(e, 2 * self.inter, dt=torch.float32)
             self.w2_weight_scale = param(e, h, dt=torch.float32)
         self.biased = cfg.moe.biased
@@ -127,8 +146,8 @@ class FusedMoE(nn.Module):
         if name.startswith("w13"):
             dst = dst.narrow(0, part * self.inter, self.inter)
             dim: int | None = 0
-        else:  # down's scale and bias are per output channel: whole
-            dim = 1 if name == "w2_weight" else None
+        else:  # down's scale (but MXFP4's, per input group too) and bias are per output channel: whole
+            dim = 1 if name == "w2_weight" or (name == "w2_weight_scale" and self.mxfp4) else None
         load_slice(dst, tensor, dim, self.tp.rank, self.tp.size, f"experts.{expert}.{name}[{part}]")
         self.loaded.add((name, expert, part))
 

@@ -52,6 +52,8 @@ def shard_tensor(name: str, tensor: torch.Tensor, rank: int, tp_size: int, num_k
     if tp_size == 1:
         return tensor
     dim = tp_shard_dim(name)
+    if dim is None and name.endswith("weight_scale") and tensor.dim() == 2:
+        dim = 1  # MXFP4 exponents [out, in/32] of a row-parallel projection split with its inputs
     if dim is None or tensor.dim() == 0 or tensor.numel() == 1:
         return tensor
     module = name.split(".")[-2]

@@ -13,7 +13,9 @@ and fp8/int8 quantization apply unchanged; the build converts through it, as the
 OpenAI's checkpoints hold the expert weights in MXFP4 (`*_blocks` [E, out, in/32, 16]: two e2m1
 values a byte, low nibble first; `*_scales` [E, out, in/32]: one e8m0 exponent per 32 values):
 they are dequantized, one expert at a time, once both halves have been read, and served in the
-model's dtype (or re-quantized by the build's `--quantization`).
+model's dtype (or re-quantized by the build's `--quantization`); or, when the model's quantization
+is mxfp4 (a build with `--quantization mxfp4`), kept packed, one [out, in/2] tensor and its
+[out, in/32] exponents (`weight_scale`) per expert and projection, as `layers.moe` serves them.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import torch
 from kiln_engine.config import ModelConfig
 from kiln_engine.dtypes import checkpoint_dtype
 from kiln_engine.models.moe import MoeForCausalLM
+from kiln_engine.quantization import MXFP4_BLOCK, dequantize_mxfp4
 
 # stacked expert tensors of a float checkpoint -> (projection, parameter)
 STACKED = {
@@ -33,20 +36,6 @@ STACKED = {
     "experts.down_proj": ("down_proj", "weight"),
     "experts.down_proj_bias": ("down_proj", "bias"),
 }
-# e2m1: sign, two exponent bits, one mantissa bit; code i is FP4_VALUES[i]
-FP4_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
-MXFP4_BLOCK = 32  # values sharing one exponent
-
-
-def dequantize_mxfp4(blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """MXFP4 [out, G, 16] uint8 blocks and [out, G] uint8 exponents -> [out, G * 32] in `dtype`."""
-    if blocks.shape[:-1] != scales.shape or blocks.shape[-1] != MXFP4_BLOCK // 2:
-        raise ValueError(f"MXFP4 blocks {tuple(blocks.shape)} do not match scales {tuple(scales.shape)}")
-    lut = torch.tensor(FP4_VALUES, dtype=torch.float32)
-    codes = blocks.to(torch.uint8)
-    values = torch.stack((lut[(codes & 0x0F).long()], lut[(codes >> 4).long()]), dim=-1).flatten(-2)
-    exponents = scales.to(torch.int32)[..., None] - 127
-    return torch.ldexp(values, exponents).flatten(-2).to(dtype)
 
 
 def split_experts(
@@ -71,9 +60,18 @@ def split_experts(
             return
         blocks, scales = (tensor, other) if half == "blocks" else (other, tensor)
         projection = stem.rpartition(".experts.")[2]
+        if blocks.shape[-1] != MXFP4_BLOCK // 2 or blocks.shape[:-1] != scales.shape:
+            raise ValueError(
+                f"{stem}: MXFP4 blocks {tuple(blocks.shape)} do not match scales {tuple(scales.shape)}"
+            )
         for e in range(blocks.shape[0]):  # dense [out, in] per expert
-            dense = dequantize_mxfp4(blocks[e], scales[e], checkpoint_dtype(cfg.torch_dtype))
-            yield from _expert_parts(prefix, e, projection, "weight", dense)
+            packed = blocks[e].flatten(-2)  # [out, in/32, 16] -> [out, in/2]
+            if cfg.quant.method == "mxfp4":  # served packed
+                yield from _expert_parts(prefix, e, projection, "weight", packed)
+                yield from _expert_parts(prefix, e, projection, "weight_scale", scales[e])
+            else:  # dense [out, in]
+                dense = dequantize_mxfp4(packed, scales[e], checkpoint_dtype(cfg.torch_dtype))
+                yield from _expert_parts(prefix, e, projection, "weight", dense)
     elif param in STACKED:
         projection, kind = STACKED[param]
         for e in range(tensor.shape[0]):  # weights [in, out] as stored -> [out, in]

@@ -407,3 +407,25 @@ def main(argv: list[str] | None = None) -> None:
 
 if __name__ == "__main__":
     main()
+
+
+def make_tiny_mxfp4_checkpoint(path: str | Path, seed: int = 0, **config_overrides: Any) -> Path:
+    """A tiny gpt-oss checkpoint whose expert weights are MXFP4 blocks and exponents, as OpenAI's
+    (`*_blocks` [E, out, in/32, 16], `*_scales` [E, out, in/32]); hidden and expert sizes of 64, so
+    every input dimension holds whole groups of 32 (at two tensor-parallel ranks too)."""
+    from safetensors.torch import load_file
+
+    sizes = {"hidden_size": 64, "intermediate_size": 64, **config_overrides}
+    out = make_tiny_checkpoint(path, "gpt_oss", **sizes)
+    weights = load_file(str(out / "model.safetensors"))
+    g = torch.Generator().manual_seed(seed)
+    for name in [n for n in weights if n.endswith(("experts.gate_up_proj", "experts.down_proj"))]:
+        experts, inputs, outputs = weights.pop(name).shape
+        shape = (experts, outputs, inputs // 32)
+        weights[name + "_blocks"] = torch.randint(0, 256, (*shape, 16), generator=g, dtype=torch.uint8)
+        weights[name + "_scales"] = torch.randint(119, 124, shape, generator=g, dtype=torch.uint8)
+    save_file(weights, str(out / "model.safetensors"), metadata={"format": "pt"})
+    config = json.loads((out / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "mxfp4"}
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+    return out

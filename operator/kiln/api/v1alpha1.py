@@ -22,7 +22,7 @@ VERSION = "v1alpha1"
 API_VERSION = f"{GROUP}/{VERSION}"
 
 Backend = Literal["torch", "tensorrt-llm"]
-Quantization = Literal["none", "bf16", "fp16", "fp8", "int8-weight", "int4-awq", "int4-gptq"]
+Quantization = Literal["none", "bf16", "fp16", "fp8", "int8-weight", "int4-awq", "int4-gptq", "mxfp4"]
 KVCacheDtype = Literal["auto", "bf16", "fp16", "fp8"]
 NVLinkPolicy = Literal["Required", "Preferred", "Ignore"]
 NVLinkDomainPolicy = Literal["Required", "Preferred"]
@@ -37,7 +37,7 @@ DNS_LABEL_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
 
 # What each backend can build. The CEL rules on EngineOptions are generated from these tables.
 BACKEND_QUANTIZATIONS: dict[str, tuple[str, ...]] = {
-    "torch": ("none", "bf16", "fp16", "fp8", "int8-weight", "int4-awq", "int4-gptq"),
+    "torch": ("none", "bf16", "fp16", "fp8", "int8-weight", "int4-awq", "int4-gptq", "mxfp4"),
     "tensorrt-llm": ("none", "bf16", "fp16", "fp8", "int8-weight", "int4-awq", "int4-gptq"),
 }
 
@@ -312,7 +312,8 @@ class EngineOptions(KubeModel):
         Field(
             default="none",
             description="Weight format of the built engine. `none` keeps the checkpoint's dtype; "
-            "`fp8` needs Ada or Hopper GPUs; `int4-awq`/`int4-gptq` load pre-quantized checkpoints.",
+            "`fp8` needs Ada or Hopper GPUs; `int4-awq`/`int4-gptq` load pre-quantized checkpoints; "
+            "`mxfp4` keeps gpt-oss's published MXFP4 experts packed (torch backend).",
         ),
     ]
     kv_cache_dtype: Annotated[

@@ -54,7 +54,10 @@ def test_build_modules_import_no_torch() -> None:
     ("quantization", "checkpoint", "mode"),
     [("none", "none", "keep"), ("bf16", "none", "bf16"), ("fp16", "none", "fp16"), ("fp8", "none", "fp8"),
      ("int8-weight", "none", "int8"), ("int4-awq", "awq", "keep"), ("int4-gptq", "gptq", "keep"),
-     ("none", "awq", "keep"), ("fp8", "fp8", "keep"), ("int8-weight", "int8", "keep")],
+     ("none", "awq", "keep"), ("fp8", "fp8", "keep"), ("int8-weight", "int8", "keep"),
+     # gpt-oss's MXFP4 experts: kept packed, or dequantized as they are read and converted as float
+     ("mxfp4", "mxfp4", "mxfp4"), ("none", "mxfp4", "keep"), ("fp8", "mxfp4", "fp8"),
+     ("bf16", "mxfp4", "bf16")],
 )  # fmt: skip
 def test_conversion_mode(quantization: str, checkpoint: str, mode: str) -> None:
     assert conversion_mode(quantization, checkpoint, "src") == mode
@@ -70,6 +73,8 @@ def test_conversion_mode_refuses_mismatched_formats() -> None:
         conversion_mode("int4-awq", "gptq", "src")
     with pytest.raises(BuildError, match="already quantized with awq"):
         conversion_mode("fp8", "awq", "src")
+    with pytest.raises(BuildError, match=r"mxfp4 loads checkpoints published in MXFP4.*not quantized"):
+        conversion_mode("mxfp4", "none", "src")
 
 
 def test_parallelism_checks() -> None:
