@@ -21,6 +21,7 @@
 #   OUT=results bash bench/engine_gpu.sh weight-only     # issue 18: AWQ/GPTQ int4, int8 kernels vs dense refs, bf16
 #   OUT=results bash bench/engine_gpu.sh moe-check moe-qwen3 moe-mixtral   # issue 22: MoE gate, then rows
 #   OUT=results bash bench/engine_gpu.sh moe-check moe-gptoss   # gpt-oss-20b-shaped rows (1k/1k first)
+#   OUT=results bash bench/engine_gpu.sh moe-check moe-mxfp4    #   the same with its MXFP4 experts packed
 #                                 (MOE_ARGS adds options; the transformers baseline is Qwen3's alone:
 #                                 bf16 Mixtral does not fit beside anything on one H100)
 #   OUT=results bash bench/engine_gpu.sh moe-tune moe-probe   # the expert GEMMs' tile sweep; which
@@ -108,6 +109,11 @@ for stage in "$@"; do
       timeout "${MOE_TIMEOUT:-420}" $PY bench/moe_throughput.py --models gpt-oss-20b --modes fp8,bf16 \
         --workloads 1000/1000,128/128 --num-requests 1024 --max-num-seqs 1024 --no-baseline ${MOE_ARGS:-} \
         --out "$OUT/moe-gptoss.json" 2>&1 | tee "$OUT/moe-gptoss.log" | grep -v -E '^ |^[{}]' | tail -30
+      ;;
+    moe-mxfp4)
+      timeout "${MOE_TIMEOUT:-420}" $PY bench/moe_throughput.py --models gpt-oss-20b --modes mxfp4,bf16 \
+        --workloads 1000/1000,128/128 --num-requests 1024 --max-num-seqs 1024 --no-baseline ${MOE_ARGS:-} \
+        --out "$OUT/moe-mxfp4.json" 2>&1 | tee "$OUT/moe-mxfp4.log" | grep -v -E '^ |^[{}]' | tail -30
       ;;
     moe-tune)
       timeout "${MOE_TUNE_TIMEOUT:-560}" $PY bench/moe_tune.py --deadline 480 ${MOE_TUNE_ARGS:-} \
