@@ -519,6 +519,12 @@ def _trt_engine_artifact(artifact: str, verify: bool) -> Path:
     help="A draft checkpoint for speculative decoding (same sources as --model, same tokenizer), "
     "carried in the artifact and served with `serve --speculative draft`.",
 )
+@click.option(
+    "--expert-parallel",
+    is_flag=True,
+    help="Mixture-of-experts models: each of the --tp ranks holds experts / tp experts whole "
+    "instead of a slice of every expert.",
+)
 def build(
     model: str,
     output: str,
@@ -540,6 +546,7 @@ def build(
     progress_bar: bool | None,
     result_file: str | None,
     draft_model: str | None,
+    expert_parallel: bool,
 ) -> None:
     """Build an artifact: fetch, quantize, shard, measure capacity, publish with a manifest (written last)."""
     from kiln_engine.build import result
@@ -572,6 +579,7 @@ def build(
         device=device,
         fp8_scales=fp8_scales,
         draft_model=draft_model,
+        expert_parallel=expert_parallel,
     )
     if backend == "tensorrt-llm":
         from kiln_engine.build.trt import build_trt_artifact

@@ -6,7 +6,7 @@ Plain Python, no torch: the scheduler and block manager read `EngineConfig` in u
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -72,6 +72,9 @@ class EngineConfig:
     tensor_parallel_rank: int = 0  # within this rank's pipeline stage
     pipeline_parallel_size: int = 1
     pipeline_parallel_rank: int = 0  # global rank = pipeline_parallel_rank * tp + tensor_parallel_rank
+    # A mixture-of-experts checkpoint's experts spread whole over the tensor-parallel ranks (E / tp a
+    # rank) instead of sliced; an artifact's manifest says how it was built, and that wins.
+    expert_parallel: bool = False
     pipeline_microbatches: int = 0  # per step, so stages overlap; 0: one per stage
     attention_backend: str = "auto"  # "auto" | "torch" (reference) | "triton"
     load_format: str = "auto"  # "auto": safetensors weights | "dummy": random weights (benchmarks)
@@ -122,6 +125,8 @@ class EngineConfig:
                 f"pipeline_parallel_rank {self.pipeline_parallel_rank} is outside "
                 f"pipeline_parallel_size {self.pipeline_parallel_size}"
             )
+        if self.expert_parallel and self.tensor_parallel_size < 2:
+            raise ValueError("expert parallelism spreads experts over tensor-parallel ranks: at least 2")
         if self.pipeline_parallel_size > 1 and self.cuda_graphs:
             raise ValueError("decode CUDA graphs cover the whole model: off under pipeline parallelism")
         if self.speculative not in (None, "ngram", "draft"):
@@ -201,6 +206,9 @@ class MoeConfig:
     biased: bool = False
     swiglu_limit: float | None = None
     swiglu_alpha: float = 1.0
+    # How the experts lie over the tensor-parallel ranks (set by the loader, not read from config.json):
+    # False, a slice of every expert on every rank; True, num_experts / tp whole experts a rank.
+    expert_parallel: bool = False
 
     def is_sparse(self, layer: int) -> bool:
         return layer in self.sparse_layers
@@ -454,6 +462,17 @@ def parse_gemma_rope(cfg: dict[str, Any]) -> tuple[RopeConfig, RopeConfig]:
         ),
         parse_rope({"rope_theta": cfg.get("rope_local_base_freq", 10_000.0)}),
     )
+
+
+def with_expert_parallel(cfg: ModelConfig, expert_parallel: bool, tp: int) -> ModelConfig:
+    """`cfg` with its experts spread whole over `tp` ranks, when asked (and checked that they can)."""
+    if not expert_parallel:
+        return cfg
+    if cfg.moe is None:
+        raise ValueError(f"expert parallelism needs a mixture-of-experts model, not {cfg.architecture}")
+    if cfg.moe.num_experts % tp:
+        raise ValueError(f"{cfg.moe.num_experts} experts do not split over {tp} expert-parallel ranks")
+    return replace(cfg, moe=replace(cfg.moe, expert_parallel=True))
 
 
 def parse_moe(arch: str, cfg: dict[str, Any]) -> MoeConfig | None:

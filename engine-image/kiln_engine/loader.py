@@ -11,11 +11,12 @@ Kiln artifact layout (written by `kiln-engine build`, read here; the names below
                                              copied as found (TOKENIZER_FILES)
     <artifact>/rank-<r>/model.safetensors    RANK_DIR / RANK_WEIGHTS_FILE: tensor-parallel shard r,
                                              tensors under their HF names, sliced by
-                                             `layers.sharding.shard_tensor`
+                                             `layers.sharding.rank_tensor`
 
 manifest.json keys the loader reads (others are the build's business):
     "tensor_parallel_size": int (default 1)    MANIFEST_TP
     "pipeline_parallel_size": int (default 1)  MANIFEST_PP; rank r = stage * tp + tp_rank
+    "expert_parallel": bool (default false)      MANIFEST_EP; experts whole, E / tp a rank
     "pipeline_stages": [{"stage", "first_layer", "end_layer", "ranks"}]  MANIFEST_STAGES (each
                                                stage's decoder layers; default: `pp_layer_range`)
     "quantization": "none"|"fp8"|"int8"|"int8-weight"|... (config.json's quantization_config wins)
@@ -37,10 +38,10 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
-from kiln_engine.config import EngineConfig, ModelConfig, QuantConfig
+from kiln_engine.config import EngineConfig, ModelConfig, QuantConfig, with_expert_parallel
 from kiln_engine.dtypes import DTYPES, checkpoint_dtype
 from kiln_engine.layers.parallel import PPStage, global_rank, init_parallel, pipeline_stage
-from kiln_engine.layers.sharding import in_pp_stage, shard_tensor
+from kiln_engine.layers.sharding import in_pp_stage, rank_tensor
 from kiln_engine.models import model_class
 from kiln_engine.models.llama import LlamaForCausalLM
 from kiln_engine.tokenizer import TOKENIZER_FILES, Tokenizer
@@ -52,6 +53,7 @@ RANK_WEIGHTS_FILE = "model.safetensors"
 HF_INDEX_FILE = "model.safetensors.index.json"
 MANIFEST_TP = "tensor_parallel_size"
 MANIFEST_PP = "pipeline_parallel_size"
+MANIFEST_EP = "expert_parallel"
 MANIFEST_STAGES = "pipeline_stages"
 MANIFEST_QUANT = "quantization"
 MANIFEST_DTYPE = "dtype"
@@ -149,6 +151,7 @@ def load_model(
     pp = ec.pipeline_parallel_size
     stage = pipeline_stage(cfg.num_hidden_layers, ec.pipeline_parallel_rank, pp)
     presharded = False
+    expert_parallel = ec.expert_parallel
     if is_artifact(d):
         manifest = read_manifest(d)
         built_tp, built_pp = int(manifest.get(MANIFEST_TP, 1)), int(manifest.get(MANIFEST_PP, 1))
@@ -157,8 +160,13 @@ def load_model(
                 f"artifact was built for tensor_parallel_size {built_tp} x pipeline_parallel_size "
                 f"{built_pp}, engine runs {ec.tensor_parallel_size} x {pp}"
             )
+        built_ep = bool(manifest.get(MANIFEST_EP, False))
+        if expert_parallel and not built_ep:
+            raise ValueError("artifact was built without expert parallelism; rebuild it with it")
+        expert_parallel = built_ep
         stage = manifest_stage(manifest, stage)
         presharded = True
+    cfg = with_expert_parallel(cfg, expert_parallel, ec.tensor_parallel_size)
     if pp > 1 and not getattr(model_class(cfg), "supports_pipeline", False):
         raise ValueError(f"{cfg.architecture} does not support pipeline parallelism in this runtime")
     if stage.end_layer <= stage.first_layer:
@@ -186,7 +194,10 @@ def load_model(
         tied = cfg.tie_word_embeddings
         weights = ((n, t) for n, t in weights if in_pp_stage(n, cfg.num_hidden_layers, stage.rank, pp, tied))
     if not presharded and tp.size > 1:
-        weights = ((n, shard_tensor(n, t, tp.rank, tp.size, cfg.num_key_value_heads)) for n, t in weights)
+        experts = cfg.moe.num_experts if cfg.moe is not None and cfg.moe.expert_parallel else 0
+        kv = cfg.num_key_value_heads
+        parts = ((n, rank_tensor(n, t, tp.rank, tp.size, kv, experts)) for n, t in weights)
+        weights = ((n, t) for n, t in parts if t is not None)
     with torch.no_grad():
         model.load_weights((n, t.to(device)) for n, t in weights)
     model.eval()

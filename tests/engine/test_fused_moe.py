@@ -43,6 +43,30 @@ def quantize(w, fn):
     q, s = zip(*(fn(w[e]) for e in range(w.shape[0])))
     return torch.stack(q), torch.stack(s)
 
+# Expert parallel: two ranks, each with half the experts whole, leave the other half's pairs out
+# (id -1); the parts sum to the whole layer.
+def check_expert_parallel(x, weights, ids, w13, w2, ref):
+    E = w13.shape[0]
+    parts = []
+    for rank in range(2):
+        first, count = rank * E // 2, E // 2
+        local = torch.where((ids >= first) & (ids < first + count), ids - first, -1)
+        w13_r, w2_r = w13[first:first + count], w2[first:first + count]
+        part = fused_experts(x, weights, ids=local, w13=w13_r, w2=w2_r, foreign_pairs=True)
+        ref_part = experts_reference(x, weights, local, w13_r, w2_r)  # zeros where no pair is local
+        assert (part - ref_part).abs().max() <= 1e-5 * ref.abs().max(), ("ep", rank, ids.shape)
+        parts.append(part)
+    whole = parts[0] + parts[1]
+    assert rel(whole, ref) < 1e-5, ("expert parallel", ids.shape, rel(whole, ref))
+
+# 32 experts, 16 a rank: one to three tokens take the one-block-per-pair layout
+for tokens in (1, 3):
+    x = torch.randn(tokens, 64, generator=g)
+    w13 = torch.randn(32, 96, 64, generator=g) * 0.1
+    w2 = torch.randn(32, 64, 48, generator=g) * 0.1
+    weights, ids = route(torch.randn(tokens, 32, generator=g), 2, renormalize=True)
+    check_expert_parallel(x, weights, ids, w13, w2, experts_reference(x, weights, ids, w13, w2))
+
 E, H, I = 8, 64, 48
 # One block per pair at 1 token, sorted otherwise; rows per expert 0.25, 1.9, 17.5, 50 and 100
 # reach each of `_tiles`' four row blocks (16, 32, 64, 128).
@@ -70,6 +94,7 @@ for tokens, top_k in ((1, 2), (5, 3), (70, 2), (200, 2), (400, 2)):
     assert rel(ref_b, experts_reference(x, weights, ids, w13, w2, w13_bias=b13)) > 0.05
     got_b = fused_experts(x, weights, ids, w13, w2, w13_bias=b13, activation=act)
     assert rel(got_b, ref_b) < 1e-5, ("gpt-oss", tokens, rel(got_b, ref_b))
+    check_expert_parallel(x, weights, ids, w13, w2, ref)
     # MXFP4 (gpt-oss): bytes of two e2m1 codes, an exponent per 32 inputs; H = 96 leaves a part
     # K tile after whole ones, and the reference is the dense dequantized weights' own product
     m13 = torch.randint(0, 256, (E, 2 * 64, 48), generator=g, dtype=torch.uint8)  # I = 64

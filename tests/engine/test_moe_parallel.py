@@ -167,3 +167,49 @@ def test_gpt_oss_mxfp4_experts_packed_at_tp2_serve_the_dequantized_tokens(tmp_pa
     assert torch.equal(rank1["model.layers.1.mlp.experts.2.down_proj.weight_scale"], scales[2][:, 1:])
     assert rank1["model.layers.1.mlp.experts.2.down_proj.weight"].shape == (64, 16)  # [H, I/2/tp]
     assert run_ranks(two, 2, tmp_path / "tp2.json") == ref
+
+
+@pytest.mark.slow
+def test_expert_parallel_ranks_hold_whole_experts_and_serve_tp1s_tokens(
+    qwen3_moe: tuple[Path, list[list[int]], Path], tmp_path: Path
+) -> None:
+    """Expert parallel at TP=2: each rank holds half the experts whole (the other half not at all),
+    from the checkpoint as loaded and from `build --expert-parallel`, and serves TP=1's tokens."""
+    ckpt, ref, _ = qwen3_moe
+    assert run_ranks(ckpt, 2, tmp_path / "ckpt.json", EXPERT_PARALLEL="1") == ref
+    art = build(ckpt, tmp_path / "ep2", "--tp", "2", "--expert-parallel")
+    full = load_file(str(ckpt / "model.safetensors"))
+    for rank, held in ((0, range(0, 4)), (1, range(4, 8))):  # the tiny Qwen3-MoE has 8 experts
+        shard = load_file(str(art / f"rank-{rank}/model.safetensors"))
+        experts = {int(n.split(".experts.")[1].split(".")[0]) for n in shard if ".experts." in n}
+        assert experts == set(held), (rank, experts)
+        name = f"model.layers.0.mlp.experts.{held[0]}.down_proj.weight"
+        assert torch.equal(shard[name], full[name])  # whole, not sliced
+    assert run_ranks(art, 2, tmp_path / "ep2.json") == ref
+
+
+@pytest.mark.slow
+def test_expert_parallel_gpt_oss_with_packed_mxfp4_experts(tmp_path: Path) -> None:
+    """gpt-oss's biased experts, kept MXFP4, spread whole over two ranks: every rank keeps every
+    expert's down bias (added once after the all-reduce); the tokens are the dequantized TP=1's."""
+    ckpt = make_tiny_mxfp4_checkpoint(tmp_path / "ckpt")
+    ref = run_ranks(ckpt, 1, tmp_path / "tp1.json")
+    art = build(ckpt, tmp_path / "ep2", "--tp", "2", "--expert-parallel", "--quantization", "mxfp4")
+    rank1 = load_file(str(art / "rank-1/model.safetensors"))
+    assert "model.layers.0.mlp.experts.0.down_proj.bias" in rank1
+    assert "model.layers.0.mlp.experts.0.down_proj.weight" not in rank1
+    assert run_ranks(art, 2, tmp_path / "ep2.json") == ref
+
+
+def test_build_refuses_expert_parallelism_it_cannot_lay_out(tmp_path: Path) -> None:
+    dense = make_tiny_checkpoint(tmp_path / "dense", "llama")
+    moe = make_tiny_checkpoint(tmp_path / "moe", "qwen3_moe")
+    for ckpt, options, message in (
+        (dense, ("--tp", "2"), "needs a mixture-of-experts model"),
+        (moe, ("--tp", "1"), "tensor-parallel size of at least 2"),
+        (moe, ("--tp", "4", "--backend", "tensorrt-llm"), "needs the torch backend"),
+    ):
+        args = ["build", "--model", str(ckpt), "--output", str(tmp_path / "out"), "--device", "cpu"]
+        result = CliRunner().invoke(main, [*args, *options, "--expert-parallel", "--no-progress-bar"])
+        assert result.exit_code != 0 and message in f"{result.output}{result.exception}", result.output
+        assert not (tmp_path / "out").exists()

@@ -86,7 +86,7 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def run_ranks(model: Path, world: int, out: Path) -> list[list[int]]:
+def run_ranks(model: Path, world: int, out: Path, **env_extra: str) -> list[list[int]]:
     port = _free_port()
     procs = []
     for rank in range(world):
@@ -97,6 +97,7 @@ def run_ranks(model: Path, world: int, out: Path) -> list[list[int]]:
             "MASTER_ADDR": "127.0.0.1",
             "MASTER_PORT": str(port),
             "OMP_NUM_THREADS": "1",
+            **env_extra,
         }
         procs.append(
             subprocess.Popen(

@@ -20,7 +20,7 @@ from safetensors.torch import save_file
 
 from kiln_engine.build.manifest import PipelineStage
 from kiln_engine.config import ModelConfig
-from kiln_engine.layers.sharding import in_pp_stage, pp_layer_range, shard_tensor
+from kiln_engine.layers.sharding import in_pp_stage, pp_layer_range, rank_tensor
 from kiln_engine.loader import RANK_DIR, RANK_WEIGHTS_FILE, weight_files
 from kiln_engine.models import model_class
 from kiln_engine.quantization import is_quantizable, quantize_fp8, quantize_int8
@@ -118,6 +118,7 @@ def write_rank_shards(
         ]
         total = sum(len(s) for s in per_stage) * tp or 1
         split = model_class(config).checkpoint_tensors
+        experts = config.moe.num_experts if config.moe is not None and config.moe.expert_parallel else 0
         done = itertools.count(1)
         for stage in range(pp):
             for tp_rank in range(tp):
@@ -129,8 +130,9 @@ def write_rank_shards(
                 # quantized as Llama's and Qwen3-MoE's
                 for plain, whole in split(tensors, config):
                     for out_name, t in convert_tensor(plain, whole, mode, per_channel, device).items():
-                        shard = shard_tensor(out_name, t, tp_rank, tp, config.num_key_value_heads)
-                        part[out_name] = shard.contiguous()
+                        shard = rank_tensor(out_name, t, tp_rank, tp, config.num_key_value_heads, experts)
+                        if shard is not None:  # None: another rank's expert (expert parallel)
+                            part[out_name] = shard.contiguous()
                 rel = rank_file(rank)
                 (out / rel).parent.mkdir(parents=True, exist_ok=True)
                 save_file(part, str(out / rel), metadata={"format": "pt"})

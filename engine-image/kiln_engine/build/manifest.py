@@ -88,6 +88,7 @@ class Manifest(_Model):
     dtype: str = "auto"
     tensor_parallel_size: int = 1
     pipeline_parallel_size: int = 1
+    expert_parallel: bool = False
     pipeline_stages: list[PipelineStage] = Field(default_factory=list)
     weight_files: dict[str, list[str]] = Field(default_factory=dict)
     build_options: dict[str, Any] = Field(default_factory=dict)

@@ -43,7 +43,13 @@ from kiln_engine.build.manifest import (
     write_manifest,
 )
 from kiln_engine.build.progress import Progress
-from kiln_engine.config import MXFP4_PACKED_KEY, ModelConfig, UnsupportedModelError, parse_quant
+from kiln_engine.config import (
+    MXFP4_PACKED_KEY,
+    ModelConfig,
+    UnsupportedModelError,
+    parse_quant,
+    with_expert_parallel,
+)
 from kiln_engine.draft import DRAFT_DIR
 
 QUANTIZATIONS = ("none", "bf16", "fp16", "fp8", "int8-weight", "int4-awq", "int4-gptq", "mxfp4")
@@ -95,6 +101,7 @@ class BuildOptions:
     fp8_scales: str = "channel"  # per output channel, or one per tensor
     capacity_time_budget_s: float = 300.0
     draft_model: str | None = None  # speculative decoding's draft, carried in DRAFT_DIR as fetched
+    expert_parallel: bool = False  # experts whole, E / tp a rank, instead of a slice of each
 
 
 @dataclass(frozen=True)
@@ -131,6 +138,10 @@ def validate_options(opts: BuildOptions) -> None:
         raise bad(f"TTFT percentile {opts.ttft_percentile}: use one of {TTFT_PERCENTILES}")
     if opts.draft_model is not None and opts.backend != "torch":
         raise bad("a draft model is served by the torch backend only")
+    if opts.quantization == "mxfp4" and opts.backend != "torch":
+        raise bad("mxfp4 (gpt-oss's experts kept packed) is served by the torch backend only")
+    if opts.expert_parallel and (opts.backend != "torch" or opts.tensor_parallel_size < 2):
+        raise bad("expert parallelism needs the torch backend and a tensor-parallel size of at least 2")
     if opts.draft_model is not None and opts.tensor_parallel_size * opts.pipeline_parallel_size > 1:
         raise bad("a draft model speculates on one rank only: not with tensor or pipeline parallelism")
 
@@ -191,7 +202,7 @@ def check_parallelism(cfg: ModelConfig, tp: int, pp: int) -> None:
         problems.append(f"num_key_value_heads {kv} is not divisible by {tp} (nor {tp} by it)")
     if cfg.intermediate_size % tp:
         problems.append(f"intermediate_size {cfg.intermediate_size} is not divisible by {tp}")
-    if cfg.moe is not None and cfg.moe.intermediate_size % tp:
+    if cfg.moe is not None and not cfg.moe.expert_parallel and cfg.moe.intermediate_size % tp:
         problems.append(
             f"the experts' intermediate size {cfg.moe.intermediate_size} is not divisible by {tp}"
         )
@@ -238,7 +249,10 @@ def mxfp4_split_problems(cfg: ModelConfig, tp: int) -> list[str]:
         return []
     inputs = (
         ("hidden size", cfg.hidden_size),
-        ("experts' intermediate size per rank", cfg.moe.intermediate_size // tp),
+        (
+            "experts' intermediate size per rank",
+            cfg.moe.intermediate_size // (1 if cfg.moe.expert_parallel else tp),
+        ),
     )
     return [f"mxfp4 groups 32 inputs, the {what} is {n}" for what, n in inputs if n % 32]
 
@@ -628,6 +642,11 @@ def _build(opts: BuildOptions, progress: Progress) -> BuildOutcome:
     mode = conversion_mode(opts.quantization, checkpoint_quant_method(raw_config, model_config), opts.model)
     if mode == "mxfp4":  # the experts are converted, sharded and checked packed
         model_config = dataclasses.replace(model_config, quant=parse_quant(MXFP4_PACKED))
+    if opts.expert_parallel:
+        try:
+            model_config = with_expert_parallel(model_config, True, opts.tensor_parallel_size)
+        except ValueError as exc:
+            raise BuildError(str(exc), INVALID_OPTIONS) from exc
     check_parallelism(model_config, opts.tensor_parallel_size, opts.pipeline_parallel_size)
     fingerprint = source_fingerprint(loc, checkpoint)
     draft = None
@@ -682,6 +701,7 @@ def _build(opts: BuildOptions, progress: Progress) -> BuildOutcome:
             dtype=serving_dtype(out_config),
             tensor_parallel_size=tp,
             pipeline_parallel_size=pp,
+            expert_parallel=opts.expert_parallel,
             pipeline_stages=convert.pipeline_stages(model_config.num_hidden_layers, tp, pp),
             weight_files=weight_files,
             build_options=recorded_options(opts),

@@ -79,6 +79,8 @@ def _moe_gemm_kernel(  # type: ignore[no-untyped-def]
     if pid_m * BLOCK_M >= tl.load(total_ptr):
         return  # a padding block past the last expert's run
     expert = tl.load(block_expert_ptr + pid_m).to(tl.int64)
+    if expert < 0:
+        return  # pairs of another rank's expert (expert parallel)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     pair = tl.load(sorted_ptr + offs_m).to(tl.int64)
     valid = pair < num_pairs
@@ -126,12 +128,14 @@ def align_by_expert(
     """(sorted pair ids [P], expert of each row block [P / block_m], used rows [1]) for ids [T, k].
 
     Pair p = t * k + j. Each expert's pairs are contiguous, in pair order, padded with the id
-    T * k up to a multiple of `block_m`; P is the worst case, so shapes depend only on T.
+    T * k up to a multiple of `block_m`; P is the worst case, so shapes depend only on T. Pairs
+    with id -1 (another rank's expert) go last, past the used rows, where no program reads them.
     """
     flat = ids.reshape(-1).to(torch.int64)
+    flat = torch.where(flat < 0, num_experts, flat)
     n = flat.numel()
-    size = triton.cdiv(n + num_experts * (block_m - 1), block_m) * block_m
-    counts = torch.zeros(num_experts, dtype=torch.int64, device=ids.device)
+    size = triton.cdiv(n + (num_experts + 1) * (block_m - 1), block_m) * block_m
+    counts = torch.zeros(num_experts + 1, dtype=torch.int64, device=ids.device)
     counts.scatter_add_(0, flat, torch.ones_like(flat))
     padded = (counts + block_m - 1) // block_m * block_m
     ends = torch.cumsum(padded, 0)
@@ -143,7 +147,7 @@ def align_by_expert(
     sorted_ids[dest] = order.to(torch.int32)
     starts = torch.arange(0, size, block_m, device=ids.device)
     block_expert = torch.searchsorted(ends, starts, right=True).clamp_(max=num_experts - 1)
-    return sorted_ids, block_expert.to(torch.int32), ends[-1:]
+    return sorted_ids, block_expert.to(torch.int32), ends[-2:-1]
 
 
 def one_block_per_pair(ids: torch.Tensor, block_m: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -151,7 +155,8 @@ def one_block_per_pair(ids: torch.Tensor, block_m: int) -> tuple[torch.Tensor, t
 
     For decode at batch 1 (or a few tokens among many experts) the pairs hit distinct experts, so
     this reads each weight once like the sorted layout, without the sort's dozen kernel launches,
-    which otherwise cost more than streaming the experts' weights."""
+    which otherwise cost more than streaming the experts' weights. A pair with id -1 (another
+    rank's expert) keeps -1 as its block's expert, which the kernel skips."""
     flat = ids.reshape(-1)
     n = flat.numel()
     sorted_ids = torch.full((n, block_m), n, dtype=torch.int32, device=ids.device)
@@ -242,11 +247,14 @@ def fused_experts(
     w2_scale: torch.Tensor | None = None,
     w13_bias: torch.Tensor | None = None,
     activation: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    foreign_pairs: bool = False,
 ) -> torch.Tensor:
     """The function of `layers.moe.experts_reference`: x [T, H], weights/ids [T, k] -> [T, H].
 
     A gate/up bias (gpt-oss) is gathered per (token, k) row and added after the first GEMM, and an
-    activation other than SwiGLU runs as torch ops there: static shapes, so graphs still capture it."""
+    activation other than SwiGLU runs as torch ops there: static shapes, so graphs still capture it.
+    `foreign_pairs`: ids may hold -1 (expert parallel: another rank's expert); their rows, which no
+    GEMM writes, are zeros in the sum."""
     tokens, hidden = x.shape
     top_k = ids.shape[1]
     num_experts, two_inter = w13.shape[0], w13.shape[1]
@@ -263,8 +271,9 @@ def fused_experts(
     up = torch.empty(tokens * top_k, two_inter, dtype=x.dtype, device=x.device)
     _gemm(x, w13, up, w13_scale, None, layout, top_k, up_tile)
     if w13_bias is not None:
-        up += w13_bias[ids.reshape(-1)]
+        up += w13_bias[ids.reshape(-1).clamp(min=0)]
     act = silu_and_mul(up) if activation is None else activation(up)
-    down = torch.empty(tokens * top_k, hidden, dtype=x.dtype, device=x.device)
+    empty = torch.zeros if foreign_pairs else torch.empty
+    down = empty(tokens * top_k, hidden, dtype=x.dtype, device=x.device)
     _gemm(act, w2, down, w2_scale, weights.reshape(-1).contiguous(), layout, 1, down_tile)
     return down.view(tokens, top_k, hidden).sum(dim=1)

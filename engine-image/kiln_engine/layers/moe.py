@@ -9,6 +9,8 @@ fp8 and int8 experts keep per-output-channel float32 scales (`w13_weight_scale` 
 (gpt-oss) keep two e2m1 values a byte along the input dimension and one exponent per 32 inputs:
 `w13_weight` uint8 [E, 2*I/tp, H/2] with `w13_weight_scale` [E, 2*I/tp, H/32], `w2_weight` [E, H,
 I/tp/2] with `w2_weight_scale` [E, H, I/tp/32] (so down's exponents split with its inputs).
+With expert parallelism (`MoeConfig.expert_parallel`) a rank holds E/tp experts whole instead of a
+slice of every one, and leaves the pairs routed elsewhere out: the same all-reduce sums the parts.
 
 The torch path (CPU, tests, the reference) loops over the experts that received tokens, in the
 order transformers does; on GPU with `fused` set, `layers.fused_moe` runs one grouped GEMM per
@@ -74,11 +76,14 @@ def experts_reference(
     w13_bias: torch.Tensor | None = None,
     activation: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """sum_k weights[t, k] * expert_{ids[t, k]}(x[t]) with gated experts, one expert at a time
-    (the down projection's bias, added once after any all-reduce, is `FusedMoE.down_bias`'s)."""
+    """sum_k weights[t, k] * expert_{ids[t, k]}(x[t]) with gated experts, one expert at a time;
+    pairs with id -1 are left out (the down projection's bias, added once after any all-reduce, is
+    `FusedMoE.down_bias`'s)."""
     out = torch.zeros_like(x)
     flat = ids.reshape(-1)
     for e in torch.unique(flat).tolist():
+        if e < 0:  # another rank's expert (expert parallel)
+            continue
         token, slot = torch.where(ids == e)
         up_w, down_w = expert_weight(w13, w13_scale, e, x.dtype), expert_weight(w2, w2_scale, e, x.dtype)
         h = (activation or swiglu)(F.linear(x[token], up_w, None if w13_bias is None else w13_bias[e]))
@@ -103,8 +108,17 @@ class FusedMoE(nn.Module):
         super().__init__()
         assert cfg.moe is not None
         self.tp = tp
-        e, h = cfg.moe.num_experts, cfg.hidden_size
-        self.inter = divide(cfg.moe.intermediate_size, tp.size)
+        h = cfg.hidden_size
+        # expert parallel: this rank holds experts first_expert .. first_expert + num_local - 1, whole
+        self.expert_parallel = cfg.moe.expert_parallel and tp.size > 1
+        if self.expert_parallel:
+            self.num_local = divide(cfg.moe.num_experts, tp.size)
+            self.first_expert = tp.rank * self.num_local
+            self.inter = cfg.moe.intermediate_size
+        else:
+            self.num_local, self.first_expert = cfg.moe.num_experts, 0
+            self.inter = divide(cfg.moe.intermediate_size, tp.size)
+        e = self.num_local
         quant = cfg.quant.method
         if quant not in ("none", "fp8", "int8", "mxfp4"):
             raise ValueError(f"{quant} experts are not supported")
@@ -130,9 +144,9 @@ class FusedMoE(nn.Module):
             self.w13_weight_scale = param(e, 2 * self.inter, dt=torch.float32)
             self.w2_weight_scale = param(e, h, dt=torch.float32)
         self.biased = cfg.moe.biased
-        if self.biased:
+        if self.biased:  # down's bias is added after the all-reduce, for every expert: all of them
             self.w13_bias = param(e, 2 * self.inter, dt=dtype)
-            self.w2_bias = param(e, h, dt=dtype)
+            self.w2_bias = param(cfg.moe.num_experts, h, dt=dtype)
         self.activation = expert_activation(cfg.moe)
         self.fused = False  # set by the model runner: the Triton grouped GEMMs
         self.loaded: set[tuple[str, int, int]] = set()
@@ -142,29 +156,36 @@ class FusedMoE(nn.Module):
         assert isinstance(shard, tuple), shard
         expert, part = shard
         param: torch.Tensor = getattr(self, name)
-        dst = param.data[expert]
+        local = expert if name == "w2_bias" else expert - self.first_expert
+        if not 0 <= local < param.shape[0]:
+            return  # another rank's expert (expert parallel)
+        dst = param.data[local]
         if name.startswith("w13"):
             dst = dst.narrow(0, part * self.inter, self.inter)
             dim: int | None = 0
         else:  # down's scale (but MXFP4's, per input group too) and bias are per output channel: whole
             dim = 1 if name == "w2_weight" or (name == "w2_weight_scale" and self.mxfp4) else None
-        load_slice(dst, tensor, dim, self.tp.rank, self.tp.size, f"experts.{expert}.{name}[{part}]")
+        index, count = (0, 1) if self.expert_parallel else (self.tp.rank, self.tp.size)
+        load_slice(dst, tensor, dim, index, count, f"experts.{expert}.{name}[{part}]")
         self.loaded.add((name, expert, part))
 
     def missing(self) -> list[str]:
         """Expert tensors no checkpoint tensor was loaded into (checked after loading)."""
-        need = [
-            (n, e, p)
-            for e in range(self.w13_weight.shape[0])
-            for n, p in (("w13_weight", 0), ("w13_weight", 1), ("w2_weight", 2))
-        ]
+        local = range(self.first_expert, self.first_expert + self.num_local)
+        need = [(n, e, p) for e in local for n, p in (("w13_weight", 0), ("w13_weight", 1), ("w2_weight", 2))]
         if self.quantized:
             need += [(n.replace("weight", "weight_scale"), e, p) for n, e, p in need]
         if self.biased:
-            need += [(n.replace("weight", "bias"), e, p) for n, e, p in need if n.endswith("weight")]
+            need += [("w13_bias", e, p) for e in local for p in (0, 1)]
+            need += [("w2_bias", e, 2) for e in range(self.w2_bias.shape[0])]
         return [f"experts.{e}.{n}[{p}]" for n, e, p in need if (n, e, p) not in self.loaded]
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """This rank's part of the experts' output: its slice of every expert, or (expert parallel)
+        its own experts whole, the others' pairs left out (id -1); the all-reduce sums the parts."""
+        if self.expert_parallel:
+            ids = ids - self.first_expert
+            ids = torch.where((ids >= 0) & (ids < self.num_local), ids, -1)
         s13 = self.w13_weight_scale if self.quantized else None
         s2 = self.w2_weight_scale if self.quantized else None
         b13 = self.w13_bias if self.biased else None
@@ -172,8 +193,9 @@ class FusedMoE(nn.Module):
             from kiln_engine.layers.fused_moe import fused_experts  # Triton: only where it runs
 
             return fused_experts(
-                x, weights, ids, self.w13_weight, self.w2_weight, s13, s2, b13, self.activation
-            )
+                x, weights, ids, self.w13_weight, self.w2_weight, s13, s2, b13, self.activation,
+                foreign_pairs=self.expert_parallel,
+            )  # fmt: skip
         return experts_reference(
             x, weights, ids, self.w13_weight, self.w2_weight, s13, s2, b13, self.activation
         )

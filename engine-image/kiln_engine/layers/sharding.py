@@ -18,6 +18,10 @@ COLUMN_PARALLEL = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "w1", "
 ROW_PARALLEL = ("o_proj", "down_proj", "w2")
 VOCAB_PARALLEL = ("embed_tokens", "lm_head")
 _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+_EXPERT = re.compile(r"\.experts\.(\d+)\.")
+# A down projection's bias is added once after the all-reduce, for every expert a token chose: with
+# expert parallelism every rank keeps every expert's.
+_EVERY_RANK = ("down_proj.bias", "w2.bias")
 
 
 def tp_shard_dim(name: str) -> int | None:
@@ -73,6 +77,32 @@ def shard_tensor(name: str, tensor: torch.Tensor, rank: int, tp_size: int, num_k
         raise ValueError(f"{name}: dim {dim} of size {size} does not split into {count} parts")
     part = size // count
     return tensor.narrow(dim, index * part, part).contiguous()
+
+
+def expert_owner(name: str, num_experts: int, tp_size: int) -> int | None:
+    """Under expert parallelism, the one rank that holds checkpoint tensor `name` (whole): expert e
+    lies on rank e // (num_experts / tp_size). None for tensors that are no single expert's."""
+    m = _EXPERT.search(name)
+    if m is None or name.endswith(_EVERY_RANK):
+        return None
+    if num_experts % tp_size:
+        raise ValueError(f"{num_experts} experts do not split over {tp_size} expert-parallel ranks")
+    return int(m.group(1)) // (num_experts // tp_size)
+
+
+def rank_tensor(
+    name: str, tensor: torch.Tensor, rank: int, tp_size: int, num_kv_heads: int, parallel_experts: int = 0
+) -> torch.Tensor | None:
+    """What rank `rank` holds of checkpoint tensor `name`: `shard_tensor`'s slice; or, with expert
+    parallelism over `parallel_experts` experts, an expert's tensor whole on its rank and None on
+    the others."""
+    if parallel_experts and tp_size > 1:
+        owner = expert_owner(name, parallel_experts, tp_size)
+        if owner is not None:
+            return tensor if owner == rank else None
+        if _EXPERT.search(name):
+            return tensor  # every expert's down bias on every rank
+    return shard_tensor(name, tensor, rank, tp_size, num_kv_heads)
 
 
 def layer_index(name: str) -> int | None:

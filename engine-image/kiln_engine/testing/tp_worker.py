@@ -1,7 +1,7 @@
 """One tensor/pipeline-parallel rank of a greedy generation run, for tests and GPU checks.
 
     RANK=r WORLD_SIZE=n MASTER_ADDR=127.0.0.1 MASTER_PORT=29511 [PIPELINE_PARALLEL_SIZE=p] \\
-        python -m kiln_engine.testing.tp_worker MODEL_DIR OUT.json [DEVICE]
+        [EXPERT_PARALLEL=1] python -m kiln_engine.testing.tp_worker MODEL_DIR OUT.json [DEVICE]
 
 The world is n / p tensor-parallel ranks times p pipeline stages (rank = stage * tp + tp_rank).
 
@@ -44,6 +44,7 @@ def main() -> None:
             tensor_parallel_rank=rank % tp,
             pipeline_parallel_size=pp,
             pipeline_parallel_rank=rank // tp,
+            expert_parallel=os.environ.get("EXPERT_PARALLEL") == "1",
         ),
     )
     assert engine.tokenizer is not None

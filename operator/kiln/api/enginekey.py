@@ -56,6 +56,8 @@ def artifact_inputs(spec: LLMDeploymentSpec, runtime_version: str) -> dict[str, 
         "image": engine.image,
         "cache": spec.build.cache,
     }
+    if spec.parallelism.expert:  # only when set: keys of engines built before the field stay as they were
+        inputs["expert"] = True
     draft = draft_model(spec)
     if draft is not None:
         inputs["draftModel"] = draft
@@ -107,7 +109,7 @@ def engine_name(spec: LLMDeploymentSpec, key: str) -> str:
     The model part is shortened first, so quantization, layout and architecture stay visible.
     """
     model = spec.model.source.split("://", 1)[1].split("@", 1)[0].rsplit("/", 1)[-1]
-    parallel = f"tp{spec.parallelism.tensor}" + (
+    parallel = f"{'ep' if spec.parallelism.expert else 'tp'}{spec.parallelism.tensor}" + (
         f"pp{spec.parallelism.pipeline}" if spec.parallelism.pipeline > 1 else ""
     )
     arch = gpu_arch(spec.gpu.product if spec.gpu else None)

@@ -151,6 +151,12 @@ class Parallelism(KubeModel):
                     "tensor x pipeline must be at most 256 GPUs per replica",
                     ".pipeline",
                 ),
+                _cel(
+                    "!self.expert || self.tensor > 1",
+                    "expert parallelism spreads the experts over the tensor-parallel GPUs: tensor must be "
+                    "at least 2",
+                    ".expert",
+                ),
             ]
         }
     )
@@ -174,6 +180,15 @@ class Parallelism(KubeModel):
             description="Pipeline-parallel degree: stages of consecutive layers. A replica uses "
             "tensor x pipeline GPUs; when that exceeds one node it spans nodes inside one NVLink clique. "
             "On CPU (no spec.gpu) each stage is a pod of its tensor-parallel ranks.",
+        ),
+    ]
+    expert: Annotated[
+        bool,
+        Field(
+            default=False,
+            description="Mixture-of-experts models: each tensor-parallel GPU holds experts / tensor "
+            "experts whole instead of a slice of every expert (torch backend; the build fails on a "
+            "dense model or an expert count the tensor degree does not divide).",
         ),
     ]
 
@@ -1081,6 +1096,11 @@ class LLMDeploymentSpec(KubeModel):
                     "has(self.gpu) || self.engine.backend == 'torch'",
                     "the tensorrt-llm backend needs spec.gpu",
                     ".engine.backend",
+                ),
+                _cel(
+                    "!self.parallelism.expert || self.engine.backend == 'torch'",
+                    "expert parallelism needs the torch backend",
+                    ".parallelism.expert",
                 ),
                 _cel(
                     "!has(self.engine.lora) || self.parallelism.pipeline == 1",

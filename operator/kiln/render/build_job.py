@@ -91,6 +91,8 @@ def build_args(engine: LLMEngine, settings: Settings) -> list[str]:
         args += ["--device", "cpu"]
     if spec.draft_model is not None:
         args += ["--draft-model", local_uri(spec.draft_model, settings.pvc_root)]
+    if spec.parallelism.expert:
+        args.append("--expert-parallel")
     return [*args, "--no-progress-bar", "--result-file", TERMINATION_LOG]
 
 

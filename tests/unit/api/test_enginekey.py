@@ -49,6 +49,7 @@ def test_key_is_stable_across_processes() -> None:
         ("engine.image", "registry.example/engine:2"),
         ("parallelism.tensor", 2),
         ("parallelism.pipeline", 2),
+        ("parallelism.expert", True),
         ("gpu.product", "NVIDIA-A100-SXM4-80GB"),
         ("build.cache", "s3://kiln-engines/cache"),
         # the build measures capacity (torch, one rank) at the deployment's target, with its limits
@@ -60,6 +61,15 @@ def test_key_is_stable_across_processes() -> None:
 def test_each_artifact_input_changes_the_key(path: str, value: object) -> None:
     base = engine_key(LLMDeploymentSpec.model_validate(BASE), "1.0")
     assert engine_key(spec_with(path, value), "1.0") != base
+
+
+def test_a_field_added_at_its_default_keeps_the_keys_of_engines_built_before_it() -> None:
+    # Keys computed before `parallelism.expert` existed (2026-12-07): an upgrade must not rebuild
+    # every engine in every cluster.
+    tp2 = {"model": {"source": "hf://Qwen/Qwen3-30B-A3B@abc"}, "parallelism": {"tensor": 2},
+           "gpu": {"product": "NVIDIA-H100-80GB-HBM3"}}  # fmt: skip
+    assert engine_key(LLMDeploymentSpec.model_validate(BASE), "1.0") == "8a677cd2b84a3f4333c0"
+    assert engine_key(LLMDeploymentSpec.model_validate(tp2), "1.0") == "a6b831bcaf795b31dd60"
 
 
 def test_runtime_version_changes_the_key() -> None:
