@@ -4,6 +4,7 @@ an existing artifact, the capacity search, the --result-file JSON and the Tensor
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -86,6 +87,24 @@ def test_parallelism_checks() -> None:
     assert e.value.reason == "InvalidOptions"
     with pytest.raises(BuildError, match="exceeds the model's 2 decoder layers"):
         check_parallelism(cfg, 1, 3)
+
+
+def test_packed_mxfp4_experts_split_only_in_whole_groups_of_32_inputs() -> None:
+    # gpt-oss-120b's experts: 128 of intermediate size 2,880 (90 groups of 32 inputs)
+    gpt_oss = ModelConfig.from_dict({
+        **LLAMA, "architectures": ["GptOssForCausalLM"], "model_type": "gpt_oss", "hidden_size": 2880,
+        "num_attention_heads": 64, "num_key_value_heads": 8, "head_dim": 64, "intermediate_size": 2880,
+        "num_local_experts": 128, "num_experts_per_tok": 4, "layer_types": ["full_attention"] * 2,
+        "quantization_config": {"quant_method": "mxfp4", "kiln_packed_experts": True},
+    })  # fmt: skip
+    check_parallelism(gpt_oss, 2, 1)  # 45 groups a rank
+    with pytest.raises(
+        BuildError, match="mxfp4 groups 32 inputs, the experts' intermediate size per rank is 720"
+    ):
+        check_parallelism(gpt_oss, 4, 1)
+    assert gpt_oss.moe is not None
+    whole = dataclasses.replace(gpt_oss, moe=dataclasses.replace(gpt_oss.moe, expert_parallel=True))
+    check_parallelism(whole, 4, 1)  # expert parallel: every expert whole on its rank
 
 
 def test_validate_options() -> None:
