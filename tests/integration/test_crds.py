@@ -145,7 +145,7 @@ def test_cpu_deployment_may_split_into_pipeline_stages(
     body = deployment("cpu", parallelism__tensor=2, parallelism__pipeline=2)
     del body["spec"]["gpu"]
     created = create(custom, namespace, body)
-    assert created["spec"]["parallelism"] == {"tensor": 2, "pipeline": 2}
+    assert created["spec"]["parallelism"] == {"tensor": 2, "pipeline": 2, "expert": False}  # defaulted
     assert "gpu" not in created["spec"]
 
 
