@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Protocol
 
 import torch
 
@@ -62,11 +63,38 @@ def use_fused_kernels(model: torch.nn.Module, fused: bool) -> None:
             setattr(module, "fused", fused)  # noqa: B010 (nn.Module types attributes as tensors)
 
 
+def cache_slots(table: list[int], start: int, end: int, block_size: int) -> list[int]:
+    """The KV cache slots of positions [start, end) of a sequence with block table `table`."""
+    slots: list[int] = []
+    pos = start
+    while pos < end:  # one slice per block, not one op per token
+        block_end = min(end, (pos // block_size + 1) * block_size)
+        base = table[pos // block_size] * block_size - (pos // block_size) * block_size
+        slots.extend(range(base + pos, base + block_end))
+        pos = block_end
+    return slots
+
+
+class HiddenStateSink(Protocol):
+    """Takes the final (normed) hidden state of every token a forward pass computed: an EAGLE
+    head's input (kiln_engine.eagle)."""
+
+    def observe(self, chunks: list[ScheduledChunk], hidden: torch.Tensor) -> None:
+        """`hidden` [tokens of `chunks` in order, hidden size]; valid until the next forward pass."""
+
+    def release(self, request_id: str) -> None:
+        """Forget a finished or aborted request."""
+
+
 class ModelRunner:
     """Runs the model for the scheduler's chunks on one device (one tensor-parallel rank)."""
 
-    def __init__(self, model_path: str | Path, config: EngineConfig) -> None:
+    def __init__(self, model_path: str | Path, config: EngineConfig, extra_block_bytes: int = 0) -> None:
+        """`extra_block_bytes`: what another cache indexed by the same blocks (an EAGLE head's)
+        takes per block, counted when the number of blocks is chosen."""
         self.config = config
+        self.extra_block_bytes = extra_block_bytes
+        self.hidden_sink: HiddenStateSink | None = None
         self.device = runner_device(config)
         model_config = load_model_config(model_path)
         self.max_model_len = config.max_model_len or model_config.max_position_embeddings
@@ -115,7 +143,8 @@ class ModelRunner:
         self.sampler = Sampler(self.device, config.seed, frozenset(self.model_config.eos_token_ids))
         self.decode_graphs: DecodeGraphs | None = None
         if config.cuda_graphs:
-            self.decode_graphs = DecodeGraphs(self, capture_sizes(graph_rows(config)))
+            keep_hidden = config.speculative == "eagle"
+            self.decode_graphs = DecodeGraphs(self, capture_sizes(graph_rows(config)), keep_hidden)
         self.pipeline: PipelineExecutor | None = None
         if config.pipeline_parallel_size > 1:
             self.pipeline = PipelineExecutor(self)
@@ -138,7 +167,7 @@ class ModelRunner:
         self.kv_scales.copy_(scales)
 
     def _auto_num_blocks(self) -> int:
-        per_block = self.kv_block_bytes()
+        per_block = self.kv_block_bytes() + self.extra_block_bytes
         if self.device.type == "cuda":
             free, total = torch.cuda.mem_get_info(self.device)
             used = total - free
@@ -190,12 +219,7 @@ class ModelRunner:
             input_ids.extend(seq.token_ids[start:end])
             positions.extend(range(start, end))
             table = seq.block_table
-            pos = start
-            while pos < end:  # one slice per block, not one op per token
-                block_end = min(end, (pos // bs + 1) * bs)
-                base = table[pos // bs] * bs - (pos // bs) * bs
-                slots.extend(range(base + pos, base + block_end))
-                pos = block_end
+            slots.extend(cache_slots(table, start, end, bs))
             query_start.append(query_start[-1] + n)
             seq_lens.append(end)
             tables.append(table)
@@ -263,6 +287,8 @@ class ModelRunner:
         rows = self._to_device(sample_rows, torch.int64)
         self.backend.prepare(meta)
         hidden = self.model(input_ids, positions, meta)
+        if self.hidden_sink is not None:
+            self.hidden_sink.observe(chunks, hidden)
         if not sample_rows:
             return SampledTokens(torch.empty(0, dtype=torch.int64), None, sampling)
         logits = self.model.compute_logits(hidden.index_select(0, rows))
@@ -272,6 +298,8 @@ class ModelRunner:
         self.sampler.release(request_id)
         if self.decode_graphs is not None:
             self.decode_graphs.release(request_id)
+        if self.hidden_sink is not None:
+            self.hidden_sink.release(request_id)
 
 
 def graph_rows(config: EngineConfig) -> int:
@@ -304,7 +332,8 @@ class DecodeGraphs:
     Capturing needs a graph-safe attention backend (static shapes, no host reads): use "triton".
     """
 
-    def __init__(self, runner: ModelRunner, sizes: list[int]) -> None:
+    def __init__(self, runner: ModelRunner, sizes: list[int], keep_hidden: bool = False) -> None:
+        """`keep_hidden`: every step also leaves its hidden states for `runner.hidden_sink`."""
         self.runner = runner
         self.sizes = sorted(set(sizes))
         dev, max_bs = runner.device, self.sizes[-1]
@@ -344,6 +373,11 @@ class DecodeGraphs:
         # allocated in the shared pool for the graph's life, so 60 sizes up to 4,096 sequences
         # would hold 60 logits tensors (tens of GB at a 128k vocabulary) and run out of memory.
         self.logits = torch.empty(0, device=dev)  # allocated by _capture
+        # With an EAGLE head every graph also leaves its hidden states here (the head's input).
+        self.hidden: torch.Tensor | None = None
+        if keep_hidden:
+            size = (max_bs, runner.model_config.hidden_size)
+            self.hidden = torch.empty(size, dtype=runner.dtype, device=dev)
         # A step's inputs cross to the device through one pinned buffer that lives as long as the
         # graphs: pinning fresh memory every step cost more host time than the rest of a batch-1 step.
         self.staging_host = torch.empty(0, dtype=i64)
@@ -360,7 +394,10 @@ class DecodeGraphs:
         if self.runner.lora is not None and self.lora_slots is not None:
             self.runner.lora.batch.set_slots(self.lora_slots[:bs])
         model = self.runner.model
-        return model.compute_logits(model(self.input_ids[:bs], self.positions[:bs], meta))
+        hidden = model(self.input_ids[:bs], self.positions[:bs], meta)
+        if self.hidden is not None:
+            self.hidden[:bs].copy_(hidden)
+        return model.compute_logits(hidden)
 
     @torch.inference_mode()
     def _capture(self) -> None:
@@ -490,6 +527,10 @@ class DecodeGraphs:
         torch.index_select(self.table_store, 0, dev[4 * bs : 5 * bs], out=self.block_tables[:bs])
         graph = self.graphs.get(bs)
         if graph is None:
-            return self._forward(bs)[:n]
-        graph.replay()
-        return self.logits[:n]
+            logits = self._forward(bs)[:n]
+        else:
+            graph.replay()
+            logits = self.logits[:n]
+        if self.hidden is not None and self.runner.hidden_sink is not None:
+            self.runner.hidden_sink.observe(chunks, self.hidden[:n])
+        return logits

@@ -46,6 +46,11 @@ MIN_NGRAM = 1
 
 # Drafts for a batch: (context tokens, most drafts wanted) in, each context's drafts out.
 Proposer = Callable[[list[tuple[list[int], int]]], list[list[int]]]
+# A proposer that drafts once the step is scheduled (an EAGLE head writes its own K/V into the
+# blocks the scheduler gives the drafts): (sequence, drafts wanted) in, each one's drafts out. Until
+# then the sequences hold DRAFT_PLACEHOLDER in the drafts' places.
+LateProposer = Callable[[list[tuple[Sequence, int]]], list[list[int]]]
+DRAFT_PLACEHOLDER = 0
 
 
 def propose_ngram(tokens: list[int], k: int, max_n: int = MAX_NGRAM, min_n: int = MIN_NGRAM) -> list[int]:
@@ -119,12 +124,20 @@ class Verified:
 class SpeculativeDecoder:
     """Owns the drafts of the step in progress and the proposed / accepted token totals."""
 
-    def __init__(self, num_tokens: int, max_model_len: int, proposer: Proposer = ngram_proposer) -> None:
+    def __init__(
+        self,
+        num_tokens: int,
+        max_model_len: int,
+        proposer: Proposer = ngram_proposer,
+        late_proposer: LateProposer | None = None,
+    ) -> None:
         if num_tokens < 1:
             raise ValueError(f"num_speculative_tokens must be at least 1, got {num_tokens}")
         self.num_tokens = num_tokens
         self.max_model_len = max_model_len
         self.proposer = proposer
+        self.late_proposer = late_proposer
+        self.late: list[Sequence] = []  # sequences holding placeholders for the late proposer
         self.drafts: dict[str, list[int]] = {}  # request id -> drafts appended to its token_ids
         self.proposed_total = 0
         self.accepted_total = 0
@@ -142,8 +155,10 @@ class SpeculativeDecoder:
     def propose(self, running: list[Sequence], bm: BlockManager, step_budget: int) -> None:
         """Append drafts to the running sequences, only when the scheduler can then run every one of
         them whole this step (no preemption, no split chunk): drafts never reach a waiting queue."""
-        # Copies of the contexts: a proposer may keep what it is given (a draft engine's requests do).
-        batch = self.proposer([(list(seq.token_ids), self.draft_budget(seq)) for seq in running])
+        if self.late_proposer is not None:  # places now, drafts once scheduled (`fill_late`)
+            batch = [[DRAFT_PLACEHOLDER] * self.draft_budget(seq) for seq in running]
+        else:  # copies of the contexts: a proposer may keep what it is given (a draft engine's do)
+            batch = self.proposer([(list(seq.token_ids), self.draft_budget(seq)) for seq in running])
         proposals = {seq.request_id: d for seq, d in zip(running, batch, strict=True)}
         tokens = sum(seq.num_uncomputed_tokens + len(proposals[seq.request_id]) for seq in running)
         blocks = sum(
@@ -158,6 +173,20 @@ class SpeculativeDecoder:
                 seq.token_ids.extend(drafts)
                 self.drafts[seq.request_id] = drafts
                 self.proposed_total += len(drafts)
+                if self.late_proposer is not None:
+                    self.late.append(seq)
+
+    def fill_late(self) -> None:
+        """Replace the scheduled placeholders with the late proposer's drafts."""
+        late, self.late = self.late, []
+        if self.late_proposer is None or not late:
+            return
+        wanted = [(seq, len(self.drafts[seq.request_id])) for seq in late]
+        for (seq, k), drafts in zip(wanted, self.late_proposer(wanted), strict=True):
+            if len(drafts) != k:
+                raise RuntimeError(f"the late proposer made {len(drafts)} drafts for {k} places")
+            seq.token_ids[-k:] = drafts
+            self.drafts[seq.request_id] = drafts
 
     def check_scheduled(self, chunks: list[ScheduledChunk]) -> None:
         whole = {c.seq.request_id for c in chunks if c.samples}
@@ -167,6 +196,7 @@ class SpeculativeDecoder:
     @torch.inference_mode()
     def verify(self, runner: ModelRunner, chunks: list[ScheduledChunk]) -> Verified:
         """Run `chunks` once; greedy-accept each speculating sequence's drafts, sample the others."""
+        self.fill_late()
         logits_of, sample_rows, sample_reqs = self._forward(runner, chunks)
         sampling_chunks = [c for c in chunks if c.samples]
         plain = [i for i, c in enumerate(sampling_chunks) if c.seq.request_id not in self.drafts]
@@ -227,6 +257,8 @@ class SpeculativeDecoder:
         input_ids, positions, meta, rows, requests = runner._prepare(chunks)
         runner.backend.prepare(meta)
         hidden = runner.model(input_ids, positions, meta)
+        if runner.hidden_sink is not None:
+            runner.hidden_sink.observe(chunks, hidden)
         return (lambda index: runner.model.compute_logits(hidden.index_select(0, index))), rows, requests
 
     @staticmethod
