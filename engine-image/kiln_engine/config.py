@@ -41,6 +41,9 @@ MXFP4_PACKED_KEY = "kiln_packed_experts"
 KV_CACHE_DTYPES: tuple[str, ...] = ("auto", "bf16", "fp16", "fp8")
 
 
+SPECULATIVE_METHODS = ("ngram", "draft", "eagle")
+
+
 class UnsupportedModelError(ValueError):
     """The checkpoint's architecture or options are not something this runtime can serve."""
 
@@ -85,12 +88,13 @@ class EngineConfig:
     # (docs/engine-speed.md, run 6); the CPU tests run it both ways.
     lookahead_decode: bool = True
     # Speculative decoding: None (off) | "ngram" (prompt lookup: kiln_engine.speculative) | "draft"
-    # (a smaller model with the same tokenizer at `draft_model`: kiln_engine.draft). With CUDA
+    # (a smaller model with the same tokenizer at `draft_model`: kiln_engine.draft) | "eagle" (an
+    # EAGLE head at `draft_model` over the model's own hidden states: kiln_engine.eagle). With CUDA
     # graphs, a verify step replays a decode graph with a row per token (DecodeGraphs.run_tails,
     # captured up to max_num_seqs * (1 + K) rows); speculation turns lookahead decode off.
     speculative: str | None = None
     num_speculative_tokens: int = 4
-    draft_model: str | None = None  # a local checkpoint directory
+    draft_model: str | None = None  # a local checkpoint directory (a draft model or an EAGLE head)
     # The share of the GPU the draft engine may fill (weights and its KV cache); it loads first and
     # the target's gpu_memory_utilization then counts it as used.
     draft_gpu_memory_utilization: float = 0.15
@@ -129,10 +133,15 @@ class EngineConfig:
             raise ValueError("expert parallelism spreads experts over tensor-parallel ranks: at least 2")
         if self.pipeline_parallel_size > 1 and self.cuda_graphs:
             raise ValueError("decode CUDA graphs cover the whole model: off under pipeline parallelism")
-        if self.speculative not in (None, "ngram", "draft"):
-            raise ValueError(f"speculative must be ngram or draft (or unset), not {self.speculative!r}")
-        if (self.speculative == "draft") != (self.draft_model is not None):
-            raise ValueError("draft_model goes with speculative='draft', and speculative='draft' needs it")
+        if self.speculative not in (None, *SPECULATIVE_METHODS):
+            raise ValueError(
+                f"speculative must be ngram, draft or eagle (or unset), not {self.speculative!r}"
+            )
+        if (self.speculative in ("draft", "eagle")) != (self.draft_model is not None):
+            raise ValueError(
+                "draft_model (a draft model's or EAGLE head's directory) goes with speculative='draft' "
+                "or 'eagle', which need it"
+            )
         if not 0.0 < self.draft_gpu_memory_utilization < 1.0:
             raise ValueError("draft_gpu_memory_utilization must be between 0 and 1")
         if self.speculative is not None:

@@ -21,6 +21,7 @@ from kiln_engine import grammar
 from kiln_engine.block_manager import BlockManager
 from kiln_engine.config import EngineConfig, ModelConfig
 from kiln_engine.draft import DraftModel
+from kiln_engine.eagle import EagleProposer, prepare_head
 from kiln_engine.grammar import Grammars
 from kiln_engine.interface import EngineStats, RequestOutput, SamplingParams, TokenLogprob
 from kiln_engine.model_runner import ModelRunner
@@ -102,9 +103,12 @@ class LLMEngine:
     def __init__(self, model_path: str | Path, config: EngineConfig | None = None) -> None:
         self.config = config or EngineConfig()
         self.config.validate()
-        # A draft model loads first, so that the target's cache is sized around it.
+        # A draft model or EAGLE head loads first, so that the target's cache is sized around it.
         draft = DraftModel(self.config) if self.config.speculative == "draft" else None
-        self.runner = ModelRunner(model_path, self.config)
+        head, head_block_bytes = (None, 0)
+        if self.config.speculative == "eagle":
+            head, head_block_bytes = prepare_head(model_path, self.config)
+        self.runner = ModelRunner(model_path, self.config, extra_block_bytes=head_block_bytes)
         self.model_config: ModelConfig = self.runner.model_config
         self.block_manager = BlockManager(
             self.runner.num_blocks, self.config.block_size, self.config.prefix_caching
@@ -136,6 +140,12 @@ class LLMEngine:
         self.speculator: SpeculativeDecoder | None = None
         if self.config.speculative == "ngram":
             self.speculator = SpeculativeDecoder(self.config.num_speculative_tokens, self._max_model_len)
+        if head is not None:
+            eagle = EagleProposer(head, self.runner)
+            self.runner.hidden_sink = eagle
+            self.speculator = SpeculativeDecoder(
+                self.config.num_speculative_tokens, self._max_model_len, late_proposer=eagle
+            )
         self.draft = draft
         if draft is not None:
             draft.check_matches(self.tokenizer, self.model_config.vocab_size)

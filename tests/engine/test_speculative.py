@@ -140,8 +140,8 @@ def test_speculation_respects_max_tokens_and_stop_tokens(ckpt: Path) -> None:
 
 
 def test_bad_speculative_config_is_rejected() -> None:
-    with pytest.raises(ValueError, match="ngram"):
-        EngineConfig(speculative="eagle").validate()
+    with pytest.raises(ValueError, match="ngram, draft or eagle"):
+        EngineConfig(speculative="medusa").validate()
     with pytest.raises(ValueError, match="at least 1"):
         EngineConfig(speculative="ngram", num_speculative_tokens=0).validate()
     with pytest.raises(ValueError, match="pipeline"):

@@ -429,3 +429,32 @@ def make_tiny_mxfp4_checkpoint(path: str | Path, seed: int = 0, **config_overrid
     config["quantization_config"] = {"quant_method": "mxfp4"}
     (out / "config.json").write_text(json.dumps(config, indent=2))
     return out
+
+
+def make_tiny_eagle_head(
+    path: str | Path, target: str | Path, seed: int = 0, input_norm: bool = False
+) -> Path:
+    """A random EAGLE-1 head for the tiny checkpoint at `target`, as EAGLE's checkpoints are laid
+    out: config.json of a one-layer Llama of the target's sizes, `fc.weight` [hidden, 2 * hidden],
+    `layers.0.*` without `input_layernorm` (unless `input_norm`), and a copy of the target's
+    embedding (which the engine does not load: the target's serves)."""
+    out = Path(path)
+    out.mkdir(parents=True, exist_ok=True)
+    tcfg = json.loads((Path(target) / "config.json").read_text())
+    sizes = ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads", "head_dim")
+    eos = tcfg["eos_token_id"]
+    cfg = _config("llama", tcfg["vocab_size"], tcfg["bos_token_id"], eos, num_hidden_layers=1)
+    cfg.update({k: tcfg[k] for k in (*sizes, "max_position_embeddings", "rope_theta")})
+    weights = random_weights(cfg, seed=seed)
+    head = {n.removeprefix("model."): t for n, t in weights.items() if n.startswith("model.layers.0.")}
+    if not input_norm:
+        del head["layers.0.input_layernorm.weight"]
+    h = cfg["hidden_size"]
+    head["fc.weight"] = torch.randn(h, 2 * h, generator=torch.Generator().manual_seed(seed + 1)) * 0.1
+    from kiln_engine.loader import iter_weights, weight_files
+
+    embed = dict(iter_weights(weight_files(target)))["model.embed_tokens.weight"]
+    head["embed_tokens.weight"] = embed
+    (out / "config.json").write_text(json.dumps(cfg, indent=2))
+    save_file(head, str(out / "model.safetensors"), metadata={"format": "pt"})
+    return out

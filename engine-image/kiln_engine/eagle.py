@@ -1,0 +1,330 @@
+"""EAGLE draft heads for speculative decoding: one decoder layer over the target's own hidden states
+proposes each speculating sequence's next tokens; kiln_engine.speculative verifies them.
+
+A head (EAGLE-1/2 format, as `yuhuili/EAGLE-LLaMA3-Instruct-8B` ships it: config.json of a one-layer
+Llama, `fc.weight` [hidden, 2 * hidden], `layers.0.*` without an input norm) maps the target's final
+normed hidden state f_p at position p and the embedding of the token after it, t_{p+1}, to a guess
+of f_{p+1}: `layer(fc(cat(embed(t_{p+1}), f_p)))`. The target's LM head turns that guess into a draft
+token, and the guess itself is the head's input for the draft after it. The target's `embed_tokens`
+and `lm_head` serve the head (a head's own copy of the embedding is not loaded).
+
+The head has a KV cache of its own, one layer deep, indexed by the target's blocks: its K/V of
+position p sit in the slot the target's K/V of p use, so it needs no allocator and preemption,
+rollback and freeing follow the target's. The target hands over the hidden states of every token
+each forward pass computes (`observe`, from eager steps, decode graphs and verify steps alike); they
+wait per request until the head's next drafting, which first runs the head over them ("catch-up":
+the positions whose next token is now known) and then drafts one token per head step. Catch-up
+writes the K/V of real features over whatever drafting left at those positions, so the head attends
+only to K/V computed from the target's real features, except at positions the target took from its
+prefix cache, whose head K/V is the one the sequence that computed them wrote. Drafts are greedy (a
+point mass), so `accept_sampled` keeps a sampled request's distribution the target's.
+
+Drafting needs the blocks the scheduler gives the drafts, so the head drafts after scheduling
+(`SpeculativeDecoder`'s late proposer). Its steps run eagerly (no CUDA graphs yet).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from kiln_engine.config import EngineConfig, ModelConfig
+from kiln_engine.layers.attention import AttentionMetadata
+from kiln_engine.layers.parallel import TPGroup
+from kiln_engine.layers.rotary import RotaryEmbedding
+from kiln_engine.loader import iter_weights, load_model_config, resolve_dtype
+from kiln_engine.model_runner import ModelRunner, cache_slots, runner_device, use_fused_kernels
+from kiln_engine.models.llama import PACKED_MODULES, LlamaDecoderLayer
+from kiln_engine.scheduler import ScheduledChunk
+from kiln_engine.sequence import Sequence
+from kiln_engine.speculative import speculates
+
+HEAD_ARCHITECTURES = ("LlamaForCausalLM",)
+HEAD_IGNORED = ("embed_tokens.weight",)  # the target's embedding serves the head
+
+
+def read_head_config(path: Path) -> ModelConfig:
+    """The head's config.json, refused unless it describes a head this runtime runs."""
+    config_file = path / "config.json"
+    if not config_file.exists():
+        raise ValueError(f"EAGLE head {path}: no config.json")
+    raw = json.loads(config_file.read_text())
+    cfg = ModelConfig.from_dict(raw)
+    if cfg.architecture not in HEAD_ARCHITECTURES or cfg.num_hidden_layers != 1:
+        raise ValueError(
+            f"EAGLE head {path}: config.json describes a {cfg.num_hidden_layers}-layer {cfg.architecture}; "
+            f"an EAGLE head is one {' or '.join(HEAD_ARCHITECTURES)} decoder layer"
+        )
+    return cfg
+
+
+def _raw_head_weights(path: Path) -> dict[str, torch.Tensor]:
+    """Tensors by name (without a `model.` prefix) from safetensors or, as EAGLE's own heads ship,
+    pytorch_model.bin, read with torch's tensors-only unpickler (no code runs)."""
+    files = sorted(path.glob("*.safetensors"))
+    if files:
+        weights = dict(iter_weights(files))
+    elif (path / "pytorch_model.bin").exists():
+        weights = torch.load(path / "pytorch_model.bin", map_location="cpu", weights_only=True)
+    else:
+        raise ValueError(f"EAGLE head {path}: no *.safetensors or pytorch_model.bin")
+    return {name.removeprefix("model."): t for name, t in weights.items()}
+
+
+def is_eagle_head(path: Path) -> bool:
+    """Whether the checkpoint at `path` is an EAGLE head (it has an `fc`) rather than a model; reads
+    tensor names only, where safetensors allow it."""
+    from safetensors import safe_open
+
+    names: set[str] = set()
+    for f in sorted(path.glob("*.safetensors")):
+        with safe_open(str(f), framework="pt") as st:
+            names.update(st.keys())
+    if not names and (path / "pytorch_model.bin").exists():
+        names = set(torch.load(path / "pytorch_model.bin", map_location="cpu", weights_only=True, mmap=True))
+    return bool({"fc.weight", "model.fc.weight"} & names)
+
+
+def read_head_weights(path: Path) -> dict[str, torch.Tensor]:
+    """The head's tensors by name (without a `model.` prefix)."""
+    weights = _raw_head_weights(path)
+    if "fc.weight" not in weights:
+        raise ValueError(f"EAGLE head {path}: no fc.weight, so not an EAGLE head")
+    return weights
+
+
+def write_head(src: Path, dst: Path) -> None:
+    """The head at `src` as an engine artifact carries it: config.json and one safetensors file."""
+    from safetensors.torch import save_file
+
+    dst.mkdir(parents=True, exist_ok=True)
+    (dst / "config.json").write_text((src / "config.json").read_text())
+    weights = {n: t.contiguous() for n, t in read_head_weights(src).items()}
+    save_file(weights, str(dst / "model.safetensors"), metadata={"format": "pt"})
+
+
+def check_head(path: Path, target: ModelConfig) -> ModelConfig:
+    """The head's config, once it is known to fit `target`: same hidden size and vocabulary."""
+    cfg = read_head_config(path)
+    if (cfg.hidden_size, cfg.vocab_size) != (target.hidden_size, target.vocab_size):
+        raise ValueError(
+            f"EAGLE head {path}: hidden size {cfg.hidden_size} and vocabulary {cfg.vocab_size}, "
+            f"the model's are {target.hidden_size} and {target.vocab_size}"
+        )
+    return cfg
+
+
+class EagleHead(nn.Module):
+    """fc over (token embedding, feature), then one Llama decoder layer; returns the next feature."""
+
+    def __init__(
+        self, cfg: ModelConfig, max_positions: int, dtype: torch.dtype, fc_bias: bool, input_norm: bool
+    ):
+        super().__init__()
+        h = cfg.hidden_size
+        self.fc = nn.Linear(2 * h, h, bias=fc_bias, dtype=dtype)
+        rotary = RotaryEmbedding(cfg.rope, cfg.rotary_dim, cfg.max_position_embeddings, max_positions)
+        self.layer = LlamaDecoderLayer(cfg, 0, rotary, dtype, TPGroup())
+        self.input_norm = input_norm  # EAGLE-1 heads have none: fc's output enters attention as is
+
+    def forward(
+        self, embeds: torch.Tensor, features: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata
+    ) -> torch.Tensor:
+        x = self.fc(torch.cat([embeds, features], dim=-1))
+        h = self.layer.input_layernorm(x) if self.input_norm else x
+        h = self.layer.self_attn(positions, h, meta)
+        h, residual = self.layer.post_attention_layernorm.add_forward(h, x)
+        return self.layer.mlp(h) + residual
+
+    def load(self, weights: dict[str, torch.Tensor]) -> None:
+        """Load the head's tensors; fail on foreign or missing ones."""
+        expected = {n for n, _ in self.named_parameters() if self.input_norm or "input_layernorm" not in n}
+        loaded: set[str] = set()
+        for name, tensor in weights.items():
+            if name in HEAD_IGNORED:
+                continue
+            if name.startswith("fc."):
+                getattr(self.fc, name.removeprefix("fc.")).data.copy_(tensor)
+                loaded.add(name)
+                continue
+            if not name.startswith("layers.0."):
+                raise ValueError(f"tensor {name!r} does not belong to an EAGLE head")
+            module_path, param = name.removeprefix("layers.0.").rsplit(".", 1)
+            parent, _, leaf = module_path.rpartition(".")
+            shard: str | int | None = None
+            if leaf in PACKED_MODULES:
+                fused, shard = PACKED_MODULES[leaf]
+                module_path = f"{parent}.{fused}"
+            try:
+                module = self.layer.get_submodule(module_path)
+            except AttributeError:
+                raise ValueError(f"tensor {name!r} does not belong to an EAGLE head") from None
+            loader = getattr(module, "load", None)
+            if loader is not None:
+                loader(param, tensor, shard)
+            else:
+                getattr(module, param).data.copy_(tensor)
+            loaded.add(f"layer.{module_path}.{param}")
+        missing = sorted(expected - loaded)
+        if missing:
+            raise ValueError(f"EAGLE head is missing {len(missing)} tensors, e.g. {missing[:4]}")
+
+
+def load_head(
+    path: Path, target: ModelConfig, max_positions: int, dtype: torch.dtype, device: torch.device
+) -> EagleHead:
+    cfg = check_head(path, target)
+    weights = read_head_weights(path)
+    with torch.device(device):
+        head = EagleHead(
+            cfg,
+            max_positions,
+            dtype,
+            fc_bias="fc.bias" in weights,
+            input_norm="layers.0.input_layernorm.weight" in weights,
+        )
+    with torch.no_grad():
+        head.load({n: t.to(device=device, dtype=dtype) for n, t in weights.items()})
+    return head.eval()
+
+
+def prepare_head(model_path: str | Path, config: EngineConfig) -> tuple[EagleHead, int]:
+    """The engine's head, loaded before the target sizes its KV cache, and the bytes its K/V takes
+    per cache block (the target counts them when it chooses its number of blocks)."""
+    if config.draft_model is None:
+        raise ValueError("speculative decoding with an EAGLE head needs draft_model (the head's directory)")
+    target = load_model_config(model_path)
+    device = runner_device(config)
+    dtype = resolve_dtype(config.dtype, device, target)
+    max_positions = config.max_model_len or target.max_position_embeddings
+    head = load_head(Path(config.draft_model), target, max_positions, dtype, device)
+    attn = head.layer.self_attn.attn
+    elem = torch.empty((), dtype=dtype).element_size()
+    return head, 2 * config.block_size * attn.num_kv_heads * attn.head_dim * elem
+
+
+@dataclass
+class _Features:
+    """A request's target hidden states not yet run through the head: positions start, start+1, ..."""
+
+    start: int
+    rows: torch.Tensor = field(default_factory=lambda: torch.empty(0))
+
+    @property
+    def end(self) -> int:
+        return self.start + self.rows.shape[0]
+
+
+class EagleProposer:
+    """Keeps the target's hidden states per request and drafts with the head (a late proposer)."""
+
+    def __init__(self, head: EagleHead, runner: ModelRunner) -> None:
+        self.runner = runner
+        self.head = head.to(runner.dtype)  # an artifact's manifest may choose another dtype
+        attn = self.head.layer.self_attn.attn
+        attn.backend = runner.backend
+        use_fused_kernels(self.head, runner.backend.name == "triton")
+        shape = (runner.num_blocks + 1, runner.block_size, attn.num_kv_heads, attn.head_dim)
+        self.kv_cache = torch.zeros(2, *shape, dtype=runner.dtype, device=runner.device)
+        attn.k_cache, attn.v_cache = self.kv_cache[0], self.kv_cache[1]
+        self.features: dict[str, _Features] = {}
+
+    # -- HiddenStateSink ---------------------------------------------------------------------------
+    def observe(self, chunks: list[ScheduledChunk], hidden: torch.Tensor) -> None:
+        offset = 0
+        for c in chunks:
+            if speculates(c.seq.params):
+                self._keep(c.seq.request_id, c.start, hidden[offset : offset + c.num_tokens])
+            offset += c.num_tokens
+
+    def release(self, request_id: str) -> None:
+        self.features.pop(request_id, None)
+
+    def _keep(self, request_id: str, start: int, rows: torch.Tensor) -> None:
+        """Add the features of positions [start, start + len(rows)). Rows at or past `start` that
+        were kept before (drafts' rows of a verify step, a recomputation) give way; a start past the
+        kept ones (positions from the prefix cache) or before them (a preempted sequence's
+        recomputation) starts over."""
+        f = self.features.get(request_id)
+        if f is None or not f.start <= start <= f.end:
+            self.features[request_id] = _Features(start, rows.clone())
+            return
+        f.rows = torch.cat([f.rows[: start - f.start], rows])
+
+    # -- LateProposer ------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def __call__(self, wanted: list[tuple[Sequence, int]]) -> list[list[int]]:
+        """k greedy drafts for each (sequence holding k placeholders after its last real token, k)."""
+        if not wanted:
+            return []
+        runner = self.runner
+        seqs = [seq for seq, _ in wanted]
+        spans = [self._catch_up_span(seq, k) for seq, k in wanted]
+        ids: list[int] = []
+        pieces: list[torch.Tensor] = []
+        for seq, (start, end) in zip(seqs, spans, strict=True):
+            ids.extend(seq.token_ids[start + 1 : end + 1])  # each position's next token
+            kept = self.features[seq.request_id]
+            pieces.append(kept.rows[: end - start])
+            self.features[seq.request_id] = _Features(end, kept.rows[:0])  # the verify step adds its own
+        rows = [(seq.block_table, start, end) for seq, (start, end) in zip(seqs, spans, strict=True)]
+        out = self._run(runner._to_device(ids, torch.int64), torch.cat(pieces), rows)
+        ends = list(itertools.accumulate(end - start for start, end in spans))
+        hidden = out.index_select(0, runner._to_device(ends, torch.int64) - 1)
+        # drafts[:, j] is draft j + 1; they stay on the device until all are made (one read)
+        k_max = max(k for _, k in wanted)
+        drafts = torch.zeros(len(wanted), k_max, dtype=torch.int64, device=runner.device)
+        drafts[:, 0] = runner.model.compute_logits(hidden).argmax(dim=-1)
+        for j in range(1, k_max):  # draft j + 1 from the head's guess at position end + j - 1
+            live = [i for i, (_, k) in enumerate(wanted) if k > j]
+            index = runner._to_device(live, torch.int64)
+            step_rows = [(seqs[i].block_table, spans[i][1] + j - 1, spans[i][1] + j) for i in live]
+            out = self._run(drafts[index, j - 1], hidden.index_select(0, index), step_rows)
+            hidden = hidden.index_copy(0, index, out)
+            drafts[index, j] = runner.model.compute_logits(out).argmax(dim=-1)
+        return [row[:k] for row, (_, k) in zip(drafts.tolist(), wanted, strict=True)]
+
+    def _catch_up_span(self, seq: Sequence, k: int) -> tuple[int, int]:
+        """Positions [start, end) the head runs over before drafting: the kept features' positions
+        up to the last real token's (end = its position, the context's computed length)."""
+        end = seq.num_computed_tokens
+        f = self.features.get(seq.request_id)
+        if end != len(seq.token_ids) - k - 1 or f is None or not f.start < end <= f.end:
+            raise RuntimeError(
+                f"request {seq.request_id}: no target hidden states up to position {end - 1} for its head"
+            )
+        return f.start, end
+
+    def _run(
+        self, ids: torch.Tensor, features: torch.Tensor, rows: list[tuple[list[int], int, int]]
+    ) -> torch.Tensor:
+        """The head over `rows` (block table, first position, end position) of each sequence, whose
+        input tokens are `ids` and features `features`, in order."""
+        runner = self.runner
+        bs = runner.block_size
+        positions = [p for _, start, end in rows for p in range(start, end)]
+        slots = [s for table, start, end in rows for s in cache_slots(table, start, end, bs)]
+        query_lens = [end - start for _, start, end in rows]
+        query_start = [0]
+        for n in query_lens:
+            query_start.append(query_start[-1] + n)
+        width = max(len(table) for table, _, _ in rows)
+        tensor = runner._to_device
+        meta = AttentionMetadata(
+            slot_mapping=tensor(slots, torch.int64),
+            query_start_loc=tensor(query_start, torch.int32),
+            seq_lens=tensor([end for _, _, end in rows], torch.int32),
+            query_lens=tensor(query_lens, torch.int32),
+            block_tables=tensor([t + [0] * (width - len(t)) for t, _, _ in rows], torch.int32),
+            max_query_len=max(query_lens),
+            max_seq_len=max(end for _, _, end in rows),
+            block_size=bs,
+        )
+        runner.backend.prepare(meta)
+        embeds = runner.model.model.embed_tokens(ids)
+        return self.head(embeds, features, tensor(positions, torch.int64), meta)
