@@ -17,6 +17,7 @@ import click
 
 from kiln_engine import __version__
 from kiln_engine.backends import BACKENDS
+from kiln_engine.config import SPECULATIVE_METHODS
 
 QUANTIZATIONS = ("none", "bf16", "fp16", "fp8", "int8-weight", "int4-awq", "int4-gptq", "mxfp4")
 KV_CACHE_DTYPES = ("auto", "bf16", "fp16", "fp8")
@@ -77,17 +78,18 @@ def main() -> None:
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option(
     "--speculative",
-    type=click.Choice(["ngram", "draft"]),
+    type=click.Choice(list(SPECULATIVE_METHODS)),
     default=None,
     help="Speculative decoding: ngram = prompt lookup, draft = a smaller model with the same tokenizer "
-    "(--draft-model); one rank only; off by default.",
+    "(--draft-model), eagle = an EAGLE head over the model's hidden states (--draft-model); one rank "
+    "only; off by default.",
 )
 @click.option("--num-speculative-tokens", default=4, show_default=True, type=click.IntRange(1, 64))
 @click.option(
     "--draft-model",
     type=click.Path(exists=True, file_okay=False, path_type=Path),
     default=None,
-    help="The draft checkpoint directory for --speculative draft.",
+    help="The draft checkpoint (--speculative draft) or EAGLE head (--speculative eagle) directory.",
 )
 @click.option(
     "--lora",
@@ -234,15 +236,17 @@ def serve(
         kv_cache_dtype = torch_backend.artifact_kv_cache_dtype(path)
     if speculative and tp * pp > 1:
         raise click.UsageError("--speculative runs on one rank only: not with --tp or --pp above 1")
-    if speculative == "draft" and draft_model is None and artifact:  # the one the build carried
+    if speculative in ("draft", "eagle") and draft_model is None and artifact:  # the one the build carried
         from kiln_engine.draft import DRAFT_DIR
 
         carried = Path(path) / DRAFT_DIR
         draft_model = carried if carried.is_dir() else None
-    if (speculative == "draft") != (draft_model is not None):
+    if (speculative in ("draft", "eagle")) != (draft_model is not None):
         raise click.UsageError(
-            "--draft-model goes with --speculative draft, which needs it (or an artifact built with one)"
+            "--draft-model goes with --speculative draft or eagle, which need it (or an artifact built "
+            "with one)"
         )
+    _check_draft_kind(speculative, draft_model)
     lora_file_text, lora_modules, lora_failed = _adapters_at_start(loras, lora_file, pp)
     try:
         layout = group.group_layout(tp * pp, group_size, group_index)
@@ -357,6 +361,20 @@ def _lora_modules(specs: tuple[str, ...], pp: int) -> list[tuple[str, str]]:
     if modules and pp > 1:
         raise click.UsageError("--lora is not available with pipeline parallelism (--pp above 1)")
     return modules
+
+
+def _check_draft_kind(speculative: str | None, draft_model: Path | None) -> None:
+    """Refuse an EAGLE head served as a draft model and a draft model served as a head."""
+    if draft_model is None:
+        return
+    from kiln_engine.eagle import is_eagle_head
+
+    head = is_eagle_head(draft_model)
+    if head != (speculative == "eagle"):
+        kind = "an EAGLE head" if head else "a draft model, not an EAGLE head"
+        raise click.UsageError(
+            f"{draft_model} is {kind}: serve it with --speculative {'eagle' if head else 'draft'}"
+        )
 
 
 def _adapters_at_start(
@@ -517,7 +535,8 @@ def _trt_engine_artifact(artifact: str, verify: bool) -> Path:
     "--draft-model",
     default=None,
     help="A draft checkpoint for speculative decoding (same sources as --model, same tokenizer), "
-    "carried in the artifact and served with `serve --speculative draft`.",
+    "carried in the artifact and served with `serve --speculative draft`; or an EAGLE head, served "
+    "with `serve --speculative eagle`.",
 )
 @click.option(
     "--expert-parallel",

@@ -31,7 +31,7 @@ from kiln_engine.config import EngineConfig  # noqa: E402
 from kiln_engine.engine import LLMEngine  # noqa: E402
 from kiln_engine.interface import SamplingParams  # noqa: E402
 from kiln_engine.layers.sharding import tp_shard_dim  # noqa: E402
-from kiln_engine.testing.tiny import make_tiny_checkpoint  # noqa: E402
+from kiln_engine.testing.tiny import make_tiny_checkpoint, make_tiny_eagle_head  # noqa: E402
 
 PROMPTS = [[5, 17, 42, 99, 3], [200, 11, 7], list(range(20, 60))]
 
@@ -571,6 +571,41 @@ def test_a_draft_model_rides_in_the_artifact_and_serves_speculation(checkpoint: 
     other = make_tiny_checkpoint(tmp_path / "other", "llama", seed=4, num_hidden_layers=1)
     rebuilt, _ = build(checkpoint, tmp_path / "art", measure_capacity=False, draft_model=str(other))
     assert verify_artifact(rebuilt).source_fingerprint != manifest.source_fingerprint
+
+
+def test_an_eagle_head_rides_in_the_artifact_as_safetensors(checkpoint: Path, tmp_path: Path) -> None:
+    """EAGLE's own heads ship pytorch_model.bin: the build reads it with torch's tensors-only
+    unpickler and carries safetensors; the artifact serves `--speculative eagle` and refuses the head
+    as a draft model."""
+    import torch
+
+    head = make_tiny_eagle_head(tmp_path / "head", checkpoint, seed=3)
+    torch.save(load_file(str(head / "model.safetensors")), head / "pytorch_model.bin")
+    (head / "model.safetensors").unlink()
+    art, _ = build(checkpoint, tmp_path / "art", measure_capacity=False, draft_model=str(head))
+    files = {f.path for f in verify_artifact(art).files}
+    assert {
+        "draft/config.json",
+        "draft/model.safetensors",
+    } <= files and "draft/pytorch_model.bin" not in files
+    config = EngineConfig(
+        device="cpu", max_model_len=256, speculative="eagle", draft_model=str(art / "draft")
+    )
+    engine = LLMEngine(art, config)
+    params = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
+    assert engine.generate(PROMPTS, params) == greedy(checkpoint)
+    assert engine.stats().spec_proposed_tokens_total > 0
+    out = CliRunner().invoke(main, ["serve", "--artifact", str(art), "--speculative", "draft"])
+    assert out.exit_code == 2 and "is an EAGLE head: serve it with --speculative eagle" in out.output
+    wide = make_tiny_checkpoint(tmp_path / "wide", "llama", hidden_size=32, num_attention_heads=2)
+    with pytest.raises(BuildError, match="hidden size 32") as failed:
+        build(
+            checkpoint,
+            tmp_path / "art2",
+            measure_capacity=False,
+            draft_model=str(make_tiny_eagle_head(tmp_path / "h32", wide)),
+        )
+    assert failed.value.reason == INVALID_OPTIONS
 
 
 def test_a_draft_with_another_tokenizer_fails_the_build(checkpoint: Path, tmp_path: Path) -> None:

@@ -448,6 +448,14 @@ def fetch_draft(uri: str, checkpoint: Path, progress: Progress) -> tuple[Path, s
     to `checkpoint`: a supported architecture with weights, and the same tokenizer."""
     progress.update("fetch", 0.0, f"fetching the draft model {uri}")
     loc, draft = fetch_checkpoint(uri, progress)
+    from kiln_engine.eagle import check_head, is_eagle_head  # torch: only when there is a draft
+
+    if is_eagle_head(draft):  # a head reads the model's hidden states; it has no tokenizer of its own
+        try:
+            check_head(draft, read_checkpoint_config(checkpoint)[1])
+        except ValueError as exc:
+            raise BuildError(str(exc), INVALID_OPTIONS) from exc
+        return draft, source_fingerprint(loc, draft)
     read_checkpoint_config(draft)
     check_weights(draft)
     if vocabulary(draft) != vocabulary(checkpoint):
@@ -683,7 +691,12 @@ def _build(opts: BuildOptions, progress: Progress) -> BuildOutcome:
         write_json_durably(partial / CONFIG_NAME, out_config)
         progress.update("write", 1.0, f"{sum(len(v) for v in weight_files.values())} weight files written")
         if draft is not None:  # still the write step: the tokenizer step follows it
-            shutil.copytree(draft, partial / DRAFT_DIR, ignore=shutil.ignore_patterns(".*"))
+            from kiln_engine.eagle import is_eagle_head, write_head
+
+            if is_eagle_head(draft):
+                write_head(draft, partial / DRAFT_DIR)
+            else:
+                shutil.copytree(draft, partial / DRAFT_DIR, ignore=shutil.ignore_patterns(".*"))
             progress.update("write", 1.0, f"draft model {opts.draft_model} carried in {DRAFT_DIR}/")
         progress.update("tokenizer", 0.0, "copying tokenizer files")
         copied = copy_tokenizer_files(checkpoint, partial)
