@@ -35,9 +35,10 @@ def capacity_target(spec: LLMDeploymentSpec) -> tuple[int, int]:
 
 
 def draft_model(spec: LLMDeploymentSpec) -> str | None:
-    """The draft checkpoint the engine carries for speculative decoding, if any."""
+    """The draft checkpoint or EAGLE head the engine carries for speculative decoding, if any."""
     speculative = spec.engine.speculative
-    return speculative.draft_model if speculative is not None and speculative.method == "draft" else None
+    carries = speculative is not None and speculative.method in ("draft", "eagle")
+    return speculative.draft_model if carries and speculative is not None else None
 
 
 def artifact_inputs(spec: LLMDeploymentSpec, runtime_version: str) -> dict[str, object]:

@@ -202,11 +202,13 @@ class SpeculativeDecoding(KubeModel):
     """Speculative decoding: cheap drafts of the next tokens, verified by the model in one step."""
 
     method: Annotated[
-        Literal["ngram", "draft"],
+        Literal["ngram", "draft", "eagle"],
         Field(
             description="`ngram`: prompt lookup, drafts copied from earlier text of the same request "
             "(no extra model; pays off when outputs repeat their prompt: code edits, extraction, RAG). "
-            "`draft`: a smaller model with the same tokenizer (`draftModel`) proposes the drafts.",
+            "`draft`: a smaller model with the same tokenizer (`draftModel`) proposes the drafts. "
+            "`eagle`: an EAGLE head trained for this model (`draftModel`: one decoder layer over the "
+            "model's own hidden states, EAGLE-1/2 format) proposes them.",
         ),
     ]
     num_tokens: Annotated[
@@ -215,9 +217,10 @@ class SpeculativeDecoding(KubeModel):
     draft_model: Annotated[
         str | None,
         DraftSource(
-            description="The draft checkpoint for `method: draft` (same URI forms and credentials as "
-            "spec.model.source). The engine build fetches it, checks that its tokenizer is the model's "
-            "and carries it in the engine; it is part of the engine key.",
+            description="The draft checkpoint for `method: draft`, or the EAGLE head for `method: eagle` "
+            "(same URI forms and credentials as spec.model.source). The engine build fetches it, checks "
+            "that a draft's tokenizer is the model's (a head's hidden size and vocabulary) and carries "
+            "it in the engine; it is part of the engine key.",
             examples=["hf://meta-llama/Llama-3.2-1B-Instruct@9213176"],
         ),
     ]
@@ -277,8 +280,8 @@ class EngineOptions(KubeModel):
                 ),
                 _cel(
                     "!has(self.speculative) || "
-                    "(self.speculative.method == 'draft') == has(self.speculative.draftModel)",
-                    "speculative.draftModel goes with method draft, which needs it",
+                    "(self.speculative.method in ['draft', 'eagle']) == has(self.speculative.draftModel)",
+                    "speculative.draftModel goes with method draft or eagle, which need it",
                     ".speculative.draftModel",
                 ),
                 _cel(

@@ -66,7 +66,7 @@ def test_cel_refuses_speculation_with_parallelism_or_tensorrt_llm() -> None:
 
 def test_bad_speculative_values_are_rejected_by_the_schema() -> None:
     with pytest.raises(ValueError):
-        _deployment(speculative={"method": "eagle"})
+        _deployment(speculative={"method": "medusa"})
     with pytest.raises(ValueError):
         _deployment(speculative={"method": "ngram", "numTokens": 0})
 
@@ -137,7 +137,22 @@ def test_a_pvc_draft_is_mounted_read_only_in_the_build() -> None:
 def test_cel_pairs_the_draft_method_with_its_model() -> None:
     d = _torch({"method": "ngram"})
     spec = _spec_json(d)
-    spec["engine"]["speculative"] = {"method": "draft", "numTokens": 4}
-    assert "speculative.draftModel goes with method draft, which needs it" in _broken_rules(spec)
+    rule = "speculative.draftModel goes with method draft or eagle, which need it"
+    for method in ("draft", "eagle"):
+        spec["engine"]["speculative"] = {"method": method, "numTokens": 4}
+        assert rule in _broken_rules(spec)
+        spec["engine"]["speculative"] = {"method": method, "numTokens": 4, "draftModel": DRAFT}
+        assert rule not in _broken_rules(spec)
     spec["engine"]["speculative"] = {"method": "ngram", "numTokens": 4, "draftModel": DRAFT}
-    assert "speculative.draftModel goes with method draft, which needs it" in _broken_rules(spec)
+    assert rule in _broken_rules(spec)
+
+
+def test_an_eagle_head_is_built_into_the_engine_and_served_as_one() -> None:
+    head = "hf://yuhuili/EAGLE-LLaMA3-Instruct-8B@main"
+    d = _torch({"method": "eagle", "draftModel": head, "numTokens": 5})
+    args = render_build.build_args(engine_for(d), Settings())
+    assert args[args.index("--draft-model") + 1] == head
+    serve = render_serving.engine_args(render_serving.ServingInputs(d, ready(d), None, Settings()))
+    assert serve[serve.index("--speculative") + 1] == "eagle"
+    assert serve[serve.index("--num-speculative-tokens") + 1] == "5"
+    assert engine_for(d).spec.key != engine_for(_torch({"method": "ngram"})).spec.key
