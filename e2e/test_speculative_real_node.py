@@ -1,8 +1,9 @@
-"""Draft-model speculative decoding as a user declares it, on the real node:
-examples/tiny-cpu-speculative-draft.yaml (tiny-chat, drafted by tiny-chat from the `kiln-models`
-claim). The build Job fetches the draft into the engine, the serving pod speculates with it, greedy
-answers over the OpenAI API equal the model's own greedy tokens computed here without speculation,
-and the pod's metrics count the proposed and accepted drafts.
+"""Speculative decoding as a user declares it, on the real node: examples/tiny-cpu-speculative-
+draft.yaml (tiny-chat, drafted by tiny-chat from the `kiln-models` claim) and examples/tiny-cpu-
+speculative-eagle.yaml (tiny-chat with the EAGLE head trained for it). The build Job fetches the
+draft or head into the engine, the serving pod speculates with it, greedy answers over the OpenAI
+API equal the model's own greedy tokens computed here without speculation, and the pod's metrics
+count the proposed and accepted drafts.
 """
 
 from __future__ import annotations
@@ -21,15 +22,25 @@ from kiln.demo.story import Story, serving_example
 pytestmark = [pytest.mark.cluster, pytest.mark.slow, pytest.mark.engine]
 openai = pytest.importorskip("openai")
 
-EXAMPLE = repo_root() / "examples" / "tiny-cpu-speculative-draft.yaml"
-MODEL = "tiny-chat-draft"
+# (example, served name, least share of drafts kept): tiny-chat drafting for itself keeps nearly
+# all; the head keeps many on these prompts (its engine test holds it to half on its training
+# questions), and any at all shows its features reach it in the pod.
+CASES = {
+    "draft": ("tiny-cpu-speculative-draft.yaml", "tiny-chat-draft", 0.9),
+    "eagle": ("tiny-cpu-speculative-eagle.yaml", "tiny-chat-eagle", 0.0),
+}
 PROMPTS = [manifests.chat_prompt("What does Kiln build?"), manifests.chat_prompt("Name a GPU.")]
 MAX_TOKENS = 24
 
 
+@pytest.fixture(scope="module", params=sorted(CASES))
+def case(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
 @pytest.fixture(scope="module")
-def story(kiln_stack: Stack) -> Iterator[Story]:
-    with serving_example(kiln_stack, EXAMPLE) as story:
+def story(kiln_stack: Stack, case: str) -> Iterator[Story]:
+    with serving_example(kiln_stack, repo_root() / "examples" / CASES[case][0]) as story:
         yield story
 
 
@@ -54,12 +65,13 @@ def metric(endpoint: str, name: str) -> float:
     return float(found.group(1))
 
 
-def test_greedy_answers_equal_the_models_own_and_drafts_are_kept(story: Story) -> None:
+def test_greedy_answers_equal_the_models_own_and_drafts_are_kept(story: Story, case: str) -> None:
+    _, model, least_kept = CASES[case]
     [endpoint] = story.ready_pod_endpoints()
     client: Any = openai.OpenAI(base_url=f"{endpoint}/v1", api_key="unused", max_retries=0, timeout=60.0)
     answers = [
         client.completions.create(
-            model=MODEL, prompt=p, max_tokens=MAX_TOKENS, temperature=0, extra_body={"ignore_eos": True}
+            model=model, prompt=p, max_tokens=MAX_TOKENS, temperature=0, extra_body={"ignore_eos": True}
         )
         .choices[0]
         .text
@@ -68,4 +80,4 @@ def test_greedy_answers_equal_the_models_own_and_drafts_are_kept(story: Story) -
     assert answers == plain_greedy_texts()
     proposed = metric(endpoint, "kiln_engine_spec_decode_proposed_tokens_total")
     accepted = metric(endpoint, "kiln_engine_spec_decode_accepted_tokens_total")
-    assert proposed > 0 and accepted >= 0.9 * proposed, (proposed, accepted)
+    assert proposed > 0 and accepted > 0 and accepted >= least_kept * proposed, (proposed, accepted)
