@@ -17,6 +17,7 @@
 #                                                        #   from an earlier call); TRTLLM_ARGS adds options
 #   OUT=results bash bench/engine_gpu.sh so-8b           # issue 20: structured outputs at the Llama-3-8B shape
 #   OUT=results bash bench/engine_gpu.sh lora            # issue 19: 8 rank-16 adapters mixed vs the base model
+#   OUT=results bash bench/engine_gpu.sh eagle           #   tiny-chat with its trained EAGLE head vs plain, n-gram
 #   OUT=results bash bench/engine_gpu.sh lora-ops        #   and one 8B layer's LoRA delta: kernels vs masked form
 #   OUT=results bash bench/engine_gpu.sh weight-only     # issue 18: AWQ/GPTQ int4, int8 kernels vs dense refs, bf16
 #   OUT=results bash bench/engine_gpu.sh moe-check moe-qwen3 moe-mixtral   # issue 22: MoE gate, then rows
@@ -80,6 +81,11 @@ for stage in "$@"; do
       install_wheels
       PYTHONPATH=engine-image:/tmp/site timeout "${LORA_TIMEOUT:-240}" $PY bench/lora.py --device cuda --adapters 8 \
         --rank 16 --hidden 4096 --layers 8 --batch 64 --out "$OUT/lora.json" 2>&1 | tee "$OUT/lora.log" | tail -30
+      ;;
+    eagle)
+      install_wheels
+      PYTHONPATH=engine-image:/tmp/site timeout "${EAGLE_TIMEOUT:-240}" $PY bench/eagle.py --out "$OUT/eagle.json" 2>&1 \
+        | grep -v Loading | tee "$OUT/eagle.log" | tail -12
       ;;
     lora-ops)
       timeout "${LORA_OPS_TIMEOUT:-120}" $PY bench/lora_kernels.py --out "$OUT/lora-ops.json" 2>&1 | tee "$OUT/lora-ops.log" | tail -30
