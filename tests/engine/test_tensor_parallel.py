@@ -30,6 +30,7 @@ pytestmark = pytest.mark.engine
         ("model.layers.0.self_attn.o_proj.weight", 1),
         ("model.layers.0.self_attn.o_proj.bias", None),
         ("model.layers.0.self_attn.o_proj.weight_scale", None),
+        ("model.layers.0.mlp.experts.0.down_proj.weight_scale", None),
         ("model.layers.0.mlp.down_proj.qweight", 0),
         ("model.layers.0.mlp.down_proj.qzeros", 0),
         ("model.layers.0.mlp.down_proj.g_idx", 0),
@@ -42,6 +43,14 @@ pytestmark = pytest.mark.engine
 )
 def test_tp_shard_dim(name: str, dim: int | None) -> None:
     assert tp_shard_dim(name) == dim
+
+
+def test_mxfp4_exponents_split_with_their_weights() -> None:
+    """MXFP4 `weight_scale` [out, in/32]: with the outputs of a column-parallel projection and the
+    inputs of a row-parallel one; a per-output-channel [out] scale of a row-parallel one stays whole."""
+    assert tp_shard_dim("model.layers.0.mlp.experts.0.gate_proj.weight_scale", ndim=2) == 0
+    assert tp_shard_dim("model.layers.0.mlp.experts.0.down_proj.weight_scale", ndim=2) == 1
+    assert tp_shard_dim("model.layers.0.mlp.experts.0.down_proj.weight_scale", ndim=1) is None
 
 
 def test_shards_concatenate_back_to_the_tensor() -> None:

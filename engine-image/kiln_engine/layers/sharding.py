@@ -24,11 +24,13 @@ _EXPERT = re.compile(r"\.experts\.(\d+)\.")
 _EVERY_RANK = ("down_proj.bias", "w2.bias")
 
 
-def tp_shard_dim(name: str) -> int | None:
-    """The dimension of checkpoint tensor `name` split across TP ranks; None when every rank has it whole.
+def tp_shard_dim(name: str, ndim: int = 1) -> int | None:
+    """The dimension of checkpoint tensor `name` (of `ndim` dimensions) split across TP ranks; None
+    when every rank has it whole.
 
-    Covers plain weights [out, in], biases, fp8/int8 `weight_scale` [out], and AWQ/GPTQ
-    `qweight`/`qzeros`/`scales` (output channels on dim 1, inputs on dim 0) and GPTQ `g_idx` [in].
+    Covers plain weights [out, in], biases, fp8/int8 `weight_scale` [out], MXFP4 `weight_scale`
+    [out, in/32], and AWQ/GPTQ `qweight`/`qzeros`/`scales` (output channels on dim 1, inputs on
+    dim 0) and GPTQ `g_idx` [in].
     """
     parts = name.split(".")
     if len(parts) < 2:
@@ -47,6 +49,8 @@ def tp_shard_dim(name: str) -> int | None:
             return 1
         if param in ("qweight", "qzeros", "scales", "g_idx"):
             return 0
+        if param == "weight_scale" and ndim == 2:
+            return 1  # MXFP4 exponents [out, in/32] split with the inputs
         return None  # bias (added once after the all-reduce), per-output-channel weight_scale
     return None
 
@@ -55,9 +59,7 @@ def shard_tensor(name: str, tensor: torch.Tensor, rank: int, tp_size: int, num_k
     """Rank `rank`'s slice of checkpoint tensor `name` for tensor-parallel size `tp_size`."""
     if tp_size == 1:
         return tensor
-    dim = tp_shard_dim(name)
-    if dim is None and name.endswith("weight_scale") and tensor.dim() == 2:
-        dim = 1  # MXFP4 exponents [out, in/32] of a row-parallel projection split with its inputs
+    dim = tp_shard_dim(name, tensor.dim())
     if dim is None or tensor.dim() == 0 or tensor.numel() == 1:
         return tensor
     module = name.split(".")[-2]
