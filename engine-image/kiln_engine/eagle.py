@@ -39,7 +39,7 @@ from kiln_engine.layers.parallel import TPGroup
 from kiln_engine.layers.rotary import RotaryEmbedding
 from kiln_engine.loader import iter_weights, load_model_config, resolve_dtype
 from kiln_engine.model_runner import ModelRunner, cache_slots, runner_device, use_fused_kernels
-from kiln_engine.models.llama import PACKED_MODULES, LlamaDecoderLayer
+from kiln_engine.models.llama import LlamaDecoderLayer, load_into, packed_target
 from kiln_engine.scheduler import ScheduledChunk
 from kiln_engine.sequence import Sequence
 from kiln_engine.speculative import speculates
@@ -154,21 +154,12 @@ class EagleHead(nn.Module):
                 continue
             if not name.startswith("layers.0."):
                 raise ValueError(f"tensor {name!r} does not belong to an EAGLE head")
-            module_path, param = name.removeprefix("layers.0.").rsplit(".", 1)
-            parent, _, leaf = module_path.rpartition(".")
-            shard: str | int | None = None
-            if leaf in PACKED_MODULES:
-                fused, shard = PACKED_MODULES[leaf]
-                module_path = f"{parent}.{fused}"
+            module_path, param, shard = packed_target(name.removeprefix("layers.0."))
             try:
                 module = self.layer.get_submodule(module_path)
             except AttributeError:
                 raise ValueError(f"tensor {name!r} does not belong to an EAGLE head") from None
-            loader = getattr(module, "load", None)
-            if loader is not None:
-                loader(param, tensor, shard)
-            else:
-                getattr(module, param).data.copy_(tensor)
+            load_into(module, param, tensor, shard)
             loaded.add(f"layer.{module_path}.{param}")
         missing = sorted(expected - loaded)
         if missing:

@@ -35,6 +35,28 @@ PACKED_MODULES: dict[str, tuple[str, str | int]] = {
 }
 
 
+def packed_target(name: str) -> tuple[str, str, str | int | None]:
+    """(module path, parameter, shard) that tensor `name` loads into, q/k/v and gate/up fused."""
+    module_path, param = name.rsplit(".", 1)
+    parent, _, leaf = module_path.rpartition(".")
+    if leaf in PACKED_MODULES:
+        fused, shard = PACKED_MODULES[leaf]
+        return f"{parent}.{fused}", param, shard
+    return module_path, param, None
+
+
+def load_into(
+    module: nn.Module, param: str, tensor: torch.Tensor, shard: str | int | tuple[int, int] | None
+) -> None:
+    """Copy a checkpoint tensor into `module`'s `param`, through the module's own `load` where it has
+    one (fused, sharded or quantized parameters)."""
+    loader = getattr(module, "load", None)
+    if loader is not None:
+        loader(param, tensor, shard)
+    else:
+        getattr(module, param).data.copy_(tensor)
+
+
 class LlamaAttention(nn.Module):
     def __init__(
         self, cfg: ModelConfig, layer: int, rotary: RotaryEmbedding, dtype: torch.dtype, tp: TPGroup
@@ -234,12 +256,7 @@ class LlamaForCausalLM(nn.Module):
 
     def checkpoint_target(self, name: str) -> tuple[str, str, str | int | tuple[int, int] | None]:
         """(module path, parameter, shard) that checkpoint tensor `name` loads into."""
-        module_path, param = name.rsplit(".", 1)
-        parent, _, leaf = module_path.rpartition(".")
-        if leaf in PACKED_MODULES:
-            fused, shard = PACKED_MODULES[leaf]
-            return f"{parent}.{fused}", param, shard
-        return module_path, param, None
+        return packed_target(name)
 
     @staticmethod
     def split_checkpoint_tensor(
@@ -280,11 +297,7 @@ class LlamaForCausalLM(nn.Module):
                 raise ValueError(
                     f"checkpoint tensor {name!r} does not belong to {self.config.architecture}"
                 ) from None
-            loader = getattr(module, "load", None)
-            if loader is not None:
-                loader(param, tensor, shard)
-            else:
-                getattr(module, param).data.copy_(tensor)
+            load_into(module, param, tensor, shard)
             loaded.add(f"{module_path}.{param}")
         if self.config.tie_word_embeddings:
             loaded.add("lm_head.weight")
