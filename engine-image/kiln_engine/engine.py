@@ -237,6 +237,10 @@ class LLMEngine:
             prefix_cache_hit_tokens_total=self.scheduler.prefix_hit_tokens_total,
             spec_proposed_tokens_total=self.speculator.proposed_total if self.speculator else 0,
             spec_accepted_tokens_total=self.speculator.accepted_total if self.speculator else 0,
+            spec_drafts_total=self.speculator.drafts_total if self.speculator else 0,
+            spec_accepted_per_position=tuple(self.speculator.accepted_per_position)
+            if self.speculator
+            else (),
         )
 
     def step(self) -> list[RequestOutput]:

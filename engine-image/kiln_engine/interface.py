@@ -89,6 +89,8 @@ class EngineStats:
     prefix_cache_hit_tokens_total: int = 0
     spec_proposed_tokens_total: int = 0  # draft tokens proposed by speculative decoding
     spec_accepted_tokens_total: int = 0  # of those, accepted by the target model
+    spec_drafts_total: int = 0  # draft runs verified (one per speculating request per verify step)
+    spec_accepted_per_position: tuple[int, ...] = ()  # [i]: draft runs whose draft i + 1 was kept
 
 
 class Engine(Protocol):

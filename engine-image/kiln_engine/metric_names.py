@@ -18,6 +18,11 @@ PREEMPTIONS = "kiln_engine_preemptions_total"  # counter
 PREFIX_CACHE_HIT_TOKENS = "kiln_engine_prefix_cache_hit_tokens_total"  # counter
 SPEC_PROPOSED_TOKENS = "kiln_engine_spec_decode_proposed_tokens_total"  # counter: draft tokens proposed
 SPEC_ACCEPTED_TOKENS = "kiln_engine_spec_decode_accepted_tokens_total"  # counter: drafts the target kept
+# counter: draft runs verified (one per speculating request per verify step); the mean acceptance
+# length, tokens a request gains per verify step, is 1 + accepted / drafts
+SPEC_DRAFTS = "kiln_engine_spec_decode_drafts_total"
+# counter, label `position` (1..k): draft runs whose draft at that position was kept
+SPEC_ACCEPTED_PER_POSITION = "kiln_engine_spec_decode_accepted_per_position_total"
 LORA_REQUESTS = "kiln_engine_lora_requests_total"  # counter, label `adapter`: requests admitted per adapter
 
 # Histogram buckets (seconds) shared by TTFT and end-to-end latency.

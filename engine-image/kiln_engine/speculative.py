@@ -141,6 +141,8 @@ class SpeculativeDecoder:
         self.drafts: dict[str, list[int]] = {}  # request id -> drafts appended to its token_ids
         self.proposed_total = 0
         self.accepted_total = 0
+        self.drafts_total = 0  # draft runs verified
+        self.accepted_per_position = [0] * num_tokens  # [i]: runs whose draft i + 1 was kept
         self.graph_verifies = 0  # verify steps that replayed a decode graph (`_forward`)
 
     def draft_budget(self, seq: Sequence) -> int:
@@ -235,8 +237,14 @@ class SpeculativeDecoder:
                 )
                 probs = runner.sampler.probs(logits[span].float(), batch)
                 result.tokens[i] = accept_sampled(drafts, probs, runner.sampler.generator)
-            self.accepted_total += len(result.tokens[i]) - 1
+            self._count(len(result.tokens[i]) - 1)
         return result
+
+    def _count(self, accepted: int) -> None:
+        self.drafts_total += 1
+        self.accepted_total += accepted
+        for position in range(accepted):
+            self.accepted_per_position[position] += 1
 
     def _forward(
         self, runner: ModelRunner, chunks: list[ScheduledChunk]

@@ -4,6 +4,7 @@ batches; rejected drafts roll the paged KV cache (and the prefix cache) back; co
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -164,11 +165,30 @@ def test_metrics_export_proposed_and_accepted_tokens() -> None:
     from kiln_engine.server.metrics import ServerMetrics
 
     m = ServerMetrics("m")
-    m.observe_stats(EngineStats(spec_proposed_tokens_total=10, spec_accepted_tokens_total=4))
-    m.observe_stats(EngineStats(spec_proposed_tokens_total=25, spec_accepted_tokens_total=9))
+    first = EngineStats(spec_proposed_tokens_total=10, spec_accepted_tokens_total=4, spec_drafts_total=3)
+    m.observe_stats(replace(first, spec_accepted_per_position=(3, 1)))
+    later = EngineStats(spec_proposed_tokens_total=25, spec_accepted_tokens_total=9, spec_drafts_total=7)
+    m.observe_stats(replace(later, spec_accepted_per_position=(5, 3, 1)))
     text = m.render().decode()
     assert 'kiln_engine_spec_decode_proposed_tokens_total{model="m"} 25.0' in text
     assert 'kiln_engine_spec_decode_accepted_tokens_total{model="m"} 9.0' in text
+    assert 'kiln_engine_spec_decode_drafts_total{model="m"} 7.0' in text
+    name = "kiln_engine_spec_decode_accepted_per_position_total"
+    for position, count in (("1", 5), ("2", 3), ("3", 1)):
+        assert f'{name}{{model="m",position="{position}"}} {count}.0' in text
+
+
+def test_acceptance_counts_add_up(ckpt: Path) -> None:
+    """Every verified draft run is counted once, its kept drafts by position: position i counts the
+    runs that kept at least i drafts, so the positions sum to the accepted tokens and never grow."""
+    prompts = [[3, 4, 5, 6, 3, 4, 5, 6, 3, 4], [20, 21, 20, 21, 20]]
+    greedy = SamplingParams(max_tokens=30, temperature=0, ignore_eos=True)
+    _, engine = _generate(ckpt, prompts, [greedy, greedy], speculative="ngram", num_speculative_tokens=3)
+    stats = engine.stats()
+    per_position = stats.spec_accepted_per_position
+    assert len(per_position) == 3 and sum(per_position) == stats.spec_accepted_tokens_total > 0
+    assert stats.spec_drafts_total >= per_position[0] >= per_position[1] >= per_position[2]
+    assert stats.spec_drafts_total * 3 >= stats.spec_proposed_tokens_total > stats.spec_drafts_total
 
 
 def _draft_with_another_tokenizer(ckpt: Path, out: Path) -> Path:

@@ -62,7 +62,16 @@ class ServerMetrics:
         self.spec_accepted = Counter(
             names.SPEC_ACCEPTED_TOKENS, "Draft tokens the target model accepted.", lbl, registry=r
         ).labels(model)
-        self._spec_last = (0, 0)  # proposed, accepted totals seen last time
+        self.spec_drafts = Counter(
+            names.SPEC_DRAFTS, "Draft runs verified (mean acceptance length: 1 + accepted / drafts).", lbl,
+            registry=r,
+        ).labels(model)  # fmt: skip
+        self._spec_per_position = Counter(
+            names.SPEC_ACCEPTED_PER_POSITION, "Draft runs whose draft at this position was kept.",
+            [*lbl, "position"], registry=r,
+        )  # fmt: skip
+        self._spec_last = [0, 0, 0]  # proposed, accepted, drafts totals seen last time
+        self._spec_last_per_position: list[int] = []
         self.adapter_requests = Counter(
             names.LORA_REQUESTS, "Requests admitted per LoRA adapter.", [*lbl, "adapter"], registry=r
         )
@@ -87,10 +96,21 @@ class ServerMetrics:
             if stats.prefix_cache_hit_tokens_total > self._last_prefix_hits:
                 self.prefix_cache_hits.inc(stats.prefix_cache_hit_tokens_total - self._last_prefix_hits)
             self._last_prefix_hits = max(self._last_prefix_hits, stats.prefix_cache_hit_tokens_total)
-            proposed, accepted = stats.spec_proposed_tokens_total, stats.spec_accepted_tokens_total
-            self.spec_proposed.inc(max(0, proposed - self._spec_last[0]))
-            self.spec_accepted.inc(max(0, accepted - self._spec_last[1]))
-            self._spec_last = (max(proposed, self._spec_last[0]), max(accepted, self._spec_last[1]))
+            self._observe_spec(stats)
+
+    def _observe_spec(self, stats: EngineStats) -> None:
+        """Advance the speculative-decoding counters by what the engine's totals grew since last time."""
+        totals = (stats.spec_proposed_tokens_total, stats.spec_accepted_tokens_total, stats.spec_drafts_total)
+        counters = (self.spec_proposed, self.spec_accepted, self.spec_drafts)
+        for i, (counter, now) in enumerate(zip(counters, totals, strict=True)):
+            counter.inc(max(0, now - self._spec_last[i]))
+            self._spec_last[i] = max(now, self._spec_last[i])
+        positions = stats.spec_accepted_per_position
+        last = self._spec_last_per_position
+        last.extend([0] * (len(positions) - len(last)))
+        for i, now in enumerate(positions):
+            self._spec_per_position.labels(self.model, str(i + 1)).inc(max(0, now - last[i]))
+            last[i] = max(now, last[i])
 
     def render(self) -> bytes:
         """The Prometheus text exposition of this registry."""
