@@ -35,6 +35,8 @@ from torch import nn
 
 from kiln_engine.config import EngineConfig, ModelConfig
 from kiln_engine.layers.attention import AttentionMetadata
+from kiln_engine.layers.linear import QKVParallelLinear
+from kiln_engine.layers.norm import RMSNorm
 from kiln_engine.layers.parallel import TPGroup
 from kiln_engine.layers.rotary import RotaryEmbedding
 from kiln_engine.loader import iter_weights, load_model_config, resolve_dtype
@@ -45,22 +47,41 @@ from kiln_engine.sequence import Sequence
 from kiln_engine.speculative import speculates
 
 HEAD_ARCHITECTURES = ("LlamaForCausalLM",)
-HEAD_IGNORED = ("embed_tokens.weight",)  # the target's embedding serves the head
+EAGLE3_ARCHITECTURE = "LlamaForCausalLMEagle3"
+HEAD_IGNORED = ("embed_tokens.weight", "t2d")  # the model's embedding serves; t2d is d2t's inverse
 
 
-def read_head_config(path: Path) -> ModelConfig:
+@dataclass(frozen=True)
+class HeadConfig:
+    """A head's config.json: its decoder layer's sizes, its kind and its LM head's vocabulary."""
+
+    layer: ModelConfig
+    eagle3: bool  # EAGLE-3: three of the model's layers' states in, its own (smaller) vocabulary out
+    draft_vocab_size: int
+
+
+def eagle3_aux_layers(num_layers: int) -> tuple[int, ...]:
+    """The model layers whose incoming residual streams an EAGLE-3 head reads, as EAGLE-3 trains
+    them: a low, the middle and a high one."""
+    return (2, num_layers // 2, num_layers - 3)
+
+
+def read_head_config(path: Path) -> HeadConfig:
     """The head's config.json, refused unless it describes a head this runtime runs."""
     config_file = path / "config.json"
     if not config_file.exists():
         raise ValueError(f"EAGLE head {path}: no config.json")
     raw = json.loads(config_file.read_text())
+    eagle3 = raw.get("architectures") == [EAGLE3_ARCHITECTURE]
+    if eagle3:
+        raw = raw | {"architectures": ["LlamaForCausalLM"]}
     cfg = ModelConfig.from_dict(raw)
     if cfg.architecture not in HEAD_ARCHITECTURES or cfg.num_hidden_layers != 1:
         raise ValueError(
             f"EAGLE head {path}: config.json describes a {cfg.num_hidden_layers}-layer {cfg.architecture}; "
             f"an EAGLE head is one {' or '.join(HEAD_ARCHITECTURES)} decoder layer"
         )
-    return cfg
+    return HeadConfig(cfg, eagle3, int(raw.get("draft_vocab_size") or cfg.vocab_size))
 
 
 def _raw_head_weights(path: Path) -> dict[str, torch.Tensor]:
@@ -108,19 +129,73 @@ def write_head(src: Path, dst: Path) -> None:
     save_file(weights, str(dst / "model.safetensors"), metadata={"format": "pt"})
 
 
-def check_head(path: Path, target: ModelConfig) -> ModelConfig:
-    """The head's config, once it is known to fit `target`: same hidden size and vocabulary."""
-    cfg = read_head_config(path)
+def check_head(path: Path, target: ModelConfig) -> HeadConfig:
+    """The head's config, once it is known to fit `target`: same hidden size and vocabulary, and
+    for EAGLE-3 a model deep enough for its three layers."""
+    head = read_head_config(path)
+    cfg = head.layer
     if (cfg.hidden_size, cfg.vocab_size) != (target.hidden_size, target.vocab_size):
         raise ValueError(
             f"EAGLE head {path}: hidden size {cfg.hidden_size} and vocabulary {cfg.vocab_size}, "
             f"the model's are {target.hidden_size} and {target.vocab_size}"
         )
-    return cfg
+    if head.eagle3 and (target.num_hidden_layers < 3 or head.draft_vocab_size > target.vocab_size):
+        raise ValueError(
+            f"EAGLE-3 head {path}: needs a model of at least 3 layers ({target.num_hidden_layers}) and a "
+            f"draft vocabulary within the model's ({head.draft_vocab_size} of {target.vocab_size})"
+        )
+    return head
 
 
-class EagleHead(nn.Module):
-    """fc over (token embedding, feature), then one Llama decoder layer; returns the next feature."""
+class _Head(nn.Module):
+    """What both head kinds share: an fc, one Llama decoder layer, loading by checkpoint names."""
+
+    fc: nn.Linear
+    layer: LlamaDecoderLayer
+
+    def forward(
+        self, embeds: torch.Tensor, features: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(hidden states the drafts are read from, hidden states the next draft step takes)."""
+        raise NotImplementedError
+
+    def draft_tokens(self, out: torch.Tensor, target: nn.Module) -> torch.Tensor:
+        """The greedy draft token of each row of `out` (the first of `forward`'s results)."""
+        raise NotImplementedError
+
+    def _place(self, name: str) -> tuple[nn.Module, str, str | int | tuple[int, int] | None] | None:
+        """(module, parameter, shard) checkpoint tensor `name` loads into; None: not this head's."""
+        raise NotImplementedError
+
+    def _layer_place(self, name: str) -> tuple[nn.Module, str, str | int | tuple[int, int] | None] | None:
+        module_path, param, shard = packed_target(name)
+        try:
+            return self.layer.get_submodule(module_path), param, shard
+        except AttributeError:
+            return None
+
+    def load_weights(self, weights: dict[str, torch.Tensor], optional: tuple[str, ...] = ()) -> None:
+        """Load the head's tensors; fail on foreign or missing ones (`optional` may be missing)."""
+        tensors = [*self.named_parameters(), *((n, b) for n, b in self.named_buffers() if n == "d2t")]
+        names = {id(t): n for n, t in tensors}
+        loaded: set[str] = set()
+        for name, tensor in weights.items():
+            if name in HEAD_IGNORED:
+                continue
+            place = self._place(name)
+            if place is None:
+                raise ValueError(f"tensor {name!r} does not belong to an EAGLE head")
+            module, param, shard = place
+            load_into(module, param, tensor, shard)
+            loaded.add(names[id(getattr(module, param))])
+        missing = sorted(set(names.values()) - loaded - set(optional))
+        if missing:
+            raise ValueError(f"EAGLE head is missing {len(missing)} tensors, e.g. {missing[:4]}")
+
+
+class EagleHead(_Head):
+    """EAGLE-1/2: fc over (token embedding, model's final hidden state), one decoder layer; its output
+    is both the next hidden state's guess and, through the model's LM head, the draft."""
 
     def __init__(
         self, cfg: ModelConfig, max_positions: int, dtype: torch.dtype, fc_bias: bool, input_norm: bool
@@ -134,59 +209,111 @@ class EagleHead(nn.Module):
 
     def forward(
         self, embeds: torch.Tensor, features: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata
-    ) -> torch.Tensor:
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         x = self.fc(torch.cat([embeds, features], dim=-1))
         h = self.layer.input_layernorm(x) if self.input_norm else x
         h = self.layer.self_attn(positions, h, meta)
         h, residual = self.layer.post_attention_layernorm.add_forward(h, x)
-        return self.layer.mlp(h) + residual
+        out = self.layer.mlp(h) + residual
+        return out, out
 
-    def load(self, weights: dict[str, torch.Tensor]) -> None:
-        """Load the head's tensors; fail on foreign or missing ones."""
-        expected = {n for n, _ in self.named_parameters() if self.input_norm or "input_layernorm" not in n}
-        loaded: set[str] = set()
-        for name, tensor in weights.items():
-            if name in HEAD_IGNORED:
-                continue
-            if name.startswith("fc."):
-                getattr(self.fc, name.removeprefix("fc.")).data.copy_(tensor)
-                loaded.add(name)
-                continue
-            if not name.startswith("layers.0."):
-                raise ValueError(f"tensor {name!r} does not belong to an EAGLE head")
-            module_path, param, shard = packed_target(name.removeprefix("layers.0."))
-            try:
-                module = self.layer.get_submodule(module_path)
-            except AttributeError:
-                raise ValueError(f"tensor {name!r} does not belong to an EAGLE head") from None
-            load_into(module, param, tensor, shard)
-            loaded.add(f"layer.{module_path}.{param}")
-        missing = sorted(expected - loaded)
-        if missing:
-            raise ValueError(f"EAGLE head is missing {len(missing)} tensors, e.g. {missing[:4]}")
+    def draft_tokens(self, out: torch.Tensor, target: nn.Module) -> torch.Tensor:
+        return target.compute_logits(out).argmax(dim=-1)  # type: ignore[operator]
+
+    def _place(self, name: str) -> tuple[nn.Module, str, str | int | tuple[int, int] | None] | None:
+        if name.startswith("fc."):
+            return self.fc, name.removeprefix("fc."), None
+        if name.startswith("layers.0."):
+            return self._layer_place(name.removeprefix("layers.0."))
+        return None
+
+
+class Eagle3Head(_Head):
+    """EAGLE-3: fc over three of the model's layers' states (a low, the middle and a high layer's
+    incoming residual streams, side by side), then one decoder layer whose attention reads the
+    normed token embedding and normed state side by side; a final norm and its own LM head over a
+    draft vocabulary that `d2t` maps into the model's (model id = draft id + d2t[draft id]). A draft
+    step after the first takes the head's own pre-norm output as its state (no fc)."""
+
+    def __init__(self, cfg: ModelConfig, max_positions: int, dtype: torch.dtype, draft_vocab_size: int):
+        super().__init__()
+        h = cfg.hidden_size
+        self.fc = nn.Linear(3 * h, h, bias=False, dtype=dtype)
+        rotary = RotaryEmbedding(cfg.rope, cfg.rotary_dim, cfg.max_position_embeddings, max_positions)
+        self.layer = LlamaDecoderLayer(cfg, 0, rotary, dtype, TPGroup())
+        heads, kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
+        self.layer.self_attn.qkv_proj = QKVParallelLinear(
+            2 * h, cfg.head_dim, heads, kv_heads, cfg.attention_bias, cfg.quant, dtype, TPGroup()
+        )
+        self.hidden_norm = RMSNorm(h, cfg.rms_norm_eps, dtype)
+        self.norm = RMSNorm(h, cfg.rms_norm_eps, dtype)
+        self.lm_head = nn.Linear(h, draft_vocab_size, bias=False, dtype=dtype)
+        self.d2t: torch.Tensor
+        self.register_buffer("d2t", torch.zeros(draft_vocab_size, dtype=torch.int64))
+
+    def forward(
+        self, embeds: torch.Tensor, features: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if features.shape[-1] != embeds.shape[-1]:  # the model's three states, not the head's own
+            features = self.fc(features)
+        x = torch.cat([self.layer.input_layernorm(embeds), self.hidden_norm(features)], dim=-1)
+        h = self.layer.self_attn(positions, x, meta)
+        h, residual = self.layer.post_attention_layernorm.add_forward(h, features)
+        normed, prenorm = self.norm.add_forward(self.layer.mlp(h), residual)
+        return normed, prenorm
+
+    def draft_tokens(self, out: torch.Tensor, target: nn.Module) -> torch.Tensor:
+        ids = self.lm_head(out).argmax(dim=-1)
+        return ids + self.d2t[ids]
+
+    def _place(self, name: str) -> tuple[nn.Module, str, str | int | tuple[int, int] | None] | None:
+        if name.startswith("fc."):
+            return self.fc, name.removeprefix("fc."), None
+        if name == "midlayer.hidden_norm.weight":
+            return self.hidden_norm, "weight", None
+        if name.startswith("midlayer."):
+            return self._layer_place(name.removeprefix("midlayer."))
+        if name in ("norm.weight", "lm_head.weight"):
+            module, _, param = name.partition(".")
+            return getattr(self, module), param, None
+        if name == "d2t":
+            return self, "d2t", None
+        return None
 
 
 def load_head(
     path: Path, target: ModelConfig, max_positions: int, dtype: torch.dtype, device: torch.device
-) -> EagleHead:
-    cfg = check_head(path, target)
+) -> _Head:
+    head_config = check_head(path, target)
+    cfg = head_config.layer
     weights = read_head_weights(path)
+    optional: tuple[str, ...] = ()
     with torch.device(device):
-        head = EagleHead(
-            cfg,
-            max_positions,
-            dtype,
-            fc_bias="fc.bias" in weights,
-            input_norm="layers.0.input_layernorm.weight" in weights,
-        )
+        head: _Head
+        if head_config.eagle3:
+            head = Eagle3Head(cfg, max_positions, dtype, head_config.draft_vocab_size)
+            if head_config.draft_vocab_size == target.vocab_size:
+                optional = ("d2t",)  # the model's own vocabulary: no map
+        else:
+            head = EagleHead(
+                cfg,
+                max_positions,
+                dtype,
+                fc_bias="fc.bias" in weights,
+                input_norm="layers.0.input_layernorm.weight" in weights,
+            )
+            if not head.input_norm:
+                optional = ("layer.input_layernorm.weight",)
     with torch.no_grad():
-        head.load({n: t.to(device=device, dtype=dtype) for n, t in weights.items()})
+        cast = {n: t.to(device, dtype) if t.is_floating_point() else t.to(device) for n, t in weights.items()}
+        head.load_weights(cast, optional)
     return head.eval()
 
 
-def prepare_head(model_path: str | Path, config: EngineConfig) -> tuple[EagleHead, int]:
-    """The engine's head, loaded before the target sizes its KV cache, and the bytes its K/V takes
-    per cache block (the target counts them when it chooses its number of blocks)."""
+def prepare_head(model_path: str | Path, config: EngineConfig) -> tuple[_Head, int, tuple[int, ...]]:
+    """The engine's head, loaded before the model sizes its KV cache; the bytes its K/V takes per
+    cache block (the model counts them when it chooses its number of blocks); and the model layers
+    whose incoming states the head reads (EAGLE-3; none: the final hidden states)."""
     if config.draft_model is None:
         raise ValueError("speculative decoding with an EAGLE head needs draft_model (the head's directory)")
     target = load_model_config(model_path)
@@ -196,7 +323,8 @@ def prepare_head(model_path: str | Path, config: EngineConfig) -> tuple[EagleHea
     head = load_head(Path(config.draft_model), target, max_positions, dtype, device)
     attn = head.layer.self_attn.attn
     elem = torch.empty((), dtype=dtype).element_size()
-    return head, 2 * config.block_size * attn.num_kv_heads * attn.head_dim * elem
+    aux = eagle3_aux_layers(target.num_hidden_layers) if isinstance(head, Eagle3Head) else ()
+    return head, 2 * config.block_size * attn.num_kv_heads * attn.head_dim * elem, aux
 
 
 @dataclass
@@ -214,7 +342,7 @@ class _Features:
 class EagleProposer:
     """Keeps the target's hidden states per request and drafts with the head (a late proposer)."""
 
-    def __init__(self, head: EagleHead, runner: ModelRunner) -> None:
+    def __init__(self, head: _Head, runner: ModelRunner) -> None:
         self.runner = runner
         self.head = head.to(runner.dtype)  # an artifact's manifest may choose another dtype
         attn = self.head.layer.self_attn.attn
@@ -264,20 +392,21 @@ class EagleProposer:
             pieces.append(kept.rows[: end - start])
             self.features[seq.request_id] = _Features(end, kept.rows[:0])  # the verify step adds its own
         rows = [(seq.block_table, start, end) for seq, (start, end) in zip(seqs, spans, strict=True)]
-        out = self._run(runner._to_device(ids, torch.int64), torch.cat(pieces), rows)
+        out, state = self._run(runner._to_device(ids, torch.int64), torch.cat(pieces), rows)
         ends = list(itertools.accumulate(end - start for start, end in spans))
-        hidden = out.index_select(0, runner._to_device(ends, torch.int64) - 1)
+        last = runner._to_device(ends, torch.int64) - 1
+        state = state.index_select(0, last)  # what each sequence's next draft step takes
         # drafts[:, j] is draft j + 1; they stay on the device until all are made (one read)
         k_max = max(k for _, k in wanted)
         drafts = torch.zeros(len(wanted), k_max, dtype=torch.int64, device=runner.device)
-        drafts[:, 0] = runner.model.compute_logits(hidden).argmax(dim=-1)
+        drafts[:, 0] = self.head.draft_tokens(out.index_select(0, last), runner.model)
         for j in range(1, k_max):  # draft j + 1 from the head's guess at position end + j - 1
             live = [i for i, (_, k) in enumerate(wanted) if k > j]
             index = runner._to_device(live, torch.int64)
             step_rows = [(seqs[i].block_table, spans[i][1] + j - 1, spans[i][1] + j) for i in live]
-            out = self._run(drafts[index, j - 1], hidden.index_select(0, index), step_rows)
-            hidden = hidden.index_copy(0, index, out)
-            drafts[index, j] = runner.model.compute_logits(out).argmax(dim=-1)
+            out, step_state = self._run(drafts[index, j - 1], state.index_select(0, index), step_rows)
+            state = state.index_copy(0, index, step_state)
+            drafts[index, j] = self.head.draft_tokens(out, runner.model)
         return [row[:k] for row, (_, k) in zip(drafts.tolist(), wanted, strict=True)]
 
     def _catch_up_span(self, seq: Sequence, k: int) -> tuple[int, int]:
@@ -293,9 +422,10 @@ class EagleProposer:
 
     def _run(
         self, ids: torch.Tensor, features: torch.Tensor, rows: list[tuple[list[int], int, int]]
-    ) -> torch.Tensor:
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """The head over `rows` (block table, first position, end position) of each sequence, whose
-        input tokens are `ids` and features `features`, in order."""
+        input tokens are `ids` and features `features`, in order: (rows for drafts, rows for the
+        next draft step)."""
         runner = self.runner
         bs = runner.block_size
         positions = [p for _, start, end in rows for p in range(start, end)]

@@ -105,10 +105,10 @@ class LLMEngine:
         self.config.validate()
         # A draft model or EAGLE head loads first, so that the target's cache is sized around it.
         draft = DraftModel(self.config) if self.config.speculative == "draft" else None
-        head, head_block_bytes = (None, 0)
+        head, head_block_bytes, aux_layers = None, 0, tuple[int, ...]()
         if self.config.speculative == "eagle":
-            head, head_block_bytes = prepare_head(model_path, self.config)
-        self.runner = ModelRunner(model_path, self.config, extra_block_bytes=head_block_bytes)
+            head, head_block_bytes, aux_layers = prepare_head(model_path, self.config)
+        self.runner = ModelRunner(model_path, self.config, head_block_bytes, aux_layers)
         self.model_config: ModelConfig = self.runner.model_config
         self.block_manager = BlockManager(
             self.runner.num_blocks, self.config.block_size, self.config.prefix_caching

@@ -89,9 +89,16 @@ class HiddenStateSink(Protocol):
 class ModelRunner:
     """Runs the model for the scheduler's chunks on one device (one tensor-parallel rank)."""
 
-    def __init__(self, model_path: str | Path, config: EngineConfig, extra_block_bytes: int = 0) -> None:
+    def __init__(
+        self,
+        model_path: str | Path,
+        config: EngineConfig,
+        extra_block_bytes: int = 0,
+        aux_layers: tuple[int, ...] = (),
+    ) -> None:
         """`extra_block_bytes`: what another cache indexed by the same blocks (an EAGLE head's)
-        takes per block, counted when the number of blocks is chosen."""
+        takes per block, counted when the number of blocks is chosen. `aux_layers`: the layers whose
+        incoming residual streams `hidden_sink` gets instead of the final hidden states (EAGLE-3)."""
         self.config = config
         self.extra_block_bytes = extra_block_bytes
         self.hidden_sink: HiddenStateSink | None = None
@@ -101,6 +108,14 @@ class ModelRunner:
         self.model, self.model_config, self.dtype = load_model(
             model_path, config, self.max_model_len, self.device
         )
+        if aux_layers:
+            decoder = getattr(self.model, "model", None)
+            if not hasattr(decoder, "aux_layers"):
+                raise ValueError(
+                    f"{self.model_config.architecture} cannot hand an EAGLE-3 head its layers' states"
+                )
+            decoder.aux_layers = aux_layers  # type: ignore[union-attr]
+        self.feature_width = self.model_config.hidden_size * max(1, len(aux_layers))
         self.lora: LoraRuntime | None = None
         if config.max_loras:
             self.lora = LoraRuntime(self.model, self.model_config, config, self.dtype, self.device)
@@ -148,6 +163,12 @@ class ModelRunner:
         self.pipeline: PipelineExecutor | None = None
         if config.pipeline_parallel_size > 1:
             self.pipeline = PipelineExecutor(self)
+
+    def sink_features(self, hidden: torch.Tensor) -> torch.Tensor:
+        """What `hidden_sink` takes from a forward pass that returned `hidden`: the final hidden
+        states, or the aux layers' incoming residual streams when there are aux layers."""
+        aux = getattr(getattr(self.model, "model", None), "aux_hidden", None)
+        return aux if aux is not None else hidden
 
     def kv_block_bytes(self) -> int:
         layers = self.model.attention_layers()
@@ -288,7 +309,7 @@ class ModelRunner:
         self.backend.prepare(meta)
         hidden = self.model(input_ids, positions, meta)
         if self.hidden_sink is not None:
-            self.hidden_sink.observe(chunks, hidden)
+            self.hidden_sink.observe(chunks, self.sink_features(hidden))
         if not sample_rows:
             return SampledTokens(torch.empty(0, dtype=torch.int64), None, sampling)
         logits = self.model.compute_logits(hidden.index_select(0, rows))
@@ -376,7 +397,7 @@ class DecodeGraphs:
         # With an EAGLE head every graph also leaves its hidden states here (the head's input).
         self.hidden: torch.Tensor | None = None
         if keep_hidden:
-            size = (max_bs, runner.model_config.hidden_size)
+            size = (max_bs, runner.feature_width)
             self.hidden = torch.empty(size, dtype=runner.dtype, device=dev)
         # A step's inputs cross to the device through one pinned buffer that lives as long as the
         # graphs: pinning fresh memory every step cost more host time than the rest of a batch-1 step.
@@ -396,7 +417,7 @@ class DecodeGraphs:
         model = self.runner.model
         hidden = model(self.input_ids[:bs], self.positions[:bs], meta)
         if self.hidden is not None:
-            self.hidden[:bs].copy_(hidden)
+            self.hidden[:bs].copy_(self.runner.sink_features(hidden))
         return model.compute_logits(hidden)
 
     @torch.inference_mode()

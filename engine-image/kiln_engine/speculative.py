@@ -266,7 +266,7 @@ class SpeculativeDecoder:
         runner.backend.prepare(meta)
         hidden = runner.model(input_ids, positions, meta)
         if runner.hidden_sink is not None:
-            runner.hidden_sink.observe(chunks, hidden)
+            runner.hidden_sink.observe(chunks, runner.sink_features(hidden))
         return (lambda index: runner.model.compute_logits(hidden.index_select(0, index))), rows, requests
 
     @staticmethod

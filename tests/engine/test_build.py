@@ -31,7 +31,7 @@ from kiln_engine.config import EngineConfig  # noqa: E402
 from kiln_engine.engine import LLMEngine  # noqa: E402
 from kiln_engine.interface import SamplingParams  # noqa: E402
 from kiln_engine.layers.sharding import tp_shard_dim  # noqa: E402
-from kiln_engine.testing.tiny import make_tiny_checkpoint, make_tiny_eagle_head  # noqa: E402
+from kiln_engine.testing.tiny import make_tiny_checkpoint, make_tiny_eagle3_head, make_tiny_eagle_head  # noqa: E402
 
 PROMPTS = [[5, 17, 42, 99, 3], [200, 11, 7], list(range(20, 60))]
 
@@ -604,6 +604,15 @@ def test_an_eagle_head_rides_in_the_artifact_as_safetensors(checkpoint: Path, tm
             tmp_path / "art2",
             measure_capacity=False,
             draft_model=str(make_tiny_eagle_head(tmp_path / "h32", wide)),
+        )
+    assert failed.value.reason == INVALID_OPTIONS
+    shallow = make_tiny_checkpoint(tmp_path / "shallow", "llama", num_hidden_layers=2)
+    with pytest.raises(BuildError, match="at least 3 layers") as failed:
+        build(
+            shallow,
+            tmp_path / "art3",
+            measure_capacity=False,
+            draft_model=str(make_tiny_eagle3_head(tmp_path / "h3", shallow)),
         )
     assert failed.value.reason == INVALID_OPTIONS
 

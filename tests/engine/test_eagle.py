@@ -15,7 +15,7 @@ from kiln_engine.config import EngineConfig
 from kiln_engine.engine import LLMEngine
 from kiln_engine.interface import SamplingParams
 from kiln_engine.sequence import Sequence
-from kiln_engine.testing import make_tiny_checkpoint, make_tiny_eagle_head
+from kiln_engine.testing import make_tiny_checkpoint, make_tiny_eagle3_head, make_tiny_eagle_head
 
 PROMPTS = [
     [3, 4, 5, 6, 3, 4, 5, 6, 3, 4],
@@ -197,3 +197,96 @@ def test_the_trained_tiny_chat_head_drafts_what_tiny_chat_says() -> None:
     assert engine.generate(prompts, greedy) == want
     stats = engine.stats()
     assert stats.spec_accepted_tokens_total >= 0.5 * stats.spec_proposed_tokens_total > 0, stats
+
+
+class ReferenceEagle3:
+    """An EAGLE-3 head as its paper and vLLM define it, in plain torch without a cache: fc over the
+    model's states entering layers (2, L // 2, L - 3) (transformers' hidden_states[i] enters layer
+    i), attention over (normed embedding, normed state) side by side with transformers' RoPE, a
+    final norm, its own LM head and d2t; every position recomputed for every draft."""
+
+    def __init__(self, ckpt: Path, head: Path) -> None:
+        from transformers import AutoModelForCausalLM, LlamaConfig
+        from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+        self.target = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32).eval()
+        self.w = load_file(str(head / "model.safetensors"))
+        self.config = LlamaConfig.from_pretrained(head)
+        self.rotary = LlamaRotaryEmbedding(self.config)
+        layers = self.target.config.num_hidden_layers
+        self.aux = (2, layers // 2, layers - 3)
+
+    def _norm(self, x: torch.Tensor, name: str) -> torch.Tensor:
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.config.rms_norm_eps) * self.w[name]
+
+    def _layer(self, embeds: torch.Tensor, states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+        w, c = self.w, self.config
+        x = torch.cat([self._norm(embeds, "midlayer.input_layernorm.weight"),
+                       self._norm(states, "midlayer.hidden_norm.weight")], dim=-1)  # fmt: skip
+        n, d = x.shape[0], c.head_dim
+        q, k, v = (
+            (x @ w[f"midlayer.self_attn.{p}_proj.weight"].T).view(n, -1, d).transpose(0, 1) for p in "qkv"
+        )
+        cos, sin = self.rotary(x, torch.arange(n)[None])
+        q, k = apply_rotary_pos_emb(q[None], k[None], cos, sin)
+        groups = c.num_attention_heads // c.num_key_value_heads
+        k, v = k[0].repeat_interleave(groups, 0), v.repeat_interleave(groups, 0)
+        attn = torch.nn.functional.scaled_dot_product_attention(q[0], k, v, is_causal=True)
+        h = attn.transpose(0, 1).reshape(n, -1) @ w["midlayer.self_attn.o_proj.weight"].T + states
+        m = self._norm(h, "midlayer.post_attention_layernorm.weight")
+        mlp = torch.nn.functional.silu(m @ w["midlayer.mlp.gate_proj.weight"].T) * (
+            m @ w["midlayer.mlp.up_proj.weight"].T
+        )
+        prenorm = mlp @ w["midlayer.mlp.down_proj.weight"].T + h
+        return self._norm(prenorm, "norm.weight"), prenorm
+
+    @torch.inference_mode()
+    def drafts(self, context: list[int], k: int) -> list[int]:
+        ids = torch.tensor([context])
+        hidden = self.target.model(ids[:, :-1], output_hidden_states=True).hidden_states
+        states = torch.cat([hidden[i][0] for i in self.aux], dim=-1) @ self.w["fc.weight"].T
+        tokens = list(context[1:])
+        out: list[int] = []
+        for _ in range(k):
+            normed, prenorm = self._layer(self.target.model.embed_tokens(torch.tensor(tokens)), states)
+            draft = int((normed[-1] @ self.w["lm_head.weight"].T).argmax())
+            token = draft + int(self.w["d2t"][draft])
+            out.append(token)
+            tokens.append(token)
+            states = torch.cat([states, prenorm[-1:]])
+        return out
+
+
+@pytest.fixture(scope="module")
+def deep(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An 8-layer Llama: EAGLE-3 reads the states entering its layers 2, 4 and 5."""
+    return make_tiny_checkpoint(tmp_path_factory.mktemp("deep"), "llama", num_hidden_layers=8)
+
+
+@pytest.mark.parametrize("graphs", [False, True], ids=["plain", "graphs"])
+def test_eagle3_drafts_equal_a_reference_head_and_greedy_outputs_equal_decoding_without_one(
+    deep: Path, tmp_path: Path, graphs: bool
+) -> None:
+    head = make_tiny_eagle3_head(tmp_path / "head3", deep, seed=4)
+    greedy = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
+    params = [greedy] * len(PROMPTS)
+    base = _engine(deep, cuda_graphs=graphs).generate(PROMPTS, params)
+    engine = _engine(
+        deep, cuda_graphs=graphs, speculative="eagle", draft_model=str(head), num_speculative_tokens=3
+    )
+    calls = _record_drafts(engine)
+    assert engine.generate(PROMPTS, params) == base
+    assert engine.stats().spec_proposed_tokens_total > 0 and len(calls) > 10
+    reference = ReferenceEagle3(deep, head)
+    mismatches = [(c, k, d) for c, k, d in calls if reference.drafts(c, k) != d]
+    assert not mismatches, mismatches[:3]
+    vocab = set((int(d) + i for i, d in enumerate(load_file(str(head / "model.safetensors"))["d2t"])))
+    assert {t for _, _, d in calls for t in d} <= vocab  # drafts come from the head's vocabulary
+
+
+def test_an_eagle3_head_needs_a_deep_enough_model(ckpt: Path, tmp_path: Path) -> None:
+    shallow = make_tiny_checkpoint(tmp_path / "shallow", "llama", num_hidden_layers=2)
+    with pytest.raises(ValueError, match="at least 3 layers"):
+        _engine(shallow, speculative="eagle", draft_model=str(make_tiny_eagle3_head(tmp_path / "h", shallow)))

@@ -192,6 +192,10 @@ class LlamaModel(nn.Module):
             for i in range(cfg.num_hidden_layers)
         )
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype) if pp.is_last else PPMissing()
+        # An EAGLE-3 head reads the residual stream entering these layers (kiln_engine.eagle); each
+        # forward pass then leaves them side by side in `aux_hidden` [tokens, len(aux_layers) * hidden].
+        self.aux_layers: tuple[int, ...] = ()
+        self.aux_hidden: torch.Tensor | None = None
 
     def forward(
         self,
@@ -204,8 +208,13 @@ class LlamaModel(nn.Module):
         stream after their layers, which the next stage takes as `hidden_in`."""
         x = self.embed_tokens(input_ids) if hidden_in is None else hidden_in
         residual: torch.Tensor | None = None
+        aux: dict[int, torch.Tensor] = {}
         for i in range(self.pp.first_layer, self.pp.end_layer):
+            if i in self.aux_layers:
+                aux[i] = x if residual is None else x + residual
             x, residual = self.layers[i](positions, x, residual, meta)
+        if aux:
+            self.aux_hidden = torch.cat([aux[i] for i in self.aux_layers], dim=-1)
         assert residual is not None
         if not self.pp.is_last:
             return x + residual

@@ -4,7 +4,13 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["make_tiny_artifact", "make_tiny_checkpoint", "make_tiny_eagle_head", "make_tiny_mxfp4_checkpoint"]
+__all__ = [
+    "make_tiny_artifact",
+    "make_tiny_checkpoint",
+    "make_tiny_eagle3_head",
+    "make_tiny_eagle_head",
+    "make_tiny_mxfp4_checkpoint",
+]
 
 
 def __getattr__(name: str) -> Any:

@@ -458,3 +458,43 @@ def make_tiny_eagle_head(
     (out / "config.json").write_text(json.dumps(cfg, indent=2))
     save_file(head, str(out / "model.safetensors"), metadata={"format": "pt"})
     return out
+
+
+def make_tiny_eagle3_head(
+    path: str | Path, target: str | Path, seed: int = 0, draft_vocab_size: int = 96
+) -> Path:
+    """A random EAGLE-3 head for the tiny checkpoint at `target`, as EAGLE-3's checkpoints are laid
+    out: `fc.weight` [hidden, 3 * hidden], `midlayer.*` (attention over 2 * hidden inputs, a
+    `hidden_norm`), `norm.weight`, its own `lm_head.weight` [draft vocabulary, hidden] and `d2t`
+    (model id = draft id + d2t[draft id]) over a random sorted subset of the model's vocabulary."""
+    out = Path(path)
+    out.mkdir(parents=True, exist_ok=True)
+    tcfg = json.loads((Path(target) / "config.json").read_text())
+    sizes = ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads", "head_dim")
+    vocab = tcfg["vocab_size"]
+    cfg = _config("llama", vocab, tcfg["bos_token_id"], tcfg["eos_token_id"], num_hidden_layers=1)
+    cfg.update({k: tcfg[k] for k in (*sizes, "max_position_embeddings", "rope_theta")})
+    cfg.update(architectures=["LlamaForCausalLMEagle3"], draft_vocab_size=draft_vocab_size)
+    g = torch.Generator().manual_seed(seed)
+    h, heads, kv, d = (cfg[k] for k in sizes[:1] + sizes[2:])
+
+    def rnd(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=g) * 0.1
+
+    prefix = "model.layers.0."
+    layer = {
+        n.removeprefix(prefix): t for n, t in random_weights(cfg, seed=seed).items() if n.startswith(prefix)
+    }
+    for name, rows in (("q_proj", heads * d), ("k_proj", kv * d), ("v_proj", kv * d)):
+        layer[f"self_attn.{name}.weight"] = rnd(rows, 2 * h)  # over (embedding, state) side by side
+    layer["hidden_norm.weight"] = 1.0 + rnd(h)
+    kept = torch.randperm(vocab, generator=g)[:draft_vocab_size].sort().values
+    weights = {f"midlayer.{n}": t for n, t in layer.items()}
+    weights.update(
+        {"fc.weight": rnd(h, 3 * h), "norm.weight": 1.0 + rnd(h), "lm_head.weight": rnd(draft_vocab_size, h)}
+    )
+    weights["d2t"] = kept - torch.arange(draft_vocab_size)
+    weights["t2d"] = torch.zeros(vocab, dtype=torch.bool).index_fill(0, kept, True)
+    (out / "config.json").write_text(json.dumps(cfg, indent=2))
+    save_file(weights, str(out / "model.safetensors"), metadata={"format": "pt"})
+    return out

@@ -208,7 +208,7 @@ class SpeculativeDecoding(KubeModel):
             "(no extra model; pays off when outputs repeat their prompt: code edits, extraction, RAG). "
             "`draft`: a smaller model with the same tokenizer (`draftModel`) proposes the drafts. "
             "`eagle`: an EAGLE head trained for this model (`draftModel`: one decoder layer over the "
-            "model's own hidden states, EAGLE-1/2 format) proposes them.",
+            "model's own hidden states, EAGLE-1/2 or EAGLE-3 format) proposes them.",
         ),
     ]
     num_tokens: Annotated[
