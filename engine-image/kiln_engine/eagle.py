@@ -6,7 +6,9 @@ Llama, `fc.weight` [hidden, 2 * hidden], `layers.0.*` without an input norm) map
 normed hidden state f_p at position p and the embedding of the token after it, t_{p+1}, to a guess
 of f_{p+1}: `layer(fc(cat(embed(t_{p+1}), f_p)))`. The target's LM head turns that guess into a draft
 token, and the guess itself is the head's input for the draft after it. The target's `embed_tokens`
-and `lm_head` serve the head (a head's own copy of the embedding is not loaded).
+and `lm_head` serve the head (a head's own copy of the embedding is not loaded). An EAGLE-3 head
+(`Eagle3Head`) reads three of the target's states instead (the residual streams entering a low, the
+middle and a high layer) and drafts from its own LM head over a smaller vocabulary.
 
 The head has a KV cache of its own, one layer deep, indexed by the target's blocks: its K/V of
 position p sit in the slot the target's K/V of p use, so it needs no allocator and preemption,
