@@ -42,12 +42,22 @@ def prefix_root(seq: Sequence) -> BlockKey | None:
 class BlockManager:
     """Allocates, shares and frees KV-cache blocks for sequences."""
 
-    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True) -> None:
+    def __init__(
+        self,
+        num_blocks: int,
+        block_size: int,
+        enable_prefix_caching: bool = True,
+        recompute_last_hit: bool = False,
+    ) -> None:
+        """`recompute_last_hit`: a prefix hit leaves its last block to compute again. An EAGLE head's
+        K/V at a block's last position depends on the token after the block, which a hit's last
+        block does not fix (kiln_engine.eagle); the blocks before it are fixed by the next one's."""
         if num_blocks <= 0 or block_size <= 0:
             raise ValueError("num_blocks and block_size must be positive")
         self.num_blocks = num_blocks
         self.block_size = block_size
         self.enable_prefix_caching = enable_prefix_caching
+        self.recompute_last_hit = recompute_last_hit
         self.ref_counts = [0] * num_blocks
         self.block_hash: list[BlockKey | None] = [None] * num_blocks
         self.block_origin: list[BlockOrigin | None] = [None] * num_blocks
@@ -92,6 +102,8 @@ class BlockManager:
             hits.append(block)
             hashes.append(h)
             parent = h
+        if self.recompute_last_hit:
+            del hits[-1:], hashes[-1:]
         for block in hits:
             if self.ref_counts[block] == 0:
                 del self.evictable[block]

@@ -17,9 +17,12 @@ each forward pass computes (`observe`, from eager steps, decode graphs and verif
 wait per request until the head's next drafting, which first runs the head over them ("catch-up":
 the positions whose next token is now known) and then drafts one token per head step. Catch-up
 writes the K/V of real features over whatever drafting left at those positions, so the head attends
-only to K/V computed from the target's real features, except at positions the target took from its
-prefix cache, whose head K/V is the one the sequence that computed them wrote. Drafts are greedy (a
-point mass), so `accept_sampled` keeps a sampled request's distribution the target's.
+only to K/V computed from the target's real features. Positions the target takes from its prefix
+cache keep the head K/V the sequence that computed them wrote; a hit leaves its last block to
+compute again (`BlockManager.recompute_last_hit`), since the head's K/V at a block's last position
+depends on the token after it. (A block computed by a request that never speculates, one with
+logprobs or a seed, holds no head K/V: drafts after such a hit are worse, never wrong.) Drafts are
+greedy (a point mass), so `accept_sampled` keeps a sampled request's distribution the target's.
 
 Drafting needs the blocks the scheduler gives the drafts, so the head drafts after scheduling
 (`SpeculativeDecoder`'s late proposer). Its steps run eagerly (no CUDA graphs yet).

@@ -111,7 +111,7 @@ class LLMEngine:
         self.runner = ModelRunner(model_path, self.config, head_block_bytes, aux_layers)
         self.model_config: ModelConfig = self.runner.model_config
         self.block_manager = BlockManager(
-            self.runner.num_blocks, self.config.block_size, self.config.prefix_caching
+            self.runner.num_blocks, self.config.block_size, self.config.prefix_caching, head is not None
         )
         self.scheduler = Scheduler(self.config, self.block_manager)
         # A sequence never outgrows the whole cache, so one running alone always fits; without chunked

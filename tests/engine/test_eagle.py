@@ -290,3 +290,20 @@ def test_an_eagle3_head_needs_a_deep_enough_model(ckpt: Path, tmp_path: Path) ->
     shallow = make_tiny_checkpoint(tmp_path / "shallow", "llama", num_hidden_layers=2)
     with pytest.raises(ValueError, match="at least 3 layers"):
         _engine(shallow, speculative="eagle", draft_model=str(make_tiny_eagle3_head(tmp_path / "h", shallow)))
+
+
+def test_a_prefix_hit_recomputes_its_last_block_for_the_head(ckpt: Path, head: Path) -> None:
+    """Two prompts share two whole blocks and differ right after them: the head's K/V at the second
+    block's last position was written with the first prompt's next token, so the second request
+    computes that block again (and only that one) and drafts what the reference head drafts."""
+    shared = [3, 4, 5, 6, 7, 8, 9, 10]  # two blocks of 4
+    first, second = [*shared, 11, 12, 13], [*shared, 40, 41, 42]
+    greedy = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+    engine = _engine(ckpt, speculative="eagle", draft_model=str(head), num_speculative_tokens=3)
+    engine.generate([first], greedy)
+    calls = _record_drafts(engine)
+    engine.generate([second], greedy)
+    assert engine.stats().prefix_cache_hit_tokens_total == 4  # the first block only
+    reference = ReferenceHead(ckpt, head)
+    mismatches = [(c, k, d) for c, k, d in calls if reference.drafts(c, k) != d]
+    assert calls and not mismatches, mismatches[:3]
