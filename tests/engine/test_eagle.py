@@ -307,3 +307,53 @@ def test_a_prefix_hit_recomputes_its_last_block_for_the_head(ckpt: Path, head: P
     reference = ReferenceHead(ckpt, head)
     mismatches = [(c, k, d) for c, k, d in calls if reference.drafts(c, k) != d]
     assert calls and not mismatches, mismatches[:3]
+
+
+def _homogeneity_p_value(a: list[tuple[int, ...]], b: list[tuple[int, ...]]) -> float:
+    """Chi-square test that two samples come from one distribution; outcomes expected fewer than 5
+    times in either sample share one bin."""
+    from collections import Counter
+
+    ca, cb = Counter(a), Counter(b)
+    na, nb = len(a), len(b)
+    bins: list[tuple[int, int]] = []
+    rare = [0, 0]
+    for outcome in set(ca) | set(cb):
+        pair = (ca[outcome], cb[outcome])
+        if min(sum(pair) * na, sum(pair) * nb) / (na + nb) < 5:
+            rare = [rare[0] + pair[0], rare[1] + pair[1]]
+        else:
+            bins.append(pair)
+    if sum(rare):
+        bins.append((rare[0], rare[1]))
+    stat = 0.0
+    for x, y in bins:
+        total = x + y
+        for observed, n in ((x, na), (y, nb)):
+            expected = total * n / (na + nb)
+            stat += (observed - expected) ** 2 / expected
+    df = len(bins) - 1
+    return float(torch.special.gammaincc(torch.tensor(df / 2), torch.tensor(stat / 2)))
+
+
+def test_sampled_answers_keep_the_models_distribution_with_a_head() -> None:
+    """Rejection sampling keeps the model's distribution under a head's drafts: tiny-chat's 4-token
+    answers sampled 1,200 times with its trained head and 1,200 times without come from one
+    distribution (chi-square test of homogeneity; the test fails at p < 0.001, a bound fixed
+    before the first run), while most drafts are kept."""
+    examples = Path(__file__).resolve().parents[2] / "examples"
+    params = SamplingParams(max_tokens=4, temperature=2.0, top_k=4, ignore_eos=True)  # flat enough
+    samples = {}
+    for method in (None, "eagle"):
+        draft = str(examples / "tiny-chat-eagle") if method else None
+        cfg = EngineConfig(
+            device="cpu", max_model_len=128, max_num_seqs=64, speculative=method, draft_model=draft
+        )
+        engine = LLMEngine(examples / "tiny-chat", cfg)
+        assert engine.tokenizer is not None
+        prompt = engine.tokenizer.encode("<|bos|><|user|>\nWhat is Kiln?<|end|>\n<|assistant|>\n")
+        samples[method] = [tuple(t) for t in engine.generate([prompt] * 1200, params)]
+    stats = engine.stats()
+    assert stats.spec_accepted_tokens_total > 0.5 * stats.spec_proposed_tokens_total > 0
+    assert len(set(samples[None])) > 5  # a distribution, not one answer
+    assert _homogeneity_p_value(samples[None], samples["eagle"]) > 1e-3
