@@ -7,12 +7,18 @@ trained on), the model is not: a 1M-parameter Llama says nothing about an 8B mod
     PYTHONPATH=engine-image .venv/bin/python bench/eagle.py --device cpu \\
         --out bench/results-committed/eagle-cpu.json      # the committed CPU record
     PYTHONPATH=engine-image python3 bench/eagle.py --out bench/results/eagle.json   # GPU
+
+`--shape llama3-8b` (GPU) measures what drafting costs instead: a Llama-3-8B-shaped model with dummy
+weights and a random EAGLE-1 head of its size, whose drafts are (almost) never kept, so the time per
+output token with the head minus without it is the head's drafting and the wider verify step.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import random
+import tempfile
 import time
 from pathlib import Path
 
@@ -21,6 +27,7 @@ import torch
 from kiln_engine.config import EngineConfig
 from kiln_engine.engine import LLMEngine
 from kiln_engine.interface import SamplingParams
+from kiln_engine.testing import make_tiny_checkpoint, make_tiny_eagle_head
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 QUESTIONS = [
@@ -71,12 +78,86 @@ def run(mode: str, batch: int, device: str, k: int) -> dict[str, object]:
     }
 
 
+LLAMA3_8B = {
+    "hidden_size": 4096,
+    "intermediate_size": 14336,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 8,
+    "head_dim": 128,
+    "rope_theta": 500000.0,
+    "vocab_size": 128256,
+    "max_position_embeddings": 2048,
+}
+
+
+def shaped_model(root: Path) -> tuple[Path, Path]:
+    """A Llama-3-8B-shaped checkpoint without weights (load it with load_format dummy) and a random
+    EAGLE-1 head of its size."""
+    model = make_tiny_checkpoint(root / "model", "llama")
+    config = json.loads((model / "config.json").read_text()) | LLAMA3_8B
+    (model / "config.json").write_text(json.dumps(config))
+    head = make_tiny_eagle_head(root / "head", model)
+    for name in ("model.safetensors", "tokenizer.json", "tokenizer_config.json"):
+        (model / name).unlink()
+    return model, head
+
+
+def run_shaped(model: Path, head: Path, eagle: bool, batch: int, k: int) -> dict[str, float]:
+    cfg = EngineConfig(
+        device="cuda", dtype="bfloat16", load_format="dummy", cuda_graphs=True, max_model_len=1024,
+        num_kv_blocks=2048, block_size=16, max_num_seqs=16, speculative="eagle" if eagle else None,
+        num_speculative_tokens=k, draft_model=str(head) if eagle else None,
+    )  # fmt: skip
+    engine = LLMEngine(model, cfg)
+    rng = random.Random(0)
+    prompts = [[rng.randrange(1000, 100000) for _ in range(128)] for _ in range(batch)]
+    params = SamplingParams(max_tokens=64, temperature=0, ignore_eos=True)
+    engine.generate(prompts, params)  # warm-up
+    before = engine.stats()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    engine.generate(prompts, params)
+    torch.cuda.synchronize()
+    stats = engine.stats()
+    del engine
+    torch.cuda.empty_cache()
+    return {
+        "ms_per_token": 1000 * (time.perf_counter() - start) / 64,
+        "proposed": stats.spec_proposed_tokens_total - before.spec_proposed_tokens_total,
+        "accepted": stats.spec_accepted_tokens_total - before.spec_accepted_tokens_total,
+    }
+
+
+def main_shaped(out: Path, k: int) -> None:
+    model, head = shaped_model(Path(tempfile.mkdtemp()))
+    rows = []
+    print(f"{'batch':>5} {'plain ms':>9} {'eagle ms':>9} {'kept':>9} {'head cost ms':>12}")
+    for batch in (1, 16):
+        plain, eagle = run_shaped(model, head, False, batch, k), run_shaped(model, head, True, batch, k)
+        row = {"batch": batch, "plain_ms_per_token": round(plain["ms_per_token"], 3),
+               "eagle_ms_per_token": round(eagle["ms_per_token"], 3),
+               "proposed": eagle["proposed"], "accepted": eagle["accepted"]}  # fmt: skip
+        rows.append(row)
+        kept = f"{row['accepted']}/{row['proposed']}"
+        cost = row["eagle_ms_per_token"] - row["plain_ms_per_token"]
+        plain_ms, eagle_ms = row["plain_ms_per_token"], row["eagle_ms_per_token"]
+        print(f"{batch:>5} {plain_ms:>9.3f} {eagle_ms:>9.3f} {kept:>9} {cost:>12.3f}")
+    meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "shape": "llama3-8b", "k": k}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--num-tokens", type=int, default=4)
+    ap.add_argument("--shape", choices=("tiny-chat", "llama3-8b"), default="tiny-chat")
     args = ap.parse_args()
+    if args.shape == "llama3-8b":
+        main_shaped(Path(args.out), args.num_tokens)
+        return
     rows = []
     print(f"{'batch':>5} {'mode':>6} {'same':>6} {'proposed':>8} {'kept':>6} {'ms/token':>9} {'vs plain':>8}")
     for batch in (1, 8):
