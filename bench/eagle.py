@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 import torch
+from engine_throughput import LLAMA3_8B  # the benches' Llama-3-8B shape
 
 from kiln_engine.config import EngineConfig
 from kiln_engine.engine import LLMEngine
@@ -76,19 +77,6 @@ def run(mode: str, batch: int, device: str, k: int) -> dict[str, object]:
         "proposed": stats.spec_proposed_tokens_total - before.spec_proposed_tokens_total,
         "accepted": stats.spec_accepted_tokens_total - before.spec_accepted_tokens_total,
     }
-
-
-LLAMA3_8B = {
-    "hidden_size": 4096,
-    "intermediate_size": 14336,
-    "num_hidden_layers": 32,
-    "num_attention_heads": 32,
-    "num_key_value_heads": 8,
-    "head_dim": 128,
-    "rope_theta": 500000.0,
-    "vocab_size": 128256,
-    "max_position_embeddings": 2048,
-}
 
 
 def shaped_model(root: Path) -> tuple[Path, Path]:
