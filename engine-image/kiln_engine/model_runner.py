@@ -76,11 +76,12 @@ def cache_slots(table: list[int], start: int, end: int, block_size: int) -> list
 
 
 class HiddenStateSink(Protocol):
-    """Takes the final (normed) hidden state of every token a forward pass computed: an EAGLE
-    head's input (kiln_engine.eagle)."""
+    """Takes the states of every token a forward pass computed (`ModelRunner.sink_features`: the
+    final normed hidden states, or an EAGLE-3 head's layers' streams): an EAGLE head's input
+    (kiln_engine.eagle)."""
 
     def observe(self, chunks: list[ScheduledChunk], hidden: torch.Tensor) -> None:
-        """`hidden` [tokens of `chunks` in order, hidden size]; valid until the next forward pass."""
+        """`hidden` [tokens of `chunks` in order, feature width]; valid until the next forward pass."""
 
     def release(self, request_id: str) -> None:
         """Forget a finished or aborted request."""
