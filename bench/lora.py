@@ -5,23 +5,26 @@ measure). Rows:
 * `base`: an engine without LoRA;
 * `base-eager`: the same without CUDA graphs (the baseline of `mixed-segments`; equal to `base` off a GPU);
 * `base-lora-on`: LoRA slots allocated, every request on the base model (the cost of having them);
-* `mixed-segments`: requests round-robin over the base model and the adapters, eager steps
-  (per-adapter segments: two small GEMMs per adapter per projection);
+* `mixed-segments`: requests round-robin over the base model and the adapters, eager steps with
+  the kernels off (per-adapter segments: two small GEMMs per adapter per projection);
 * `mixed-graphs` (`mixed-mask` in results before the batched kernels): the same on padded decode
-  steps (the CUDA-graph path: on a GPU, layers/lora_kernels.py; eager off a GPU: every token
-  runs all slots' A and B, masked to its own);
+  steps, as served (on a GPU, layers/lora_kernels.py in every step: per-token kernels in graphs of
+  up to 32 rows, tiled ones above and in prefill; off a GPU: every token runs all slots' A and B,
+  masked to its own, and prefill runs segments);
 * `mixed-graphs-masked`: `mixed-graphs` with the kernels turned off (`lora_kernels=False`): the
-  masked form in the graphs, the baseline the kernels must beat;
+  masked form in the graphs and segments in prefill, the baseline the kernels must beat;
 * `one-adapter`: every request on one adapter.
 
-Each row decodes the same prompts greedily; rows with the same adapter assignment must give the
-same tokens, which the script checks. Output tokens per second over the whole generate call
-(prefill included), the best of `--repeats`.
+Each row decodes the same prompts greedily; rows with the same adapter assignment on the same
+library kernels must give the same tokens, which the script checks (the Triton kernels sum in
+another order than cuBLAS, so `mixed-graphs` is compared and its differing sequences counted, not
+required equal: on random weights a 1-ulp difference flips near-ties). Output tokens per second
+over the whole generate call (prefill included), the best of `--repeats`.
 
     PYTHONPATH=engine-image .venv/bin/python bench/lora.py --device cpu \\
         --out bench/results-committed/lora-cpu.json    # the committed CPU record
     PYTHONPATH=engine-image python3 bench/lora.py --device cuda --adapters 8 --rank 16 --hidden 4096 \\
-        --layers 8 --batch 64 --out bench/results/lora-gpu.json   # the issue's GPU row, still to run
+        --layers 8 --batch 64 --out bench/results/lora-gpu.json   # the issue's GPU row
 """
 
 from __future__ import annotations
@@ -114,7 +117,10 @@ def main() -> None:
         # The eager baseline of mixed-segments (eager steps run without CUDA graphs, as prefill does).
         "base-eager": (EngineConfig(**common, cuda_graphs=False), plain),  # type: ignore[arg-type]
         "base-lora-on": (EngineConfig(**common, **lora, cuda_graphs=graphs), plain),  # type: ignore[arg-type]
-        "mixed-segments": (EngineConfig(**common, **lora, cuda_graphs=False), mixed),  # type: ignore[arg-type]
+        "mixed-segments": (
+            EngineConfig(**common, **lora, cuda_graphs=False, lora_kernels=False),  # type: ignore[arg-type]
+            mixed,
+        ),
         "mixed-graphs": (EngineConfig(**common, **lora, cuda_graphs=True), mixed),  # type: ignore[arg-type]
         "mixed-graphs-masked": (
             EngineConfig(**common, **lora, cuda_graphs=True, lora_kernels=False),  # type: ignore[arg-type]
@@ -178,7 +184,7 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(record, indent=2) + "\n")
     print(json.dumps(record["rows"], indent=2), json.dumps(same))
-    if not all(same.values()):
+    if not all(v for k, v in same.items() if k != "mixed-graphs == mixed-segments"):
         raise SystemExit("token mismatch between rows that must agree")
 
 

@@ -1,9 +1,9 @@
-"""The decode graphs' LoRA delta, op by op, on a GPU: the batched kernels (layers/lora_kernels.py)
-against the masked form they replace, on one Llama-3-8B decoder layer's four LoRA projections
-(qkv, o, gate_up, down; rank 16), next to the same layer's base GEMMs, all timed inside CUDA graphs
-as decode runs them. Tokens are spread round-robin over the base model and the slots (`mixed`) or
-all on slot 0 (`one`); every row also gives the kernels' relative error against the masked form in
-fp32.
+"""The LoRA delta, op by op, on a GPU: the batched kernels (layers/lora_kernels.py: per-token `kernels`,
+tensor-core `tiled`) against the masked form and the eager steps' per-slot segments, on one Llama-3-8B
+decoder layer's four LoRA projections (qkv, o, gate_up, down; rank 16), next to the same layer's base
+GEMMs, all timed inside CUDA graphs as decode runs them. Tokens are spread round-robin over the base
+model and the slots (`mixed`) or all on slot 0 (`one`); every row also gives the kernels' relative error
+against the masked form in fp32.
 
     python3 bench/lora_kernels.py --out bench/results/lora_kernels.json
 """
@@ -18,7 +18,12 @@ from pathlib import Path
 
 import torch
 
-from kiln_engine.layers.lora_kernels import add_lora_delta, add_masked_lora_delta, slot_mask
+from kiln_engine.layers.lora_kernels import (
+    add_lora_delta,
+    add_masked_lora_delta,
+    add_tiled_lora_delta,
+    slot_mask,
+)
 
 # (name, input width, output width, sub-projections): Llama-3-8B at tensor parallel 1.
 PROJECTIONS = [
@@ -28,6 +33,7 @@ PROJECTIONS = [
     ("down", 14336, 4096, 1),
 ]
 CALLS_PER_GRAPH = 20
+FORMS = ("base", "masked", "segments", "kernels", "tiled")
 
 
 def graph_time_us(fn: Callable[[], object], replays: int = 10) -> float:
@@ -56,27 +62,40 @@ def slots_of(tokens: int, num_slots: int, mix: str) -> torch.Tensor:
 def time_projection(
     x: torch.Tensor, w: torch.Tensor, a: torch.Tensor, b: torch.Tensor, slots: torch.Tensor, k: int
 ) -> dict[str, float]:
-    """Microseconds of one projection's base GEMM, masked-form delta and kernels' delta, and the
-    kernels' relative error against the masked form in fp32."""
+    """Microseconds of one projection's base GEMM and each form's delta, and the kernels' worst
+    relative error against the masked form in fp32."""
     out = torch.zeros(x.shape[0], w.shape[0], device=x.device, dtype=x.dtype)
-    mask = slot_mask(slots, a.shape[0] // k, x.dtype)
+    num_slots = a.shape[0] // k
+    mask = slot_mask(slots, num_slots, x.dtype)
+    segments = [(s, (slots == s).nonzero().flatten()) for s in range(num_slots) if (slots == s).any()]
+
+    def by_segments() -> None:  # the eager steps' form (LoraLinear.add_delta)
+        for s, rows in segments:
+            a_s, b_s = a[s * k : (s + 1) * k], b[:, s * k : (s + 1) * k]
+            out.index_add_(0, rows, (x.index_select(0, rows) @ a_s.t()) @ b_s.t())
+
     times = {
         "base": graph_time_us(lambda: torch.mm(x, w.t(), out=out)),
         "masked": graph_time_us(lambda: add_masked_lora_delta(x, out, a, b, mask, k)),
+        "segments": graph_time_us(by_segments),
         "kernels": graph_time_us(lambda: add_lora_delta(x, out, a, b, slots, k)),
+        "tiled": graph_time_us(lambda: add_tiled_lora_delta(x, out, a, b, slots, k)),
     }
-    got = add_lora_delta(x, torch.zeros_like(out), a, b, slots, k).float()
     zeros = torch.zeros_like(out, dtype=torch.float32)
     want = add_masked_lora_delta(x.float(), zeros, a.float(), b.float(), mask.float(), k)
     norm = want.norm().item()
-    return {**times, "rel_err": (got - want).norm().item() / norm if norm > 0 else 0.0}
+    err = 0.0
+    for form in (add_lora_delta, add_tiled_lora_delta):
+        got = form(x, torch.zeros_like(out), a, b, slots, k).float()
+        err = max(err, (got - want).norm().item() / norm if norm > 0 else 0.0)
+    return {**times, "rel_err": err}
 
 
 def measure(tokens: int, num_slots: int, mix: str, rank: int) -> dict[str, float]:
     """One decoder layer: its projections' times summed, their worst relative error."""
     gen = torch.Generator(device="cuda").manual_seed(0)
     slots = slots_of(tokens, num_slots, mix)
-    row = {"base": 0.0, "masked": 0.0, "kernels": 0.0, "max_rel_err": 0.0}
+    row = dict.fromkeys((*FORMS, "max_rel_err"), 0.0)
 
     def randn(rows: int, cols: int, scale: float) -> torch.Tensor:
         return torch.randn(rows, cols, device="cuda", generator=gen, dtype=torch.bfloat16) * scale
@@ -86,7 +105,7 @@ def measure(tokens: int, num_slots: int, mix: str, rank: int) -> dict[str, float
         x = randn(tokens, width, 1.0)
         w, a = randn(n, width, width**-0.5), randn(num_slots * k, width, width**-0.5)
         r = time_projection(x, w, a, randn(n, num_slots * k, k**-0.5), slots, k)
-        for key in ("base", "masked", "kernels"):
+        for key in FORMS:
             row[key] += r[key]
         row["max_rel_err"] = max(row["max_rel_err"], r["rel_err"])
     return {key: value if key == "max_rel_err" else round(value, 2) for key, value in row.items()}
@@ -94,7 +113,7 @@ def measure(tokens: int, num_slots: int, mix: str, rank: int) -> dict[str, float
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--tokens", default="1,16,64,256")
+    ap.add_argument("--tokens", default="1,16,32,64,128,256,2048")
     ap.add_argument("--slots", default="8,32")
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--out", type=Path, default=Path("bench/results/lora_kernels.json"))
@@ -102,19 +121,21 @@ def main() -> None:
     if not torch.cuda.is_available():
         sys.exit("bench/lora_kernels.py times CUDA graphs: it needs a GPU")
     rows = []
-    print(f"{'tokens':>6} {'slots':>5} {'mix':5} {'base us':>8} {'masked us':>9} {'kernels us':>10} "
-          f"{'kern/mask':>9} {'rel err':>8}")  # fmt: skip
+    print(f"{'tokens':>6} {'slots':>5} {'mix':5} {'base us':>8} {'masked us':>9} {'segments us':>11} "
+          f"{'kernels us':>10} {'tiled us':>8} {'best/base':>9} {'rel err':>8}")  # fmt: skip
     for tokens in map(int, args.tokens.split(",")):
         for num_slots in map(int, args.slots.split(",")):
             for mix in ("mixed", "one"):
                 r = measure(tokens, num_slots, mix, args.rank)
                 rows.append({"tokens": tokens, "slots": num_slots, "mix": mix, **r})
+                best = min(r[form] for form in FORMS[1:])
                 print(f"{tokens:6d} {num_slots:5d} {mix:5} {r['base']:8.1f} {r['masked']:9.1f} "
-                      f"{r['kernels']:10.1f} {r['kernels'] / r['masked']:8.2f}x {r['max_rel_err']:8.1e}",
-                      flush=True)  # fmt: skip
+                      f"{r['segments']:11.1f} {r['kernels']:10.1f} {r['tiled']:8.1f} "
+                      f"{best / r['base']:8.2f}x {r['max_rel_err']:8.1e}", flush=True)  # fmt: skip
     record = {
         "what": "bench/lora_kernels.py: one Llama-3-8B layer's LoRA delta (qkv, o, gate_up, down), "
-        "microseconds per call in CUDA graphs: masked form vs batched kernels, next to the base GEMMs",
+        "microseconds per call in CUDA graphs: masked form, per-slot segments, per-token and tiled kernels, "
+        "next to the base GEMMs",
         "device": torch.cuda.get_device_name(),
         "torch": torch.__version__,
         "rank": args.rank,
