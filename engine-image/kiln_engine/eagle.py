@@ -25,7 +25,8 @@ logprobs or a seed, holds no head K/V: drafts after such a hit are worse, never 
 greedy (a point mass), so `accept_sampled` keeps a sampled request's distribution the target's.
 
 Drafting needs the blocks the scheduler gives the drafts, so the head drafts after scheduling
-(`SpeculativeDecoder`'s late proposer). Its steps run eagerly (no CUDA graphs yet).
+(`SpeculativeDecoder`'s late proposer). Catch-up runs eagerly; the draft steps after the first run
+as one CUDA graph (kiln_engine.eagle_steps).
 """
 
 from __future__ import annotations
@@ -39,13 +40,14 @@ import torch
 from torch import nn
 
 from kiln_engine.config import EngineConfig, ModelConfig
+from kiln_engine.eagle_steps import DraftSteps
 from kiln_engine.layers.attention import AttentionMetadata
 from kiln_engine.layers.linear import QKVParallelLinear
 from kiln_engine.layers.norm import RMSNorm
 from kiln_engine.layers.parallel import TPGroup
 from kiln_engine.layers.rotary import RotaryEmbedding
 from kiln_engine.loader import iter_weights, load_model_config, resolve_dtype
-from kiln_engine.model_runner import ModelRunner, cache_slots, runner_device, use_fused_kernels
+from kiln_engine.model_runner import ModelRunner, cache_slots, capture_sizes, runner_device, use_fused_kernels
 from kiln_engine.models.llama import LlamaDecoderLayer, load_into, packed_target
 from kiln_engine.scheduler import ScheduledChunk
 from kiln_engine.sequence import Sequence
@@ -347,7 +349,8 @@ class _Features:
 class EagleProposer:
     """Keeps the target's hidden states per request and drafts with the head (a late proposer)."""
 
-    def __init__(self, head: _Head, runner: ModelRunner) -> None:
+    def __init__(self, head: _Head, runner: ModelRunner, num_tokens: int) -> None:
+        """`num_tokens`: the most drafts a sequence asks for at once."""
         self.runner = runner
         self.head = head.to(runner.dtype)  # an artifact's manifest may choose another dtype
         attn = self.head.layer.self_attn.attn
@@ -357,6 +360,9 @@ class EagleProposer:
         self.kv_cache = torch.zeros(2, *shape, dtype=runner.dtype, device=runner.device)
         attn.k_cache, attn.v_cache = self.kv_cache[0], self.kv_cache[1]
         self.features: dict[str, _Features] = {}
+        capture = runner.decode_graphs is not None and runner.device.type == "cuda"
+        sizes = capture_sizes(runner.config.max_num_seqs)
+        self.steps = DraftSteps(self.head, runner, sizes, num_tokens - 1, capture)
 
     # -- HiddenStateSink ---------------------------------------------------------------------------
     def observe(self, chunks: list[ScheduledChunk], hidden: torch.Tensor) -> None:
@@ -397,21 +403,14 @@ class EagleProposer:
             pieces.append(kept.rows[: end - start])
             self.features[seq.request_id] = _Features(end, kept.rows[:0])  # the verify step adds its own
         rows = [(seq.block_table, start, end) for seq, (start, end) in zip(seqs, spans, strict=True)]
-        out, state = self._run(runner._to_device(ids, torch.int64), torch.cat(pieces), rows)
+        out, state, tables = self._run(runner._to_device(ids, torch.int64), torch.cat(pieces), rows)
         ends = list(itertools.accumulate(end - start for start, end in spans))
         last = runner._to_device(ends, torch.int64) - 1
-        state = state.index_select(0, last)  # what each sequence's next draft step takes
-        # drafts[:, j] is draft j + 1; they stay on the device until all are made (one read)
-        k_max = max(k for _, k in wanted)
-        drafts = torch.zeros(len(wanted), k_max, dtype=torch.int64, device=runner.device)
-        drafts[:, 0] = self.head.draft_tokens(out.index_select(0, last), runner.model)
-        for j in range(1, k_max):  # draft j + 1 from the head's guess at position end + j - 1
-            live = [i for i, (_, k) in enumerate(wanted) if k > j]
-            index = runner._to_device(live, torch.int64)
-            step_rows = [(seqs[i].block_table, spans[i][1] + j - 1, spans[i][1] + j) for i in live]
-            out, step_state = self._run(drafts[index, j - 1], state.index_select(0, index), step_rows)
-            state = state.index_copy(0, index, step_state)
-            drafts[index, j] = self.head.draft_tokens(out, runner.model)
+        first = self.head.draft_tokens(out.index_select(0, last), runner.model)
+        # Drafts 2..k in one graph; they stay on the device until all are made (one read).
+        drafts = self.steps.run(
+            first, state.index_select(0, last), [end for _, end in spans], [k for _, k in wanted], tables
+        )
         return [row[:k] for row, (_, k) in zip(drafts.tolist(), wanted, strict=True)]
 
     def _catch_up_span(self, seq: Sequence, k: int) -> tuple[int, int]:
@@ -427,10 +426,10 @@ class EagleProposer:
 
     def _run(
         self, ids: torch.Tensor, features: torch.Tensor, rows: list[tuple[list[int], int, int]]
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The head over `rows` (block table, first position, end position) of each sequence, whose
         input tokens are `ids` and features `features`, in order: (rows for drafts, rows for the
-        next draft step)."""
+        next draft step, the sequences' block tables on the device)."""
         runner = self.runner
         bs = runner.block_size
         positions = [p for _, start, end in rows for p in range(start, end)]
@@ -453,4 +452,5 @@ class EagleProposer:
         )
         runner.backend.prepare(meta)
         embeds = runner.model.model.embed_tokens(ids)
-        return self.head(embeds, features, tensor(positions, torch.int64), meta)
+        out, state = self.head(embeds, features, tensor(positions, torch.int64), meta)
+        return out, state, meta.block_tables

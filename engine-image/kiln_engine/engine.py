@@ -141,7 +141,7 @@ class LLMEngine:
         if self.config.speculative == "ngram":
             self.speculator = SpeculativeDecoder(self.config.num_speculative_tokens, self._max_model_len)
         if head is not None:
-            eagle = EagleProposer(head, self.runner)
+            eagle = EagleProposer(head, self.runner, self.config.num_speculative_tokens)
             self.runner.hidden_sink = eagle
             self.speculator = SpeculativeDecoder(
                 self.config.num_speculative_tokens, self._max_model_len, late_proposer=eagle
