@@ -20,14 +20,19 @@ import json
 import random
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 from engine_throughput import LLAMA3_8B  # the benches' Llama-3-8B shape
 
 from kiln_engine.config import EngineConfig
+from kiln_engine.eagle import EagleProposer
+from kiln_engine.eagle_steps import DraftSteps
 from kiln_engine.engine import LLMEngine
 from kiln_engine.interface import SamplingParams
+from kiln_engine.model_runner import DecodeGraphs
 from kiln_engine.testing import make_tiny_checkpoint, make_tiny_eagle_head
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
@@ -91,7 +96,7 @@ def shaped_model(root: Path) -> tuple[Path, Path]:
     return model, head
 
 
-def run_shaped(model: Path, head: Path, eagle: bool, batch: int, k: int) -> dict[str, float]:
+def run_shaped(model: Path, head: Path, eagle: bool, batch: int, k: int) -> dict[str, Any]:
     cfg = EngineConfig(
         device="cuda", dtype="bfloat16", load_format="dummy", cuda_graphs=True, max_model_len=1024,
         num_kv_blocks=2048, block_size=16, max_num_seqs=16, speculative="eagle" if eagle else None,
@@ -107,14 +112,58 @@ def run_shaped(model: Path, head: Path, eagle: bool, batch: int, k: int) -> dict
     start = time.perf_counter()
     engine.generate(prompts, params)
     torch.cuda.synchronize()
+    elapsed = time.perf_counter() - start
     stats = engine.stats()
+    parts = timed_parts(engine, prompts, params)
     del engine
     torch.cuda.empty_cache()
     return {
-        "ms_per_token": 1000 * (time.perf_counter() - start) / 64,
+        "ms_per_token": 1000 * elapsed / 64,
         "proposed": stats.spec_proposed_tokens_total - before.spec_proposed_tokens_total,
         "accepted": stats.spec_accepted_tokens_total - before.spec_accepted_tokens_total,
+        "ms_per_step": parts,
     }
+
+
+# Where a step's time goes (one more generate, each part timed between device synchronizations).
+PARTS = {
+    "engine step": (LLMEngine, "step"),
+    "target decode forward": (DecodeGraphs, "run"),
+    "target verify forward": (DecodeGraphs, "run_tails"),
+    "drafting": (EagleProposer, "__call__"),
+    "head catch-up": (EagleProposer, "_run"),
+    "head draft steps": (DraftSteps, "run"),
+}
+
+
+def timed_parts(engine: LLMEngine, prompts: list[list[int]], params: SamplingParams) -> dict[str, float]:
+    """Milliseconds per engine step in each of PARTS over one generate call (the verify forward
+    counts inside the decode forward, catch-up and draft steps inside drafting)."""
+    seconds = dict.fromkeys(PARTS, 0.0)
+    calls = dict.fromkeys(PARTS, 0)
+    originals = {name: getattr(owner, attr) for name, (owner, attr) in PARTS.items()}
+
+    def timed(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+            result = fn(*args, **kwargs)
+            torch.cuda.synchronize()
+            seconds[name] += time.perf_counter() - start
+            calls[name] += 1
+            return result
+
+        return wrapper
+
+    for name, (owner, attr) in PARTS.items():
+        setattr(owner, attr, timed(name, originals[name]))
+    try:
+        engine.generate(prompts, params)
+    finally:
+        for name, (owner, attr) in PARTS.items():
+            setattr(owner, attr, originals[name])
+    steps = max(1, calls["engine step"])
+    return {name: round(1000 * s / steps, 3) for name, s in seconds.items()} | {"steps": steps}
 
 
 def main_shaped(out: Path, k: int) -> None:
@@ -125,12 +174,16 @@ def main_shaped(out: Path, k: int) -> None:
         plain, eagle = run_shaped(model, head, False, batch, k), run_shaped(model, head, True, batch, k)
         row = {"batch": batch, "plain_ms_per_token": round(plain["ms_per_token"], 3),
                "eagle_ms_per_token": round(eagle["ms_per_token"], 3),
-               "proposed": eagle["proposed"], "accepted": eagle["accepted"]}  # fmt: skip
+               "proposed": eagle["proposed"], "accepted": eagle["accepted"],
+               "plain_ms_per_step": plain["ms_per_step"],
+               "eagle_ms_per_step": eagle["ms_per_step"]}  # fmt: skip
         rows.append(row)
         kept = f"{row['accepted']}/{row['proposed']}"
         cost = row["eagle_ms_per_token"] - row["plain_ms_per_token"]
         plain_ms, eagle_ms = row["plain_ms_per_token"], row["eagle_ms_per_token"]
         print(f"{batch:>5} {plain_ms:>9.3f} {eagle_ms:>9.3f} {kept:>9} {cost:>12.3f}")
+        print("   plain ms per step:", plain["ms_per_step"])
+        print("   eagle ms per step:", eagle["ms_per_step"], flush=True)
     meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "shape": "llama3-8b", "k": k}
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")

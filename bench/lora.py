@@ -5,14 +5,13 @@ measure). Rows:
 * `base`: an engine without LoRA;
 * `base-eager`: the same without CUDA graphs (the baseline of `mixed-segments`; equal to `base` off a GPU);
 * `base-lora-on`: LoRA slots allocated, every request on the base model (the cost of having them);
-* `mixed-segments`: requests round-robin over the base model and the adapters, eager steps with
-  the kernels off (per-adapter segments: two small GEMMs per adapter per projection);
+* `mixed-segments`: requests round-robin over the base model and the adapters, eager steps (off a
+  GPU per-adapter segments, two small GEMMs per adapter per projection; on a GPU the masked form);
 * `mixed-graphs` (`mixed-mask` in results before the batched kernels): the same on padded decode
-  steps, as served (on a GPU, layers/lora_kernels.py in every step: per-token kernels in graphs of
-  up to 32 rows, tiled ones above and in prefill; off a GPU: every token runs all slots' A and B,
-  masked to its own, and prefill runs segments);
+  steps, as served (on a GPU layers/lora_kernels.py in graphs of up to 32 rows, the masked form
+  above and in prefill; off a GPU every token runs all slots' A and B, masked to its own);
 * `mixed-graphs-masked`: `mixed-graphs` with the kernels turned off (`lora_kernels=False`): the
-  masked form in the graphs and segments in prefill, the baseline the kernels must beat;
+  masked form in every graph, the baseline the kernels must beat;
 * `one-adapter`: every request on one adapter.
 
 Each row decodes the same prompts greedily; rows with the same adapter assignment on the same
@@ -117,10 +116,7 @@ def main() -> None:
         # The eager baseline of mixed-segments (eager steps run without CUDA graphs, as prefill does).
         "base-eager": (EngineConfig(**common, cuda_graphs=False), plain),  # type: ignore[arg-type]
         "base-lora-on": (EngineConfig(**common, **lora, cuda_graphs=graphs), plain),  # type: ignore[arg-type]
-        "mixed-segments": (
-            EngineConfig(**common, **lora, cuda_graphs=False, lora_kernels=False),  # type: ignore[arg-type]
-            mixed,
-        ),
+        "mixed-segments": (EngineConfig(**common, **lora, cuda_graphs=False), mixed),  # type: ignore[arg-type]
         "mixed-graphs": (EngineConfig(**common, **lora, cuda_graphs=True), mixed),  # type: ignore[arg-type]
         "mixed-graphs-masked": (
             EngineConfig(**common, **lora, cuda_graphs=True, lora_kernels=False),  # type: ignore[arg-type]

@@ -1,9 +1,10 @@
-"""The LoRA delta, op by op, on a GPU: the batched kernels (layers/lora_kernels.py: per-token `kernels`,
-tensor-core `tiled`) against the masked form and the eager steps' per-slot segments, on one Llama-3-8B
-decoder layer's four LoRA projections (qkv, o, gate_up, down; rank 16), next to the same layer's base
-GEMMs, all timed inside CUDA graphs as decode runs them. Tokens are spread round-robin over the base
-model and the slots (`mixed`) or all on slot 0 (`one`); every row also gives the kernels' relative error
-against the masked form in fp32.
+"""The LoRA delta, op by op, on a GPU: the batched kernels (layers/lora_kernels.py) against the masked
+form and the eager steps' per-slot segments, on one Llama-3-8B decoder layer's four LoRA projections
+(qkv, o, gate_up, down; rank 16), next to the same layer's base GEMMs, all timed inside CUDA graphs as
+decode runs them. Tokens are spread round-robin over the base model and the slots (`mixed`) or all on
+slot 0 (`one`); every row also gives the kernels' relative error against the masked form in fp32. (The
+`tiled` column of lora_kernels-h100-run3-tiled.json timed tensor-core kernels over tiles of tokens,
+commit d0a2e1c: slower than the masked form on mixed batches at every size, removed.)
 
     python3 bench/lora_kernels.py --out bench/results/lora_kernels.json
 """
@@ -18,12 +19,7 @@ from pathlib import Path
 
 import torch
 
-from kiln_engine.layers.lora_kernels import (
-    add_lora_delta,
-    add_masked_lora_delta,
-    add_tiled_lora_delta,
-    slot_mask,
-)
+from kiln_engine.layers.lora_kernels import add_lora_delta, add_masked_lora_delta, slot_mask
 
 # (name, input width, output width, sub-projections): Llama-3-8B at tensor parallel 1.
 PROJECTIONS = [
@@ -33,7 +29,7 @@ PROJECTIONS = [
     ("down", 14336, 4096, 1),
 ]
 CALLS_PER_GRAPH = 20
-FORMS = ("base", "masked", "segments", "kernels", "tiled")
+FORMS = ("base", "masked", "segments", "kernels")
 
 
 def graph_time_us(fn: Callable[[], object], replays: int = 10) -> float:
@@ -79,15 +75,13 @@ def time_projection(
         "masked": graph_time_us(lambda: add_masked_lora_delta(x, out, a, b, mask, k)),
         "segments": graph_time_us(by_segments),
         "kernels": graph_time_us(lambda: add_lora_delta(x, out, a, b, slots, k)),
-        "tiled": graph_time_us(lambda: add_tiled_lora_delta(x, out, a, b, slots, k)),
     }
     zeros = torch.zeros_like(out, dtype=torch.float32)
     want = add_masked_lora_delta(x.float(), zeros, a.float(), b.float(), mask.float(), k)
     norm = want.norm().item()
     err = 0.0
-    for form in (add_lora_delta, add_tiled_lora_delta):
-        got = form(x, torch.zeros_like(out), a, b, slots, k).float()
-        err = max(err, (got - want).norm().item() / norm if norm > 0 else 0.0)
+    got = add_lora_delta(x, torch.zeros_like(out), a, b, slots, k).float()
+    err = (got - want).norm().item() / norm if norm > 0 else 0.0
     return {**times, "rel_err": err}
 
 
@@ -122,7 +116,7 @@ def main() -> None:
         sys.exit("bench/lora_kernels.py times CUDA graphs: it needs a GPU")
     rows = []
     print(f"{'tokens':>6} {'slots':>5} {'mix':5} {'base us':>8} {'masked us':>9} {'segments us':>11} "
-          f"{'kernels us':>10} {'tiled us':>8} {'best/base':>9} {'rel err':>8}")  # fmt: skip
+          f"{'kernels us':>10} {'best/base':>9} {'rel err':>8}")  # fmt: skip
     for tokens in map(int, args.tokens.split(",")):
         for num_slots in map(int, args.slots.split(",")):
             for mix in ("mixed", "one"):
@@ -130,11 +124,11 @@ def main() -> None:
                 rows.append({"tokens": tokens, "slots": num_slots, "mix": mix, **r})
                 best = min(r[form] for form in FORMS[1:])
                 print(f"{tokens:6d} {num_slots:5d} {mix:5} {r['base']:8.1f} {r['masked']:9.1f} "
-                      f"{r['segments']:11.1f} {r['kernels']:10.1f} {r['tiled']:8.1f} "
+                      f"{r['segments']:11.1f} {r['kernels']:10.1f} "
                       f"{best / r['base']:8.2f}x {r['max_rel_err']:8.1e}", flush=True)  # fmt: skip
     record = {
         "what": "bench/lora_kernels.py: one Llama-3-8B layer's LoRA delta (qkv, o, gate_up, down), "
-        "microseconds per call in CUDA graphs: masked form, per-slot segments, per-token and tiled kernels, "
+        "microseconds per call in CUDA graphs: masked form, per-slot segments and per-token kernels, "
         "next to the base GEMMs",
         "device": torch.cuda.get_device_name(),
         "torch": torch.__version__,

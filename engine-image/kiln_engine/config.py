@@ -103,9 +103,8 @@ class EngineConfig:
     lora_modules: list[tuple[str, str]] = field(default_factory=list)
     max_loras: int = 0
     max_lora_rank: int = 16
-    # On a GPU, LoRA runs through the batched kernels (layers/lora_kernels.py) once they pass their
-    # startup check; False keeps the masked form in decode graphs and per-slot segments in eager
-    # steps (bench/lora.py times both).
+    # Decode graphs run LoRA through the batched kernels (layers/lora_kernels.py) once they pass
+    # their startup check; False keeps the masked form (bench/lora.py times both).
     lora_kernels: bool = True
 
     def validate(self) -> None:

@@ -12,14 +12,19 @@ layer's A is split like its input and B is whole, its partial products joining t
 partial sums before their all-reduce.
 
 A step's tokens reach the layers through one shared `LoraBatch`, in one of two forms:
-* segments (eager steps off a GPU or with the kernels off): per slot in use, the rows of its
-  tokens; each segment is two small GEMMs added into its rows, and rows of the base model cost
-  nothing;
-* each token's slot, -1 for the base model (decode graphs, where shapes and control flow are fixed;
-  and on GPU every step): two Triton kernels per projection (layers/lora_kernels.py) run each token
-  through its own slot only, per token in graphs of up to KERNELS_UP_TO_TOKENS rows, in tiles of
-  tokens above; off a GPU (or with the kernels off), x @ A of all slots, masked to each token's slot,
-  @ B (the mask made once per step).
+* segments (eager steps off a GPU): per slot in use, the rows of its tokens; each segment is two
+  small GEMMs added into its rows, and rows of the base model cost nothing;
+* each token's slot, -1 for the base model (decode graphs, where shapes and control flow are fixed,
+  and eager steps on a GPU): on GPU, in graphs of up to KERNELS_UP_TO_TOKENS rows, two Triton
+  kernels per projection (layers/lora_kernels.py) run each token through its own slot only; in
+  larger graphs, eager GPU steps and off a GPU, x @ A of all slots, masked to each token's slot, @ B
+  (the mask made once per step).
+
+On an H100, per Llama-3-8B layer, segments cost 3.9-23x the masked form on 16 to 2,048 tokens
+spread over 8 or 32 rank-16 slots (even replayed from a graph: an index_select and an index_add per
+slot; bench/results-committed/lora_kernels-h100-run3-tiled.json), so eager GPU steps (prefill) take
+the masked form, whose GEMMs grow with slots x rank instead. A single adapter on every token of a
+step takes its own two GEMMs (`segments` with all rows) everywhere.
 """
 
 from __future__ import annotations
@@ -35,7 +40,6 @@ from kiln_engine.layers.lora_kernels import (
     KERNELS_UP_TO_TOKENS,
     add_lora_delta,
     add_masked_lora_delta,
-    add_tiled_lora_delta,
     check_lora_kernels,
     slot_mask,
 )
@@ -68,8 +72,8 @@ class LoraBatch:
 
     segments: list[tuple[int, torch.Tensor | None]] = field(default_factory=list)  # (slot, rows | all)
     slots: torch.Tensor | None = None  # [tokens] int32: each token's slot, -1 for the base model
-    kernels: bool = False  # slots go through layers/lora_kernels.py (GPU, once they pass their check)
-    tiled: bool = False  # this step's slots take the tiled kernels (else the per-token ones)
+    kernels: bool = False  # small graphs go through layers/lora_kernels.py (GPU, once checked)
+    eager_masked: bool = False  # eager steps of several slots take the masked form (GPU)
     num_slots: int = 0
     dtype: torch.dtype = torch.float32  # the activations'
     # The masked form's [tokens, slots, 1] selector, made once per step rather than per projection
@@ -80,32 +84,30 @@ class LoraBatch:
         self.segments, self.slots, self.mask = [], None, None
 
     def set_segments(self, token_slots: list[int], device: torch.device) -> None:
-        """Eager steps: each token's slot (-1: base model, no LoRA), through the tiled kernels where
-        they serve, else as rows grouped by slot."""
-        if self.kernels:
-            self.segments, self.mask, self.tiled = [], None, True
-            self.slots = torch.tensor(token_slots, dtype=torch.int32).to(device, non_blocking=True)
-            return
-        self.slots, self.mask, self.tiled = None, None, False
+        """Eager steps: each token's slot (-1: base model, no LoRA)."""
         used = sorted(set(token_slots) - {-1})
         if len(used) == 1 and -1 not in token_slots:
-            self.segments = [(used[0], None)]
+            self.segments, self.slots, self.mask = [(used[0], None)], None, None
+            return
+        if self.eager_masked:
+            slots = torch.tensor(token_slots, dtype=torch.int32).to(device, non_blocking=True)
+            self.segments, self.slots, self.mask = [], slots, slot_mask(slots, self.num_slots, self.dtype)
             return
         rows: dict[int, list[int]] = {s: [] for s in used}
         for i, s in enumerate(token_slots):
             if s >= 0:
                 rows[s].append(i)
+        self.slots, self.mask = None, None
         self.segments = [(s, torch.tensor(rows[s], dtype=torch.int64, device=device)) for s in used]
 
     def uses_kernels(self, tokens: int) -> bool:
-        """Whether a decode graph of `tokens` rows runs the per-token kernels (else the tiled ones,
-        or the masked form when the kernels are off)."""
+        """Whether a decode graph of `tokens` rows runs the kernels (else the masked form)."""
         return self.kernels and tokens <= KERNELS_UP_TO_TOKENS
 
     def set_slots(self, slots: torch.Tensor) -> None:
         self.segments, self.slots = [], slots
-        self.tiled = self.kernels and not self.uses_kernels(slots.shape[0])
-        self.mask = None if self.kernels else slot_mask(slots, self.num_slots, self.dtype)
+        kernels = self.uses_kernels(slots.shape[0])
+        self.mask = None if kernels else slot_mask(slots, self.num_slots, self.dtype)
 
 
 class LoraLinear:
@@ -159,10 +161,9 @@ class LoraLinear:
         """`out` + this step's LoRA delta of `x` (in place; `out` is the base layer's fresh output)."""
         batch = self.batch
         if batch.slots is not None:
-            if batch.mask is not None:
-                return add_masked_lora_delta(x, out, self.a, self.b, batch.mask, self.k)
-            form = add_tiled_lora_delta if batch.tiled else add_lora_delta
-            return form(x, out, self.a, self.b, batch.slots, self.k)
+            if batch.mask is None:
+                return add_lora_delta(x, out, self.a, self.b, batch.slots, self.k)
+            return add_masked_lora_delta(x, out, self.a, self.b, batch.mask, self.k)
         k = self.k
         for slot, rows in batch.segments:
             a, b = self.a[slot * k : (slot + 1) * k], self.b[:, slot * k : (slot + 1) * k]
@@ -188,11 +189,13 @@ class LoraRuntime:
         self.max_rank = config.max_lora_rank
         self.device = device
         self.batch = LoraBatch(num_slots=self.num_slots, dtype=dtype)
-        if device.type == "cuda" and config.lora_kernels:
+        self.batch.eager_masked = device.type == "cuda"
+        # The kernels serve decode graphs only.
+        if device.type == "cuda" and config.cuda_graphs and config.lora_kernels:
             failed = check_lora_kernels(device, dtype)
             self.batch.kernels = failed is None
             if failed is not None:
-                log.error("LoRA kernels failed their check; masked form and segments instead: %s", failed)
+                log.error("LoRA kernels failed their check, decode graphs use the masked form: %s", failed)
         self.layers: dict[tuple[int, str], LoraLinear] = {}
         for i, decoder in enumerate(getattr(model.model, "layers", [])):
             for path, subs in SUBS.items():

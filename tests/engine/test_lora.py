@@ -98,6 +98,7 @@ def test_adapters_change_the_output(served: dict) -> None:
 
 STEP_MODES: dict[str, dict[str, object]] = {
     "plain": {"max_tokens_per_step": 11},  # chunked prefill splits prompts across steps
+    "masked-eager": {"max_tokens_per_step": 11},  # eager steps as on a GPU: the masked form
     "decode-graphs": {"cuda_graphs": True, "max_num_seqs": 12},
     "speculative": {"speculative": "ngram"},
 }
@@ -105,10 +106,13 @@ STEP_MODES: dict[str, dict[str, object]] = {
 
 @pytest.mark.parametrize("steps", list(STEP_MODES))
 def test_mixed_batch_equals_peft_merged(served: dict, steps: str) -> None:
-    """Eager steps run per-adapter segments; padded decode steps (the CUDA-graph path, eager on
-    CPU) run the one-hot slot mask; n-gram verify steps run each draft under its request's adapter."""
+    """Eager steps run per-adapter segments (on a GPU the one-hot slot mask); padded decode steps
+    (the CUDA-graph path, eager on CPU) run the one-hot slot mask; n-gram verify steps run each draft
+    under its request's adapter."""
     extra = STEP_MODES[steps]
     engine = LLMEngine(served["base"], lora_config(served, **extra))
+    assert engine.runner.lora is not None
+    engine.runner.lora.batch.eager_masked = steps == "masked-eager"
     prompts, params, refs = requests(served)
     assert engine.generate(prompts, params) == refs
     if steps == "speculative":

@@ -1,4 +1,4 @@
-"""Batched LoRA on a GPU (Punica's BGMV and SGMV, in Triton): each token's delta through its own
+"""Batched LoRA for decode graphs (Punica's BGMV, in Triton): each token's delta through its own
 adapter slot only, in two kernels per projection, with base-model tokens costing nothing.
 
 The masked form (every token through every slot's A and B, masked to its own) is three library
@@ -14,13 +14,6 @@ mixed over 8 adapters to 0.67x the base model, and LoRA slots with no adapter in
   (tokens of one slot read the same tiles, which stay in L2). The first version had one program per
   (slot, block) walking all tokens in turn; that serial walk made it slower than the masked form on
   an H100 (bench/results-committed/lora-h100-run2-kernels.json).
-
-The tiled form (`add_tiled_lora_delta`) serves more tokens: one program per (tile of up to 64 tokens,
-share of the inputs or block of outputs) multiplies the tile by each slot present in it with
-tensor-core dots, so a slot's A and B are read once per tile instead of once per token, and the
-tile's rows of other slots are masked to zero; tiles without an adapter end at once. Tokens need
-not be sorted by slot: a decode batch's mix costs one dot per slot present, and a prefill's tiles
-mostly hold one sequence each.
 
 Slots are int32 per token, -1 for the base model (and for a graph's padding rows). A is
 [slots * k, in], B is [out, slots * k], as `LoraLinear` stacks them.
@@ -46,8 +39,7 @@ import triton.language as tl
 SHARE_MIN_WIDTH = 512
 MAX_SHARES = 16
 
-# Decode graphs of up to this many rows use the per-token kernels, larger ones and eager steps the
-# tiled ones. Before the tiled form, larger graphs took the masked form: on an H100,
+# Decode graphs of up to this many rows use the kernels, larger ones the masked form. On an H100,
 # per Llama-3-8B layer, the kernels took 0.12-0.77x the masked form's time at 1 and 16 tokens (8 and
 # 32 slots; bench/results-committed/lora_kernels-h100-run1.json), 0.54-0.97x at 24 and 32 tokens,
 # but 1.07x at 48 and 1.23x at 64 tokens on 8 slots (lora_kernels-h100-run2-gap.json), 1.7-2.9x at
@@ -157,136 +149,6 @@ def add_lora_delta(
     return out
 
 
-@triton.jit
-def _tiled_shrink_kernel(  # type: ignore[no-untyped-def]
-    x_ptr,
-    a_ptr,
-    slot_ptr,
-    h_ptr,
-    T,
-    IN,
-    K,
-    CHUNK,  # input channels per share, a multiple of BLOCK_IN
-    NUM_SLOTS,
-    stride_x,
-    stride_a,
-    stride_h_split,
-    stride_h,
-    BLOCK_M: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-    BLOCK_IN: tl.constexpr,
-):
-    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    share = tl.program_id(1)
-    m_mask = offs_m < T
-    row_slots = tl.load(slot_ptr + offs_m, mask=m_mask, other=-1)
-    offs_k = tl.arange(0, BLOCK_K)
-    k_mask = offs_k < K
-    start = share * CHUNK
-    end = tl.minimum(start + CHUNK, IN)
-    h = tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.float32)
-    for s in range(0, NUM_SLOTS):
-        rows = row_slots == s
-        if tl.max(rows.to(tl.int32), axis=0) > 0:  # slots absent from this tile cost one test
-            acc = tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.float32)
-            for i in range(start, end, BLOCK_IN):
-                offs_i = i + tl.arange(0, BLOCK_IN)
-                in_mask = offs_i < end
-                x = tl.load(
-                    x_ptr + offs_m[:, None] * stride_x + offs_i[None, :],
-                    mask=rows[:, None] & in_mask[None, :],
-                    other=0.0,
-                )
-                a = tl.load(
-                    a_ptr + (s * K + offs_k)[None, :] * stride_a + offs_i[:, None],
-                    mask=k_mask[None, :] & in_mask[:, None],
-                    other=0.0,
-                )
-                acc += tl.dot(x, a)
-            h = tl.where(rows[:, None], acc, h)
-    ptrs = h_ptr + share * stride_h_split + offs_m[:, None] * stride_h + offs_k[None, :]
-    tl.store(ptrs, h, mask=m_mask[:, None] & k_mask[None, :])
-
-
-@triton.jit
-def _tiled_expand_kernel(  # type: ignore[no-untyped-def]
-    h_ptr,
-    b_ptr,
-    slot_ptr,
-    out_ptr,
-    T,
-    N,
-    K,
-    SHARES,
-    NUM_SLOTS,
-    stride_h_split,
-    stride_h,
-    stride_b,
-    stride_out,
-    BLOCK_M: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-):
-    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    m_mask = offs_m < T
-    row_slots = tl.load(slot_ptr + offs_m, mask=m_mask, other=-1)
-    if tl.max(row_slots, axis=0) >= 0:  # a tile of base-model (or padding) rows ends here
-        offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-        offs_k = tl.arange(0, BLOCK_K)
-        n_mask = offs_n < N
-        k_mask = offs_k < K
-        h = tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.float32)
-        h_ptrs = h_ptr + offs_m[:, None] * stride_h + offs_k[None, :]
-        for share in range(0, SHARES):
-            h += tl.load(h_ptrs + share * stride_h_split, mask=m_mask[:, None] & k_mask[None, :], other=0.0)
-        # Rounded to the activations' dtype as the eager path's x @ A is (see _expand_kernel).
-        h = h.to(out_ptr.dtype.element_ty)
-        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        for s in range(0, NUM_SLOTS):
-            rows = row_slots == s
-            if tl.max(rows.to(tl.int32), axis=0) > 0:
-                b = tl.load(
-                    b_ptr + offs_n[None, :] * stride_b + (s * K + offs_k)[:, None],
-                    mask=k_mask[:, None] & n_mask[None, :],
-                    other=0.0,
-                )
-                acc += tl.dot(tl.where(rows[:, None], h, 0.0).to(b.dtype), b)
-        ptrs = out_ptr + offs_m[:, None] * stride_out + offs_n[None, :]
-        tile_mask = m_mask[:, None] & n_mask[None, :]
-        y = tl.load(ptrs, mask=tile_mask, other=0.0).to(tl.float32) + acc
-        tl.store(ptrs, y.to(out_ptr.dtype.element_ty), mask=tile_mask)
-
-
-def add_tiled_lora_delta(
-    x: torch.Tensor, out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, slots: torch.Tensor, k: int
-) -> torch.Tensor:
-    """`add_lora_delta` for many tokens: tiles of up to 64 tokens multiply by each slot present in
-    the tile (tensor-core dots, A and B read once per tile rather than once per token), rows of other
-    slots masked to zero. Same arguments and result."""
-    tokens, width = x.shape
-    n = out.shape[1]
-    num_slots = a.shape[0] // k
-    block_m = min(64, max(16, triton.next_power_of_2(tokens)))
-    block_k = max(16, triton.next_power_of_2(k))
-    block_in = 64
-    m_tiles = triton.cdiv(tokens, block_m)
-    # Enough shares that the shrink fills the GPU at decode sizes (one tile of tokens).
-    shares = max(1, min(2 * MAX_SHARES // m_tiles, width // (SHARE_MIN_WIDTH // 2)))
-    chunk = triton.cdiv(triton.cdiv(width, shares), block_in) * block_in
-    shares = triton.cdiv(width, chunk)
-    h = torch.empty(shares, tokens, k, dtype=torch.float32, device=x.device)
-    _tiled_shrink_kernel[(m_tiles, shares)](
-        x, a, slots, h, tokens, width, k, chunk, num_slots, x.stride(0), a.stride(0), h.stride(0),
-        h.stride(1), BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_IN=block_in,
-    )  # fmt: skip
-    block_n = 64
-    _tiled_expand_kernel[(m_tiles, triton.cdiv(n, block_n))](
-        h, b, slots, out, tokens, n, k, shares, num_slots, h.stride(0), h.stride(1), b.stride(0),
-        out.stride(0), BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_N=block_n,
-    )  # fmt: skip
-    return out
-
-
 def slot_mask(slots: torch.Tensor, num_slots: int, dtype: torch.dtype) -> torch.Tensor:
     """[T, num_slots, 1]: 1 where a token uses the slot (`slots` [T], -1 for none), else 0."""
     return F.one_hot(slots.long() + 1, num_slots + 1)[:, 1:, None].to(dtype)
@@ -313,17 +175,14 @@ def check_lora_kernels(device: torch.device, dtype: torch.dtype) -> str | None:
     b = torch.randn(n, num_slots * k, generator=gen).to(device, dtype)
     out = torch.randn(tokens, n, generator=gen).to(device, dtype)
     slots = torch.tensor([i % (num_slots + 1) - 1 for i in range(tokens)], dtype=torch.int32, device=device)
+    try:
+        got = add_lora_delta(x, out.clone(), a, b, slots, k).float()
+    except Exception as exc:
+        return f"{type(exc).__name__}: {exc}"
     mask = slot_mask(slots, num_slots, torch.float32)
-    want = add_masked_lora_delta(x.float(), out.clone().float(), a.float(), b.float(), mask, k)
-    for form in (add_lora_delta, add_tiled_lora_delta):
-        try:
-            got = form(x, out.clone(), a, b, slots, k).float()
-        except Exception as exc:
-            return f"{form.__name__}: {type(exc).__name__}: {exc}"
-        err = ((got - want).norm() / want.norm()).item()
-        if not err < CHECK_TOLERANCE:
-            return f"{form.__name__}: relative error {err:.2e} against the masked form"
-    return None
+    want = add_masked_lora_delta(x.float(), out.float(), a.float(), b.float(), mask, k)
+    err = ((got - want).norm() / want.norm()).item()
+    return None if err < CHECK_TOLERANCE else f"relative error {err:.2e} against the masked form"
 
 
 CHECK_TOLERANCE = 2e-2  # bf16 outputs: rounding alone is ~4e-3
