@@ -346,6 +346,18 @@ class _Features:
         return self.start + self.rows.shape[0]
 
 
+@dataclass
+class _CatchUp:
+    """A drafting call's inputs on the device: catch-up rows, then each sequence's drafts."""
+
+    ids: torch.Tensor  # each catch-up position's next token
+    positions: torch.Tensor
+    meta: AttentionMetadata
+    last: torch.Tensor  # each sequence's last catch-up row (its first draft's)
+    ends: torch.Tensor  # each sequence's first draft position, padded for DraftSteps
+    wanted: torch.Tensor  # drafts each sequence wants, padded with 0
+
+
 class EagleProposer:
     """Keeps the target's hidden states per request and drafts with the head (a late proposer)."""
 
@@ -403,13 +415,14 @@ class EagleProposer:
             pieces.append(kept.rows[: end - start])
             self.features[seq.request_id] = _Features(end, kept.rows[:0])  # the verify step adds its own
         rows = [(seq.block_table, start, end) for seq, (start, end) in zip(seqs, spans, strict=True)]
-        out, state, tables = self._run(runner._to_device(ids, torch.int64), torch.cat(pieces), rows)
-        ends = list(itertools.accumulate(end - start for start, end in spans))
-        last = runner._to_device(ends, torch.int64) - 1
-        first = self.head.draft_tokens(out.index_select(0, last), runner.model)
+        step = self._stage(ids, rows, [k for _, k in wanted])
+        runner.backend.prepare(step.meta)
+        embeds = runner.model.model.embed_tokens(step.ids)
+        out, state = self.head(embeds, torch.cat(pieces), step.positions, step.meta)
+        first = self.head.draft_tokens(out.index_select(0, step.last), runner.model)
         # Drafts 2..k in one graph; they stay on the device until all are made (one read).
         drafts = self.steps.run(
-            first, state.index_select(0, last), [end for _, end in spans], [k for _, k in wanted], tables
+            first, state.index_select(0, step.last), step.ends, step.wanted, step.meta.block_tables
         )
         return [row[:k] for row, (_, k) in zip(drafts.tolist(), wanted, strict=True)]
 
@@ -424,33 +437,35 @@ class EagleProposer:
             )
         return f.start, end
 
-    def _run(
-        self, ids: torch.Tensor, features: torch.Tensor, rows: list[tuple[list[int], int, int]]
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The head over `rows` (block table, first position, end position) of each sequence, whose
-        input tokens are `ids` and features `features`, in order: (rows for drafts, rows for the
-        next draft step, the sequences' block tables on the device)."""
-        runner = self.runner
-        bs = runner.block_size
+    def _stage(self, ids: list[int], rows: list[tuple[list[int], int, int]], wanted: list[int]) -> _CatchUp:
+        """A drafting call's inputs on the device, in one host-to-device copy (each copy through
+        pinned memory costs tens of microseconds of host time, and drafting waits on the host):
+        catch-up over `rows` (block table, first position, end position) of each sequence, whose
+        input tokens are `ids`, then `wanted` drafts of each."""
+        bs = self.runner.block_size
         positions = [p for _, start, end in rows for p in range(start, end)]
         slots = [s for table, start, end in rows for s in cache_slots(table, start, end, bs)]
         query_lens = [end - start for _, start, end in rows]
-        query_start = [0]
-        for n in query_lens:
-            query_start.append(query_start[-1] + n)
+        query_start = [0, *itertools.accumulate(query_lens)]
+        ends = [end for _, _, end in rows]
+        pad = self.steps.padded(len(rows)) - len(rows)
         width = max(len(table) for table, _, _ in rows)
-        tensor = runner._to_device
+        tables = [b for table, _, _ in rows for b in table + [0] * (width - len(table))]
+        parts = (ids, positions, slots, query_start, ends, query_lens, query_start[1:], ends + [0] * pad,
+                 wanted + [0] * pad, tables)  # fmt: skip
+        flat = self.runner._to_device([v for part in parts for v in part], torch.int64)
+        (ids_d, pos_d, slots_d, qs_d, lens_d, qlens_d, last_d, ends_d, wanted_d, tables_d) = flat.split(
+            [len(part) for part in parts]
+        )
+        i32 = torch.int32
         meta = AttentionMetadata(
-            slot_mapping=tensor(slots, torch.int64),
-            query_start_loc=tensor(query_start, torch.int32),
-            seq_lens=tensor([end for _, _, end in rows], torch.int32),
-            query_lens=tensor(query_lens, torch.int32),
-            block_tables=tensor([t + [0] * (width - len(t)) for t, _, _ in rows], torch.int32),
+            slot_mapping=slots_d,
+            query_start_loc=qs_d.to(i32),
+            seq_lens=lens_d.to(i32),
+            query_lens=qlens_d.to(i32),
+            block_tables=tables_d.view(len(rows), width).to(i32),
             max_query_len=max(query_lens),
-            max_seq_len=max(end for _, _, end in rows),
+            max_seq_len=max(ends),
             block_size=bs,
         )
-        runner.backend.prepare(meta)
-        embeds = runner.model.model.embed_tokens(ids)
-        out, state = self.head(embeds, features, tensor(positions, torch.int64), meta)
-        return out, state, meta.block_tables
+        return _CatchUp(ids_d, pos_d, meta, last_d - 1, ends_d, wanted_d)

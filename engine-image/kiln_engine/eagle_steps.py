@@ -103,23 +103,25 @@ class DraftSteps:
             pool = graph.pool()
             self.graphs[bs] = graph
 
+    def padded(self, n: int) -> int:
+        """The batch size n sequences run at."""
+        return next(b for b in self.sizes if b >= n)
+
     def run(
         self,
         first: torch.Tensor,
         state: torch.Tensor,
-        ends: list[int],
-        wanted: list[int],
+        ends: torch.Tensor,
+        wanted: torch.Tensor,
         tables: torch.Tensor,
     ) -> torch.Tensor:
         """Drafts [n, steps + 1] of n sequences (row i's first `wanted[i]` are its drafts), given each
-        one's `first` draft [n] and the head's `state` [n, hidden] after it, on the device, its first
-        draft's position `ends[i]` and its block table (`tables` [n, width] on the device)."""
-        n = len(ends)
-        bs = next(b for b in self.sizes if b >= n)
-        pad = bs - n
-        host = self.runner._to_device(ends + [0] * pad + wanted + [0] * pad, torch.int64)
-        self.end[:bs].copy_(host[:bs])
-        self.wanted[:bs].copy_(host[bs:])
+        one's `first` draft [n] and the head's `state` [n, hidden] after it, its first draft's
+        position `ends[i]` and its block table (`tables` [n, width]), all on the device; `ends` and
+        `wanted` padded to `padded(n)` (padding rows want 0 drafts)."""
+        n, bs = first.shape[0], ends.shape[0]
+        self.end[:bs].copy_(ends)
+        self.wanted[:bs].copy_(wanted)
         self.first[:n].copy_(first)
         self.state[:n].copy_(state)
         self.block_tables[:n, : tables.shape[1]].copy_(tables)
