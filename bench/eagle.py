@@ -131,14 +131,14 @@ PARTS = {
     "target decode forward": (DecodeGraphs, "run"),
     "target verify forward": (DecodeGraphs, "run_tails"),
     "drafting": (EagleProposer, "__call__"),
-    "head catch-up": (EagleProposer, "_run"),
     "head draft steps": (DraftSteps, "run"),
 }
 
 
 def timed_parts(engine: LLMEngine, prompts: list[list[int]], params: SamplingParams) -> dict[str, float]:
     """Milliseconds per engine step in each of PARTS over one generate call (the verify forward
-    counts inside the decode forward, catch-up and draft steps inside drafting)."""
+    counts inside the decode forward, the draft steps inside drafting, whose rest is the catch-up
+    and the first draft)."""
     seconds = dict.fromkeys(PARTS, 0.0)
     calls = dict.fromkeys(PARTS, 0)
     originals = {name: getattr(owner, attr) for name, (owner, attr) in PARTS.items()}

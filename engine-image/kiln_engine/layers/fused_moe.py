@@ -36,11 +36,13 @@ def _e2m1_bits(code, shift, BF16: tl.constexpr):  # type: ignore[no-untyped-def]
     exponent = tl.where(magnitude >= 2, (magnitude >> 1) + 126, 126) + shift  # 0.5 = 2**-1: 126
     mantissa = tl.where(magnitude >= 2, magnitude & 1, 0)
     zero = (magnitude == 0) | (exponent <= 0)
-    if BF16:
+    if BF16:  # a constexpr: only one branch is compiled
         bits = ((code & 8) << 12) | (exponent << 7) | (mantissa << 6)
-        return tl.where(zero, 0, bits).to(tl.int16).to(tl.bfloat16, bitcast=True)
-    bits = ((code & 8) << 28) | (exponent << 23) | (mantissa << 22)
-    return tl.where(zero, 0, bits).to(tl.float32, bitcast=True)
+        value = tl.where(zero, 0, bits).to(tl.int16).to(tl.bfloat16, bitcast=True)
+    else:
+        bits = ((code & 8) << 28) | (exponent << 23) | (mantissa << 22)
+        value = tl.where(zero, 0, bits).to(tl.float32, bitcast=True)
+    return value
 
 
 @triton.jit
