@@ -348,6 +348,12 @@ def test_what_a_killed_run_left_is_cleared_before_the_next_one(tmp_path: Path) -
     assert killed.returncode == -signal.SIGKILL
     assert (Path("/sys/class/net") / realnode.NODE_LINK).exists()  # what it left
     assert realnode.OWNER_FILE.read_text().strip() == str(cluster_dir)
+    # Its components die of SIGKILL with it (PR_SET_PDEATHSIG), but not at the same instant: until
+    # containerd has exited the node counts as running, and clearing would leave it alone.
+    node = realnode.layout(cluster_dir)
+    wait_for(
+        lambda: not realnode.containerd_running(node), timeout=30, what="the killed node's containerd to exit"
+    )
 
     assert realnode.clear_stale_node() == cluster_dir
     after = snapshot()

@@ -46,9 +46,9 @@ def _e2m1_bits(code, shift, BF16: tl.constexpr):  # type: ignore[no-untyped-def]
 
 
 @triton.jit
-def _mxfp4_tile(
+def _mxfp4_tile(  # type: ignore[no-untyped-def]
     b_ptrs, s_ptrs, b_mask, s_mask, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BF16: tl.constexpr
-):  # type: ignore[no-untyped-def]
+):
     """A [BLOCK_K, BLOCK_N] bf16 (BF16) or float32 weight tile from [BLOCK_N, BLOCK_K/2] bytes and
     their exponents [BLOCK_N, BLOCK_K/32]; masked-out bytes (rows past N, inputs past K) are zeros."""
     packed = tl.load(b_ptrs, mask=b_mask, other=0).to(tl.int32)

@@ -517,7 +517,7 @@ def _claim(cluster_dir: Path) -> None:
             f"({OWNER_FILE} is absent): another real node shares this network namespace; stop it, or "
             f"if they are stale, `ip link del` them"
         )
-    if owner is not None and owner != cluster_dir and _containerd_running(layout(owner)):
+    if owner is not None and owner != cluster_dir and containerd_running(layout(owner)):
         raise NodeError(
             f"a real node of the cluster in {owner} runs on this machine (only one can): "
             f"`kiln local down --dir {owner}` first"
@@ -534,13 +534,14 @@ def clear_stale_node() -> Path | None:
     `kiln local` process was killed before `down`). Returns that cluster's folder, or None.
     """
     owner = _owner()
-    if owner is None or _containerd_running(layout(owner)):
+    if owner is None or containerd_running(layout(owner)):
         return None
     teardown(owner, lambda name: None)  # frees OWNER_FILE
     return owner
 
 
-def _containerd_running(node: Layout) -> bool:
+def containerd_running(node: Layout) -> bool:
+    """Whether `node`'s containerd runs (a killed cluster's components die with it, soon after)."""
     config = f"--config={node.root}/containerd.toml"
     return any(argv[0].endswith("/containerd") and config in argv for _, argv in _processes())
 
@@ -601,7 +602,7 @@ def teardown(cluster_dir: Path, stop: Callable[[str], None]) -> list[str]:
     forced: list[str] = []
     stop("kubelet")
     crictl = build.bin_dir(build.CRITOOLS) / "crictl"
-    if _containerd_running(node) and crictl.exists():
+    if containerd_running(node) and crictl.exists():
         result = subprocess.run(
             [
                 str(crictl),
