@@ -391,6 +391,9 @@ class DecodeGraphs:
             for bs in self.sizes
         }
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        # With LoRA slots, graphs of the same sizes without LoRA serve steps where no sequence has
+        # an adapter: the masked form costs every slot's GEMMs whether or not a row uses one.
+        self.base_graphs: dict[int, torch.cuda.CUDAGraph] = {}
         # Every graph writes its logits into this one buffer. A graph's own output would stay
         # allocated in the shared pool for the graph's life, so 60 sizes up to 4,096 sequences
         # would hold 60 logits tensors (tens of GB at a 128k vocabulary) and run out of memory.
@@ -410,11 +413,15 @@ class DecodeGraphs:
         if dev.type == "cuda":
             self._capture()
 
-    def _forward(self, bs: int) -> torch.Tensor:
+    def _forward(self, bs: int, lora: bool = True) -> torch.Tensor:
+        """Logits of a padded step of `bs` rows; `lora`: with the rows' adapters (else none)."""
         meta = self.metas[bs]
         self.runner.backend.prepare(meta)
         if self.runner.lora is not None and self.lora_slots is not None:
-            self.runner.lora.batch.set_slots(self.lora_slots[:bs])
+            if lora:
+                self.runner.lora.batch.set_slots(self.lora_slots[:bs])
+            else:
+                self.runner.lora.batch.clear()
         model = self.runner.model
         hidden = model(self.input_ids[:bs], self.positions[:bs], meta)
         if self.hidden is not None:
@@ -426,18 +433,22 @@ class DecodeGraphs:
         vocab = self.runner.model_config.vocab_size
         self.logits = torch.empty(self.sizes[-1], vocab, dtype=torch.float32, device=self.runner.device)
         pool = None
+        variants = [(self.graphs, True)]
+        if self.runner.lora is not None:
+            variants.append((self.base_graphs, False))
         for bs in reversed(self.sizes):  # largest first, so smaller graphs reuse its memory pool
-            self._forward(bs)  # warm-up: kernel compilation, library workspaces
-            torch.cuda.synchronize(self.runner.device)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
-                self.logits[:bs].copy_(self._forward(bs))
-            pool = graph.pool()
-            self.graphs[bs] = graph
+            for graphs, lora in variants:
+                self._forward(bs, lora)  # warm-up: kernel compilation, library workspaces
+                torch.cuda.synchronize(self.runner.device)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=pool):
+                    self.logits[:bs].copy_(self._forward(bs, lora))
+                pool = graph.pool()
+                graphs[bs] = graph
         stats = torch.cuda.memory_stats(self.runner.device)
         log.info(
             "captured %d decode graphs up to %d sequences; memory reserved %.2f GiB, peak %.2f GiB",
-            len(self.graphs),
+            len(self.graphs) + len(self.base_graphs),
             self.sizes[-1],
             stats["reserved_bytes.all.current"] / 2**30,
             stats["allocated_bytes.all.peak"] / 2**30,
@@ -530,8 +541,11 @@ class DecodeGraphs:
         flat += lens + [1] * pad
         flat += rows + [self.scratch_row] * pad
         lora = self.runner.lora
+        adapters = False  # whether any row runs an adapter
         if lora is not None:
-            flat += lora.slots_for(chunks, bs)
+            row_slots = lora.slots_for(chunks, bs)
+            adapters = any(s >= 0 for s in row_slots)
+            flat += row_slots
         lora_rows = bs if lora is not None else 0
         flat += up_rows + up_cols + up_vals
         dev = self._stage(flat)
@@ -547,9 +561,9 @@ class DecodeGraphs:
             upd = dev[5 * bs + lora_rows :].view(3, u)
             self.table_store.index_put_((upd[0], upd[1]), upd[2].to(torch.int32))
         torch.index_select(self.table_store, 0, dev[4 * bs : 5 * bs], out=self.block_tables[:bs])
-        graph = self.graphs.get(bs)
+        graph = (self.graphs if adapters or lora is None else self.base_graphs).get(bs)
         if graph is None:
-            logits = self._forward(bs)[:n]
+            logits = self._forward(bs, adapters)[:n]
         else:
             graph.replay()
             logits = self.logits[:n]

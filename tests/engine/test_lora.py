@@ -121,6 +121,29 @@ def test_mixed_batch_equals_peft_merged(served: dict, steps: str) -> None:
 
 
 @LLAMA_ONLY
+def test_decode_steps_without_adapters_skip_lora(served: dict) -> None:
+    """A padded decode step where no row has an adapter runs the graphs captured without LoRA
+    (eager on CPU, the same choice), and gives the base model's tokens; a row with one brings LoRA."""
+    engine = LLMEngine(served["base"], lora_config(served, cuda_graphs=True, max_num_seqs=12))
+    graphs = engine.runner.decode_graphs
+    assert graphs is not None
+    chosen: list[bool] = []
+    forward = graphs._forward
+
+    def recording(bs: int, lora: bool = True) -> torch.Tensor:
+        chosen.append(lora)
+        return forward(bs, lora)
+
+    graphs._forward = recording  # type: ignore[method-assign]
+    prompts = served["prompts"]
+    assert engine.generate(prompts, [GREEDY] * len(prompts)) == served["refs"][None]
+    assert chosen and not any(chosen)
+    chosen.clear()
+    assert engine.generate(prompts[:1], [replace(GREEDY, adapter="a1")]) == served["refs"]["a1"][:1]
+    assert chosen and all(chosen)
+
+
+@LLAMA_ONLY
 def test_each_request_alone_equals_the_mixed_batch(served: dict) -> None:
     engine = LLMEngine(served["base"], lora_config(served, prefix_caching=False))
     prompts, params, refs = requests(served)
