@@ -22,8 +22,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from kiln_engine.layers.attention import AttentionMetadata
-from kiln_engine.model_runner import ModelRunner
+from kiln_engine.model_runner import ModelRunner, decode_metas
 
 if TYPE_CHECKING:
     from kiln_engine.eagle import _Head
@@ -55,21 +54,9 @@ class DraftSteps:
         self.seq_lens = torch.ones(max_bs, dtype=i32, device=dev)
         self.drafts = torch.zeros(max_bs, steps + 1, dtype=i64, device=dev)
         self.rows = torch.arange(max_bs, device=dev)
-        query_start_loc = torch.arange(max_bs + 1, dtype=i32, device=dev)
-        query_lens = torch.ones(max_bs, dtype=i32, device=dev)
-        self.metas = {
-            bs: AttentionMetadata(
-                slot_mapping=self.slot_mapping[:bs],
-                query_start_loc=query_start_loc[: bs + 1],
-                seq_lens=self.seq_lens[:bs],
-                query_lens=query_lens[:bs],
-                block_tables=self.block_tables[:bs],
-                max_query_len=1,
-                max_seq_len=self.max_blocks * self.block_size,
-                block_size=self.block_size,
-            )
-            for bs in self.sizes
-        }
+        self.metas = decode_metas(
+            self.sizes, self.slot_mapping, self.seq_lens, self.block_tables, self.block_size
+        )
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         if capture and steps > 0:
             self._capture()

@@ -339,6 +339,34 @@ def capture_sizes(max_num_seqs: int) -> list[int]:
     return [b for b in sizes if b < max_num_seqs] + [max_num_seqs]
 
 
+def decode_metas(
+    sizes: list[int],
+    slot_mapping: torch.Tensor,
+    seq_lens: torch.Tensor,
+    block_tables: torch.Tensor,
+    block_size: int,
+) -> dict[int, AttentionMetadata]:
+    """Attention metadata of a step with one token per row at each padded batch size, over static
+    buffers a graph reads (sliced to the size): the rows' cache slots, context lengths and block
+    tables [rows, max blocks], whose every column a row may read up to its length."""
+    rows, max_blocks = block_tables.shape
+    query_start_loc = torch.arange(rows + 1, dtype=torch.int32, device=block_tables.device)
+    query_lens = torch.ones(rows, dtype=torch.int32, device=block_tables.device)
+    return {
+        bs: AttentionMetadata(
+            slot_mapping=slot_mapping[:bs],
+            query_start_loc=query_start_loc[: bs + 1],
+            seq_lens=seq_lens[:bs],
+            query_lens=query_lens[:bs],
+            block_tables=block_tables[:bs],
+            max_query_len=1,
+            max_seq_len=max_blocks * block_size,
+            block_size=block_size,
+        )
+        for bs in sizes
+    }
+
+
 class DecodeGraphs:
     """Decode-only steps at fixed, padded batch sizes: replayed CUDA graphs on GPU, eager elsewhere.
 
@@ -368,8 +396,6 @@ class DecodeGraphs:
         self.slot_mapping = torch.full((max_bs,), self.scratch_block * self.block_size, dtype=i64, device=dev)
         self.seq_lens = torch.ones(max_bs, dtype=i32, device=dev)
         self.block_tables = torch.full((max_bs, self.max_blocks), self.scratch_block, dtype=i32, device=dev)
-        self.query_start_loc = torch.arange(max_bs + 1, dtype=i32, device=dev)
-        self.query_lens = torch.ones(max_bs, dtype=i32, device=dev)
         # Rows of device-resident block tables; the last row is all scratch, for padding.
         num_rows = 2 * max_bs + 1
         self.table_store = torch.full((num_rows, self.max_blocks), self.scratch_block, dtype=i32, device=dev)
@@ -377,19 +403,9 @@ class DecodeGraphs:
         self.free_rows = list(range(num_rows - 1))
         self.rows: dict[str, int] = {}
         self.row_state: dict[str, tuple[int, int]] = {}  # request -> (its preemptions, blocks sent)
-        self.metas = {
-            bs: AttentionMetadata(
-                slot_mapping=self.slot_mapping[:bs],
-                query_start_loc=self.query_start_loc[: bs + 1],
-                seq_lens=self.seq_lens[:bs],
-                query_lens=self.query_lens[:bs],
-                block_tables=self.block_tables[:bs],
-                max_query_len=1,
-                max_seq_len=self.max_blocks * self.block_size,
-                block_size=self.block_size,
-            )
-            for bs in self.sizes
-        }
+        self.metas = decode_metas(
+            self.sizes, self.slot_mapping, self.seq_lens, self.block_tables, self.block_size
+        )
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         # With LoRA slots, graphs of the same sizes without LoRA serve steps where no sequence has
         # an adapter: the masked form costs every slot's GEMMs whether or not a row uses one.
