@@ -45,7 +45,7 @@ ROOT = Path(__file__).resolve().parent.parent
 class HostOnlyGraphs(DecodeGraphs):
     """`DecodeGraphs` whose model call is skipped: `run` does all of a decode step's host work."""
 
-    def _forward(self, bs: int) -> torch.Tensor:
+    def _forward(self, bs: int, lora: bool = True) -> torch.Tensor:
         return self.input_ids[:bs]
 
 
