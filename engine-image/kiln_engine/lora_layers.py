@@ -188,8 +188,7 @@ class LoraRuntime:
         self.num_slots = config.max_loras
         self.max_rank = config.max_lora_rank
         self.device = device
-        self.batch = LoraBatch(num_slots=self.num_slots, dtype=dtype)
-        self.batch.eager_masked = device.type == "cuda"
+        self.batch = LoraBatch(num_slots=self.num_slots, dtype=dtype, eager_masked=device.type == "cuda")
         # The kernels serve decode graphs only.
         if device.type == "cuda" and config.cuda_graphs and config.lora_kernels:
             failed = check_lora_kernels(device, dtype)
