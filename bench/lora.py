@@ -18,7 +18,9 @@ Each row decodes the same prompts greedily; rows with the same adapter assignmen
 library kernels must give the same tokens, which the script checks (the Triton kernels sum in
 another order than cuBLAS, so `mixed-graphs` is compared and its differing sequences counted, not
 required equal: on random weights a 1-ulp difference flips near-ties). Output tokens per second
-over the whole generate call (prefill included), the best of `--repeats`.
+over the whole generate call (prefill included), the best of `--repeats`; then one more call with each
+engine step timed between device syncs: `prefill_ms` (the first step, every prompt at once) and
+`decode_ms` (the median of the rest), so a row's cost shows where it goes.
 
     PYTHONPATH=engine-image .venv/bin/python bench/lora.py --device cpu \\
         --out bench/results-committed/lora-cpu.json    # the committed CPU record
@@ -32,6 +34,7 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import tempfile
 import time
 from dataclasses import replace
@@ -62,7 +65,33 @@ def timed(engine: LLMEngine, prompts: list[list[int]], params: list[SamplingPara
         "seconds": round(best, 4),
         "output_tokens": generated,
         "tok_per_s": round(generated / best, 1),
+        **step_times(engine, prompts, params),
         "tokens": tokens,
+    }
+
+
+def step_times(engine: LLMEngine, prompts: list[list[int]], params: list[SamplingParams]) -> dict:
+    """One more generate call with each engine step timed between device syncs: the first step (the
+    prefill of every prompt) and the median of the rest (decode steps), in milliseconds."""
+    sync = torch.cuda.synchronize if engine.runner.device.type == "cuda" else (lambda: None)
+    step, seconds = engine.step, []
+
+    def timed_step() -> list:
+        sync()
+        start = time.perf_counter()
+        out = step()
+        sync()
+        seconds.append(time.perf_counter() - start)
+        return out
+
+    engine.step = timed_step  # type: ignore[method-assign]
+    try:
+        engine.generate(prompts, params)
+    finally:
+        del engine.step
+    return {
+        "prefill_ms": round(1e3 * seconds[0], 3),
+        "decode_ms": round(1e3 * statistics.median(seconds[1:]), 3) if len(seconds) > 1 else None,
     }
 
 
@@ -136,7 +165,12 @@ def main() -> None:
         if name == "mixed-graphs-masked" and engine.runner.lora is not None:
             assert not engine.runner.lora.batch.kernels
         results[name] = timed(engine, prompts, params, args.repeats)
-        print(f"{name:16s} {results[name]['tok_per_s']:10.1f} tok/s", flush=True)
+        r = results[name]
+        print(
+            f"{name:20s} {r['tok_per_s']:10.1f} tok/s  prefill {r['prefill_ms']:8.2f} ms"
+            f"  decode {r['decode_ms']:7.3f} ms/step",
+            flush=True,
+        )
     same = {
         "base-lora-on == base": results["base-lora-on"]["tokens"] == results["base"]["tokens"],
         "mixed-graphs == mixed-segments": results["mixed-graphs"]["tokens"]
@@ -164,7 +198,7 @@ def main() -> None:
         },
         "rows": {
             k: {
-                **{f: v[f] for f in ("seconds", "output_tokens", "tok_per_s")},
+                **{f: v[f] for f in ("seconds", "output_tokens", "tok_per_s", "prefill_ms", "decode_ms")},
                 "vs_base": round(v["tok_per_s"] / base_rate, 3),
             }
             for k, v in results.items()
