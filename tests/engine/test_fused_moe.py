@@ -20,7 +20,7 @@ pytest.importorskip("triton")
 KERNEL_SCRIPT = r"""
 import torch
 torch.set_num_threads(1)
-from kiln_engine.layers.fused_moe import align_by_expert, fused_experts
+from kiln_engine.layers.fused_moe import _gemm, align_by_expert, fused_experts
 from kiln_engine.layers.moe import clamped_swiglu, experts_reference, route
 from kiln_engine.quantization import dequantize_mxfp4, quantize_fp8, quantize_int8
 
@@ -38,6 +38,9 @@ assert sorted(real.tolist()) == list(range(8)), sorted_ids
 for b in range(int(total) // 4):
     for p in sorted_ids[b * 4 : b * 4 + 4].tolist():
         assert p == 8 or ids.reshape(-1)[p] == block_expert[b], (b, p)
+
+def layout_rows(ids):  # the token of each (token, k) pair, pairs in row-major order
+    return [t for t in range(ids.shape[0]) for _ in range(ids.shape[1])]
 
 def quantize(w, fn):
     q, s = zip(*(fn(w[e]) for e in range(w.shape[0])))
@@ -110,6 +113,16 @@ for tokens, top_k in ((1, 2), (5, 3), (70, 2), (200, 2), (400, 2)):
     assert rel(got_m, ref_m) < 1e-5, ("mxfp4", tokens, rel(got_m, ref_m))
     half_m = fused_experts(x96.half(), weights.half(), ids, m13, m2, e13, e2)
     assert rel(half_m, ref_m) < 2e-3, ("mxfp4 float16", tokens, rel(half_m, ref_m))
+    # bf16 activations take tl.dot_scaled (e2m1 weights, e8m0 exponents), checked GEMM by GEMM
+    # against the exact product of the same bf16 inputs: the one conversion of the output to bf16
+    # is within 2**-7 (the interpreter truncates), a swapped nibble or exponent is off by ~1
+    xb = x96.bfloat16()
+    layout = align_by_expert(ids, E, 16)
+    exact = torch.stack([xb[t].float() @ dequantize_mxfp4(m13[e], e13[e], torch.float32).t()
+                         for t, e in zip(layout_rows(ids), ids.reshape(-1).tolist())])  # fmt: skip
+    got_up = torch.empty(exact.shape, dtype=torch.bfloat16)
+    _gemm(xb, m13, got_up, e13, None, layout, top_k, (16, 64, 32, 4, 1))
+    assert rel(got_up, exact) < 2**-7, ("mxfp4 bfloat16 dot_scaled", tokens, rel(got_up, exact))
 print("ok")
 """
 

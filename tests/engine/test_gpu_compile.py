@@ -37,7 +37,8 @@ def compile_for_h100(kernel: Any, types: dict[str, str], constexprs: dict[str, A
 
 MOE_POINTERS = {"c_ptr": "*bf16", "weight_ptr": "*fp32", "sorted_ptr": "*i32", "block_expert_ptr": "*i32"}
 MOE_VARIANTS = {
-    "mxfp4": {"a_ptr": "*bf16", "b_ptr": "*u8", "scale_ptr": "*u8"},
+    "mxfp4": {"a_ptr": "*bf16", "b_ptr": "*u8", "scale_ptr": "*u8"},  # tl.dot_scaled
+    "mxfp4-fp16": {"a_ptr": "*fp16", "b_ptr": "*u8", "scale_ptr": "*u8"},  # decoded in the kernel
     "fp8": {"a_ptr": "*bf16", "b_ptr": "*fp8e4nv", "scale_ptr": "*fp32"},
     "bf16": {"a_ptr": "*bf16", "b_ptr": "*bf16", "scale_ptr": "*fp32"},
 }
@@ -51,7 +52,8 @@ def test_the_expert_gemm_compiles_for_each_weight_format(weights: str) -> None:
         "TOKEN_DIV": 2,
         "MUL_WEIGHT": True,
         "HAS_SCALE": weights != "bf16",
-        "MXFP4": weights == "mxfp4",
+        "MXFP4": weights.startswith("mxfp4"),
+        "SCALED_DOT": weights == "mxfp4",
         "BLOCK_M": 16,
         "BLOCK_N": 64,
         "BLOCK_K": 128,

@@ -9,9 +9,10 @@ sync), so a decode step with experts is captured in a CUDA graph like any other.
 
 fp8/int8 expert weights are converted to the activations' dtype in registers and their
 per-output-channel scales applied to the accumulator: a weight-only path that halves the bytes a
-decode step streams. MXFP4 experts (gpt-oss) are decoded in registers too: each byte's two e2m1
-codes become values times two to the power of their group's exponent, built directly as bf16 bits
-(integer operations only), a quarter of bf16's bytes.
+decode step streams. MXFP4 experts (gpt-oss), a quarter of bf16's bytes, go through Triton's
+microscaling dot (`tl.dot_scaled`) with bf16 activations; with float16 or float32 ones (CPU tests,
+fp16 engines) they are decoded here: each byte's two e2m1 codes become values times two to the power
+of their group's exponent, built directly as float bits (integer operations only).
 On CPU the kernels run under TRITON_INTERPRET=1 (tests).
 """
 
@@ -83,6 +84,7 @@ def _moe_gemm_kernel(  # type: ignore[no-untyped-def]
     MUL_WEIGHT: tl.constexpr,
     HAS_SCALE: tl.constexpr,
     MXFP4: tl.constexpr,  # b: [E, N, K/2] bytes, scale: [E, N, K/32] exponents
+    SCALED_DOT: tl.constexpr,  # MXFP4 with bf16 activations: through tl.dot_scaled
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -103,7 +105,27 @@ def _moe_gemm_kernel(  # type: ignore[no-untyped-def]
     offs_k = tl.arange(0, BLOCK_K)
     a_ptrs = a_ptr + row[:, None] * stride_am + offs_k[None, :]
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    if MXFP4:
+    if MXFP4 and SCALED_DOT:
+        # Triton's microscaling dot (bf16 activations): e2m1 pairs packed along K with the first
+        # input in the low nibble, as in the checkpoint, one e8m0 exponent per 32 inputs; Hopper
+        # upcasts them to bf16 in the compiler's own layout. Bytes load as [BLOCK_K / 2, BLOCK_N]
+        # (transposed by addressing, as the other weights are), exponents as [BLOCK_N, BLOCK_K / 32].
+        offs_byte = tl.arange(0, BLOCK_K // 2)
+        offs_group = tl.arange(0, BLOCK_K // 32)
+        b_ptrs = b_ptr + expert * stride_be + offs_n[None, :] * stride_bn + offs_byte[:, None]
+        s_ptrs = scale_ptr + expert * stride_se + offs_n[:, None] * stride_sn + offs_group[None, :]
+        for k0 in range(0, K, BLOCK_K):
+            k_mask = (offs_k + k0) < K
+            a = tl.load(a_ptrs, mask=valid[:, None] & k_mask[None, :], other=0.0)
+            byte_mask = ((offs_byte + k0 // 2) < K // 2)[:, None] & n_mask[None, :]
+            group_mask = n_mask[:, None] & ((offs_group + k0 // 32) < K // 32)[None, :]
+            b = tl.load(b_ptrs, mask=byte_mask, other=0)
+            exponents = tl.load(s_ptrs, mask=group_mask, other=127)
+            acc = tl.dot_scaled(a, None, "bf16", b, exponents, "e2m1", acc)
+            a_ptrs += BLOCK_K
+            b_ptrs += BLOCK_K // 2
+            s_ptrs += BLOCK_K // 32
+    elif MXFP4:  # float16 or float32 activations: decoded here, to their precision
         offs_byte = tl.arange(0, BLOCK_K // 2)
         offs_group = tl.arange(0, BLOCK_K // 32)
         b_ptrs = b_ptr + expert * stride_be + offs_n[:, None] * stride_bn + offs_byte[None, :]
@@ -242,6 +264,7 @@ def _gemm(
         MUL_WEIGHT=weights is not None,
         HAS_SCALE=scale is not None,
         MXFP4=mxfp4,
+        SCALED_DOT=mxfp4 and a.dtype == torch.bfloat16,
         BLOCK_M=bm,
         BLOCK_N=bn,
         BLOCK_K=bk,
