@@ -70,7 +70,7 @@ def detokenizer(tk: HFTokenizer, method: str) -> Callable[[list[int]], object]:
     if method == "stream":
         ours = Tokenizer(tk)
         streams = [IncrementalDetokenizer(ours, PROMPT) for _ in range(ROWS)]
-        return lambda tokens: IncrementalDetokenizer.add_batch(streams, tokens)
+        return lambda tokens: [d.add(t) for d, t in zip(streams, tokens, strict=True)]
     rows = [BatchedWindows(tk) for _ in range(ROWS)]
     return lambda tokens: BatchedWindows.add_batch(rows, tokens)
 

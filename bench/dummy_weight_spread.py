@@ -37,6 +37,7 @@ from engine_throughput import (
 from kiln_engine.config import EngineConfig
 from kiln_engine.engine import LLMEngine
 from kiln_engine.interface import SamplingParams
+from kiln_engine.models.llama import LlamaAttention
 
 PROMPT_LENGTHS = [5, 37, 128, 17]
 STEPS = 4
@@ -62,7 +63,9 @@ def engine(path: Path, dtype: str) -> LLMEngine:
 
 def dense_std(e: LLMEngine) -> float:
     """The std of layer 0's dense `o_proj` weight, read through its own reference path."""
-    layer = e.runner.model.model.layers[0].self_attn.o_proj
+    attn = e.runner.model.model.layers[0].self_attn
+    assert isinstance(attn, LlamaAttention)
+    layer = attn.o_proj
     eye = torch.eye(layer.in_features, dtype=torch.float32)
     with torch.inference_mode():
         return layer.method.apply(layer, eye, None).std().item()

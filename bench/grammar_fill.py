@@ -60,6 +60,7 @@ def fills(engine: LLMEngine, name: str) -> torch.Tensor:
     matchers = [
         engine.grammars.state(("json_schema", json.dumps(SCHEMAS[name]))).matcher for _ in range(ROWS)
     ]
+    assert engine.tokenizer is not None
     for matcher in matchers:
         for token in engine.tokenizer.encode(STARTS[name], add_special_tokens=False):
             assert matcher.accept_token(token)
@@ -72,7 +73,11 @@ def fills(engine: LLMEngine, name: str) -> torch.Tensor:
     print(f"{name:7s} row by row        {median_us(row_by_row):7.0f} us")
     for threads in (1, 2, 4, 8, "auto"):
         batch = xgr.BatchGrammarMatcher(max_threads=threads)
-        cost = median_us(lambda b=batch: b.batch_fill_next_token_bitmask(matchers, bitmask))
+
+        def batch_fill(b: xgr.BatchGrammarMatcher = batch) -> None:
+            b.batch_fill_next_token_bitmask(matchers, bitmask)
+
+        cost = median_us(batch_fill)
         print(f"{name:7s} batch, {threads!s:4s} threads {cost:7.0f} us")
     one = median_us(lambda: matchers[0].fill_next_token_bitmask(bitmask, 0), 200)
     print(f"{name:7s} one row           {one:7.1f} us")
@@ -141,7 +146,7 @@ def main() -> None:
     parser.add_argument("--large-vocab", action="store_true", help="a 128,000-token BPE, random weights")
     args = parser.parse_args()
     checkpoint = make_tiny_checkpoint("/tmp/kiln-fill-ckpt", "llama", seed=3, max_position_embeddings=1024)
-    extra = {}
+    extra: dict[str, Any] = {}
     if args.large_vocab:
         with_large_vocab(checkpoint, {})
         extra = {"load_format": "dummy"}

@@ -141,18 +141,18 @@ def main() -> None:
     lora = {"lora_modules": modules, "max_loras": args.adapters, "max_lora_rank": args.rank}
     graphs = args.device.startswith("cuda")
     rows = {
-        "base": (EngineConfig(**common, cuda_graphs=graphs), plain),  # type: ignore[arg-type]
+        "base": (EngineConfig(**common, cuda_graphs=graphs), plain),
         # The eager baseline of mixed-segments (eager steps run without CUDA graphs, as prefill does).
-        "base-eager": (EngineConfig(**common, cuda_graphs=False), plain),  # type: ignore[arg-type]
-        "base-lora-on": (EngineConfig(**common, **lora, cuda_graphs=graphs), plain),  # type: ignore[arg-type]
-        "mixed-segments": (EngineConfig(**common, **lora, cuda_graphs=False), mixed),  # type: ignore[arg-type]
-        "mixed-graphs": (EngineConfig(**common, **lora, cuda_graphs=True), mixed),  # type: ignore[arg-type]
+        "base-eager": (EngineConfig(**common, cuda_graphs=False), plain),
+        "base-lora-on": (EngineConfig(**common, **lora, cuda_graphs=graphs), plain),
+        "mixed-segments": (EngineConfig(**common, **lora, cuda_graphs=False), mixed),
+        "mixed-graphs": (EngineConfig(**common, **lora, cuda_graphs=True), mixed),
         "mixed-graphs-masked": (
-            EngineConfig(**common, **lora, cuda_graphs=True, lora_kernels=False),  # type: ignore[arg-type]
+            EngineConfig(**common, **lora, cuda_graphs=True, lora_kernels=False),
             mixed,
         ),
         "one-adapter": (
-            EngineConfig(**common, **lora, cuda_graphs=graphs),  # type: ignore[arg-type]
+            EngineConfig(**common, **lora, cuda_graphs=graphs),
             [replace(greedy, adapter=names[0])] * args.batch,
         ),
     }

@@ -30,7 +30,7 @@ from kiln_engine.testing import make_tiny_checkpoint
 EAGER = {"attention_backend": "auto", "cuda_graphs": False}
 TORCH = {"attention_backend": "torch", "cuda_graphs": False}
 # mode -> (engine overrides, (module type, value its `fused` flag is set to) or None)
-MODES: dict[str, tuple[dict[str, Any], tuple[type, bool] | None]] = {
+MODES: dict[str, tuple[dict[str, Any], tuple[type[FusedMoE | RMSNorm | LlamaAttention], bool] | None]] = {
     "exact": ({**TORCH, "dtype": "float32"}, None),
     "reference": (TORCH, None),
     "reference+triton_experts": (TORCH, (FusedMoE, True)),

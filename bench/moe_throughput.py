@@ -32,8 +32,9 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from engine_throughput import (
@@ -215,6 +216,7 @@ def kernel_bench(
     g = torch.Generator(device=device).manual_seed(0)
     w13 = torch.randn(experts, 2 * inter, hidden, device=device, dtype=dtype, generator=g) * 0.02
     w2 = torch.randn(experts, hidden, inter, device=device, dtype=dtype, generator=g) * 0.02
+    run: Callable[..., torch.Tensor]
     if device.type == "cuda":
         from kiln_engine.layers.fused_moe import fused_experts
 
@@ -362,20 +364,22 @@ def run_check(args: argparse.Namespace, root: Path) -> dict[str, Any]:
         variants = [("bf16", (w13, w2, None, None)), ("fp8", (q13, q2, s13, s2))]
         if hidden % 32 == 0 and inter % 32 == 0:  # mxfp4: whole groups of 32 inputs
             variants.append(("mxfp4", (m13, m2, e13, e2)))
-        for tokens in (1, 7, 300):
-            x = torch.randn(tokens, hidden, device=dev, dtype=dtype, generator=g)
-            weights, ids = route(torch.randn(tokens, experts, device=dev, generator=g), top_k, True)
+        for num_tokens in (1, 7, 300):
+            x = torch.randn(num_tokens, hidden, device=dev, dtype=dtype, generator=g)
+            weights, ids = route(torch.randn(num_tokens, experts, device=dev, generator=g), top_k, True)
             weights = weights.to(dtype)
             for variant, wts in variants:
                 ref = experts_reference(
                     x.float(),
                     weights.float(),
                     ids,
-                    *(t.float() if t is not None and t.dtype == dtype else t for t in wts),
+                    *cast(
+                        "Iterator[Any]", (t.float() if t is not None and t.dtype == dtype else t for t in wts)
+                    ),
                 )
                 got = fused_experts(x, weights, ids, *wts) if fast else ref
                 rel = ((got.float() - ref).norm() / ref.norm()).item()
-                out["kernel"][f"{name} {variant} T={tokens}"] = rel
+                out["kernel"][f"{name} {variant} T={num_tokens}"] = rel
         del w13, w2, q13, q2, m13, m2, variants
         free()
     greedy = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)

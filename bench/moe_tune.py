@@ -55,7 +55,11 @@ def row_blocks(rows_per_expert: float) -> list[int]:
     return [64, 128]
 
 
-def weights_of(cfg: dict[str, Any], dtype: str, g: torch.Generator) -> tuple[torch.Tensor, ...]:
+# w13, w2 and their fp8 scales (None for bf16)
+Weights = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]
+
+
+def weights_of(cfg: dict[str, Any], dtype: str, g: torch.Generator) -> Weights:
     experts, _, hidden, inter = expert_shape(cfg)
     w13 = torch.randn(experts, 2 * inter, hidden, device="cuda", dtype=torch.bfloat16, generator=g) * 0.02
     w2 = torch.randn(experts, hidden, inter, device="cuda", dtype=torch.bfloat16, generator=g) * 0.02
@@ -73,7 +77,7 @@ def timed(fn: Any) -> float:
         return float("inf")
 
 
-def tune_point(cfg: dict[str, Any], w: tuple[torch.Tensor, ...], tokens: int, g: torch.Generator) -> dict:
+def tune_point(cfg: dict[str, Any], w: Weights, tokens: int, g: torch.Generator) -> dict:
     """Best (up, down) tiles sharing a row block at `tokens`, against today's choice, in µs."""
     experts, top_k, hidden, inter = expert_shape(cfg)
     w13, w2, s13, s2 = w
@@ -97,7 +101,7 @@ def tune_point(cfg: dict[str, Any], w: tuple[torch.Tensor, ...], tokens: int, g:
 
     cur_up, cur_down = _tiles(rows, w13.dtype.itemsize == 1)
     cur_lay = layout_of(cur_up[0])
-    current = {"up": list(cur_up), "down": list(cur_down)}
+    current: dict[str, Any] = {"up": list(cur_up), "down": list(cur_down)}
     current["us"] = time_up(cur_up, cur_lay) + time_down(cur_down, cur_lay)
     best: dict[str, Any] = {"us": float("inf")}
     for bm in row_blocks(rows):

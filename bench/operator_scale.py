@@ -185,7 +185,8 @@ def main() -> None:
         created = time.monotonic() - first
         ready = 0
         while True:
-            items = custom.list_namespaced_custom_object(GROUP, VERSION, "bench", "llmdeployments")["items"]
+            listed: Any = custom.list_namespaced_custom_object(GROUP, VERSION, "bench", "llmdeployments")
+            items = listed["items"]
             ready = sum((item.get("status") or {}).get("phase") == "Ready" for item in items)
             if ready == args.deployments:
                 break

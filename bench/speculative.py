@@ -20,6 +20,7 @@ import json
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -34,7 +35,7 @@ def prompts(n: int) -> list[list[int]]:
     return [[3 + i, 4 + i, 5 + i, 6 + i] * 3 + [7 + i] for i in range(n)]
 
 
-def run(ckpt: Path, dtype: str, batch: int, spec: bool, device: str) -> dict[str, object]:
+def run(ckpt: Path, dtype: str, batch: int, spec: bool, device: str) -> dict[str, Any]:
     cfg = EngineConfig(
         device=device,
         dtype=dtype,
@@ -88,9 +89,9 @@ def main() -> None:
                     "identical_requests": f"{same}/{batch}",
                     "proposed": spec["proposed"],
                     "accepted": spec["accepted"],
-                    "plain_ms_per_token": round(float(base["ms_per_step_token"]), 3),  # type: ignore[arg-type]
-                    "spec_ms_per_token": round(float(spec["ms_per_step_token"]), 3),  # type: ignore[arg-type]
-                    "spec_eager_verify_ms_per_token": round(float(eager["ms_per_step_token"]), 3),  # type: ignore[arg-type]
+                    "plain_ms_per_token": round(float(base["ms_per_step_token"]), 3),
+                    "spec_ms_per_token": round(float(spec["ms_per_step_token"]), 3),
+                    "spec_eager_verify_ms_per_token": round(float(eager["ms_per_step_token"]), 3),
                 }
                 print(row, flush=True)
                 rows.append(row)

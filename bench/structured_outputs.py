@@ -108,7 +108,7 @@ def with_large_vocab(checkpoint: Path, layers: dict[str, Any]) -> None:
 
 def engine_for(device: str, model: str = "tiny") -> LLMEngine:
     checkpoint = make_tiny_checkpoint("/tmp/kiln-so-ckpt", "llama", seed=3, max_position_embeddings=1024)
-    fast = {"cuda_graphs": True, "lookahead_decode": True} if device == "cuda" else {}
+    fast: dict[str, Any] = {"cuda_graphs": True, "lookahead_decode": True} if device == "cuda" else {}
     extra: dict[str, Any] = {}
     if model == "llama3-8b-shape":
         with_large_vocab(checkpoint, LLAMA3_8B_LAYERS)
@@ -131,6 +131,7 @@ def gates(engine: LLMEngine, samples: int, check_mixed: bool = True) -> dict[str
     The llama3-8b-shape model skips the first: its bf16 matrix products round differently at
     other batch sizes, and random weights leave near-ties that flip, whatever the masks do; the
     tiny float32 model holds that gate."""
+    assert engine.tokenizer is not None
     prompt = engine.tokenizer.encode("Hello")
     schema = json.dumps(OBJECT_SCHEMA)
     cases = [
@@ -157,6 +158,7 @@ def gates(engine: LLMEngine, samples: int, check_mixed: bool = True) -> dict[str
 def throughput(engine: LLMEngine, share: float, device: str, requests: int, tokens: int, reps: int) -> float:
     best = 0.0
     long_schema = json.dumps(LONG_SCHEMA)
+    assert engine.tokenizer is not None
     prompts = [engine.tokenizer.encode(f"Request {i}: tell me") for i in range(requests)]
     for rep in range(reps):
         constrained = int(requests * share)

@@ -52,8 +52,8 @@ def instrument() -> None:
     grammar.allocate_bitmask = timed("allocate_bitmask", grammar.allocate_bitmask)
     grammar.apply_bitmask = timed("apply_bitmask", grammar.apply_bitmask)
     batch = xgr.BatchGrammarMatcher
-    batch.batch_fill_next_token_bitmask = timed("xgr batch_fill", batch.batch_fill_next_token_bitmask)
-    batch.batch_accept_token = staticmethod(timed("xgr batch_accept", batch.batch_accept_token))
+    batch.batch_fill_next_token_bitmask = timed("xgr batch_fill", batch.batch_fill_next_token_bitmask)  # type: ignore[method-assign]
+    batch.batch_accept_token = staticmethod(timed("xgr batch_accept", batch.batch_accept_token))  # type: ignore[method-assign]
     logits_adjust.LogitsAdjustment.apply = timed(  # type: ignore[method-assign]
         "LogitsAdjustment.apply", logits_adjust.LogitsAdjustment.apply
     )

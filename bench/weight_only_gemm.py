@@ -57,7 +57,8 @@ def time_ms(fn: Callable[[], Any]) -> float:
     launch cost is in it), median of 5."""
     fn()
     torch.cuda.synchronize()
-    graph: torch.cuda.CUDAGraph | None = torch.cuda.CUDAGraph()
+    graph: torch.cuda.CUDAGraph | None
+    graph = torch.cuda.CUDAGraph()
     try:
         with torch.cuda.graph(graph):
             for _ in range(20):
