@@ -23,8 +23,15 @@
 #   OUT=results bash bench/engine_gpu.sh moe-check moe-qwen3 moe-mixtral   # issue 22: MoE gate, then rows
 #   OUT=results bash bench/engine_gpu.sh moe-check moe-gptoss   # gpt-oss-20b-shaped rows (1k/1k first)
 #   OUT=results bash bench/engine_gpu.sh moe-check moe-mxfp4    #   the same with its MXFP4 experts packed
-#                                 (MOE_ARGS adds options; the transformers baseline is Qwen3's alone:
+#                                 (MOE_ARGS adds options, MOE_CHECK_ARGS the gate's, e.g. --models gpt-oss-20b,mixtral-8x7b;
+#                                 the transformers baseline is Qwen3's alone:
 #                                 bf16 Mixtral does not fit beside anything on one H100)
+#   OUT=results bash bench/engine_gpu.sh moe-check moe-targets  # issue 22's two target rows on one
+#                                 GPU: Mixtral-8x7B fp8 128/128 x3072 and gpt-oss-20b fp8 1k/1k x1024,
+#                                 1,024 sequences at once (each file also times the bf16/fp8/MXFP4
+#                                 expert layer at 1 and 4,096 tokens)
+#   OUT=results bash bench/engine_gpu.sh so-profile       # issue 20: where a constrained step's time
+#                                 goes at the 8B shape (host parts, device busy vs wall)
 #   OUT=results bash bench/engine_gpu.sh moe-tune moe-probe   # the expert GEMMs' tile sweep; which
 #                                 kernel moves the tiny Qwen3-MoE off float32's tokens
 #
@@ -95,7 +102,7 @@ for stage in "$@"; do
         | tee "$OUT/weight-only-gemm.log" | tail -60
       ;;
     moe-check)
-      timeout 200 $PY bench/moe_throughput.py --check --out "$OUT/moe-check.json" 2>&1 | tee "$OUT/moe-check.log" \
+      timeout "${MOE_CHECK_TIMEOUT:-200}" $PY bench/moe_throughput.py --check ${MOE_CHECK_ARGS:-} --out "$OUT/moe-check.json" 2>&1 | tee "$OUT/moe-check.log" \
         | grep -E '"(ok|same_tokens|fast_as_close_as_reference)"|T=' | head -40
       ;;
     moe-qwen3)
@@ -120,6 +127,19 @@ for stage in "$@"; do
       timeout "${MOE_TIMEOUT:-420}" $PY bench/moe_throughput.py --models gpt-oss-20b --modes mxfp4,bf16 \
         --workloads 1000/1000,128/128 --num-requests 1024 --max-num-seqs 1024 --no-baseline ${MOE_ARGS:-} \
         --out "$OUT/moe-mxfp4.json" 2>&1 | tee "$OUT/moe-mxfp4.log" | grep -v -E '^ |^[{}]' | tail -30
+      ;;
+    moe-targets)
+      timeout "${MOE_TIMEOUT:-190}" $PY bench/moe_throughput.py --models mixtral-8x7b --modes fp8 --workloads 128/128 \
+        --num-requests 3072 --max-num-seqs 1024 --no-baseline --out "$OUT/moe-mixtral-fp8.json" 2>&1 \
+        | tee "$OUT/moe-mixtral-fp8.log" | grep -v -E '^ |^[{}]' | tail -12
+      timeout "${MOE_TIMEOUT:-215}" $PY bench/moe_throughput.py --models gpt-oss-20b --modes fp8 --workloads 1000/1000 \
+        --num-requests 4096 --max-num-seqs 1024 --no-baseline --out "$OUT/moe-gptoss-fp8.json" 2>&1 \
+        | tee "$OUT/moe-gptoss-fp8.log" | grep -v -E '^ |^[{}]' | tail -12
+      ;;
+    so-profile)
+      install_wheels
+      PYTHONPATH=engine-image:bench:/tmp/site timeout "${SO_TIMEOUT:-300}" $PY bench/structured_outputs_profile.py \
+        --model llama3-8b-shape 2>&1 | tee "$OUT/so-profile.log" | grep -v -E 'Loading|Warning' | tail -30
       ;;
     moe-tune)
       timeout "${MOE_TUNE_TIMEOUT:-560}" $PY bench/moe_tune.py --deadline 480 ${MOE_TUNE_ARGS:-} \
