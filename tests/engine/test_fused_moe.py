@@ -174,26 +174,24 @@ import torch, triton, triton.language as tl
 from kiln_engine.layers.fused_moe import _e2m1_bits
 
 @triton.jit
-def decode(code_ptr, shift_ptr, bf16_ptr, fp32_ptr, N: tl.constexpr):
+def decode(code_ptr, shift_ptr, fp32_ptr, N: tl.constexpr):
     i = tl.arange(0, N)
     code, shift = tl.load(code_ptr + i), tl.load(shift_ptr + i)
-    tl.store(bf16_ptr + i, _e2m1_bits(code, shift, True))
-    tl.store(fp32_ptr + i, _e2m1_bits(code, shift, False))
+    tl.store(fp32_ptr + i, _e2m1_bits(code, shift))
 
 shifts = [-20, -5, -1, 0, 1, 3, 7, 2]  # group exponents - 127
 codes = torch.arange(16, dtype=torch.int32).repeat(len(shifts))
 shift = torch.tensor(shifts, dtype=torch.int32).repeat_interleave(16)
-got16, got32 = torch.zeros(len(codes), dtype=torch.bfloat16), torch.zeros(len(codes))
-decode[(1,)](codes, shift, got16, got32, N=len(codes))
+got32 = torch.zeros(len(codes))
+decode[(1,)](codes, shift, got32, N=len(codes))
 e2m1 = torch.tensor([0, 0.5, 1, 1.5, 2, 3, 4, 6, 0, -0.5, -1, -1.5, -2, -3, -4, -6])
 want = e2m1[codes.long()] * torch.exp2(shift.float())
 assert torch.equal(got32, want), (got32 - want).abs().max()
-assert torch.equal(got16.float(), want), (got16.float() - want).abs().max()
 print("ok")
 """
 
 
-def test_e2m1_codes_become_exact_bf16_and_float32_values() -> None:
+def test_e2m1_codes_become_exact_float32_values() -> None:
     """MXFP4's decode builds each value's bits from its code and group exponent: every code, at
     group exponents from 2**-20 to 2**7, is exactly the e2m1 value times the group's scale."""
     interpret(E2M1_SCRIPT, timeout=300)

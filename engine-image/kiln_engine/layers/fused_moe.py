@@ -28,36 +28,29 @@ from kiln_engine.layers.fused import silu_and_mul
 
 
 @triton.jit
-def _e2m1_bits(code, shift, BF16: tl.constexpr):  # type: ignore[no-untyped-def]
+def _e2m1_bits(code, shift):  # type: ignore[no-untyped-def]
     """4-bit codes (sign, two exponent bits, one mantissa bit) times 2**shift, built as the bits of
-    bf16 (BF16) or float32 values: e2m1's magnitudes 0, 0.5, 1, 1.5, 2, 3, 4, 6 are 0 and 2**e * (1 +
-    m / 2), so the group's exponent adds to the exponent field, with no float arithmetic. Results
-    below the normal range (shifts under -125, never seen in checkpoints) flush to zero."""
+    float32 values: e2m1's magnitudes 0, 0.5, 1, 1.5, 2, 3, 4, 6 are 0 and 2**e * (1 + m / 2), so the
+    group's exponent adds to the exponent field, with no float arithmetic. Results below the normal
+    range (shifts under -125, never seen in checkpoints) flush to zero."""
     magnitude = code & 7
     exponent = tl.where(magnitude >= 2, (magnitude >> 1) + 126, 126) + shift  # 0.5 = 2**-1: 126
     mantissa = tl.where(magnitude >= 2, magnitude & 1, 0)
     zero = (magnitude == 0) | (exponent <= 0)
-    if BF16:  # a constexpr: only one branch is compiled
-        bits = ((code & 8) << 12) | (exponent << 7) | (mantissa << 6)
-        value = tl.where(zero, 0, bits).to(tl.int16).to(tl.bfloat16, bitcast=True)
-    else:
-        bits = ((code & 8) << 28) | (exponent << 23) | (mantissa << 22)
-        value = tl.where(zero, 0, bits).to(tl.float32, bitcast=True)
-    return value
+    bits = ((code & 8) << 28) | (exponent << 23) | (mantissa << 22)
+    return tl.where(zero, 0, bits).to(tl.float32, bitcast=True)
 
 
 @triton.jit
-def _mxfp4_tile(  # type: ignore[no-untyped-def]
-    b_ptrs, s_ptrs, b_mask, s_mask, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BF16: tl.constexpr
-):
-    """A [BLOCK_K, BLOCK_N] bf16 (BF16) or float32 weight tile from [BLOCK_N, BLOCK_K/2] bytes and
-    their exponents [BLOCK_N, BLOCK_K/32]; masked-out bytes (rows past N, inputs past K) are zeros."""
+def _mxfp4_tile(b_ptrs, s_ptrs, b_mask, s_mask, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):  # type: ignore[no-untyped-def]
+    """A [BLOCK_K, BLOCK_N] float32 weight tile from [BLOCK_N, BLOCK_K/2] bytes and their exponents
+    [BLOCK_N, BLOCK_K/32]; masked-out bytes (rows past N, inputs past K) are zeros."""
     packed = tl.load(b_ptrs, mask=b_mask, other=0).to(tl.int32)
     exponents = tl.load(s_ptrs, mask=s_mask, other=127).to(tl.int32) - 127
     shift = tl.reshape(
         tl.broadcast_to(exponents[:, :, None], (BLOCK_N, BLOCK_K // 32, 16)), (BLOCK_N, BLOCK_K // 2)
     )
-    low, high = _e2m1_bits(packed & 15, shift, BF16), _e2m1_bits(packed >> 4, shift, BF16)
+    low, high = _e2m1_bits(packed & 15, shift), _e2m1_bits(packed >> 4, shift)
     return tl.trans(tl.reshape(tl.join(low, high), (BLOCK_N, BLOCK_K)))
 
 
@@ -135,7 +128,7 @@ def _moe_gemm_kernel(  # type: ignore[no-untyped-def]
             a = tl.load(a_ptrs, mask=valid[:, None] & k_mask[None, :], other=0.0)
             byte_mask = n_mask[:, None] & ((offs_byte + k0 // 2) < K // 2)[None, :]
             group_mask = n_mask[:, None] & ((offs_group + k0 // 32) < K // 32)[None, :]
-            b = _mxfp4_tile(b_ptrs, s_ptrs, byte_mask, group_mask, BLOCK_N, BLOCK_K, a.dtype == tl.bfloat16)
+            b = _mxfp4_tile(b_ptrs, s_ptrs, byte_mask, group_mask, BLOCK_N, BLOCK_K)
             acc = tl.dot(a, b.to(a.dtype), acc)
             a_ptrs += BLOCK_K
             b_ptrs += BLOCK_K // 2
