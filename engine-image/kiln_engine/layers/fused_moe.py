@@ -98,38 +98,32 @@ def _moe_gemm_kernel(  # type: ignore[no-untyped-def]
     offs_k = tl.arange(0, BLOCK_K)
     a_ptrs = a_ptr + row[:, None] * stride_am + offs_k[None, :]
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    if MXFP4 and SCALED_DOT:
-        # Triton's microscaling dot (bf16 activations): e2m1 pairs packed along K with the first
-        # input in the low nibble, as in the checkpoint, one e8m0 exponent per 32 inputs; Hopper
-        # upcasts them to bf16 in the compiler's own layout. Bytes load as [BLOCK_K / 2, BLOCK_N]
-        # (transposed by addressing, as the other weights are), exponents as [BLOCK_N, BLOCK_K / 32].
+    if MXFP4:
         offs_byte = tl.arange(0, BLOCK_K // 2)
         offs_group = tl.arange(0, BLOCK_K // 32)
-        b_ptrs = b_ptr + expert * stride_be + offs_n[None, :] * stride_bn + offs_byte[:, None]
         s_ptrs = scale_ptr + expert * stride_se + offs_n[:, None] * stride_sn + offs_group[None, :]
+        if SCALED_DOT:
+            # Triton's microscaling dot (bf16 activations): e2m1 pairs packed along K with the first
+            # input in the low nibble, as in the checkpoint, one e8m0 exponent per 32 inputs; Hopper
+            # upcasts them to bf16 in the compiler's own layout. Bytes load as [BLOCK_K / 2, BLOCK_N]
+            # (transposed by addressing, as the other weights are), exponents as [BLOCK_N, BLOCK_K / 32].
+            b_ptrs = b_ptr + expert * stride_be + offs_n[None, :] * stride_bn + offs_byte[:, None]
+        else:  # float16 or float32 activations: decoded here, to their precision
+            b_ptrs = b_ptr + expert * stride_be + offs_n[:, None] * stride_bn + offs_byte[None, :]
         for k0 in range(0, K, BLOCK_K):
             k_mask = (offs_k + k0) < K
             a = tl.load(a_ptrs, mask=valid[:, None] & k_mask[None, :], other=0.0)
-            byte_mask = ((offs_byte + k0 // 2) < K // 2)[:, None] & n_mask[None, :]
+            byte_ok = (offs_byte + k0 // 2) < K // 2
             group_mask = n_mask[:, None] & ((offs_group + k0 // 32) < K // 32)[None, :]
-            b = tl.load(b_ptrs, mask=byte_mask, other=0)
-            exponents = tl.load(s_ptrs, mask=group_mask, other=127)
-            acc = tl.dot_scaled(a, None, "bf16", b, exponents, "e2m1", acc)
-            a_ptrs += BLOCK_K
-            b_ptrs += BLOCK_K // 2
-            s_ptrs += BLOCK_K // 32
-    elif MXFP4:  # float16 or float32 activations: decoded here, to their precision
-        offs_byte = tl.arange(0, BLOCK_K // 2)
-        offs_group = tl.arange(0, BLOCK_K // 32)
-        b_ptrs = b_ptr + expert * stride_be + offs_n[:, None] * stride_bn + offs_byte[None, :]
-        s_ptrs = scale_ptr + expert * stride_se + offs_n[:, None] * stride_sn + offs_group[None, :]
-        for k0 in range(0, K, BLOCK_K):
-            k_mask = (offs_k + k0) < K
-            a = tl.load(a_ptrs, mask=valid[:, None] & k_mask[None, :], other=0.0)
-            byte_mask = n_mask[:, None] & ((offs_byte + k0 // 2) < K // 2)[None, :]
-            group_mask = n_mask[:, None] & ((offs_group + k0 // 32) < K // 32)[None, :]
-            b = _mxfp4_tile(b_ptrs, s_ptrs, byte_mask, group_mask, BLOCK_N, BLOCK_K)
-            acc = tl.dot(a, b.to(a.dtype), acc)
+            if SCALED_DOT:
+                b = tl.load(b_ptrs, mask=byte_ok[:, None] & n_mask[None, :], other=0)
+                exponents = tl.load(s_ptrs, mask=group_mask, other=127)
+                acc = tl.dot_scaled(a, None, "bf16", b, exponents, "e2m1", acc)
+            else:
+                b = _mxfp4_tile(
+                    b_ptrs, s_ptrs, n_mask[:, None] & byte_ok[None, :], group_mask, BLOCK_N, BLOCK_K
+                )
+                acc = tl.dot(a, b.to(a.dtype), acc)
             a_ptrs += BLOCK_K
             b_ptrs += BLOCK_K // 2
             s_ptrs += BLOCK_K // 32
