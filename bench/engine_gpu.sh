@@ -49,7 +49,8 @@ B=bench/engine_throughput.py
 
 install_wheels() {
   if ls .whl/*.whl >/dev/null 2>&1; then
-    $PY -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
+    $PY -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/site .whl/*.whl 2>&1 \
+      | grep -v 'already exists' || true
   fi
 }
 
@@ -102,7 +103,8 @@ for stage in "$@"; do
         | tee "$OUT/weight-only-gemm.log" | tail -60
       ;;
     moe-check)
-      timeout "${MOE_CHECK_TIMEOUT:-200}" $PY bench/moe_throughput.py --check ${MOE_CHECK_ARGS:-} --out "$OUT/moe-check.json" 2>&1 | tee "$OUT/moe-check.log" \
+      install_wheels  # the gate builds its tiny models through kiln_engine.build (pydantic)
+      PYTHONPATH=engine-image:/tmp/site timeout "${MOE_CHECK_TIMEOUT:-200}" $PY bench/moe_throughput.py --check ${MOE_CHECK_ARGS:-} --out "$OUT/moe-check.json" 2>&1 | tee "$OUT/moe-check.log" \
         | grep -E '"(ok|same_tokens|fast_as_close_as_reference)"|T=' | head -40
       ;;
     moe-qwen3)

@@ -22,10 +22,10 @@ from typing import Any
 import torch
 import triton
 from lora_kernels import graph_time_us
-from moe_throughput import MODELS, expert_shape, quantize_experts
+from moe_throughput import MODELS, expert_shape, quantize_experts, random_mxfp4
 
 from kiln_engine.layers.fused import silu_and_mul
-from kiln_engine.layers.fused_moe import Tile, _gemm, _tiles, align_by_expert, one_block_per_pair
+from kiln_engine.layers.fused_moe import Tile, _at_least_k, _gemm, _tiles, align_by_expert, one_block_per_pair
 from kiln_engine.layers.moe import route
 
 # (BLOCK_N, BLOCK_K, warps, stages) tried with each row block; row blocks by rows per expert.
@@ -35,6 +35,8 @@ NKWS = [
     (64, 128, 4, 3),
     (64, 128, 4, 4),
     (64, 256, 4, 3),
+    (32, 256, 4, 4),
+    (128, 256, 8, 3),
     (128, 64, 4, 4),
     (128, 64, 8, 3),
     (128, 128, 4, 3),
@@ -55,7 +57,7 @@ def row_blocks(rows_per_expert: float) -> list[int]:
     return [64, 128]
 
 
-# w13, w2 and their fp8 scales (None for bf16)
+# w13, w2 and their fp8 scales or MXFP4 exponents (None for bf16)
 Weights = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]
 
 
@@ -65,6 +67,9 @@ def weights_of(cfg: dict[str, Any], dtype: str, g: torch.Generator) -> Weights:
     w2 = torch.randn(experts, hidden, inter, device="cuda", dtype=torch.bfloat16, generator=g) * 0.02
     if dtype == "bf16":
         return w13, w2, None, None
+    if dtype == "mxfp4":
+        (m13, e13), (m2, e2) = random_mxfp4(w13.shape, g), random_mxfp4(w2.shape, g)
+        return m13, m2, e13, e2
     (q13, s13), (q2, s2) = quantize_experts(w13), quantize_experts(w2)
     return q13, q2, s13, s2
 
@@ -100,6 +105,8 @@ def tune_point(cfg: dict[str, Any], w: Weights, tokens: int, g: torch.Generator)
         return timed(lambda: _gemm(act, w2, down, s2, rw, lay, 1, tile))
 
     cur_up, cur_down = _tiles(rows, w13.dtype.itemsize == 1)
+    if w13.dtype == torch.uint8:  # as fused_moe does for MXFP4's groups of 32
+        cur_up, cur_down = _at_least_k(cur_up, 32), _at_least_k(cur_down, 32)
     cur_lay = layout_of(cur_up[0])
     current: dict[str, Any] = {"up": list(cur_up), "down": list(cur_down)}
     current["us"] = time_up(cur_up, cur_lay) + time_down(cur_down, cur_lay)
@@ -118,7 +125,7 @@ def tune_point(cfg: dict[str, Any], w: Weights, tokens: int, g: torch.Generator)
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", default="qwen3-30b-a3b,mixtral-8x7b")
-    ap.add_argument("--dtypes", default="bf16,fp8")
+    ap.add_argument("--dtypes", default="bf16,fp8", help="comma-separated: bf16, fp8, mxfp4")
     ap.add_argument("--tokens", default="1,16,64,256,1024,4096")
     ap.add_argument("--deadline", type=float, default=420.0, help="seconds after which no new point starts")
     ap.add_argument("--out", type=Path, default=Path("bench/results/moe_tune.json"))
