@@ -1,7 +1,7 @@
 """The fused MoE GEMMs' tiles, swept on a GPU: for each model shape, weight dtype and token count,
 every tile of a fixed candidate list is timed on the gate/up and the down GEMM (CUDA-graph replays,
 the layout built once per row block), and the best pair that shares a row block is compared with
-the tiles `layers.fused_moe._tiles` picks today. The table is what `_tiles` should learn.
+the tiles `layers.fused_moe.expert_tiles` picks today. The table is what it should learn.
 
     PYTHONPATH=engine-image python3 bench/moe_tune.py --out bench/results/moe_tune.json
     PYTHONPATH=engine-image python3 bench/moe_tune.py --models qwen3-30b-a3b --tokens 1,256 --dtypes fp8
@@ -25,7 +25,7 @@ from lora_kernels import graph_time_us
 from moe_throughput import MODELS, expert_shape, quantize_experts, random_mxfp4
 
 from kiln_engine.layers.fused import silu_and_mul
-from kiln_engine.layers.fused_moe import Tile, _at_least_k, _gemm, _tiles, align_by_expert, one_block_per_pair
+from kiln_engine.layers.fused_moe import Tile, _gemm, align_by_expert, expert_tiles, one_block_per_pair
 from kiln_engine.layers.moe import route
 
 # (BLOCK_N, BLOCK_K, warps, stages) tried with each row block; row blocks by rows per expert.
@@ -104,9 +104,7 @@ def tune_point(cfg: dict[str, Any], w: Weights, tokens: int, g: torch.Generator)
     def time_down(tile: Tile, lay: Any) -> float:
         return timed(lambda: _gemm(act, w2, down, s2, rw, lay, 1, tile))
 
-    cur_up, cur_down = _tiles(rows, w13.dtype.itemsize == 1)
-    if w13.dtype == torch.uint8:  # as fused_moe does for MXFP4's groups of 32
-        cur_up, cur_down = _at_least_k(cur_up, 32), _at_least_k(cur_down, 32)
+    cur_up, cur_down = expert_tiles(rows, w13.dtype)
     cur_lay = layout_of(cur_up[0])
     current: dict[str, Any] = {"up": list(cur_up), "down": list(cur_down)}
     current["us"] = time_up(cur_up, cur_lay) + time_down(cur_down, cur_lay)

@@ -72,7 +72,7 @@ for tokens in (1, 3):
 
 E, H, I = 8, 64, 48
 # One block per pair at 1 token, sorted otherwise; rows per expert 0.25, 1.9, 17.5, 50 and 100
-# reach each of `_tiles`' four row blocks (16, 32, 64, 128).
+# reach each of `expert_tiles`' four row blocks (16, 32, 64, 128).
 for tokens, top_k in ((1, 2), (5, 3), (70, 2), (200, 2), (400, 2)):
     x = torch.randn(tokens, H, generator=g)
     w13 = torch.randn(E, 2 * I, H, generator=g) * 0.1
