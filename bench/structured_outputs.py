@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from host import host_info
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 import kiln_engine.engine
@@ -207,6 +208,7 @@ def main() -> None:
     )
     args = parser.parse_args()
     grammar.FILL_THREADS = args.fill_threads
+    host_at_start = host_info()
     engine = engine_for(args.device, args.model)
     sampler = engine.runner.sampler
     sampler.counter_noise = sampler.counter_noise and args.seeded_noise == "counter"
@@ -244,6 +246,8 @@ def main() -> None:
         "gates": checked,
         "seeded_noise": "counter" if sampler.counter_noise else "generator",
         "rows": rows,
+        "host_at_start": host_at_start,
+        "load_average_at_end": host_info()["load_average"],
     }
     if args.out:
         args.out.write_text(json.dumps(report, indent=2) + "\n")

@@ -21,6 +21,7 @@ from typing import Any
 import structured_outputs as so
 import torch
 import xgrammar as xgr
+from host import host_info
 
 from kiln_engine import grammar, logits_adjust
 
@@ -75,6 +76,7 @@ def main() -> None:
     )
     parser.add_argument("--model", choices=("tiny", "llama3-8b-shape"), default="tiny")
     args = parser.parse_args()
+    print(f"host: {host_info()}")
     instrument()
     engine = so.engine_for("cuda", args.model)
     so.throughput(engine, 0.0, "cuda", 128, 128, 1)  # warm-up
