@@ -29,7 +29,8 @@
 #   OUT=results bash bench/engine_gpu.sh moe-check moe-targets  # issue 22's two target rows on one
 #                                 GPU: Mixtral-8x7B fp8 128/128 x3072 and gpt-oss-20b fp8 1k/1k x1024,
 #                                 1,024 sequences at once (each file also times the bf16/fp8/MXFP4
-#                                 expert layer at 1 and 4,096 tokens)
+#                                 expert layer at 1 and 4,096 tokens; MOE_ARGS="--kv-cache-dtype fp8" runs
+#                                 them with the fp8 KV cache, as TensorRT-LLM's FP8 rows are measured)
 #   OUT=results bash bench/engine_gpu.sh so-profile       # issue 20: where a constrained step's time
 #                                 goes at the 8B shape (host parts, device busy vs wall)
 #   OUT=results bash bench/engine_gpu.sh moe-tune moe-probe   # the expert GEMMs' tile sweep; which
@@ -132,10 +133,10 @@ for stage in "$@"; do
       ;;
     moe-targets)
       timeout "${MOE_TIMEOUT:-190}" $PY bench/moe_throughput.py --models mixtral-8x7b --modes fp8 --workloads 128/128 \
-        --num-requests 3072 --max-num-seqs 1024 --no-baseline --out "$OUT/moe-mixtral-fp8.json" 2>&1 \
+        --num-requests 3072 --max-num-seqs 1024 --no-baseline ${MOE_ARGS:-} --out "$OUT/moe-mixtral-fp8.json" 2>&1 \
         | tee "$OUT/moe-mixtral-fp8.log" | grep -v -E '^ |^[{}]' | tail -12
       timeout "${MOE_TIMEOUT:-215}" $PY bench/moe_throughput.py --models gpt-oss-20b --modes fp8 --workloads 1000/1000 \
-        --num-requests 4096 --max-num-seqs 1024 --no-baseline --out "$OUT/moe-gptoss-fp8.json" 2>&1 \
+        --num-requests 4096 --max-num-seqs 1024 --no-baseline ${MOE_ARGS:-} --out "$OUT/moe-gptoss-fp8.json" 2>&1 \
         | tee "$OUT/moe-gptoss-fp8.log" | grep -v -E '^ |^[{}]' | tail -12
       ;;
     so-profile)
