@@ -30,7 +30,10 @@
 #                                 GPU: Mixtral-8x7B fp8 128/128 x3072 and gpt-oss-20b fp8 1k/1k x1024,
 #                                 1,024 sequences at once (each file also times the bf16/fp8/MXFP4
 #                                 expert layer at 1 and 4,096 tokens; MOE_ARGS="--kv-cache-dtype fp8" runs
-#                                 them with the fp8 KV cache, as TensorRT-LLM's FP8 rows are measured)
+#                                 them with the fp8 KV cache, as TensorRT-LLM's FP8 rows are measured;
+#                                 moe-target-mixtral and moe-target-gptoss run one row each)
+#   OUT=results bash bench/engine_gpu.sh moe-mixtral-bf16  # issue 22's bf16 Mixtral-8x7B (93 GB: an H200)
+#                                 at 128/128 and 2048/128 against transformers in the same process
 #   OUT=results bash bench/engine_gpu.sh so-profile       # issue 20: where a constrained step's time
 #                                 goes at the 8B shape (host parts, device busy vs wall)
 #   OUT=results bash bench/engine_gpu.sh moe-tune moe-probe   # the expert GEMMs' tile sweep; which
@@ -131,10 +134,18 @@ for stage in "$@"; do
         --workloads 1000/1000,128/128 --num-requests 1024 --max-num-seqs 1024 --no-baseline ${MOE_ARGS:-} \
         --out "$OUT/moe-mxfp4.json" 2>&1 | tee "$OUT/moe-mxfp4.log" | grep -v -E '^ |^[{}]' | tail -30
       ;;
-    moe-targets)
+    moe-mixtral-bf16)  # 93 GB of bf16 weights: an H200 only; engine vs transformers in one process
+      timeout "${MOE_BF16_TIMEOUT:-330}" $PY bench/moe_throughput.py --models mixtral-8x7b --modes bf16 \
+        --workloads 128/128,2048/128 --num-requests 1024 --max-num-seqs 1024 ${MOE_ARGS:-} \
+        --out "$OUT/moe-mixtral-bf16.json" 2>&1 | tee "$OUT/moe-mixtral-bf16.log" | grep -v -E '^ |^[{}]' | tail -14
+      ;;
+    moe-targets) OUT=$OUT bash "$0" moe-target-mixtral moe-target-gptoss ;;
+    moe-target-mixtral)
       timeout "${MOE_TIMEOUT:-190}" $PY bench/moe_throughput.py --models mixtral-8x7b --modes fp8 --workloads 128/128 \
         --num-requests 3072 --max-num-seqs 1024 --no-baseline ${MOE_ARGS:-} --out "$OUT/moe-mixtral-fp8.json" 2>&1 \
         | tee "$OUT/moe-mixtral-fp8.log" | grep -v -E '^ |^[{}]' | tail -12
+      ;;
+    moe-target-gptoss)
       timeout "${MOE_TIMEOUT:-215}" $PY bench/moe_throughput.py --models gpt-oss-20b --modes fp8 --workloads 1000/1000 \
         --num-requests 4096 --max-num-seqs 1024 --no-baseline ${MOE_ARGS:-} --out "$OUT/moe-gptoss-fp8.json" 2>&1 \
         | tee "$OUT/moe-gptoss-fp8.log" | grep -v -E '^ |^[{}]' | tail -12

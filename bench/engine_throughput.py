@@ -405,34 +405,57 @@ def bench_mode(
     return result
 
 
-def profile_steps(engine: LLMEngine, vocab: int, args: argparse.Namespace) -> dict[str, str]:
-    """Kernel-time tables of one decode step at batch 256 and of one 8,192-token prefill step."""
+def profile_steps(
+    engine: LLMEngine, vocab: int, args: argparse.Namespace, decode_seqs: int = 256, prompt_len: int = 128
+) -> dict[str, str]:
+    """Kernel-time tables of five decode steps of `decode_seqs` sequences (once every prompt is in,
+    with the steps' wall time) and of the prefill steps of four 2,048-token prompts (shorter if the
+    context is)."""
     from torch.profiler import ProfilerActivity, profile
 
     out: dict[str, str] = {}
     dev = engine.runner.device
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
-    params = SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True)
-    for i, p in enumerate(random_prompts(256, 128, vocab, seed=5)):
+    new_tokens = engine.max_model_len - prompt_len
+    params = SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True)
+    for i, p in enumerate(random_prompts(decode_seqs, prompt_len, vocab, seed=5)):
         engine.add_request(f"prof-d{i}", p, params)
-    for _ in range(20):
+    sched = engine.scheduler
+    for _ in range(100_000):  # until every admitted prompt is in (all of them, unless the KV cache is full)
+        if not any(s.num_computed_tokens < prompt_len for s in sched.running) and (
+            not sched.waiting or len(sched.running) == engine.config.max_num_seqs or sched.preemptions_total
+        ):
+            break
         engine.step()
+    for _ in range(10):
+        engine.step()
+    running = len(sched.running)
+    sync(dev)
+    t0 = time.perf_counter()
+    for _ in range(5):
+        engine.step()
+    sync(dev)
+    step_ms = (time.perf_counter() - t0) * 200
     with profile(activities=acts) as prof:
         for _ in range(5):
             engine.step()
         sync(dev)
-    out["decode_bs256_x5"] = prof.key_averages().table(
+    for i in range(decode_seqs):
+        engine.abort_request(f"prof-d{i}")
+    key = f"decode_{running}seqs_{prompt_len}prompt_x5"
+    out[key] = f"wall {step_ms:.2f} ms a step unprofiled\n" + prof.key_averages().table(
         sort_by="self_device_time_total" if dev.type == "cuda" else "self_cpu_time_total", row_limit=25
     )
     while engine.has_unfinished():
         engine.step()
-    for i, p in enumerate(random_prompts(4, 2048, vocab, seed=6)):
+    prefill_len = min(2048, engine.max_model_len - 1)
+    for i, p in enumerate(random_prompts(4, prefill_len, vocab, seed=6)):
         engine.add_request(f"prof-p{i}", p, SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True))
     with profile(activities=acts) as prof:
         while engine.has_unfinished():
             engine.step()
         sync(dev)
-    out["prefill_4x2048"] = prof.key_averages().table(
+    out[f"prefill_4x{prefill_len}"] = prof.key_averages().table(
         sort_by="self_device_time_total" if dev.type == "cuda" else "self_cpu_time_total", row_limit=25
     )
     for k, v in out.items():

@@ -45,6 +45,7 @@ from engine_throughput import (
     log,
     make_engine,
     matmul_rate,
+    profile_steps,
     random_prompts,
     run_offline,
     sync,
@@ -286,6 +287,10 @@ def engine_bench(
         res[w.name] = r
         log(f"  engine {mode} {w.name} x{n}: {r['output_tokens_per_s']:.0f} output tok/s")
         args.save()
+    if args.profile:  # decode at the first workload's prompt length, as many sequences as may run
+        prompt_len = workloads[0].input_len
+        res["profile"] = profile_steps(engine, cfg["vocab_size"], args, args.max_num_seqs, prompt_len)
+        args.save()
     del engine
     free()
     return res
@@ -441,6 +446,9 @@ def main(argv: list[str] | None = None) -> int:
         "--kv-cache-dtype", default="auto", choices=["auto", "bf16", "fp16", "fp8"], help="KV cache type"
     )
     ap.add_argument("--no-baseline", action="store_true", help="skip transformers")
+    ap.add_argument(
+        "--profile", action="store_true", help="kernel tables of decode at --max-num-seqs and of a prefill"
+    )
     ap.add_argument("--tiny", action="store_true", help="toy sizes of both shapes (checks the bench on CPU)")
     ap.add_argument(
         "--check", action="store_true", help="run the fast-vs-reference correctness gate and exit"
@@ -513,7 +521,7 @@ def summary(model: dict[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for mode, runs in model.get("engine", {}).items():
         for w, r in runs.items():
-            if isinstance(r, dict):
+            if isinstance(r, dict) and w != "profile":
                 out[f"kiln {mode} {w}"] = round(r["output_tokens_per_s"])
     for w, r in model.get("transformers", {}).items():
         if isinstance(r, dict):
