@@ -12,6 +12,9 @@ measure). Rows:
   above and in prefill; off a GPU every token runs all slots' A and B, masked to its own);
 * `mixed-graphs-masked`: `mixed-graphs` with the kernels turned off (`lora_kernels=False`): the
   masked form in every graph, the baseline the kernels must beat;
+* `mixed-graphs-serial`: `mixed-graphs` with `lora_side_stream=False`: each projection's LoRA delta
+  after its base GEMM instead of its first half beside it on a second stream (the same kernels, so
+  the same tokens; equal to `mixed-graphs` off a GPU);
 * `one-adapter`: every request on one adapter.
 
 Each row decodes the same prompts greedily; rows with the same adapter assignment on the same
@@ -151,6 +154,10 @@ def main() -> None:
             EngineConfig(**common, **lora, cuda_graphs=True, lora_kernels=False),
             mixed,
         ),
+        "mixed-graphs-serial": (
+            EngineConfig(**common, **lora, cuda_graphs=True, lora_side_stream=False),
+            mixed,
+        ),
         "one-adapter": (
             EngineConfig(**common, **lora, cuda_graphs=graphs),
             [replace(greedy, adapter=names[0])] * args.batch,
@@ -177,6 +184,8 @@ def main() -> None:
         == results["mixed-segments"]["tokens"],
         "mixed-graphs-masked == mixed-segments": results["mixed-graphs-masked"]["tokens"]
         == results["mixed-segments"]["tokens"],
+        "mixed-graphs-serial == mixed-graphs": results["mixed-graphs-serial"]["tokens"]
+        == results["mixed-graphs"]["tokens"],
         "mixed base rows == base": all(
             results["mixed-segments"]["tokens"][i] == results["base"]["tokens"][i]
             for i in range(0, args.batch, len(cycle))

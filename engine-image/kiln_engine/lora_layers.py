@@ -41,6 +41,9 @@ from kiln_engine.layers.lora_kernels import (
     add_lora_delta,
     add_masked_lora_delta,
     check_lora_kernels,
+    lora_expand,
+    lora_shrink,
+    masked_shrink,
     slot_mask,
 )
 from kiln_engine.lora import AdapterError, LoraAdapter, load_adapter
@@ -79,6 +82,8 @@ class LoraBatch:
     # The masked form's [tokens, slots, 1] selector, made once per step rather than per projection
     # (7 projections a layer would otherwise build it 4 times each, a few kernels every time).
     mask: torch.Tensor | None = None
+    # Where each projection's first half (x through A) runs beside the base GEMM (GPU; `LoraLinear.begin`).
+    side_stream: torch.cuda.Stream | None = None
 
     def clear(self) -> None:
         self.segments, self.slots, self.mask = [], None, None
@@ -157,14 +162,43 @@ class LoraLinear:
             load_slice(a[k0 : k0 + r], wa, None, 0, 1, "lora_A")
             load_slice(b[offset : offset + size, k0 : k0 + r], wb, 0, index, count, "lora_B")
 
-    def add_delta(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        """`out` + this step's LoRA delta of `x` (in place; `out` is the base layer's fresh output)."""
-        batch = self.batch
-        if batch.slots is not None:
+    def begin(self, x: torch.Tensor) -> torch.Tensor | None:
+        """Start the delta's first half (`x` through A) on the side stream, where it runs beside the
+        base GEMM the layer launches next; None where the delta runs whole afterwards (no side stream,
+        or per-adapter segments of rows)."""
+        batch, side, slots, k = self.batch, self.batch.side_stream, self.batch.slots, self.k
+        whole_slot = self._whole_slot()
+        if side is None or (slots is None and whole_slot is None):
+            return None
+        side.wait_stream(torch.cuda.current_stream(x.device))
+        with torch.cuda.stream(side):
+            if whole_slot is not None:
+                return x @ self.a[whole_slot * k : (whole_slot + 1) * k].t()
+            assert slots is not None
             if batch.mask is None:
-                return add_lora_delta(x, out, self.a, self.b, batch.slots, self.k)
-            return add_masked_lora_delta(x, out, self.a, self.b, batch.mask, self.k)
-        k = self.k
+                return lora_shrink(x, self.a, slots, k)
+            return masked_shrink(x, self.a, batch.mask, k)
+
+    def add_delta(
+        self, x: torch.Tensor, out: torch.Tensor, begun: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """`out` + this step's LoRA delta of `x` (in place; `out` is the base layer's fresh output),
+        finishing what `begin` started if it returned `begun`."""
+        batch, k, slots = self.batch, self.k, self.batch.slots
+        if begun is not None:
+            assert batch.side_stream is not None
+            torch.cuda.current_stream(out.device).wait_stream(batch.side_stream)
+            if slots is None:
+                slot = self._whole_slot()
+                assert slot is not None
+                return out.addmm_(begun, self.b[:, slot * k : (slot + 1) * k].t())
+            if batch.mask is None:
+                return lora_expand(begun, out, self.b, slots, k)
+            return out.addmm_(begun, self.b.t())
+        if slots is not None:
+            if batch.mask is None:
+                return add_lora_delta(x, out, self.a, self.b, slots, k)
+            return add_masked_lora_delta(x, out, self.a, self.b, batch.mask, k)
         for slot, rows in batch.segments:
             a, b = self.a[slot * k : (slot + 1) * k], self.b[:, slot * k : (slot + 1) * k]
             if rows is None:
@@ -172,6 +206,11 @@ class LoraLinear:
             else:
                 out.index_add_(0, rows, (x.index_select(0, rows) @ a.t()) @ b.t())
         return out
+
+    def _whole_slot(self) -> int | None:
+        """The one slot every token of this step uses, where the step is a single whole segment."""
+        segments = self.batch.segments
+        return segments[0][0] if len(segments) == 1 and segments[0][1] is None else None
 
 
 class LoraRuntime:
@@ -195,6 +234,8 @@ class LoraRuntime:
             self.batch.kernels = failed is None
             if failed is not None:
                 log.error("LoRA kernels failed their check, decode graphs use the masked form: %s", failed)
+        if device.type == "cuda" and config.lora_side_stream:
+            self.batch.side_stream = torch.cuda.Stream(device)
         self.layers: dict[tuple[int, str], LoraLinear] = {}
         for i, decoder in enumerate(getattr(model.model, "layers", [])):
             for path, subs in SUBS.items():

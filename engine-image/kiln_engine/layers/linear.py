@@ -62,8 +62,10 @@ class LinearBase(nn.Module):
         self.lora: LoraLinear | None = None  # set by the model runner when it serves LoRA adapters
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lora = self.lora
+        begun = None if lora is None else lora.begin(x)
         out = self.matmul(x, self.bias)
-        return out if self.lora is None else self.lora.add_delta(x, out)
+        return out if lora is None else lora.add_delta(x, out, begun)
 
     def matmul(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         if self.fused:
@@ -188,7 +190,9 @@ class RowParallelLinear(LinearBase):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = self.bias if self.tp.rank == 0 else None
+        lora = self.lora
+        begun = None if lora is None else lora.begin(x)
         out = self.matmul(x, bias)
-        if self.lora is not None:  # a partial product of this rank's input slice, like `out`
-            out = self.lora.add_delta(x, out)
+        if lora is not None:  # a partial product of this rank's input slice, like `out`
+            out = lora.add_delta(x, out, begun)
         return self.tp.all_reduce(out)

@@ -129,9 +129,12 @@ def add_lora_delta(
 ) -> torch.Tensor:
     """`out` [T, N] += each token's LoRA delta of `x` [T, IN] through its slot (`slots` [T] int32,
     -1: none), in place. `a` [S * k, IN] and `b` [N, S * k] hold S slots of width k."""
+    return lora_expand(lora_shrink(x, a, slots, k), out, b, slots, k)
+
+
+def lora_shrink(x: torch.Tensor, a: torch.Tensor, slots: torch.Tensor, k: int) -> torch.Tensor:
+    """The kernels' first half: each token's x @ A[slot]^T, as fp32 partial sums [shares, T, k]."""
     tokens, width = x.shape
-    n = out.shape[1]
-    block_k = max(16, triton.next_power_of_2(k))
     block_in = 128
     shares = max(1, min(MAX_SHARES, width // SHARE_MIN_WIDTH))
     chunk = triton.cdiv(triton.cdiv(width, shares), block_in) * block_in
@@ -139,14 +142,26 @@ def add_lora_delta(
     h = torch.empty(shares, tokens, k, dtype=torch.float32, device=x.device)
     _shrink_kernel[(tokens, shares)](
         x, a, slots, h, width, k, chunk, x.stride(0), a.stride(0), h.stride(0), h.stride(1),
-        BLOCK_K=block_k, BLOCK_IN=block_in,
+        BLOCK_K=_block_k(k), BLOCK_IN=block_in,
     )  # fmt: skip
+    return h
+
+
+def lora_expand(
+    h: torch.Tensor, out: torch.Tensor, b: torch.Tensor, slots: torch.Tensor, k: int
+) -> torch.Tensor:
+    """The kernels' second half: `out` += each token's summed `h` (from `lora_shrink`) @ B[slot]^T."""
+    tokens, n = out.shape
     block_n = 128
     _expand_kernel[(tokens, triton.cdiv(n, block_n))](
-        h, b, slots, out, n, k, shares, h.stride(0), h.stride(1), b.stride(0), out.stride(0),
-        BLOCK_K=block_k, BLOCK_N=block_n,
+        h, b, slots, out, n, k, h.shape[0], h.stride(0), h.stride(1), b.stride(0), out.stride(0),
+        BLOCK_K=_block_k(k), BLOCK_N=block_n,
     )  # fmt: skip
     return out
+
+
+def _block_k(k: int) -> int:
+    return max(16, triton.next_power_of_2(k))
 
 
 def slot_mask(slots: torch.Tensor, num_slots: int, dtype: torch.dtype) -> torch.Tensor:
@@ -160,8 +175,12 @@ def add_masked_lora_delta(
     """`add_lora_delta` in library kernels: every token through every slot's A, masked to its own
     slot (`mask` from `slot_mask`, made once per step), then through B (the CPU path, and the
     reference the kernels are checked against)."""
-    h = (x @ a.t()).view(x.shape[0], mask.shape[1], k) * mask
-    return out.addmm_(h.view(x.shape[0], -1), b.t())
+    return out.addmm_(masked_shrink(x, a, mask, k), b.t())
+
+
+def masked_shrink(x: torch.Tensor, a: torch.Tensor, mask: torch.Tensor, k: int) -> torch.Tensor:
+    """The masked form's first half: x @ A^T of every slot, zero outside each token's own [T, S * k]."""
+    return ((x @ a.t()).view(x.shape[0], mask.shape[1], k) * mask).view(x.shape[0], -1)
 
 
 def check_lora_kernels(device: torch.device, dtype: torch.dtype) -> str | None:
