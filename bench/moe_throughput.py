@@ -32,9 +32,9 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import torch
 from engine_throughput import (
@@ -228,9 +228,9 @@ def kernel_bench(
     variants: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]] = {
         "bf16": (w13, w2, None, None)
     }
-    if fp8:
+    if fp8:  # fp8: weight-only, fp8a8: fp8 activations too (fused_moe.w8a8 picks by rows per expert)
         (q13, s13), (q2, s2) = quantize_experts(w13), quantize_experts(w2)
-        variants["fp8"] = (q13, q2, s13, s2)
+        variants["fp8"] = variants["fp8a8"] = (q13, q2, s13, s2)
     if hidden % 32 == 0 and inter % 32 == 0:
         (m13, e13), (m2, e2) = random_mxfp4(w13.shape, g), random_mxfp4(w2.shape, g)
         variants["mxfp4"] = (m13, m2, e13, e2)
@@ -241,7 +241,12 @@ def kernel_bench(
             x = torch.randn(tokens, hidden, device=device, dtype=dtype, generator=g)
             weights, ids = route(torch.randn(tokens, experts, device=device, generator=g), top_k, True)
             weights = weights.to(dtype)
-            seconds = time_call(lambda: run(x, weights, ids, a, b, sa, sb), device, 50 if tokens == 1 else 10)  # noqa: B023
+            w8a8 = name == "fp8a8"
+            seconds = time_call(
+                lambda: run(x, weights, ids, a, b, sa, sb, fp8_activations=w8a8),  # noqa: B023
+                device,
+                50 if tokens == 1 else 10,
+            )
             used = int(torch.unique(ids).numel())
             per_expert = (a[0].numel() * a.element_size() + b[0].numel() * b.element_size()) + (
                 sa[0].numel() * sa.element_size() + sb[0].numel() * sb.element_size()
@@ -366,7 +371,11 @@ def run_check(args: argparse.Namespace, root: Path) -> dict[str, Any]:
         w2 = torch.randn(experts, hidden, inter, device=dev, dtype=dtype, generator=g) * 0.02
         (q13, s13), (q2, s2) = quantize_experts(w13), quantize_experts(w2)
         (m13, e13), (m2, e2) = random_mxfp4(w13.shape, g), random_mxfp4(w2.shape, g)
-        variants = [("bf16", (w13, w2, None, None)), ("fp8", (q13, q2, s13, s2))]
+        variants = [
+            ("bf16", (w13, w2, None, None)),
+            ("fp8", (q13, q2, s13, s2)),
+            ("fp8a8", (q13, q2, s13, s2)),
+        ]
         if hidden % 32 == 0 and inter % 32 == 0:  # mxfp4: whole groups of 32 inputs
             variants.append(("mxfp4", (m13, m2, e13, e2)))
         for num_tokens in (1, 7, 300):
@@ -374,15 +383,13 @@ def run_check(args: argparse.Namespace, root: Path) -> dict[str, Any]:
             weights, ids = route(torch.randn(num_tokens, experts, device=dev, generator=g), top_k, True)
             weights = weights.to(dtype)
             for variant, wts in variants:
+                w8a8 = variant == "fp8a8"
+                r13, r2, rs13, rs2 = (t.float() if t is not None and t.dtype == dtype else t for t in wts)
+                assert r13 is not None and r2 is not None
                 ref = experts_reference(
-                    x.float(),
-                    weights.float(),
-                    ids,
-                    *cast(
-                        "Iterator[Any]", (t.float() if t is not None and t.dtype == dtype else t for t in wts)
-                    ),
+                    x.float(), weights.float(), ids, r13, r2, rs13, rs2, fp8_activations=w8a8
                 )
-                got = fused_experts(x, weights, ids, *wts) if fast else ref
+                got = fused_experts(x, weights, ids, *wts, fp8_activations=w8a8) if fast else ref
                 rel = ((got.float() - ref).norm() / ref.norm()).item()
                 out["kernel"][f"{name} {variant} T={num_tokens}"] = rel
         del w13, w2, q13, q2, m13, m2, variants
@@ -415,7 +422,10 @@ def run_check(args: argparse.Namespace, root: Path) -> dict[str, Any]:
             ),
             **tokens,
         }
-    out["ok"] = all(r < 2e-2 for r in out["kernel"].values()) and all(
+    # fp8a8 gets 3e-2 (set before its first GPU run): its reference rounds float32 intermediates
+    # through fp8 where the kernel rounds bf16 ones, and a bf16 step that crosses an fp8 rounding
+    # boundary moves that element by a whole fp8 step (1/16 to 1/8 of it).
+    out["ok"] = all(r < (3e-2 if " fp8a8 " in k else 2e-2) for k, r in out["kernel"].items()) and all(
         e["same_tokens"] or e["fast_as_close_as_reference"] for e in out["engine"].values()
     )
     return out

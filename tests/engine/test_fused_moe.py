@@ -1,9 +1,9 @@
 """The Triton mixture-of-experts path (tokens sorted by expert, grouped GEMMs) equals the torch reference.
 
 Runs on CPU under Triton's interpreter, in a fresh process (the interpreter must be chosen before
-triton is imported): the kernels alone over decode- and prefill-sized batches, dense, fp8 and int8
-and MXFP4 experts; then tiny Qwen3-MoE and gpt-oss models (the latter with MXFP4 experts too)
-served with the Triton backend give the torch backend's tokens.
+triton is imported): the kernels alone over decode- and prefill-sized batches, dense, fp8 (weight
+only, and fp8 by fp8), int8 and MXFP4 experts; then tiny Qwen3-MoE and gpt-oss models (the latter
+with MXFP4 experts too) served with the Triton backend give the torch backend's tokens.
 """
 
 from __future__ import annotations
@@ -90,6 +90,22 @@ for tokens, top_k in ((1, 2), (5, 3), (70, 2), (200, 2), (400, 2)):
         got_q = fused_experts(x, weights, ids, q13, q2, s13, s2)
         assert rel(got_q, ref_q) < 1e-5, (fn.__name__, tokens, rel(got_q, ref_q))
         assert rel(got_q, ref) < 0.1  # and still the same function, give or take quantization
+    # fp8 by fp8 (w8a8): the gate/up GEMM of fp8 rows with a scale each, against the exact product
+    # of what they stand for. The rows are quantized by torch: the interpreter's own fp32 -> fp8
+    # conversion misrounds values that round up into the next power of two (GPUs convert in hardware).
+    q13, s13 = quantize(w13, quantize_fp8)
+    x_scale = (x.abs().amax(dim=1, keepdim=True) / 448).clamp(min=1e-12)
+    xq = (x / x_scale).to(torch.float8_e4m3fn)
+    layout = align_by_expert(ids, E, 16)
+    up = torch.empty(tokens * top_k, 2 * I)
+    _gemm(xq, q13, up, s13, None, layout, top_k, (16, 32, 32, 4, 1), x_scale)
+    exact = torch.stack([(xq[t].float() * x_scale[t]) @ (q13[e].float() * s13[e][:, None]).t()
+                         for t, e in zip(layout_rows(ids), ids.reshape(-1).tolist())])  # fmt: skip
+    assert rel(up, exact) < 1e-5, ("w8a8", tokens, rel(up, exact))
+    q2, s2 = quantize(w2, quantize_fp8)
+    ref_a8 = experts_reference(x, weights, ids, q13, q2, s13, s2, fp8_activations=True)
+    ref_w8 = experts_reference(x, weights, ids, q13, q2, s13, s2)
+    assert 1e-3 < rel(ref_a8, ref_w8) < 0.1  # the reference rounds the rows, to the same function
     # gpt-oss: a gate/up bias per expert and the clamped SwiGLU (a clamp that bites)
     b13 = torch.randn(E, 2 * I, generator=g) * 0.5
     act = lambda h: clamped_swiglu(h, limit=0.5, alpha=1.702)

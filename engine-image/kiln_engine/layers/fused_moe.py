@@ -9,7 +9,10 @@ sync), so a decode step with experts is captured in a CUDA graph like any other.
 
 fp8/int8 expert weights are converted to the activations' dtype in registers and their
 per-output-channel scales applied to the accumulator: a weight-only path that halves the bytes a
-decode step streams. MXFP4 experts (gpt-oss), a quarter of bf16's bytes, go through Triton's
+decode step streams. Past a few rows per expert (`w8a8`), where the GEMMs turn compute bound, fp8
+experts multiply fp8 activations instead (each GEMM's input rows quantized per row, as the dense fp8
+layers' `torch._scaled_mm` and TensorRT-LLM's FP8 do), both scales applied to the accumulator.
+MXFP4 experts (gpt-oss), a quarter of bf16's bytes, go through Triton's
 microscaling dot (`tl.dot_scaled`) with bf16 activations; with float16 or float32 ones (CPU tests,
 fp16 engines) they are decoded here: each byte's two e2m1 codes become values times two to the power
 of their group's exponent, built directly as float bits (integer operations only).
@@ -24,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kiln_engine.layers.fused import silu_and_mul
+from kiln_engine.layers.fused import quant_fp8_per_token, silu_and_mul
 
 
 @triton.jit
@@ -60,6 +63,7 @@ def _moe_gemm_kernel(  # type: ignore[no-untyped-def]
     b_ptr,
     c_ptr,
     scale_ptr,
+    a_scale_ptr,
     weight_ptr,
     sorted_ptr,
     block_expert_ptr,
@@ -76,6 +80,7 @@ def _moe_gemm_kernel(  # type: ignore[no-untyped-def]
     TOKEN_DIV: tl.constexpr,  # rows of `a` per pair index: top_k for the first GEMM, 1 for the second
     MUL_WEIGHT: tl.constexpr,
     HAS_SCALE: tl.constexpr,
+    A_SCALED: tl.constexpr,  # fp8 activations (rows of `a` quantized per row, scales at a_scale_ptr)
     MXFP4: tl.constexpr,  # b: [E, N, K/2] bytes, scale: [E, N, K/32] exponents
     SCALED_DOT: tl.constexpr,  # MXFP4 with bf16 activations: through tl.dot_scaled
     BLOCK_M: tl.constexpr,
@@ -133,9 +138,11 @@ def _moe_gemm_kernel(  # type: ignore[no-untyped-def]
             k_mask = (offs_k + k0) < K
             a = tl.load(a_ptrs, mask=valid[:, None] & k_mask[None, :], other=0.0)
             b = tl.load(b_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
-            acc = tl.dot(a, b.to(a.dtype), acc)
+            acc = tl.dot(a, b.to(a.dtype), acc)  # fp8 by fp8 on fp8 tensor cores where both are
             a_ptrs += BLOCK_K
             b_ptrs += BLOCK_K
+    if A_SCALED:
+        acc = acc * tl.load(a_scale_ptr + row, mask=valid, other=0.0)[:, None]
     if HAS_SCALE and not MXFP4:
         acc = acc * tl.load(scale_ptr + expert * stride_se + offs_n, mask=n_mask, other=0.0)[None, :]
     if MUL_WEIGHT:
@@ -245,6 +252,7 @@ def _gemm(
     layout: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
     token_div: int,
     blocks: Tile,
+    a_scale: torch.Tensor | None = None,
 ) -> None:
     sorted_ids, block_expert, total = layout
     bm, bn, bk, warps, stages = blocks
@@ -257,6 +265,7 @@ def _gemm(
         b,
         out,
         scale if scale is not None else b,
+        a_scale if a_scale is not None else a,
         weights if weights is not None else a,
         sorted_ids,
         block_expert,
@@ -273,6 +282,7 @@ def _gemm(
         TOKEN_DIV=token_div,
         MUL_WEIGHT=weights is not None,
         HAS_SCALE=scale is not None,
+        A_SCALED=a_scale is not None,
         MXFP4=mxfp4,
         SCALED_DOT=mxfp4 and a.dtype == torch.bfloat16,
         BLOCK_M=bm,
@@ -294,30 +304,57 @@ def fused_experts(
     w13_bias: torch.Tensor | None = None,
     activation: Callable[[torch.Tensor], torch.Tensor] | None = None,
     foreign_pairs: bool = False,
+    fp8_activations: bool | None = None,
 ) -> torch.Tensor:
     """The function of `layers.moe.experts_reference`: x [T, H], weights/ids [T, k] -> [T, H].
 
     A gate/up bias (gpt-oss) is gathered per (token, k) row and added after the first GEMM, and an
     activation other than SwiGLU runs as torch ops there: static shapes, so graphs still capture it.
     `foreign_pairs`: ids may hold -1 (expert parallel: another rank's expert); their rows, which no
-    GEMM writes, are zeros in the sum."""
+    GEMM writes, are zeros in the sum. `fp8_activations` (fp8 weights only; None: as `w8a8` says)
+    quantizes each GEMM's input rows to fp8 too, as `experts_reference(..., fp8_activations=True)`."""
     tokens, hidden = x.shape
     top_k = ids.shape[1]
     num_experts, two_inter = w13.shape[0], w13.shape[1]
     if tokens == 0:
         return torch.zeros_like(x)
     x = x.contiguous()
-    up_tile, down_tile = expert_tiles(tokens * top_k / num_experts, w13.dtype)
+    rows_per_expert = tokens * top_k / num_experts
+    if fp8_activations is None:
+        fp8_activations = w8a8(x, w13, rows_per_expert)
+    # fp8 by fp8 widens nothing in registers: the tiles of 16-bit weights
+    up_tile, down_tile = expert_tiles(rows_per_expert, x.dtype if fp8_activations else w13.dtype)
     if tokens * top_k * 4 <= num_experts:  # few pairs among many experts: they rarely share one
         layout = one_block_per_pair(ids, up_tile[0])
     else:
         layout = align_by_expert(ids, num_experts, up_tile[0])
     up = torch.empty(tokens * top_k, two_inter, dtype=x.dtype, device=x.device)
-    _gemm(x, w13, up, w13_scale, None, layout, top_k, up_tile)
+    a, a_scale = quant_fp8_per_token(x) if fp8_activations else (x, None)
+    _gemm(a, w13, up, w13_scale, None, layout, top_k, up_tile, a_scale)
     if w13_bias is not None:
         up += w13_bias[ids.reshape(-1).clamp(min=0)]
     act = silu_and_mul(up) if activation is None else activation(up)
     empty = torch.zeros if foreign_pairs else torch.empty
     down = empty(tokens * top_k, hidden, dtype=x.dtype, device=x.device)
-    _gemm(act, w2, down, w2_scale, weights.reshape(-1).contiguous(), layout, 1, down_tile)
+    a, a_scale = quant_fp8_per_token(act) if fp8_activations else (act, None)
+    _gemm(a, w2, down, w2_scale, weights.reshape(-1).contiguous(), layout, 1, down_tile, a_scale)
     return down.view(tokens, top_k, hidden).sum(dim=1)
+
+
+# Above this many rows per expert fp8 experts take fp8 activations too (fp8 tensor cores: twice
+# bf16's rate, and no widening of the weights in registers); below it, where a step streams the
+# weights, two quantization kernels a layer would cost more than they save. A first guess, not
+# yet swept on a GPU (bench/moe_throughput.py times both at 1 and at 4,096 tokens).
+W8A8_MIN_ROWS_PER_EXPERT = 8
+
+
+def w8a8(x: torch.Tensor, w13: torch.Tensor, rows_per_expert: float) -> bool:
+    """Whether fp8 experts multiply fp8 activations: 16-bit activations on a GPU with fp8 tensor
+    cores (sm89+), past W8A8_MIN_ROWS_PER_EXPERT rows per expert."""
+    return (
+        w13.dtype == torch.float8_e4m3fn
+        and x.is_cuda
+        and x.dtype in (torch.bfloat16, torch.float16)
+        and rows_per_expert > W8A8_MIN_ROWS_PER_EXPERT
+        and torch.cuda.get_device_capability(x.device) >= (8, 9)
+    )

@@ -75,10 +75,13 @@ def experts_reference(
     w2_scale: torch.Tensor | None = None,
     w13_bias: torch.Tensor | None = None,
     activation: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    fp8_activations: bool = False,
 ) -> torch.Tensor:
     """sum_k weights[t, k] * expert_{ids[t, k]}(x[t]) with gated experts, one expert at a time;
     pairs with id -1 are left out (the down projection's bias, added once after any all-reduce, is
-    `FusedMoE.down_bias`'s)."""
+    `FusedMoE.down_bias`'s). `fp8_activations`: each GEMM's input rows rounded through fp8 per row
+    first, the function of the fused path's fp8-by-fp8 GEMMs."""
+    rows = fp8_rounded_rows if fp8_activations else _identity
     out = torch.zeros_like(x)
     flat = ids.reshape(-1)
     for e in torch.unique(flat).tolist():
@@ -86,10 +89,22 @@ def experts_reference(
             continue
         token, slot = torch.where(ids == e)
         up_w, down_w = expert_weight(w13, w13_scale, e, x.dtype), expert_weight(w2, w2_scale, e, x.dtype)
-        h = (activation or swiglu)(F.linear(x[token], up_w, None if w13_bias is None else w13_bias[e]))
-        y = F.linear(h, down_w) * weights[token, slot, None]
+        h = (activation or swiglu)(F.linear(rows(x[token]), up_w, None if w13_bias is None else w13_bias[e]))
+        y = F.linear(rows(h), down_w) * weights[token, slot, None]
         out.index_add_(0, token, y.to(out.dtype))
     return out
+
+
+def fp8_rounded_rows(x: torch.Tensor) -> torch.Tensor:
+    """`x` [M, K] quantized to fp8 e4m3 per row and back (`layers.fused.quant_fp8_per_token`'s rule:
+    scale = max(|row|) / 448, at least 1e-12)."""
+    scale = (x.float().abs().amax(dim=1, keepdim=True) / 448.0).clamp(min=1e-12)
+    q = (x.float() / scale).clamp(-448.0, 448.0).to(torch.float8_e4m3fn)
+    return (q.float() * scale).to(x.dtype)
+
+
+def _identity(x: torch.Tensor) -> torch.Tensor:
+    return x
 
 
 def expert_weight(w: torch.Tensor, scale: torch.Tensor | None, e: int, dtype: torch.dtype) -> torch.Tensor:
