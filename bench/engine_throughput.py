@@ -421,10 +421,10 @@ def profile_steps(
     for i, p in enumerate(random_prompts(decode_seqs, prompt_len, vocab, seed=5)):
         engine.add_request(f"prof-d{i}", p, params)
     sched = engine.scheduler
+    preempted_before = sched.preemptions_total  # a count over the engine's life
     for _ in range(100_000):  # until every admitted prompt is in (all of them, unless the KV cache is full)
-        if not any(s.num_computed_tokens < prompt_len for s in sched.running) and (
-            not sched.waiting or len(sched.running) == engine.config.max_num_seqs or sched.preemptions_total
-        ):
+        full = len(sched.running) == engine.config.max_num_seqs or sched.preemptions_total > preempted_before
+        if not any(s.num_computed_tokens < prompt_len for s in sched.running) and (not sched.waiting or full):
             break
         engine.step()
     for _ in range(10):

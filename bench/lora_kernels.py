@@ -11,9 +11,10 @@ stacked under the base weight, so the base GEMM also yields x @ A^T in extra col
 and B added into the base output in place (two small kernels a projection instead of three). Its
 column is the stacked GEMM plus those two kernels minus the base GEMM alone, so it reads like the
 other forms' extra cost; its error against the masked form is checked with the base weight zeroed.
-`overlapped` is what the engine does on a GPU since (`LoraLinear.begin`, `lora_side_stream`): the
-delta's first half (x @ A, masked; the kernels' shrink at up to 32 tokens) on a second stream beside
-the base GEMM, then B's product after both, minus the base GEMM alone.
+`overlapped` runs the delta's first half (x @ A, masked; the kernels' shrink at up to 32 tokens) on a
+second stream beside the base GEMM, then B's product after both, minus the base GEMM alone; the
+engine's decode graphs do so for the masked form (`LoraLinear.begin`, `lora_side_stream`), where it
+was faster, not for the kernels, where it was slower (lora_kernels-h100-run5-overlapped.json).
 
     python3 bench/lora_kernels.py --out bench/results/lora_kernels.json
 """

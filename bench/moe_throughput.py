@@ -4,10 +4,12 @@ In one process, on one GPU, for each model (issue 22):
 
 * Kiln's engine (Triton experts, CUDA graphs): offline output tokens/s at 128/128 and 2048/128
   (all requests submitted at once, greedy, ignoring EOS), bf16 weights or, with `--modes fp8`, fp8
-  weights (experts weight-only fp8 in the Triton GEMMs; attention through `torch._scaled_mm`);
+  weights (experts fp8 by fp8 on fp8 tensor cores, `fused_moe.w8a8`; attention through
+  `torch._scaled_mm`);
 * the fused MoE kernel alone on one layer's experts (CUDA-graph replays): achieved bandwidth at
   batch 1 (the bytes of the experts it routes to over the time) and FLOP rate at a large batch,
-  bf16 and fp8, next to the device's measured copy bandwidth and bf16 matmul rate;
+  bf16, fp8 weight-only (`fp8`), fp8 by fp8 (`fp8a8`) and MXFP4, next to the device's measured copy
+  bandwidth and bf16 matmul rate;
 * the baseline: transformers `generate` on the same shape (bf16, random weights) at 128/128 and
   2048/128, loaded after our engine is freed (both bf16 Mixtrals do not fit together).
 

@@ -106,8 +106,9 @@ class EngineConfig:
     # Decode graphs run LoRA through the batched kernels (layers/lora_kernels.py) once they pass
     # their startup check; False keeps the masked form (bench/lora.py times both).
     lora_kernels: bool = True
-    # On a GPU each projection's x @ A runs on a second stream beside its base GEMM (which leaves SMs
-    # idle at decode sizes), only B's product waiting for both; False runs the delta after the GEMM.
+    # In decode graphs of the masked form (and of one adapter) each projection's x @ A runs on a
+    # second stream beside its base GEMM, which leaves SMs idle at decode sizes, and only B's product
+    # waits for both (bench/results-committed/lora-h100-run7-side-stream.json); False: after the GEMM.
     lora_side_stream: bool = True
 
     def validate(self) -> None:

@@ -21,7 +21,7 @@ KERNEL_SCRIPT = r"""
 import torch
 torch.set_num_threads(1)
 from kiln_engine.layers.fused_moe import _gemm, align_by_expert, fused_experts
-from kiln_engine.layers.moe import clamped_swiglu, experts_reference, route
+from kiln_engine.layers.moe import ClampedSwiGLU, clamped_swiglu, experts_reference, route
 from kiln_engine.quantization import dequantize_mxfp4, quantize_fp8, quantize_int8
 
 g = torch.Generator().manual_seed(0)
@@ -106,13 +106,17 @@ for tokens, top_k in ((1, 2), (5, 3), (70, 2), (200, 2), (400, 2)):
     ref_a8 = experts_reference(x, weights, ids, q13, q2, s13, s2, fp8_activations=True)
     ref_w8 = experts_reference(x, weights, ids, q13, q2, s13, s2)
     assert 1e-3 < rel(ref_a8, ref_w8) < 0.1  # the reference rounds the rows, to the same function
-    # gpt-oss: a gate/up bias per expert and the clamped SwiGLU (a clamp that bites)
+    # gpt-oss: a gate/up bias per expert (in the GEMM's epilogue) and the clamped SwiGLU (a clamp
+    # that bites), through its kernel and, as any other activation, through torch ops
     b13 = torch.randn(E, 2 * I, generator=g) * 0.5
-    act = lambda h: clamped_swiglu(h, limit=0.5, alpha=1.702)
+    act = ClampedSwiGLU(limit=0.5, alpha=1.702)
     ref_b = experts_reference(x, weights, ids, w13, w2, w13_bias=b13, activation=act)
     assert rel(ref_b, experts_reference(x, weights, ids, w13, w2, w13_bias=b13)) > 0.05
     got_b = fused_experts(x, weights, ids, w13, w2, w13_bias=b13, activation=act)
     assert rel(got_b, ref_b) < 1e-5, ("gpt-oss", tokens, rel(got_b, ref_b))
+    as_ops = lambda h: clamped_swiglu(h, limit=0.5, alpha=1.702)
+    got_ops = fused_experts(x, weights, ids, w13, w2, w13_bias=b13, activation=as_ops)
+    assert rel(got_ops, ref_b) < 1e-5, ("gpt-oss, torch ops", tokens, rel(got_ops, ref_b))
     check_expert_parallel(x, weights, ids, w13, w2, ref)
     # MXFP4 (gpt-oss): bytes of two e2m1 codes, an exponent per 32 inputs; H = 96 leaves a part
     # K tile after whole ones, and the reference is the dense dequantized weights' own product

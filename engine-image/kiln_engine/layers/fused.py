@@ -144,6 +144,34 @@ def silu_and_mul(x: torch.Tensor, gelu_tanh: bool = False) -> torch.Tensor:
 
 
 @triton.jit
+def _clamped_swiglu_kernel(  # type: ignore[no-untyped-def]
+    x_ptr, out_ptr, stride_x, stride_o, n, limit, alpha, BLOCK: tl.constexpr
+):
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    gate = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0).to(tl.float32)
+    up = tl.load(x_ptr + row * stride_x + n + offs, mask=mask, other=0.0).to(tl.float32)
+    gate = tl.minimum(gate, limit)
+    up = tl.minimum(tl.maximum(up, -limit), limit)
+    y = (up + 1.0) * (gate / (1.0 + tl.exp(-alpha * gate)))
+    tl.store(out_ptr + row * stride_o + offs, y.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def clamped_swiglu_and_mul(x: torch.Tensor, limit: float, alpha: float) -> torch.Tensor:
+    """gpt-oss's expert activation (`layers.moe.clamped_swiglu`) on x [M, 2n] (gate, then up) in one
+    pass, in fp32, rounded once: the torch ops round after each of their eight steps."""
+    n = x.shape[-1] // 2
+    out = torch.empty(x.shape[0], n, dtype=x.dtype, device=x.device)
+    block = 1024
+    if x.shape[0]:
+        _clamped_swiglu_kernel[(x.shape[0], triton.cdiv(n, block))](
+            x, out, x.stride(0), out.stride(0), n, limit, alpha, BLOCK=block, num_warps=4
+        )
+    return out
+
+
+@triton.jit
 def _rope_store_kernel(  # type: ignore[no-untyped-def]
     q_ptr,
     k_ptr,

@@ -9,9 +9,9 @@ sync), so a decode step with experts is captured in a CUDA graph like any other.
 
 fp8/int8 expert weights are converted to the activations' dtype in registers and their
 per-output-channel scales applied to the accumulator: a weight-only path that halves the bytes a
-decode step streams. Past a few rows per expert (`w8a8`), where the GEMMs turn compute bound, fp8
-experts multiply fp8 activations instead (each GEMM's input rows quantized per row, as the dense fp8
-layers' `torch._scaled_mm` and TensorRT-LLM's FP8 do), both scales applied to the accumulator.
+decode step streams. On GPUs with fp8 tensor cores (`w8a8`) fp8 experts multiply fp8 activations
+instead (each GEMM's input rows quantized per row, as the dense fp8 layers' `torch._scaled_mm` and
+TensorRT-LLM's FP8 do), both scales applied to the accumulator: faster at 1 and at 4,096 tokens.
 MXFP4 experts (gpt-oss), a quarter of bf16's bytes, go through Triton's
 microscaling dot (`tl.dot_scaled`) with bf16 activations; with float16 or float32 ones (CPU tests,
 fp16 engines) they are decoded here: each byte's two e2m1 codes become values times two to the power
@@ -27,7 +27,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kiln_engine.layers.fused import quant_fp8_per_token, silu_and_mul
+from kiln_engine.layers.fused import clamped_swiglu_and_mul, quant_fp8_per_token, silu_and_mul
+from kiln_engine.layers.moe import ClampedSwiGLU
 
 
 @triton.jit
@@ -64,6 +65,7 @@ def _moe_gemm_kernel(  # type: ignore[no-untyped-def]
     c_ptr,
     scale_ptr,
     a_scale_ptr,
+    bias_ptr,
     weight_ptr,
     sorted_ptr,
     block_expert_ptr,
@@ -77,10 +79,12 @@ def _moe_gemm_kernel(  # type: ignore[no-untyped-def]
     stride_cm,
     stride_se,
     stride_sn,
+    stride_bias,
     TOKEN_DIV: tl.constexpr,  # rows of `a` per pair index: top_k for the first GEMM, 1 for the second
     MUL_WEIGHT: tl.constexpr,
     HAS_SCALE: tl.constexpr,
     A_SCALED: tl.constexpr,  # fp8 activations (rows of `a` quantized per row, scales at a_scale_ptr)
+    HAS_BIAS: tl.constexpr,  # a bias per expert and output channel [E, N] (gpt-oss's gate/up)
     MXFP4: tl.constexpr,  # b: [E, N, K/2] bytes, scale: [E, N, K/32] exponents
     SCALED_DOT: tl.constexpr,  # MXFP4 with bf16 activations: through tl.dot_scaled
     BLOCK_M: tl.constexpr,
@@ -145,6 +149,9 @@ def _moe_gemm_kernel(  # type: ignore[no-untyped-def]
         acc = acc * tl.load(a_scale_ptr + row, mask=valid, other=0.0)[:, None]
     if HAS_SCALE and not MXFP4:
         acc = acc * tl.load(scale_ptr + expert * stride_se + offs_n, mask=n_mask, other=0.0)[None, :]
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + expert * stride_bias + offs_n, mask=n_mask, other=0.0)
+        acc = acc + bias.to(tl.float32)[None, :]
     if MUL_WEIGHT:
         acc = acc * tl.load(weight_ptr + pair, mask=valid, other=0.0).to(tl.float32)[:, None]
     c_ptrs = c_ptr + pair[:, None] * stride_cm + offs_n[None, :]
@@ -253,6 +260,7 @@ def _gemm(
     token_div: int,
     blocks: Tile,
     a_scale: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
 ) -> None:
     sorted_ids, block_expert, total = layout
     bm, bn, bk, warps, stages = blocks
@@ -266,6 +274,7 @@ def _gemm(
         out,
         scale if scale is not None else b,
         a_scale if a_scale is not None else a,
+        bias if bias is not None else a,
         weights if weights is not None else a,
         sorted_ids,
         block_expert,
@@ -279,10 +288,12 @@ def _gemm(
         out.stride(0),
         scale.stride(0) if scale is not None else 0,
         scale.stride(1) if scale is not None and scale.dim() == 3 else 0,
+        bias.stride(0) if bias is not None else 0,
         TOKEN_DIV=token_div,
         MUL_WEIGHT=weights is not None,
         HAS_SCALE=scale is not None,
         A_SCALED=a_scale is not None,
+        HAS_BIAS=bias is not None,
         MXFP4=mxfp4,
         SCALED_DOT=mxfp4 and a.dtype == torch.bfloat16,
         BLOCK_M=bm,
@@ -308,8 +319,9 @@ def fused_experts(
 ) -> torch.Tensor:
     """The function of `layers.moe.experts_reference`: x [T, H], weights/ids [T, k] -> [T, H].
 
-    A gate/up bias (gpt-oss) is gathered per (token, k) row and added after the first GEMM, and an
-    activation other than SwiGLU runs as torch ops there: static shapes, so graphs still capture it.
+    A gate/up bias (gpt-oss) is added in the first GEMM's epilogue, gpt-oss's clamped SwiGLU
+    (`ClampedSwiGLU`) has a kernel like SwiGLU's, and any other activation runs as torch ops there:
+    static shapes, so graphs still capture it.
     `foreign_pairs`: ids may hold -1 (expert parallel: another rank's expert); their rows, which no
     GEMM writes, are zeros in the sum. `fp8_activations` (fp8 weights only; None: as `w8a8` says)
     quantizes each GEMM's input rows to fp8 too, as `experts_reference(..., fp8_activations=True)`."""
@@ -321,7 +333,7 @@ def fused_experts(
     x = x.contiguous()
     rows_per_expert = tokens * top_k / num_experts
     if fp8_activations is None:
-        fp8_activations = w8a8(x, w13, rows_per_expert)
+        fp8_activations = w8a8(x, w13)
     # fp8 by fp8 widens nothing in registers: the tiles of 16-bit weights
     up_tile, down_tile = expert_tiles(rows_per_expert, x.dtype if fp8_activations else w13.dtype)
     if tokens * top_k * 4 <= num_experts:  # few pairs among many experts: they rarely share one
@@ -330,10 +342,13 @@ def fused_experts(
         layout = align_by_expert(ids, num_experts, up_tile[0])
     up = torch.empty(tokens * top_k, two_inter, dtype=x.dtype, device=x.device)
     a, a_scale = quant_fp8_per_token(x) if fp8_activations else (x, None)
-    _gemm(a, w13, up, w13_scale, None, layout, top_k, up_tile, a_scale)
-    if w13_bias is not None:
-        up += w13_bias[ids.reshape(-1).clamp(min=0)]
-    act = silu_and_mul(up) if activation is None else activation(up)
+    _gemm(a, w13, up, w13_scale, None, layout, top_k, up_tile, a_scale, w13_bias)
+    if activation is None:
+        act = silu_and_mul(up)
+    elif isinstance(activation, ClampedSwiGLU):
+        act = clamped_swiglu_and_mul(up, activation.limit, activation.alpha)
+    else:
+        act = activation(up)
     empty = torch.zeros if foreign_pairs else torch.empty
     down = empty(tokens * top_k, hidden, dtype=x.dtype, device=x.device)
     a, a_scale = quant_fp8_per_token(act) if fp8_activations else (act, None)
@@ -341,20 +356,16 @@ def fused_experts(
     return down.view(tokens, top_k, hidden).sum(dim=1)
 
 
-# Above this many rows per expert fp8 experts take fp8 activations too (fp8 tensor cores: twice
-# bf16's rate, and no widening of the weights in registers); below it, where a step streams the
-# weights, two quantization kernels a layer would cost more than they save. A first guess, not
-# yet swept on a GPU (bench/moe_throughput.py times both at 1 and at 4,096 tokens).
-W8A8_MIN_ROWS_PER_EXPERT = 8
-
-
-def w8a8(x: torch.Tensor, w13: torch.Tensor, rows_per_expert: float) -> bool:
+def w8a8(x: torch.Tensor, w13: torch.Tensor) -> bool:
     """Whether fp8 experts multiply fp8 activations: 16-bit activations on a GPU with fp8 tensor
-    cores (sm89+), past W8A8_MIN_ROWS_PER_EXPERT rows per expert."""
+    cores (sm89+), at every batch size. On an H100 (bench/results-committed/
+    moe-gptoss-h100-run6-w8a8-1k-x1024.log, moe-mixtral-h100-run6-w8a8-x3072.log) one layer took
+    67 against weight-only's 70 us at 1 token and 1.68 against 2.48 ms at 4,096 at the gpt-oss-20b
+    shape, 166 against 187 us and 3.95 against 6.95 ms at Mixtral-8x7B's: the two quantization kernels
+    cost less than widening the weights in registers, even where a step streams the weights."""
     return (
         w13.dtype == torch.float8_e4m3fn
         and x.is_cuda
         and x.dtype in (torch.bfloat16, torch.float16)
-        and rows_per_expert > W8A8_MIN_ROWS_PER_EXPERT
         and torch.cuda.get_device_capability(x.device) >= (8, 9)
     )

@@ -19,8 +19,8 @@ projection over the tokens sorted by expert.
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -58,11 +58,23 @@ def clamped_swiglu(h: torch.Tensor, limit: float, alpha: float) -> torch.Tensor:
     return (up + 1) * (gate * torch.sigmoid(gate * alpha))
 
 
+@dataclass(frozen=True)
+class ClampedSwiGLU:
+    """`clamped_swiglu` with its parameters; the fused path runs it as one kernel
+    (`layers.fused.clamped_swiglu_and_mul`), not as these torch ops."""
+
+    limit: float
+    alpha: float
+
+    def __call__(self, h: torch.Tensor) -> torch.Tensor:
+        return clamped_swiglu(h, self.limit, self.alpha)
+
+
 def expert_activation(moe: MoeConfig) -> Callable[[torch.Tensor], torch.Tensor] | None:
     """The experts' activation when it is not plain SwiGLU (which the fused path has a kernel for)."""
     if moe.swiglu_limit is None:
         return None
-    return functools.partial(clamped_swiglu, limit=moe.swiglu_limit, alpha=moe.swiglu_alpha)
+    return ClampedSwiGLU(moe.swiglu_limit, moe.swiglu_alpha)
 
 
 def experts_reference(
