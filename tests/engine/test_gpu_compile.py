@@ -40,7 +40,9 @@ MOE_VARIANTS = {
     "mxfp4": {"a_ptr": "*bf16", "b_ptr": "*u8", "scale_ptr": "*u8"},  # tl.dot_scaled
     "mxfp4-fp16": {"a_ptr": "*fp16", "b_ptr": "*u8", "scale_ptr": "*u8"},  # decoded in the kernel
     "fp8": {"a_ptr": "*bf16", "b_ptr": "*fp8e4nv", "scale_ptr": "*fp32"},
+    "fp8a8": {"a_ptr": "*fp8e4nv", "b_ptr": "*fp8e4nv", "scale_ptr": "*fp32", "a_scale_ptr": "*fp32"},
     "bf16": {"a_ptr": "*bf16", "b_ptr": "*bf16", "scale_ptr": "*fp32"},
+    "bf16-bias": {"a_ptr": "*bf16", "b_ptr": "*bf16", "scale_ptr": "*fp32", "bias_ptr": "*bf16"},  # gpt-oss
 }
 
 
@@ -51,14 +53,17 @@ def test_the_expert_gemm_compiles_for_each_weight_format(weights: str) -> None:
     constexprs = {
         "TOKEN_DIV": 2,
         "MUL_WEIGHT": True,
-        "HAS_SCALE": weights != "bf16",
+        "HAS_SCALE": not weights.startswith("bf16"),
+        "A_SCALED": weights == "fp8a8",
+        "HAS_BIAS": weights == "bf16-bias",
         "MXFP4": weights.startswith("mxfp4"),
         "SCALED_DOT": weights == "mxfp4",
         "BLOCK_M": 16,
         "BLOCK_N": 64,
         "BLOCK_K": 128,
     }
-    types = {**MOE_POINTERS, **MOE_VARIANTS[weights], "total_ptr": "*i32"}
+    unused = {"a_scale_ptr": "*fp32", "bias_ptr": "*bf16"}  # pointers a variant passes but never reads
+    types = {**MOE_POINTERS, **unused, **MOE_VARIANTS[weights], "total_ptr": "*i32"}
     assert "cubin" in compile_for_h100(_moe_gemm_kernel, types, constexprs)
 
 
@@ -70,3 +75,10 @@ def test_the_lora_kernels_compile() -> None:
     assert "cubin" in compile_for_h100(_shrink_kernel, shrink, {"BLOCK_K": 64, "BLOCK_IN": 128})
     expand = {"h_ptr": "*fp32", "b_ptr": "*bf16", "out_ptr": "*bf16", **slots}
     assert "cubin" in compile_for_h100(_expand_kernel, expand, {"BLOCK_K": 64, "BLOCK_N": 128})
+
+
+def test_the_clamped_swiglu_kernel_compiles() -> None:
+    from kiln_engine.layers.fused import _clamped_swiglu_kernel
+
+    types = {"x_ptr": "*bf16", "out_ptr": "*bf16", "limit": "fp32", "alpha": "fp32"}
+    assert "cubin" in compile_for_h100(_clamped_swiglu_kernel, types, {"BLOCK": 1024})
