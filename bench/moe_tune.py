@@ -24,7 +24,7 @@ import triton
 from lora_kernels import graph_time_us
 from moe_throughput import MODELS, expert_shape, quantize_experts, random_mxfp4
 
-from kiln_engine.layers.fused import silu_and_mul
+from kiln_engine.layers.fused import quant_fp8_per_token, silu_and_mul
 from kiln_engine.layers.fused_moe import Tile, _gemm, align_by_expert, expert_tiles, one_block_per_pair
 from kiln_engine.layers.moe import route
 
@@ -82,8 +82,9 @@ def timed(fn: Any) -> float:
         return float("inf")
 
 
-def tune_point(cfg: dict[str, Any], w: Weights, tokens: int, g: torch.Generator) -> dict:
-    """Best (up, down) tiles sharing a row block at `tokens`, against today's choice, in µs."""
+def tune_point(cfg: dict[str, Any], w: Weights, tokens: int, g: torch.Generator, fp8a8: bool = False) -> dict:
+    """Best (up, down) tiles sharing a row block at `tokens`, against today's choice, in µs;
+    `fp8a8`: fp8 activations as well (the GEMMs' inputs quantized per row, as `fused_experts` does)."""
     experts, top_k, hidden, inter = expert_shape(cfg)
     w13, w2, s13, s2 = w
     x = torch.randn(tokens, hidden, device="cuda", dtype=torch.bfloat16, generator=g)
@@ -92,6 +93,8 @@ def tune_point(cfg: dict[str, Any], w: Weights, tokens: int, g: torch.Generator)
     up = torch.empty(tokens * top_k, 2 * inter, dtype=x.dtype, device="cuda")
     act = silu_and_mul(torch.randn_like(up))
     down = torch.empty(tokens * top_k, hidden, dtype=x.dtype, device="cuda")
+    x_in, x_scale = quant_fp8_per_token(x) if fp8a8 else (x, None)
+    act_in, act_scale = quant_fp8_per_token(act) if fp8a8 else (act, None)
     few = tokens * top_k * 4 <= experts
     rows = tokens * top_k / experts
 
@@ -99,12 +102,12 @@ def tune_point(cfg: dict[str, Any], w: Weights, tokens: int, g: torch.Generator)
         return one_block_per_pair(ids, bm) if few else align_by_expert(ids, experts, bm)
 
     def time_up(tile: Tile, lay: Any) -> float:
-        return timed(lambda: _gemm(x, w13, up, s13, None, lay, top_k, tile))
+        return timed(lambda: _gemm(x_in, w13, up, s13, None, lay, top_k, tile, x_scale))
 
     def time_down(tile: Tile, lay: Any) -> float:
-        return timed(lambda: _gemm(act, w2, down, s2, rw, lay, 1, tile))
+        return timed(lambda: _gemm(act_in, w2, down, s2, rw, lay, 1, tile, act_scale))
 
-    cur_up, cur_down = expert_tiles(rows, w13.dtype)
+    cur_up, cur_down = expert_tiles(rows, x.dtype if fp8a8 else w13.dtype)
     cur_lay = layout_of(cur_up[0])
     current: dict[str, Any] = {"up": list(cur_up), "down": list(cur_down)}
     current["us"] = time_up(cur_up, cur_lay) + time_down(cur_down, cur_lay)
@@ -123,11 +126,17 @@ def tune_point(cfg: dict[str, Any], w: Weights, tokens: int, g: torch.Generator)
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", default="qwen3-30b-a3b,mixtral-8x7b")
-    ap.add_argument("--dtypes", default="bf16,fp8", help="comma-separated: bf16, fp8, mxfp4")
+    ap.add_argument(
+        "--dtypes",
+        default="bf16,fp8",
+        help="comma-separated: bf16, fp8 (weight-only), fp8a8 (fp8 by fp8), mxfp4",
+    )
     ap.add_argument("--tokens", default="1,16,64,256,1024,4096")
     ap.add_argument("--deadline", type=float, default=420.0, help="seconds after which no new point starts")
     ap.add_argument("--out", type=Path, default=Path("bench/results/moe_tune.json"))
     args = ap.parse_args(argv)
+    if unknown := set(args.dtypes.split(",")) - {"bf16", "fp8", "fp8a8", "mxfp4"}:
+        ap.error(f"unknown dtypes {sorted(unknown)}")
     start = time.monotonic()
     results: dict[str, Any] = {"device": torch.cuda.get_device_name(), "argv": sys.argv[1:], "points": []}
     g = torch.Generator(device="cuda").manual_seed(0)
@@ -140,7 +149,11 @@ def main(argv: list[str] | None = None) -> int:
                 if time.monotonic() - start > args.deadline:
                     print(f"deadline: {name} {dtype} T={tokens} not run")
                     continue
-                r = {"model": name, "dtype": dtype, **tune_point(MODELS[name], w, tokens, g)}
+                r = {
+                    "model": name,
+                    "dtype": dtype,
+                    **tune_point(MODELS[name], w, tokens, g, dtype == "fp8a8"),
+                }
                 results["points"].append(r)
                 args.out.parent.mkdir(parents=True, exist_ok=True)
                 args.out.write_text(json.dumps(results, indent=1))
