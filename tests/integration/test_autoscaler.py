@@ -122,6 +122,10 @@ class Fleet:
             replica.routable = False
             replica.drained_with_in_flight = replica.in_flight
             self.draining.append(replica)
+        # A client that picked this replica just before may not have sent its request yet; a draining
+        # engine answers such a late request 503 (ci-run of e8ba99f, 2026-12-08). Kubernetes leaves the
+        # same gap between endpoint removal and SIGTERM, covered there by a preStop pause: so here.
+        time.sleep(0.5)
         replica.process.send_signal(signal.SIGTERM)
         replica.process.wait(timeout=60)
         with self.lock:
