@@ -230,7 +230,7 @@ def kernel_bench(
     variants: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]] = {
         "bf16": (w13, w2, None, None)
     }
-    if fp8:  # fp8: weight-only, fp8a8: fp8 activations too (fused_moe.w8a8 picks by rows per expert)
+    if fp8:  # fp8: weight-only, fp8a8: fp8 activations too (what fused_moe.w8a8 picks on sm89+)
         (q13, s13), (q2, s2) = quantize_experts(w13), quantize_experts(w2)
         variants["fp8"] = variants["fp8a8"] = (q13, q2, s13, s2)
     if hidden % 32 == 0 and inter % 32 == 0:

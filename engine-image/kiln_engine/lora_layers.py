@@ -164,7 +164,7 @@ class LoraLinear:
         """Start the delta's first half (`x` through A) on the side stream, where it runs beside the
         base GEMM the layer launches next; None where the delta runs whole afterwards (no side stream,
         eager steps, the small graphs' kernels, per-adapter segments of rows). On an H100 per 8B
-        layer at 64 tokens over 8 adapters the masked delta went from 46 to 31 us so, but the kernels
+        layer at 64 tokens over 8 adapters the masked delta went from 46 to 31 us, but the kernels
         at 16-32 tokens from 35-42 to 44-54 us (lora_kernels-h100-run5-overlapped.json)."""
         batch, side, slots, k = self.batch, self.batch.side_stream, self.batch.slots, self.k
         whole_slot = self._whole_slot()
